@@ -1,0 +1,1911 @@
+"""jellyfin-db-sync: keep several Jellyfin servers in step for the same people.
+
+Each Jellyfin server's Webhook plugin posts to ``/webhook/{server_name}``; every event is committed
+to a SQLite queue before it is acknowledged, and a worker thread per target server writes the
+resulting watch state (played, resume position, favourite, like/dislike) to the other servers
+through the Jellyfin REST API — only what differs, so our own echoes die out by themselves.
+
+Run it with ``python jellyfin_db_sync.py --config config.yaml``; the README explains set-up,
+the plugin configuration and every config key (see also ``config.example.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import dataclasses
+import hmac
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("jellyfin_db_sync")
+
+# ── Constants and errors ─────────────────────────────────────────────────────
+
+DEFAULT_CONFIG_PATHS = ("/config/config.yaml", "./config.yaml")
+STATIC_ROOT = Path(__file__).resolve().parent / "static"
+MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
+MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
+MAX_STRING_CHARS = 32 * 1024
+TICKS_PER_SECOND = 10_000_000
+INDEX_PAGE_SIZE = 1000
+# Item types we index: the leaf types user data lives on, plus Series so episodes can be matched
+# by their series' provider IDs (JELLYFIN.md §2 "Finding the same item").
+INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
+# Fields of a user's watch state that we propagate, and the config switch for each.
+FIELDS = ("played", "position", "favorite", "likes")
+ITEM_EVENTS = ("UserDataSaved", "PlaybackStart", "PlaybackProgress", "PlaybackStop")
+USER_EVENTS = ("UserCreated", "UserDeleted", "UserUpdated")
+ACTED_ON = ITEM_EVENTS + USER_EVENTS + ("ItemAdded", "ItemDeleted")
+ID_KEYS = ("ItemId", "UserId", "ServerId", "SeriesId", "SeasonId")
+BOOL_KEYS = ("Played", "Favorite", "Likes", "IsPaused", "IsAutomated", "PlayedToCompletion")
+INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber")
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+class SyncError(Exception):
+    """Base of the errors this program explains to its user."""
+
+
+class ConfigError(SyncError):
+    """The configuration is wrong; the message names the file and key."""
+
+
+class JellyfinError(SyncError):
+    """A Jellyfin request failed. ``retryable`` is true for network errors and 5xx."""
+
+    def __init__(self, message: str, status: int = 0, retryable: bool = True):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class WebhookError(SyncError):
+    """A webhook body is not something we accept; ``status`` is the HTTP code to answer."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def utcnow() -> float:
+    return time.time()
+
+
+def parse_time(value: Any) -> float | None:
+    """Parse Jellyfin's ISO dates (7 fractional digits, ``Z`` or an offset) to epoch seconds."""
+    if not isinstance(value, str) or not value:
+        return None
+    m = re.match(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$", value)
+    if not m:
+        return None
+    try:
+        base = datetime.strptime(f"{m.group(1)}T{m.group(2)}", "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    seconds = float(calendar.timegm(base.timetuple()))
+    if m.group(3):
+        seconds += float("0" + m.group(3)[:10])
+    tz = m.group(4)
+    if tz and tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        hh, mm = int(tz[1:3]), int(tz[-2:])
+        seconds -= sign * (hh * 3600 + mm * 60)
+    return seconds
+
+
+def format_time(epoch: float) -> str:
+    """UTC ISO with ``Z``, as Jellyfin expects (JELLYFIN.md §2 "Dates")."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
+
+
+def normalise_id(value: Any) -> str:
+    """Templates render GUIDs with dashes; "Send All Properties" without (JELLYFIN.md §1)."""
+    return str(value).replace("-", "").replace("{", "").replace("}", "").lower()
+
+
+def name_key(name: str) -> str:
+    """Jellyfin user names are case-insensitive on every version (JELLYFIN.md §2 "Users")."""
+    return name.strip().casefold()
+
+
+# ── Config ───────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    url: str
+    api_key: str
+    passwordless: bool = False
+    path_map: tuple[tuple[str, str], ...] = ()  # (server prefix, shared prefix)
+
+    def __repr__(self) -> str:  # never print the key, even in a traceback
+        return f"ServerConfig(name={self.name!r}, url={self.url!r}, api_key='***')"
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    playback_progress: bool = True
+    watched_status: bool = True
+    favorites: bool = True
+    ratings: bool = True
+    likes: bool = True
+    playlists: bool = True
+    play_count: bool = True
+    last_played_date: bool = True
+    audio_stream: bool = True
+    subtitle_stream: bool = True
+    progress_debounce_seconds: float = 10.0
+    worker_interval_seconds: float = 5.0
+    max_retries: int = 5
+    retry_base_seconds: float = 5.0
+    index_refresh_seconds: float = 60.0
+    dry_run: bool = False
+
+    def enabled(self, fld: str) -> bool:
+        return {
+            "played": self.watched_status,
+            "position": self.playback_progress,
+            "favorite": self.favorites,
+            "likes": self.ratings and self.likes,
+        }[fld]
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    prefix: str
+    absent_retry_count: int = 0
+    retry_delay_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    servers: tuple[ServerConfig, ...]
+    sync: SyncConfig = SyncConfig()
+    path_sync_policy: tuple[PathPolicy, ...] = ()
+    database_path: str = "/data/jellyfin-db-sync.db"
+    journal_mode: str = "WAL"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    webhook_token: str = ""
+    log_level: str = "INFO"
+    source: str = "<defaults>"
+
+    def server(self, name: str) -> ServerConfig | None:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        return None
+
+    def policy_for(self, path: str) -> PathPolicy:
+        """The longest matching ``path_sync_policy`` prefix; default: no retry."""
+        best = None
+        for p in self.path_sync_policy:
+            if path.startswith(p.prefix) and (best is None or len(p.prefix) > len(best.prefix)):
+                best = p
+        return best or DEFAULT_POLICY
+
+
+DEFAULT_POLICY = PathPolicy(prefix="", absent_retry_count=0)
+
+_SCHEMA: dict[str, Any] = {
+    "servers": list,
+    "sync": {
+        f.name: f.type for f in dataclasses.fields(SyncConfig)
+    },
+    "path_sync_policy": list,
+    "database": {"path": "str", "journal_mode": "str"},
+    "server": {"host": "str", "port": "int", "webhook_token": "str"},
+    "logging": {"level": "str"},
+}
+_SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map"}
+_POLICY_KEYS = {"prefix", "absent_retry_count", "retry_delay_seconds"}
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_type(value: Any, kind: str, where: str) -> Any:
+    """Check a scalar against a dataclass type string; ints are fine where floats are wanted."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{where}: expected a number ≥ 0, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    raise AssertionError(kind)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a YAML config file. Every error names the file and the key."""
+    import yaml  # imported here so --help works before requirements are installed
+
+    src = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{src}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_config(data or {}, src)
+
+
+def parse_config(data: Any, src: str = "<config>") -> Config:
+    def err(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{src}: {key}: {msg}")
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections (servers:, sync:, …)")
+    for key in data:
+        if key not in _SCHEMA:
+            raise err(str(key), f"unknown key (known: {', '.join(_SCHEMA)})")
+    kwargs: dict[str, Any] = {"source": src}
+
+    servers_raw = data.get("servers")
+    if not isinstance(servers_raw, list) or len(servers_raw) < 2:
+        raise err("servers", "list at least two Jellyfin servers (name, url, api_key)")
+    servers: list[ServerConfig] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(servers_raw):
+        at = f"servers[{i}]"
+        if not isinstance(raw, dict):
+            raise err(at, "each server is a mapping with name, url and api_key")
+        for key in raw:
+            if key not in _SERVER_KEYS:
+                raise err(f"{at}.{key}", f"unknown key (known: {', '.join(sorted(_SERVER_KEYS))})")
+        for key in ("name", "url", "api_key"):
+            if raw.get(key) in (None, ""):
+                raise err(f"{at}.{key}", "missing")
+        name = _check_type(raw["name"], "str", f"{src}: {at}.name")
+        if not _SERVER_NAME.match(name):
+            raise err(f"{at}.name", f"{name!r}: use letters, digits, '.', '_' or '-' (it is part of the webhook URL)")
+        if name in seen:
+            raise err(f"{at}.name", f"duplicate server name {name!r}")
+        seen.add(name)
+        url = _check_type(raw["url"], "str", f"{src}: {at}.url").rstrip("/")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise err(f"{at}.url", f"{url!r} is not an http:// or https:// URL")
+        api_key = _check_type(raw["api_key"], "str", f"{src}: {at}.api_key")
+        passwordless = _check_type(raw.get("passwordless", False), "bool", f"{src}: {at}.passwordless")
+        pmap = raw.get("path_map") or {}
+        if not isinstance(pmap, dict):
+            raise err(f"{at}.path_map", "expected a mapping of 'server prefix: shared prefix'")
+        path_map = tuple(
+            (normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items()
+        )
+        servers.append(ServerConfig(name, url, api_key, passwordless, path_map))
+    kwargs["servers"] = tuple(servers)
+
+    sync_raw = data.get("sync") or {}
+    if not isinstance(sync_raw, dict):
+        raise err("sync", "expected a mapping")
+    sync_kw = {}
+    for key, value in sync_raw.items():
+        kind = _SCHEMA["sync"].get(key)
+        if kind is None:
+            raise err(f"sync.{key}", "unknown key")
+        sync_kw[key] = _check_type(value, kind, f"{src}: sync.{key}")
+    if sync_kw.get("max_retries", 0) < 0:
+        raise err("sync.max_retries", "must be ≥ 0")
+    kwargs["sync"] = SyncConfig(**sync_kw)
+
+    policies = []
+    for i, raw in enumerate(data.get("path_sync_policy") or []):
+        at = f"path_sync_policy[{i}]"
+        if not isinstance(raw, dict) or not raw.get("prefix"):
+            raise err(at, "each policy needs a prefix")
+        for key in raw:
+            if key not in _POLICY_KEYS:
+                raise err(f"{at}.{key}", f"unknown key (known: {', '.join(sorted(_POLICY_KEYS))})")
+        count = _check_type(raw.get("absent_retry_count", 0), "int", f"{src}: {at}.absent_retry_count")
+        if count < -1:
+            raise err(f"{at}.absent_retry_count", "-1 (forever), 0 (no retry) or a positive count")
+        delay = _check_type(raw.get("retry_delay_seconds", 300), "float", f"{src}: {at}.retry_delay_seconds")
+        policies.append(PathPolicy(normalise_path(str(raw["prefix"])), count, delay))
+    kwargs["path_sync_policy"] = tuple(policies)
+
+    for section, mapping in (
+        ("database", {"path": "database_path", "journal_mode": "journal_mode"}),
+        ("server", {"host": "host", "port": "port", "webhook_token": "webhook_token"}),
+        ("logging", {"level": "log_level"}),
+    ):
+        raw = data.get(section) or {}
+        if not isinstance(raw, dict):
+            raise err(section, "expected a mapping")
+        for key, value in raw.items():
+            if key not in mapping:
+                raise err(f"{section}.{key}", f"unknown key (known: {', '.join(mapping)})")
+            kwargs[mapping[key]] = _check_type(value, _SCHEMA[section][key], f"{src}: {section}.{key}")
+    if not 0 < kwargs.get("port", 8080) < 65536:
+        raise err("server.port", "must be 1–65535")
+    level = kwargs.get("log_level", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise err("logging.level", "one of DEBUG, INFO, WARNING, ERROR")
+    kwargs["log_level"] = level
+    jm = kwargs.get("journal_mode", "WAL").upper()
+    if jm not in ("WAL", "DELETE", "TRUNCATE"):
+        raise err("database.journal_mode", "WAL (default) or DELETE/TRUNCATE for network file systems")
+    kwargs["journal_mode"] = jm
+    return Config(**kwargs)
+
+
+def normalise_path(path: str) -> str:
+    """Compare paths across servers: forward slashes, no trailing slash, case-folded.
+
+    Windows servers use backslashes and case-insensitive paths (JELLYFIN.md §2); folding case
+    on Linux paths too costs nothing in practice and saves a class of mismatches.
+    """
+    p = path.replace("\\", "/").rstrip("/")
+    return p.casefold()
+
+
+# ── Store ────────────────────────────────────────────────────────────────────
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Every acknowledged webhook, exactly as received. planned = 1 once turned into jobs.
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY, server TEXT NOT NULL, event TEXT NOT NULL,
+    received_at REAL NOT NULL, body TEXT NOT NULL, planned INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS inbox_unplanned ON inbox (planned, id);
+-- One desired field value for one target; coalesced while pending or waiting.
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, target TEXT NOT NULL, source TEXT NOT NULL,
+    user_key TEXT NOT NULL, username TEXT NOT NULL, source_item_id TEXT NOT NULL,
+    item_name TEXT NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL,
+    observed_at REAL NOT NULL, extra TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    absent_count INTEGER NOT NULL DEFAULT 0, due_at REAL NOT NULL,
+    last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (target, status, due_at);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field, status);
+-- What we know of each server's state, per user and item and field: the value (from an
+-- event, a read or our own write) and when it was observed (newest wins, DESIGN.md §4).
+CREATE TABLE IF NOT EXISTS state (
+    server TEXT NOT NULL, user_key TEXT NOT NULL, item_id TEXT NOT NULL, field TEXT NOT NULL,
+    value TEXT NOT NULL, observed_at REAL NOT NULL,
+    PRIMARY KEY (server, user_key, item_id, field)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS items (
+    server TEXT NOT NULL, item_id TEXT NOT NULL, type TEXT NOT NULL, name TEXT NOT NULL,
+    path_key TEXT, imdb TEXT, tmdb TEXT, tvdb TEXT, series_id TEXT, season INTEGER,
+    episode INTEGER, runtime INTEGER, PRIMARY KEY (server, item_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_path ON items (server, path_key);
+CREATE INDEX IF NOT EXISTS items_imdb ON items (server, imdb);
+CREATE INDEX IF NOT EXISTS items_tmdb ON items (server, tmdb);
+CREATE INDEX IF NOT EXISTS items_tvdb ON items (server, tvdb);
+CREATE INDEX IF NOT EXISTS items_episode ON items (server, series_id, season, episode);
+CREATE TABLE IF NOT EXISTS users (
+    server TEXT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL, name_key TEXT NOT NULL,
+    is_admin INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server, user_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS users_key ON users (server, name_key);
+CREATE TABLE IF NOT EXISTS sync_log (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL,
+    username TEXT NOT NULL, item_name TEXT NOT NULL, field TEXT NOT NULL, old TEXT, new TEXT,
+    result TEXT NOT NULL, detail TEXT, job_id INTEGER);
+CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
+"""
+
+LIVE = ("pending", "waiting")  # job states that may still be coalesced into
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    target: str
+    source: str
+    user_key: str
+    username: str
+    source_item_id: str
+    item_name: str
+    field: str
+    value: Any
+    observed_at: float
+    extra: dict
+    attempts: int
+    absent_count: int
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    server: str
+    item_id: str
+    type: str
+    name: str
+    path_key: str | None
+    imdb: str | None
+    tmdb: str | None
+    tvdb: str | None
+    series_id: str | None
+    season: int | None
+    episode: int | None
+    runtime: int | None
+
+
+class Store:
+    """The SQLite file: schema, and every SQL statement the program runs.
+
+    One connection per thread; all writes go through ``_write_lock`` so that threads queue in
+    Python instead of spinning in SQLite's busy handler (which sleeps in coarse steps and would
+    put tens of milliseconds on a webhook's answer).
+    """
+
+    def __init__(self, path: str, journal_mode: str = "WAL"):
+        self.path = path
+        self.journal_mode = journal_mode
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        with self._write_lock:
+            conn.executescript(SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            # A job left 'running' by a crash or a kill is released: applying it again is
+            # harmless because jobs carry state, not deltas (DESIGN.md §2, §5).
+            conn.execute("UPDATE jobs SET status = 'pending' WHERE status = 'running'")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA journal_mode = {self.journal_mode}")
+            # FULL: in WAL mode every commit is fsynced before we answer the webhook, so an
+            # acknowledged event survives a power cut, not only a crash (NORMAL would not).
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for c in self._conns:
+                try:
+                    c.close()
+                except sqlite3.Error:
+                    pass
+            self._conns.clear()
+
+    # inbox
+    def add_event(self, server: str, event: str, body: str) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)",
+                (server, event, utcnow(), body),
+            )
+            return cur.lastrowid
+
+    def unplanned_events(self, limit: int = 200) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,))
+
+    def count_unplanned(self) -> int:
+        return self._rows("SELECT count(*) FROM inbox WHERE planned = 0")[0][0]
+
+    def last_event_at(self) -> dict[str, float]:
+        rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
+        return {r[0]: r[1] for r in rows}
+
+    # planning: one transaction per inbox event
+    def plan_event(self, event_id: int, observations: list[dict], targets: list[str]) -> tuple[int, int]:
+        """Record a source server's observations and queue a job per target for each change.
+
+        Returns (jobs queued, observations dropped as echo/no-op/stale).
+        """
+        queued = dropped = 0
+        now = utcnow()
+        with self._tx() as c:
+            for ob in observations:
+                row = c.execute(
+                    "SELECT value, observed_at FROM state WHERE server=? AND user_key=? "
+                    "AND item_id=? AND field=?",
+                    (ob["server"], ob["user_key"], ob["item_id"], ob["field"]),
+                ).fetchone()
+                value_json = json.dumps(ob["value"])
+                if row is not None and (row[0] == value_json or row[1] > ob["observed_at"]):
+                    # Same as what we last wrote/read there (an echo, or nothing new), or an
+                    # older observation arriving late: never overwrite newer with older.
+                    dropped += 1
+                    continue
+                c.execute(
+                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+                    (ob["server"], ob["user_key"], ob["item_id"], ob["field"], value_json, ob["observed_at"]),
+                )
+                for target in targets:
+                    self._upsert_job(c, target, ob, value_json, now)
+                    queued += 1
+            c.execute("UPDATE inbox SET planned = 1 WHERE id = ?", (event_id,))
+        return queued, dropped
+
+    @staticmethod
+    def _upsert_job(c: sqlite3.Connection, target: str, ob: dict, value_json: str, now: float) -> None:
+        key = (target, ob["user_key"], ob["server"], ob["item_id"], ob["field"])
+        row = c.execute(
+            "SELECT id, observed_at FROM jobs WHERE target=? AND user_key=? AND source=? "
+            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting')",
+            key,
+        ).fetchone()
+        extra = json.dumps(ob["extra"])
+        if row is None:
+            c.execute(
+                "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
+                " field, value, observed_at, extra, status, due_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                (target, ob["server"], ob["user_key"], ob["username"], ob["item_id"], ob["item_name"],
+                 ob["field"], value_json, ob["observed_at"], extra, now + ob["delay"], now, now),
+            )
+        elif ob["observed_at"] >= row[1]:
+            # Coalesce: the newer desired state replaces the older; the due time is kept so a
+            # steady stream of progress reports cannot postpone the write forever.
+            c.execute(
+                "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=? WHERE id=?",
+                (value_json, ob["observed_at"], extra, ob["item_name"], now, row[0]),
+            )
+
+    # jobs
+    def claim_job(self, target: str, now: float) -> Job | None:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT * FROM jobs WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
+                "ORDER BY due_at, id LIMIT 1",
+                (target, now),
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute("UPDATE jobs SET status='running', updated_at=? WHERE id=?", (now, row["id"]))
+        return Job(
+            row["id"], row["target"], row["source"], row["user_key"], row["username"],
+            row["source_item_id"], row["item_name"], row["field"], json.loads(row["value"]),
+            row["observed_at"], json.loads(row["extra"]), row["attempts"], row["absent_count"],
+        )
+
+    def next_due(self, target: str) -> float | None:
+        row = self._rows(
+            "SELECT min(due_at) FROM jobs WHERE target=? AND status IN ('pending', 'waiting')",
+            (target,),
+        )
+        return row[0][0]
+
+    def finish_job(self, job: Job, status: str, error: str | None = None, log_row: dict | None = None) -> None:
+        now = utcnow()
+        with self._tx() as c:
+            c.execute(
+                "UPDATE jobs SET status=?, last_error=?, updated_at=? WHERE id=?",
+                (status, error, now, job.id),
+            )
+            if log_row:
+                c.execute(
+                    "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new,"
+                    " result, detail, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (now, job.source, job.target, job.username, job.item_name, job.field,
+                     log_row.get("old"), log_row.get("new"), log_row["result"],
+                     log_row.get("detail"), job.id),
+                )
+
+    def reschedule_job(self, job: Job, status: str, due_at: float, error: str, *, absent: bool = False) -> None:
+        """Put a job back: 'pending' for a retry after an error, 'waiting' for an absent item."""
+        with self._tx() as c:
+            # If a newer job for the same key was queued while this one ran, it supersedes us.
+            newer = c.execute(
+                "SELECT 1 FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
+                "AND field=? AND status IN ('pending', 'waiting') AND id != ?",
+                (job.target, job.user_key, job.source, job.source_item_id, job.field, job.id),
+            ).fetchone()
+            if newer:
+                c.execute("UPDATE jobs SET status='superseded', updated_at=? WHERE id=?", (utcnow(), job.id))
+                return
+            c.execute(
+                "UPDATE jobs SET status=?, due_at=?, last_error=?, updated_at=?,"
+                " attempts = attempts + ?, absent_count = absent_count + ? WHERE id=?",
+                (status, due_at, error, utcnow(), 0 if absent else 1, 1 if absent else 0, job.id),
+            )
+
+    def retry_job(self, job_id: int) -> bool:
+        """Operator's retry: a failed, skipped or waiting job becomes due now."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, updated_at=?"
+                " WHERE id=? AND status IN ('failed', 'waiting', 'skipped')",
+                (utcnow(), utcnow(), job_id),
+            )
+            return cur.rowcount == 1
+
+    def wake_waiting(self, target: str) -> int:
+        """An item was added on ``target``: jobs waiting for an item there are due now."""
+        with self._tx() as c:
+            return c.execute(
+                "UPDATE jobs SET due_at=? WHERE target=? AND status='waiting'", (utcnow(), target)
+            ).rowcount
+
+    def job_counts(self) -> dict[str, int]:
+        rows = self._rows("SELECT status, count(*) FROM jobs GROUP BY status")
+        return {r[0]: r[1] for r in rows}
+
+    def jobs_by_status(self, statuses: tuple[str, ...], limit: int = 50, offset: int = 0) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(statuses))
+        return self._rows(
+            f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*statuses, limit, offset),
+        )
+
+    def oldest_live_job_age(self) -> float | None:
+        row = self._rows("SELECT min(created_at) FROM jobs WHERE status IN ('pending', 'running')")
+        return None if row[0][0] is None else utcnow() - row[0][0]
+
+    # state
+    def get_state(self, server: str, user_key: str, item_id: str) -> dict[str, tuple[Any, float]]:
+        rows = self._rows(
+            "SELECT field, value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=?",
+            (server, user_key, item_id),
+        )
+        return {r[0]: (json.loads(r[1]), r[2]) for r in rows}
+
+    def remember_state(self, server: str, user_key: str, item_id: str, values: dict[str, Any],
+                       observed: dict[str, float]) -> None:
+        """Record what a server holds (read back or just written). Only fields in ``observed``
+        move their observation time; the others keep theirs (a read says nothing about when)."""
+        with self._tx() as c:
+            for fld, value in values.items():
+                old = c.execute(
+                    "SELECT observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
+                    (server, user_key, item_id, fld),
+                ).fetchone()
+                at = observed.get(fld, old[0] if old else 0.0)
+                c.execute(
+                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+                    (server, user_key, item_id, fld, json.dumps(value), at),
+                )
+
+    # items
+    def upsert_items(self, rows: list[ItemInfo]) -> None:
+        with self._tx() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [dataclasses.astuple(r) for r in rows],
+            )
+
+    def delete_item(self, server: str, item_id: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM items WHERE server=? AND item_id=?", (server, item_id))
+
+    def get_item(self, server: str, item_id: str) -> ItemInfo | None:
+        rows = self._rows("SELECT * FROM items WHERE server=? AND item_id=?", (server, item_id))
+        return ItemInfo(*rows[0]) if rows else None
+
+    def find_items(self, server: str, column: str, value: Any) -> list[ItemInfo]:
+        assert column in ("path_key", "imdb", "tmdb", "tvdb")
+        rows = self._rows(f"SELECT * FROM items WHERE server=? AND {column}=?", (server, value))
+        return [ItemInfo(*r) for r in rows]
+
+    def find_episode(self, server: str, series_id: str, season: int, episode: int) -> list[ItemInfo]:
+        rows = self._rows(
+            "SELECT * FROM items WHERE server=? AND series_id=? AND season=? AND episode=?",
+            (server, series_id, season, episode),
+        )
+        return [ItemInfo(*r) for r in rows]
+
+    def count_items(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._rows("SELECT server, count(*) FROM items GROUP BY server")}
+
+    # users
+    def replace_users(self, server: str, users: list[tuple[str, str, bool]]) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM users WHERE server=?", (server,))
+            c.executemany(
+                "INSERT INTO users VALUES (?, ?, ?, ?, ?)",
+                [(server, uid, name, name_key(name), int(admin)) for uid, name, admin in users],
+            )
+
+    def find_users(self, server: str, key: str) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM users WHERE server=? AND name_key=?", (server, key))
+
+    # meta
+    def get_meta(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # sync log and stats
+    def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[sqlite3.Row], int]:
+        where, args = [], []
+        for col in ("source", "target", "username", "result", "field"):
+            if filters.get(col):
+                where.append(f"{col} = ?")
+                args.append(filters[col])
+        if filters.get("since"):
+            where.append("at >= ?")
+            args.append(filters["since"])
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        total = self._rows(f"SELECT count(*) FROM sync_log {clause}", tuple(args))[0][0]
+        rows = self._rows(
+            f"SELECT * FROM sync_log {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+        )
+        return rows, total
+
+    def sync_stats(self) -> dict[str, Any]:
+        rows = self._rows("SELECT result, count(*), max(at) FROM sync_log GROUP BY result")
+        by = {r[0]: r[1] for r in rows}
+        last = max((r[2] for r in rows), default=None)
+        return {"by_result": by, "last_sync_at": last}
+
+    def check_writable(self) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('last_probe', ?)", (str(utcnow()),))
+
+
+# ── JellyfinClient ───────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class ServerVersion:
+    raw: str
+    major: int
+    minor: int
+
+    @property
+    def legacy(self) -> bool:
+        """10.8 and older: legacy /Users/{u}/… routes, no /UserData writes (JELLYFIN.md §2)."""
+        return (self.major, self.minor) < (10, 9)
+
+    @classmethod
+    def parse(cls, raw: str) -> ServerVersion:
+        m = re.match(r"^(\d+)\.(\d+)", raw or "")
+        if not m:
+            return cls(raw or "?", 10, 10)
+        return cls(raw, int(m.group(1)), int(m.group(2)))
+
+
+class JellyfinClient:
+    """HTTP to one Jellyfin server, with routes chosen by its version. Knows nothing of queues.
+
+    Connections are persistent and per thread (http.client is not thread-safe). The API key
+    travels only in the Authorization header built here, and no message we raise contains it.
+    """
+
+    def __init__(self, server: ServerConfig, timeout: float = 10.0):
+        self.server = server
+        self.name = server.name
+        self.timeout = timeout
+        self.version: ServerVersion | None = None
+        self.server_id: str | None = None
+        parts = urllib.parse.urlsplit(server.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._base = parts.path.rstrip("/")
+        device = f"jellyfin-db-sync-{server.name}"
+        self._auth = (
+            f'MediaBrowser Client="jellyfin-db-sync", Device="jellyfin-db-sync", '
+            f'DeviceId="{device}", Version="{__version__}", Token="{server.api_key}"'
+        )
+        self._local = threading.local()
+        self.requests = 0  # counted for /metrics and the benchmark
+        self.last_latency = 0.0
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method: str, path: str, query: dict | None = None, body: Any = None) -> Any:
+        """One request; JSON in and out. Raises JellyfinError with method, path and status only."""
+        url = self._base + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        headers = {"Authorization": self._auth, "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        what = f"{self.name}: {method} {path}"
+        for attempt in (1, 2):  # a second try only for a keep-alive connection the server closed
+            started = time.monotonic()
+            try:
+                conn = self._connection()
+                conn.request(method, url, body=data, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self._drop_connection()
+                if attempt == 1:
+                    continue
+                raise JellyfinError(f"{what}: connection lost ({type(e).__name__})") from None
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_connection()
+                reason = getattr(e, "strerror", None) or type(e).__name__
+                raise JellyfinError(f"{what}: cannot connect ({reason})") from None
+            finally:
+                self.requests += 1
+                self.last_latency = time.monotonic() - started
+            break
+        log.debug("%s → %s (%d bytes)", what, resp.status, len(payload))
+        if resp.status >= 400:
+            # Jellyfin's error bodies say only "Error processing request.": branch on the status.
+            raise JellyfinError(f"{what}: HTTP {resp.status}", resp.status, retryable=resp.status >= 500)
+        if not payload:
+            return None
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return payload.decode("utf-8", "replace")
+
+    # server
+    def info(self) -> dict:
+        info = self.request("GET", "/System/Info/Public")
+        if not isinstance(info, dict) or "Version" not in info:
+            raise JellyfinError(f"{self.name}: /System/Info/Public did not answer like Jellyfin", 0, False)
+        self.version = ServerVersion.parse(str(info.get("Version")))
+        self.server_id = info.get("Id")
+        return info
+
+    def ensure_version(self) -> ServerVersion:
+        if self.version is None:
+            self.info()
+        assert self.version is not None
+        return self.version
+
+    # users
+    def users(self) -> list[dict]:
+        return self.request("GET", "/Users") or []
+
+    # items
+    def items_page(self, start: int, limit: int, min_saved: str | None = None) -> list[dict]:
+        # No userId: with one, alternate versions collapse and their paths vanish (JELLYFIN.md §2).
+        res = self.request("GET", "/Items", {
+            "recursive": "true", "includeItemTypes": INDEX_ITEM_TYPES,
+            "fields": "Path,ProviderIds", "enableImages": "false", "enableUserData": "false",
+            "enableTotalRecordCount": "false", "isMissing": "false",
+            "minDateLastSavedForUser": min_saved, "startIndex": start, "limit": limit,
+        })
+        return (res or {}).get("Items", [])
+
+    def items_by_ids(self, ids: list[str]) -> list[dict]:
+        res = self.request("GET", "/Items", {
+            "ids": ",".join(ids), "fields": "Path,ProviderIds", "enableImages": "false",
+            "enableUserData": "false", "enableTotalRecordCount": "false",
+        })
+        return (res or {}).get("Items", [])
+
+    # user data
+    def user_data(self, user_id: str, item_id: str) -> dict:
+        if self.ensure_version().legacy:
+            item = self.request("GET", f"/Users/{user_id}/Items/{item_id}")
+            return (item or {}).get("UserData") or {}
+        return self.request("GET", f"/UserItems/{item_id}/UserData", {"userId": user_id}) or {}
+
+    def set_played(self, user_id: str, item_id: str, played: bool, date: float | None = None) -> dict:
+        legacy = self.ensure_version().legacy
+        method = "POST" if played else "DELETE"
+        query: dict[str, Any] = {}
+        if played and date is not None:
+            query["datePlayed"] = datetime.fromtimestamp(date, UTC).strftime("%Y%m%d%H%M%S")
+        if legacy:
+            return self.request(method, f"/Users/{user_id}/PlayedItems/{item_id}", query) or {}
+        return self.request(method, f"/UserPlayedItems/{item_id}", {"userId": user_id, **query}) or {}
+
+    def set_favorite(self, user_id: str, item_id: str, on: bool) -> dict:
+        method = "POST" if on else "DELETE"
+        if self.ensure_version().legacy:
+            return self.request(method, f"/Users/{user_id}/FavoriteItems/{item_id}") or {}
+        return self.request(method, f"/UserFavoriteItems/{item_id}", {"userId": user_id}) or {}
+
+    def set_likes(self, user_id: str, item_id: str, likes: bool | None) -> dict:
+        method = "DELETE" if likes is None else "POST"
+        query = {} if likes is None else {"likes": "true" if likes else "false"}
+        if self.ensure_version().legacy:
+            return self.request(method, f"/Users/{user_id}/Items/{item_id}/Rating", query) or {}
+        return self.request(method, f"/UserItems/{item_id}/Rating", {"userId": user_id, **query}) or {}
+
+    def update_user_data(self, user_id: str, item_id: str, data: dict) -> dict:
+        # 10.8 has no API-key route for this at all (JELLYFIN.md §2): callers check first.
+        return self.request("POST", f"/UserItems/{item_id}/UserData", {"userId": user_id}, data) or {}
+
+
+def read_fields(user_data: dict) -> dict[str, Any]:
+    """Our four fields from a UserItemDataDto (as returned by GET or by a write)."""
+    rating = user_data.get("Rating")
+    if rating is None:
+        likes = user_data.get("Likes")  # derived by the server: Rating ≥ 6.5, or null
+    else:
+        likes = bool(rating >= 6.5)
+    return {
+        "played": bool(user_data.get("Played", False)),
+        "position": int(user_data.get("PlaybackPositionTicks") or 0),
+        "favorite": bool(user_data.get("IsFavorite", False)),
+        "likes": likes,
+    }
+
+
+# ── Library ──────────────────────────────────────────────────────────────────
+
+
+def item_info(server: ServerConfig, dto: dict) -> ItemInfo:
+    """Index row for one BaseItemDto; the path goes through the server's path_map."""
+    path = dto.get("Path")
+    path_key = None
+    if path:
+        path_key = normalise_path(path)
+        for theirs, shared in server.path_map:
+            if path_key == theirs or path_key.startswith(theirs + "/"):
+                path_key = shared + path_key[len(theirs):]
+                break
+    prov = {k.lower(): str(v) for k, v in (dto.get("ProviderIds") or {}).items() if v}
+    return ItemInfo(
+        server.name, normalise_id(dto["Id"]), str(dto.get("Type", "")), str(dto.get("Name", "")),
+        path_key, prov.get("imdb"), prov.get("tmdb"), prov.get("tvdb"),
+        normalise_id(dto["SeriesId"]) if dto.get("SeriesId") else None,
+        dto.get("ParentIndexNumber"), dto.get("IndexNumber"), dto.get("RunTimeTicks"),
+    )
+
+
+class Library:
+    """Per-server item and user indexes in SQLite, and matching items across servers."""
+
+    def __init__(self, config: Config, store: Store, clients: dict[str, JellyfinClient]):
+        self.config = config
+        self.store = store
+        self.clients = clients
+        self._index_locks = {s.name: threading.Lock() for s in config.servers}
+        self._user_locks = {s.name: threading.Lock() for s in config.servers}
+        self._last_refresh: dict[str, float] = {}
+        self._last_user_refresh: dict[str, float] = {}
+
+    # item index
+    def refresh_index(self, server: str, full: bool = False) -> int:
+        """Page through new or changed items (all of them the first time). Returns rows seen."""
+        client = self.clients[server]
+        cfg = client.server
+        with self._index_locks[server]:
+            mark = None if full else self.store.get_meta(f"index_watermark:{server}")
+            started = utcnow()
+            seen = start = 0
+            while True:
+                page = client.items_page(start, INDEX_PAGE_SIZE, mark)
+                if page:
+                    self.store.upsert_items([item_info(cfg, dto) for dto in page if dto.get("Id")])
+                seen += len(page)
+                if len(page) < INDEX_PAGE_SIZE:
+                    break
+                start += len(page)
+            # Overlap by a few minutes: the server's clock is not ours, and re-reading a few
+            # items is cheaper than missing one.
+            self.store.set_meta(f"index_watermark:{server}", format_time(started - 300))
+            self._last_refresh[server] = time.monotonic()
+            log.debug("%s: item index %s: %d rows", server, "rebuilt" if mark is None else "refreshed", seen)
+            return seen
+
+    def ensure_index(self, server: str) -> None:
+        if self.store.get_meta(f"index_watermark:{server}") is None:
+            log.info("%s: building the item index (first run)", server)
+            self.refresh_index(server, full=True)
+
+    def _refresh_if_due(self, server: str) -> bool:
+        last = self._last_refresh.get(server)
+        if last is not None and time.monotonic() - last < self.config.sync.index_refresh_seconds:
+            return False
+        self.refresh_index(server)
+        return True
+
+    def mark_stale(self, server: str) -> None:
+        """An ItemAdded arrived: the next miss on this server may refresh at once."""
+        self._last_refresh.pop(server, None)
+
+    def source_item(self, server: str, item_id: str) -> ItemInfo | None:
+        """The item an event is about, from the index or one request (webhooks carry no path)."""
+        item = self.store.get_item(server, item_id)
+        if item is None:
+            dtos = self.clients[server].items_by_ids([item_id])
+            rows = [item_info(self.clients[server].server, d) for d in dtos if d.get("Id")]
+            if rows:
+                self.store.upsert_items(rows)
+            item = self.store.get_item(server, item_id)
+        return item
+
+    def _series(self, server: str, series_id: str) -> ItemInfo | None:
+        series = self.store.get_item(server, series_id)
+        if series is None:
+            return self.source_item(server, series_id)
+        return series
+
+    def _lookup(self, src: ItemInfo, target: str) -> ItemInfo | None:
+        if src.path_key:
+            hits = self.store.find_items(target, "path_key", src.path_key)
+            if len(hits) == 1:
+                return hits[0]
+        for column in ("imdb", "tmdb", "tvdb"):
+            value = getattr(src, column)
+            if value:
+                hits = [h for h in self.store.find_items(target, column, value) if h.type == src.type]
+                if len(hits) == 1:
+                    return hits[0]
+        if src.type == "Episode" and src.series_id and src.season is not None and src.episode is not None:
+            # An episode carries only its own IDs; match its series by provider ID, then S/E.
+            series = self._series(src.server, src.series_id)
+            if series:
+                for column in ("tvdb", "tmdb", "imdb"):
+                    value = getattr(series, column)
+                    if not value:
+                        continue
+                    for tseries in self.store.find_items(target, column, value):
+                        if tseries.type != "Series":
+                            continue
+                        hits = self.store.find_episode(target, tseries.item_id, src.season, src.episode)
+                        if len(hits) == 1:
+                            return hits[0]
+        return None
+
+    def match(self, src: ItemInfo, target: str) -> ItemInfo | None:
+        """The same item on ``target``: by path, then provider IDs, then series + S/E.
+
+        A miss refreshes the target's index incrementally (at most once per
+        ``index_refresh_seconds``) and looks again — never a full library download.
+        """
+        self.ensure_index(target)
+        found = self._lookup(src, target)
+        if found is None and self._refresh_if_due(target):
+            found = self._lookup(src, target)
+        return found
+
+    # users
+    def refresh_users(self, server: str) -> None:
+        with self._user_locks[server]:
+            users = self.clients[server].users()
+            self.store.replace_users(server, [
+                (normalise_id(u["Id"]), str(u.get("Name", "")),
+                 bool((u.get("Policy") or {}).get("IsAdministrator")))
+                for u in users if u.get("Id")
+            ])
+            self._last_user_refresh[server] = time.monotonic()
+
+    def user_id(self, server: str, key: str) -> str | None:
+        """The user on ``server`` whose case-folded name is ``key``; None if absent.
+
+        Raises SyncError when the server holds case-variant duplicates: never guess.
+        """
+        rows = self.store.find_users(server, key)
+        if not rows:
+            last = self._last_user_refresh.get(server)
+            if last is None or time.monotonic() - last >= self.config.sync.index_refresh_seconds:
+                self.refresh_users(server)
+                rows = self.store.find_users(server, key)
+        if len(rows) > 1:
+            names = ", ".join(sorted(r["name"] for r in rows))
+            raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped")
+        return rows[0]["user_id"] if rows else None
+
+    def forget_users(self, server: str) -> None:
+        self._last_user_refresh.pop(server, None)
+
+
+# ── Syncer ───────────────────────────────────────────────────────────────────
+
+
+def parse_webhook(body: bytes) -> dict:
+    """Validate and normalise one plugin body. Raises WebhookError (400) for anything else.
+
+    The plugin sends ``text/plain`` whatever the body is (JELLYFIN.md §1), so the content type
+    is not looked at. Templates give dashed GUIDs and True/False; both are normalised here.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebhookError("body is not UTF-8 text") from None
+    if not text.strip():
+        raise WebhookError("empty body: expected the Webhook plugin's JSON")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise WebhookError("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise WebhookError("body must be a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise WebhookError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    ntype = data.get("NotificationType")
+    if not isinstance(ntype, str) or not ntype:
+        raise WebhookError("missing NotificationType: is this the Jellyfin Webhook plugin?")
+    for k, v in data.items():
+        if isinstance(v, str) and len(v) > MAX_STRING_CHARS:
+            raise WebhookError(f"{k}: string longer than {MAX_STRING_CHARS} characters")
+    if ntype not in ACTED_ON:
+        return data
+    for k in ID_KEYS:
+        if k in data and data[k] is not None:
+            if not isinstance(data[k], str):
+                raise WebhookError(f"{k}: expected a GUID string")
+            data[k] = normalise_id(data[k])
+            if not HEX32.match(data[k]):
+                raise WebhookError(f"{k}: {data[k][:40]!r} is not a Jellyfin GUID")
+    for k in BOOL_KEYS:
+        v = data.get(k)
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            data[k] = v.lower() == "true"
+        elif v is not None and not isinstance(v, bool):
+            raise WebhookError(f"{k}: expected true or false")
+    for k in INT_KEYS:
+        v = data.get(k)
+        if isinstance(v, str) and re.fullmatch(r"-?\d{1,19}", v):
+            data[k] = int(v)
+        elif isinstance(v, float) and v.is_integer():
+            data[k] = int(v)
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise WebhookError(f"{k}: expected a whole number")
+    if data.get("Rating") is not None:
+        r = data["Rating"]
+        if isinstance(r, str):
+            try:
+                r = float(r)
+            except ValueError:
+                raise WebhookError("Rating: expected a number") from None
+        if isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r <= 10:
+            raise WebhookError("Rating: expected a number from 0 to 10")
+        data["Rating"] = r
+    name = data.get("NotificationUsername")
+    if name is not None and not isinstance(name, str):
+        raise WebhookError("NotificationUsername: expected text")
+    if ntype in ITEM_EVENTS:
+        for k in ("ItemId", "UserId", "NotificationUsername"):
+            if not data.get(k):
+                raise WebhookError(f"{ntype} without {k}: tick 'Send All Properties' in the plugin")
+    elif ntype in USER_EVENTS and not data.get("NotificationUsername"):
+        raise WebhookError(f"{ntype} without NotificationUsername")
+    elif ntype in ("ItemAdded", "ItemDeleted") and not data.get("ItemId"):
+        raise WebhookError(f"{ntype} without ItemId")
+    return data
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def likes_from_event(ev: dict) -> bool | None:
+    """The plugin sends ``Likes`` false when unset; ``Rating`` tells (0 = none, ≥ 6.5 = like)."""
+    rating = ev.get("Rating")
+    if isinstance(rating, int | float):
+        if rating == 0:
+            return None
+        return rating >= 6.5
+    return True if ev.get("Likes") else None
+
+
+def observations_from_event(ev: dict) -> dict[str, Any]:
+    """Which of our fields this event reports truthfully, by type and SaveReason (JELLYFIN.md §1).
+
+    The re-watch trap: PlaybackStart forces Played=false on a resumable video, so Played=false is
+    never taken from playback (start, progress or a stop before the end) — only Played=true.
+    """
+    ntype = ev["NotificationType"]
+    out: dict[str, Any] = {}
+    pos = ev.get("PlaybackPositionTicks")
+    if ntype == "UserDataSaved":
+        reason = ev.get("SaveReason")
+        if reason in ("TogglePlayed", "Import", "UpdateUserData") and "Played" in ev:
+            out["played"] = bool(ev["Played"])
+        elif reason == "PlaybackFinished" and ev.get("Played") is True:
+            # Stopping a re-watch part-way leaves Played=false (set at PlaybackStart): only
+            # "finished" is news; "unplayed" comes from a deliberate TogglePlayed alone.
+            out["played"] = True
+        if reason in ("UpdateUserRating", "UpdateUserData"):
+            if "Favorite" in ev:
+                out["favorite"] = bool(ev["Favorite"])
+            out["likes"] = likes_from_event(ev)
+        if reason in ("PlaybackProgress", "PlaybackFinished", "UpdateUserData") and isinstance(pos, int):
+            out["position"] = pos
+    elif ntype == "PlaybackProgress" and isinstance(pos, int):
+        out["position"] = pos
+    elif ntype == "PlaybackStop":
+        if ev.get("PlayedToCompletion"):
+            out["played"] = True
+            out["position"] = 0  # the server resets the position when it marks played
+        elif isinstance(pos, int):
+            out["position"] = pos
+    return out
+
+
+def describe(fld: str, value: Any) -> str:
+    if fld == "played":
+        return "played" if value else "unplayed"
+    if fld == "favorite":
+        return "favourite" if value else "not favourite"
+    if fld == "likes":
+        return {True: "liked", False: "disliked", None: "rating cleared"}[value]
+    secs = int(value or 0) // TICKS_PER_SECOND
+    return f"position {secs // 3600}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
+
+
+class Syncer:
+    """Webhook → inbox → jobs → writes: the rules of what is a change, and applying it."""
+
+    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.clients = clients
+        self.stop_event = threading.Event()
+        self._wake = threading.Condition()  # guards nothing; planner waits on it for new events
+        self._target_wake = {s.name: threading.Condition() for s in config.servers}
+        self.health: dict[str, dict] = {
+            s.name: {"reachable": None, "error": None, "version": None, "checked_at": None, "latency_ms": None}
+            for s in config.servers
+        }
+        self.threads: list[threading.Thread] = []
+        self.counters: dict[str, int] = {}
+        self._counter_lock = threading.Lock()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    # ingest (called by Web, in the request thread)
+    def accept_webhook(self, server: str, body: bytes) -> dict:
+        """Validate, commit one row, and wake the planner. No network call happens here."""
+        if self.config.server(server) is None:
+            raise WebhookError(f"unknown server {server!r}: the URL must be /webhook/<name from config>", 404)
+        data = parse_webhook(body)
+        ntype = data["NotificationType"]
+        self.count(f"webhooks|{server}|{ntype}")
+        if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
+            return {"status": "ignored", "reason": f"{ntype} needs no sync"}
+        event_id = self.store.add_event(server, ntype, json.dumps(data, separators=(",", ":")))
+        with self._wake:
+            self._wake.notify()
+        return {"status": "queued", "event_id": event_id}
+
+    # planning
+    def plan_pending(self) -> int:
+        """Turn unplanned inbox rows into jobs. Returns how many rows were planned."""
+        rows = self.store.unplanned_events()
+        woken: set[str] = set()
+        for row in rows:
+            targets = self._plan_one(row)
+            woken.update(targets)
+        for t in woken:
+            self.wake_target(t)
+        return len(rows)
+
+    def _plan_one(self, row: sqlite3.Row) -> list[str]:
+        server = row["server"]
+        ev = json.loads(row["body"])
+        ntype = ev["NotificationType"]
+        others = [s.name for s in self.config.servers if s.name != server]
+        if ntype in ("ItemAdded", "ItemDeleted"):
+            if ntype == "ItemDeleted":
+                self.store.delete_item(server, ev["ItemId"])
+            self.library.mark_stale(server)
+            woke = self.store.wake_waiting(server) if ntype == "ItemAdded" else 0
+            self.store.plan_event(row["id"], [], [])
+            return [server] if woke else []
+        if ntype in USER_EVENTS:
+            self.library.forget_users(server)
+            self.store.plan_event(row["id"], [], [])
+            return []
+        fields = observations_from_event(ev)
+        observed = parse_time(ev.get("UtcTimestamp")) or row["received_at"]
+        username = ev["NotificationUsername"]
+        key = name_key(username)
+        item_name = ev.get("Name") or ev["ItemId"]
+        if ev.get("SeriesName"):
+            item_name = f"{ev['SeriesName']} S{ev.get('SeasonNumber') or 0:02d}E{ev.get('EpisodeNumber') or 0:02d} {item_name}"
+        elif ev.get("Year"):
+            item_name = f"{item_name} ({ev['Year']})"
+        extra = {
+            "runtime": ev.get("RunTimeTicks"), "play_count": ev.get("PlayCount"),
+            "last_played": parse_time(ev.get("LastPlayedDate")), "item_type": ev.get("ItemType"),
+            "event": ntype, "reason": ev.get("SaveReason"),
+        }
+        obs = []
+        for fld, value in fields.items():
+            if not self.config.sync.enabled(fld):
+                continue
+            delay = self.config.sync.progress_debounce_seconds if fld == "position" and ntype != "PlaybackStop" else 0.0
+            obs.append({
+                "server": server, "user_key": key, "username": username, "item_id": ev["ItemId"],
+                "item_name": item_name, "field": fld, "value": value, "observed_at": observed,
+                "extra": extra, "delay": delay,
+            })
+        queued, dropped = self.store.plan_event(row["id"], obs, others)
+        self.count("observations_dropped", dropped)
+        return others if queued else []
+
+    def wake_target(self, target: str) -> None:
+        cond = self._target_wake[target]
+        with cond:
+            cond.notify()
+
+    # applying
+    def apply_next(self, target: str) -> bool:
+        """Claim and apply one due job for ``target``. Returns False when none was due."""
+        job = self.store.claim_job(target, utcnow())
+        if job is None:
+            return False
+        try:
+            result = self._apply(job)
+        except JellyfinError as e:
+            self._retry_or_fail(job, str(e), e.retryable)
+            return True
+        except SyncError as e:
+            self.store.finish_job(job, "skipped", str(e), {"result": "skipped", "detail": str(e)})
+            log.warning("%s: %s %s skipped: %s", target, job.username, job.item_name, e)
+            return True
+        except Exception as e:  # a bug: keep the job, show it, keep the worker alive
+            log.exception("%s: job %d crashed", target, job.id)
+            self._retry_or_fail(job, f"internal error: {type(e).__name__}: {e}", True)
+            return True
+        self.count(f"sync|{target}|{result}")
+        return True
+
+    def _retry_or_fail(self, job: Job, error: str, retryable: bool) -> None:
+        attempts = job.attempts + 1
+        if retryable and attempts <= self.config.sync.max_retries:
+            delay = min(self.config.sync.retry_base_seconds * 2 ** (attempts - 1), 3600)
+            self.store.reschedule_job(job, "pending", utcnow() + delay, error)
+            log.info("%s: retry %d/%d in %.0fs: %s", job.target, attempts, self.config.sync.max_retries, delay, error)
+        else:
+            self.store.finish_job(job, "failed", error, {"result": "failed", "detail": error})
+            log.warning("%s: %s %s failed: %s", job.target, job.username, job.item_name, error)
+            self.count(f"sync|{job.target}|failed")
+
+    def _apply(self, job: Job) -> str:
+        target, src = job.target, job.source
+        client = self.clients[target]
+        version = client.ensure_version()
+        if job.field == "position" and version.legacy:
+            raise SyncError("Jellyfin 10.8 cannot set a resume position with an API key")
+        user_id = self.library.user_id(target, job.user_key)
+        if user_id is None:
+            raise SyncError(f"no user named {job.username!r} on {target}")
+        src_item = self.library.source_item(src, job.source_item_id)
+        if src_item is None:
+            raise SyncError(f"item {job.source_item_id} no longer exists on {src}")
+        item = self.library.match(src_item, target)
+        if item is None:
+            return self._absent(job, src_item)
+        known = self.store.get_state(target, job.user_key, item.item_id)
+        if job.field in known and known[job.field][1] > job.observed_at:
+            self.store.finish_job(job, "done", None, {"result": "stale", "detail": "a newer change is already there"})
+            return "stale"
+        current = client.user_data(user_id, item.item_id)
+        have = read_fields(current)
+        want = job.value
+        if job.field == "position":
+            want = self._scale(want, job.extra.get("runtime"), item.runtime)
+        if have[job.field] == want:
+            self.store.remember_state(target, job.user_key, item.item_id, have, {job.field: job.observed_at})
+            self.store.finish_job(job, "done", None, {"result": "noop", "old": describe(job.field, have[job.field])})
+            return "noop"
+        if self.config.sync.dry_run:
+            self.store.finish_job(job, "done", None, {"result": "dry_run", "new": describe(job.field, want)})
+            return "dry_run"
+        # Record the state we are about to create *before* writing: Jellyfin fires the echo
+        # webhook while it handles our request, so it can arrive before the response does.
+        expected = {**have, job.field: want}
+        if job.field == "played":
+            expected["position"] = 0  # marking played or unplayed resets the position
+        observed = {job.field: job.observed_at}
+        self.store.remember_state(target, job.user_key, item.item_id, expected, observed)
+        written = self._write(client, user_id, item.item_id, job, want, current, version)
+        if written:
+            self.store.remember_state(target, job.user_key, item.item_id, read_fields(written), observed)
+        self.store.finish_job(job, "done", None, {
+            "result": "ok", "old": describe(job.field, have[job.field]), "new": describe(job.field, want),
+        })
+        log.info('%s: %s ✓ %s "%s" (from %s)', target, job.username, describe(job.field, want), job.item_name, src)
+        return "ok"
+
+    @staticmethod
+    def _scale(position: int, src_runtime: int | None, tgt_runtime: int | None) -> int:
+        """Runtimes can differ between servers (another cut, another encode): keep the fraction."""
+        if position and src_runtime and tgt_runtime and src_runtime != tgt_runtime:
+            return int(position * tgt_runtime / src_runtime)
+        return int(position)
+
+    def _write(self, client: JellyfinClient, user_id: str, item_id: str, job: Job, want: Any,
+               current: dict, version: ServerVersion) -> dict:
+        """One state-based write. Each field has exactly one way in, so states cannot oscillate."""
+        fld = job.field
+        if fld == "played" and want:
+            last = job.extra.get("last_played") if self.config.sync.last_played_date else None
+            if version.legacy:
+                # 10.8: the only API-key route. datePlayed also bumps PlayCount by one.
+                return client.set_played(user_id, item_id, True, last)
+            # 10.9+: one /UserData write sets the flag, the date and the count exactly.
+            # Rule: PlayCount = max(target's, source's, 1) — never a sum, because every server
+            # counts its own playback starts; LastPlayedDate = the newer of the two.
+            count = int(current.get("PlayCount") or 0)
+            if self.config.sync.play_count:
+                count = max(count, int(job.extra.get("play_count") or 0))
+            body: dict[str, Any] = {"Played": True, "PlaybackPositionTicks": 0, "PlayCount": max(count, 1)}
+            tgt_last = parse_time(current.get("LastPlayedDate"))
+            newest = max([t for t in (last, tgt_last) if t], default=None)
+            body["LastPlayedDate"] = format_time(newest or utcnow())
+            return client.update_user_data(user_id, item_id, body)
+        if fld == "played":
+            return client.set_played(user_id, item_id, False)
+        if fld == "favorite":
+            return client.set_favorite(user_id, item_id, bool(want))
+        if fld == "likes":
+            return client.set_likes(user_id, item_id, want)
+        if fld == "position":
+            return client.update_user_data(user_id, item_id, {"PlaybackPositionTicks": int(want)})
+        raise AssertionError(fld)
+
+    def _absent(self, job: Job, src_item: ItemInfo) -> str:
+        """The item is not on the target (yet): follow path_sync_policy (longest prefix)."""
+        policy = self.config.policy_for(src_item.path_key or "")
+        tries = job.absent_count + 1
+        msg = f"{job.item_name!r} not found on {job.target}"
+        if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
+            self.store.reschedule_job(job, "waiting", utcnow() + policy.retry_delay_seconds,
+                                      f"{msg}; waiting for it to be imported (try {tries})", absent=True)
+            return "waiting"
+        self.store.finish_job(job, "skipped", msg, {"result": "absent", "detail": msg})
+        log.info("%s: %s %s", job.target, job.username, msg)
+        return "absent"
+
+    # health
+    def check_server(self, name: str) -> dict:
+        client = self.clients[name]
+        started = time.monotonic()
+        try:
+            info = client.info()
+            self.health[name].update(
+                reachable=True, error=None, version=info.get("Version"),
+                latency_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        except JellyfinError as e:
+            self.health[name].update(reachable=False, error=str(e), latency_ms=None)
+            client.version = None  # re-detect the version when it comes back
+        self.health[name]["checked_at"] = utcnow()
+        return self.health[name]
+
+    # threads
+    def start(self) -> None:
+        self.stop_event.clear()
+        planner = threading.Thread(target=self._planner_loop, name="planner", daemon=True)
+        self.threads = [planner]
+        for s in self.config.servers:
+            self.threads.append(threading.Thread(target=self._target_loop, args=(s.name,),
+                                                 name=f"worker-{s.name}", daemon=True))
+        for t in self.threads:
+            t.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        with self._wake:
+            self._wake.notify_all()
+        for t in self._target_wake:
+            self.wake_target(t)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def alive(self) -> bool:
+        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+
+    def _planner_loop(self) -> None:
+        interval = self.config.sync.worker_interval_seconds or 5.0
+        while not self.stop_event.is_set():
+            try:
+                if self.plan_pending():
+                    continue
+            except Exception:
+                log.exception("planner: unexpected error; retrying shortly")
+                self.stop_event.wait(1.0)
+                continue
+            with self._wake:
+                if self.store.count_unplanned() == 0 and not self.stop_event.is_set():
+                    self._wake.wait(interval)
+
+    def _target_loop(self, target: str) -> None:
+        cond = self._target_wake[target]
+        interval = self.config.sync.worker_interval_seconds or 5.0
+        next_check = 0.0
+        while not self.stop_event.is_set():
+            if time.monotonic() >= next_check:
+                state = self.check_server(target)
+                next_check = time.monotonic() + (30.0 if state["reachable"] else min(interval, 10.0))
+                if state["reachable"]:
+                    try:
+                        self.library.ensure_index(target)
+                    except JellyfinError as e:
+                        log.warning("%s: cannot build the item index yet: %s", target, e)
+            try:
+                if self.apply_next(target):
+                    continue
+            except sqlite3.Error:
+                log.exception("%s: database error; retrying shortly", target)
+                self.stop_event.wait(1.0)
+                continue
+            with cond:  # look for work under the lock wake_target() takes: no lost wake-up
+                due = self.store.next_due(target)
+                wait = interval if due is None else max(0.0, min(interval, due - utcnow()))
+                if not self.stop_event.is_set() and wait > 0:
+                    cond.wait(wait)
+
+
+# ── Reconciler ───────────────────────────────────────────────────────────────
+# Full comparison passes are not built yet (issue: catch-up reconciliation).
+
+
+# ── Web ──────────────────────────────────────────────────────────────────────
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, sqlite3.Row):
+        return dict(value)
+    return str(value)
+
+
+def job_json(row: sqlite3.Row) -> dict:
+    extra = json.loads(row["extra"])
+    return {
+        "id": row["id"], "event_type": extra.get("event"), "field": row["field"],
+        "source_server": row["source"], "target_server": row["target"], "username": row["username"],
+        "item_name": row["item_name"], "value": json.loads(row["value"]), "status": row["status"],
+        "retry_count": row["attempts"], "item_not_found_count": row["absent_count"],
+        "last_error": row["last_error"], "created_at": format_time(row["created_at"]),
+        "next_retry_at": format_time(row["due_at"]),
+    }
+
+
+def create_app(config: Config, store: Store, syncer: Syncer, started_at: float | None = None):
+    """The Bottle app: webhooks, probes, JSON API and the static dashboard."""
+    import bottle
+
+    started_at = started_at or utcnow()
+    bottle.BaseRequest.MEMFILE_MAX = MAX_BODY_BYTES
+
+    class App(bottle.Bottle):
+        def default_error_handler(self, res: bottle.HTTPError) -> str:
+            # Every error, ours or Bottle's (404, 405, 413, 500), is JSON for scripts and the page.
+            bottle.response.content_type = "application/json"
+            detail = res.body if isinstance(res.body, str) else None
+            return json.dumps({"error": res.status_line, "detail": detail})
+
+    app = App()
+
+    def send(data: Any, status: int = 200) -> str:
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return json.dumps(data, default=_json_default)
+
+    @app.get("/webhook/test")
+    def webhook_test():
+        return send({"status": "ok", "message": "Webhook receiver is running"})
+
+    @app.post("/webhook/<server_name>")
+    def webhook(server_name: str):
+        length = bottle.request.content_length
+        if length > MAX_BODY_BYTES:
+            return send({"error": f"body larger than {MAX_BODY_BYTES} bytes"}, 413)
+        body = bottle.request.body.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            return send({"error": f"body larger than {MAX_BODY_BYTES} bytes"}, 413)
+        if config.webhook_token and not _token_ok(bottle.request, config.webhook_token):
+            return send({"error": "missing or wrong webhook token"}, 401)
+        try:
+            result = syncer.accept_webhook(server_name, body)
+        except WebhookError as e:
+            return send({"error": str(e)}, e.status)
+        except sqlite3.Error as e:
+            # Disk full, database locked…: say so, so it shows in Jellyfin's log.
+            log.error("webhook from %s not stored: %s", server_name, e)
+            return send({"error": f"cannot store the event: {e}"}, 503)
+        return send(result, 202 if result["status"] == "queued" else 200)
+
+    @app.get("/healthz")
+    def healthz():
+        bottle.response.content_type = "text/plain"
+        return "ok"
+
+    @app.get("/readyz")
+    def readyz():
+        reasons = []
+        try:
+            store.check_writable()
+        except sqlite3.Error as e:
+            reasons.append(f"database not writable: {e}")
+        if not syncer.alive():
+            reasons.append("worker not running")
+        for name, h in syncer.health.items():
+            if h["reachable"] is False:
+                reasons.append(f"{name} unreachable: {h['error']}")
+        if reasons:
+            return send({"status": "not ready", "reasons": reasons}, 503)
+        return send({"status": "ready"})
+
+    def queue_status() -> dict:
+        counts = store.job_counts()
+        return {
+            "pending_events": counts.get("pending", 0) + store.count_unplanned(),
+            "processing_events": counts.get("running", 0),
+            "waiting_for_item_events": counts.get("waiting", 0),
+            "failed_events": counts.get("failed", 0),
+            "skipped_events": counts.get("skipped", 0),
+            "done_events": counts.get("done", 0),
+            "worker_running": syncer.alive(),
+        }
+
+    def servers_status() -> list[dict]:
+        last = store.last_event_at()
+        out = []
+        for s in config.servers:
+            h = syncer.health[s.name]
+            client = syncer.clients[s.name]
+            limits = []
+            if client.version and client.version.legacy:
+                limits.append("Jellyfin 10.8: resume positions cannot be set with an API key; "
+                              "marking played also adds one to the play count")
+            out.append({
+                "name": s.name, "url": s.url, "passwordless": s.passwordless,
+                "healthy": bool(h["reachable"]), "reachable": h["reachable"], "error": h["error"],
+                "version": h["version"], "latency_ms": h["latency_ms"], "limits": limits,
+                "webhook_url_path": f"/webhook/{s.name}",
+                "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
+            })
+        return out
+
+    @app.get("/api/status")
+    def api_status():
+        queue = queue_status()
+        servers = servers_status()
+        stats = store.sync_stats()
+        by = stats["by_result"]
+        healthy = all(s["healthy"] for s in servers)
+        any_ok = any(s["healthy"] for s in servers)
+        status = "healthy" if healthy and queue["worker_running"] else (
+            "degraded" if any_ok and queue["worker_running"] else "unhealthy")
+        return send({
+            "status": status, "version": __version__, "uptime_seconds": round(utcnow() - started_at, 1),
+            "servers": servers, "queue": queue,
+            "database": {"connected": True, "item_cache_by_server": store.count_items(),
+                         "database_size_bytes": _db_size(store.path)},
+            "sync_stats": {"total_synced": sum(by.values()), "successful": by.get("ok", 0),
+                           "failed": by.get("failed", 0), "by_result": by,
+                           "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None},
+            "warnings": [] if config.webhook_token else ["no server.webhook_token set: anyone on the network can post webhooks"],
+            "dry_run": config.sync.dry_run,
+        })
+
+    @app.get("/api/servers")
+    def api_servers():
+        return send(servers_status())
+
+    @app.get("/api/queue")
+    def api_queue():
+        return send(queue_status())
+
+    def _limit() -> tuple[int, int]:
+        try:
+            limit = max(1, min(500, int(bottle.request.query.get("limit", 50))))
+            offset = max(0, int(bottle.request.query.get("offset", 0)))
+        except ValueError:
+            raise bottle.HTTPError(400, "limit and offset must be whole numbers") from None
+        return limit, offset
+
+    @app.get("/api/events/pending")
+    def api_pending():
+        limit, offset = _limit()
+        return send([job_json(r) for r in store.jobs_by_status(("pending", "running"), limit, offset)])
+
+    @app.get("/api/events/waiting")
+    def api_waiting():
+        limit, offset = _limit()
+        return send([job_json(r) for r in store.jobs_by_status(("waiting",), limit, offset)])
+
+    @app.get("/api/events/failed")
+    def api_failed():
+        limit, offset = _limit()
+        return send([job_json(r) for r in store.jobs_by_status(("failed", "skipped"), limit, offset)])
+
+    @app.post("/api/events/<job_id:int>/retry")
+    def api_retry(job_id: int):
+        ok = store.retry_job(job_id)
+        if ok:
+            target = store._rows("SELECT target FROM jobs WHERE id=?", (job_id,))[0][0]
+            syncer.wake_target(target)
+        return send({"success": ok, "message": "queued for retry" if ok else "no failed, skipped or waiting job with that id"},
+                    200 if ok else 404)
+
+    @app.get("/api/sync-log")
+    def api_sync_log():
+        limit, offset = _limit()
+        q = bottle.request.query
+        filters = {k: q.get(k) for k in ("source", "target", "username", "result", "field")}
+        rows, total = store.sync_log(limit, offset, **filters)
+        entries = [{**dict(r), "at": format_time(r["at"])} for r in rows]
+        return send({"entries": entries, "total": total, "limit": limit, "offset": offset})
+
+    @app.get("/")
+    def index():
+        if (STATIC_ROOT / "index.html").exists():
+            return bottle.static_file("index.html", root=str(STATIC_ROOT))
+        return send({"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"})
+
+    @app.get("/static/<path:path>")
+    def static(path: str):
+        return bottle.static_file(path, root=str(STATIC_ROOT))
+
+    return app
+
+
+def _token_ok(request: Any, token: str) -> bool:
+    """The plugin can only send fixed custom headers, or a secret in the URL (JELLYFIN.md §1)."""
+    given = request.headers.get("X-Webhook-Token") or ""
+    auth = request.headers.get("Authorization") or ""
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not given:
+        given = request.query.get("token") or ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _db_size(path: str) -> int:
+    try:
+        return sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
+    except OSError:
+        return 0
+
+
+# ── main ─────────────────────────────────────────────────────────────────────
+
+
+def find_config_path(cli_path: str | None) -> str:
+    if cli_path:
+        return cli_path
+    if os.environ.get("CONFIG_PATH"):
+        return os.environ["CONFIG_PATH"]
+    for p in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(p):
+            return p
+    return DEFAULT_CONFIG_PATHS[-1]
+
+
+class Service:
+    """Everything wired together: what main() runs and what tests start in-process."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = Store(config.database_path, config.journal_mode)
+        self.clients = {s.name: JellyfinClient(s) for s in config.servers}
+        self.library = Library(config, self.store, self.clients)
+        self.syncer = Syncer(config, self.store, self.library, self.clients)
+        self.app = create_app(config, self.store, self.syncer)
+        self.server = None
+
+    def make_server(self, host: str | None = None, port: int | None = None):
+        import waitress
+
+        self.server = waitress.create_server(
+            self.app, host=host or self.config.host, port=self.config.port if port is None else port,
+            threads=8, ident="jellyfin-db-sync", max_request_body_size=MAX_BODY_BYTES + 1024,
+            clear_untrusted_proxy_headers=True,
+        )
+        return self.server
+
+    def start_workers(self) -> None:
+        self.syncer.start()
+
+    def stop(self) -> None:
+        self.syncer.stop()
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jellyfin_db_sync.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="config file (default: $CONFIG_PATH, /config/config.yaml, ./config.yaml)")
+    parser.add_argument("--version", action="version", version=f"jellyfin-db-sync {__version__}")
+    args = parser.parse_args(argv)
+    path = find_config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"jellyfin-db-sync: configuration error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    try:
+        service = Service(config)
+    except sqlite3.Error as e:
+        print(f"jellyfin-db-sync: cannot open the database {config.database_path}: {e}", file=sys.stderr)
+        return 1
+    server = service.make_server()
+    if not config.webhook_token:
+        log.warning("no server.webhook_token set: anyone who can reach port %d can post webhooks", config.port)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # Waitress installs no handlers; as PID 1 in Docker an unhandled SIGTERM is ignored.
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service.start_workers()
+    log.info("jellyfin-db-sync %s listening on %s:%d for %s", __version__, config.host,
+             server.effective_port, ", ".join(f"/webhook/{s.name}" for s in config.servers))
+    try:
+        server.run()
+    except SystemExit:
+        pass
+    finally:
+        server.close()
+        service.stop()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

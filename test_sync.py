@@ -1,0 +1,1111 @@
+"""Tests for jellyfin-db-sync, run against in-process fake Jellyfin servers over real HTTP.
+
+    pytest -q test_sync.py            # the suite
+    python test_sync.py --benchmark   # the figures in the README (prints, asserts nothing on time)
+
+The fake servers behave like Jellyfin where the service depends on it (../shared/JELLYFIN.md):
+per-version routes (10.8 legacy, 10.9+ ?userId=), MediaBrowser auth (12.0 refuses X-Emby-Token),
+user-data semantics (mark played resets the position, PlaybackStart forces Played=false on a
+re-watch, /UserData copies fields verbatim) and an echo webhook for every save, fired back at the
+service exactly as the Webhook plugin would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import jellyfin_db_sync as jds
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = next(
+    (p for p in (HERE / "fixtures" / "webhooks", HERE.parent / "shared" / "fixtures" / "webhooks") if p.exists()),
+    HERE.parent / "shared" / "fixtures" / "webhooks",
+)
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+
+
+def eventually(check, timeout: float = 10.0, interval: float = 0.02, what: str = ""):
+    """Poll ``check`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what or check}: last value {last!r}")
+
+
+def iso(epoch: float | None = None) -> str:
+    return jds.format_time(time.time() if epoch is None else epoch)
+
+
+def hexid() -> str:
+    return uuid.uuid4().hex
+
+
+# ── Fake Jellyfin ────────────────────────────────────────────────────────────
+
+WRITE_ROUTES = re.compile(r"(PlayedItems|FavoriteItems|/Rating|/UserData)", re.I)
+
+
+class FakeJellyfin:
+    """One Jellyfin server, in-process, with real HTTP, auth, routes per version and echoes."""
+
+    def __init__(self, name: str, version: str = "10.10.7"):
+        self.name = name
+        self.version = version
+        self.api_key = hexid()
+        self.server_id = hexid()
+        self.users: dict[str, dict] = {}
+        self.items: dict[str, dict] = {}
+        self.data: dict[tuple[str, str], dict] = {}
+        self.lock = threading.RLock()
+        self.requests: list[tuple[str, str]] = []  # (method, path) of authenticated API calls
+        self.status_override: int | None = None  # e.g. 503: the server is "down"
+        self.webhook_url: str | None = None
+        self.echo_threads: list[threading.Thread] = []
+        self.webhooks_sent = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # keep pytest output readable
+                pass
+
+            def _handle(self):
+                fake._dispatch(self)
+
+            do_GET = do_POST = do_DELETE = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"fake-{name}").start()
+
+    @property
+    def legacy(self) -> bool:
+        return self.version.startswith("10.8")
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # data set-up
+    def add_user(self, name: str, admin: bool = False) -> str:
+        uid = hexid()
+        self.users[uid] = {"Name": name, "Id": uid, "Policy": {"IsAdministrator": admin}}
+        return uid
+
+    def add_item(self, name: str, type_: str = "Movie", path: str | None = None, runtime: int = 7200 * 10**7,
+                 provider_ids: dict | None = None, series_id: str | None = None, season: int | None = None,
+                 episode: int | None = None, saved: float | None = None) -> str:
+        iid = hexid()
+        self.items[iid] = {
+            "Name": name, "Id": iid, "Type": type_, "Path": path, "RunTimeTicks": runtime,
+            "ProviderIds": provider_ids or {}, "SeriesId": series_id, "ParentIndexNumber": season,
+            "IndexNumber": episode, "_saved": time.time() if saved is None else saved,
+        }
+        return iid
+
+    def user(self, name: str) -> str:
+        return next(u for u, d in self.users.items() if d["Name"].casefold() == name.casefold())
+
+    def item(self, name: str) -> str:
+        return next(i for i, d in self.items.items() if d["Name"] == name)
+
+    def ud(self, user: str, item: str) -> dict:
+        """The raw user data row (creating the default one, as Jellyfin does)."""
+        key = (user if user in self.users else self.user(user), item if item in self.items else self.item(item))
+        with self.lock:
+            return self.data.setdefault(key, {"PlaybackPositionTicks": 0, "PlayCount": 0, "IsFavorite": False,
+                                              "Rating": None, "LastPlayedDate": None, "Played": False})
+
+    def writes(self) -> int:
+        return sum(1 for m, p in self.requests if m in ("POST", "DELETE") and WRITE_ROUTES.search(p))
+
+    # the server's own behaviour (JELLYFIN.md §2 "Semantics to respect")
+    def _dto(self, ud: dict, item_id: str) -> dict:
+        out = {"PlaybackPositionTicks": ud["PlaybackPositionTicks"], "PlayCount": ud["PlayCount"],
+               "IsFavorite": ud["IsFavorite"], "Played": ud["Played"], "Key": item_id}
+        if ud["Rating"] is not None:
+            out["Rating"] = ud["Rating"]
+            out["Likes"] = ud["Rating"] >= 6.5
+        if ud["LastPlayedDate"]:
+            out["LastPlayedDate"] = ud["LastPlayedDate"]
+        if not self.legacy and not self.version.startswith(("10.9", "10.10")):
+            out["ItemId"] = item_id
+        return out
+
+    def save(self, uid: str, iid: str, reason: str, **changes) -> dict:
+        """UserDataManager.SaveUserData: apply, then fire UserDataSaved — always, changed or not."""
+        with self.lock:
+            ud = self.ud(uid, iid)
+            ud.update(changes)
+            snapshot = dict(ud)
+        self.fire("UserDataSaved", uid, iid, snapshot, SaveReason=reason)
+        return self._dto(snapshot, iid)
+
+    def mark_played(self, uid, iid, date_played: str | None = None, reason="TogglePlayed"):
+        ud = self.ud(uid, iid)
+        count = ud["PlayCount"] + 1 if date_played else max(ud["PlayCount"], 1)
+        if self.legacy:
+            last = date_played or iso()
+        else:
+            last = date_played or ud["LastPlayedDate"] or iso()
+        return self.save(uid, iid, reason, Played=True, PlaybackPositionTicks=0, PlayCount=count, LastPlayedDate=last)
+
+    def mark_unplayed(self, uid, iid):
+        return self.save(uid, iid, "TogglePlayed", Played=False, PlaybackPositionTicks=0, PlayCount=0,
+                         LastPlayedDate=None)
+
+    # what a person does in a Jellyfin client
+    def user_marks(self, user: str, item: str, played: bool):
+        uid, iid = self.user(user), self.item(item)
+        return self.mark_played(uid, iid) if played else self.mark_unplayed(uid, iid)
+
+    def user_favourites(self, user: str, item: str, on: bool):
+        return self.save(self.user(user), self.item(item), "UpdateUserRating", IsFavorite=on)
+
+    def user_rates(self, user: str, item: str, likes: bool | None):
+        rating = None if likes is None else (10.0 if likes else 1.0)
+        return self.save(self.user(user), self.item(item), "UpdateUserRating", Rating=rating)
+
+    def user_plays(self, user: str, item: str, positions: list[int], completed: bool = False):
+        """Start, report progress, stop: the events a player causes, in order."""
+        uid, iid = self.user(user), self.item(item)
+        ud = self.ud(uid, iid)
+        # PlaybackStart: PlayCount+1, LastPlayedDate=now, Played forced false for a resumable video.
+        self.fire("PlaybackStart", uid, iid, dict(ud), PlaybackPositionTicks=positions[0] if positions else 0)
+        self.save(uid, iid, "PlaybackStart", PlayCount=ud["PlayCount"] + 1, LastPlayedDate=iso(), Played=False)
+        for pos in positions:
+            self.fire("PlaybackProgress", uid, iid, dict(ud), PlaybackPositionTicks=pos, IsPaused=False,
+                      IsAutomated=False)
+            self.save(uid, iid, "PlaybackProgress", PlaybackPositionTicks=pos)
+        last = positions[-1] if positions else 0
+        if completed:
+            self.save(uid, iid, "PlaybackFinished", Played=True, PlaybackPositionTicks=0)
+        else:
+            self.save(uid, iid, "PlaybackFinished", PlaybackPositionTicks=last)
+        self.fire("PlaybackStop", uid, iid, dict(self.ud(uid, iid)), PlaybackPositionTicks=last,
+                  PlayedToCompletion=completed)
+
+    # webhooks, as the plugin builds them ("Send All Properties")
+    def payload(self, ntype: str, uid: str, iid: str, ud: dict, **extra) -> dict:
+        item = self.items[iid]
+        base = fixture({
+            "UserDataSaved": "UserDataSaved-played.json", "PlaybackStart": "PlaybackStart-movie.json",
+            "PlaybackProgress": "PlaybackProgress-movie.json", "PlaybackStop": "PlaybackStop-movie.json",
+        }[ntype])
+        for k in ("SeriesName", "SeriesId", "SeasonId", "SeasonNumber", "EpisodeNumber", "Provider_tvdb",
+                  "Provider_imdb", "Provider_tmdb", "Year", "LastPlayedDate"):
+            base.pop(k, None)
+        now = time.time()
+        base.update({
+            "ServerId": self.server_id, "ServerName": self.name, "ServerVersion": self.version,
+            "ServerUrl": self.url, "Timestamp": iso(now).replace("Z", "+00:00"), "UtcTimestamp": iso(now),
+            "Name": item["Name"], "ItemId": iid, "ItemType": item["Type"], "RunTimeTicks": item["RunTimeTicks"],
+            "UserId": uid, "NotificationUsername": self.users[uid]["Name"],
+        })
+        for k, v in (item["ProviderIds"] or {}).items():
+            base[f"Provider_{k.lower()}"] = v
+        if item["Type"] == "Episode":
+            base.update(SeriesName="Show", SeasonNumber=item["ParentIndexNumber"], EpisodeNumber=item["IndexNumber"])
+            if not self.legacy:
+                base["SeriesId"] = item["SeriesId"]
+        if ntype == "UserDataSaved":
+            rating = ud["Rating"]
+            base.update({
+                "Likes": bool(rating is not None and rating >= 6.5), "Rating": rating or 0,
+                "PlaybackPositionTicks": ud["PlaybackPositionTicks"], "PlayCount": ud["PlayCount"],
+                "Favorite": ud["IsFavorite"], "Played": ud["Played"],
+            })
+            if ud["LastPlayedDate"]:
+                base["LastPlayedDate"] = ud["LastPlayedDate"]
+        base.update(extra)
+        return base
+
+    def fire(self, ntype: str, uid: str, iid: str, ud: dict, **extra) -> None:
+        """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed."""
+        if not self.webhook_url:
+            return
+        body = json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode()
+        t = threading.Thread(target=self._send, args=(body,), daemon=True)
+        self.echo_threads.append(t)
+        t.start()
+
+    def _send(self, body: bytes) -> None:
+        parts = urllib.parse.urlsplit(self.webhook_url)
+        try:
+            conn = HTTPConnection(parts.hostname, parts.port, timeout=10)
+            conn.request("POST", parts.path, body, {"Content-Type": "text/plain; charset=utf-8"})
+            conn.getresponse().read()
+            conn.close()
+            self.webhooks_sent += 1
+        except OSError:
+            pass  # the plugin logs and drops it
+
+    def quiet(self) -> bool:
+        return all(not t.is_alive() for t in list(self.echo_threads))
+
+    # HTTP
+    def _authorised(self, h: BaseHTTPRequestHandler, query: dict) -> bool:
+        auth = h.headers.get("Authorization", "")
+        m = re.match(r'^MediaBrowser\s+(.*)$', auth, re.I)
+        if m:
+            params = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if params.get("Token") == self.api_key:  # keys are case-sensitive
+                return True
+        if query.get("ApiKey") == self.api_key:
+            return True
+        legacy_ok = not self.version.startswith("12.")  # 12.0 disables legacy auth by default
+        return legacy_ok and (h.headers.get("X-Emby-Token") == self.api_key or query.get("api_key") == self.api_key)
+
+    def _dispatch(self, h: BaseHTTPRequestHandler) -> None:
+        parts = urllib.parse.urlsplit(h.path)
+        query = {k.lower() if k.lower() != "apikey" else "ApiKey": v
+                 for k, v in urllib.parse.parse_qsl(parts.query)}
+        length = int(h.headers.get("Content-Length") or 0)
+        body = json.loads(h.rfile.read(length)) if length else None
+        path = parts.path
+        if path == "/System/Info/Public" and h.command == "GET":
+            if self.status_override:
+                return self._reply(h, self.status_override, None)
+            return self._reply(h, 200, {"Id": self.server_id, "ServerName": self.name, "Version": self.version,
+                                        "ProductName": "Jellyfin Server"})
+        if self.status_override:
+            return self._reply(h, self.status_override, None)
+        if not self._authorised(h, query):
+            return self._reply(h, 401, None)
+        with self.lock:
+            self.requests.append((h.command, path))
+        try:
+            status, out = self._route(h.command, path, query, body)
+        except KeyError:
+            status, out = (500, None) if self.legacy else (404, None)
+        self._reply(h, status, out)
+
+    def _reply(self, h, status: int, out) -> None:
+        data = b"" if out is None else json.dumps(out).encode()
+        if status >= 400 and not data:
+            data = b'"Error processing request."'
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json; charset=utf-8")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _route(self, method: str, path: str, q: dict, body):
+        seg = [s for s in path.split("/") if s]
+        new = not self.legacy
+        need_user = lambda: q.get("userid") or (_ for _ in ()).throw(ValueError)  # noqa: E731
+        if seg == ["Users"] and method == "GET":
+            return 200, list(self.users.values())
+        if seg == ["Items"] and method == "GET":
+            return 200, self._items(q)
+        # 10.9+ routes with ?userId= (400 without it, as an API key has no user)
+        if new and len(seg) == 2 and seg[0] in ("UserPlayedItems", "UserFavoriteItems"):
+            if not q.get("userid"):
+                return 400, None
+            uid, iid = q["userid"], seg[1]
+            return self._toggle(seg[0], method, uid, iid, q)
+        if new and len(seg) == 3 and seg[0] == "UserItems":
+            if not q.get("userid"):
+                return 400, None
+            uid, iid = q["userid"], seg[1]
+            self.items[iid], self.users[uid]  # noqa: B018 — KeyError → 404
+            if seg[2] == "UserData" and method == "GET":
+                return 200, self._dto(self.ud(uid, iid), iid)
+            if seg[2] == "UserData" and method == "POST":
+                changes = {}
+                for k in ("PlaybackPositionTicks", "PlayCount", "IsFavorite", "Played", "LastPlayedDate"):
+                    if body.get(k) is not None:
+                        changes[k] = body[k]
+                if body.get("Likes") is not None:
+                    changes["Rating"] = 10.0 if body["Likes"] else 1.0
+                if body.get("Rating") is not None:
+                    changes["Rating"] = float(body["Rating"])
+                return 200, self.save(uid, iid, "UpdateUserData", **changes)
+            if seg[2] == "Rating":
+                return self._toggle("Rating", method, uid, iid, q)
+        # legacy /Users/{u}/… routes: the only ones on 10.8, still routed on 10.9 → 12.0
+        if len(seg) >= 4 and seg[0] == "Users":
+            uid = seg[1]
+            self.users[uid]  # noqa: B018
+            if seg[2] in ("PlayedItems", "FavoriteItems") and len(seg) == 4:
+                return self._toggle("User" + seg[2], method, uid, seg[3], q)
+            if seg[2] == "Items" and len(seg) == 4 and method == "GET":
+                item = dict(self.items[seg[3]])
+                item.pop("_saved")
+                item["UserData"] = self._dto(self.ud(uid, seg[3]), seg[3])
+                return 200, item
+            if seg[2] == "Items" and len(seg) == 5 and seg[4] == "Rating":
+                return self._toggle("Rating", method, uid, seg[3], q)
+        del need_user
+        return 404, None
+
+    def _toggle(self, kind: str, method: str, uid: str, iid: str, q: dict):
+        self.items[iid], self.users[uid]  # noqa: B018
+        if kind == "UserPlayedItems":
+            if method == "POST":
+                date = q.get("dateplayed")
+                if date and re.fullmatch(r"\d{14}", date):
+                    date = datetime.strptime(date, "%Y%m%d%H%M%S").replace(tzinfo=UTC).strftime(
+                        "%Y-%m-%dT%H:%M:%S.0000000Z")
+                return 200, self.mark_played(uid, iid, date)
+            return 200, self.mark_unplayed(uid, iid)
+        if kind == "UserFavoriteItems":
+            return 200, self.save(uid, iid, "UpdateUserRating", IsFavorite=method == "POST")
+        if kind == "Rating":
+            likes = q.get("likes")
+            rating = None if method == "DELETE" or likes is None else (10.0 if likes == "true" else 1.0)
+            return 200, self.save(uid, iid, "UpdateUserRating", Rating=rating)
+        return 404, None
+
+    def _items(self, q: dict) -> dict:
+        rows = list(self.items.values())
+        if q.get("ids"):
+            wanted = [i.replace("-", "").lower() for i in q["ids"].split(",")]
+            rows = [self.items[i] for i in wanted if i in self.items]
+        if q.get("includeitemtypes"):
+            types = set(q["includeitemtypes"].split(","))
+            rows = [r for r in rows if r["Type"] in types]
+        if q.get("mindatelastsavedforuser"):
+            since = jds.parse_time(q["mindatelastsavedforuser"])
+            rows = [r for r in rows if r["_saved"] >= since]
+        fields = set((q.get("fields") or "").split(","))
+        start, limit = int(q.get("startindex", 0)), int(q.get("limit", 10**9))
+        out = []
+        for r in rows[start:start + limit]:
+            d = {k: v for k, v in r.items() if not k.startswith("_") and v is not None}
+            if "Path" not in fields:
+                d.pop("Path", None)
+            if "ProviderIds" not in fields:
+                d.pop("ProviderIds", None)
+            out.append(d)
+        return {"Items": out, "TotalRecordCount": len(out), "StartIndex": start}
+
+
+# ── Service harness ──────────────────────────────────────────────────────────
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, **sync) -> Path:
+    import yaml
+
+    cfg = {
+        "servers": [{"name": f.name, "url": f.url, "api_key": f.api_key} for f in fakes],
+        "sync": {"progress_debounce_seconds": 0.3, "worker_interval_seconds": 0.5, "retry_base_seconds": 0.2,
+                 "index_refresh_seconds": 0, "max_retries": 5, **sync},
+        "database": {"path": str(tmp / "sync.db")},
+        "server": {"host": "127.0.0.1", "port": port or 8080},
+        "logging": {"level": "INFO"},
+    }
+    extra_policy = sync.pop("path_sync_policy", None) if False else None  # noqa: F841
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+class Running:
+    """The real service, in-process, served by Waitress on a free port."""
+
+    def __init__(self, config: jds.Config):
+        self.service = jds.Service(config)
+        self.server = self.service.make_server(host="127.0.0.1", port=0)
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="waitress")
+        self.thread.start()
+        self.service.start_workers()
+
+    @property
+    def store(self) -> jds.Store:
+        return self.service.store
+
+    def stop(self) -> None:
+        server = self.server
+
+        def close_all():  # runs inside Waitress' loop thread: the one safe place (deploy-and-web §4.5)
+            for ch in list(server._map.values()):
+                ch.close()
+
+        server.trigger.pull_trigger(close_all)
+        self.thread.join(5)
+        server.task_dispatcher.shutdown()
+        self.service.stop()
+
+    def call(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
+        conn = HTTPConnection("127.0.0.1", self.port, timeout=10)
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(method, path, body, {"Content-Type": "text/plain; charset=utf-8", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        try:
+            parsed = json.loads(data) if data else None
+        except ValueError:
+            parsed = data.decode()
+        return resp.status, parsed
+
+    def idle(self) -> bool:
+        q = self.call("GET", "/api/queue")[1]
+        return q["pending_events"] == 0 and q["processing_events"] == 0
+
+
+LIBRARY = [
+    # name, type, path, provider ids
+    ("Arrival", "Movie", "/media/movies/Arrival (2016)/Arrival.mkv", {"Tmdb": "329865", "Imdb": "tt2543164"}),
+    ("Dune", "Movie", "/media/movies/Dune (2021)/Dune.mkv", {"Tmdb": "438631"}),
+    ("Heat", "Movie", "/media/movies/Heat (1995)/Heat.mkv", {"Imdb": "tt0113277"}),
+]
+
+
+class Cluster:
+    def __init__(self, tmp: Path, versions=("10.10.7", "10.11.8", "12.0.0"), users=("alice", "bob"),
+                 policies=None, start=True, **sync):
+        self.tmp = tmp
+        self.fakes = [FakeJellyfin(n, v) for n, v in zip(("home", "parents", "public"), versions)]
+        for f in self.fakes:
+            for u in users:
+                f.add_user(u.capitalize() if f.name == "public" else u)  # names differ only in case
+            for name, type_, path, prov in LIBRARY:
+                f.add_item(name, type_, path, provider_ids=prov)
+        self.config_path = write_config(tmp, self.fakes, **sync)
+        if policies:
+            import yaml
+
+            data = yaml.safe_load(self.config_path.read_text())
+            data["path_sync_policy"] = policies
+            self.config_path.write_text(yaml.safe_dump(data))
+        self.config = jds.load_config(self.config_path)
+        self.svc: Running | None = None
+        if start:
+            self.start()
+
+    def start(self) -> Running:
+        self.svc = Running(self.config)
+        for f in self.fakes:
+            f.webhook_url = f"{self.svc.url}/webhook/{f.name}"
+        eventually(lambda: all(h["reachable"] for h in self.svc.service.syncer.health.values()), what="servers up")
+        return self.svc
+
+    def __getitem__(self, name: str) -> FakeJellyfin:
+        return next(f for f in self.fakes if f.name == name)
+
+    def settle(self, timeout: float = 15.0) -> None:
+        """Wait until every echo is delivered and the queue is empty, twice in a row."""
+        def calm():
+            return all(f.quiet() for f in self.fakes) and self.svc.idle()
+        eventually(lambda: calm() and (time.sleep(0.15) or calm()), timeout, what="the sync to settle")
+
+    def close(self):
+        if self.svc:
+            self.svc.stop()
+        for f in self.fakes:
+            f.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    clusters = []
+
+    def make(**kw) -> Cluster:
+        c = Cluster(tmp_path / f"c{len(clusters)}", **kw)
+        clusters.append(c)
+        return c
+
+    (tmp_path / "c0").mkdir()
+    for i in range(1, 4):
+        (tmp_path / f"c{i}").mkdir()
+    yield make
+    for c in clusters:
+        c.close()
+
+
+# ── Watch state between servers ──────────────────────────────────────────────
+
+
+def test_watched_on_one_server_appears_on_the_others(cluster):
+    c = cluster()
+    c["home"].user_marks("alice", "Arrival", True)
+    for name in ("parents", "public"):
+        eventually(lambda: c[name].ud("alice", "Arrival")["Played"], what=f"played on {name}")
+    c.settle()
+    assert c["parents"].ud("alice", "Arrival")["PlaybackPositionTicks"] == 0
+    assert c["parents"].ud("alice", "Arrival")["PlayCount"] == 1
+    assert not c["parents"].ud("bob", "Arrival")["Played"], "another user's state must not change"
+    assert not c["home"].ud("alice", "Dune")["Played"]
+
+
+def test_unwatched_favourite_and_likes_follow_each_way(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_marks("alice", "Dune", True)
+    c.settle()
+    public.user_marks("alice", "Dune", False)  # a real change on another server
+    c.settle()
+    assert not home.ud("alice", "Dune")["Played"] and not parents.ud("alice", "Dune")["Played"]
+
+    parents.user_favourites("bob", "Heat", True)
+    c.settle()
+    assert home.ud("bob", "Heat")["IsFavorite"] and public.ud("bob", "Heat")["IsFavorite"]
+    home.user_favourites("bob", "Heat", False)
+    c.settle()
+    assert not parents.ud("bob", "Heat")["IsFavorite"] and not public.ud("bob", "Heat")["IsFavorite"]
+
+    public.user_rates("alice", "Arrival", True)
+    c.settle()
+    assert home.ud("alice", "Arrival")["Rating"] == 10.0 and parents.ud("alice", "Arrival")["Rating"] == 10.0
+    home.user_rates("alice", "Arrival", False)
+    c.settle()
+    assert parents.ud("alice", "Arrival")["Rating"] == 1.0 and public.ud("alice", "Arrival")["Rating"] == 1.0
+    parents.user_rates("alice", "Arrival", None)
+    c.settle()
+    assert home.ud("alice", "Arrival")["Rating"] is None and public.ud("alice", "Arrival")["Rating"] is None
+
+
+def test_resume_position_follows_and_a_burst_becomes_one_write(cluster):
+    c = cluster(progress_debounce_seconds=1.0)
+    home, parents = c["home"], c["parents"]
+    before = parents.writes()
+    positions = [i * 10 * 10**7 for i in range(1, 31)]  # 30 progress reports
+    home.user_plays("alice", "Heat", positions)
+    c.settle()
+    assert parents.ud("alice", "Heat")["PlaybackPositionTicks"] == positions[-1]
+    assert c["public"].ud("alice", "Heat")["PlaybackPositionTicks"] == positions[-1]
+    assert parents.writes() - before == 1, "30 progress reports and a stop must give one write"
+    assert not parents.ud("alice", "Heat")["Played"]
+
+
+def test_finished_playback_marks_played(cluster):
+    c = cluster()
+    c["home"].user_plays("bob", "Dune", [600 * 10**7, 7000 * 10**7], completed=True)
+    c.settle()
+    for name in ("parents", "public"):
+        ud = c[name].ud("bob", "Dune")
+        assert ud["Played"] and ud["PlaybackPositionTicks"] == 0
+
+
+def test_rewatching_does_not_unmark_played(cluster):
+    c = cluster()
+    home, parents = c["home"], c["parents"]
+    home.user_marks("alice", "Arrival", True)
+    c.settle()
+    assert parents.ud("alice", "Arrival")["Played"]
+    # Starting it again: the server itself reports Played=false (PlaybackStart), then progress.
+    home.user_plays("alice", "Arrival", [300 * 10**7, 600 * 10**7])
+    c.settle()
+    assert not home.ud("alice", "Arrival")["Played"], "the fake reproduces Jellyfin's re-watch behaviour"
+    assert parents.ud("alice", "Arrival")["Played"], "a re-watch must not mark it unwatched elsewhere"
+    assert c["public"].ud("alice", "Arrival")["Played"]
+
+
+def test_echoes_die_out_one_write_per_target(cluster):
+    c = cluster()
+    before = {f.name: f.writes() for f in c.fakes}
+    c["home"].user_marks("alice", "Heat", True)
+    c["home"].user_favourites("alice", "Heat", True)
+    c.settle()
+    time.sleep(0.5)
+    c.settle()
+    after = {f.name: f.writes() - before[f.name] for f in c.fakes}
+    # home's own changes were made by the "user", not by us: we write nothing back to it.
+    assert after == {"home": 0, "parents": 2, "public": 2}, after
+    sent = sum(f.webhooks_sent for f in c.fakes)
+    time.sleep(0.5)
+    assert sum(f.webhooks_sent for f in c.fakes) == sent, "no ping-pong: the echoes stopped"
+
+
+def test_an_older_event_arriving_late_never_wins(cluster):
+    c = cluster()
+    home, parents = c["home"], c["parents"]
+    svc = c.svc
+    uid, iid = home.user("alice"), home.item("Dune")
+    parents.mark_played(parents.user("alice"), parents.item("Dune"))  # so "unplayed" is a change there
+    c.settle()
+    assert home.ud(uid, iid)["Played"]
+    time.sleep(1.0)
+    t0 = time.time()  # both events below are newer than that change; they arrive in reverse order
+    newer = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=False), SaveReason="TogglePlayed",
+                         UtcTimestamp=iso(t0))
+    older = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1),
+                         SaveReason="TogglePlayed", UtcTimestamp=iso(t0 - 0.5))
+    assert svc.call("POST", "/webhook/home", newer)[0] == 202
+    assert svc.call("POST", "/webhook/home", older)[0] == 202
+    c.settle()
+    assert not parents.ud("alice", "Dune")["Played"], "the older 'played' must not overwrite the newer 'unplayed'"
+
+
+def test_forty_episodes_marked_played_at_once(cluster):
+    c = cluster()
+    series_ids = {}
+    for f in c.fakes:
+        series_ids[f.name] = f.add_item("Show", "Series", "/media/tv/Show", provider_ids={"Tvdb": "81189"})
+        for e in range(1, 41):
+            f.add_item(f"Episode {e}", "Episode", f"/media/tv/Show/S01E{e:02d}.mkv", runtime=2700 * 10**7,
+                       series_id=series_ids[f.name], season=1, episode=e)
+    home = c["home"]
+    uid = home.user("bob")
+    episodes = [i for i, d in home.items.items() if d["Type"] == "Episode"]
+    with ThreadPoolExecutor(8) as pool:  # the plugin delivers a series' events concurrently
+        list(pool.map(lambda iid: home.mark_played(uid, iid), episodes))
+    c.settle(30)
+    for name in ("parents", "public"):
+        played = [e for e in range(1, 41) if c[name].ud("bob", f"Episode {e}")["Played"]]
+        assert len(played) == 40, f"{name}: {len(played)} of 40"
+
+
+def test_matching_falls_back_to_provider_ids_then_series_and_episode(cluster):
+    c = cluster()
+    home, parents = c["home"], c["parents"]
+    # Different folder layouts: paths do not match; the movie carries an IMDb ID.
+    home.add_item("Alien", "Movie", "/data/films/Alien.mkv", provider_ids={"Imdb": "tt0078748"})
+    parents.add_item("Alien", "Movie", "/mnt/cinema/Alien (1979).mkv", provider_ids={"Imdb": "tt0078748"})
+    # Episodes without IDs of their own; their series share a TVDb ID.
+    hs = home.add_item("Lost", "Series", "/data/tv/Lost", provider_ids={"Tvdb": "73739"})
+    ps = parents.add_item("LOST (2004)", "Series", "/mnt/shows/LOST (2004)", provider_ids={"Tvdb": "73739"})
+    home.add_item("Pilot", "Episode", "/data/tv/Lost/1x01.mkv", series_id=hs, season=1, episode=1)
+    parents.add_item("Pilot (1)", "Episode", "/mnt/shows/LOST (2004)/S01E01.mkv", series_id=ps, season=1, episode=1)
+    parents.add_item("Wrong", "Episode", "/mnt/shows/LOST (2004)/S01E02.mkv", series_id=ps, season=1, episode=2)
+    home.user_marks("alice", "Alien", True)
+    home.user_marks("alice", "Pilot", True)
+    c.settle()
+    assert parents.ud("alice", "Alien")["Played"]
+    assert parents.ud("alice", "Pilot (1)")["Played"]
+    assert not parents.ud("alice", "Wrong")["Played"]
+
+
+def test_an_item_imported_late_waits_then_syncs(cluster):
+    c = cluster(policies=[{"prefix": "/media/new", "absent_retry_count": -1, "retry_delay_seconds": 0.5},
+                          {"prefix": "/media/gone", "absent_retry_count": 0}])
+    home, parents = c["home"], c["parents"]
+    home.add_item("Nope", "Movie", "/media/new/Nope.mkv")
+    home.add_item("Lost Film", "Movie", "/media/gone/Lost.mkv")
+    home.user_marks("alice", "Nope", True)
+    home.user_marks("alice", "Lost Film", True)
+    waiting = eventually(lambda: [j for j in c.svc.call("GET", "/api/events/waiting")[1]
+                                  if j["target_server"] == "parents"], what="a waiting job")
+    assert waiting[0]["item_name"].startswith("Nope") and "not found" in waiting[0]["last_error"]
+    failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the skipped job")
+    assert any(j["item_name"].startswith("Lost Film") and j["status"] == "skipped" for j in failed)
+    parents.add_item("Nope", "Movie", "/media/new/Nope.mkv")  # the library scan finds it
+    eventually(lambda: parents.ud("alice", "Nope")["Played"], what="the late item to sync")
+
+
+def test_versions_use_their_own_routes(cluster):
+    c = cluster(versions=("10.8.13", "10.10.7", "12.0.0"))
+    old, mid, new = c["home"], c["parents"], c["public"]
+    mid.user_marks("alice", "Arrival", True)
+    mid.user_favourites("alice", "Arrival", True)
+    c.settle()
+    assert old.ud("alice", "Arrival")["Played"] and old.ud("alice", "Arrival")["IsFavorite"]
+    assert new.ud("alice", "Arrival")["Played"] and new.ud("alice", "Arrival")["IsFavorite"]
+    old_paths = [p for m, p in old.requests if m != "GET"]
+    assert old_paths and all(p.startswith("/Users/") for p in old_paths), old_paths
+    new_paths = [p for m, p in new.requests if m != "GET"]
+    assert new_paths and not any(p.startswith("/Users/") for p in new_paths), new_paths
+    # A resume position cannot be written to 10.8 with an API key: reported, not dropped silently.
+    mid.user_plays("bob", "Heat", [900 * 10**7])
+    c.settle()
+    assert new.ud("bob", "Heat")["PlaybackPositionTicks"] == 900 * 10**7
+    skipped = c.svc.call("GET", "/api/events/failed")[1]
+    assert any(j["target_server"] == "home" and "10.8" in j["last_error"] for j in skipped)
+    status = c.svc.call("GET", "/api/status")[1]
+    assert any("10.8" in lim for s in status["servers"] if s["name"] == "home" for lim in s["limits"])
+
+
+def test_a_server_that_is_down_gets_the_change_when_it_is_back(cluster):
+    c = cluster()
+    parents = c["parents"]
+    parents.status_override = 503
+    c["home"].user_marks("alice", "Heat", True)
+    eventually(lambda: c["public"].ud("alice", "Heat")["Played"], what="the healthy server is not delayed")
+    pending = eventually(lambda: [j for j in c.svc.call("GET", "/api/events/pending")[1]
+                                  if j["target_server"] == "parents" and j["retry_count"] >= 1], what="retries")
+    assert "503" in pending[0]["last_error"]
+    parents.status_override = None
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="the change after recovery")
+
+
+def test_retries_end_in_failed_and_can_be_retried(cluster):
+    c = cluster(max_retries=1)
+    parents = c["parents"]
+    parents.status_override = 500
+    c["home"].user_favourites("bob", "Dune", True)
+    failed = eventually(lambda: [j for j in c.svc.call("GET", "/api/events/failed")[1]
+                                 if j["status"] == "failed"], what="a failed job")
+    parents.status_override = None
+    status, body = c.svc.call("POST", f"/api/events/{failed[0]['id']}/retry")
+    assert status == 200 and body["success"]
+    eventually(lambda: parents.ud("bob", "Dune")["IsFavorite"], what="the retried job")
+    assert c.svc.call("POST", "/api/events/999999/retry")[0] == 404
+
+
+def test_switched_off_kinds_are_not_synced(cluster):
+    c = cluster(favorites=False)
+    c["home"].user_favourites("alice", "Dune", True)
+    c["home"].user_marks("alice", "Dune", True)
+    c.settle()
+    assert c["parents"].ud("alice", "Dune")["Played"]
+    assert not c["parents"].ud("alice", "Dune")["IsFavorite"]
+
+
+# ── Webhook endpoint ─────────────────────────────────────────────────────────
+
+
+def test_webhook_accepts_every_fixture_and_rejects_garbage(cluster):
+    c = cluster(start=False)
+    c.start()
+    svc = c.svc
+    for path in sorted(FIXTURES.glob("*.json")) + sorted((FIXTURES / "legacy").glob("*.json")):
+        status, body = svc.call("POST", "/webhook/home", path.read_bytes())
+        assert status in (200, 202), (path.name, status, body)
+    rows = svc.store._rows("SELECT count(*) FROM inbox")[0][0]
+    for bad, code in [(b"", 400), (b"{not json", 400), (b"[1,2]", 400), (b'{"Name":"x"}', 400),
+                      (json.dumps({"NotificationType": "UserDataSaved"}).encode(), 400),
+                      (json.dumps(dict(fixture("UserDataSaved-played.json"), ItemId="zz")).encode(), 400),
+                      (json.dumps(dict(fixture("UserDataSaved-played.json"), Played="maybe")).encode(), 400),
+                      (b"\xff\xfe", 400)]:
+        status, body = svc.call("POST", "/webhook/home", bad)
+        assert status == code and "error" in body, (bad, status, body)
+    assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == rows, "invalid input must write nothing"
+    status, body = svc.call("POST", "/webhook/nosuchserver", fixture("UserDataSaved-played.json"))
+    assert status == 404 and "unknown server" in body["error"]
+    status, body = svc.call("POST", "/webhook/home", b"x" * (jds.MAX_BODY_BYTES + 10))
+    assert status == 413
+    assert svc.call("GET", "/webhook/test") == (200, {"status": "ok", "message": "Webhook receiver is running"})
+    status, body = svc.call("POST", "/webhook/home", fixture("AuthenticationSuccess.json"))
+    assert status == 200 and body["status"] == "ignored"
+
+
+def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
+    c = cluster()
+    home, parents = c["home"], c["parents"]
+    uid, iid = home.user("bob"), home.item("Dune")
+    home.data[(uid, iid)] = {"PlaybackPositionTicks": 0, "PlayCount": 1, "IsFavorite": False, "Rating": None,
+                             "LastPlayedDate": iso(), "Played": True}
+    body = home.payload("UserDataSaved", uid, iid, home.ud(uid, iid), SaveReason="TogglePlayed")
+    body["ItemId"] = str(uuid.UUID(iid))
+    body["UserId"] = str(uuid.UUID(uid)).upper()
+    body["Played"] = "True"
+    body["Favorite"] = "False"
+    status, _ = c.svc.call("POST", "/webhook/home", json.dumps(body), {"Content-Type": "application/json"})
+    assert status == 202
+    eventually(lambda: parents.ud("bob", "Dune")["Played"], what="a template-style body to sync")
+
+
+# ── Probes, status and secrets ───────────────────────────────────────────────
+
+
+def test_probes_and_status_never_show_an_api_key(cluster):
+    c = cluster()
+    svc = c.svc
+    c["home"].user_marks("alice", "Arrival", True)
+    c.settle()
+    assert svc.call("GET", "/healthz") == (200, "ok")
+    status, ready = svc.call("GET", "/readyz")
+    assert status == 200 and ready["status"] == "ready"
+    texts = []
+    for path in ("/api/status", "/api/queue", "/api/servers", "/api/events/pending", "/api/events/waiting",
+                 "/api/events/failed", "/api/sync-log"):
+        status, body = svc.call("GET", path)
+        assert status == 200, path
+        texts.append(json.dumps(body))
+    st = svc.call("GET", "/api/status")[1]
+    assert st["version"] == jds.__version__ and {s["name"] for s in st["servers"]} == {"home", "parents", "public"}
+    assert st["sync_stats"]["successful"] >= 2
+    log_entries = svc.call("GET", "/api/sync-log?target=parents")[1]["entries"]
+    assert any(e["result"] == "ok" and e["new"] == "played" for e in log_entries)
+    for f in c.fakes:
+        assert all(f.api_key not in t for t in texts)
+    c["parents"].status_override = 503
+    c.svc.service.syncer.check_server("parents")
+    status, ready = svc.call("GET", "/readyz")
+    assert status == 503 and any("parents" in r for r in ready["reasons"])
+
+
+def test_logs_name_changes_and_never_an_api_key(cluster, caplog):
+    caplog.set_level("DEBUG", logger="jellyfin_db_sync")
+    c = cluster()
+    c["home"].user_marks("alice", "Arrival", True)
+    c.settle()
+    text = caplog.text
+    assert 'parents: alice ✓ played "Arrival' in text
+    for f in c.fakes:
+        assert f.api_key not in text
+
+
+# ── Config ───────────────────────────────────────────────────────────────────
+
+
+def run_cli(*args, env=None, timeout=20):
+    return subprocess.run([sys.executable, str(HERE / "jellyfin_db_sync.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda d: d["servers"][1].pop("api_key"), "servers[1].api_key"),
+    (lambda d: d["servers"][1].update(name=d["servers"][0]["name"]), "servers[1].name"),
+    (lambda d: d["servers"][0].update(url="jellyfin.local:8096"), "servers[0].url"),
+    (lambda d: d["sync"].update(watched=True), "sync.watched"),
+    (lambda d: d.update(extra={}), "extra"),
+    (lambda d: d["sync"].update(max_retries="five"), "sync.max_retries"),
+])
+def test_config_errors_name_the_key_and_exit_2(tmp_path, mutate, key):
+    import yaml
+
+    data = {"servers": [{"name": "a", "url": "http://127.0.0.1:1", "api_key": "k1"},
+                        {"name": "b", "url": "http://127.0.0.1:2", "api_key": "k2"}],
+            "sync": {}, "database": {"path": str(tmp_path / "x.db")}}
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = run_cli("--config", str(path))
+    assert res.returncode == 2
+    assert key in res.stderr and str(path) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_example_config_is_valid_and_documents_every_key():
+    cfg = jds.load_config(HERE / "config.example.yaml")
+    assert len(cfg.servers) >= 2
+    text = (HERE / "config.example.yaml").read_text()
+    for f in jds.dataclasses.fields(jds.SyncConfig):
+        assert f"{f.name}:" in text, f"config.example.yaml does not document sync.{f.name}"
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    res = run_cli("--config", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "file not found" in res.stderr
+
+
+# ── Process life: SIGTERM and SIGKILL ────────────────────────────────────────
+
+
+def start_process(config_path: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(HERE / "jellyfin_db_sync.py"), "--config", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def up():
+        try:
+            conn = HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return proc.poll() is not None
+    eventually(up, 15, 0.05, "the service to start")
+    assert proc.poll() is None, proc.stdout.read()
+    return proc
+
+
+def test_sigterm_stops_cleanly_within_ten_seconds(tmp_path):
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    port = free_port()
+    cfg = write_config(tmp_path, fakes, port=port)
+    proc = start_process(cfg, port)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 10
+    for f in fakes:
+        f.close()
+
+
+def test_a_killed_process_loses_no_acknowledged_event(tmp_path):
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    home, parents = fakes
+    for f in fakes:
+        f.add_user("alice")
+        for i in range(60):
+            f.add_item(f"Film {i}", "Movie", f"/media/movies/Film {i}.mkv")
+    port = free_port()
+    cfg = write_config(tmp_path, fakes, port=port)
+    proc = start_process(cfg, port)
+    uid = home.user("alice")
+    acked = []
+    # Parents is "down" so that acknowledged events are still queued when the process dies.
+    parents.status_override = 503
+
+    def send(iid):
+        body = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1),
+                            SaveReason="TogglePlayed")
+        try:
+            conn = HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", "/webhook/home", json.dumps(body))
+            if conn.getresponse().status == 202:
+                acked.append(iid)
+        except OSError:
+            pass
+
+    items = list(home.items)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(send, iid) for iid in items[:40]]
+        eventually(lambda: len(acked) >= 10, what="some acknowledgements")
+        proc.send_signal(signal.SIGKILL)  # mid-burst
+        for f in futures:
+            f.result()
+    proc.wait(5)
+    assert acked, "nothing was acknowledged before the kill"
+    parents.status_override = None
+    proc = start_process(cfg, port)
+    try:
+        names = [home.items[i]["Name"] for i in acked]
+        eventually(lambda: all(parents.ud("alice", n)["Played"] for n in names), 30,
+                   what=f"all {len(names)} acknowledged events applied after restart")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        for f in fakes:
+            f.close()
+
+
+# ── Benchmark ────────────────────────────────────────────────────────────────
+
+
+def benchmark() -> None:  # pragma: no cover - a command, not a test
+    """Print the figures the README promises; asserts nothing about time."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="jds-bench-"))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    home, parents = fakes
+    for f in fakes:
+        f.add_user("alice")
+        for i in range(20_000):
+            f.add_item(f"Film {i}", "Movie", f"/media/movies/Film {i}/film.mkv", provider_ids={"Tmdb": str(i)})
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, progress_debounce_seconds=0.0, index_refresh_seconds=60)
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text())
+    data["logging"]["level"] = "WARNING"
+    cfg.write_text(yaml.safe_dump(data))
+    proc = start_process(cfg, port)
+    try:
+        uid = home.user("alice")
+        items = list(home.items)
+        # Warm up: build both item indexes.
+        warm = home.payload("UserDataSaved", uid, items[0], dict(home.ud(uid, items[0]), Played=True, PlayCount=1),
+                            SaveReason="TogglePlayed")
+        home.webhook_url = f"http://127.0.0.1:{port}/webhook/home"
+        parents.webhook_url = f"http://127.0.0.1:{port}/webhook/parents"
+        _post(port, "/webhook/home", warm)
+        eventually(lambda: parents.ud("alice", "Film 0")["Played"], 120, what="index build")
+        time.sleep(1)
+
+        # 1. latency: webhook → target write, for single played changes
+        lat = []
+        for i in range(1, 41):
+            iid = items[i]
+            body = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1),
+                                SaveReason="TogglePlayed")
+            t0 = time.perf_counter()
+            _post(port, "/webhook/home", body)
+            eventually(lambda n=f"Film {i}": parents.ud("alice", n)["Played"], 10, 0.001)
+            lat.append(time.perf_counter() - t0)
+        time.sleep(0.5)
+
+        # 2. REST requests per synced change per target, warm caches
+        before = len(parents.requests)
+        n = 50
+        for i in range(100, 100 + n):
+            iid = items[i]
+            _post(port, "/webhook/home", home.payload("UserDataSaved", uid, iid,
+                  dict(home.ud(uid, iid), IsFavorite=True), SaveReason="UpdateUserRating", Favorite=True))
+        eventually(lambda: all(parents.ud("alice", f"Film {i}")["IsFavorite"] for i in range(100, 100 + n)), 60)
+        time.sleep(0.5)
+        per_change = (len(parents.requests) - before) / n
+
+        # 3. requests to resolve a miss on a 20,000-item library (a new item on both servers)
+        for f in fakes:
+            f.add_item("Brand New", "Movie", "/media/movies/Brand New/film.mkv")
+        time.sleep(0.1)
+        before_h, before_p = len(home.requests), len(parents.requests)
+        iid = home.item("Brand New")
+        _post(port, "/webhook/home", home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True,
+                                                                                    PlayCount=1),
+                                                   SaveReason="TogglePlayed"))
+        eventually(lambda: parents.ud("alice", "Brand New")["Played"], 30)
+        time.sleep(0.3)
+        miss_reqs = (len(home.requests) - before_h) + (len(parents.requests) - before_p)
+        miss_reqs -= 2  # the GET of the target's current state and the write itself are not lookup
+
+        # 4. durable ingest rate, 8 concurrent senders, keep-alive connections
+        home.webhook_url = parents.webhook_url = None  # no echoes during the flood
+        body = json.dumps(home.payload("PlaybackProgress", uid, items[500], home.ud(uid, items[500]),
+                                       PlaybackPositionTicks=10**9)).encode()
+        per_sender = 1000
+
+        def sender(_):
+            conn = HTTPConnection("127.0.0.1", port, timeout=10)
+            ok = 0
+            for _i in range(per_sender):
+                conn.request("POST", "/webhook/home", body, {"Content-Type": "text/plain; charset=utf-8"})
+                r = conn.getresponse()
+                r.read()
+                ok += r.status == 202
+            return ok
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            accepted = sum(pool.map(sender, range(8)))
+        rate = accepted / (time.perf_counter() - t0)
+        status = (Path(f"/proc/{proc.pid}/status").read_text())
+        rss_kb = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        for f in fakes:
+            f.close()
+    lat.sort()
+    print(f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,500/s)")
+    print(f"webhook → target write, median:  {lat[len(lat) // 2] * 1000:.1f} ms  "
+          f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 100 ms)")
+    print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
+    print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
+    print(f"peak RSS of the service:         {rss_kb / 1024:.1f} MB  (target ≤ 40 MB)")
+
+
+def _post(port: int, path: str, body: dict) -> int:
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "text/plain; charset=utf-8"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+if __name__ == "__main__":
+    if "--benchmark" in sys.argv:
+        benchmark()
+    else:
+        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
