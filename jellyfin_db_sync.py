@@ -399,6 +399,12 @@ CREATE TABLE IF NOT EXISTS state (
     server TEXT NOT NULL, user_key TEXT NOT NULL, item_id TEXT NOT NULL, field TEXT NOT NULL,
     value TEXT NOT NULL, observed_at REAL NOT NULL,
     PRIMARY KEY (server, user_key, item_id, field)) WITHOUT ROWID;
+-- The full state we expect a server to report after each of our writes: its echo. Echoes of
+-- two quick writes can arrive after both were made, so one "last value" is not enough.
+CREATE TABLE IF NOT EXISTS expected_echo (
+    id INTEGER PRIMARY KEY, server TEXT NOT NULL, user_key TEXT NOT NULL, item_id TEXT NOT NULL,
+    snapshot TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS expected_echo_key ON expected_echo (server, user_key, item_id);
 CREATE TABLE IF NOT EXISTS items (
     server TEXT NOT NULL, item_id TEXT NOT NULL, type TEXT NOT NULL, name TEXT NOT NULL,
     path_key TEXT, imdb TEXT, tmdb TEXT, tvdb TEXT, series_id TEXT, season INTEGER,
@@ -493,6 +499,8 @@ class Store:
             # acknowledged event survives a power cut, not only a crash (NORMAL would not).
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 30000")
+            # A small page cache per connection: there is one per thread, and a NAS has little RAM.
+            conn.execute("PRAGMA cache_size = -512")
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
             with self._conns_lock:
@@ -551,6 +559,9 @@ class Store:
         queued = dropped = 0
         now = utcnow()
         with self._tx() as c:
+            if observations and self._is_echo(c, observations):
+                dropped = len(observations)
+                observations = []
             for ob in observations:
                 row = c.execute(
                     "SELECT value, observed_at FROM state WHERE server=? AND user_key=? "
@@ -572,6 +583,34 @@ class Store:
                     queued += 1
             c.execute("UPDATE inbox SET planned = 1 WHERE id = ?", (event_id,))
         return queued, dropped
+
+    @staticmethod
+    def _is_echo(c: sqlite3.Connection, observations: list[dict]) -> bool:
+        """True if these observations are exactly a state one of our writes should produce;
+        that expectation is then used up (each write has one echo)."""
+        ob = observations[0]
+        rows = c.execute(
+            "SELECT id, snapshot FROM expected_echo WHERE server=? AND user_key=? AND item_id=? ORDER BY id",
+            (ob["server"], ob["user_key"], ob["item_id"]),
+        ).fetchall()
+        for row in rows:
+            snap = json.loads(row[1])
+            if all(o["field"] in snap and snap[o["field"]] == o["value"] for o in observations):
+                c.execute("DELETE FROM expected_echo WHERE id=?", (row[0],))
+                return True
+        return False
+
+    def expect_echo(self, server: str, user_key: str, item_id: str, snapshot: dict) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO expected_echo (server, user_key, item_id, snapshot, created_at) VALUES (?, ?, ?, ?, ?)",
+                (server, user_key, item_id, json.dumps(snapshot), utcnow()),
+            )
+
+    def prune(self, older_than: float) -> int:
+        """Forget echo expectations that never came back (the plugin may not send every type)."""
+        with self._tx() as c:
+            return c.execute("DELETE FROM expected_echo WHERE created_at < ?", (older_than,)).rowcount
 
     @staticmethod
     def _upsert_job(c: sqlite3.Connection, target: str, ob: dict, value_json: str, now: float) -> None:
@@ -599,21 +638,31 @@ class Store:
             )
 
     # jobs
-    def claim_job(self, target: str, now: float) -> Job | None:
+    def claim_jobs(self, target: str, now: float) -> list[Job]:
+        """Claim the next due job and every due job for the same user and item with it, so one
+        read of the target's state serves them all (favourite + like from one click, say)."""
         with self._tx() as c:
-            row = c.execute(
+            first = c.execute(
                 "SELECT * FROM jobs WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
                 "ORDER BY due_at, id LIMIT 1",
                 (target, now),
             ).fetchone()
-            if row is None:
-                return None
-            c.execute("UPDATE jobs SET status='running', updated_at=? WHERE id=?", (now, row["id"]))
-        return Job(
-            row["id"], row["target"], row["source"], row["user_key"], row["username"],
-            row["source_item_id"], row["item_name"], row["field"], json.loads(row["value"]),
-            row["observed_at"], json.loads(row["extra"]), row["attempts"], row["absent_count"],
-        )
+            if first is None:
+                return []
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
+                "AND status IN ('pending', 'waiting') AND due_at<=? ORDER BY id",
+                (target, first["user_key"], first["source"], first["source_item_id"], now),
+            ).fetchall()
+            c.executemany("UPDATE jobs SET status='running', updated_at=? WHERE id=?", [(now, r["id"]) for r in rows])
+        jobs = [
+            Job(r["id"], r["target"], r["source"], r["user_key"], r["username"], r["source_item_id"],
+                r["item_name"], r["field"], json.loads(r["value"]), r["observed_at"], json.loads(r["extra"]),
+                r["attempts"], r["absent_count"])
+            for r in rows
+        ]
+        # Played first: marking played resets the position, which a position job may then set.
+        return sorted(jobs, key=lambda j: FIELDS.index(j.field))
 
     def next_due(self, target: str) -> float | None:
         row = self._rows(
@@ -1387,25 +1436,46 @@ class Syncer:
 
     # applying
     def apply_next(self, target: str) -> bool:
-        """Claim and apply one due job for ``target``. Returns False when none was due."""
-        job = self.store.claim_job(target, utcnow())
-        if job is None:
+        """Claim and apply the next due jobs for ``target``. Returns False when none was due."""
+        jobs = self.store.claim_jobs(target, utcnow())
+        if not jobs:
             return False
+        first = jobs[0]
         try:
-            result = self._apply(job)
-        except JellyfinError as e:
-            self._retry_or_fail(job, str(e), e.retryable)
+            user_id = self.library.user_id(target, first.user_key)
+            if user_id is None:
+                raise SyncError(f"no user named {first.username!r} on {target}")
+            src_item = self.library.source_item(first.source, first.source_item_id)
+            if src_item is None:
+                raise SyncError(f"item {first.source_item_id} no longer exists on {first.source}")
+            item = self.library.match(src_item, target)
+        except Exception as e:
+            for job in jobs:
+                self._failed(job, e)
             return True
-        except SyncError as e:
-            self.store.finish_job(job, "skipped", str(e), {"result": "skipped", "detail": str(e)})
-            log.warning("%s: %s %s skipped: %s", target, job.username, job.item_name, e)
+        if item is None:
+            for job in jobs:
+                self._absent(job, src_item)
             return True
-        except Exception as e:  # a bug: keep the job, show it, keep the worker alive
-            log.exception("%s: job %d crashed", target, job.id)
-            self._retry_or_fail(job, f"internal error: {type(e).__name__}: {e}", True)
-            return True
-        self.count(f"sync|{target}|{result}")
+        current: dict = {}  # the target's UserItemDataDto, read once for the whole group
+        for job in jobs:
+            try:
+                result = self._apply(job, user_id, item, current)
+            except Exception as e:
+                self._failed(job, e)
+                continue
+            self.count(f"sync|{target}|{result}")
         return True
+
+    def _failed(self, job: Job, e: Exception) -> None:
+        if isinstance(e, JellyfinError):
+            self._retry_or_fail(job, str(e), e.retryable)
+        elif isinstance(e, SyncError):
+            self.store.finish_job(job, "skipped", str(e), {"result": "skipped", "detail": str(e)})
+            log.warning("%s: %s %s skipped: %s", job.target, job.username, job.item_name, e)
+        else:  # a bug: keep the job, show it, keep the worker alive
+            log.error("%s: job %d crashed", job.target, job.id, exc_info=e)
+            self._retry_or_fail(job, f"internal error: {type(e).__name__}: {e}", True)
 
     def _retry_or_fail(self, job: Job, error: str, retryable: bool) -> None:
         attempts = job.attempts + 1
@@ -1418,26 +1488,18 @@ class Syncer:
             log.warning("%s: %s %s failed: %s", job.target, job.username, job.item_name, error)
             self.count(f"sync|{job.target}|failed")
 
-    def _apply(self, job: Job) -> str:
+    def _apply(self, job: Job, user_id: str, item: ItemInfo, current: dict) -> str:
         target, src = job.target, job.source
         client = self.clients[target]
         version = client.ensure_version()
         if job.field == "position" and version.legacy:
             raise SyncError("Jellyfin 10.8 cannot set a resume position with an API key")
-        user_id = self.library.user_id(target, job.user_key)
-        if user_id is None:
-            raise SyncError(f"no user named {job.username!r} on {target}")
-        src_item = self.library.source_item(src, job.source_item_id)
-        if src_item is None:
-            raise SyncError(f"item {job.source_item_id} no longer exists on {src}")
-        item = self.library.match(src_item, target)
-        if item is None:
-            return self._absent(job, src_item)
         known = self.store.get_state(target, job.user_key, item.item_id)
         if job.field in known and known[job.field][1] > job.observed_at:
             self.store.finish_job(job, "done", None, {"result": "stale", "detail": "a newer change is already there"})
             return "stale"
-        current = client.user_data(user_id, item.item_id)
+        if not current:
+            current.update(client.user_data(user_id, item.item_id))
         have = read_fields(current)
         want = job.value
         if job.field == "position":
@@ -1456,8 +1518,11 @@ class Syncer:
             expected["position"] = 0  # marking played or unplayed resets the position
         observed = {job.field: job.observed_at}
         self.store.remember_state(target, job.user_key, item.item_id, expected, observed)
+        self.store.expect_echo(target, job.user_key, item.item_id, expected)
         written = self._write(client, user_id, item.item_id, job, want, current, version)
+        current.clear()
         if written:
+            current.update(written)  # the write answers with the new state: no re-read needed
             self.store.remember_state(target, job.user_key, item.item_id, read_fields(written), observed)
         self.store.finish_job(job, "done", None, {
             "result": "ok", "old": describe(job.field, have[job.field]), "new": describe(job.field, want),
@@ -1557,7 +1622,11 @@ class Syncer:
 
     def _planner_loop(self) -> None:
         interval = self.config.sync.worker_interval_seconds or 5.0
+        next_prune = 0.0
         while not self.stop_event.is_set():
+            if time.monotonic() >= next_prune:
+                self.store.prune(utcnow() - 3600)
+                next_prune = time.monotonic() + 600
             try:
                 if self.plan_pending():
                     continue
