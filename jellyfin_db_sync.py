@@ -58,6 +58,13 @@ ID_KEYS = ("ItemId", "UserId", "ServerId", "SeriesId", "SeasonId")
 BOOL_KEYS = ("Played", "Favorite", "Likes", "IsPaused", "IsAutomated", "PlayedToCompletion")
 INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber")
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
+KEEP_KEYS = frozenset((
+    "NotificationType", "ServerId", "ServerName", "ServerVersion", "UtcTimestamp", "Name", "ItemId",
+    "ItemType", "RunTimeTicks", "Year", "SeriesName", "SeriesId", "SeasonId", "SeasonNumber",
+    "EpisodeNumber", "UserId", "NotificationUsername", "PlaybackPositionTicks", "IsPaused",
+    "IsAutomated", "PlayedToCompletion", "Played", "Favorite", "Likes", "Rating", "PlayCount",
+    "LastPlayedDate", "SaveReason", "DeviceName", "ClientName", "LastLoginDate",
+))
 
 
 class SyncError(Exception):
@@ -89,21 +96,23 @@ def utcnow() -> float:
     return time.time()
 
 
+_ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$")
+
+
 def parse_time(value: Any) -> float | None:
     """Parse Jellyfin's ISO dates (7 fractional digits, ``Z`` or an offset) to epoch seconds."""
     if not isinstance(value, str) or not value:
         return None
-    m = re.match(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$", value)
+    m = _ISO.match(value)
     if not m:
         return None
-    try:
-        base = datetime.strptime(f"{m.group(1)}T{m.group(2)}", "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
+    y, mo, d, h, mi, s = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    if not (1 <= mo <= 12 and 1 <= d <= 31 and h < 24 and mi < 60 and s < 61):
         return None
-    seconds = float(calendar.timegm(base.timetuple()))
-    if m.group(3):
-        seconds += float("0" + m.group(3)[:10])
-    tz = m.group(4)
+    seconds = float(calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)))
+    if m.group(7):
+        seconds += float("0" + m.group(7)[:10])
+    tz = m.group(8)
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
         hh, mm = int(tz[1:3]), int(tz[-2:])
@@ -476,6 +485,9 @@ class Store:
         self._write_lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self._ingest_cond = threading.Condition()  # guards _ingest_queue and _ingest_leader
+        self._ingest_queue: list[list[Any]] = []
+        self._ingest_leader = False
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
@@ -533,12 +545,41 @@ class Store:
 
     # inbox
     def add_event(self, server: str, event: str, body: str) -> int:
-        with self._tx() as c:
-            cur = c.execute(
-                "INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)",
-                (server, event, utcnow(), body),
-            )
-            return cur.lastrowid
+        """Commit one webhook durably and return its id.
+
+        Group commit: webhooks that arrive while a commit is in flight wait for the next one and
+        share it, so N concurrent senders cost one fsync, not N. Nobody returns before the
+        transaction holding their row is committed.
+        """
+        entry: list[Any] = [server, event, utcnow(), body, None, None]  # …, id, error
+        with self._ingest_cond:
+            self._ingest_queue.append(entry)
+            while entry[4] is None and entry[5] is None:
+                if not self._ingest_leader:
+                    self._ingest_leader = True
+                    batch, self._ingest_queue = self._ingest_queue, []
+                    break
+                self._ingest_cond.wait()
+            else:
+                if entry[5] is not None:
+                    raise entry[5]
+                return entry[4]
+        try:
+            with self._tx() as c:
+                for e in batch:
+                    e[4] = c.execute(
+                        "INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", e[:4]
+                    ).lastrowid
+        except Exception as exc:
+            for e in batch:
+                e[4], e[5] = None, exc
+        finally:
+            with self._ingest_cond:
+                self._ingest_leader = False
+                self._ingest_cond.notify_all()
+        if entry[5] is not None:
+            raise entry[5]
+        return entry[4]
 
     def unplanned_events(self, limit: int = 200) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,))
@@ -551,38 +592,42 @@ class Store:
         return {r[0]: r[1] for r in rows}
 
     # planning: one transaction per inbox event
-    def plan_event(self, event_id: int, observations: list[dict], targets: list[str]) -> tuple[int, int]:
-        """Record a source server's observations and queue a job per target for each change.
+    def plan_events(self, planned: list[tuple[int, list[dict], list[str]]]) -> tuple[list[str], int]:
+        """Record source servers' observations and queue a job per target for each change, for a
+        batch of inbox rows in one transaction (one fsync for the lot).
 
-        Returns (jobs queued, observations dropped as echo/no-op/stale).
+        ``planned`` holds (inbox id, observations, targets). Returns (targets that got jobs,
+        observations dropped as echo, no-op or stale).
         """
-        queued = dropped = 0
+        woken: set[str] = set()
+        dropped = 0
         now = utcnow()
         with self._tx() as c:
-            if observations and self._is_echo(c, observations):
-                dropped = len(observations)
-                observations = []
-            for ob in observations:
-                row = c.execute(
-                    "SELECT value, observed_at FROM state WHERE server=? AND user_key=? "
-                    "AND item_id=? AND field=?",
-                    (ob["server"], ob["user_key"], ob["item_id"], ob["field"]),
-                ).fetchone()
-                value_json = json.dumps(ob["value"])
-                if row is not None and (row[0] == value_json or row[1] > ob["observed_at"]):
-                    # Same as what we last wrote/read there (an echo, or nothing new), or an
-                    # older observation arriving late: never overwrite newer with older.
-                    dropped += 1
-                    continue
-                c.execute(
-                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
-                    (ob["server"], ob["user_key"], ob["item_id"], ob["field"], value_json, ob["observed_at"]),
-                )
-                for target in targets:
-                    self._upsert_job(c, target, ob, value_json, now)
-                    queued += 1
-            c.execute("UPDATE inbox SET planned = 1 WHERE id = ?", (event_id,))
-        return queued, dropped
+            for event_id, observations, targets in planned:
+                if observations and self._is_echo(c, observations):
+                    dropped += len(observations)
+                    observations = []
+                for ob in observations:
+                    row = c.execute(
+                        "SELECT value, observed_at FROM state WHERE server=? AND user_key=? "
+                        "AND item_id=? AND field=?",
+                        (ob["server"], ob["user_key"], ob["item_id"], ob["field"]),
+                    ).fetchone()
+                    value_json = json.dumps(ob["value"])
+                    if row is not None and (row[0] == value_json or row[1] > ob["observed_at"]):
+                        # Same as what we last wrote/read there (an echo, or nothing new), or an
+                        # older observation arriving late: never overwrite newer with older.
+                        dropped += 1
+                        continue
+                    c.execute(
+                        "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+                        (ob["server"], ob["user_key"], ob["item_id"], ob["field"], value_json, ob["observed_at"]),
+                    )
+                    for target in targets:
+                        self._upsert_job(c, target, ob, value_json, now)
+                        woken.add(target)
+                c.execute("UPDATE inbox SET planned = 1 WHERE id = ?", (event_id,))
+        return sorted(woken), dropped
 
     @staticmethod
     def _is_echo(c: sqlite3.Connection, observations: list[dict]) -> bool:
@@ -1215,16 +1260,21 @@ def parse_webhook(body: bytes) -> dict:
         raise WebhookError("body is not valid JSON") from None
     if not isinstance(data, dict):
         raise WebhookError("body must be a JSON object")
-    if _depth(data) > MAX_JSON_DEPTH:
+    # Cheap pre-checks keep the common case fast: a flat body has one "{" (strings may hold
+    # more, then the exact walk decides), and no string can be longer than the whole body.
+    if (text.count("{") > 1 or "[" in text) and _depth(data) > MAX_JSON_DEPTH:
         raise WebhookError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if len(text) > MAX_STRING_CHARS:
+        for k, v in data.items():
+            if isinstance(v, str) and len(v) > MAX_STRING_CHARS:
+                raise WebhookError(f"{k}: string longer than {MAX_STRING_CHARS} characters")
     ntype = data.get("NotificationType")
     if not isinstance(ntype, str) or not ntype:
         raise WebhookError("missing NotificationType: is this the Jellyfin Webhook plugin?")
-    for k, v in data.items():
-        if isinstance(v, str) and len(v) > MAX_STRING_CHARS:
-            raise WebhookError(f"{k}: string longer than {MAX_STRING_CHARS} characters")
     if ntype not in ACTED_ON:
         return data
+    # Keep what the sync uses; stream details, overviews and the like are dropped before storing.
+    data = {k: v for k, v in data.items() if k in KEEP_KEYS or k.startswith("Provider_")}
     for k in ID_KEYS:
         if k in data and data[k] is not None:
             if not isinstance(data[k], str):
@@ -1377,15 +1427,22 @@ class Syncer:
     def plan_pending(self) -> int:
         """Turn unplanned inbox rows into jobs. Returns how many rows were planned."""
         rows = self.store.unplanned_events()
+        if not rows:
+            return 0
+        planned = []
         woken: set[str] = set()
         for row in rows:
-            targets = self._plan_one(row)
-            woken.update(targets)
-        for t in woken:
+            obs, targets, woke = self._plan_one(row)
+            planned.append((row["id"], obs, targets))
+            woken.update(woke)
+        jobs_for, dropped = self.store.plan_events(planned)
+        self.count("observations_dropped", dropped)
+        for t in woken.union(jobs_for):
             self.wake_target(t)
         return len(rows)
 
-    def _plan_one(self, row: sqlite3.Row) -> list[str]:
+    def _plan_one(self, row: sqlite3.Row) -> tuple[list[dict], list[str], list[str]]:
+        """(observations, their targets, targets to wake for other reasons) for one inbox row."""
         server = row["server"]
         ev = json.loads(row["body"])
         ntype = ev["NotificationType"]
@@ -1395,12 +1452,10 @@ class Syncer:
                 self.store.delete_item(server, ev["ItemId"])
             self.library.mark_stale(server)
             woke = self.store.wake_waiting(server) if ntype == "ItemAdded" else 0
-            self.store.plan_event(row["id"], [], [])
-            return [server] if woke else []
+            return [], [], [server] if woke else []
         if ntype in USER_EVENTS:
             self.library.forget_users(server)
-            self.store.plan_event(row["id"], [], [])
-            return []
+            return [], [], []
         fields = observations_from_event(ev)
         observed = parse_time(ev.get("UtcTimestamp")) or row["received_at"]
         username = ev["NotificationUsername"]
@@ -1425,9 +1480,7 @@ class Syncer:
                 "item_name": item_name, "field": fld, "value": value, "observed_at": observed,
                 "extra": extra, "delay": delay,
             })
-        queued, dropped = self.store.plan_event(row["id"], obs, others)
-        self.count("observations_dropped", dropped)
-        return others if queued else []
+        return obs, others, []
 
     def wake_target(self, target: str) -> None:
         cond = self._target_wake[target]
