@@ -470,6 +470,18 @@ class ItemInfo:
     runtime: int | None
 
 
+class _Pending:
+    """A webhook row waiting for the ingest thread's next commit."""
+
+    __slots__ = ("row", "done", "id", "error")
+
+    def __init__(self, row: tuple):
+        self.row = row
+        self.done = threading.Event()
+        self.id = 0
+        self.error: Exception | None = None
+
+
 class Store:
     """The SQLite file: schema, and every SQL statement the program runs.
 
@@ -485,9 +497,9 @@ class Store:
         self._write_lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
-        self._ingest_cond = threading.Condition()  # guards _ingest_queue and _ingest_leader
-        self._ingest_queue: list[list[Any]] = []
-        self._ingest_leader = False
+        self._ingest_cond = threading.Condition()  # guards _ingest_queue and _ingest_thread
+        self._ingest_queue: list[_Pending] = []
+        self._ingest_thread: threading.Thread | None = None
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
@@ -545,41 +557,41 @@ class Store:
 
     # inbox
     def add_event(self, server: str, event: str, body: str) -> int:
-        """Commit one webhook durably and return its id.
+        """Commit one webhook durably and return its id; raises sqlite3.Error if it cannot be.
 
-        Group commit: webhooks that arrive while a commit is in flight wait for the next one and
-        share it, so N concurrent senders cost one fsync, not N. Nobody returns before the
-        transaction holding their row is committed.
+        Group commit: request threads hand their row to one writer thread and wait; the writer
+        commits everything that queued up during the previous commit in one transaction, so N
+        concurrent senders cost one fsync, not N. Nobody returns before their row is committed.
         """
-        entry: list[Any] = [server, event, utcnow(), body, None, None]  # …, id, error
+        entry = _Pending((server, event, utcnow(), body))
         with self._ingest_cond:
+            if self._ingest_thread is None:
+                self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+                self._ingest_thread.start()
             self._ingest_queue.append(entry)
-            while entry[4] is None and entry[5] is None:
-                if not self._ingest_leader:
-                    self._ingest_leader = True
-                    batch, self._ingest_queue = self._ingest_queue, []
-                    break
-                self._ingest_cond.wait()
-            else:
-                if entry[5] is not None:
-                    raise entry[5]
-                return entry[4]
-        try:
-            with self._tx() as c:
-                for e in batch:
-                    e[4] = c.execute(
-                        "INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", e[:4]
-                    ).lastrowid
-        except Exception as exc:
-            for e in batch:
-                e[4], e[5] = None, exc
-        finally:
+            self._ingest_cond.notify()
+        entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+        return entry.id
+
+    def _ingest_loop(self) -> None:
+        while True:
             with self._ingest_cond:
-                self._ingest_leader = False
-                self._ingest_cond.notify_all()
-        if entry[5] is not None:
-            raise entry[5]
-        return entry[4]
+                while not self._ingest_queue:
+                    self._ingest_cond.wait()
+                batch, self._ingest_queue = self._ingest_queue, []
+            try:
+                with self._tx() as c:
+                    for e in batch:
+                        e.id = c.execute(
+                            "INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", e.row
+                        ).lastrowid
+            except Exception as exc:  # disk full, locked, I/O error: every sender gets a 503
+                for e in batch:
+                    e.id, e.error = 0, exc
+            for e in batch:
+                e.done.set()
 
     def unplanned_events(self, limit: int = 200) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,))
@@ -1970,6 +1982,7 @@ class Service:
 
     def make_server(self, host: str | None = None, port: int | None = None):
         import waitress
+
 
         self.server = waitress.create_server(
             self.app, host=host or self.config.host, port=self.config.port if port is None else port,
