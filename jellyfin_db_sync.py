@@ -18,7 +18,6 @@ import hmac
 import http.client
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -27,11 +26,12 @@ import sys
 import threading
 import time
 import urllib.parse
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 __version__ = "1.0.0"
 
@@ -58,13 +58,41 @@ ID_KEYS = ("ItemId", "UserId", "ServerId", "SeriesId", "SeasonId")
 BOOL_KEYS = ("Played", "Favorite", "Likes", "IsPaused", "IsAutomated", "PlayedToCompletion")
 INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber")
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
-KEEP_KEYS = frozenset((
-    "NotificationType", "ServerId", "ServerName", "ServerVersion", "UtcTimestamp", "Name", "ItemId",
-    "ItemType", "RunTimeTicks", "Year", "SeriesName", "SeriesId", "SeasonId", "SeasonNumber",
-    "EpisodeNumber", "UserId", "NotificationUsername", "PlaybackPositionTicks", "IsPaused",
-    "IsAutomated", "PlayedToCompletion", "Played", "Favorite", "Likes", "Rating", "PlayCount",
-    "LastPlayedDate", "SaveReason", "DeviceName", "ClientName", "LastLoginDate",
-))
+KEEP_KEYS = frozenset(
+    (
+        "NotificationType",
+        "ServerId",
+        "ServerName",
+        "ServerVersion",
+        "UtcTimestamp",
+        "Name",
+        "ItemId",
+        "ItemType",
+        "RunTimeTicks",
+        "Year",
+        "SeriesName",
+        "SeriesId",
+        "SeasonId",
+        "SeasonNumber",
+        "EpisodeNumber",
+        "UserId",
+        "NotificationUsername",
+        "PlaybackPositionTicks",
+        "IsPaused",
+        "IsAutomated",
+        "PlayedToCompletion",
+        "Played",
+        "Favorite",
+        "Likes",
+        "Rating",
+        "PlayCount",
+        "LastPlayedDate",
+        "SaveReason",
+        "DeviceName",
+        "ClientName",
+        "LastLoginDate",
+    )
+)
 
 
 class SyncError(Exception):
@@ -217,9 +245,7 @@ DEFAULT_POLICY = PathPolicy(prefix="", absent_retry_count=0)
 
 _SCHEMA: dict[str, Any] = {
     "servers": list,
-    "sync": {
-        f.name: f.type for f in dataclasses.fields(SyncConfig)
-    },
+    "sync": {f.name: f.type for f in dataclasses.fields(SyncConfig)},
     "path_sync_policy": list,
     "database": {"path": "str", "journal_mode": "str"},
     "server": {"host": "str", "port": "int", "webhook_token": "str"},
@@ -312,9 +338,7 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         pmap = raw.get("path_map") or {}
         if not isinstance(pmap, dict):
             raise err(f"{at}.path_map", "expected a mapping of 'server prefix: shared prefix'")
-        path_map = tuple(
-            (normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items()
-        )
+        path_map = tuple((normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items())
         servers.append(ServerConfig(name, url, api_key, passwordless, path_map))
     kwargs["servers"] = tuple(servers)
 
@@ -549,10 +573,8 @@ class Store:
     def close(self) -> None:
         with self._conns_lock:
             for c in self._conns:
-                try:
+                with suppress(sqlite3.Error):
                     c.close()
-                except sqlite3.Error:
-                    pass
             self._conns.clear()
 
     # inbox
@@ -621,8 +643,7 @@ class Store:
                     observations = []
                 for ob in observations:
                     row = c.execute(
-                        "SELECT value, observed_at FROM state WHERE server=? AND user_key=? "
-                        "AND item_id=? AND field=?",
+                        "SELECT value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
                         (ob["server"], ob["user_key"], ob["item_id"], ob["field"]),
                     ).fetchone()
                     value_json = json.dumps(ob["value"])
@@ -683,8 +704,21 @@ class Store:
                 "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
                 " field, value, observed_at, extra, status, due_at, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (target, ob["server"], ob["user_key"], ob["username"], ob["item_id"], ob["item_name"],
-                 ob["field"], value_json, ob["observed_at"], extra, now + ob["delay"], now, now),
+                (
+                    target,
+                    ob["server"],
+                    ob["user_key"],
+                    ob["username"],
+                    ob["item_id"],
+                    ob["item_name"],
+                    ob["field"],
+                    value_json,
+                    ob["observed_at"],
+                    extra,
+                    now + ob["delay"],
+                    now,
+                    now,
+                ),
             )
         elif ob["observed_at"] >= row[1]:
             # Coalesce: the newer desired state replaces the older; the due time is kept so a
@@ -713,9 +747,21 @@ class Store:
             ).fetchall()
             c.executemany("UPDATE jobs SET status='running', updated_at=? WHERE id=?", [(now, r["id"]) for r in rows])
         jobs = [
-            Job(r["id"], r["target"], r["source"], r["user_key"], r["username"], r["source_item_id"],
-                r["item_name"], r["field"], json.loads(r["value"]), r["observed_at"], json.loads(r["extra"]),
-                r["attempts"], r["absent_count"])
+            Job(
+                r["id"],
+                r["target"],
+                r["source"],
+                r["user_key"],
+                r["username"],
+                r["source_item_id"],
+                r["item_name"],
+                r["field"],
+                json.loads(r["value"]),
+                r["observed_at"],
+                json.loads(r["extra"]),
+                r["attempts"],
+                r["absent_count"],
+            )
             for r in rows
         ]
         # Played first: marking played resets the position, which a position job may then set.
@@ -739,9 +785,19 @@ class Store:
                 c.execute(
                     "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new,"
                     " result, detail, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (now, job.source, job.target, job.username, job.item_name, job.field,
-                     log_row.get("old"), log_row.get("new"), log_row["result"],
-                     log_row.get("detail"), job.id),
+                    (
+                        now,
+                        job.source,
+                        job.target,
+                        job.username,
+                        job.item_name,
+                        job.field,
+                        log_row.get("old"),
+                        log_row.get("new"),
+                        log_row["result"],
+                        log_row.get("detail"),
+                        job.id,
+                    ),
                 )
 
     def reschedule_job(self, job: Job, status: str, due_at: float, error: str, *, absent: bool = False) -> None:
@@ -802,8 +858,9 @@ class Store:
         )
         return {r[0]: (json.loads(r[1]), r[2]) for r in rows}
 
-    def remember_state(self, server: str, user_key: str, item_id: str, values: dict[str, Any],
-                       observed: dict[str, float]) -> None:
+    def remember_state(
+        self, server: str, user_key: str, item_id: str, values: dict[str, Any], observed: dict[str, float]
+    ) -> None:
         """Record what a server holds (read back or just written). Only fields in ``observed``
         move their observation time; the others keep theirs (a read says nothing about when)."""
         with self._tx() as c:
@@ -882,9 +939,7 @@ class Store:
             args.append(filters["since"])
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = self._rows(f"SELECT count(*) FROM sync_log {clause}", tuple(args))[0][0]
-        rows = self._rows(
-            f"SELECT * FROM sync_log {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)
-        )
+        rows = self._rows(f"SELECT * FROM sync_log {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset))
         return rows, total
 
     def sync_stats(self) -> dict[str, Any]:
@@ -1025,19 +1080,36 @@ class JellyfinClient:
     # items
     def items_page(self, start: int, limit: int, min_saved: str | None = None) -> list[dict]:
         # No userId: with one, alternate versions collapse and their paths vanish (JELLYFIN.md §2).
-        res = self.request("GET", "/Items", {
-            "recursive": "true", "includeItemTypes": INDEX_ITEM_TYPES,
-            "fields": "Path,ProviderIds", "enableImages": "false", "enableUserData": "false",
-            "enableTotalRecordCount": "false", "isMissing": "false",
-            "minDateLastSavedForUser": min_saved, "startIndex": start, "limit": limit,
-        })
+        res = self.request(
+            "GET",
+            "/Items",
+            {
+                "recursive": "true",
+                "includeItemTypes": INDEX_ITEM_TYPES,
+                "fields": "Path,ProviderIds",
+                "enableImages": "false",
+                "enableUserData": "false",
+                "enableTotalRecordCount": "false",
+                "isMissing": "false",
+                "minDateLastSavedForUser": min_saved,
+                "startIndex": start,
+                "limit": limit,
+            },
+        )
         return (res or {}).get("Items", [])
 
     def items_by_ids(self, ids: list[str]) -> list[dict]:
-        res = self.request("GET", "/Items", {
-            "ids": ",".join(ids), "fields": "Path,ProviderIds", "enableImages": "false",
-            "enableUserData": "false", "enableTotalRecordCount": "false",
-        })
+        res = self.request(
+            "GET",
+            "/Items",
+            {
+                "ids": ",".join(ids),
+                "fields": "Path,ProviderIds",
+                "enableImages": "false",
+                "enableUserData": "false",
+                "enableTotalRecordCount": "false",
+            },
+        )
         return (res or {}).get("Items", [])
 
     # user data
@@ -1101,14 +1173,22 @@ def item_info(server: ServerConfig, dto: dict) -> ItemInfo:
         path_key = normalise_path(path)
         for theirs, shared in server.path_map:
             if path_key == theirs or path_key.startswith(theirs + "/"):
-                path_key = shared + path_key[len(theirs):]
+                path_key = shared + path_key[len(theirs) :]
                 break
     prov = {k.lower(): str(v) for k, v in (dto.get("ProviderIds") or {}).items() if v}
     return ItemInfo(
-        server.name, normalise_id(dto["Id"]), str(dto.get("Type", "")), str(dto.get("Name", "")),
-        path_key, prov.get("imdb"), prov.get("tmdb"), prov.get("tvdb"),
+        server.name,
+        normalise_id(dto["Id"]),
+        str(dto.get("Type", "")),
+        str(dto.get("Name", "")),
+        path_key,
+        prov.get("imdb"),
+        prov.get("tmdb"),
+        prov.get("tvdb"),
         normalise_id(dto["SeriesId"]) if dto.get("SeriesId") else None,
-        dto.get("ParentIndexNumber"), dto.get("IndexNumber"), dto.get("RunTimeTicks"),
+        dto.get("ParentIndexNumber"),
+        dto.get("IndexNumber"),
+        dto.get("RunTimeTicks"),
     )
 
 
@@ -1224,11 +1304,18 @@ class Library:
     def refresh_users(self, server: str) -> None:
         with self._user_locks[server]:
             users = self.clients[server].users()
-            self.store.replace_users(server, [
-                (normalise_id(u["Id"]), str(u.get("Name", "")),
-                 bool((u.get("Policy") or {}).get("IsAdministrator")))
-                for u in users if u.get("Id")
-            ])
+            self.store.replace_users(
+                server,
+                [
+                    (
+                        normalise_id(u["Id"]),
+                        str(u.get("Name", "")),
+                        bool((u.get("Policy") or {}).get("IsAdministrator")),
+                    )
+                    for u in users
+                    if u.get("Id")
+                ],
+            )
             self._last_user_refresh[server] = time.monotonic()
 
     def user_id(self, server: str, key: str) -> str | None:
@@ -1302,9 +1389,7 @@ def parse_webhook(body: bytes) -> dict:
             raise WebhookError(f"{k}: expected true or false")
     for k in INT_KEYS:
         v = data.get(k)
-        if isinstance(v, str) and re.fullmatch(r"-?\d{1,19}", v):
-            data[k] = int(v)
-        elif isinstance(v, float) and v.is_integer():
+        if isinstance(v, str) and re.fullmatch(r"-?\d{1,19}", v) or isinstance(v, float) and v.is_integer():
             data[k] = int(v)
         elif v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise WebhookError(f"{k}: expected a whole number")
@@ -1474,24 +1559,38 @@ class Syncer:
         key = name_key(username)
         item_name = ev.get("Name") or ev["ItemId"]
         if ev.get("SeriesName"):
-            item_name = f"{ev['SeriesName']} S{ev.get('SeasonNumber') or 0:02d}E{ev.get('EpisodeNumber') or 0:02d} {item_name}"
+            item_name = (
+                f"{ev['SeriesName']} S{ev.get('SeasonNumber') or 0:02d}E{ev.get('EpisodeNumber') or 0:02d} {item_name}"
+            )
         elif ev.get("Year"):
             item_name = f"{item_name} ({ev['Year']})"
         extra = {
-            "runtime": ev.get("RunTimeTicks"), "play_count": ev.get("PlayCount"),
-            "last_played": parse_time(ev.get("LastPlayedDate")), "item_type": ev.get("ItemType"),
-            "event": ntype, "reason": ev.get("SaveReason"),
+            "runtime": ev.get("RunTimeTicks"),
+            "play_count": ev.get("PlayCount"),
+            "last_played": parse_time(ev.get("LastPlayedDate")),
+            "item_type": ev.get("ItemType"),
+            "event": ntype,
+            "reason": ev.get("SaveReason"),
         }
         obs = []
         for fld, value in fields.items():
             if not self.config.sync.enabled(fld):
                 continue
             delay = self.config.sync.progress_debounce_seconds if fld == "position" and ntype != "PlaybackStop" else 0.0
-            obs.append({
-                "server": server, "user_key": key, "username": username, "item_id": ev["ItemId"],
-                "item_name": item_name, "field": fld, "value": value, "observed_at": observed,
-                "extra": extra, "delay": delay,
-            })
+            obs.append(
+                {
+                    "server": server,
+                    "user_key": key,
+                    "username": username,
+                    "item_id": ev["ItemId"],
+                    "item_name": item_name,
+                    "field": fld,
+                    "value": value,
+                    "observed_at": observed,
+                    "extra": extra,
+                    "delay": delay,
+                }
+            )
         return obs, others, []
 
     def wake_target(self, target: str) -> None:
@@ -1589,9 +1688,16 @@ class Syncer:
         if written:
             current.update(written)  # the write answers with the new state: no re-read needed
             self.store.remember_state(target, job.user_key, item.item_id, read_fields(written), observed)
-        self.store.finish_job(job, "done", None, {
-            "result": "ok", "old": describe(job.field, have[job.field]), "new": describe(job.field, want),
-        })
+        self.store.finish_job(
+            job,
+            "done",
+            None,
+            {
+                "result": "ok",
+                "old": describe(job.field, have[job.field]),
+                "new": describe(job.field, want),
+            },
+        )
         log.info('%s: %s ✓ %s "%s" (from %s)', target, job.username, describe(job.field, want), job.item_name, src)
         return "ok"
 
@@ -1602,8 +1708,16 @@ class Syncer:
             return int(position * tgt_runtime / src_runtime)
         return int(position)
 
-    def _write(self, client: JellyfinClient, user_id: str, item_id: str, job: Job, want: Any,
-               current: dict, version: ServerVersion) -> dict:
+    def _write(
+        self,
+        client: JellyfinClient,
+        user_id: str,
+        item_id: str,
+        job: Job,
+        want: Any,
+        current: dict,
+        version: ServerVersion,
+    ) -> dict:
         """One state-based write. Each field has exactly one way in, so states cannot oscillate."""
         fld = job.field
         if fld == "played" and want:
@@ -1638,8 +1752,13 @@ class Syncer:
         tries = job.absent_count + 1
         msg = f"{job.item_name!r} not found on {job.target}"
         if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
-            self.store.reschedule_job(job, "waiting", utcnow() + policy.retry_delay_seconds,
-                                      f"{msg}; waiting for it to be imported (try {tries})", absent=True)
+            self.store.reschedule_job(
+                job,
+                "waiting",
+                utcnow() + policy.retry_delay_seconds,
+                f"{msg}; waiting for it to be imported (try {tries})",
+                absent=True,
+            )
             return "waiting"
         self.store.finish_job(job, "skipped", msg, {"result": "absent", "detail": msg})
         log.info("%s: %s %s", job.target, job.username, msg)
@@ -1652,7 +1771,9 @@ class Syncer:
         try:
             info = client.info()
             self.health[name].update(
-                reachable=True, error=None, version=info.get("Version"),
+                reachable=True,
+                error=None,
+                version=info.get("Version"),
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
         except JellyfinError as e:
@@ -1667,8 +1788,9 @@ class Syncer:
         planner = threading.Thread(target=self._planner_loop, name="planner", daemon=True)
         self.threads = [planner]
         for s in self.config.servers:
-            self.threads.append(threading.Thread(target=self._target_loop, args=(s.name,),
-                                                 name=f"worker-{s.name}", daemon=True))
+            self.threads.append(
+                threading.Thread(target=self._target_loop, args=(s.name,), name=f"worker-{s.name}", daemon=True)
+            )
         for t in self.threads:
             t.start()
 
@@ -1746,11 +1868,19 @@ def _json_default(value: Any) -> Any:
 def job_json(row: sqlite3.Row) -> dict:
     extra = json.loads(row["extra"])
     return {
-        "id": row["id"], "event_type": extra.get("event"), "field": row["field"],
-        "source_server": row["source"], "target_server": row["target"], "username": row["username"],
-        "item_name": row["item_name"], "value": json.loads(row["value"]), "status": row["status"],
-        "retry_count": row["attempts"], "item_not_found_count": row["absent_count"],
-        "last_error": row["last_error"], "created_at": format_time(row["created_at"]),
+        "id": row["id"],
+        "event_type": extra.get("event"),
+        "field": row["field"],
+        "source_server": row["source"],
+        "target_server": row["target"],
+        "username": row["username"],
+        "item_name": row["item_name"],
+        "value": json.loads(row["value"]),
+        "status": row["status"],
+        "retry_count": row["attempts"],
+        "item_not_found_count": row["absent_count"],
+        "last_error": row["last_error"],
+        "created_at": format_time(row["created_at"]),
         "next_retry_at": format_time(row["due_at"]),
     }
 
@@ -1841,15 +1971,25 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
             client = syncer.clients[s.name]
             limits = []
             if client.version and client.version.legacy:
-                limits.append("Jellyfin 10.8: resume positions cannot be set with an API key; "
-                              "marking played also adds one to the play count")
-            out.append({
-                "name": s.name, "url": s.url, "passwordless": s.passwordless,
-                "healthy": bool(h["reachable"]), "reachable": h["reachable"], "error": h["error"],
-                "version": h["version"], "latency_ms": h["latency_ms"], "limits": limits,
-                "webhook_url_path": f"/webhook/{s.name}",
-                "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
-            })
+                limits.append(
+                    "Jellyfin 10.8: resume positions cannot be set with an API key; "
+                    "marking played also adds one to the play count"
+                )
+            out.append(
+                {
+                    "name": s.name,
+                    "url": s.url,
+                    "passwordless": s.passwordless,
+                    "healthy": bool(h["reachable"]),
+                    "reachable": h["reachable"],
+                    "error": h["error"],
+                    "version": h["version"],
+                    "latency_ms": h["latency_ms"],
+                    "limits": limits,
+                    "webhook_url_path": f"/webhook/{s.name}",
+                    "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
+                }
+            )
         return out
 
     @app.get("/api/status")
@@ -1860,19 +2000,36 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
         by = stats["by_result"]
         healthy = all(s["healthy"] for s in servers)
         any_ok = any(s["healthy"] for s in servers)
-        status = "healthy" if healthy and queue["worker_running"] else (
-            "degraded" if any_ok and queue["worker_running"] else "unhealthy")
-        return send({
-            "status": status, "version": __version__, "uptime_seconds": round(utcnow() - started_at, 1),
-            "servers": servers, "queue": queue,
-            "database": {"connected": True, "item_cache_by_server": store.count_items(),
-                         "database_size_bytes": _db_size(store.path)},
-            "sync_stats": {"total_synced": sum(by.values()), "successful": by.get("ok", 0),
-                           "failed": by.get("failed", 0), "by_result": by,
-                           "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None},
-            "warnings": [] if config.webhook_token else ["no server.webhook_token set: anyone on the network can post webhooks"],
-            "dry_run": config.sync.dry_run,
-        })
+        status = (
+            "healthy"
+            if healthy and queue["worker_running"]
+            else ("degraded" if any_ok and queue["worker_running"] else "unhealthy")
+        )
+        return send(
+            {
+                "status": status,
+                "version": __version__,
+                "uptime_seconds": round(utcnow() - started_at, 1),
+                "servers": servers,
+                "queue": queue,
+                "database": {
+                    "connected": True,
+                    "item_cache_by_server": store.count_items(),
+                    "database_size_bytes": _db_size(store.path),
+                },
+                "sync_stats": {
+                    "total_synced": sum(by.values()),
+                    "successful": by.get("ok", 0),
+                    "failed": by.get("failed", 0),
+                    "by_result": by,
+                    "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
+                },
+                "warnings": []
+                if config.webhook_token
+                else ["no server.webhook_token set: anyone on the network can post webhooks"],
+                "dry_run": config.sync.dry_run,
+            }
+        )
 
     @app.get("/api/servers")
     def api_servers():
@@ -1911,8 +2068,10 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
         if ok:
             target = store._rows("SELECT target FROM jobs WHERE id=?", (job_id,))[0][0]
             syncer.wake_target(target)
-        return send({"success": ok, "message": "queued for retry" if ok else "no failed, skipped or waiting job with that id"},
-                    200 if ok else 404)
+        return send(
+            {"success": ok, "message": "queued for retry" if ok else "no failed, skipped or waiting job with that id"},
+            200 if ok else 404,
+        )
 
     @app.get("/api/sync-log")
     def api_sync_log():
@@ -1983,10 +2142,13 @@ class Service:
     def make_server(self, host: str | None = None, port: int | None = None):
         import waitress
 
-
         self.server = waitress.create_server(
-            self.app, host=host or self.config.host, port=self.config.port if port is None else port,
-            threads=8, ident="jellyfin-db-sync", max_request_body_size=MAX_BODY_BYTES + 1024,
+            self.app,
+            host=host or self.config.host,
+            port=self.config.port if port is None else port,
+            threads=8,
+            ident="jellyfin-db-sync",
+            max_request_body_size=MAX_BODY_BYTES + 1024,
             clear_untrusted_proxy_headers=True,
         )
         return self.server
@@ -2029,8 +2191,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service.start_workers()
-    log.info("jellyfin-db-sync %s listening on %s:%d for %s", __version__, config.host,
-             server.effective_port, ", ".join(f"/webhook/{s.name}" for s in config.servers))
+    log.info(
+        "jellyfin-db-sync %s listening on %s:%d for %s",
+        __version__,
+        config.host,
+        server.effective_port,
+        ", ".join(f"/webhook/{s.name}" for s in config.servers),
+    )
     try:
         server.run()
     except SystemExit:

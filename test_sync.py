@@ -12,7 +12,6 @@ service exactly as the Webhook plugin would.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -125,14 +124,30 @@ class FakeJellyfin:
         self.users[uid] = {"Name": name, "Id": uid, "Policy": {"IsAdministrator": admin}}
         return uid
 
-    def add_item(self, name: str, type_: str = "Movie", path: str | None = None, runtime: int = 7200 * 10**7,
-                 provider_ids: dict | None = None, series_id: str | None = None, season: int | None = None,
-                 episode: int | None = None, saved: float | None = None) -> str:
+    def add_item(
+        self,
+        name: str,
+        type_: str = "Movie",
+        path: str | None = None,
+        runtime: int = 7200 * 10**7,
+        provider_ids: dict | None = None,
+        series_id: str | None = None,
+        season: int | None = None,
+        episode: int | None = None,
+        saved: float | None = None,
+    ) -> str:
         iid = hexid()
         self.items[iid] = {
-            "Name": name, "Id": iid, "Type": type_, "Path": path, "RunTimeTicks": runtime,
-            "ProviderIds": provider_ids or {}, "SeriesId": series_id, "ParentIndexNumber": season,
-            "IndexNumber": episode, "_saved": time.time() if saved is None else saved,
+            "Name": name,
+            "Id": iid,
+            "Type": type_,
+            "Path": path,
+            "RunTimeTicks": runtime,
+            "ProviderIds": provider_ids or {},
+            "SeriesId": series_id,
+            "ParentIndexNumber": season,
+            "IndexNumber": episode,
+            "_saved": time.time() if saved is None else saved,
         }
         return iid
 
@@ -146,16 +161,30 @@ class FakeJellyfin:
         """The raw user data row (creating the default one, as Jellyfin does)."""
         key = (user if user in self.users else self.user(user), item if item in self.items else self.item(item))
         with self.lock:
-            return self.data.setdefault(key, {"PlaybackPositionTicks": 0, "PlayCount": 0, "IsFavorite": False,
-                                              "Rating": None, "LastPlayedDate": None, "Played": False})
+            return self.data.setdefault(
+                key,
+                {
+                    "PlaybackPositionTicks": 0,
+                    "PlayCount": 0,
+                    "IsFavorite": False,
+                    "Rating": None,
+                    "LastPlayedDate": None,
+                    "Played": False,
+                },
+            )
 
     def writes(self) -> int:
         return sum(1 for m, p in self.requests if m in ("POST", "DELETE") and WRITE_ROUTES.search(p))
 
     # the server's own behaviour (JELLYFIN.md §2 "Semantics to respect")
     def _dto(self, ud: dict, item_id: str) -> dict:
-        out = {"PlaybackPositionTicks": ud["PlaybackPositionTicks"], "PlayCount": ud["PlayCount"],
-               "IsFavorite": ud["IsFavorite"], "Played": ud["Played"], "Key": item_id}
+        out = {
+            "PlaybackPositionTicks": ud["PlaybackPositionTicks"],
+            "PlayCount": ud["PlayCount"],
+            "IsFavorite": ud["IsFavorite"],
+            "Played": ud["Played"],
+            "Key": item_id,
+        }
         if ud["Rating"] is not None:
             out["Rating"] = ud["Rating"]
             out["Likes"] = ud["Rating"] >= 6.5
@@ -184,8 +213,9 @@ class FakeJellyfin:
         return self.save(uid, iid, reason, Played=True, PlaybackPositionTicks=0, PlayCount=count, LastPlayedDate=last)
 
     def mark_unplayed(self, uid, iid):
-        return self.save(uid, iid, "TogglePlayed", Played=False, PlaybackPositionTicks=0, PlayCount=0,
-                         LastPlayedDate=None)
+        return self.save(
+            uid, iid, "TogglePlayed", Played=False, PlaybackPositionTicks=0, PlayCount=0, LastPlayedDate=None
+        )
 
     # what a person does in a Jellyfin client
     def user_marks(self, user: str, item: str, played: bool):
@@ -207,34 +237,60 @@ class FakeJellyfin:
         self.fire("PlaybackStart", uid, iid, dict(ud), PlaybackPositionTicks=positions[0] if positions else 0)
         self.save(uid, iid, "PlaybackStart", PlayCount=ud["PlayCount"] + 1, LastPlayedDate=iso(), Played=False)
         for pos in positions:
-            self.fire("PlaybackProgress", uid, iid, dict(ud), PlaybackPositionTicks=pos, IsPaused=False,
-                      IsAutomated=False)
+            self.fire(
+                "PlaybackProgress", uid, iid, dict(ud), PlaybackPositionTicks=pos, IsPaused=False, IsAutomated=False
+            )
             self.save(uid, iid, "PlaybackProgress", PlaybackPositionTicks=pos)
         last = positions[-1] if positions else 0
         if completed:
             self.save(uid, iid, "PlaybackFinished", Played=True, PlaybackPositionTicks=0)
         else:
             self.save(uid, iid, "PlaybackFinished", PlaybackPositionTicks=last)
-        self.fire("PlaybackStop", uid, iid, dict(self.ud(uid, iid)), PlaybackPositionTicks=last,
-                  PlayedToCompletion=completed)
+        self.fire(
+            "PlaybackStop", uid, iid, dict(self.ud(uid, iid)), PlaybackPositionTicks=last, PlayedToCompletion=completed
+        )
 
     # webhooks, as the plugin builds them ("Send All Properties")
     def payload(self, ntype: str, uid: str, iid: str, ud: dict, **extra) -> dict:
         item = self.items[iid]
-        base = fixture({
-            "UserDataSaved": "UserDataSaved-played.json", "PlaybackStart": "PlaybackStart-movie.json",
-            "PlaybackProgress": "PlaybackProgress-movie.json", "PlaybackStop": "PlaybackStop-movie.json",
-        }[ntype])
-        for k in ("SeriesName", "SeriesId", "SeasonId", "SeasonNumber", "EpisodeNumber", "Provider_tvdb",
-                  "Provider_imdb", "Provider_tmdb", "Year", "LastPlayedDate"):
+        base = fixture(
+            {
+                "UserDataSaved": "UserDataSaved-played.json",
+                "PlaybackStart": "PlaybackStart-movie.json",
+                "PlaybackProgress": "PlaybackProgress-movie.json",
+                "PlaybackStop": "PlaybackStop-movie.json",
+            }[ntype]
+        )
+        for k in (
+            "SeriesName",
+            "SeriesId",
+            "SeasonId",
+            "SeasonNumber",
+            "EpisodeNumber",
+            "Provider_tvdb",
+            "Provider_imdb",
+            "Provider_tmdb",
+            "Year",
+            "LastPlayedDate",
+        ):
             base.pop(k, None)
         now = time.time()
-        base.update({
-            "ServerId": self.server_id, "ServerName": self.name, "ServerVersion": self.version,
-            "ServerUrl": self.url, "Timestamp": iso(now).replace("Z", "+00:00"), "UtcTimestamp": iso(now),
-            "Name": item["Name"], "ItemId": iid, "ItemType": item["Type"], "RunTimeTicks": item["RunTimeTicks"],
-            "UserId": uid, "NotificationUsername": self.users[uid]["Name"],
-        })
+        base.update(
+            {
+                "ServerId": self.server_id,
+                "ServerName": self.name,
+                "ServerVersion": self.version,
+                "ServerUrl": self.url,
+                "Timestamp": iso(now).replace("Z", "+00:00"),
+                "UtcTimestamp": iso(now),
+                "Name": item["Name"],
+                "ItemId": iid,
+                "ItemType": item["Type"],
+                "RunTimeTicks": item["RunTimeTicks"],
+                "UserId": uid,
+                "NotificationUsername": self.users[uid]["Name"],
+            }
+        )
         for k, v in (item["ProviderIds"] or {}).items():
             base[f"Provider_{k.lower()}"] = v
         if item["Type"] == "Episode":
@@ -243,11 +299,16 @@ class FakeJellyfin:
                 base["SeriesId"] = item["SeriesId"]
         if ntype == "UserDataSaved":
             rating = ud["Rating"]
-            base.update({
-                "Likes": bool(rating is not None and rating >= 6.5), "Rating": rating or 0,
-                "PlaybackPositionTicks": ud["PlaybackPositionTicks"], "PlayCount": ud["PlayCount"],
-                "Favorite": ud["IsFavorite"], "Played": ud["Played"],
-            })
+            base.update(
+                {
+                    "Likes": bool(rating is not None and rating >= 6.5),
+                    "Rating": rating or 0,
+                    "PlaybackPositionTicks": ud["PlaybackPositionTicks"],
+                    "PlayCount": ud["PlayCount"],
+                    "Favorite": ud["IsFavorite"],
+                    "Played": ud["Played"],
+                }
+            )
             if ud["LastPlayedDate"]:
                 base["LastPlayedDate"] = ud["LastPlayedDate"]
         base.update(extra)
@@ -279,7 +340,7 @@ class FakeJellyfin:
     # HTTP
     def _authorised(self, h: BaseHTTPRequestHandler, query: dict) -> bool:
         auth = h.headers.get("Authorization", "")
-        m = re.match(r'^MediaBrowser\s+(.*)$', auth, re.I)
+        m = re.match(r"^MediaBrowser\s+(.*)$", auth, re.I)
         if m:
             params = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
             if params.get("Token") == self.api_key:  # keys are case-sensitive
@@ -291,16 +352,23 @@ class FakeJellyfin:
 
     def _dispatch(self, h: BaseHTTPRequestHandler) -> None:
         parts = urllib.parse.urlsplit(h.path)
-        query = {k.lower() if k.lower() != "apikey" else "ApiKey": v
-                 for k, v in urllib.parse.parse_qsl(parts.query)}
+        query = {k.lower() if k.lower() != "apikey" else "ApiKey": v for k, v in urllib.parse.parse_qsl(parts.query)}
         length = int(h.headers.get("Content-Length") or 0)
         body = json.loads(h.rfile.read(length)) if length else None
         path = parts.path
         if path == "/System/Info/Public" and h.command == "GET":
             if self.status_override:
                 return self._reply(h, self.status_override, None)
-            return self._reply(h, 200, {"Id": self.server_id, "ServerName": self.name, "Version": self.version,
-                                        "ProductName": "Jellyfin Server"})
+            return self._reply(
+                h,
+                200,
+                {
+                    "Id": self.server_id,
+                    "ServerName": self.name,
+                    "Version": self.version,
+                    "ProductName": "Jellyfin Server",
+                },
+            )
         if self.status_override:
             return self._reply(h, self.status_override, None)
         if not self._authorised(h, query):
@@ -378,8 +446,11 @@ class FakeJellyfin:
             if method == "POST":
                 date = q.get("dateplayed")
                 if date and re.fullmatch(r"\d{14}", date):
-                    date = datetime.strptime(date, "%Y%m%d%H%M%S").replace(tzinfo=UTC).strftime(
-                        "%Y-%m-%dT%H:%M:%S.0000000Z")
+                    date = (
+                        datetime.strptime(date, "%Y%m%d%H%M%S")
+                        .replace(tzinfo=UTC)
+                        .strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
+                    )
                 return 200, self.mark_played(uid, iid, date)
             return 200, self.mark_unplayed(uid, iid)
         if kind == "UserFavoriteItems":
@@ -404,7 +475,7 @@ class FakeJellyfin:
         fields = set((q.get("fields") or "").split(","))
         start, limit = int(q.get("startindex", 0)), int(q.get("limit", 10**9))
         out = []
-        for r in rows[start:start + limit]:
+        for r in rows[start : start + limit]:
             d = {k: v for k, v in r.items() if not k.startswith("_") and v is not None}
             if "Path" not in fields:
                 d.pop("Path", None)
@@ -428,8 +499,14 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, **sync) ->
 
     cfg = {
         "servers": [{"name": f.name, "url": f.url, "api_key": f.api_key} for f in fakes],
-        "sync": {"progress_debounce_seconds": 0.3, "worker_interval_seconds": 0.5, "retry_base_seconds": 0.2,
-                 "index_refresh_seconds": 0, "max_retries": 5, **sync},
+        "sync": {
+            "progress_debounce_seconds": 0.3,
+            "worker_interval_seconds": 0.5,
+            "retry_base_seconds": 0.2,
+            "index_refresh_seconds": 0,
+            "max_retries": 5,
+            **sync,
+        },
         "database": {"path": str(tmp / "sync.db")},
         "server": {"host": "127.0.0.1", "port": port or 8080},
         "logging": {"level": "INFO"},
@@ -498,10 +575,17 @@ LIBRARY = [
 
 
 class Cluster:
-    def __init__(self, tmp: Path, versions=("10.10.7", "10.11.8", "12.0.0"), users=("alice", "bob"),
-                 policies=None, start=True, **sync):
+    def __init__(
+        self,
+        tmp: Path,
+        versions=("10.10.7", "10.11.8", "12.0.0"),
+        users=("alice", "bob"),
+        policies=None,
+        start=True,
+        **sync,
+    ):
         self.tmp = tmp
-        self.fakes = [FakeJellyfin(n, v) for n, v in zip(("home", "parents", "public"), versions)]
+        self.fakes = [FakeJellyfin(n, v) for n, v in zip(("home", "parents", "public"), versions, strict=False)]
         for f in self.fakes:
             for u in users:
                 f.add_user(u.capitalize() if f.name == "public" else u)  # names differ only in case
@@ -531,8 +615,10 @@ class Cluster:
 
     def settle(self, timeout: float = 15.0) -> None:
         """Wait until every echo is delivered and the queue is empty, twice in a row."""
+
         def calm():
             return all(f.quiet() for f in self.fakes) and self.svc.idle()
+
         eventually(lambda: calm() and (time.sleep(0.15) or calm()), timeout, what="the sync to settle")
 
     def close(self):
@@ -566,7 +652,7 @@ def test_watched_on_one_server_appears_on_the_others(cluster):
     c = cluster()
     c["home"].user_marks("alice", "Arrival", True)
     for name in ("parents", "public"):
-        eventually(lambda: c[name].ud("alice", "Arrival")["Played"], what=f"played on {name}")
+        eventually(lambda n=name: c[n].ud("alice", "Arrival")["Played"], what=f"played on {name}")
     c.settle()
     assert c["parents"].ud("alice", "Arrival")["PlaybackPositionTicks"] == 0
     assert c["parents"].ud("alice", "Arrival")["PlayCount"] == 1
@@ -663,10 +749,22 @@ def test_an_older_event_arriving_late_never_wins(cluster):
     assert home.ud(uid, iid)["Played"]
     time.sleep(1.0)
     t0 = time.time()  # both events below are newer than that change; they arrive in reverse order
-    newer = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=False), SaveReason="TogglePlayed",
-                         UtcTimestamp=iso(t0))
-    older = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1),
-                         SaveReason="TogglePlayed", UtcTimestamp=iso(t0 - 0.5))
+    newer = home.payload(
+        "UserDataSaved",
+        uid,
+        iid,
+        dict(home.ud(uid, iid), Played=False),
+        SaveReason="TogglePlayed",
+        UtcTimestamp=iso(t0),
+    )
+    older = home.payload(
+        "UserDataSaved",
+        uid,
+        iid,
+        dict(home.ud(uid, iid), Played=True, PlayCount=1),
+        SaveReason="TogglePlayed",
+        UtcTimestamp=iso(t0 - 0.5),
+    )
     assert svc.call("POST", "/webhook/home", newer)[0] == 202
     assert svc.call("POST", "/webhook/home", older)[0] == 202
     c.settle()
@@ -679,8 +777,15 @@ def test_forty_episodes_marked_played_at_once(cluster):
     for f in c.fakes:
         series_ids[f.name] = f.add_item("Show", "Series", "/media/tv/Show", provider_ids={"Tvdb": "81189"})
         for e in range(1, 41):
-            f.add_item(f"Episode {e}", "Episode", f"/media/tv/Show/S01E{e:02d}.mkv", runtime=2700 * 10**7,
-                       series_id=series_ids[f.name], season=1, episode=e)
+            f.add_item(
+                f"Episode {e}",
+                "Episode",
+                f"/media/tv/Show/S01E{e:02d}.mkv",
+                runtime=2700 * 10**7,
+                series_id=series_ids[f.name],
+                season=1,
+                episode=e,
+            )
     home = c["home"]
     uid = home.user("bob")
     episodes = [i for i, d in home.items.items() if d["Type"] == "Episode"]
@@ -713,15 +818,21 @@ def test_matching_falls_back_to_provider_ids_then_series_and_episode(cluster):
 
 
 def test_an_item_imported_late_waits_then_syncs(cluster):
-    c = cluster(policies=[{"prefix": "/media/new", "absent_retry_count": -1, "retry_delay_seconds": 0.5},
-                          {"prefix": "/media/gone", "absent_retry_count": 0}])
+    c = cluster(
+        policies=[
+            {"prefix": "/media/new", "absent_retry_count": -1, "retry_delay_seconds": 0.5},
+            {"prefix": "/media/gone", "absent_retry_count": 0},
+        ]
+    )
     home, parents = c["home"], c["parents"]
     home.add_item("Nope", "Movie", "/media/new/Nope.mkv")
     home.add_item("Lost Film", "Movie", "/media/gone/Lost.mkv")
     home.user_marks("alice", "Nope", True)
     home.user_marks("alice", "Lost Film", True)
-    waiting = eventually(lambda: [j for j in c.svc.call("GET", "/api/events/waiting")[1]
-                                  if j["target_server"] == "parents"], what="a waiting job")
+    waiting = eventually(
+        lambda: [j for j in c.svc.call("GET", "/api/events/waiting")[1] if j["target_server"] == "parents"],
+        what="a waiting job",
+    )
     assert waiting[0]["item_name"].startswith("Nope") and "not found" in waiting[0]["last_error"]
     failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the skipped job")
     assert any(j["item_name"].startswith("Lost Film") and j["status"] == "skipped" for j in failed)
@@ -757,8 +868,14 @@ def test_a_server_that_is_down_gets_the_change_when_it_is_back(cluster):
     parents.status_override = 503
     c["home"].user_marks("alice", "Heat", True)
     eventually(lambda: c["public"].ud("alice", "Heat")["Played"], what="the healthy server is not delayed")
-    pending = eventually(lambda: [j for j in c.svc.call("GET", "/api/events/pending")[1]
-                                  if j["target_server"] == "parents" and j["retry_count"] >= 1], what="retries")
+    pending = eventually(
+        lambda: [
+            j
+            for j in c.svc.call("GET", "/api/events/pending")[1]
+            if j["target_server"] == "parents" and j["retry_count"] >= 1
+        ],
+        what="retries",
+    )
     assert "503" in pending[0]["last_error"]
     parents.status_override = None
     eventually(lambda: parents.ud("alice", "Heat")["Played"], what="the change after recovery")
@@ -769,8 +886,14 @@ def test_retries_end_in_failed_and_can_be_retried(cluster):
     parents = c["parents"]
     parents.status_override = 500
     c["home"].user_favourites("bob", "Dune", True)
-    failed = eventually(lambda: [j for j in c.svc.call("GET", "/api/events/failed")[1]
-                                 if j["status"] == "failed" and j["field"] == "favorite"], what="a failed job")
+    failed = eventually(
+        lambda: [
+            j
+            for j in c.svc.call("GET", "/api/events/failed")[1]
+            if j["status"] == "failed" and j["field"] == "favorite"
+        ],
+        what="a failed job",
+    )
     assert not c["parents"].ud("bob", "Dune")["IsFavorite"]
     parents.status_override = None
     status, body = c.svc.call("POST", f"/api/events/{failed[0]['id']}/retry")
@@ -799,11 +922,16 @@ def test_webhook_accepts_every_fixture_and_rejects_garbage(cluster):
         status, body = svc.call("POST", "/webhook/home", path.read_bytes())
         assert status in (200, 202), (path.name, status, body)
     rows = svc.store._rows("SELECT count(*) FROM inbox")[0][0]
-    for bad, code in [(b"", 400), (b"{not json", 400), (b"[1,2]", 400), (b'{"Name":"x"}', 400),
-                      (json.dumps({"NotificationType": "UserDataSaved"}).encode(), 400),
-                      (json.dumps(dict(fixture("UserDataSaved-played.json"), ItemId="zz")).encode(), 400),
-                      (json.dumps(dict(fixture("UserDataSaved-played.json"), Played="maybe")).encode(), 400),
-                      (b"\xff\xfe", 400)]:
+    for bad, code in [
+        (b"", 400),
+        (b"{not json", 400),
+        (b"[1,2]", 400),
+        (b'{"Name":"x"}', 400),
+        (json.dumps({"NotificationType": "UserDataSaved"}).encode(), 400),
+        (json.dumps(dict(fixture("UserDataSaved-played.json"), ItemId="zz")).encode(), 400),
+        (json.dumps(dict(fixture("UserDataSaved-played.json"), Played="maybe")).encode(), 400),
+        (b"\xff\xfe", 400),
+    ]:
         status, body = svc.call("POST", "/webhook/home", bad)
         assert status == code and "error" in body, (bad, status, body)
     assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == rows, "invalid input must write nothing"
@@ -820,8 +948,14 @@ def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
     c = cluster()
     home, parents = c["home"], c["parents"]
     uid, iid = home.user("bob"), home.item("Dune")
-    home.data[(uid, iid)] = {"PlaybackPositionTicks": 0, "PlayCount": 1, "IsFavorite": False, "Rating": None,
-                             "LastPlayedDate": iso(), "Played": True}
+    home.data[(uid, iid)] = {
+        "PlaybackPositionTicks": 0,
+        "PlayCount": 1,
+        "IsFavorite": False,
+        "Rating": None,
+        "LastPlayedDate": iso(),
+        "Played": True,
+    }
     body = home.payload("UserDataSaved", uid, iid, home.ud(uid, iid), SaveReason="TogglePlayed")
     body["ItemId"] = str(uuid.UUID(iid))
     body["UserId"] = str(uuid.UUID(uid)).upper()
@@ -844,8 +978,15 @@ def test_probes_and_status_never_show_an_api_key(cluster):
     status, ready = svc.call("GET", "/readyz")
     assert status == 200 and ready["status"] == "ready"
     texts = []
-    for path in ("/api/status", "/api/queue", "/api/servers", "/api/events/pending", "/api/events/waiting",
-                 "/api/events/failed", "/api/sync-log"):
+    for path in (
+        "/api/status",
+        "/api/queue",
+        "/api/servers",
+        "/api/events/pending",
+        "/api/events/waiting",
+        "/api/events/failed",
+        "/api/sync-log",
+    ):
         status, body = svc.call("GET", path)
         assert status == 200, path
         texts.append(json.dumps(body))
@@ -877,24 +1018,37 @@ def test_logs_name_changes_and_never_an_api_key(cluster, caplog):
 
 
 def run_cli(*args, env=None, timeout=20):
-    return subprocess.run([sys.executable, str(HERE / "jellyfin_db_sync.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(  # noqa: PLW1510 - the exit code is what the tests look at
+        [sys.executable, str(HERE / "jellyfin_db_sync.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda d: d["servers"][1].pop("api_key"), "servers[1].api_key"),
-    (lambda d: d["servers"][1].update(name=d["servers"][0]["name"]), "servers[1].name"),
-    (lambda d: d["servers"][0].update(url="jellyfin.local:8096"), "servers[0].url"),
-    (lambda d: d["sync"].update(watched=True), "sync.watched"),
-    (lambda d: d.update(extra={}), "extra"),
-    (lambda d: d["sync"].update(max_retries="five"), "sync.max_retries"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda d: d["servers"][1].pop("api_key"), "servers[1].api_key"),
+        (lambda d: d["servers"][1].update(name=d["servers"][0]["name"]), "servers[1].name"),
+        (lambda d: d["servers"][0].update(url="jellyfin.local:8096"), "servers[0].url"),
+        (lambda d: d["sync"].update(watched=True), "sync.watched"),
+        (lambda d: d.update(extra={}), "extra"),
+        (lambda d: d["sync"].update(max_retries="five"), "sync.max_retries"),
+    ],
+)
 def test_config_errors_name_the_key_and_exit_2(tmp_path, mutate, key):
     import yaml
 
-    data = {"servers": [{"name": "a", "url": "http://127.0.0.1:1", "api_key": "k1"},
-                        {"name": "b", "url": "http://127.0.0.1:2", "api_key": "k2"}],
-            "sync": {}, "database": {"path": str(tmp_path / "x.db")}}
+    data = {
+        "servers": [
+            {"name": "a", "url": "http://127.0.0.1:1", "api_key": "k1"},
+            {"name": "b", "url": "http://127.0.0.1:2", "api_key": "k2"},
+        ],
+        "sync": {},
+        "database": {"path": str(tmp_path / "x.db")},
+    }
     mutate(data)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -920,8 +1074,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def start_process(config_path: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(HERE / "jellyfin_db_sync.py"), "--config", str(config_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "jellyfin_db_sync.py"), "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def up():
         try:
@@ -930,6 +1088,7 @@ def start_process(config_path: Path, port: int) -> subprocess.Popen:
             return conn.getresponse().status == 200
         except OSError:
             return proc.poll() is not None
+
     eventually(up, 15, 0.05, "the service to start")
     assert proc.poll() is None, proc.stdout.read()
     return proc
@@ -964,8 +1123,9 @@ def test_a_killed_process_loses_no_acknowledged_event(tmp_path):
     parents.status_override = 503
 
     def send(iid):
-        body = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1),
-                            SaveReason="TogglePlayed")
+        body = home.payload(
+            "UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1), SaveReason="TogglePlayed"
+        )
         try:
             conn = HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("POST", "/webhook/home", json.dumps(body))
@@ -987,8 +1147,11 @@ def test_a_killed_process_loses_no_acknowledged_event(tmp_path):
     proc = start_process(cfg, port)
     try:
         names = [home.items[i]["Name"] for i in acked]
-        eventually(lambda: all(parents.ud("alice", n)["Played"] for n in names), 30,
-                   what=f"all {len(names)} acknowledged events applied after restart")
+        eventually(
+            lambda: all(parents.ud("alice", n)["Played"] for n in names),
+            30,
+            what=f"all {len(names)} acknowledged events applied after restart",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
@@ -1009,8 +1172,13 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     for f in fakes:
         f.add_user("alice")
         for i in range(20_000):
-            f.add_item(f"Film {i}", "Movie", f"/media/movies/Film {i}/film.mkv", provider_ids={"Tmdb": str(i)},
-                       saved=time.time() - 86400)  # a library scanned yesterday
+            f.add_item(
+                f"Film {i}",
+                "Movie",
+                f"/media/movies/Film {i}/film.mkv",
+                provider_ids={"Tmdb": str(i)},
+                saved=time.time() - 86400,
+            )  # a library scanned yesterday
     port = free_port()
     cfg = write_config(tmp, fakes, port=port, progress_debounce_seconds=0.0, index_refresh_seconds=2)
     import yaml
@@ -1023,8 +1191,13 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         uid = home.user("alice")
         items = list(home.items)
         # Warm up: build both item indexes.
-        warm = home.payload("UserDataSaved", uid, items[0], dict(home.ud(uid, items[0]), Played=True, PlayCount=1),
-                            SaveReason="TogglePlayed")
+        warm = home.payload(
+            "UserDataSaved",
+            uid,
+            items[0],
+            dict(home.ud(uid, items[0]), Played=True, PlayCount=1),
+            SaveReason="TogglePlayed",
+        )
         home.webhook_url = f"http://127.0.0.1:{port}/webhook/home"
         parents.webhook_url = f"http://127.0.0.1:{port}/webhook/parents"
         _post(port, "/webhook/home", warm)
@@ -1035,8 +1208,9 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         lat = []
         for i in range(1, 41):
             iid = items[i]
-            body = home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1),
-                                SaveReason="TogglePlayed")
+            body = home.payload(
+                "UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1), SaveReason="TogglePlayed"
+            )
             t0 = time.perf_counter()
             _post(port, "/webhook/home", body)
             eventually(lambda n=f"Film {i}": parents.ud("alice", n)["Played"], 10, 0.001)
@@ -1048,8 +1222,18 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         n = 50
         for i in range(100, 100 + n):
             iid = items[i]
-            _post(port, "/webhook/home", home.payload("UserDataSaved", uid, iid,
-                  dict(home.ud(uid, iid), IsFavorite=True), SaveReason="UpdateUserRating", Favorite=True))
+            _post(
+                port,
+                "/webhook/home",
+                home.payload(
+                    "UserDataSaved",
+                    uid,
+                    iid,
+                    dict(home.ud(uid, iid), IsFavorite=True),
+                    SaveReason="UpdateUserRating",
+                    Favorite=True,
+                ),
+            )
         eventually(lambda: all(parents.ud("alice", f"Film {i}")["IsFavorite"] for i in range(100, 100 + n)), 60)
         time.sleep(0.5)
         per_change = (len(parents.requests) - before) / n
@@ -1060,9 +1244,13 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         time.sleep(2.5)  # past index_refresh_seconds, so the miss may refresh the target's index
         before_h, before_p = len(home.requests), len(parents.requests)
         iid = home.item("Brand New")
-        _post(port, "/webhook/home", home.payload("UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True,
-                                                                                    PlayCount=1),
-                                                   SaveReason="TogglePlayed"))
+        _post(
+            port,
+            "/webhook/home",
+            home.payload(
+                "UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1), SaveReason="TogglePlayed"
+            ),
+        )
         eventually(lambda: parents.ud("alice", "Brand New")["Played"], 30)
         time.sleep(0.3)
         miss_reqs = (len(home.requests) - before_h) + (len(parents.requests) - before_p)
@@ -1070,8 +1258,9 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
 
         # 4. durable ingest rate, 8 concurrent senders, keep-alive connections
         home.webhook_url = parents.webhook_url = None  # no echoes during the flood
-        body = json.dumps(home.payload("PlaybackProgress", uid, items[500], home.ud(uid, items[500]),
-                                       PlaybackPositionTicks=10**9)).encode()
+        body = json.dumps(
+            home.payload("PlaybackProgress", uid, items[500], home.ud(uid, items[500]), PlaybackPositionTicks=10**9)
+        ).encode()
         per_sender = 1000
 
         def sender(_):
@@ -1088,7 +1277,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         with ThreadPoolExecutor(8) as pool:
             accepted = sum(pool.map(sender, range(8)))
         rate = accepted / (time.perf_counter() - t0)
-        status = (Path(f"/proc/{proc.pid}/status").read_text())
+        status = Path(f"/proc/{proc.pid}/status").read_text()
         rss_kb = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -1097,8 +1286,10 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
             f.close()
     lat.sort()
     print(f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,500/s)")
-    print(f"webhook → target write, median:  {lat[len(lat) // 2] * 1000:.1f} ms  "
-          f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 100 ms)")
+    print(
+        f"webhook → target write, median:  {lat[len(lat) // 2] * 1000:.1f} ms  "
+        f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 100 ms)"
+    )
     print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
     print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
     print(f"peak RSS of the service:         {rss_kb / 1024:.1f} MB  (target ≤ 40 MB)")
