@@ -966,6 +966,32 @@ def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
     eventually(lambda: parents.ud("bob", "Dune")["Played"], what="a template-style body to sync")
 
 
+def test_webhook_token_in_header_bearer_or_query(tmp_path):
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    cfg = jds.load_config(write_config(tmp_path, fakes))
+    cfg = jds.dataclasses.replace(cfg, webhook_token="s3cret-token")
+    svc = Running(cfg)
+    try:
+        body = fixture("UserDataSaved-played.json")
+        rows = lambda: svc.store._rows("SELECT count(*) FROM inbox")[0][0]  # noqa: E731
+        for headers, path in [({}, "/webhook/home"), ({"X-Webhook-Token": "wrong"}, "/webhook/home"),
+                              ({"Authorization": "Bearer nope"}, "/webhook/home"), ({}, "/webhook/home?token=x")]:
+            status, answer = svc.call("POST", path, body, headers)
+            assert status == 401 and "token" in answer["error"], (headers, path)
+        assert rows() == 0, "a refused webhook must write nothing"
+        for headers, path in [({"X-Webhook-Token": "s3cret-token"}, "/webhook/home"),
+                              ({"Authorization": "Bearer s3cret-token"}, "/webhook/home"),
+                              ({}, "/webhook/home?token=s3cret-token")]:
+            assert svc.call("POST", path, body, headers)[0] == 202, (headers, path)
+        assert rows() == 3
+        status = svc.call("GET", "/api/status")[1]
+        assert status["warnings"] == [] and "s3cret-token" not in json.dumps(status)
+    finally:
+        svc.stop()
+        for f in fakes:
+            f.close()
+
+
 # ── Probes, status and secrets ───────────────────────────────────────────────
 
 
