@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sqlite3
 import sys
@@ -214,17 +215,62 @@ class PathPolicy:
 
 
 @dataclass(frozen=True)
+class UsersConfig:
+    create: bool = True  # UserCreated on one server → created on the others
+    delete: bool = True  # UserDeleted → deleted on the others (never an administrator)
+    rename: bool = True  # UserUpdated (a rename) → renamed on the others
+    # "random": a strong generated password, shown once to the operator (default: the account
+    # works at once and nobody else knows the password). "disabled": no password, and the
+    # account is disabled until an administrator sets one (nobody can log in meanwhile).
+    new_user_password: str = "random"
+    include: tuple[str, ...] = ()  # case-folded names; empty = everyone
+    exclude: tuple[str, ...] = ()
+    # Each entry is one person: {server name: their user name there}.
+    map: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     servers: tuple[ServerConfig, ...]
     sync: SyncConfig = SyncConfig()
+    users: UsersConfig = UsersConfig()
     path_sync_policy: tuple[PathPolicy, ...] = ()
     database_path: str = "/data/jellyfin-db-sync.db"
     journal_mode: str = "WAL"
     host: str = "0.0.0.0"
     port: int = 8080
     webhook_token: str = ""
+    api_token: str = ""
     log_level: str = "INFO"
     source: str = "<defaults>"
+
+    def person(self, server: str, username: str) -> str:
+        """The key of the person behind ``username`` on ``server``: the case-folded name, or for
+        someone in ``users.map``, the case-folded name of their first mapped account."""
+        key = name_key(username)
+        for group in self.users.map:
+            if any(srv == server and name_key(name) == key for srv, name in group):
+                return name_key(group[0][1])
+        return key
+
+    def name_on(self, person: str, server: str) -> str:
+        """The case-folded user name ``person`` has on ``server``."""
+        for group in self.users.map:
+            if name_key(group[0][1]) == person:
+                for srv, name in group:
+                    if srv == server:
+                        return name_key(name)
+        return person
+
+    def user_synced(self, person: str) -> bool:
+        """users.include / users.exclude, matched against every name the person has."""
+        names = {person}
+        for group in self.users.map:
+            if name_key(group[0][1]) == person:
+                names.update(name_key(n) for _, n in group)
+        if self.users.include and not names & set(self.users.include):
+            return False
+        return not names & set(self.users.exclude)
 
     def server(self, name: str) -> ServerConfig | None:
         for s in self.servers:
@@ -246,9 +292,10 @@ DEFAULT_POLICY = PathPolicy(prefix="", absent_retry_count=0)
 _SCHEMA: dict[str, Any] = {
     "servers": list,
     "sync": {f.name: f.type for f in dataclasses.fields(SyncConfig)},
+    "users": dict,
     "path_sync_policy": list,
     "database": {"path": "str", "journal_mode": "str"},
-    "server": {"host": "str", "port": "int", "webhook_token": "str"},
+    "server": {"host": "str", "port": "int", "webhook_token": "str", "api_token": "str"},
     "logging": {"level": "str"},
 }
 _SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map"}
@@ -355,6 +402,8 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         raise err("sync.max_retries", "must be ≥ 0")
     kwargs["sync"] = SyncConfig(**sync_kw)
 
+    kwargs["users"] = _parse_users(data.get("users") or {}, {s.name for s in servers}, err, src)
+
     policies = []
     for i, raw in enumerate(data.get("path_sync_policy") or []):
         at = f"path_sync_policy[{i}]"
@@ -372,7 +421,7 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
 
     for section, mapping in (
         ("database", {"path": "database_path", "journal_mode": "journal_mode"}),
-        ("server", {"host": "host", "port": "port", "webhook_token": "webhook_token"}),
+        ("server", {"host": "host", "port": "port", "webhook_token": "webhook_token", "api_token": "api_token"}),
         ("logging", {"level": "log_level"}),
     ):
         raw = data.get(section) or {}
@@ -393,6 +442,41 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         raise err("database.journal_mode", "WAL (default) or DELETE/TRUNCATE for network file systems")
     kwargs["journal_mode"] = jm
     return Config(**kwargs)
+
+
+def _parse_users(raw: Any, servers: set[str], err: Any, src: str) -> UsersConfig:
+    if not isinstance(raw, dict):
+        raise err("users", "expected a mapping")
+    known = {f.name for f in dataclasses.fields(UsersConfig)}
+    kw: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise err(f"users.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+        if key in ("create", "delete", "rename"):
+            kw[key] = _check_type(value, "bool", f"{src}: users.{key}")
+        elif key == "new_user_password":
+            if value not in ("random", "disabled"):
+                raise err("users.new_user_password", "'random' (default) or 'disabled'")
+            kw[key] = value
+        elif key in ("include", "exclude"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise err(f"users.{key}", "expected a list of user names")
+            kw[key] = tuple(name_key(v) for v in value)
+        elif key == "map":
+            groups = []
+            if not isinstance(value, list):
+                raise err("users.map", "expected a list of {server name: user name} mappings")
+            for i, group in enumerate(value):
+                if not isinstance(group, dict) or len(group) < 2:
+                    raise err(f"users.map[{i}]", "map at least two servers to a user name each")
+                for srv, name in group.items():
+                    if srv not in servers:
+                        raise err(f"users.map[{i}].{srv}", "not a server name from servers:")
+                    if not isinstance(name, str) or not name.strip():
+                        raise err(f"users.map[{i}].{srv}", "expected a user name")
+                groups.append(tuple((str(k), str(v)) for k, v in group.items()))
+            kw[key] = tuple(groups)
+    return UsersConfig(**kw)
 
 
 def normalise_path(path: str) -> str:
@@ -456,6 +540,10 @@ CREATE TABLE IF NOT EXISTS sync_log (
     username TEXT NOT NULL, item_name TEXT NOT NULL, field TEXT NOT NULL, old TEXT, new TEXT,
     result TEXT NOT NULL, detail TEXT, job_id INTEGER);
 CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
+-- Generated passwords of accounts we created, until the operator acknowledges them.
+CREATE TABLE IF NOT EXISTS passwords (
+    id INTEGER PRIMARY KEY, server TEXT NOT NULL, username TEXT NOT NULL, password TEXT NOT NULL,
+    created_at REAL NOT NULL);
 """
 
 LIVE = ("pending", "waiting")  # job states that may still be coalesced into
@@ -645,6 +733,13 @@ class Store:
         now = utcnow()
         with self._tx() as c:
             for event_id, observations, targets in planned:
+                if observations and observations[0].get("direct"):
+                    # User account changes: no state to compare, one job per target.
+                    for ob in observations:
+                        for target in ob.get("targets", targets):
+                            self._upsert_job(c, target, ob, json.dumps(ob["value"]), now)
+                            woken.add(target)
+                    observations = []
                 if observations and self._is_echo(c, observations):
                     dropped += len(observations)
                     observations = []
@@ -772,7 +867,7 @@ class Store:
             for r in rows
         ]
         # Played first: marking played resets the position, which a position job may then set.
-        return sorted(jobs, key=lambda j: FIELDS.index(j.field))
+        return sorted(jobs, key=lambda j: FIELDS.index(j.field) if j.field in FIELDS else -1)
 
     def next_due(self, target: str) -> float | None:
         row = self._rows(
@@ -924,6 +1019,39 @@ class Store:
 
     def find_users(self, server: str, key: str) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM users WHERE server=? AND name_key=?", (server, key))
+
+    def rename_user(self, server: str, user_id: str, name: str) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE users SET name=?, name_key=? WHERE server=? AND user_id=?",
+                (name, name_key(name), server, user_id),
+            )
+
+    def user_by_id(self, server: str, user_id: str) -> sqlite3.Row | None:
+        rows = self._rows("SELECT * FROM users WHERE server=? AND user_id=?", (server, user_id))
+        return rows[0] if rows else None
+
+    def all_users(self) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM users ORDER BY name_key, server")
+
+    # generated passwords
+    def add_password(self, server: str, username: str, password: str) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO passwords (server, username, password, created_at) VALUES (?, ?, ?, ?)",
+                (server, username, password, utcnow()),
+            )
+
+    def passwords(self) -> list[sqlite3.Row]:
+        return self._rows("SELECT * FROM passwords ORDER BY id")
+
+    def count_passwords(self) -> int:
+        return self._rows("SELECT count(*) FROM passwords")[0][0]
+
+    def ack_password(self, password_id: int) -> bool:
+        """The operator has passed the password on: erase it."""
+        with self._tx() as c:
+            return c.execute("DELETE FROM passwords WHERE id=?", (password_id,)).rowcount == 1
 
     # meta
     def get_meta(self, key: str) -> str | None:
@@ -1083,6 +1211,29 @@ class JellyfinClient:
     # users
     def users(self) -> list[dict]:
         return self.request("GET", "/Users") or []
+
+    def create_user(self, name: str, password: str | None) -> dict:
+        # "" means no password; a non-empty one is set at creation (works on 10.8 too, where
+        # changing a password later needs an admin's user token).
+        return self.request("POST", "/Users/New", body={"Name": name, "Password": password or ""}) or {}
+
+    def delete_user(self, user_id: str) -> None:
+        self.request("DELETE", f"/Users/{user_id}")
+
+    def get_user(self, user_id: str) -> dict:
+        return self.request("GET", f"/Users/{user_id}") or {}
+
+    def rename_user(self, user_id: str, new_name: str) -> None:
+        if self.ensure_version().legacy:
+            raise SyncError("Jellyfin 10.8 cannot rename a user with an API key; rename it by hand")
+        dto = self.get_user(user_id)  # the update takes the whole UserDto (JELLYFIN.md §2.6)
+        dto["Name"] = new_name
+        self.request("POST", "/Users", {"userId": user_id}, dto)
+
+    def disable_user(self, user_dto: dict) -> None:
+        policy = dict(user_dto.get("Policy") or {})  # a full replacement: start from the current one
+        policy["IsDisabled"] = True
+        self.request("POST", f"/Users/{user_dto['Id']}/Policy", body=policy)
 
     # items
     def items_page(self, start: int, limit: int, min_saved: str | None = None) -> list[dict]:
@@ -1325,6 +1476,10 @@ class Library:
             )
             self._last_user_refresh[server] = time.monotonic()
 
+    def ensure_users(self, server: str) -> None:
+        if server not in self._last_user_refresh:
+            self.refresh_users(server)
+
     def user_id(self, server: str, key: str) -> str | None:
         """The user on ``server`` whose case-folded name is ``key``; None if absent.
 
@@ -1560,12 +1715,13 @@ class Syncer:
             woke = self.store.wake_waiting(server) if ntype == "ItemAdded" else 0
             return [], [], [server] if woke else []
         if ntype in USER_EVENTS:
-            self.library.forget_users(server)
-            return [], [], []
+            return self._plan_user_event(server, ev), others, []
         fields = observations_from_event(ev)
         observed = parse_time(ev.get("UtcTimestamp")) or row["received_at"]
         username = ev["NotificationUsername"]
-        key = name_key(username)
+        key = self.config.person(server, username)
+        if not self.config.user_synced(key):
+            return [], [], []
         item_name = ev.get("Name") or ev["ItemId"]
         if ev.get("SeriesName"):
             item_name = (
@@ -1602,6 +1758,41 @@ class Syncer:
             )
         return obs, others, []
 
+    def _plan_user_event(self, server: str, ev: dict) -> list[dict]:
+        """A user created, deleted or renamed on ``server``: one job per other server."""
+        ntype, username, users = ev["NotificationType"], ev["NotificationUsername"], self.config.users
+        value: dict[str, Any] = {"name": username}
+        field = {"UserCreated": "user_create", "UserDeleted": "user_delete", "UserUpdated": "user_rename"}[ntype]
+        person = self.config.person(server, username)
+        if ntype == "UserUpdated":
+            # The webhook carries only the new name: the old one comes from our index, read
+            # before it is refreshed. Unknown → the job reports it; we never guess.
+            old = self.store.user_by_id(server, ev["UserId"]) if ev.get("UserId") else None
+            if old is not None and name_key(old["name"]) == name_key(username):
+                return []  # not a rename (another kind of update, or the echo of ours)
+            value["old"] = old["name"] if old is not None else None
+            if old is not None:
+                person = self.config.person(server, old["name"])
+        self.library.forget_users(server)
+        enabled = {"user_create": users.create, "user_delete": users.delete, "user_rename": users.rename}
+        if not enabled[field] or not self.config.user_synced(person):
+            return []
+        return [
+            {
+                "direct": True,
+                "server": server,
+                "user_key": person,
+                "username": username,
+                "item_id": "-",
+                "item_name": f"user {username}",
+                "field": field,
+                "value": value,
+                "observed_at": utcnow(),
+                "extra": {"event": ntype},
+                "delay": 0.0,
+            }
+        ]
+
     def wake_target(self, target: str) -> None:
         cond = self._target_wake[target]
         with cond:
@@ -1614,8 +1805,17 @@ class Syncer:
         if not jobs:
             return False
         first = jobs[0]
+        if first.field.startswith("user_"):
+            for job in jobs:
+                try:
+                    result = self._apply_user(job)
+                except Exception as e:
+                    self._failed(job, e)
+                    continue
+                self.count(f"sync|{target}|{result}")
+            return True
         try:
-            user_id = self.library.user_id(target, first.user_key)
+            user_id = self.library.user_id(target, self.config.name_on(first.user_key, target))
             if user_id is None:
                 raise SyncError(f"no user named {first.username!r} on {target}")
             src_item = self.library.source_item(first.source, first.source_item_id)
@@ -1709,6 +1909,79 @@ class Syncer:
         )
         log.info('%s: %s ✓ %s "%s" (from %s)', target, job.username, describe(job.field, want), job.item_name, src)
         return "ok"
+
+    def _apply_user(self, job: Job) -> str:
+        """Create, delete or rename one account on ``job.target``."""
+        target, value = job.target, job.value
+        client = self.clients[target]
+        key = self.config.name_on(job.user_key, target)
+        self.library.refresh_users(target)  # a user event: the one time the index is re-read
+        rows = self.store.find_users(target, key)
+        if len(rows) > 1:
+            names = ", ".join(sorted(r["name"] for r in rows))
+            raise SyncError(f"{target} has several users named like {key!r} ({names}); skipped, fix by hand")
+        if self.config.sync.dry_run:
+            self.store.finish_job(job, "done", None, {"result": "dry_run", "new": job.field})
+            return "dry_run"
+        if job.field == "user_create":
+            if rows:
+                self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already exists"})
+                return "noop"
+            name = self._mapped_name(job.user_key, target) or value["name"]
+            server = client.server
+            mode = "none" if server.passwordless else self.config.users.new_user_password
+            password = secrets.token_urlsafe(15) if mode == "random" else None
+            dto = client.create_user(name, password)
+            if mode == "disabled" and dto.get("Id"):
+                client.disable_user(dto)
+            if password:
+                self.store.add_password(target, name, password)  # never logged, shown once
+            self.library.refresh_users(target)
+            how = {
+                "none": "no password (passwordless server)",
+                "random": "a generated password: collect it from /api/users/passwords",
+                "disabled": "disabled until an administrator sets a password",
+            }[mode]
+            self.store.finish_job(job, "done", None, {"result": "ok", "new": "created", "detail": how})
+            log.info("%s: created user %s, %s (from %s)", target, name, how, job.source)
+            return "ok"
+        if job.field == "user_delete":
+            if not rows:
+                self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already gone"})
+                return "noop"
+            if rows[0]["is_admin"]:
+                raise SyncError(f"{rows[0]['name']} is an administrator on {target}: never deleted automatically")
+            try:
+                client.delete_user(rows[0]["user_id"])
+            except JellyfinError as e:
+                if e.status != 404:
+                    raise
+            self.library.refresh_users(target)
+            self.store.finish_job(job, "done", None, {"result": "ok", "new": "deleted"})
+            log.info("%s: deleted user %s (deleted on %s)", target, rows[0]["name"], job.source)
+            return "ok"
+        # user_rename
+        if not value.get("old"):
+            raise SyncError(
+                f"renamed to {value['name']!r} on {job.source}, but the old name is unknown; rename by hand"
+            )
+        if not rows:
+            raise SyncError(f"no user named {value['old']!r} on {target}")
+        if rows[0]["name"] == value["name"]:
+            self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already has that name"})
+            return "noop"
+        # Our own rename comes back as UserUpdated from the target: record the new name first.
+        self.store.rename_user(target, rows[0]["user_id"], value["name"])
+        client.rename_user(rows[0]["user_id"], value["name"])
+        self.store.finish_job(job, "done", None, {"result": "ok", "old": rows[0]["name"], "new": value["name"]})
+        log.info("%s: renamed user %s to %s (from %s)", target, rows[0]["name"], value["name"], job.source)
+        return "ok"
+
+    def _mapped_name(self, person: str, server: str) -> str | None:
+        for group in self.config.users.map:
+            if name_key(group[0][1]) == person:
+                return dict(group).get(server)
+        return None
 
     @staticmethod
     def _scale(position: int, src_runtime: int | None, tgt_runtime: int | None) -> int:
@@ -1844,6 +2117,7 @@ class Syncer:
                 next_check = time.monotonic() + (30.0 if state["reachable"] else min(interval, 10.0))
                 if state["reachable"]:
                     try:
+                        self.library.ensure_users(target)
                         self.library.ensure_index(target)
                     except JellyfinError as e:
                         log.warning("%s: cannot build the item index yet: %s", target, e)
@@ -2090,6 +2364,63 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
         rows, total = store.sync_log(limit, offset, **filters)
         entries = [{**dict(r), "at": format_time(r["at"])} for r in rows]
         return send({"entries": entries, "total": total, "limit": limit, "offset": offset})
+
+    @app.get("/api/users")
+    def api_users():
+        """Which user exists on which server (from the cached user index)."""
+        names = [s.name for s in config.servers]
+        people: dict[str, dict] = {}
+        for row in store.all_users():
+            person = config.person(row["server"], row["name"])
+            entry = people.setdefault(person, {"person": person, "name": row["name"], "servers": {}})
+            slot = entry["servers"].setdefault(row["server"], [])
+            slot.append({"name": row["name"], "id": row["user_id"], "admin": bool(row["is_admin"])})
+        users = []
+        for entry in sorted(people.values(), key=lambda e: e["person"]):
+            duplicates = [srv for srv, accounts in entry["servers"].items() if len(accounts) > 1]
+            users.append(
+                {
+                    **entry,
+                    "servers": {n: entry["servers"].get(n, [None])[0] for n in names},
+                    "synced": config.user_synced(entry["person"]),
+                    "duplicates_on": duplicates,
+                }
+            )
+        return send({"servers": names, "users": users, "passwords_pending": store.count_passwords()})
+
+    def require_api_token() -> None:
+        """Generated passwords are shown only to a caller holding server.api_token."""
+        if not config.api_token:
+            raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
+        given = bottle.request.headers.get("Authorization", "")
+        given = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), config.api_token.encode()):
+            raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
+
+    @app.get("/api/users/passwords")
+    def api_passwords():
+        require_api_token()
+        bottle.response.set_header("Cache-Control", "no-store")
+        rows = store.passwords()
+        return send(
+            [
+                {
+                    "id": r["id"],
+                    "server": r["server"],
+                    "username": r["username"],
+                    "password": r["password"],
+                    "created_at": format_time(r["created_at"]),
+                }
+                for r in rows
+            ]
+        )
+
+    @app.post("/api/users/passwords/<password_id:int>/ack")
+    def api_ack_password(password_id: int):
+        require_api_token()
+        if not store.ack_password(password_id):
+            return send({"error": "no pending password with that id"}, 404)
+        return send({"success": True, "message": "password erased"})
 
     @app.get("/")
     def index():

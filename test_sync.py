@@ -82,6 +82,7 @@ class FakeJellyfin:
         self.data: dict[tuple[str, str], dict] = {}
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []  # (method, path) of authenticated API calls
+        self.passwords: dict[str, str] = {}  # what /Users/New was given, to check it was set
         self.status_override: int | None = None  # e.g. 503: the server is "down"
         self.webhook_url: str | None = None
         self.echo_threads: list[threading.Thread] = []
@@ -153,6 +154,51 @@ class FakeJellyfin:
 
     def user(self, name: str) -> str:
         return next(u for u, d in self.users.items() if d["Name"].casefold() == name.casefold())
+
+    # accounts, as an administrator manages them (each fires its webhook)
+    def _create_user(self, body: dict):
+        name = body.get("Name") or ""
+        if not re.fullmatch(r"[\w\ \-'._@+]+", name) or any(
+            d["Name"].casefold() == name.casefold() for d in self.users.values()
+        ):
+            return 400, None  # duplicate or invalid: Jellyfin cannot tell which
+        uid = self.add_user(name)
+        self.passwords[uid] = body.get("Password") or ""
+        self.fire_user("UserCreated", uid)
+        if body.get("Password"):
+            self.fire_user("UserPasswordChanged", uid)
+        return 200, self.users[uid]
+
+    def delete_user(self, uid: str) -> None:
+        self.fire_user("UserDeleted", uid)
+        del self.users[uid]
+
+    def _rename_user(self, uid: str, name: str):
+        self.users[uid]["Name"] = name
+        self.fire_user("UserUpdated", uid)
+        return 204, None
+
+    def admin_creates_user(self, name: str, password: str = "pw"):
+        return self._create_user({"Name": name, "Password": password})[1]["Id"]
+
+    def admin_renames_user(self, old: str, new: str) -> None:
+        self._rename_user(self.user(old), new)
+
+    def fire_user(self, ntype: str, uid: str) -> None:
+        if not self.webhook_url:
+            return
+        body = fixture("UserCreated.json")
+        body.update(
+            ServerId=self.server_id,
+            ServerName=self.name,
+            ServerVersion=self.version,
+            NotificationType=ntype,
+            NotificationUsername=self.users[uid]["Name"],
+            UserId=uid,
+        )
+        t = threading.Thread(target=self._send, args=(json.dumps(body).encode(),), daemon=True)
+        self.echo_threads.append(t)
+        t.start()
 
     def item(self, name: str) -> str:
         return next(i for i, d in self.items.items() if d["Name"] == name)
@@ -397,6 +443,23 @@ class FakeJellyfin:
         need_user = lambda: q.get("userid") or (_ for _ in ()).throw(ValueError)  # noqa: E731
         if seg == ["Users"] and method == "GET":
             return 200, list(self.users.values())
+        if seg == ["Users", "New"] and method == "POST":
+            return self._create_user(body)
+        if seg == ["Users"] and method == "POST":  # 10.9+ update (rename) with ?userId=
+            if self.legacy or not q.get("userid"):
+                return (500 if self.legacy else 400), None
+            return self._rename_user(q["userid"], body["Name"])
+        if len(seg) == 2 and seg[0] == "Users" and method == "GET":
+            return 200, self.users[seg[1]]
+        if len(seg) == 2 and seg[0] == "Users" and method == "DELETE":
+            uid = seg[1]
+            if uid not in self.users:
+                return (500 if self.legacy else 404), None
+            self.delete_user(uid)
+            return 204, None
+        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Policy" and method == "POST":
+            self.users[seg[1]]["Policy"] = body
+            return 204, None
         if seg == ["Items"] and method == "GET":
             return 200, self._items(q)
         # 10.9+ routes with ?userId= (400 without it, as an API key has no user)
@@ -582,6 +645,7 @@ class Cluster:
         users=("alice", "bob"),
         policies=None,
         start=True,
+        extra=None,
         **sync,
     ):
         self.tmp = tmp
@@ -592,11 +656,20 @@ class Cluster:
             for name, type_, path, prov in LIBRARY:
                 f.add_item(name, type_, path, provider_ids=prov)
         self.config_path = write_config(tmp, self.fakes, **sync)
-        if policies:
+        if policies or extra:
             import yaml
 
             data = yaml.safe_load(self.config_path.read_text())
-            data["path_sync_policy"] = policies
+            if policies:
+                data["path_sync_policy"] = policies
+            for key, value in (extra or {}).items():
+                if isinstance(value, dict) and isinstance(data.get(key), dict):
+                    data[key].update(value)
+                elif key == "servers":
+                    for srv, fields in value.items():
+                        next(d for d in data["servers"] if d["name"] == srv).update(fields)
+                else:
+                    data[key] = value
             self.config_path.write_text(yaml.safe_dump(data))
         self.config = jds.load_config(self.config_path)
         self.svc: Running | None = None
@@ -911,6 +984,126 @@ def test_switched_off_kinds_are_not_synced(cluster):
     assert not c["parents"].ud("alice", "Dune")["IsFavorite"]
 
 
+# ── Users ────────────────────────────────────────────────────────────────────
+
+TOKEN = "api-token-for-tests"
+
+
+def test_a_new_user_is_created_everywhere_and_the_password_is_shown_once(cluster, caplog):
+    caplog.set_level("DEBUG", logger="jellyfin_db_sync")
+    c = cluster(extra={"servers": {"parents": {"passwordless": True}}, "server": {"api_token": TOKEN}})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.admin_creates_user("carol", "her-own-password")
+    eventually(lambda: any(d["Name"] == "carol" for d in parents.users.values()), what="carol on parents")
+    eventually(lambda: any(d["Name"] == "carol" for d in public.users.values()), what="carol on public")
+    c.settle()
+    assert parents.passwords[parents.user("carol")] == "", "a passwordless server gets no password"
+    generated = public.passwords[public.user("carol")]
+    assert len(generated) >= 16 and generated != "her-own-password"
+    assert sum(d["Name"].casefold() == "carol" for d in home.users.values()) == 1, "no echo loop"
+
+    assert c.svc.call("GET", "/api/users/passwords")[0] == 401
+    assert c.svc.call("GET", "/api/users/passwords", headers={"Authorization": "Bearer wrong"})[0] == 401
+    status, shown = c.svc.call("GET", "/api/users/passwords", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and [(p["server"], p["username"], p["password"]) for p in shown] == [
+        ("public", "carol", generated)
+    ]
+    matrix = c.svc.call("GET", "/api/users")[1]
+    carol = next(u for u in matrix["users"] if u["person"] == "carol")
+    assert all(carol["servers"][n] for n in ("home", "parents", "public")) and matrix["passwords_pending"] == 1
+    others = [c.svc.call("GET", p)[1] for p in ("/api/status", "/api/users", "/api/sync-log", "/api/events/failed")]
+    assert generated not in json.dumps(others) and generated not in caplog.text
+    status, _ = c.svc.call(
+        "POST", f"/api/users/passwords/{shown[0]['id']}/ack", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 200
+    assert c.svc.call("GET", "/api/users/passwords", headers={"Authorization": f"Bearer {TOKEN}"})[1] == []
+    assert c.svc.store._rows("SELECT count(*) FROM passwords")[0][0] == 0
+
+
+def test_disabled_mode_creates_accounts_without_password_and_disabled(cluster):
+    c = cluster(extra={"users": {"new_user_password": "disabled"}})
+    c["home"].admin_creates_user("dave")
+    eventually(lambda: any(d["Name"] == "dave" for d in c["public"].users.values()), what="dave on public")
+    dave = c["public"].users[c["public"].user("dave")]
+    eventually(lambda: dave["Policy"].get("IsDisabled"), what="dave disabled")
+    assert c["public"].passwords[dave["Id"]] == ""
+    assert c.svc.call("GET", "/api/users/passwords")[0] == 403  # no api_token configured
+
+
+def test_a_deleted_user_goes_everywhere_but_an_administrator_is_never_deleted(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    public.users[public.user("bob")]["Policy"]["IsAdministrator"] = True
+    home.delete_user(home.user("bob"))
+    eventually(lambda: not any(d["Name"] == "bob" for d in parents.users.values()), what="bob gone on parents")
+    failed = eventually(
+        lambda: [j for j in c.svc.call("GET", "/api/events/failed")[1] if j["target_server"] == "public"],
+        what="the refusal",
+    )
+    assert "administrator" in failed[0]["last_error"]
+    assert any(d["Name"] == "Bob" for d in public.users.values())
+    c.settle()
+    assert any(d["Name"] == "alice" for d in parents.users.values())
+
+
+def test_user_deletion_can_be_switched_off(cluster):
+    c = cluster(extra={"users": {"delete": False}})
+    c["home"].delete_user(c["home"].user("bob"))
+    c.settle()
+    assert any(d["Name"] == "bob" for d in c["parents"].users.values())
+
+
+def test_a_rename_follows_where_the_version_allows(cluster):
+    c = cluster(versions=("10.10.7", "12.0.0", "10.8.13"))
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.admin_renames_user("alice", "alice.m")
+    eventually(lambda: any(d["Name"] == "alice.m" for d in parents.users.values()), what="renamed on 12.0")
+    failed = eventually(
+        lambda: [j for j in c.svc.call("GET", "/api/events/failed")[1] if j["target_server"] == "public"],
+        what="10.8 reported",
+    )
+    assert "10.8" in failed[0]["last_error"]
+    assert any(d["Name"] == "Alice" for d in public.users.values()), "10.8 keeps the old name"
+    c.settle()
+    assert sum(d["Name"].casefold().startswith("alice") for d in home.users.values()) == 1
+
+
+def test_mapped_names_share_watch_state(cluster):
+    c = cluster(extra={"users": {"map": [{"home": "alice", "parents": "Alice.Smith"}]}})
+    home, parents = c["home"], c["parents"]
+    parents.users[parents.user("alice")]["Name"] = "Alice.Smith"
+    home.user_marks("alice", "Heat", True)
+    c.settle()
+    assert parents.ud("Alice.Smith", "Heat")["Played"]
+    assert c["public"].ud("alice", "Heat")["Played"]
+    parents.user_favourites("Alice.Smith", "Dune", True)
+    c.settle()
+    assert home.ud("alice", "Dune")["IsFavorite"]
+
+
+def test_include_and_exclude_lists(cluster):
+    c = cluster(extra={"users": {"exclude": ["BOB"]}})
+    c["home"].user_marks("bob", "Heat", True)
+    c["home"].user_marks("alice", "Heat", True)
+    c.settle()
+    assert c["parents"].ud("alice", "Heat")["Played"]
+    assert not c["parents"].ud("bob", "Heat")["Played"]
+
+
+def test_case_variant_duplicates_are_reported_not_guessed(cluster):
+    c = cluster(start=False)
+    public = c["public"]
+    public.add_user("ALICE")  # an old database: "Alice" and "ALICE" side by side
+    c.start()
+    c["home"].user_marks("alice", "Dune", True)
+    c.settle()
+    assert c["parents"].ud("alice", "Dune")["Played"]
+    assert not any(d["Played"] for (u, _i), d in public.data.items())
+    failed = c.svc.call("GET", "/api/events/failed")[1]
+    assert any(j["target_server"] == "public" and "several users" in j["last_error"] for j in failed)
+
+
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
 
 
@@ -974,14 +1167,20 @@ def test_webhook_token_in_header_bearer_or_query(tmp_path):
     try:
         body = fixture("UserDataSaved-played.json")
         rows = lambda: svc.store._rows("SELECT count(*) FROM inbox")[0][0]  # noqa: E731
-        for headers, path in [({}, "/webhook/home"), ({"X-Webhook-Token": "wrong"}, "/webhook/home"),
-                              ({"Authorization": "Bearer nope"}, "/webhook/home"), ({}, "/webhook/home?token=x")]:
+        for headers, path in [
+            ({}, "/webhook/home"),
+            ({"X-Webhook-Token": "wrong"}, "/webhook/home"),
+            ({"Authorization": "Bearer nope"}, "/webhook/home"),
+            ({}, "/webhook/home?token=x"),
+        ]:
             status, answer = svc.call("POST", path, body, headers)
             assert status == 401 and "token" in answer["error"], (headers, path)
         assert rows() == 0, "a refused webhook must write nothing"
-        for headers, path in [({"X-Webhook-Token": "s3cret-token"}, "/webhook/home"),
-                              ({"Authorization": "Bearer s3cret-token"}, "/webhook/home"),
-                              ({}, "/webhook/home?token=s3cret-token")]:
+        for headers, path in [
+            ({"X-Webhook-Token": "s3cret-token"}, "/webhook/home"),
+            ({"Authorization": "Bearer s3cret-token"}, "/webhook/home"),
+            ({}, "/webhook/home?token=s3cret-token"),
+        ]:
             assert svc.call("POST", path, body, headers)[0] == 202, (headers, path)
         assert rows() == 3
         status = svc.call("GET", "/api/status")[1]
@@ -1087,8 +1286,9 @@ def test_example_config_is_valid_and_documents_every_key():
     cfg = jds.load_config(HERE / "config.example.yaml")
     assert len(cfg.servers) >= 2
     text = (HERE / "config.example.yaml").read_text()
-    for f in jds.dataclasses.fields(jds.SyncConfig):
-        assert f"{f.name}:" in text, f"config.example.yaml does not document sync.{f.name}"
+    for section in (jds.SyncConfig, jds.UsersConfig):
+        for f in jds.dataclasses.fields(section):
+            assert f"{f.name}:" in text, f"config.example.yaml does not document {f.name}"
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
