@@ -324,24 +324,144 @@ def _check_type(value: Any, kind: str, where: str) -> Any:
     raise AssertionError(kind)
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a YAML config file. Every error names the file and the key."""
+# Environment variables for template users (unRAID, TrueNAS, docker run -e). Each also reads
+# VAR_FILE (a Docker secret). Servers: JDS_SERVER_<N>_NAME / _URL / _API_KEY / _PASSWORDLESS.
+ENV_VARS: dict[str, tuple[str, str, str]] = {
+    "JDS_HOST": ("server", "host", "str"),
+    "JDS_PORT": ("server", "port", "int"),
+    "JDS_WEBHOOK_TOKEN": ("server", "webhook_token", "str"),
+    "JDS_API_TOKEN": ("server", "api_token", "str"),
+    "JDS_DATABASE_PATH": ("database", "path", "str"),
+    "JDS_LOG_LEVEL": ("logging", "level", "str"),
+    "JDS_DRY_RUN": ("sync", "dry_run", "bool"),
+    "JDS_PROGRESS_DEBOUNCE_SECONDS": ("sync", "progress_debounce_seconds", "float"),
+    "JDS_MAX_RETRIES": ("sync", "max_retries", "int"),
+    "JDS_NEW_USER_PASSWORD": ("users", "new_user_password", "str"),
+    "JDS_DELETE_USERS": ("users", "delete", "bool"),
+}
+SERVER_ENV_FIELDS = {
+    "NAME": ("name", "str"),
+    "URL": ("url", "str"),
+    "API_KEY": ("api_key", "str"),
+    "PASSWORDLESS": ("passwordless", "bool"),
+}
+_SERVER_ENV = re.compile(r"^JDS_SERVER_(\d{1,2})_(NAME|URL|API_KEY|PASSWORDLESS)(_FILE)?$")
+
+
+def _env_value(name: str, raw: str, kind: str, file: bool) -> Any:
+    where = f"environment {name}"
+    if file:
+        try:
+            raw = Path(raw).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read {raw} ({e.strerror})") from None
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+    if kind in ("int", "float"):
+        try:
+            return int(raw) if kind == "int" else float(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def apply_env(data: dict, env: dict[str, str]) -> bool:
+    """Merge JDS_* variables over the file's settings. Returns True if any was set."""
+    used = False
+    for var, value in sorted(env.items()):
+        base, file = (var[:-5], True) if var.endswith("_FILE") else (var, False)
+        if base in ENV_VARS:
+            section, key, kind = ENV_VARS[base]
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"environment {var}: the config's {section}: is not a mapping")
+            data[section][key] = _env_value(var, value, kind, file)
+            used = True
+            continue
+        m = _SERVER_ENV.match(var)
+        if m:
+            index = int(m.group(1)) - 1
+            if index < 0:
+                raise ConfigError(f"environment {var}: servers are numbered from 1")
+            servers = data.setdefault("servers", [])
+            if not isinstance(servers, list):
+                raise ConfigError(f"environment {var}: the config's servers: is not a list")
+            while len(servers) <= index:
+                servers.append({})
+            key, kind = SERVER_ENV_FIELDS[m.group(2)]
+            servers[index][key] = _env_value(var, value, kind, bool(m.group(3)))
+            used = True
+    if "servers" in data and isinstance(data["servers"], list):
+        data["servers"] = [s for s in data["servers"] if s != {}]
+    return used
+
+
+STARTER_CONFIG = """\
+# jellyfin-db-sync configuration: fill in your servers, then start the program again.
+# Every key is explained in config.example.yaml and the README.
+servers:
+  - name: home                      # part of the webhook URL: http://<this host>:8080/webhook/home
+    url: http://192.168.1.10:8096   # how this program reaches that Jellyfin server
+    api_key: paste-an-api-key-here  # Jellyfin: Dashboard → API Keys → "+"
+    passwordless: false
+  - name: parents
+    url: https://jellyfin.example.com
+    api_key: paste-an-api-key-here
+    passwordless: false
+
+server:
+  port: 8080
+  webhook_token: ""                 # recommended; the plugin sends it as "X-Webhook-Token"
+
+database:
+  path: ./jellyfin-db-sync.db
+"""
+
+
+def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file, with JDS_* environment variables merged over it.
+    Every error names the file (or variable) and the key."""
     import yaml  # imported here so --help works before requirements are installed
 
+    env = dict(os.environ) if env is None else env
     src = str(path)
+    data: Any = {}
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{src}: file not found") from None
+        if not any(k.startswith("JDS_SERVER_") for k in env):
+            raise ConfigError(f"{src}: file not found") from None
+        text, src = "", "environment"
     except OSError as e:
         raise ConfigError(f"{src}: cannot read ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(text) if text else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{src}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    return parse_config(data or {}, src)
+    data = data or {}
+    if isinstance(data, dict) and apply_env(data, env) and src != "environment":
+        src = f"{src} + environment"
+    return parse_config(data, src)
+
+
+def masked(config: Config) -> dict:
+    """The effective configuration with every secret replaced, for --check-config."""
+
+    def mask(secret: str) -> str:
+        return "" if not secret else "***" + (secret[-2:] if len(secret) >= 12 else "")
+
+    out = dataclasses.asdict(config)
+    for srv in out["servers"]:
+        srv["api_key"] = mask(srv["api_key"])
+    out["webhook_token"] = mask(config.webhook_token)
+    out["api_token"] = mask(config.api_token)
+    return out
 
 
 def parse_config(data: Any, src: str = "<config>") -> Config:
@@ -381,6 +501,8 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise err(f"{at}.url", f"{url!r} is not an http:// or https:// URL")
         api_key = _check_type(raw["api_key"], "str", f"{src}: {at}.api_key")
+        if api_key in ("paste-an-api-key-here", "your-api-key-here"):
+            raise err(f"{at}.api_key", "still the example value: paste the server's API key (Dashboard → API Keys)")
         passwordless = _check_type(raw.get("passwordless", False), "bool", f"{src}: {at}.passwordless")
         pmap = raw.get("path_map") or {}
         if not isinstance(pmap, dict):
@@ -2528,17 +2650,67 @@ class Service:
         self.store.close()
 
 
+def write_starter_config(path: str) -> int:
+    """First run without a config: write a commented starter file and say what to do."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(STARTER_CONFIG)
+    except OSError as e:
+        print(
+            f"jellyfin-db-sync: no config at {path}, and cannot write a starter one there ({e.strerror}).\n"
+            "Copy config.example.yaml to that path, or set JDS_SERVER_1_NAME/URL/API_KEY and "
+            "JDS_SERVER_2_NAME/URL/API_KEY.",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"jellyfin-db-sync: no configuration found, so a starter one was written to {path}.\n"
+        "Fill in each Jellyfin server's url and api_key (Dashboard → API Keys), then start again.\n"
+        "Check it first with: python jellyfin_db_sync.py --check-config --config " + path,
+        file=sys.stderr,
+    )
+    return 2
+
+
+def check_config(config: Config) -> int:
+    """--check-config: print the effective config (secrets masked) and test every server."""
+    print(f"configuration from {config.source}: valid")
+    print(json.dumps(masked(config), indent=2))
+    failures = 0
+    for s in config.servers:
+        client = JellyfinClient(s, timeout=5)
+        try:
+            info = client.info()
+            users = client.users()  # needs a valid API key
+            print(f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted ({len(users)} users)")
+        except JellyfinError as e:
+            failures += 1
+            hint = " — the API key was refused" if e.status == 401 else ""
+            print(f"✗ {s.name}: {e}{hint}")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jellyfin_db_sync.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file (default: $CONFIG_PATH, /config/config.yaml, ./config.yaml)")
     parser.add_argument("--version", action="version", version=f"jellyfin-db-sync {__version__}")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print it with secrets masked, test each server, and exit",
+    )
     args = parser.parse_args(argv)
     path = find_config_path(args.config)
+    if not os.path.exists(path) and not any(k.startswith("JDS_SERVER_") for k in os.environ):
+        return write_starter_config(path)
     try:
         config = load_config(path)
     except ConfigError as e:
         print(f"jellyfin-db-sync: configuration error: {e}", file=sys.stderr)
         return 2
+    if args.check_config:
+        return check_config(config)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:

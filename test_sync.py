@@ -1282,8 +1282,17 @@ def test_config_errors_name_the_key_and_exit_2(tmp_path, mutate, key):
     assert key in res.stderr and str(path) in res.stderr and "Traceback" not in res.stderr
 
 
-def test_example_config_is_valid_and_documents_every_key():
-    cfg = jds.load_config(HERE / "config.example.yaml")
+def filled_example(tmp_path: Path) -> Path:
+    """config.example.yaml with its placeholder API keys filled in, as a user would."""
+    path = tmp_path / "example.yaml"
+    path.write_text((HERE / "config.example.yaml").read_text().replace("your-api-key-here", "0123456789abcdef"))
+    return path
+
+
+def test_example_config_is_valid_and_documents_every_key(tmp_path):
+    with pytest.raises(jds.ConfigError, match=r"servers\[0\]\.api_key: still the example value"):
+        jds.load_config(HERE / "config.example.yaml", {})
+    cfg = jds.load_config(filled_example(tmp_path), {})
     assert len(cfg.servers) >= 2
     text = (HERE / "config.example.yaml").read_text()
     for section in (jds.SyncConfig, jds.UsersConfig):
@@ -1291,9 +1300,60 @@ def test_example_config_is_valid_and_documents_every_key():
             assert f"{f.name}:" in text, f"config.example.yaml does not document {f.name}"
 
 
-def test_missing_config_file_is_a_clear_error(tmp_path):
-    res = run_cli("--config", str(tmp_path / "nope.yaml"))
-    assert res.returncode == 2 and "file not found" in res.stderr
+def test_first_run_without_config_writes_a_starter_file(tmp_path):
+    path = tmp_path / "config" / "config.yaml"
+    res = run_cli("--config", str(path))
+    assert res.returncode == 2 and "starter" in res.stderr and str(path) in res.stderr
+    assert "api_key" in path.read_text()
+    res = run_cli("--config", str(path))  # still placeholders: a clear error, not a traceback
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_environment_variables_configure_everything_a_template_needs(tmp_path):
+    secret = tmp_path / "key2"
+    secret.write_text("key-two-from-a-docker-secret\n")
+    env = {
+        "JDS_SERVER_1_NAME": "lan",
+        "JDS_SERVER_1_URL": "http://10.0.0.2:8096",
+        "JDS_SERVER_1_API_KEY": "k1",
+        "JDS_SERVER_1_PASSWORDLESS": "true",
+        "JDS_SERVER_2_NAME": "wan",
+        "JDS_SERVER_2_URL": "https://jf.example.com",
+        "JDS_SERVER_2_API_KEY_FILE": str(secret),
+        "JDS_PORT": "9090",
+        "JDS_WEBHOOK_TOKEN": "tok",
+        "JDS_DATABASE_PATH": str(tmp_path / "x.db"),
+        "JDS_LOG_LEVEL": "debug",
+    }
+    cfg = jds.load_config(tmp_path / "absent.yaml", env)
+    assert [(s.name, s.url, s.api_key, s.passwordless) for s in cfg.servers] == [
+        ("lan", "http://10.0.0.2:8096", "k1", True),
+        ("wan", "https://jf.example.com", "key-two-from-a-docker-secret", False),
+    ]
+    assert (cfg.port, cfg.webhook_token, cfg.log_level) == (9090, "tok", "DEBUG")
+    # Merged over a file: the variable wins, the rest of the file stays.
+    cfg = jds.load_config(filled_example(tmp_path), {"JDS_SERVER_2_URL": "http://other:8096", "JDS_PORT": "8181"})
+    assert cfg.servers[1].url == "http://other:8096" and cfg.servers[1].name == "lan" and cfg.port == 8181
+    assert "environment" in cfg.source
+    with pytest.raises(jds.ConfigError, match="JDS_PORT"):
+        jds.load_config(filled_example(tmp_path), {"JDS_PORT": "eighty"})
+
+
+def test_check_config_masks_secrets_and_tests_each_server(tmp_path):
+    fakes = [FakeJellyfin("home", "10.11.8"), FakeJellyfin("parents", "12.0.0")]
+    for f in fakes:
+        f.add_user("alice")
+    cfg = write_config(tmp_path, fakes)
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "✓ home: Jellyfin 10.11.8" in res.stdout and "✓ parents: Jellyfin 12.0.0" in res.stdout
+    for f in fakes:
+        assert f.api_key not in res.stdout and f.api_key[-2:] in res.stdout
+    fakes[1].api_key = "rotated"  # the configured key no longer works
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 1 and "✗ parents" in res.stdout and "refused" in res.stdout
+    for f in fakes:
+        f.close()
 
 
 # ── Process life: SIGTERM and SIGKILL ────────────────────────────────────────
