@@ -418,7 +418,7 @@ server:
   webhook_token: ""                 # recommended; the plugin sends it as "X-Webhook-Token"
 
 database:
-  path: ./jellyfin-db-sync.db
+  path: {database}
 """
 
 
@@ -2655,7 +2655,9 @@ def write_starter_config(path: str) -> int:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "x", encoding="utf-8") as f:
-            f.write(STARTER_CONFIG)
+            # In the Docker image /data is the database volume; elsewhere, beside the config.
+            db = "/data/jellyfin-db-sync.db" if os.path.isdir("/data") else str(Path(path).parent / "jellyfin-db-sync.db")
+            f.write(STARTER_CONFIG.format(database=db))
     except OSError as e:
         print(
             f"jellyfin-db-sync: no config at {path}, and cannot write a starter one there ({e.strerror}).\n"

@@ -1356,6 +1356,93 @@ def test_check_config_masks_secrets_and_tests_each_server(tmp_path):
         f.close()
 
 
+# ── Packaging: Docker, unRAID, TrueNAS ───────────────────────────────────────
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (HERE / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def known_env_var(name: str) -> bool:
+    return name in jds.ENV_VARS or bool(jds._SERVER_ENV.match(name)) or name in ("TZ", "CONFIG_PATH")
+
+
+def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_path):
+    ins = dict(dockerfile_instructions())
+    assert ins["FROM"].startswith("python:3.1") and "slim" in ins["FROM"]
+    assert re.fullmatch(r"\d+:\d+", ins["USER"]) and not ins["USER"].startswith("0")
+    assert ins["EXPOSE"] == "8080" and json.loads(ins["VOLUME"]) == ["/config", "/data"]
+    assert json.loads(ins["ENTRYPOINT"])[0] == "python"  # exec form: Python is PID 1, gets SIGTERM
+    for line in (v for k, v in dockerfile_instructions() if k == "COPY"):
+        for src in line.split()[:-1]:
+            assert (HERE / src).exists(), f"Dockerfile copies {src}, which does not exist"
+    # The HEALTHCHECK command, run exactly as Docker would, against a live instance.
+    cmd = json.loads(ins["HEALTHCHECK"].split(" CMD ", 1)[1])
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    port = free_port()
+    proc = start_process(write_config(tmp_path, fakes, port=port), port)
+    try:
+        ok = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False)
+        assert ok.returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        for f in fakes:
+            f.close()
+    down = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False,
+                          capture_output=True)
+    assert down.returncode == 1
+
+
+def test_unraid_template_is_valid_and_uses_only_variables_the_program_reads():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(HERE / "deploy" / "unraid-jellyfin-db-sync.xml").getroot()
+    assert root.tag == "Container" and root.get("version") == "2"
+    for tag in ("Name", "Repository", "Support", "Project", "Overview", "WebUI", "Category"):
+        assert (root.findtext(tag) or "").strip(), f"missing <{tag}>"
+    for bloat in ("DateInstalled", "Networking", "Data", "Environment"):
+        assert root.find(bloat) is None
+    configs = root.findall("Config")
+    ports = {c.get("Target") for c in configs if c.get("Type") == "Port"}
+    assert re.search(r"\[PORT:(\d+)\]", root.findtext("WebUI")).group(1) in ports
+    paths = {c.get("Target") for c in configs if c.get("Type") == "Path"}
+    assert paths == {"/config", "/data"}
+    variables = {c.get("Target"): c for c in configs if c.get("Type") == "Variable"}
+    for name, c in variables.items():
+        assert known_env_var(name), f"{name} is not read by jellyfin_db_sync.py"
+        assert c.get("Display") in ("always", "advanced") and c.get("Description")
+        if "KEY" in name or "TOKEN" in name:
+            assert c.get("Mask") == "true", f"{name} must be masked"
+    for n in (1, 2):
+        for field in ("NAME", "URL", "API_KEY"):
+            assert f"JDS_SERVER_{n}_{field}" in variables
+
+
+def test_truenas_compose_file_is_valid_and_uses_only_variables_the_program_reads(tmp_path):
+    import yaml
+
+    data = yaml.safe_load((HERE / "deploy" / "docker-compose.yaml").read_text())
+    svc = data["services"]["jellyfin-db-sync"]
+    assert re.fullmatch(r"\d+:\d+", svc["user"]) and svc["restart"] == "unless-stopped"
+    host_port, container_port = svc["ports"][0].split(":")
+    assert container_port == "8080" and data["x-portals"][0]["port"] == int(host_port)
+    assert {v.split(":")[1] for v in svc["volumes"]} == {"/config", "/data"}
+    env = {k: str(v) for k, v in svc["environment"].items()}
+    assert all(known_env_var(k) for k in env), [k for k in env if not known_env_var(k)]
+    # Filled in, the environment alone is a working configuration.
+    env.update(JDS_SERVER_1_API_KEY="k1", JDS_SERVER_2_API_KEY="k2")
+    cfg = jds.load_config(tmp_path / "none.yaml", env)
+    assert [s.name for s in cfg.servers] == ["home", "remote"]
+
+
 # ── Process life: SIGTERM and SIGKILL ────────────────────────────────────────
 
 

@@ -1,0 +1,40 @@
+# jellyfin-db-sync: one Python file, three small dependencies.
+#   docker run -d --name jellyfin-db-sync -p 8080:8080 \
+#     -v /path/to/config:/config -v /path/to/data:/data ghcr.io/OWNER/jellyfin-db-sync
+# Runs as UID/GID 1000 by default; pick another with --user 99:100 (unRAID) or user: (compose),
+# matching the owner of the /config and /data folders on the host.
+FROM python:3.12-slim
+
+ARG VERSION=1.0.0
+LABEL org.opencontainers.image.title="jellyfin-db-sync" \
+      org.opencontainers.image.description="Keeps several Jellyfin servers' watch state and users in step" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT" \
+      net.unraid.docker.webui="http://[IP]:[PORT:8080]/"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CONFIG_PATH=/config/config.yaml
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt \
+ && mkdir -p /config /data \
+ && chown 1000:1000 /config /data
+
+COPY jellyfin_db_sync.py config.example.yaml ./
+COPY static/ static/
+
+USER 1000:1000
+VOLUME ["/config", "/data"]
+EXPOSE 8080
+
+# Python's standard library only: no curl in the image.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('JDS_PORT', '8080'), timeout=4).status == 200 else 1)"]
+
+# Exec form: Python is PID 1 and handles SIGTERM itself (docker stop exits within seconds).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "/app/jellyfin_db_sync.py"]
