@@ -1052,6 +1052,38 @@ class Store:
             )
             return cur.rowcount == 1
 
+    def discard_job(self, job_id: int) -> bool:
+        """Operator's discard: a failed, skipped or waiting job is dropped (kept as 'discarded')."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE jobs SET status='discarded', updated_at=? "
+                "WHERE id=? AND status IN ('failed', 'waiting', 'skipped')",
+                (utcnow(), job_id),
+            )
+            return cur.rowcount == 1
+
+    def job_target(self, job_id: int) -> str | None:
+        rows = self._rows("SELECT target FROM jobs WHERE id=?", (job_id,))
+        return rows[0][0] if rows else None
+
+    def timeline(self, minutes: int) -> list[dict]:
+        """Writes per minute over the last ``minutes`` (for the dashboard's chart)."""
+        since = utcnow() - minutes * 60
+        rows = self._rows(
+            "SELECT CAST(at / 60 AS INTEGER) AS minute, result, count(*) FROM sync_log WHERE at >= ? "
+            "GROUP BY minute, result ORDER BY minute",
+            (since,),
+        )
+        out: dict[int, dict] = {}
+        for minute, result, n in rows:
+            out.setdefault(minute, {"minute": format_time(minute * 60), "ok": 0, "failed": 0, "other": 0})
+            key = result if result in ("ok", "failed") else "other"
+            out[minute][key] += n
+        return list(out.values())
+
+    def done_since(self, since: float) -> int:
+        return self._rows("SELECT count(*) FROM jobs WHERE status='done' AND updated_at >= ?", (since,))[0][0]
+
     def wake_waiting(self, target: str) -> int:
         """An item was added on ``target``: jobs waiting for an item there are due now."""
         with self._tx() as c:
@@ -1187,10 +1219,19 @@ class Store:
     # sync log and stats
     def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[sqlite3.Row], int]:
         where, args = [], []
-        for col in ("source", "target", "username", "result", "field"):
+        if filters.get("username"):  # a part of the name, any case: what a person types
+            where.append("username LIKE ?")
+            args.append("%" + filters["username"].replace("%", "").replace("_", "") + "%")
+        if filters.get("result") == "changes":  # what a person means by "what happened"
+            where.append("result IN ('ok', 'failed', 'skipped', 'absent', 'dry_run')")
+            filters = {**filters, "result": None}
+        for col in ("source", "target", "result", "field"):
             if filters.get(col):
                 where.append(f"{col} = ?")
                 args.append(filters[col])
+        if filters.get("server"):
+            where.append("(source = ? OR target = ?)")
+            args += [filters["server"], filters["server"]]
         if filters.get("since"):
             where.append("at >= ?")
             args.append(filters["since"])
@@ -2365,6 +2406,7 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
             "failed_events": counts.get("failed", 0),
             "skipped_events": counts.get("skipped", 0),
             "done_events": counts.get("done", 0),
+            "done_last_hour": store.done_since(utcnow() - 3600),
             "worker_running": syncer.alive(),
         }
 
@@ -2471,18 +2513,87 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
     def api_retry(job_id: int):
         ok = store.retry_job(job_id)
         if ok:
-            target = store._rows("SELECT target FROM jobs WHERE id=?", (job_id,))[0][0]
-            syncer.wake_target(target)
+            syncer.wake_target(store.job_target(job_id))
         return send(
             {"success": ok, "message": "queued for retry" if ok else "no failed, skipped or waiting job with that id"},
             200 if ok else 404,
         )
 
+    @app.post("/api/events/<job_id:int>/discard")
+    def api_discard(job_id: int):
+        if not store.discard_job(job_id):
+            return send({"success": False, "message": "no failed, skipped or waiting job with that id"}, 404)
+        return send({"success": True, "message": "discarded"})
+
+    @app.get("/api/timeline")
+    def api_timeline():
+        try:
+            minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
+        except ValueError:
+            raise bottle.HTTPError(400, "minutes must be a whole number") from None
+        return send({"minutes": minutes, "points": store.timeline(minutes)})
+
+    @app.get("/metrics")
+    def metrics():
+        """Prometheus text format, written by hand (no client library on a NAS)."""
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+            lines.append(f"# HELP jellyfin_db_sync_{name} {help_}")
+            lines.append(f"# TYPE jellyfin_db_sync_{name} {kind}")
+            for labels, value in samples:
+                lab = ",".join(f'{k}="{_prom_escape(str(v))}"' for k, v in labels.items())
+                lines.append(f"jellyfin_db_sync_{name}{{{lab}}} {value}" if lab else f"jellyfin_db_sync_{name} {value}")
+
+        with syncer._counter_lock:
+            counters = dict(syncer.counters)
+        hooks = [
+            ({"server": k.split("|")[1], "type": k.split("|")[2]}, v)
+            for k, v in counters.items()
+            if k.startswith("webhooks|")
+        ]
+        results = [
+            ({"target": k.split("|")[1], "result": k.split("|")[2]}, v)
+            for k, v in counters.items()
+            if k.startswith("sync|")
+        ]
+        metric("webhooks_received_total", "counter", "Webhooks received since start, by server and type", hooks)
+        metric("sync_results_total", "counter", "Applied jobs since start, by target and result", results)
+        metric(
+            "jobs",
+            "gauge",
+            "Jobs in the queue by state",
+            [({"state": k}, v) for k, v in sorted(store.job_counts().items())],
+        )
+        metric("inbox_unplanned", "gauge", "Webhooks stored but not yet planned", [({}, store.count_unplanned())])
+        age = store.oldest_live_job_age()
+        metric("oldest_job_age_seconds", "gauge", "Age of the oldest pending job", [({}, round(age or 0.0, 3))])
+        metric(
+            "server_up",
+            "gauge",
+            "1 if the server answered its last check",
+            [({"server": n}, 1 if h["reachable"] else 0) for n, h in syncer.health.items()],
+        )
+        metric(
+            "server_request_latency_seconds",
+            "gauge",
+            "Latency of the server's last status check",
+            [({"server": n}, round((h["latency_ms"] or 0) / 1000, 4)) for n, h in syncer.health.items()],
+        )
+        metric(
+            "server_requests_total",
+            "counter",
+            "REST requests made to the server since start",
+            [({"server": n}, c.requests) for n, c in syncer.clients.items()],
+        )
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return "\n".join(lines) + "\n"
+
     @app.get("/api/sync-log")
     def api_sync_log():
         limit, offset = _limit()
         q = bottle.request.query
-        filters = {k: q.get(k) for k in ("source", "target", "username", "result", "field")}
+        filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field")}
         rows, total = store.sync_log(limit, offset, **filters)
         entries = [{**dict(r), "at": format_time(r["at"])} for r in rows]
         return send({"entries": entries, "total": total, "limit": limit, "offset": offset})
@@ -2555,6 +2666,10 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
         return bottle.static_file(path, root=str(STATIC_ROOT))
 
     return app
+
+
+def _prom_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _token_ok(request: Any, token: str) -> bool:
@@ -2656,7 +2771,11 @@ def write_starter_config(path: str) -> int:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "x", encoding="utf-8") as f:
             # In the Docker image /data is the database volume; elsewhere, beside the config.
-            db = "/data/jellyfin-db-sync.db" if os.path.isdir("/data") else str(Path(path).parent / "jellyfin-db-sync.db")
+            db = (
+                "/data/jellyfin-db-sync.db"
+                if os.path.isdir("/data")
+                else str(Path(path).parent / "jellyfin-db-sync.db")
+            )
             f.write(STARTER_CONFIG.format(database=db))
     except OSError as e:
         print(

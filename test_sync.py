@@ -1356,6 +1356,101 @@ def test_check_config_masks_secrets_and_tests_each_server(tmp_path):
         f.close()
 
 
+# ── Dashboard ────────────────────────────────────────────────────────────────
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def test_dashboard_api_metrics_timeline_and_discard(cluster):
+    c = cluster(max_retries=0)
+    c["parents"].status_override = 500
+    c["home"].user_marks("alice", "Heat", True)
+    failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed job")
+    status, body = c.svc.call("POST", f"/api/events/{failed[0]['id']}/discard")
+    assert status == 200 and body["success"]
+    assert c.svc.call("GET", "/api/events/failed")[1] == []
+    assert c.svc.call("POST", f"/api/events/{failed[0]['id']}/discard")[0] == 404
+    c["parents"].status_override = None
+    c.settle()
+    tl = c.svc.call("GET", "/api/timeline?minutes=10")[1]
+    assert sum(p["ok"] for p in tl["points"]) >= 1 and sum(p["failed"] for p in tl["points"]) >= 1
+    assert c.svc.call("GET", "/api/timeline?minutes=x")[0] == 400
+    conn = HTTPConnection("127.0.0.1", c.svc.port, timeout=5)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+    assert re.search(
+        r'^jellyfin_db_sync_webhooks_received_total\{server="home",type="UserDataSaved"\} [1-9]', text, re.M
+    )
+    assert re.search(r'^jellyfin_db_sync_sync_results_total\{target="public",result="ok"\} [1-9]', text, re.M)
+    assert re.search(r'^jellyfin_db_sync_server_up\{server="parents"\} 1$', text, re.M)
+    assert "# TYPE jellyfin_db_sync_jobs gauge" in text and "jellyfin_db_sync_oldest_job_age_seconds" in text
+    for f in c.fakes:
+        assert f.api_key not in text
+    page = c.svc.call("GET", "/")
+    assert page[0] == 200 and "jellyfin-db-sync" in page[1]
+    assert c.svc.call("GET", "/static/../jellyfin_db_sync.py")[0] in (403, 404)
+
+
+def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(max_retries=0)
+    home, parents = c["home"], c["parents"]
+    shots = HERE / "docs"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(c.svc.url + "/")
+        expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
+        expect(page.locator("#feed-empty")).to_contain_text("No changes synced yet")
+        # A change on one server shows up in the feed without a reload.
+        home.user_marks("alice", "Arrival", True)
+        expect(page.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
+        expect(page.locator("#feed tbody tr").first).to_contain_text("written")
+        # A server that fails: the job shows with its reason; "Retry now" makes it go through.
+        parents.status_override = 500
+        home.user_favourites("bob", "Dune", True)
+        row = (
+            page.locator("#problems tbody tr", has_text="Dune").filter(has_text="parents").filter(has_text="favourite")
+        )
+        expect(row.first).to_contain_text("HTTP 500", timeout=10000)
+        parents.status_override = None
+        row.first.get_by_role("button", name=re.compile("Retry job")).click()
+        eventually(lambda: parents.ud("bob", "Dune")["IsFavorite"], what="the retried job")
+        expect(row).to_have_count(0, timeout=10000)
+        # The rating job from the same click failed too (nothing to change there): retry it as well.
+        page.locator("#problems tbody tr").first.get_by_role("button", name=re.compile("Retry job")).click()
+        expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
+        expect(page.locator("#feed tbody")).to_contain_text("favourite", timeout=10000)
+        page.locator("#f-user").fill("bob")
+        expect(page.locator("#feed tbody tr").first).to_contain_text("bob")
+        page.locator("#f-user").fill("")
+        page.wait_for_timeout(2500)  # one more refresh, for a settled picture
+        page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)
+        phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+        phone.goto(c.svc.url + "/")
+        expect(phone.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "no sideways scrolling"
+        phone.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
+        browser.close()
+
+
 # ── Packaging: Docker, unRAID, TrueNAS ───────────────────────────────────────
 
 
@@ -1396,8 +1491,7 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
         proc.wait(10)
         for f in fakes:
             f.close()
-    down = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False,
-                          capture_output=True)
+    down = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False, capture_output=True)
     assert down.returncode == 1
 
 

@@ -1,0 +1,211 @@
+// jellyfin-db-sync dashboard: reads the JSON API every 2 seconds and renders it.
+// Everything from the API is inserted as text (item names come from Jellyfin), never as HTML.
+"use strict";
+
+const PAGE = 25;
+let offset = 0;
+let knownServers = [];
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return node;
+}
+
+async function api(path, options) {
+  const res = await fetch(path, { cache: "no-store", ...options });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error || body.message || res.statusText);
+  return body;
+}
+
+function ago(iso) {
+  if (!iso) return "never";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+  return new Date(iso).toLocaleString();
+}
+
+const FIELD = { played: "watched", position: "position", favorite: "favourite", likes: "rating",
+  user_create: "account", user_delete: "account", user_rename: "account" };
+const RESULT = { ok: ["written", "ok"], noop: ["already so", "muted"], failed: ["failed", "bad"],
+  skipped: ["skipped", "warn"], absent: ["not found", "warn"], stale: ["older", "muted"], dry_run: ["dry run", "muted"] };
+
+function renderStatus(st) {
+  const badge = $("overall");
+  badge.textContent = st.status;
+  badge.className = `badge ${st.status}`;
+  $("version").textContent = `v${st.version} · up ${Math.round(st.uptime_seconds / 60)} min`;
+  const warnings = [...st.warnings];
+  if (st.dry_run) warnings.push("Dry run: changes are decided and logged, but nothing is written to Jellyfin.");
+  $("warnings").hidden = warnings.length === 0;
+  $("warnings").replaceChildren(...warnings.map((w) => el("p", {}, w)));
+
+  knownServers = st.servers.map((s) => s.name);
+  const sel = $("f-server");
+  if (sel.options.length !== knownServers.length + 1) {
+    sel.replaceChildren(el("option", { value: "" }, "any"), ...knownServers.map((n) => el("option", { value: n }, n)));
+  }
+  const cards = st.servers.map((s) => {
+    const hook = `${location.origin}${s.webhook_url_path}`;
+    const state = s.reachable === null ? ["checking…", "muted"] : s.reachable ? ["reachable", "ok"] : ["unreachable", "bad"];
+    return el("article", { class: "card", "aria-label": `server ${s.name}` },
+      el("h3", {}, s.name, el("span", { class: state[1] }, state[0])),
+      el("p", { class: "muted" }, s.url),
+      s.version ? el("p", {}, `Jellyfin ${s.version}`, s.latency_ms != null ? ` · ${s.latency_ms} ms` : "") : "",
+      s.error ? el("p", { class: "bad" }, s.error) : "",
+      ...s.limits.map((l) => el("p", { class: "warn" }, l)),
+      s.last_webhook_at
+        ? el("p", {}, `Last webhook ${ago(s.last_webhook_at)}`)
+        : el("p", { class: "warn" }, "No webhook received yet. In this server's Webhook plugin, use the URL ",
+             el("code", {}, hook), " with “Send All Properties”."));
+  });
+  if (cards.length === 0) cards.push(el("p", { class: "warn" }, "No servers configured: add them to config.yaml."));
+  $("servers").replaceChildren(...cards);
+
+  const q = st.queue;
+  $("q-pending").textContent = q.pending_events + q.processing_events;
+  $("q-waiting").textContent = q.waiting_for_item_events;
+  $("q-failed").textContent = q.failed_events + q.skipped_events;
+  $("q-done").textContent = q.done_last_hour;
+}
+
+function renderChart(tl) {
+  const svg = $("chart");
+  const now = Math.floor(Date.now() / 60000);
+  const width = 360 / tl.minutes;
+  const max = Math.max(1, ...tl.points.map((p) => p.ok + p.failed + p.other));
+  const ns = "http://www.w3.org/2000/svg";
+  let total = 0;
+  const bars = [];
+  for (const p of tl.points) {
+    const x = (tl.minutes - (now - Math.floor(Date.parse(p.minute) / 60000)) - 1) * width;
+    let y = 60;
+    for (const kind of ["ok", "failed", "other"]) {
+      const h = (p[kind] / max) * 58;
+      total += p[kind];
+      if (!h) continue;
+      y -= h;
+      const r = document.createElementNS(ns, "rect");
+      r.setAttribute("x", x.toFixed(2)); r.setAttribute("y", y.toFixed(2));
+      r.setAttribute("width", Math.max(width - 0.3, 0.5).toFixed(2)); r.setAttribute("height", h.toFixed(2));
+      r.setAttribute("class", kind);
+      bars.push(r);
+    }
+  }
+  svg.replaceChildren(...bars);
+  $("chart-total").textContent = `(${total} in all)`;
+}
+
+function change(e) {
+  if (e.field.startsWith("user_")) return e.new || e.field.replace("user_", "");
+  return FIELD[e.field] || e.field;
+}
+
+function renderFeed(log) {
+  const rows = log.entries.map((e) => {
+    const [label, cls] = RESULT[e.result] || [e.result, "muted"];
+    const fromTo = e.old && e.new ? `${e.old} → ${e.new}` : e.new || e.old || e.detail || "";
+    return el("tr", {},
+      el("td", { title: e.at }, ago(e.at)),
+      el("td", {}, e.username),
+      el("td", {}, e.item_name),
+      el("td", {}, change(e)),
+      el("td", {}, `${e.source} → ${e.target}`, el("br"), el("span", { class: "muted" }, fromTo)),
+      el("td", { class: cls, title: e.detail || "" }, label));
+  });
+  $("feed").querySelector("tbody").replaceChildren(...rows);
+  $("feed-empty").hidden = log.total > 0;
+  if (log.total === 0) {
+    $("feed-empty").textContent = log.entries.length === 0 && (filtersActive())
+      ? "No syncs match these filters." : "No changes synced yet: they appear here as soon as a server reports one.";
+  }
+  $("page").textContent = log.total ? `${offset + 1}–${offset + log.entries.length} of ${log.total}` : "";
+  $("prev").disabled = offset === 0;
+  $("next").disabled = offset + PAGE >= log.total;
+}
+
+function filtersActive() {
+  return $("f-user").value || $("f-server").value || $("f-result").value !== "changes";
+}
+
+async function act(kind, id) {
+  try {
+    await api(`/api/events/${id}/${kind}`, { method: "POST" });
+  } catch (err) {
+    alert(`Could not ${kind}: ${err.message}`);
+  }
+  refresh();
+}
+
+function renderProblems(jobs) {
+  const rows = jobs.map((j) => el("tr", { "data-job": j.id },
+    el("td", {}, ago(j.created_at)),
+    el("td", {}, j.username),
+    el("td", {}, j.item_name),
+    el("td", {}, FIELD[j.field] || j.field),
+    el("td", {}, j.target_server),
+    el("td", { class: j.status === "failed" ? "bad" : "warn" }, j.status),
+    el("td", {}, j.last_error || ""),
+    el("td", { class: "actions" },
+      el("button", { type: "button", "aria-label": `Retry job ${j.id} now`, onclick: () => act("retry", j.id) }, "Retry now"),
+      el("button", { type: "button", "aria-label": `Discard job ${j.id}`, onclick: () => act("discard", j.id) }, "Discard"))));
+  $("problems").querySelector("tbody").replaceChildren(...rows);
+  $("problems").hidden = rows.length === 0;
+  $("problems-empty").hidden = rows.length !== 0;
+}
+
+function renderUsers(u) {
+  const head = el("tr", {}, el("th", {}, "User"), ...u.servers.map((s) => el("th", {}, s)));
+  const rows = u.users.map((p) => el("tr", {},
+    el("td", {}, p.name, p.synced ? "" : el("span", { class: "muted" }, " (not synced)")),
+    ...u.servers.map((s) => {
+      const a = p.servers[s];
+      if (p.duplicates_on.includes(s)) return el("td", { class: "bad" }, "duplicates");
+      return el("td", { class: a ? "ok" : "muted" }, a ? `✓${a.admin ? " admin" : ""}${a.name !== p.name ? ` (${a.name})` : ""}` : "–");
+    })));
+  $("users").querySelector("thead").replaceChildren(head);
+  $("users").querySelector("tbody").replaceChildren(...rows);
+  $("users-note").textContent = u.passwords_pending
+    ? `${u.passwords_pending} generated password(s) wait to be collected: GET /api/users/passwords with the API token.`
+    : "";
+}
+
+async function refresh() {
+  const params = new URLSearchParams({ limit: PAGE, offset });
+  for (const [key, id] of [["username", "f-user"], ["server", "f-server"], ["result", "f-result"]]) {
+    if ($(id).value) params.set(key, $(id).value.trim());
+  }
+  try {
+    const [st, tl, log, waiting, failed, users] = await Promise.all([
+      api("/api/status"), api("/api/timeline?minutes=180"), api(`/api/sync-log?${params}`),
+      api("/api/events/waiting"), api("/api/events/failed"), api("/api/users")]);
+    $("offline").hidden = true;
+    renderStatus(st);
+    renderChart(tl);
+    renderFeed(log);
+    renderProblems([...failed, ...waiting]);
+    renderUsers(users);
+  } catch (err) {
+    $("offline").hidden = false;
+    $("overall").textContent = "no answer";
+    $("overall").className = "badge unhealthy";
+  }
+}
+
+$("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
+$("next").addEventListener("click", () => { offset += PAGE; refresh(); });
+for (const id of ["f-user", "f-server", "f-result"]) {
+  $(id).addEventListener("input", () => { offset = 0; refresh(); });
+}
+refresh();
+setInterval(refresh, 2000);
