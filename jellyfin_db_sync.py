@@ -12,6 +12,7 @@ the plugin configuration and every config key (see also ``config.example.yaml``)
 from __future__ import annotations
 
 import argparse
+import base64
 import calendar
 import dataclasses
 import hmac
@@ -98,6 +99,10 @@ KEEP_KEYS = frozenset(
 
 class SyncError(Exception):
     """Base of the errors this program explains to its user."""
+
+
+class StoreError(SyncError):
+    """The SQLite file cannot be used as it is; the message says what to do."""
 
 
 class ConfigError(SyncError):
@@ -241,6 +246,9 @@ class Config:
     port: int = 8080
     webhook_token: str = ""
     api_token: str = ""
+    auth_username: str = ""  # server.auth: the dashboard's and JSON API's sign-in
+    auth_password: str = ""
+    retention_days: float = 30.0
     log_level: str = "INFO"
     source: str = "<defaults>"
 
@@ -294,8 +302,8 @@ _SCHEMA: dict[str, Any] = {
     "sync": {f.name: f.type for f in dataclasses.fields(SyncConfig)},
     "users": dict,
     "path_sync_policy": list,
-    "database": {"path": "str", "journal_mode": "str"},
-    "server": {"host": "str", "port": "int", "webhook_token": "str", "api_token": "str"},
+    "database": {"path": "str", "journal_mode": "str", "retention_days": "float"},
+    "server": {"host": "str", "port": "int", "webhook_token": "str", "api_token": "str", "auth": "dict"},
     "logging": {"level": "str"},
 }
 _SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map"}
@@ -331,6 +339,9 @@ ENV_VARS: dict[str, tuple[str, str, str]] = {
     "JDS_PORT": ("server", "port", "int"),
     "JDS_WEBHOOK_TOKEN": ("server", "webhook_token", "str"),
     "JDS_API_TOKEN": ("server", "api_token", "str"),
+    "JDS_AUTH_USERNAME": ("server", "auth.username", "str"),
+    "JDS_AUTH_PASSWORD": ("server", "auth.password", "str"),
+    "JDS_RETENTION_DAYS": ("database", "retention_days", "float"),
     "JDS_DATABASE_PATH": ("database", "path", "str"),
     "JDS_LOG_LEVEL": ("logging", "level", "str"),
     "JDS_DRY_RUN": ("sync", "dry_run", "bool"),
@@ -379,7 +390,13 @@ def apply_env(data: dict, env: dict[str, str]) -> bool:
             data.setdefault(section, {})
             if not isinstance(data[section], dict):
                 raise ConfigError(f"environment {var}: the config's {section}: is not a mapping")
-            data[section][key] = _env_value(var, value, kind, file)
+            if "." in key:  # server.auth.username and the like
+                outer, inner = key.split(".")
+                if not isinstance(data[section].get(outer), dict):
+                    data[section][outer] = {}
+                data[section][outer][inner] = _env_value(var, value, kind, file)
+            else:
+                data[section][key] = _env_value(var, value, kind, file)
             used = True
             continue
         m = _SERVER_ENV.match(var)
@@ -461,6 +478,7 @@ def masked(config: Config) -> dict:
         srv["api_key"] = mask(srv["api_key"])
     out["webhook_token"] = mask(config.webhook_token)
     out["api_token"] = mask(config.api_token)
+    out["auth_password"] = mask(config.auth_password)
     return out
 
 
@@ -542,8 +560,17 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
     kwargs["path_sync_policy"] = tuple(policies)
 
     for section, mapping in (
-        ("database", {"path": "database_path", "journal_mode": "journal_mode"}),
-        ("server", {"host": "host", "port": "port", "webhook_token": "webhook_token", "api_token": "api_token"}),
+        ("database", {"path": "database_path", "journal_mode": "journal_mode", "retention_days": "retention_days"}),
+        (
+            "server",
+            {
+                "host": "host",
+                "port": "port",
+                "webhook_token": "webhook_token",
+                "api_token": "api_token",
+                "auth": "auth",
+            },
+        ),
         ("logging", {"level": "log_level"}),
     ):
         raw = data.get(section) or {}
@@ -552,6 +579,9 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         for key, value in raw.items():
             if key not in mapping:
                 raise err(f"{section}.{key}", f"unknown key (known: {', '.join(mapping)})")
+            if key == "auth":
+                kwargs["auth_username"], kwargs["auth_password"] = _parse_auth(value, err)
+                continue
             kwargs[mapping[key]] = _check_type(value, _SCHEMA[section][key], f"{src}: {section}.{key}")
     if not 0 < kwargs.get("port", 8080) < 65536:
         raise err("server.port", "must be 1–65535")
@@ -601,6 +631,19 @@ def _parse_users(raw: Any, servers: set[str], err: Any, src: str) -> UsersConfig
     return UsersConfig(**kw)
 
 
+def _parse_auth(value: Any, err: Any) -> tuple[str, str]:
+    if value in (None, "", {}):
+        return "", ""
+    if not isinstance(value, dict) or set(value) - {"username", "password"}:
+        raise err("server.auth", "expected username: and password: (the dashboard's sign-in)")
+    user, password = str(value.get("username") or ""), str(value.get("password") or "")
+    if not user or not password:
+        raise err("server.auth", "set both username and password, or leave auth out")
+    if len(password) < 8:
+        raise err("server.auth.password", "use at least 8 characters")
+    return user, password
+
+
 def normalise_path(path: str) -> str:
     """Compare paths across servers: forward slashes, no trailing slash, case-folded.
 
@@ -613,7 +656,12 @@ def normalise_path(path: str) -> str:
 
 # ── Store ────────────────────────────────────────────────────────────────────
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Statements that bring a database from version N-1 to N, applied in order at start-up.
+# (Version 1 is the first release; SCHEMA below always describes the newest layout.)
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at)",),
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Every acknowledged webhook, exactly as received. planned = 1 once turned into jobs.
@@ -632,6 +680,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (target, status, due_at);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field, status);
+CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
 -- What we know of each server's state, per user and item and field: the value (from an
 -- event, a read or our own write) and when it was observed (newest wins, DESIGN.md §4).
 CREATE TABLE IF NOT EXISTS state (
@@ -736,13 +785,46 @@ class Store:
         self._ingest_thread: threading.Thread | None = None
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
-        with self._write_lock:
-            conn.executescript(SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+        try:
+            conn = self._conn()
+            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"{path} is not a usable SQLite database ({e}). Move it away to start fresh, "
+                "or put back a backup made with --backup."
+            ) from None
+        if check != "ok":
+            raise StoreError(
+                f"{path} is damaged (integrity check: {check}). Move it away to start fresh, "
+                "or put back a backup made with --backup."
             )
+        with self._write_lock:
+            found = (
+                conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+                else None
+            )
+            version = int(found[0]) if found else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path} was written by a newer jellyfin-db-sync (schema {version}, this "
+                    f"program knows {SCHEMA_VERSION}): upgrade the program, or use a backup."
+                )
+            conn.executescript(SCHEMA)  # every statement is CREATE … IF NOT EXISTS
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for n in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS.get(n, ()):
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            if version and version < SCHEMA_VERSION:
+                log.info("database %s upgraded from schema %d to %d", path, version, SCHEMA_VERSION)
             # A job left 'running' by a crash or a kill is released: applying it again is
             # harmless because jobs carry state, not deltas (DESIGN.md §2, §5).
             conn.execute("UPDATE jobs SET status = 'pending' WHERE status = 'running'")
@@ -808,6 +890,9 @@ class Store:
         return entry.id
 
     def _ingest_loop(self) -> None:
+        # Jellyfin waits for our answer while a player waits for Jellyfin: if the file stays
+        # locked for 2 s, answer 503 (logged by Jellyfin) rather than hang.
+        self._conn().execute("PRAGMA busy_timeout = 2000")
         while True:
             with self._ingest_cond:
                 while not self._ingest_queue:
@@ -913,6 +998,26 @@ class Store:
         """Forget echo expectations that never came back (the plugin may not send every type)."""
         with self._tx() as c:
             return c.execute("DELETE FROM expected_echo WHERE created_at < ?", (older_than,)).rowcount
+
+    def prune_history(self, before: float) -> int:
+        """Retention: finished jobs, planned webhooks and log lines older than ``before`` go, so
+        the file stops growing. Pending, waiting and failed work is never pruned."""
+        with self._tx() as c:
+            n = c.execute("DELETE FROM sync_log WHERE at < ?", (before,)).rowcount
+            n += c.execute(
+                "DELETE FROM jobs WHERE status IN ('done', 'superseded', 'discarded') AND updated_at < ?", (before,)
+            ).rowcount
+            n += c.execute("DELETE FROM inbox WHERE planned = 1 AND received_at < ?", (before,)).rowcount
+            return n
+
+    def backup(self, dest: str) -> int:
+        """An online copy (the service may keep running): SQLite's backup API. Returns bytes."""
+        target = sqlite3.connect(dest)
+        try:
+            self._conn().backup(target)
+        finally:
+            target.close()
+        return os.path.getsize(dest)
 
     @staticmethod
     def _upsert_job(c: sqlite3.Connection, target: str, ob: dict, value_json: str, now: float) -> None:
@@ -2258,6 +2363,9 @@ class Syncer:
         while not self.stop_event.is_set():
             if time.monotonic() >= next_prune:
                 self.store.prune(utcnow() - 3600)
+                pruned = self.store.prune_history(utcnow() - self.config.retention_days * 86400)
+                if pruned:
+                    log.debug("retention: %d old rows removed", pruned)
                 next_prune = time.monotonic() + 600
             try:
                 if self.plan_pending():
@@ -2346,6 +2454,97 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
             return json.dumps({"error": res.status_line, "detail": detail})
 
     app = App()
+    sessions: dict[str, float] = {}  # sign-in cookie → expiry (epoch); in memory: a restart signs out
+    sessions_lock = threading.Lock()
+    open_paths = ("/healthz", "/readyz", "/login", "/static/style.css")
+
+    def authenticated() -> bool:
+        if not config.auth_username:
+            return True
+        req = bottle.request
+        auth = req.headers.get("Authorization", "")
+        bearer = auth[:7].lower() == "bearer " and bool(config.api_token)
+        if bearer and hmac.compare_digest(auth[7:].strip().encode(), config.api_token.encode()):
+            return True
+        if auth[:6].lower() == "basic ":
+            try:
+                user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            ok_user = hmac.compare_digest(user.encode(), config.auth_username.encode())
+            ok_pw = hmac.compare_digest(password.encode(), config.auth_password.encode())
+            return ok_user and ok_pw
+        cookie = req.get_cookie("jds_session")
+        with sessions_lock:
+            return bool(cookie) and sessions.get(cookie, 0) > utcnow()
+
+    def cross_site() -> bool:
+        """A write sent by another site's page in this browser (CSRF): refuse it."""
+        req = bottle.request
+        site = req.headers.get("Sec-Fetch-Site")
+        if site and site not in ("same-origin", "none"):
+            return True
+        origin = req.headers.get("Origin")
+        return bool(origin) and urllib.parse.urlsplit(origin).netloc != req.headers.get("Host")
+
+    @app.hook("before_request")
+    def guard() -> None:
+        path, method = bottle.request.path, bottle.request.method
+        if path.startswith("/webhook/"):
+            return  # the plugin cannot sign in; webhooks have server.webhook_token
+        if method == "POST" and cross_site():
+            raise bottle.HTTPResponse(
+                json.dumps({"error": "cross-site request refused"}), 403, {"Content-Type": "application/json"}
+            )
+        if path in open_paths or authenticated():
+            return
+        if path == "/":
+            raise bottle.HTTPResponse(status=303, headers={"Location": "/login"})
+        raise bottle.HTTPResponse(
+            json.dumps(
+                {
+                    "error": "sign in first: the dashboard's /login, HTTP basic auth with server.auth, "
+                    "or 'Authorization: Bearer <server.api_token>'"
+                }
+            ),
+            401,
+            {"Content-Type": "application/json"},
+        )
+
+    @app.get("/login")
+    def login_page():
+        return LOGIN_PAGE.replace("{message}", "")
+
+    @app.post("/login")
+    def login():
+        form = bottle.request.forms
+        user, password = form.getunicode("username") or "", form.getunicode("password") or ""
+        if not config.auth_username:
+            raise bottle.HTTPResponse(status=303, headers={"Location": "/"})
+        ok_user = hmac.compare_digest(user.encode(), config.auth_username.encode())
+        ok_pw = hmac.compare_digest(password.encode(), config.auth_password.encode())
+        if not (ok_user and ok_pw):
+            time.sleep(0.5)  # slows password guessing down; costs a real user nothing
+            log.warning("failed dashboard sign-in from %s", bottle.request.remote_addr)
+            bottle.response.status = 401
+            return LOGIN_PAGE.replace("{message}", '<p class="bad" role="alert">Wrong user name or password.</p>')
+        token = secrets.token_urlsafe(32)
+        with sessions_lock:
+            now = utcnow()
+            for t in [t for t, exp in sessions.items() if exp <= now]:
+                del sessions[t]
+            sessions[token] = now + 30 * 86400
+        bottle.response.set_cookie("jds_session", token, httponly=True, samesite="strict", path="/", max_age=30 * 86400)
+        bottle.response.status = 303
+        bottle.response.set_header("Location", "/")
+        return ""
+
+    @app.post("/logout")
+    def logout():
+        with sessions_lock:
+            sessions.pop(bottle.request.get_cookie("jds_session") or "", None)
+        bottle.response.delete_cookie("jds_session", path="/")
+        return send({"success": True})
 
     def send(data: Any, status: int = 200) -> str:
         bottle.response.status = status
@@ -2471,9 +2670,7 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
                     "by_result": by,
                     "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
                 },
-                "warnings": []
-                if config.webhook_token
-                else ["no server.webhook_token set: anyone on the network can post webhooks"],
+                "warnings": security_warnings(config),
                 "dry_run": config.sync.dry_run,
             }
         )
@@ -2668,6 +2865,28 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
     return app
 
 
+def security_warnings(config: Config) -> list[str]:
+    out = []
+    if not config.webhook_token:
+        out.append("No server.webhook_token set: anyone on the network can post webhooks.")
+    if not config.auth_username:
+        out.append("No server.auth set: anyone on the network can open this dashboard and retry or discard changes.")
+    return out
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><title>Sign in · jellyfin-db-sync</title>
+<link rel="stylesheet" href="/static/style.css"></head>
+<body><main class="login"><h1>jellyfin-db-sync</h1>{message}
+<form method="post" action="/login">
+<label>User name <input name="username" autocomplete="username" required autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Sign in</button></form>
+<p class="muted">The user name and password are <code>server.auth</code> in the config.</p></main></body></html>
+"""
+
+
 def _prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -2821,6 +3040,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="validate the configuration, print it with secrets masked, test each server, and exit",
     )
+    parser.add_argument("--backup", metavar="FILE", help="copy the database to FILE (safe while the service runs)")
     args = parser.parse_args(argv)
     path = find_config_path(args.config)
     if not os.path.exists(path) and not any(k.startswith("JDS_SERVER_") for k in os.environ):
@@ -2834,8 +3054,20 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(config)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    if args.backup:
+        try:
+            store = Store(config.database_path, config.journal_mode)
+            size = store.backup(args.backup)
+        except (StoreError, sqlite3.Error, OSError) as e:
+            print(f"jellyfin-db-sync: backup failed: {e}", file=sys.stderr)
+            return 1
+        print(f"backup of {config.database_path} written to {args.backup} ({size:,} bytes)")
+        return 0
     try:
         service = Service(config)
+    except StoreError as e:
+        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+        return 1
     except sqlite3.Error as e:
         print(f"jellyfin-db-sync: cannot open the database {config.database_path}: {e}", file=sys.stderr)
         return 1

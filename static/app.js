@@ -21,6 +21,10 @@ function el(tag, attrs = {}, ...children) {
 
 async function api(path, options) {
   const res = await fetch(path, { cache: "no-store", ...options });
+  if (res.status === 401) {  // signed out (or the service restarted): back to the sign-in page
+    location.href = "/login";
+    throw new Error("sign in first");
+  }
   const body = await res.json().catch(() => ({}));
   if (!res.ok) throw new Error(body.error || body.message || res.statusText);
   return body;
