@@ -1517,6 +1517,10 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path):
     for section in (jds.SyncConfig, jds.UsersConfig):
         for f in jds.dataclasses.fields(section):
             assert f"{f.name}:" in text, f"config.example.yaml does not document {f.name}"
+    for section, keys in jds._SCHEMA.items():
+        assert f"{section}:" in text
+        for key in keys if isinstance(keys, dict) else ():
+            assert f"{key}:" in text, f"config.example.yaml does not document {section}.{key}"
 
 
 def test_first_run_without_config_writes_a_starter_file(tmp_path):
