@@ -51,6 +51,7 @@ INDEX_PAGE_SIZE = 500
 # Item types we index: the leaf types user data lives on, plus Series so episodes can be matched
 # by their series' provider IDs (JELLYFIN.md §2 "Finding the same item").
 INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
+LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
 FIELDS = ("played", "position", "favorite", "likes")
 ITEM_EVENTS = ("UserDataSaved", "PlaybackStart", "PlaybackProgress", "PlaybackStop")
@@ -235,10 +236,17 @@ class UsersConfig:
 
 
 @dataclass(frozen=True)
+class ReconcileConfig:
+    on_startup: bool = True  # a pass shortly after start: catches what happened while we were down
+    interval_minutes: float = 360.0  # then every N minutes; 0 = only on demand
+
+
+@dataclass(frozen=True)
 class Config:
     servers: tuple[ServerConfig, ...]
     sync: SyncConfig = SyncConfig()
     users: UsersConfig = UsersConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     path_sync_policy: tuple[PathPolicy, ...] = ()
     database_path: str = "/data/jellyfin-db-sync.db"
     journal_mode: str = "WAL"
@@ -301,6 +309,7 @@ _SCHEMA: dict[str, Any] = {
     "servers": list,
     "sync": {f.name: f.type for f in dataclasses.fields(SyncConfig)},
     "users": dict,
+    "reconcile": {f.name: f.type for f in dataclasses.fields(ReconcileConfig)},
     "path_sync_policy": list,
     "database": {"path": "str", "journal_mode": "str", "retention_days": "float"},
     "server": {"host": "str", "port": "int", "webhook_token": "str", "api_token": "str", "auth": "dict"},
@@ -543,6 +552,16 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
     kwargs["sync"] = SyncConfig(**sync_kw)
 
     kwargs["users"] = _parse_users(data.get("users") or {}, {s.name for s in servers}, err, src)
+    rec_raw = data.get("reconcile") or {}
+    if not isinstance(rec_raw, dict):
+        raise err("reconcile", "expected a mapping")
+    rec_kw = {}
+    for key, value in rec_raw.items():
+        kind = _SCHEMA["reconcile"].get(key)
+        if kind is None:
+            raise err(f"reconcile.{key}", f"unknown key (known: {', '.join(_SCHEMA['reconcile'])})")
+        rec_kw[key] = _check_type(value, kind, f"{src}: reconcile.{key}")
+    kwargs["reconcile"] = ReconcileConfig(**rec_kw)
 
     policies = []
     for i, raw in enumerate(data.get("path_sync_policy") or []):
@@ -1524,6 +1543,29 @@ class JellyfinClient:
         )
         return (res or {}).get("Items", [])
 
+    def user_items(self, user_id: str, query: dict, page: int = INDEX_PAGE_SIZE) -> Iterator[dict]:
+        """A user's items matching a filter (isPlayed, isFavorite, filters=…), with UserData,
+        page by page (JELLYFIN.md §2: filtered /Items queries, not one request per item)."""
+        path = f"/Users/{user_id}/Items" if self.ensure_version().legacy else "/Items"
+        base = {
+            "recursive": "true",
+            "includeItemTypes": LEAF_ITEM_TYPES,
+            "fields": "Path,ProviderIds",
+            "enableImages": "false",
+            "enableTotalRecordCount": "false",
+            "enableUserData": "true",
+            **query,
+        }
+        if not self.ensure_version().legacy:
+            base["userId"] = user_id
+        start = 0
+        while True:
+            items = (self.request("GET", path, {**base, "startIndex": start, "limit": page}) or {}).get("Items", [])
+            yield from items
+            if len(items) < page:
+                return
+            start += len(items)
+
     def items_by_ids(self, ids: list[str]) -> list[dict]:
         res = self.request(
             "GET",
@@ -2407,7 +2449,346 @@ class Syncer:
 
 
 # ── Reconciler ───────────────────────────────────────────────────────────────
-# Full comparison passes are not built yet (issue: catch-up reconciliation).
+
+_UNKNOWN = object()  # no earlier state recorded for this server, user, item and field
+
+
+@dataclass
+class _View:
+    """One server's side of one field of one item, for one person."""
+
+    server: str
+    item_id: str
+    cur: Any
+    prior: Any  # _UNKNOWN when never seen
+    prior_at: float
+    when: float  # when the current value was set, where Jellyfin says (LastPlayedDate), else 0
+    play_count: int
+
+
+def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
+    """The value every server should hold, and the server it comes from; None = leave alone.
+
+    - changed on one server since the last agreed state → that change wins;
+    - changed on several → the newest (LastPlayedDate where Jellyfin has one); a tie, or no
+      date, goes to the "positive" value (played, favourite, like, the further position);
+    - never seen before → union: played or favourite anywhere wins, the furthest resume
+      position, a like over a dislike; nothing is ever unmarked on a first sight;
+    - no change but the servers disagree (a write that failed earlier) → the value recorded
+      most recently.
+    "Unplayed" counts as a change only with a play count of 0: starting a re-watch also makes
+    Jellyfin report Played=false, but keeps the count (JELLYFIN.md §1, the re-watch trap).
+    """
+
+    def positive(v: _View) -> tuple:
+        value = v.cur
+        rank = (
+            value
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else {True: 2, None: 1, False: 0}.get(value, 0)
+        )
+        return (rank,)
+
+    def real(v: _View) -> bool:
+        if v.prior is _UNKNOWN or v.cur == v.prior:
+            return False
+        if field == "played" and v.cur is False and v.play_count > 0:
+            return False  # a re-watch in progress, not "mark unplayed"
+        return True
+
+    changed = [v for v in views if real(v)]
+    if changed:
+        best = max(changed, key=lambda v: (v.when, positive(v)))
+    elif all(v.prior is _UNKNOWN for v in views) or len({json.dumps(v.cur) for v in views}) == 1:
+        if len({json.dumps(v.cur) for v in views}) == 1:
+            return None
+        # First sight: union.
+        if field in ("played", "favorite"):
+            holders = [v for v in views if v.cur is True]
+            if not holders:
+                return None
+            best = max(holders, key=lambda v: v.when)
+        elif field == "position":
+            best = max(views, key=lambda v: (v.cur or 0, v.when))
+            if not best.cur:
+                return None
+        else:  # likes: a like, else a dislike; never "cleared" on a first sight
+            rated = [v for v in views if v.cur is not None]
+            if not rated:
+                return None
+            best = max(rated, key=positive)
+    else:
+        known = [v for v in views if v.prior is not _UNKNOWN]
+        best = max(known, key=lambda v: (v.prior_at, positive(v)))
+        if field == "played" and best.cur is False and any(v.cur is True for v in views):
+            best = next(v for v in views if v.cur is True)  # never unmark without a seen change
+    return best.cur, best
+
+
+class Reconciler:
+    """Full comparison passes: read every person's state on every server, decide per field,
+    and queue the differences as ordinary jobs (so echo rules, retries and path policy apply)."""
+
+    def __init__(self, config: Config, store: Store, library: Library, syncer: Syncer):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.syncer = syncer
+        self.clients = syncer.clients
+        self._run_lock = threading.Lock()  # one pass at a time
+        self.progress: dict[str, Any] = {"running": False}
+        self.trigger = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def last_report(self) -> dict | None:
+        raw = self.store.get_meta("last_reconcile_report")
+        return json.loads(raw) if raw else None
+
+    def run(self, dry_run: bool = False, on_progress: Any = None) -> dict:
+        """One pass. Returns the report: per person and server, what was (or would be) changed."""
+        if not self._run_lock.acquire(blocking=False):
+            raise SyncError("a reconciliation pass is already running")
+        started = utcnow()
+        report: dict[str, Any] = {
+            "started_at": format_time(started),
+            "dry_run": dry_run,
+            "users": {},
+            "changes": 0,
+            "items_compared": 0,
+            "errors": [],
+        }
+        self.progress = {
+            "running": True,
+            "phase": "reading users",
+            "users_done": 0,
+            "users_total": 0,
+            "items_compared": 0,
+            "changes_queued": 0,
+            "dry_run": dry_run,
+        }
+        try:
+            people = self._people(report)
+            self.progress.update(users_total=len(people), phase="comparing")
+            for person, accounts in sorted(people.items()):
+                try:
+                    self._reconcile_person(person, accounts, report, dry_run)
+                except (JellyfinError, SyncError) as e:
+                    report["errors"].append(f"{person}: {e}")
+                    log.warning("reconcile: %s: %s", person, e)
+                self.progress["users_done"] += 1
+                if on_progress:
+                    on_progress(self.progress)
+            report["finished_at"] = format_time(utcnow())
+            report["seconds"] = round(utcnow() - started, 2)
+            if not dry_run:
+                self.store.set_meta("last_reconcile_report", json.dumps(report))
+                for target in {s.name for s in self.config.servers}:
+                    self.syncer.wake_target(target)
+            log.info(
+                "reconcile%s: %d people, %d items compared, %d changes %s in %.1fs",
+                " (dry run)" if dry_run else "",
+                len(people),
+                report["items_compared"],
+                report["changes"],
+                "found" if dry_run else "queued",
+                report["seconds"],
+            )
+            return report
+        finally:
+            self.progress = {**self.progress, "running": False, "phase": "done"}
+            self._run_lock.release()
+
+    def _people(self, report: dict) -> dict[str, dict[str, str]]:
+        """Persons present on two or more servers: {person: {server: user id}}."""
+        people: dict[str, dict[str, str]] = {}
+        for s in self.config.servers:
+            try:
+                self.library.refresh_users(s.name)
+                self.library.ensure_index(s.name)
+            except JellyfinError as e:
+                report["errors"].append(f"{s.name}: {e}")
+                continue
+        for row in self.store.all_users():
+            person = self.config.person(row["server"], row["name"])
+            if not self.config.user_synced(person):
+                continue
+            accounts = people.setdefault(person, {})
+            if row["server"] in accounts:  # case-variant duplicates: reported, never guessed
+                accounts["__duplicate__"] = row["server"]
+            accounts[row["server"]] = row["user_id"]
+        out = {}
+        for person, accounts in people.items():
+            if "__duplicate__" in accounts:
+                report["errors"].append(f"{person}: several accounts on {accounts['__duplicate__']}; skipped")
+                continue
+            if len(accounts) >= 2:
+                out[person] = accounts
+        return out
+
+    def _read(self, server: str, user_id: str) -> dict[str, dict]:
+        """The person's interesting items on one server: {item id: UserData}."""
+        client = self.clients[server]
+        found: dict[str, dict] = {}
+        rows: list[ItemInfo] = []
+        for query in ({"isPlayed": "true"}, {"isFavorite": "true"}, {"filters": "IsResumable"}, {"filters": "Likes"}):
+            for dto in client.user_items(user_id, query):
+                if not dto.get("Id"):
+                    continue
+                iid = normalise_id(dto["Id"])
+                if iid not in found:
+                    rows.append(item_info(client.server, dto))
+                found[iid] = dto.get("UserData") or {}
+        if rows:
+            self.store.upsert_items(rows)
+        return found
+
+    def _reconcile_person(self, person: str, accounts: dict[str, str], report: dict, dry_run: bool) -> None:
+        servers = [s for s in accounts]
+        seen = {srv: self._read(srv, accounts[srv]) for srv in servers}
+        # Group the same item across servers, starting from every item anyone has state on.
+        groups: list[dict[str, str]] = []
+        assigned: set[tuple[str, str]] = set()
+        for srv in servers:
+            for iid in seen[srv]:
+                if (srv, iid) in assigned:
+                    continue
+                item = self.store.get_item(srv, iid)
+                if item is None:
+                    continue
+                group = {srv: iid}
+                for other in servers:
+                    if other == srv:
+                        continue
+                    match = self.library._lookup(item, other)
+                    if match is not None:
+                        group[other] = match.item_id
+                for member in group.items():
+                    assigned.add(member)
+                groups.append(group)
+        self.progress["phase"] = f"comparing {person}"
+        fields = [f for f in FIELDS if self.config.sync.enabled(f)]
+        for group in groups:
+            report["items_compared"] += 1
+            self.progress["items_compared"] += 1
+            if len(group) < 2:
+                continue
+            current = {}
+            for srv, iid in group.items():
+                ud = seen[srv].get(iid)
+                if ud is None:
+                    ud = {}  # nothing noteworthy there: not played, no favourite, no position, no like
+                current[srv] = ud
+            self._reconcile_item(person, group, current, accounts, fields, report, dry_run)
+
+    def _reconcile_item(
+        self,
+        person: str,
+        group: dict[str, str],
+        current: dict[str, dict],
+        accounts: dict[str, str],
+        fields: list[str],
+        report: dict,
+        dry_run: bool,
+    ) -> None:
+        priors = {srv: self.store.get_state(srv, person, iid) for srv, iid in group.items()}
+        values = {srv: read_fields(ud) for srv, ud in current.items()}
+        for srv, ud in current.items():
+            # "Liked" comes from the Likes list; an item missing from it may be unrated or disliked.
+            # Where we knew a like or dislike before, read the item to tell (a handful at most).
+            if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in ("played", "likes")):
+                current[srv] = self.clients[srv].user_data(accounts[srv], group[srv])
+                values[srv] = read_fields(current[srv])
+        for field in fields:
+            views = []
+            for srv, iid in group.items():
+                prior, prior_at = priors[srv].get(field, (_UNKNOWN, 0.0))
+                ud = current[srv]
+                when = (parse_time(ud.get("LastPlayedDate")) or 0.0) if field in ("played", "position") else 0.0
+                views.append(_View(srv, iid, values[srv][field], prior, prior_at, when, int(ud.get("PlayCount") or 0)))
+            decision = decide(field, views)
+            if decision is None:
+                self._remember(person, views, field, None, dry_run)
+                continue
+            desired, source = decision
+            targets = [v for v in views if v.cur != desired]
+            self._remember(person, views, field, source, dry_run)
+            item = self.store.get_item(source.server, source.item_id)
+            for v in targets:
+                entry = report["users"].setdefault(person, {}).setdefault(v.server, {"count": 0, "sample": []})
+                entry["count"] += 1
+                report["changes"] += 1
+                name = item.name if item else source.item_id
+                if len(entry["sample"]) < 10:
+                    entry["sample"].append(f"{describe(field, desired)} {name!r} (from {source.server})")
+                if not dry_run:
+                    self.progress["changes_queued"] += 1
+                    self._queue(person, field, desired, source, v.server, name, item)
+
+    def _remember(self, person: str, views: list[_View], field: str, source: _View | None, dry_run: bool) -> None:
+        """Record what each server holds now, as the agreed baseline for the next pass."""
+        if dry_run:
+            return
+        for v in views:
+            if v.prior is not _UNKNOWN and v.prior == v.cur:
+                continue
+            if source is not None and v.cur != source.cur:
+                continue  # about to be changed by a job, which records the outcome
+            at = (v.when or utcnow()) if v is source else v.prior_at
+            self.store.remember_state(v.server, person, v.item_id, {field: v.cur}, {field: at})
+
+    def _queue(
+        self, person: str, field: str, desired: Any, source: _View, target: str, name: str, item: ItemInfo | None
+    ) -> None:
+        ob = {
+            "direct": True,
+            "server": source.server,
+            "user_key": person,
+            "username": person,
+            "item_id": source.item_id,
+            "item_name": name,
+            "field": field,
+            "value": desired,
+            "observed_at": utcnow(),
+            "delay": 0.0,
+            "targets": [target],
+            "extra": {
+                "event": "reconcile",
+                "runtime": item.runtime if item else None,
+                "last_played": source.when or None,
+                "play_count": source.play_count,
+            },
+        }
+        self.store.plan_events([(0, [ob], [target])])
+
+    # the thread: at start-up, every interval_minutes, and on demand
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        rc = self.config.reconcile
+        first = rc.on_startup
+        interval = rc.interval_minutes * 60
+        wait = 10.0 if first else (interval or None)
+        while not self.syncer.stop_event.is_set():
+            self.trigger.wait(wait)
+            if self.syncer.stop_event.is_set():
+                return
+            dry = self.progress.get("requested_dry_run", False)
+            self.trigger.clear()
+            try:
+                report = self.run(dry_run=dry)
+                if dry:
+                    self.progress["last_dry_run"] = report
+            except SyncError as e:
+                log.warning("reconcile: %s", e)
+            except Exception:
+                log.exception("reconcile: unexpected error")
+            wait = interval or None
+
+    def request(self, dry_run: bool) -> None:
+        self.progress["requested_dry_run"] = dry_run
+        self.trigger.set()
 
 
 # ── Web ──────────────────────────────────────────────────────────────────────
@@ -2439,7 +2820,9 @@ def job_json(row: sqlite3.Row) -> dict:
     }
 
 
-def create_app(config: Config, store: Store, syncer: Syncer, started_at: float | None = None):
+def create_app(
+    config: Config, store: Store, syncer: Syncer, reconciler: Reconciler | None = None, started_at: float | None = None
+):
     """The Bottle app: webhooks, probes, JSON API and the static dashboard."""
     import bottle
 
@@ -2672,6 +3055,9 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
                 },
                 "warnings": security_warnings(config),
                 "dry_run": config.sync.dry_run,
+                "reconcile": None
+                if reconciler is None
+                else {k: v for k, v in reconciler.progress.items() if k not in ("last_dry_run",)},
             }
         )
 
@@ -2721,6 +3107,29 @@ def create_app(config: Config, store: Store, syncer: Syncer, started_at: float |
         if not store.discard_job(job_id):
             return send({"success": False, "message": "no failed, skipped or waiting job with that id"}, 404)
         return send({"success": True, "message": "discarded"})
+
+    @app.get("/api/reconcile")
+    def api_reconcile_status():
+        if reconciler is None:
+            return send({"error": "reconciliation is not running in this process"}, 404)
+        progress = {k: v for k, v in reconciler.progress.items() if k != "last_dry_run"}
+        return send(
+            {
+                "progress": progress,
+                "last_report": reconciler.last_report(),
+                "last_dry_run": reconciler.progress.get("last_dry_run"),
+            }
+        )
+
+    @app.post("/api/reconcile")
+    def api_reconcile():
+        if reconciler is None:
+            return send({"error": "reconciliation is not running in this process"}, 404)
+        if reconciler.progress.get("running"):
+            return send({"error": "a pass is already running", "progress": reconciler.progress}, 409)
+        dry = bottle.request.query.get("dry_run", "") in ("1", "true", "yes")
+        reconciler.request(dry)
+        return send({"status": "started", "dry_run": dry, "progress": "/api/reconcile"}, 202)
 
     @app.get("/api/timeline")
     def api_timeline():
@@ -2958,7 +3367,8 @@ class Service:
         self.clients = {s.name: JellyfinClient(s) for s in config.servers}
         self.library = Library(config, self.store, self.clients)
         self.syncer = Syncer(config, self.store, self.library, self.clients)
-        self.app = create_app(config, self.store, self.syncer)
+        self.reconciler = Reconciler(config, self.store, self.library, self.syncer)
+        self.app = create_app(config, self.store, self.syncer, self.reconciler)
         self.server = None
 
     def make_server(self, host: str | None = None, port: int | None = None):
@@ -2978,6 +3388,7 @@ class Service:
 
     def start_workers(self) -> None:
         self.syncer.start()
+        self.reconciler.start()
 
     def stop(self) -> None:
         self.syncer.stop()
@@ -3013,6 +3424,51 @@ def write_starter_config(path: str) -> int:
     return 2
 
 
+def reconcile_cli(config: Config, dry_run: bool) -> int:
+    """--reconcile [--dry-run]: one pass from the command line, with a progress line."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        service = Service(config)
+    except (StoreError, sqlite3.Error) as e:
+        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+        return 1
+
+    def show(p: dict) -> None:
+        print(
+            f"\r{p.get('phase', '')}: {p.get('users_done', 0)}/{p.get('users_total', 0)} users, "
+            f"{p.get('items_compared', 0)} items compared, {p.get('changes_queued', 0)} changes queued   ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        for s in config.servers:
+            service.syncer.check_server(s.name)
+        report = service.reconciler.run(dry_run=dry_run, on_progress=show)
+        print(file=sys.stderr)
+        if not dry_run and report["changes"]:
+            service.syncer.start()  # apply the queued changes, then stop
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                counts = service.store.job_counts()
+                if not counts.get("pending") and not counts.get("running"):
+                    break
+                time.sleep(0.5)
+    finally:
+        service.stop()
+    verb = "would change" if dry_run else "changed"
+    print(f"{report['items_compared']} items compared; {report['changes']} {verb}")
+    for person, servers in sorted(report["users"].items()):
+        for server, entry in sorted(servers.items()):
+            print(f"  {person} on {server}: {entry['count']}")
+            for line in entry["sample"]:
+                print(f"    {line}")
+    for error in report["errors"]:
+        print(f"  ! {error}")
+    return 0
+
+
 def check_config(config: Config) -> int:
     """--check-config: print the effective config (secrets masked) and test every server."""
     print(f"configuration from {config.source}: valid")
@@ -3041,6 +3497,10 @@ def main(argv: list[str] | None = None) -> int:
         help="validate the configuration, print it with secrets masked, test each server, and exit",
     )
     parser.add_argument("--backup", metavar="FILE", help="copy the database to FILE (safe while the service runs)")
+    parser.add_argument(
+        "--reconcile", action="store_true", help="compare every server now, queue and apply the differences, and exit"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="with --reconcile: report, change nothing")
     args = parser.parse_args(argv)
     path = find_config_path(args.config)
     if not os.path.exists(path) and not any(k.startswith("JDS_SERVER_") for k in os.environ):
@@ -3063,6 +3523,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"backup of {config.database_path} written to {args.backup} ({size:,} bytes)")
         return 0
+    if args.reconcile or args.dry_run:
+        return reconcile_cli(config, args.dry_run)
     try:
         service = Service(config)
     except StoreError as e:

@@ -575,6 +575,7 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, **sync) ->
             **sync,
         },
         "database": {"path": str(tmp / "sync.db")},
+        "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
         "server": {"host": "127.0.0.1", "port": port or 8080},
         "logging": {"level": "INFO"},
     }
