@@ -2492,9 +2492,8 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
     def real(v: _View) -> bool:
         if v.prior is _UNKNOWN or v.cur == v.prior:
             return False
-        if field == "played" and v.cur is False and v.play_count > 0:
-            return False  # a re-watch in progress, not "mark unplayed"
-        return True
+        # Played=false with a play count is a re-watch in progress, not "mark unplayed".
+        return not (field == "played" and v.cur is False and v.play_count > 0)
 
     changed = [v for v in views if real(v)]
     if changed:

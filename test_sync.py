@@ -465,7 +465,9 @@ class FakeJellyfin:
             self.users[seg[1]]["Policy"] = body
             return 204, None
         if seg == ["Items"] and method == "GET":
-            return 200, self._items(q)
+            return 200, self._items(q, q.get("userid"))
+        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and method == "GET":
+            return 200, self._items(q, seg[1])
         # 10.9+ routes with ?userId= (400 without it, as an API key has no user)
         if new and len(seg) == 2 and seg[0] in ("UserPlayedItems", "UserFavoriteItems"):
             if not q.get("userid"):
@@ -528,8 +530,30 @@ class FakeJellyfin:
             return 200, self.save(uid, iid, "UpdateUserRating", Rating=rating)
         return 404, None
 
-    def _items(self, q: dict) -> dict:
+    def _items(self, q: dict, uid: str | None = None) -> dict:
         rows = list(self.items.values())
+        if uid:  # a user's view: filters on their user data (several filters are ANDed)
+            self.users[uid]  # noqa: B018
+            with self.lock:
+                data = {i: dict(d) for (u, i), d in self.data.items() if u == uid}
+            blank = {
+                "PlaybackPositionTicks": 0,
+                "PlayCount": 0,
+                "IsFavorite": False,
+                "Rating": None,
+                "LastPlayedDate": None,
+                "Played": False,
+            }
+            ud = lambda r: data.get(r["Id"], blank)  # noqa: E731
+            if q.get("isplayed"):
+                rows = [r for r in rows if ud(r)["Played"] == (q["isplayed"] == "true")]
+            if q.get("isfavorite"):
+                rows = [r for r in rows if ud(r)["IsFavorite"] == (q["isfavorite"] == "true")]
+            for f in (q.get("filters") or "").split(","):
+                if f == "IsResumable":
+                    rows = [r for r in rows if ud(r)["PlaybackPositionTicks"] > 0]
+                elif f == "Likes":
+                    rows = [r for r in rows if (ud(r)["Rating"] or 0) >= 6.5]
         if q.get("ids"):
             wanted = [i.replace("-", "").lower() for i in q["ids"].split(",")]
             rows = [self.items[i] for i in wanted if i in self.items]
@@ -548,6 +572,8 @@ class FakeJellyfin:
                 d.pop("Path", None)
             if "ProviderIds" not in fields:
                 d.pop("ProviderIds", None)
+            if uid and q.get("enableuserdata") != "false":
+                d["UserData"] = self._dto(ud(r), r["Id"])
             out.append(d)
         return {"Items": out, "TotalRecordCount": len(out), "StartIndex": start}
 
@@ -1107,6 +1133,127 @@ def test_case_variant_duplicates_are_reported_not_guessed(cluster):
     assert not any(d["Played"] for (u, _i), d in public.data.items())
     failed = c.svc.call("GET", "/api/events/failed")[1]
     assert any(j["target_server"] == "public" and "several users" in j["last_error"] for j in failed)
+
+
+# ── Reconciliation ───────────────────────────────────────────────────────────
+
+MIN = 60 * 10**7  # one minute in ticks
+
+
+def quietly(fake: FakeJellyfin, user: str, item: str, **changes) -> None:
+    """Change a user's data with no webhook: what happens while the service is down, a restore…"""
+    with fake.lock:
+        fake.ud(user, item).update(changes)
+
+
+def reconcile(c: Cluster, dry_run: bool = False) -> dict:
+    before = c.svc.call("GET", "/api/reconcile")[1]
+    status, _ = c.svc.call("POST", "/api/reconcile" + ("?dry_run=1" if dry_run else ""))
+    assert status == 202
+
+    def finished():
+        now = c.svc.call("GET", "/api/reconcile")[1]
+        key = "last_dry_run" if dry_run else "last_report"
+        if now["progress"].get("running") or not now[key] or now[key] == before[key]:
+            return None
+        return now[key]
+
+    report = eventually(finished, 30, 0.05, "a reconciliation pass")
+    c.settle()
+    return report
+
+
+def snapshot(c: Cluster) -> dict:
+    return {f.name: json.dumps({"|".join(k): v for k, v in f.data.items()}, sort_keys=True) for f in c.fakes}
+
+
+def test_first_reconciliation_is_a_union_and_unmarks_nothing(cluster):
+    c = cluster(start=False)
+    home, parents, public = c["home"], c["parents"], c["public"]
+    quietly(home, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
+    quietly(home, "alice", "Dune", IsFavorite=True)
+    quietly(parents, "alice", "Heat", Played=True, PlayCount=3, LastPlayedDate=iso())
+    quietly(parents, "alice", "Dune", PlaybackPositionTicks=30 * MIN, LastPlayedDate=iso())
+    quietly(public, "alice", "Dune", PlaybackPositionTicks=10 * MIN, LastPlayedDate=iso(time.time() - 3600))
+    quietly(public, "alice", "Heat", Rating=10.0)
+    quietly(public, "bob", "Heat", Rating=1.0)  # bob dislikes it there: liked nowhere, so nothing to union
+    c.start()
+    report = reconcile(c)
+    assert report["changes"] > 0 and not report["errors"]
+    for f in c.fakes:
+        assert f.ud("alice", "Arrival")["Played"], f.name
+        assert f.ud("alice", "Heat")["Played"], f.name
+        assert f.ud("alice", "Dune")["IsFavorite"], f.name
+        assert f.ud("alice", "Dune")["PlaybackPositionTicks"] == 30 * MIN, f.name  # the furthest
+        assert f.ud("alice", "Heat")["Rating"] == 10.0, f.name
+        assert not f.ud("alice", "Dune")["Played"], f.name
+    assert parents.ud("alice", "Heat")["PlayCount"] == 3, "counts are never summed"
+    assert home.ud("alice", "Heat")["PlayCount"] == 3, "PlayCount = the larger of the two"
+    # A second pass finds everything in agreement.
+    assert reconcile(c)["changes"] == 0
+
+
+def test_a_one_sided_change_after_the_baseline_wins_and_unplayed_propagates(cluster):
+    c = cluster()
+    for f in c.fakes:
+        quietly(f, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 7200))
+        quietly(f, "bob", "Heat", Played=True, PlayCount=2, LastPlayedDate=iso(time.time() - 7200))
+    assert reconcile(c)["changes"] == 0  # the baseline: everyone agrees
+    quietly(c["parents"], "alice", "Arrival", Played=False, PlayCount=0, LastPlayedDate=None)  # "mark unplayed"
+    # A re-watch in progress on home: Jellyfin reports Played=false, but the count stays.
+    quietly(c["home"], "bob", "Heat", Played=False, PlayCount=3, PlaybackPositionTicks=5 * MIN, LastPlayedDate=iso())
+    report = reconcile(c)
+    assert not c["home"].ud("alice", "Arrival")["Played"] and not c["public"].ud("alice", "Arrival")["Played"]
+    assert c["public"].ud("bob", "Heat")["Played"] and c["parents"].ud("bob", "Heat")["Played"], "re-watch ≠ unplayed"
+    assert report["users"]["alice"]["home"]["count"] >= 1
+
+
+def test_conflicting_changes_are_resolved_by_time(cluster):
+    c = cluster()
+    for f in c.fakes:
+        quietly(f, "alice", "Heat", PlaybackPositionTicks=5 * MIN, LastPlayedDate=iso(time.time() - 7200))
+    assert reconcile(c)["changes"] == 0  # the baseline: 5 minutes in, everywhere
+    quietly(c["home"], "alice", "Heat", PlaybackPositionTicks=50 * MIN, LastPlayedDate=iso(time.time() - 3600))
+    quietly(c["parents"], "alice", "Heat", PlaybackPositionTicks=20 * MIN, LastPlayedDate=iso(time.time() - 60))
+    reconcile(c)
+    for f in c.fakes:
+        assert f.ud("alice", "Heat")["PlaybackPositionTicks"] == 20 * MIN, f.name  # newest, not furthest
+
+
+def test_dry_run_reports_and_changes_nothing(cluster):
+    c = cluster()
+    quietly(c["home"], "alice", "Dune", Played=True, PlayCount=1, LastPlayedDate=iso())
+    quietly(c["public"], "bob", "Arrival", IsFavorite=True)
+    before = snapshot(c)
+    report = reconcile(c, dry_run=True)
+    assert report["dry_run"] and report["changes"] == 4
+    assert report["users"]["alice"]["parents"]["count"] == 1
+    assert any("Dune" in line for line in report["users"]["alice"]["public"]["sample"])
+    assert snapshot(c) == before, "a dry run must not write anything"
+    assert c.svc.call("GET", "/api/queue")[1]["pending_events"] == 0
+    res = run_cli("--config", str(c.config_path), "--reconcile", "--dry-run")
+    assert res.returncode == 0 and "4 would change" in res.stdout and snapshot(c) == before
+
+
+def test_reconciliation_catches_up_after_the_service_was_down(cluster):
+    c = cluster()
+    c["home"].user_marks("alice", "Heat", True)
+    c.settle()
+    reconcile(c)
+    c.svc.stop()  # the service is down; changes happen on two servers, their webhooks are lost
+    for f in c.fakes:
+        f.webhook_url = None
+    c["home"].user_favourites("bob", "Arrival", True)
+    c["parents"].user_marks("alice", "Heat", False)
+    c["parents"].user_rates("alice", "Dune", True)
+    c.start()
+    reconcile(c)
+    for f in c.fakes:
+        assert f.ud("bob", "Arrival")["IsFavorite"], f.name
+        assert not f.ud("alice", "Heat")["Played"], f.name
+        assert f.ud("alice", "Dune")["Rating"] == 10.0, f.name
+    res = run_cli("--config", str(c.config_path), "--reconcile")
+    assert res.returncode == 0 and "0 changed" in res.stdout
 
 
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
