@@ -924,10 +924,16 @@ class Store:
                 values = ",".join(["(?, ?, ?, ?)"] * len(batch))
                 args = [v for e in batch for v in e.row]
                 conn = self._conn()
-                with self._write_lock:
+                # Another thread may hold the write lock while SQLite waits on a locked file:
+                # wait at most as long as SQLite itself would, then answer 503.
+                if not self._write_lock.acquire(timeout=2.0):
+                    raise sqlite3.OperationalError("database is busy (locked by another writer)")
+                try:
                     last = conn.execute(
                         f"INSERT INTO inbox (server, event, received_at, body) VALUES {values}", args
                     ).lastrowid
+                finally:
+                    self._write_lock.release()
                 for i, e in enumerate(batch):  # rowids of one statement are consecutive
                     e.id = last - len(batch) + 1 + i
             except Exception as exc:  # disk full, locked, I/O error: every sender gets a 503
@@ -1255,12 +1261,36 @@ class Store:
                     (server, user_key, item_id, fld, json.dumps(value), at),
                 )
 
+    def states_of(self, server: str, user_key: str) -> dict[str, dict[str, tuple[Any, float]]]:
+        """Everything known of one person on one server: {item id: {field: (value, observed)}}."""
+        out: dict[str, dict[str, tuple[Any, float]]] = {}
+        for item_id, fld, value, at in self._rows(
+            "SELECT item_id, field, value, observed_at FROM state WHERE server=? AND user_key=?", (server, user_key)
+        ):
+            out.setdefault(item_id, {})[fld] = (json.loads(value), at)
+        return out
+
+    def remember_states(self, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
+        """Many (server, user, item, field, value, observed at or None = keep) in one transaction."""
+        with self._tx() as c:
+            for server, user_key, item_id, fld, value, at in rows:
+                if at is None:
+                    old = c.execute(
+                        "SELECT observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
+                        (server, user_key, item_id, fld),
+                    ).fetchone()
+                    at = old[0] if old else 0.0
+                c.execute(
+                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+                    (server, user_key, item_id, fld, json.dumps(value), at),
+                )
+
     # items
     def upsert_items(self, rows: list[ItemInfo]) -> None:
         with self._tx() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [dataclasses.astuple(r) for r in rows],
+                [tuple(r.__dict__.values()) for r in rows],  # astuple() deep-copies: slow
             )
 
     def delete_item(self, server: str, item_id: str) -> None:
@@ -1272,13 +1302,15 @@ class Store:
         return ItemInfo(*rows[0]) if rows else None
 
     def find_items(self, server: str, column: str, value: Any) -> list[ItemInfo]:
-        assert column in ("path_key", "imdb", "tmdb", "tvdb")
-        rows = self._rows(f"SELECT * FROM items WHERE server=? AND {column}=?", (server, value))
+        index = {"path_key": "items_path", "imdb": "items_imdb", "tmdb": "items_tmdb", "tvdb": "items_tvdb"}[column]
+        # INDEXED BY: without ANALYZE statistics SQLite prefers the primary key's "server" prefix
+        # and scans a whole library per lookup (measured: 0.5 ms at 2,000 items, linear beyond).
+        rows = self._rows(f"SELECT * FROM items INDEXED BY {index} WHERE server=? AND {column}=?", (server, value))
         return [ItemInfo(*r) for r in rows]
 
     def find_episode(self, server: str, series_id: str, season: int, episode: int) -> list[ItemInfo]:
         rows = self._rows(
-            "SELECT * FROM items WHERE server=? AND series_id=? AND season=? AND episode=?",
+            "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND season=? AND episode=?",
             (server, series_id, season, episode),
         )
         return [ItemInfo(*r) for r in rows]
@@ -2496,10 +2528,11 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
         return not (field == "played" and v.cur is False and v.play_count > 0)
 
     changed = [v for v in views if real(v)]
+    agree = all(v.cur == views[0].cur and type(v.cur) is type(views[0].cur) for v in views)
     if changed:
         best = max(changed, key=lambda v: (v.when, positive(v)))
-    elif all(v.prior is _UNKNOWN for v in views) or len({json.dumps(v.cur) for v in views}) == 1:
-        if len({json.dumps(v.cur) for v in views}) == 1:
+    elif all(v.prior is _UNKNOWN for v in views) or agree:
+        if agree:
             return None
         # First sight: union.
         if field in ("played", "favorite"):
@@ -2536,6 +2569,9 @@ class Reconciler:
         self.clients = syncer.clients
         self._run_lock = threading.Lock()  # one pass at a time
         self.progress: dict[str, Any] = {"running": False}
+        self._pending_state: list[tuple] = []  # filled while comparing one person, then flushed
+        self._states: dict[str, dict] = {}  # the person's known state per server, loaded at once
+        self._pending_jobs: list[dict] = []
         self.trigger = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -2571,7 +2607,9 @@ class Reconciler:
             for person, accounts in sorted(people.items()):
                 try:
                     self._reconcile_person(person, accounts, report, dry_run)
+                    self._flush()
                 except (JellyfinError, SyncError) as e:
+                    self._pending_state, self._pending_jobs = [], []
                     report["errors"].append(f"{person}: {e}")
                     log.warning("reconcile: %s: %s", person, e)
                 self.progress["users_done"] += 1
@@ -2644,6 +2682,7 @@ class Reconciler:
     def _reconcile_person(self, person: str, accounts: dict[str, str], report: dict, dry_run: bool) -> None:
         servers = [s for s in accounts]
         seen = {srv: self._read(srv, accounts[srv]) for srv in servers}
+        self._states = {srv: self.store.states_of(srv, person) for srv in servers}  # one query each
         # Group the same item across servers, starting from every item anyone has state on.
         groups: list[dict[str, str]] = []
         assigned: set[tuple[str, str]] = set()
@@ -2689,7 +2728,7 @@ class Reconciler:
         report: dict,
         dry_run: bool,
     ) -> None:
-        priors = {srv: self.store.get_state(srv, person, iid) for srv, iid in group.items()}
+        priors = {srv: self._states[srv].get(iid, {}) for srv, iid in group.items()}
         values = {srv: read_fields(ud) for srv, ud in current.items()}
         for srv, ud in current.items():
             # "Liked" comes from the Likes list; an item missing from it may be unrated or disliked.
@@ -2697,7 +2736,10 @@ class Reconciler:
             if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in ("played", "likes")):
                 current[srv] = self.clients[srv].user_data(accounts[srv], group[srv])
                 values[srv] = read_fields(current[srv])
+        played_after: bool | None = None  # the played state once this pass's jobs are applied
         for field in fields:
+            if field == "position" and played_after:
+                continue  # a played item has no resume position: marking it played resets it
             views = []
             for srv, iid in group.items():
                 prior, prior_at = priors[srv].get(field, (_UNKNOWN, 0.0))
@@ -2705,6 +2747,8 @@ class Reconciler:
                 when = (parse_time(ud.get("LastPlayedDate")) or 0.0) if field in ("played", "position") else 0.0
                 views.append(_View(srv, iid, values[srv][field], prior, prior_at, when, int(ud.get("PlayCount") or 0)))
             decision = decide(field, views)
+            if field == "played":
+                played_after = decision[0] if decision else all(v.cur for v in views)
             if decision is None:
                 self._remember(person, views, field, None, dry_run)
                 continue
@@ -2733,7 +2777,7 @@ class Reconciler:
             if source is not None and v.cur != source.cur:
                 continue  # about to be changed by a job, which records the outcome
             at = (v.when or utcnow()) if v is source else v.prior_at
-            self.store.remember_state(v.server, person, v.item_id, {field: v.cur}, {field: at})
+            self._pending_state.append((v.server, person, v.item_id, field, v.cur, at))
 
     def _queue(
         self, person: str, field: str, desired: Any, source: _View, target: str, name: str, item: ItemInfo | None
@@ -2757,7 +2801,15 @@ class Reconciler:
                 "play_count": source.play_count,
             },
         }
-        self.store.plan_events([(0, [ob], [target])])
+        self._pending_jobs.append(ob)
+
+    def _flush(self) -> None:
+        """Write one person's baseline and jobs in two transactions, not thousands."""
+        if self._pending_state:
+            self.store.remember_states(self._pending_state)
+        if self._pending_jobs:
+            self.store.plan_events([(0, self._pending_jobs, [])])
+        self._pending_state, self._pending_jobs = [], []
 
     # the thread: at start-up, every interval_minutes, and on demand
     def start(self) -> None:

@@ -1812,6 +1812,16 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster):
         page.locator("#f-user").fill("bob")
         expect(page.locator("#feed tbody tr").first).to_contain_text("bob")
         page.locator("#f-user").fill("")
+        # Reconciliation from the page: a dry run reports, changes nothing.
+        with home.lock:
+            home.ud("bob", "Heat")["IsFavorite"] = True  # a change no webhook reported
+        page.get_by_role("button", name="Dry run (change nothing)").click()
+        expect(page.locator("#rec-report")).to_contain_text("Last dry run", timeout=15000)
+        expect(page.locator("#rec-report")).to_contain_text("favourite 'Heat' (from home)")
+        assert not parents.ud("bob", "Heat")["IsFavorite"]
+        page.get_by_role("button", name="Run now").click()
+        eventually(lambda: parents.ud("bob", "Heat")["IsFavorite"], 15, what="the reconciled favourite")
+        expect(page.locator("#rec-report")).to_contain_text("Last run", timeout=10000)
         page.wait_for_timeout(2500)  # one more refresh, for a settled picture
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)
         phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
@@ -2261,6 +2271,114 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
     print(f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per call)")
 
 
+def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma: no cover - a command
+    """A full pass over 5 users × 20,000 items × 3 servers: time, requests, memory."""
+    import random
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="jds-rbench-"))
+    fakes = [FakeJellyfin(n, v) for n, v in (("home", "10.10.7"), ("parents", "10.11.8"), ("public", "12.0.0"))]
+    rnd = random.Random(7)
+    for f in fakes:
+        for u in range(users):
+            f.add_user(f"user{u}")
+        for i in range(items):
+            f.add_item(
+                f"Film {i}",
+                "Movie",
+                f"/media/movies/Film {i}/film.mkv",
+                provider_ids={"Tmdb": str(i)},
+                saved=time.time() - 86400,
+            )
+        names = {d["Name"]: i for i, d in f.items.items()}
+        for u in range(users):
+            uid = f.user(f"user{u}")
+            for i in rnd.sample(range(items), items * 3 // 20):  # 15 % watched, here and there
+                f.data[(uid, names[f"Film {i}"])] = {
+                    "PlaybackPositionTicks": 0,
+                    "PlayCount": 1,
+                    "IsFavorite": i % 17 == 0,
+                    "Rating": 10.0 if i % 23 == 0 else None,
+                    "LastPlayedDate": iso(time.time() - i),
+                    "Played": True,
+                }
+            for i in rnd.sample(range(items), items // 100):  # 1 % in progress
+                f.data.setdefault(
+                    (uid, names[f"Film {i}"]),
+                    {
+                        "PlaybackPositionTicks": i * 10**7,
+                        "PlayCount": 0,
+                        "IsFavorite": False,
+                        "Rating": None,
+                        "LastPlayedDate": iso(time.time() - i),
+                        "Played": False,
+                    },
+                )
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, index_refresh_seconds=600)
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text())
+    data["logging"]["level"] = "WARNING"
+    cfg.write_text(yaml.safe_dump(data))
+    proc = start_process(cfg, port)
+
+    def call(method: str, path: str):
+        conn = HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path)
+        return json.loads(conn.getresponse().read())
+
+    try:
+        eventually(
+            lambda: call("GET", "/api/status")["database"]["item_cache_by_server"].get("public", 0) >= items,
+            300,
+            0.5,
+            "the item indexes",
+        )
+        figures = []
+        for label in ("first pass (union)", "second pass (in agreement)"):
+            before = sum(len(f.requests) for f in fakes)
+            last = call("GET", "/api/reconcile")["last_report"]
+            t0 = time.perf_counter()
+            call("POST", "/api/reconcile")
+            report = eventually(
+                lambda last=last: (
+                    (r := call("GET", "/api/reconcile"))["last_report"] != last
+                    and not r["progress"].get("running")
+                    and r["last_report"]
+                ),
+                600,
+                0.2,
+                label,
+            )
+            elapsed = time.perf_counter() - t0
+            reads = sum(len(f.requests) for f in fakes) - before
+            figures.append((label, elapsed, report["items_compared"], report["changes"], reads))
+            t1 = time.perf_counter()
+            eventually(
+                lambda: (q := call("GET", "/api/queue"))["pending_events"] == 0 and not q["processing_events"],
+                900,
+                0.5,
+                "the queued changes to be applied",
+            )
+            figures.append(("  then applying them", time.perf_counter() - t1, 0, 0, 0))
+        rss = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1)) / 1024
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        for f in fakes:
+            f.close()
+    for label, elapsed, compared, changes, reads in figures:
+        if compared:
+            print(
+                f"{label:28} {elapsed:6.1f} s  {compared:,} items compared, {changes:,} changes queued, "
+                f"{reads:,} REST requests (target < 60 s)"
+            )
+        else:
+            print(f"{label:28} {elapsed:6.1f} s  (worker threads, against the fake servers)")
+    print(f"peak RSS of the service:     {rss:.1f} MB ({users} users × {items:,} items × 3 servers)")
+
+
 def _post(port: int, path: str, body: dict) -> int:
     conn = HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "text/plain; charset=utf-8"})
@@ -2272,6 +2390,9 @@ def _post(port: int, path: str, body: dict) -> int:
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
+    elif "--reconcile-benchmark" in sys.argv:
+        rest = sys.argv[sys.argv.index("--reconcile-benchmark") + 1 :]
+        reconcile_benchmark(items=int(rest[0]) if rest else 20_000)
     elif "--load" in sys.argv:
         rest = sys.argv[sys.argv.index("--load") + 1 :]
         load_test(float(rest[0]) if rest else 60.0)

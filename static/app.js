@@ -184,21 +184,58 @@ function renderUsers(u) {
     : "";
 }
 
+function reportBlock(title, r) {
+  if (!r) return null;
+  const items = [];
+  for (const [person, servers] of Object.entries(r.users)) {
+    for (const [server, e] of Object.entries(servers)) {
+      items.push(el("li", {}, `${person} on ${server}: ${e.count}`,
+        el("ul", {}, ...e.sample.map((line) => el("li", { class: "muted" }, line)))));
+    }
+  }
+  return el("div", { class: "card" },
+    el("h3", {}, title, el("span", { class: "muted" }, ago(r.finished_at || r.started_at))),
+    el("p", {}, `${r.items_compared} items compared, ${r.changes} ${r.dry_run ? "would change" : "changes queued"}` +
+      (r.seconds != null ? ` in ${r.seconds} s` : "")),
+    items.length ? el("ul", {}, ...items) : el("p", { class: "muted" }, "Everything agrees."),
+    ...r.errors.map((e) => el("p", { class: "bad" }, e)));
+}
+
+function renderReconcile(rc) {
+  const p = rc.progress || {};
+  $("rec-run").disabled = $("rec-dry").disabled = !!p.running;
+  $("rec-progress").textContent = p.running
+    ? `${p.phase}: ${p.users_done}/${p.users_total} users, ${p.items_compared} items, ${p.changes_queued} changes`
+    : "";
+  const blocks = [reportBlock("Last run", rc.last_report), reportBlock("Last dry run", rc.last_dry_run)].filter(Boolean);
+  $("rec-report").replaceChildren(...(blocks.length ? blocks : [el("p", { class: "muted" }, "No pass has run yet.")]));
+}
+
+async function startReconcile(dry) {
+  try {
+    await api(`/api/reconcile${dry ? "?dry_run=1" : ""}`, { method: "POST" });
+  } catch (err) {
+    alert(`Could not start: ${err.message}`);
+  }
+  refresh();
+}
+
 async function refresh() {
   const params = new URLSearchParams({ limit: PAGE, offset });
   for (const [key, id] of [["username", "f-user"], ["server", "f-server"], ["result", "f-result"]]) {
     if ($(id).value) params.set(key, $(id).value.trim());
   }
   try {
-    const [st, tl, log, waiting, failed, users] = await Promise.all([
+    const [st, tl, log, waiting, failed, users, rc] = await Promise.all([
       api("/api/status"), api("/api/timeline?minutes=180"), api(`/api/sync-log?${params}`),
-      api("/api/events/waiting"), api("/api/events/failed"), api("/api/users")]);
+      api("/api/events/waiting"), api("/api/events/failed"), api("/api/users"), api("/api/reconcile")]);
     $("offline").hidden = true;
     renderStatus(st);
     renderChart(tl);
     renderFeed(log);
     renderProblems([...failed, ...waiting]);
     renderUsers(users);
+    renderReconcile(rc);
   } catch (err) {
     $("offline").hidden = false;
     $("overall").textContent = "no answer";
@@ -206,6 +243,8 @@ async function refresh() {
   }
 }
 
+$("rec-run").addEventListener("click", () => startReconcile(false));
+$("rec-dry").addEventListener("click", () => startReconcile(true));
 $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
 $("next").addEventListener("click", () => { offset += PAGE; refresh(); });
 for (const id of ["f-user", "f-server", "f-result"]) {
