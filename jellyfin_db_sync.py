@@ -675,11 +675,12 @@ def normalise_path(path: str) -> str:
 
 # ── Store ────────────────────────────────────────────────────────────────────
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Statements that bring a database from version N-1 to N, applied in order at start-up.
 # (Version 1 is the first release; SCHEMA below always describes the newest layout.)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at)",),
+    3: (),  # playlist_state: a new table, created by SCHEMA
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -731,6 +732,10 @@ CREATE TABLE IF NOT EXISTS sync_log (
     result TEXT NOT NULL, detail TEXT, job_id INTEGER);
 CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
 -- Generated passwords of accounts we created, until the operator acknowledges them.
+-- The last agreed members of each person's playlist (by name), as cross-server item keys.
+CREATE TABLE IF NOT EXISTS playlist_state (
+    user_key TEXT NOT NULL, name_key TEXT NOT NULL, members TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (user_key, name_key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS passwords (
     id INTEGER PRIMARY KEY, server TEXT NOT NULL, username TEXT NOT NULL, password TEXT NOT NULL,
     created_at REAL NOT NULL);
@@ -1261,6 +1266,17 @@ class Store:
                     (server, user_key, item_id, fld, json.dumps(value), at),
                 )
 
+    def playlist_members(self, user_key: str, name_key_: str) -> list[str] | None:
+        rows = self._rows("SELECT members FROM playlist_state WHERE user_key=? AND name_key=?", (user_key, name_key_))
+        return json.loads(rows[0][0]) if rows else None
+
+    def set_playlist_members(self, user_key: str, name_key_: str, members: list[str]) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO playlist_state VALUES (?, ?, ?, ?)",
+                (user_key, name_key_, json.dumps(members), utcnow()),
+            )
+
     def states_of(self, server: str, user_key: str) -> dict[str, dict[str, tuple[Any, float]]]:
         """Everything known of one person on one server: {item id: {field: (value, observed)}}."""
         out: dict[str, dict[str, tuple[Any, float]]] = {}
@@ -1597,6 +1613,48 @@ class JellyfinClient:
             if len(items) < page:
                 return
             start += len(items)
+
+    def playlists(self, user_id: str) -> list[dict]:
+        """The user's own playlists. 10.10+ tells ownership (PlaylistDto: not open, not shared
+        with them → theirs); older versions cannot, so every playlist they see counts."""
+        legacy = self.ensure_version().legacy
+        path = f"/Users/{user_id}/Items" if legacy else "/Items"
+        query = {
+            "includeItemTypes": "Playlist",
+            "recursive": "true",
+            "enableImages": "false",
+            **({} if legacy else {"userId": user_id}),
+        }
+        found = (self.request("GET", path, query) or {}).get("Items", [])
+        if (self.version.major, self.version.minor) < (10, 10):
+            return found
+        own = []
+        for p in found:
+            dto = self.request("GET", f"/Playlists/{p['Id']}") or {}
+            shared = any(normalise_id(sh.get("UserId", "")) == user_id for sh in dto.get("Shares") or [])
+            if not dto.get("OpenAccess") and not shared:
+                own.append(p)
+        return own
+
+    def playlist_items(self, playlist_id: str, user_id: str) -> list[dict]:
+        query = {"userId": user_id, "fields": "Path,ProviderIds", "enableImages": "false"}
+        return (self.request("GET", f"/Playlists/{playlist_id}/Items", query) or {}).get("Items", [])
+
+    def create_playlist(self, name: str, user_id: str, ids: list[str]) -> str:
+        body: dict[str, Any] = {"Name": name, "Ids": ids, "UserId": user_id}
+        if self.ensure_version().legacy:
+            body["MediaType"] = "Video"
+        else:
+            body["IsPublic"] = False  # 10.9+ makes new playlists public unless told otherwise
+        return normalise_id((self.request("POST", "/Playlists", body=body) or {}).get("Id", ""))
+
+    def add_to_playlist(self, playlist_id: str, user_id: str, ids: list[str]) -> None:
+        self.request("POST", f"/Playlists/{playlist_id}/Items", {"ids": ",".join(ids), "userId": user_id})
+
+    def remove_from_playlist(self, playlist_id: str, entry_ids: list[str]) -> None:
+        if (self.ensure_version().major, self.version.minor) < (10, 11):
+            raise SyncError("Jellyfin before 10.11 cannot remove playlist entries with an API key")
+        self.request("DELETE", f"/Playlists/{playlist_id}/Items", {"entryIds": ",".join(entry_ids)})
 
     def items_by_ids(self, ids: list[str]) -> list[dict]:
         res = self.request(
@@ -2703,6 +2761,8 @@ class Reconciler:
                 for member in group.items():
                     assigned.add(member)
                 groups.append(group)
+        if self.config.sync.playlists:
+            self._reconcile_playlists(person, accounts, report, dry_run)
         self.progress["phase"] = f"comparing {person}"
         fields = [f for f in FIELDS if self.config.sync.enabled(f)]
         for group in groups:
@@ -2766,6 +2826,92 @@ class Reconciler:
                 if not dry_run:
                     self.progress["changes_queued"] += 1
                     self._queue(person, field, desired, source, v.server, name, item)
+
+    @staticmethod
+    def _item_key(item: ItemInfo) -> str | None:
+        """An item's name across servers: its path, else a provider ID."""
+        if item.path_key:
+            return "path:" + item.path_key
+        for column in ("imdb", "tmdb", "tvdb"):
+            if getattr(item, column):
+                return f"{column}:{getattr(item, column)}"
+        return None
+
+    def _reconcile_playlists(self, person: str, accounts: dict[str, str], report: dict, dry_run: bool) -> None:
+        """Mirror a person's own playlists by name: created private where missing; additions
+        and removals since the last agreed members applied everywhere; first sight = union.
+        Written directly (no webhook reports playlists, so there is no echo to suppress)."""
+        lists: dict[str, dict[str, tuple[str, str, list[tuple[str, str, str]]]]] = {}  # name → srv → …
+        for srv, uid in accounts.items():
+            client = self.clients[srv]
+            for p in client.playlists(uid):
+                entries = []
+                for dto in client.playlist_items(normalise_id(p["Id"]), uid):
+                    item = item_info(client.server, dto)
+                    key = self._item_key(item)
+                    if key:
+                        entries.append((key, item.item_id, str(dto.get("PlaylistItemId") or item.item_id)))
+                lists.setdefault(name_key(p["Name"]), {})[srv] = (normalise_id(p["Id"]), p["Name"], entries)
+        for nkey, per_server in sorted(lists.items()):
+            baseline = self.store.playlist_members(person, nkey)
+            current = {srv: [k for k, _, _ in entries] for srv, (_, _, entries) in per_server.items()}
+            if baseline is None:  # first sight: union, in the order of the longest list
+                desired: list[str] = []
+                for srv in sorted(current, key=lambda x: -len(current[x])):
+                    desired += [k for k in current[srv] if k not in desired]
+            else:
+                added = [k for srv in current for k in current[srv] if k not in baseline]
+                removed = {k for k in baseline for srv in current if k not in current[srv]}
+                desired = [k for k in baseline + added if k not in removed]
+                desired = list(dict.fromkeys(desired))
+            title = next(iter(per_server.values()))[1]
+            for srv, uid in accounts.items():
+                try:
+                    changes = self._sync_playlist(srv, uid, title, per_server.get(srv), desired, dry_run)
+                except (JellyfinError, SyncError) as e:
+                    report["errors"].append(f"{person}: playlist {title!r} on {srv}: {e}")
+                    continue
+                if changes:
+                    entry = report["users"].setdefault(person, {}).setdefault(srv, {"count": 0, "sample": []})
+                    entry["count"] += changes
+                    report["changes"] += changes
+                    if len(entry["sample"]) < 10:
+                        entry["sample"].append(f"playlist {title!r}: {changes} change(s)")
+            if not dry_run:
+                self.store.set_playlist_members(person, nkey, desired)
+
+    def _sync_playlist(
+        self, srv: str, uid: str, title: str, have: tuple | None, desired: list[str], dry_run: bool
+    ) -> int:
+        """Make one server's copy of a playlist hold ``desired``; returns the number of changes."""
+        client = self.clients[srv]
+        wanted_ids = []
+        for key in desired:
+            kind, _, value = key.partition(":")
+            column = "path_key" if kind == "path" else kind
+            hits = self.store.find_items(srv, column, value)
+            if len(hits) == 1:  # not on this server (or ambiguous): left out, never guessed
+                wanted_ids.append((key, hits[0].item_id))
+        if have is None:
+            if not wanted_ids:
+                return 0
+            if not dry_run:
+                client.create_playlist(title, uid, [i for _, i in wanted_ids])
+                log.info("%s: created playlist %r with %d items", srv, title, len(wanted_ids))
+            return len(wanted_ids)
+        playlist_id, _, entries = have
+        present = {k for k, _, _ in entries}
+        to_add = [i for k, i in wanted_ids if k not in present]
+        desired_keys = set(desired)
+        to_remove = [entry for k, _, entry in entries if k not in desired_keys]
+        if not dry_run:
+            if to_add:
+                client.add_to_playlist(playlist_id, uid, to_add)
+            if to_remove:
+                client.remove_from_playlist(playlist_id, to_remove)
+            if to_add or to_remove:
+                log.info("%s: playlist %r: %d added, %d removed", srv, title, len(to_add), len(to_remove))
+        return len(to_add) + len(to_remove)
 
     def _remember(self, person: str, views: list[_View], field: str, source: _View | None, dry_run: bool) -> None:
         """Record what each server holds now, as the agreed baseline for the next pass."""

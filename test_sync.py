@@ -84,6 +84,7 @@ class FakeJellyfin:
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []  # (method, path) of authenticated API calls
         self.passwords: dict[str, str] = {}  # what /Users/New was given, to check it was set
+        self.playlists: dict[str, dict] = {}
         self.status_override: int | None = None  # e.g. 503: the server is "down"
         self.delay = 0.0  # seconds added to every authenticated API call
         self.webhook_url: str | None = None
@@ -156,6 +157,67 @@ class FakeJellyfin:
 
     def user(self, name: str) -> str:
         return next(u for u, d in self.users.items() if d["Name"].casefold() == name.casefold())
+
+    # playlists (no webhook fires for them, as in Jellyfin)
+    def add_playlist(self, user: str, name: str, items: list[str], public: bool = False) -> str:
+        pid = hexid()
+        self.playlists[pid] = {
+            "Name": name,
+            "Id": pid,
+            "owner": self.user(user),
+            "OpenAccess": public,
+            "entries": [(hexid(), self.item(i)) for i in items],
+        }
+        return pid
+
+    def playlist(self, user: str, name: str) -> list[str] | None:
+        """Item names of the user's playlist called ``name``, in order (None: no such playlist)."""
+        uid = self.user(user)
+        for p in self.playlists.values():
+            if p["owner"] == uid and p["Name"].casefold() == name.casefold():
+                return [self.items[i]["Name"] for _, i in p["entries"]]
+        return None
+
+    def _playlists_of(self, uid: str | None) -> dict:
+        seen = [p for p in self.playlists.values() if p["owner"] == uid or p["OpenAccess"]]
+        return {
+            "Items": [{"Name": p["Name"], "Id": p["Id"], "Type": "Playlist"} for p in seen],
+            "TotalRecordCount": len(seen),
+        }
+
+    def _playlist_route(self, method: str, seg: list[str], q: dict, body):
+        if seg == ["Playlists"] and method == "POST":
+            pid = hexid()
+            public = body.get("IsPublic", not self.legacy)  # 10.9+ defaults to public
+            self.playlists[pid] = {
+                "Name": body["Name"],
+                "Id": pid,
+                "owner": body["UserId"],
+                "OpenAccess": public,
+                "entries": [(hexid(), i) for i in body.get("Ids") or []],
+            }
+            return 200, {"Id": pid}
+        p = self.playlists[seg[1]]
+        if len(seg) == 2 and method == "GET":
+            if self.version.startswith(("10.8", "10.9")):
+                return 404, None  # no PlaylistDto before 10.10
+            return 200, {"OpenAccess": p["OpenAccess"], "Shares": [], "ItemIds": [i for _, i in p["entries"]]}
+        if len(seg) == 3 and seg[2] == "Items" and method == "GET":
+            out = []
+            for entry, iid in p["entries"]:
+                d = {k: v for k, v in self.items[iid].items() if not k.startswith("_") and v is not None}
+                out.append({**d, "PlaylistItemId": entry})
+            return 200, {"Items": out, "TotalRecordCount": len(out)}
+        if len(seg) == 3 and seg[2] == "Items" and method == "POST":
+            p["entries"] += [(hexid(), i) for i in q["ids"].split(",")]
+            return 204, None
+        if len(seg) == 3 and seg[2] == "Items" and method == "DELETE":
+            if self.version.startswith(("10.8", "10.9", "10.10")):
+                return 403, None  # an API key may remove entries only from 10.11 on
+            gone = set(q["entryids"].split(","))
+            p["entries"] = [(e, i) for e, i in p["entries"] if e not in gone]
+            return 204, None
+        return 404, None
 
     # accounts, as an administrator manages them (each fires its webhook)
     def _create_user(self, body: dict):
@@ -464,6 +526,12 @@ class FakeJellyfin:
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Policy" and method == "POST":
             self.users[seg[1]]["Policy"] = body
             return 204, None
+        if seg == ["Items"] and method == "GET" and q.get("includeitemtypes") == "Playlist":
+            return 200, self._playlists_of(q.get("userid"))
+        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and q.get("includeitemtypes") == "Playlist":
+            return 200, self._playlists_of(seg[1])
+        if seg and seg[0] == "Playlists":
+            return self._playlist_route(method, seg, q, body)
         if seg == ["Items"] and method == "GET":
             return 200, self._items(q, q.get("userid"))
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and method == "GET":
@@ -1254,6 +1322,36 @@ def test_reconciliation_catches_up_after_the_service_was_down(cluster):
         assert f.ud("alice", "Dune")["Rating"] == 10.0, f.name
     res = run_cli("--config", str(c.config_path), "--reconcile")
     assert res.returncode == 0 and "0 changed" in res.stdout
+
+
+def test_playlists_are_mirrored_extended_and_trimmed_both_ways(cluster):
+    c = cluster(versions=("10.11.8", "12.0.0", "10.10.7"))
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.add_playlist("alice", "Sunday", ["Arrival", "Dune"])
+    parents.add_playlist("alice", "sunday", ["Heat"])  # the same playlist (names compare without case)
+    public.add_playlist("bob", "Someone else's", ["Heat"], public=True)  # public, not alice's
+    reconcile(c)
+    for f in (home, parents, public):
+        assert sorted(f.playlist("alice", "Sunday")) == ["Arrival", "Dune", "Heat"], f.name
+    created = next(p for p in public.playlists.values() if p["owner"] == public.user("alice"))
+    assert created["OpenAccess"] is False, "created private"
+    assert home.playlist("alice", "Someone else's") is None, "only a person's own playlists are copied"
+    # Later: parents adds an item, home removes one.
+    pid = next(p["Id"] for p in parents.playlists.values() if p["Name"] == "sunday")
+    home_pl = next(p for p in home.playlists.values() if p["Name"] == "Sunday")
+    home_pl["entries"] = [(e, i) for e, i in home_pl["entries"] if home.items[i]["Name"] != "Dune"]
+    home.add_item("Alien", "Movie", "/media/movies/Alien.mkv")
+    parents.add_item("Alien", "Movie", "/media/movies/Alien.mkv")
+    public.add_item("Alien", "Movie", "/media/movies/Alien.mkv")
+    parents.playlists[pid]["entries"].append((hexid(), parents.item("Alien")))
+    for name in ("home", "parents", "public"):
+        c.svc.service.library.refresh_index(name)
+    report = reconcile(c)
+    assert sorted(home.playlist("alice", "Sunday")) == ["Alien", "Arrival", "Heat"]
+    assert sorted(parents.playlist("alice", "Sunday")) == ["Alien", "Arrival", "Heat"]
+    # 10.10 cannot remove entries with an API key: the addition lands, the removal is reported.
+    assert sorted(public.playlist("alice", "Sunday")) == ["Alien", "Arrival", "Dune", "Heat"]
+    assert any("10.11" in e for e in report["errors"])
 
 
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
