@@ -2629,6 +2629,7 @@ class Reconciler:
         self.progress: dict[str, Any] = {"running": False}
         self._pending_state: list[tuple] = []  # filled while comparing one person, then flushed
         self._states: dict[str, dict] = {}  # the person's known state per server, loaded at once
+        self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
         self._pending_jobs: list[dict] = []
         self.trigger = threading.Event()
         self.thread: threading.Thread | None = None
@@ -2976,7 +2977,7 @@ class Reconciler:
             try:
                 report = self.run(dry_run=dry)
                 if dry:
-                    self.progress["last_dry_run"] = report
+                    self.last_dry_run = report
             except SyncError as e:
                 log.warning("reconcile: %s", e)
             except Exception:
@@ -3252,9 +3253,7 @@ def create_app(
                 },
                 "warnings": security_warnings(config),
                 "dry_run": config.sync.dry_run,
-                "reconcile": None
-                if reconciler is None
-                else {k: v for k, v in reconciler.progress.items() if k not in ("last_dry_run",)},
+                "reconcile": None if reconciler is None else reconciler.progress,
             }
         )
 
@@ -3309,12 +3308,11 @@ def create_app(
     def api_reconcile_status():
         if reconciler is None:
             return send({"error": "reconciliation is not running in this process"}, 404)
-        progress = {k: v for k, v in reconciler.progress.items() if k != "last_dry_run"}
         return send(
             {
-                "progress": progress,
+                "progress": reconciler.progress,
                 "last_report": reconciler.last_report(),
-                "last_dry_run": reconciler.progress.get("last_dry_run"),
+                "last_dry_run": reconciler.last_dry_run,
             }
         )
 

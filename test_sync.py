@@ -1920,6 +1920,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster):
         page.get_by_role("button", name="Run now").click()
         eventually(lambda: parents.ud("bob", "Heat")["IsFavorite"], 15, what="the reconciled favourite")
         expect(page.locator("#rec-report")).to_contain_text("Last run", timeout=10000)
+        expect(page.locator("#rec-report")).to_contain_text("Last dry run")
         page.wait_for_timeout(2500)  # one more refresh, for a settled picture
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)
         phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
