@@ -67,6 +67,14 @@ def hexid() -> str:
 
 # ── Fake Jellyfin ────────────────────────────────────────────────────────────
 
+BLANK_USER_DATA = {
+    "PlaybackPositionTicks": 0,
+    "PlayCount": 0,
+    "IsFavorite": False,
+    "Rating": None,
+    "LastPlayedDate": None,
+    "Played": False,
+}  # an item the user never touched
 WRITE_ROUTES = re.compile(r"(PlayedItems|FavoriteItems|/Rating|/UserData)", re.I)
 
 
@@ -260,9 +268,7 @@ class FakeJellyfin:
             NotificationUsername=self.users[uid]["Name"],
             UserId=uid,
         )
-        t = threading.Thread(target=self._send, args=(json.dumps(body).encode(),), daemon=True)
-        self.echo_threads.append(t)
-        t.start()
+        self._send_later(json.dumps(body).encode())
 
     def item(self, name: str) -> str:
         return next(i for i, d in self.items.items() if d["Name"] == name)
@@ -271,17 +277,7 @@ class FakeJellyfin:
         """The raw user data row (creating the default one, as Jellyfin does)."""
         key = (user if user in self.users else self.user(user), item if item in self.items else self.item(item))
         with self.lock:
-            return self.data.setdefault(
-                key,
-                {
-                    "PlaybackPositionTicks": 0,
-                    "PlayCount": 0,
-                    "IsFavorite": False,
-                    "Rating": None,
-                    "LastPlayedDate": None,
-                    "Played": False,
-                },
-            )
+            return self.data.setdefault(key, dict(BLANK_USER_DATA))
 
     def writes(self) -> int:
         return sum(1 for m, p in self.requests if m in ("POST", "DELETE") and WRITE_ROUTES.search(p))
@@ -428,7 +424,9 @@ class FakeJellyfin:
         """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed."""
         if not self.webhook_url:
             return
-        body = json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode()
+        self._send_later(json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode())
+
+    def _send_later(self, body: bytes) -> None:
         t = threading.Thread(target=self._send, args=(body,), daemon=True)
         self.echo_threads.append(t)
         t.start()
@@ -604,15 +602,7 @@ class FakeJellyfin:
             self.users[uid]  # noqa: B018
             with self.lock:
                 data = {i: dict(d) for (u, i), d in self.data.items() if u == uid}
-            blank = {
-                "PlaybackPositionTicks": 0,
-                "PlayCount": 0,
-                "IsFavorite": False,
-                "Rating": None,
-                "LastPlayedDate": None,
-                "Played": False,
-            }
-            ud = lambda r: data.get(r["Id"], blank)  # noqa: E731
+            ud = lambda r: data.get(r["Id"], BLANK_USER_DATA)  # noqa: E731
             if q.get("isplayed"):
                 rows = [r for r in rows if ud(r)["Played"] == (q["isplayed"] == "true")]
             if q.get("isfavorite"):
@@ -649,13 +639,43 @@ class FakeJellyfin:
 # ── Service harness ──────────────────────────────────────────────────────────
 
 
+class LeanClient:
+    """A keep-alive HTTP/1.1 client for the benchmarks. Jellyfin's sender is .NET, not Python:
+    http.client would spend as much CPU as the service does, on the same two cores."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.replies = self.sock.makefile("rb")
+
+    def post(self, path: str, body: bytes) -> int:
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain; charset=utf-8\r\n" % path.encode()
+        self.sock.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        status = int(self.replies.readline().split()[1])
+        length = 0
+        while (line := self.replies.readline()) not in (b"\r\n", b""):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        self.replies.read(length)
+        return status
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def memory_mb(pid: int, key: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) / 1024
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, **sync) -> Path:
+def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level: str = "INFO", **sync) -> Path:
     import yaml
 
     cfg = {
@@ -671,7 +691,7 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, **sync) ->
         "database": {"path": str(tmp / "sync.db")},
         "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
         "server": {"host": "127.0.0.1", "port": port or 8080},
-        "logging": {"level": "INFO"},
+        "logging": {"level": log_level},
     }
     extra_policy = sync.pop("path_sync_policy", None) if False else None  # noqa: F841
     path = tmp / "config.yaml"
@@ -2131,12 +2151,9 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
                 saved=time.time() - 86400,
             )  # a library scanned yesterday
     port = free_port()
-    cfg = write_config(tmp, fakes, port=port, progress_debounce_seconds=0.0, index_refresh_seconds=2)
-    import yaml
-
-    data = yaml.safe_load(cfg.read_text())
-    data["logging"]["level"] = "WARNING"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = write_config(
+        tmp, fakes, port=port, log_level="WARNING", progress_debounce_seconds=0.0, index_refresh_seconds=2
+    )
     proc = start_process(cfg, port)
     try:
         uid = home.user("alice")
@@ -2214,36 +2231,17 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         ).encode()
         per_sender = 1000
 
-        request = (
-            b"POST /webhook/home HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Jellyfin-Server/10.11.8\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-
         def sender(_):
-            # A lean keep-alive client (Jellyfin's sender is .NET, not Python): http.client would
-            # spend as much CPU as the service does, on the same two cores, and measure itself.
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            replies = sock.makefile("rb")
-            ok = 0
-            for _i in range(per_sender):
-                sock.sendall(request)
-                status = replies.readline()
-                length = 0
-                while (line := replies.readline()) not in (b"\r\n", b""):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                replies.read(length)
-                ok += status.split()[1] == b"202"
-            sock.close()
+            client = LeanClient(port)
+            ok = sum(client.post("/webhook/home", body) == 202 for _i in range(per_sender))
+            client.close()
             return ok
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
             accepted = sum(pool.map(sender, range(8)))
         rate = accepted / (time.perf_counter() - t0)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        rss_kb = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+        peak = memory_mb(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
@@ -2257,7 +2255,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     )
     print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
     print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
-    print(f"peak RSS of the service:         {rss_kb / 1024:.1f} MB  (target ≤ 40 MB)")
+    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 40 MB)")
 
 
 def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no cover - a command
@@ -2274,17 +2272,13 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
             f.add_item(f"Film {i}", "Movie", f"/media/movies/Film {i}.mkv", saved=time.time() - 86400)
     parents.delay = 0.05  # every REST call to the target takes 50 ms
     port = free_port()
-    cfg = write_config(tmp, fakes, port=port, progress_debounce_seconds=10.0, index_refresh_seconds=60)
-    import yaml
-
-    data = yaml.safe_load(cfg.read_text())
-    data["logging"]["level"] = "WARNING"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = write_config(
+        tmp, fakes, port=port, log_level="WARNING", progress_debounce_seconds=10.0, index_refresh_seconds=60
+    )
     proc = start_process(cfg, port)
 
     def rss() -> float:
-        text = Path(f"/proc/{proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
+        return memory_mb(proc.pid)
 
     items = list(home.items)
     bodies = []
@@ -2309,31 +2303,19 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
     memory = [rss()]
 
     def sender(k: int) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        replies = sock.makefile("rb")
+        client = LeanClient(port)
         mine = bodies[k * 100 : (k + 1) * 100]
         n = 0
         while time.monotonic() < stop_at:
             body = mine[n % len(mine)]
             n += 1
-            req = (
-                b"POST /webhook/home HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
-            )
             t0 = time.perf_counter()
-            sock.sendall(req)
-            status = replies.readline()
-            length = 0
-            while (line := replies.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            replies.read(length)
+            status = client.post("/webhook/home", body)
             latencies.append(time.perf_counter() - t0)
-            if status.split()[1] not in (b"200", b"202"):
+            if status not in (200, 202):
                 refused[0] += 1
             time.sleep(0.01)  # a player reports about every second; 20 fast ones here
-        sock.close()
+        client.close()
 
     try:
         with ThreadPoolExecutor(senders) as pool:
@@ -2414,12 +2396,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
                     },
                 )
     port = free_port()
-    cfg = write_config(tmp, fakes, port=port, index_refresh_seconds=600)
-    import yaml
-
-    data = yaml.safe_load(cfg.read_text())
-    data["logging"]["level"] = "WARNING"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=600)
     proc = start_process(cfg, port)
 
     def call(method: str, path: str):
@@ -2461,7 +2438,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
                 "the queued changes to be applied",
             )
             figures.append(("  then applying them", time.perf_counter() - t1, 0, 0, 0))
-        rss = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1)) / 1024
+        rss = memory_mb(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
