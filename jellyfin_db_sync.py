@@ -538,29 +538,26 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         servers.append(ServerConfig(name, url, api_key, passwordless, path_map))
     kwargs["servers"] = tuple(servers)
 
-    sync_raw = data.get("sync") or {}
-    if not isinstance(sync_raw, dict):
-        raise err("sync", "expected a mapping")
-    sync_kw = {}
-    for key, value in sync_raw.items():
-        kind = _SCHEMA["sync"].get(key)
-        if kind is None:
-            raise err(f"sync.{key}", "unknown key")
-        sync_kw[key] = _check_type(value, kind, f"{src}: sync.{key}")
+    def flat_section(name: str) -> dict[str, Any]:
+        """A section of scalars typed by its dataclass (sync:, reconcile:)."""
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            raise err(name, "expected a mapping")
+        out = {}
+        for key, value in raw.items():
+            kind = _SCHEMA[name].get(key)
+            if kind is None:
+                raise err(f"{name}.{key}", f"unknown key (known: {', '.join(_SCHEMA[name])})")
+            out[key] = _check_type(value, kind, f"{src}: {name}.{key}")
+        return out
+
+    sync_kw = flat_section("sync")
     if sync_kw.get("max_retries", 0) < 0:
         raise err("sync.max_retries", "must be ≥ 0")
     kwargs["sync"] = SyncConfig(**sync_kw)
 
     kwargs["users"] = _parse_users(data.get("users") or {}, {s.name for s in servers}, err, src)
-    rec_raw = data.get("reconcile") or {}
-    if not isinstance(rec_raw, dict):
-        raise err("reconcile", "expected a mapping")
-    rec_kw = {}
-    for key, value in rec_raw.items():
-        kind = _SCHEMA["reconcile"].get(key)
-        if kind is None:
-            raise err(f"reconcile.{key}", f"unknown key (known: {', '.join(_SCHEMA['reconcile'])})")
-        rec_kw[key] = _check_type(value, kind, f"{src}: reconcile.{key}")
+    rec_kw = flat_section("reconcile")
     kwargs["reconcile"] = ReconcileConfig(**rec_kw)
 
     policies = []

@@ -163,6 +163,17 @@ class FakeJellyfin:
         }
         return iid
 
+    def add_library(self, count: int) -> None:
+        """``count`` films, "Film 0" … , scanned yesterday (so not "new" to an incremental refresh)."""
+        for i in range(count):
+            self.add_item(
+                f"Film {i}",
+                "Movie",
+                f"/media/movies/Film {i}/film.mkv",
+                provider_ids={"Tmdb": str(i)},
+                saved=time.time() - 86400,
+            )
+
     def user(self, name: str) -> str:
         return next(u for u, d in self.users.items() if d["Name"].casefold() == name.casefold())
 
@@ -419,6 +430,11 @@ class FakeJellyfin:
                 base["LastPlayedDate"] = ud["LastPlayedDate"]
         base.update(extra)
         return base
+
+    def played_payload(self, uid: str, iid: str, **extra) -> dict:
+        """The UserDataSaved body of "mark played" (TogglePlayed), without changing anything."""
+        ud = dict(self.ud(uid, iid), Played=True, PlayCount=1)
+        return self.payload("UserDataSaved", uid, iid, ud, SaveReason="TogglePlayed", **extra)
 
     def fire(self, ntype: str, uid: str, iid: str, ud: dict, **extra) -> None:
         """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed."""
@@ -2089,9 +2105,7 @@ def test_five_kills_during_bursts_lose_no_acknowledged_event(tmp_path):
     parents.status_override = 503
 
     def send(iid):
-        body = home.payload(
-            "UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1), SaveReason="TogglePlayed"
-        )
+        body = home.played_payload(uid, iid)
         try:
             conn = HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("POST", "/webhook/home", json.dumps(body))
@@ -2142,14 +2156,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     home, parents = fakes
     for f in fakes:
         f.add_user("alice")
-        for i in range(20_000):
-            f.add_item(
-                f"Film {i}",
-                "Movie",
-                f"/media/movies/Film {i}/film.mkv",
-                provider_ids={"Tmdb": str(i)},
-                saved=time.time() - 86400,
-            )  # a library scanned yesterday
+        f.add_library(20_000)
     port = free_port()
     cfg = write_config(
         tmp, fakes, port=port, log_level="WARNING", progress_debounce_seconds=0.0, index_refresh_seconds=2
@@ -2176,9 +2183,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         lat = []
         for i in range(1, 41):
             iid = items[i]
-            body = home.payload(
-                "UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1), SaveReason="TogglePlayed"
-            )
+            body = home.played_payload(uid, iid)
             t0 = time.perf_counter()
             _post(port, "/webhook/home", body)
             eventually(lambda n=f"Film {i}": parents.ud("alice", n)["Played"], 10, 0.001)
@@ -2215,9 +2220,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         _post(
             port,
             "/webhook/home",
-            home.payload(
-                "UserDataSaved", uid, iid, dict(home.ud(uid, iid), Played=True, PlayCount=1), SaveReason="TogglePlayed"
-            ),
+            home.played_payload(uid, iid),
         )
         eventually(lambda: parents.ud("alice", "Brand New")["Played"], 30)
         time.sleep(0.3)
@@ -2287,13 +2290,7 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         mine = items[u * 10 : (u + 1) * 10]
         for n, iid in enumerate(mine * 10):
             if n % 10 == 9:
-                b = home.payload(
-                    "UserDataSaved",
-                    uid,
-                    iid,
-                    dict(home.ud(uid, iid), Played=True, PlayCount=1),
-                    SaveReason="TogglePlayed",
-                )
+                b = home.played_payload(uid, iid)
             else:
                 b = home.payload("PlaybackProgress", uid, iid, home.ud(uid, iid), PlaybackPositionTicks=n * 10**8)
             bodies.append(json.dumps(b).encode())
@@ -2363,14 +2360,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
     for f in fakes:
         for u in range(users):
             f.add_user(f"user{u}")
-        for i in range(items):
-            f.add_item(
-                f"Film {i}",
-                "Movie",
-                f"/media/movies/Film {i}/film.mkv",
-                provider_ids={"Tmdb": str(i)},
-                saved=time.time() - 86400,
-            )
+        f.add_library(items)
         names = {d["Name"]: i for i, d in f.items.items()}
         for u in range(users):
             uid = f.user(f"user{u}")
