@@ -3199,6 +3199,9 @@ def create_app(
                     "Jellyfin 10.8: resume positions cannot be set with an API key; "
                     "marking played also adds one to the play count"
                 )
+                limits.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
+            if client.version and (client.version.major, client.version.minor) < (10, 11):
+                limits.append("Before 10.11: playlist entries cannot be removed with an API key")
             out.append(
                 {
                     "name": s.name,
