@@ -3587,6 +3587,7 @@ class Service:
 
     def stop(self) -> None:
         self.syncer.stop()
+        self.reconciler.trigger.set()  # its loop sees stop_event and ends
         self.store.close()
 
 
