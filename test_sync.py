@@ -2259,6 +2259,16 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
     print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
     print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 40 MB)")
+    probe = "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
+    bare = [
+        int(subprocess.run([sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True).stdout)
+        / 1024
+        for flag in ([], ["-S"])
+    ]
+    print(
+        f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site hooks (python -S);"
+        " a .pth file this machine adds to site-packages accounts for the difference"
+    )
 
 
 def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no cover - a command
