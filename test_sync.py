@@ -2158,9 +2158,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         f.add_user("alice")
         f.add_library(20_000)
     port = free_port()
-    cfg = write_config(
-        tmp, fakes, port=port, log_level="WARNING", progress_debounce_seconds=0.0, index_refresh_seconds=2
-    )
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=2)
     proc = start_process(cfg, port)
     try:
         uid = home.user("alice")
