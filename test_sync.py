@@ -2003,10 +2003,7 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
         ok = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False)
         assert ok.returncode == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        for f in fakes:
-            f.close()
+        shut_down(proc, fakes)
     down = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False, capture_output=True)
     assert down.returncode == 1
 
@@ -2054,6 +2051,14 @@ def test_truenas_compose_file_is_valid_and_uses_only_variables_the_program_reads
 
 
 # ── Process life: SIGTERM and SIGKILL ────────────────────────────────────────
+
+
+def shut_down(proc: subprocess.Popen, fakes: list[FakeJellyfin]) -> None:
+    """Stop the service as Docker would (SIGTERM) and the fake servers."""
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(15)
+    for f in fakes:
+        f.close()
 
 
 def start_process(config_path: Path, port: int) -> subprocess.Popen:
@@ -2138,10 +2143,7 @@ def test_five_kills_during_bursts_lose_no_acknowledged_event(tmp_path):
             what=f"all {len(names)} acknowledged events applied after 5 kills",
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        for f in fakes:
-            f.close()
+        shut_down(proc, fakes)
 
 
 # ── Benchmark ────────────────────────────────────────────────────────────────
@@ -2244,10 +2246,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         rate = accepted / (time.perf_counter() - t0)
         peak = memory_mb(proc.pid, "VmHWM")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-        for f in fakes:
-            f.close()
+        shut_down(proc, fakes)
     lat.sort()
     print(f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,500/s)")
     print(
@@ -2342,10 +2341,7 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         drain = time.monotonic() - t0
         memory.append(rss())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-        for f in fakes:
-            f.close()
+        shut_down(proc, fakes)
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1000  # noqa: E731
     print(f"webhooks sent:        {len(latencies):,} by {senders} senders in {seconds:.0f} s, {refused[0]} refused")
@@ -2429,10 +2425,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             figures.append(("  then applying them", time.perf_counter() - t1, 0, 0, 0))
         rss = memory_mb(proc.pid, "VmHWM")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-        for f in fakes:
-            f.close()
+        shut_down(proc, fakes)
     for label, elapsed, compared, changes, reads in figures:
         if compared:
             print(
