@@ -269,21 +269,25 @@ class Config:
                 return name_key(group[0][1])
         return key
 
-    def name_on(self, person: str, server: str) -> str:
-        """The case-folded user name ``person`` has on ``server``."""
+    def _mapping(self, person: str) -> dict[str, str]:
+        """{server: user name} of ``person``'s entry in ``users.map`` (empty if none)."""
         for group in self.users.map:
             if name_key(group[0][1]) == person:
-                for srv, name in group:
-                    if srv == server:
-                        return name_key(name)
-        return person
+                return dict(group)
+        return {}
+
+    def mapped_name(self, person: str, server: str) -> str | None:
+        """The user name (as written in users.map) ``person`` has on ``server``, if mapped."""
+        return self._mapping(person).get(server)
+
+    def name_on(self, person: str, server: str) -> str:
+        """The case-folded user name ``person`` has on ``server``."""
+        mapped = self.mapped_name(person, server)
+        return name_key(mapped) if mapped else person
 
     def user_synced(self, person: str) -> bool:
         """users.include / users.exclude, matched against every name the person has."""
-        names = {person}
-        for group in self.users.map:
-            if name_key(group[0][1]) == person:
-                names.update(name_key(n) for _, n in group)
+        names = {person} | {name_key(n) for n in self._mapping(person).values()}
         if self.users.include and not names & set(self.users.include):
             return False
         return not names & set(self.users.exclude)
@@ -2341,7 +2345,7 @@ class Syncer:
             if rows:
                 self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already exists"})
                 return "noop"
-            name = self._mapped_name(job.user_key, target) or value["name"]
+            name = self.config.mapped_name(job.user_key, target) or value["name"]
             server = client.server
             mode = "none" if server.passwordless else self.config.users.new_user_password
             password = secrets.token_urlsafe(15) if mode == "random" else None
@@ -2390,12 +2394,6 @@ class Syncer:
         self.store.finish_job(job, "done", None, {"result": "ok", "old": rows[0]["name"], "new": value["name"]})
         log.info("%s: renamed user %s to %s (from %s)", target, rows[0]["name"], value["name"], job.source)
         return "ok"
-
-    def _mapped_name(self, person: str, server: str) -> str | None:
-        for group in self.config.users.map:
-            if name_key(group[0][1]) == person:
-                return dict(group).get(server)
-        return None
 
     @staticmethod
     def _scale(position: int, src_runtime: int | None, tgt_runtime: int | None) -> int:
