@@ -2074,6 +2074,10 @@ class Syncer:
         with self._counter_lock:
             self.counters[key] = self.counters.get(key, 0) + n
 
+    def counters_snapshot(self) -> dict[str, int]:
+        with self._counter_lock:
+            return dict(self.counters)
+
     # ingest (called by Web, in the request thread)
     def accept_webhook(self, server: str, body: bytes) -> dict:
         """Validate, commit one row, and wake the planner. No network call happens here."""
@@ -3060,21 +3064,23 @@ def create_app(
         if not config.auth_username:
             return True
         req = bottle.request
-        auth = req.headers.get("Authorization", "")
-        bearer = auth[:7].lower() == "bearer " and bool(config.api_token)
-        if bearer and hmac.compare_digest(auth[7:].strip().encode(), config.api_token.encode()):
+        if _secret_matches(_bearer(req), config.api_token):
             return True
+        auth = req.headers.get("Authorization", "")
         if auth[:6].lower() == "basic ":
             try:
                 user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 return False
-            ok_user = hmac.compare_digest(user.encode(), config.auth_username.encode())
-            ok_pw = hmac.compare_digest(password.encode(), config.auth_password.encode())
-            return ok_user and ok_pw
+            return credentials_ok(user, password)
         cookie = req.get_cookie("jds_session")
         with sessions_lock:
             return bool(cookie) and sessions.get(cookie, 0) > utcnow()
+
+    def credentials_ok(user: str, password: str) -> bool:
+        ok_user = _secret_matches(user, config.auth_username)
+        ok_pw = _secret_matches(password, config.auth_password)  # both compared, whatever the first says
+        return ok_user and ok_pw
 
     def cross_site() -> bool:
         """A write sent by another site's page in this browser (CSRF): refuse it."""
@@ -3119,9 +3125,7 @@ def create_app(
         user, password = form.getunicode("username") or "", form.getunicode("password") or ""
         if not config.auth_username:
             raise bottle.HTTPResponse(status=303, headers={"Location": "/"})
-        ok_user = hmac.compare_digest(user.encode(), config.auth_username.encode())
-        ok_pw = hmac.compare_digest(password.encode(), config.auth_password.encode())
-        if not (ok_user and ok_pw):
+        if not credentials_ok(user, password):
             time.sleep(0.5)  # slows password guessing down; costs a real user nothing
             log.warning("failed dashboard sign-in from %s", bottle.request.remote_addr)
             bottle.response.status = 401
@@ -3366,18 +3370,9 @@ def create_app(
                 lab = ",".join(f'{k}="{_prom_escape(str(v))}"' for k, v in labels.items())
                 lines.append(f"jellyfin_db_sync_{name}{{{lab}}} {value}" if lab else f"jellyfin_db_sync_{name} {value}")
 
-        with syncer._counter_lock:
-            counters = dict(syncer.counters)
-        hooks = [
-            ({"server": k.split("|")[1], "type": k.split("|")[2]}, v)
-            for k, v in counters.items()
-            if k.startswith("webhooks|")
-        ]
-        results = [
-            ({"target": k.split("|")[1], "result": k.split("|")[2]}, v)
-            for k, v in counters.items()
-            if k.startswith("sync|")
-        ]
+        counters = [(k.split("|"), v) for k, v in syncer.counters_snapshot().items()]
+        hooks = [({"server": k[1], "type": k[2]}, v) for k, v in counters if k[0] == "webhooks"]
+        results = [({"target": k[1], "result": k[2]}, v) for k, v in counters if k[0] == "sync"]
         metric("webhooks_received_total", "counter", "Webhooks received since start, by server and type", hooks)
         metric("sync_results_total", "counter", "Applied jobs since start, by target and result", results)
         metric(
@@ -3446,9 +3441,7 @@ def create_app(
         """Generated passwords are shown only to a caller holding server.api_token."""
         if not config.api_token:
             raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
-        given = bottle.request.headers.get("Authorization", "")
-        given = given[7:].strip() if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), config.api_token.encode()):
+        if not _secret_matches(_bearer(bottle.request), config.api_token):
             raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
 
     @app.get("/api/users/passwords")
@@ -3515,15 +3508,21 @@ def _prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _bearer(request: Any) -> str:
+    """The token of an ``Authorization: Bearer …`` header, or ""."""
+    auth = request.headers.get("Authorization") or ""
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
+def _secret_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison; an unset secret matches nothing."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
 def _token_ok(request: Any, token: str) -> bool:
     """The plugin can only send fixed custom headers, or a secret in the URL (JELLYFIN.md §1)."""
-    given = request.headers.get("X-Webhook-Token") or ""
-    auth = request.headers.get("Authorization") or ""
-    if not given and auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    if not given:
-        given = request.query.get("token") or ""
-    return hmac.compare_digest(given.encode(), token.encode())
+    given = request.headers.get("X-Webhook-Token") or _bearer(request) or request.query.get("token") or ""
+    return _secret_matches(given, token)
 
 
 def _db_size(path: str) -> int:
