@@ -732,17 +732,15 @@ CREATE TABLE IF NOT EXISTS sync_log (
     username TEXT NOT NULL, item_name TEXT NOT NULL, field TEXT NOT NULL, old TEXT, new TEXT,
     result TEXT NOT NULL, detail TEXT, job_id INTEGER);
 CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
--- Generated passwords of accounts we created, until the operator acknowledges them.
 -- The last agreed members of each person's playlist (by name), as cross-server item keys.
 CREATE TABLE IF NOT EXISTS playlist_state (
     user_key TEXT NOT NULL, name_key TEXT NOT NULL, members TEXT NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (user_key, name_key)) WITHOUT ROWID;
+-- Generated passwords of accounts we created, until the operator acknowledges them.
 CREATE TABLE IF NOT EXISTS passwords (
     id INTEGER PRIMARY KEY, server TEXT NOT NULL, username TEXT NOT NULL, password TEXT NOT NULL,
     created_at REAL NOT NULL);
 """
-
-LIVE = ("pending", "waiting")  # job states that may still be coalesced into
 
 
 @dataclass(frozen=True)
@@ -962,7 +960,7 @@ class Store:
         rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
         return {r[0]: r[1] for r in rows}
 
-    # planning: one transaction per inbox event
+    # planning: one transaction per batch of inbox rows
     def plan_events(self, planned: list[tuple[int, list[dict], list[str]]]) -> tuple[list[str], int]:
         """Record source servers' observations and queue a job per target for each change, for a
         batch of inbox rows in one transaction (one fsync for the lot).
@@ -1259,17 +1257,9 @@ class Store:
     ) -> None:
         """Record what a server holds (read back or just written). Only fields in ``observed``
         move their observation time; the others keep theirs (a read says nothing about when)."""
-        with self._tx() as c:
-            for fld, value in values.items():
-                old = c.execute(
-                    "SELECT observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
-                    (server, user_key, item_id, fld),
-                ).fetchone()
-                at = observed.get(fld, old[0] if old else 0.0)
-                c.execute(
-                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
-                    (server, user_key, item_id, fld, json.dumps(value), at),
-                )
+        self.remember_states(
+            [(server, user_key, item_id, fld, value, observed.get(fld)) for fld, value in values.items()]
+        )
 
     def playlist_members(self, user_key: str, name_key_: str) -> list[str] | None:
         rows = self._rows("SELECT members FROM playlist_state WHERE user_key=? AND name_key=?", (user_key, name_key_))
@@ -1437,10 +1427,13 @@ class ServerVersion:
     major: int
     minor: int
 
+    def before(self, major: int, minor: int) -> bool:
+        return (self.major, self.minor) < (major, minor)
+
     @property
     def legacy(self) -> bool:
         """10.8 and older: legacy /Users/{u}/… routes, no /UserData writes (JELLYFIN.md §2)."""
-        return (self.major, self.minor) < (10, 9)
+        return self.before(10, 9)
 
     @classmethod
     def parse(cls, raw: str) -> ServerVersion:
@@ -1631,7 +1624,7 @@ class JellyfinClient:
             **({} if legacy else {"userId": user_id}),
         }
         found = (self.request("GET", path, query) or {}).get("Items", [])
-        if (self.version.major, self.version.minor) < (10, 10):
+        if self.ensure_version().before(10, 10):
             return found
         own = []
         for p in found:
@@ -1657,7 +1650,7 @@ class JellyfinClient:
         self.request("POST", f"/Playlists/{playlist_id}/Items", {"ids": ",".join(ids), "userId": user_id})
 
     def remove_from_playlist(self, playlist_id: str, entry_ids: list[str]) -> None:
-        if (self.ensure_version().major, self.version.minor) < (10, 11):
+        if self.ensure_version().before(10, 11):
             raise SyncError("Jellyfin before 10.11 cannot remove playlist entries with an API key")
         self.request("DELETE", f"/Playlists/{playlist_id}/Items", {"entryIds": ",".join(entry_ids)})
 
@@ -1824,7 +1817,8 @@ class Library:
             return self.source_item(server, series_id)
         return series
 
-    def _lookup(self, src: ItemInfo, target: str) -> ItemInfo | None:
+    def lookup(self, src: ItemInfo, target: str) -> ItemInfo | None:
+        """The same item in ``target``'s index as it is now (no refresh, no request)."""
         if src.path_key:
             hits = self.store.find_items(target, "path_key", src.path_key)
             if len(hits) == 1:
@@ -1858,9 +1852,9 @@ class Library:
         ``index_refresh_seconds``) and looks again — never a full library download.
         """
         self.ensure_index(target)
-        found = self._lookup(src, target)
+        found = self.lookup(src, target)
         if found is None and self._refresh_if_due(target):
-            found = self._lookup(src, target)
+            found = self.lookup(src, target)
         return found
 
     # users
@@ -2777,7 +2771,7 @@ class Reconciler:
                 for other in servers:
                     if other == srv:
                         continue
-                    match = self.library._lookup(item, other)
+                    match = self.library.lookup(item, other)
                     if match is not None:
                         group[other] = match.item_id
                 for member in group.items():
@@ -2813,8 +2807,9 @@ class Reconciler:
         priors = {srv: self._states[srv].get(iid, {}) for srv, iid in group.items()}
         values = {srv: read_fields(ud) for srv, ud in current.items()}
         for srv, ud in current.items():
-            # "Liked" comes from the Likes list; an item missing from it may be unrated or disliked.
-            # Where we knew a like or dislike before, read the item to tell (a handful at most).
+            # An item in none of the lists (played, favourite, resumable, liked) has no noteworthy
+            # state — unless we knew it as played or liked: then it left a list (unplayed? a
+            # re-watch? disliked or cleared?), and only reading it tells which (a handful at most).
             if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in ("played", "likes")):
                 current[srv] = self.clients[srv].user_data(accounts[srv], group[srv])
                 values[srv] = read_fields(current[srv])
@@ -3224,7 +3219,7 @@ def create_app(
                     "marking played also adds one to the play count"
                 )
                 limits.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
-            if client.version and (client.version.major, client.version.minor) < (10, 11):
+            if client.version and client.version.before(10, 11):
                 limits.append("Before 10.11: playlist entries cannot be removed with an API key")
             out.append(
                 {
