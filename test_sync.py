@@ -520,7 +520,6 @@ class FakeJellyfin:
     def _route(self, method: str, path: str, q: dict, body):
         seg = [s for s in path.split("/") if s]
         new = not self.legacy
-        need_user = lambda: q.get("userid") or (_ for _ in ()).throw(ValueError)  # noqa: E731
         if seg == ["Users"] and method == "GET":
             return 200, list(self.users.values())
         if seg == ["Users", "New"] and method == "POST":
@@ -588,7 +587,6 @@ class FakeJellyfin:
                 return 200, item
             if seg[2] == "Items" and len(seg) == 5 and seg[4] == "Rating":
                 return self._toggle("Rating", method, uid, seg[3], q)
-        del need_user
         return 404, None
 
     def _toggle(self, kind: str, method: str, uid: str, iid: str, q: dict):
@@ -709,7 +707,6 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
         "server": {"host": "127.0.0.1", "port": port or 8080},
         "logging": {"level": log_level},
     }
-    extra_policy = sync.pop("path_sync_policy", None) if False else None  # noqa: F841
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
