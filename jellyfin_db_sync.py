@@ -44,6 +44,8 @@ log = logging.getLogger("jellyfin_db_sync")
 DEFAULT_CONFIG_PATHS = ("/config/config.yaml", "./config.yaml")
 STATIC_ROOT = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
+PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
+PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
 MAX_STRING_CHARS = 32 * 1024
 TICKS_PER_SECOND = 10_000_000
@@ -2093,24 +2095,26 @@ class Syncer:
         rows = self.store.unplanned_events()
         if not rows:
             return 0
+        events = [json.loads(row["body"]) for row in rows]
+        # A player reports every second: of a batch's reports for one item, only the newest
+        # position can matter (the others would be coalesced away or be stale), so the others
+        # are marked planned without the work below. During a flood this is most of them.
+        newest: dict[tuple, tuple[float, int]] = {}  # (server, user, item) → (observed, index)
+        for i, (row, ev) in enumerate(zip(rows, events, strict=True)):
+            if ev["NotificationType"] == "PlaybackProgress":
+                key = (row["server"], ev.get("NotificationUsername"), ev.get("ItemId"))
+                observed = parse_time(ev.get("UtcTimestamp")) or row["received_at"]
+                if key not in newest or newest[key][0] <= observed:
+                    newest[key] = (observed, i)
+        keep = {i for _observed, i in newest.values()}
         planned: list[tuple[int, list[dict], list[str]]] = []
         woken: set[str] = set()
-        newest_progress: dict[tuple, int] = {}  # (server, user, item) → index into planned
-        for row in rows:
-            obs, targets, woke = self._plan_one(row)
+        for i, (row, ev) in enumerate(zip(rows, events, strict=True)):
+            if ev["NotificationType"] == "PlaybackProgress" and i not in keep:
+                planned.append((row["id"], [], []))
+                continue
+            obs, targets, woke = self._plan_one(row, ev)
             woken.update(woke)
-            if obs and row["event"] == "PlaybackProgress":
-                # A player reports every second: of a batch of reports for one item, only the
-                # newest position can matter (the others would be coalesced away or be stale).
-                key = (obs[0]["server"], obs[0]["user_key"], obs[0]["item_id"])
-                prev = newest_progress.get(key)
-                if prev is not None and planned[prev][1][0]["observed_at"] <= obs[0]["observed_at"]:
-                    planned[prev] = (planned[prev][0], [], [])
-                    newest_progress[key] = len(planned)
-                elif prev is not None:
-                    obs = []
-                else:
-                    newest_progress[key] = len(planned)
             planned.append((row["id"], obs, targets))
         jobs_for, dropped = self.store.plan_events(planned)
         self.count("observations_dropped", dropped)
@@ -2118,10 +2122,10 @@ class Syncer:
             self.wake_target(t)
         return len(rows)
 
-    def _plan_one(self, row: sqlite3.Row) -> tuple[list[dict], list[str], list[str]]:
-        """(observations, their targets, targets to wake for other reasons) for one inbox row."""
+    def _plan_one(self, row: sqlite3.Row, ev: dict) -> tuple[list[dict], list[str], list[str]]:
+        """(observations, their targets, targets to wake for other reasons) for one inbox row
+        and its parsed body."""
         server = row["server"]
-        ev = json.loads(row["body"])
         ntype = ev["NotificationType"]
         others = [s.name for s in self.config.servers if s.name != server]
         if ntype in ("ItemAdded", "ItemDeleted"):
@@ -2515,7 +2519,14 @@ class Syncer:
                     log.debug("retention: %d old rows removed", pruned)
                 next_prune = time.monotonic() + 600
             try:
-                if self.plan_pending():
+                planned = self.plan_pending()
+                if planned >= PLANNER_BURST_ROWS:
+                    # A burst is on: let the next batch grow for a moment. A batch's fixed cost
+                    # (its SELECT and transaction, in Python under the GIL the request threads
+                    # need) is then shared by dozens of webhooks rather than a handful. Single
+                    # events still plan at once.
+                    self.stop_event.wait(PLANNER_BURST_PAUSE)
+                if planned:
                     continue
             except Exception:
                 log.exception("planner: unexpected error; retrying shortly")
@@ -3059,7 +3070,7 @@ def create_app(
         if not config.auth_username:
             return True
         req = bottle.request
-        if _secret_matches(_bearer(req), config.api_token):
+        if _secret_matches(_bearer(req.environ), config.api_token):
             return True
         auth = req.headers.get("Authorization", "")
         if auth[:6].lower() == "basic ":
@@ -3152,25 +3163,26 @@ def create_app(
     def webhook_test():
         return send({"status": "ok", "message": "Webhook receiver is running"})
 
-    @app.post("/webhook/<server_name>")
-    def webhook(server_name: str):
-        length = bottle.request.content_length
+    def webhook(environ: dict, server_name: str) -> tuple[int, dict]:
+        """POST /webhook/<server_name>: (status, JSON answer). Called from ``wsgi`` below."""
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return 400, {"error": "bad Content-Length"}
         if length > MAX_BODY_BYTES:
-            return send({"error": f"body larger than {MAX_BODY_BYTES} bytes"}, 413)
-        body = bottle.request.body.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
-            return send({"error": f"body larger than {MAX_BODY_BYTES} bytes"}, 413)
-        if config.webhook_token and not _token_ok(bottle.request, config.webhook_token):
-            return send({"error": "missing or wrong webhook token"}, 401)
+            return 413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"}
+        body = environ["wsgi.input"].read(length) if length else b""
+        if config.webhook_token and not _token_ok(environ, config.webhook_token):
+            return 401, {"error": "missing or wrong webhook token"}
         try:
             result = syncer.accept_webhook(server_name, body)
         except WebhookError as e:
-            return send({"error": str(e)}, e.status)
+            return e.status, {"error": str(e)}
         except sqlite3.Error as e:
             # Disk full, database locked…: say so, so it shows in Jellyfin's log.
             log.error("webhook from %s not stored: %s", server_name, e)
-            return send({"error": f"cannot store the event: {e}"}, 503)
-        return send(result, 202 if result["status"] == "queued" else 200)
+            return 503, {"error": f"cannot store the event: {e}"}
+        return (202 if result["status"] == "queued" else 200), result
 
     @app.get("/healthz")
     def healthz():
@@ -3436,7 +3448,7 @@ def create_app(
         """Generated passwords are shown only to a caller holding server.api_token."""
         if not config.api_token:
             raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
-        if not _secret_matches(_bearer(bottle.request), config.api_token):
+        if not _secret_matches(_bearer(bottle.request.environ), config.api_token):
             raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
 
     @app.get("/api/users/passwords")
@@ -3474,7 +3486,30 @@ def create_app(
     def static(path: str):
         return bottle.static_file(path, root=str(STATIC_ROOT))
 
-    return app
+    def wsgi(environ: dict, start_response: Any) -> list[bytes]:
+        # Webhooks skip Bottle: its routing, request and response objects cost 0.15 ms a call,
+        # a third of what a webhook may cost at the 1,500/s a library scan or a busy evening can
+        # send. Everything else (and GET /webhook/test) is Bottle's.
+        path = environ.get("PATH_INFO", "")
+        if path[:9] != "/webhook/" or environ.get("REQUEST_METHOD") != "POST" or "/" in path[9:] or not path[9:]:
+            return app(environ, start_response)
+        try:
+            # PEP 3333: PATH_INFO arrives as latin-1; a server name may be any UTF-8 text.
+            status, answer = webhook(environ, path[9:].encode("latin-1").decode("utf-8"))
+        except UnicodeError:
+            status, answer = 400, {"error": "the server name in the URL is not UTF-8"}
+        except Exception:  # what Bottle would turn into its 500 page
+            log.exception("webhook: unexpected error")
+            status, answer = 500, {"error": "500 Internal Server Error", "detail": "see the service's log"}
+        out = json.dumps(answer).encode()
+        start_response(
+            f"{status} {http.client.responses.get(status, '')}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(out)))],
+        )
+        return [out]
+
+    wsgi.bottle = app  # for tests and tools that want the routes
+    return wsgi
 
 
 def security_warnings(config: Config) -> list[str]:
@@ -3503,9 +3538,9 @@ def _prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _bearer(request: Any) -> str:
+def _bearer(environ: dict) -> str:
     """The token of an ``Authorization: Bearer …`` header, or ""."""
-    auth = request.headers.get("Authorization") or ""
+    auth = environ.get("HTTP_AUTHORIZATION") or ""
     return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
 
@@ -3514,9 +3549,10 @@ def _secret_matches(given: str, expected: str) -> bool:
     return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def _token_ok(request: Any, token: str) -> bool:
+def _token_ok(environ: dict, token: str) -> bool:
     """The plugin can only send fixed custom headers, or a secret in the URL (JELLYFIN.md §1)."""
-    given = request.headers.get("X-Webhook-Token") or _bearer(request) or request.query.get("token") or ""
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING") or "")
+    given = environ.get("HTTP_X_WEBHOOK_TOKEN") or _bearer(environ) or (query.get("token") or [""])[-1]
     return _secret_matches(given, token)
 
 

@@ -1418,6 +1418,29 @@ def test_webhook_accepts_every_fixture_and_rejects_garbage(cluster):
     assert svc.call("GET", "/webhook/test") == (200, {"status": "ok", "message": "Webhook receiver is running"})
     status, body = svc.call("POST", "/webhook/home", fixture("AuthenticationSuccess.json"))
     assert status == 200 and body["status"] == "ignored"
+    # The URL: a name is matched exactly (UTF-8 decoded), anything else is a JSON 4xx.
+    played = json.dumps(fixture("UserDataSaved-played.json")).encode()
+    status, body = svc.call("POST", "/webhook/%C3%A9t%C3%A9", played)
+    assert status == 404 and "'été'" in body["error"]
+    assert svc.call("POST", "/webhook/%FF", played)[0] == 400
+    status, body = svc.call("POST", "/webhook/home/more", played)
+    assert status == 404 and "error" in body
+    # A chunked body (no Content-Length) is read whole.
+    conn = HTTPConnection("127.0.0.1", svc.port, timeout=10)
+    conn.request("POST", "/webhook/home", iter([played[:100], played[100:]]))  # http.client chunks it
+    resp = conn.getresponse()
+    assert resp.status == 202 and json.loads(resp.read())["status"] == "queued"
+    conn.close()
+    assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == rows + 1
+    # A bug of ours is a logged JSON 500, not a dropped connection; the service carries on.
+    syncer = svc.service.syncer
+    real, syncer.accept_webhook = syncer.accept_webhook, lambda *a: 1 / 0
+    try:
+        status, body = svc.call("POST", "/webhook/home", played)
+    finally:
+        syncer.accept_webhook = real
+    assert status == 500 and body["error"].startswith("500")
+    assert svc.call("POST", "/webhook/home", played)[0] == 202
 
 
 def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
