@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from contextlib import suppress
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from http.client import HTTPConnection
@@ -2011,6 +2012,7 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
     assert re.fullmatch(r"\d+:\d+", ins["USER"]) and not ins["USER"].startswith("0")
     assert ins["EXPOSE"] == "8080" and json.loads(ins["VOLUME"]) == ["/config", "/data"]
     assert json.loads(ins["ENTRYPOINT"])[0] == "python"  # exec form: Python is PID 1, gets SIGTERM
+    assert any(k == "RUN" and "compileall" in v and "jellyfin_db_sync.py" in v for k, v in dockerfile_instructions())
     for line in (v for k, v in dockerfile_instructions() if k == "COPY"):
         for src in line.split()[:-1]:
             assert (HERE / src).exists(), f"Dockerfile copies {src}, which does not exist"
@@ -2100,6 +2102,39 @@ def start_process(config_path: Path, port: int) -> subprocess.Popen:
     eventually(up, 15, 0.05, "the service to start")
     assert proc.poll() is None, proc.stdout.read()
     return proc
+
+
+def test_a_renamed_copy_runs_as_one_file_and_restarts_itself_as_an_import(tmp_path):
+    # NAS owners copy the file anywhere, under any name. Started as a script it replaces itself
+    # (same PID) with an import of the same file, so its bytecode can be cached: the program
+    # must behave exactly the same, interpreter options included.
+    folder = tmp_path / "my sync's copy"
+    folder.mkdir()
+    script = folder / "sync-v1.py"
+    script.write_bytes((HERE / "jellyfin_db_sync.py").read_bytes())
+    python = [sys.executable, "-X", "utf8", str(script)]
+    out = subprocess.run([*python, "--version"], check=False, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, f"jellyfin-db-sync {jds.__version__}"), out.stderr
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    port = free_port()
+    cfg = write_config(tmp_path, fakes, port=port)
+    proc = subprocess.Popen([*python, "--config", str(cfg)], stderr=subprocess.DEVNULL)
+
+    def healthy() -> bool:
+        with suppress(OSError):
+            conn = HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        return False
+
+    try:
+        eventually(healthy, 20, 0.1, "the copy to answer")
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:4] == [b"-X", b"utf8", b"-c"] and str(script).encode() in cmdline[4], cmdline
+        assert cmdline[5:7] == [b"--config", str(cfg).encode()]
+    finally:
+        shut_down(proc, fakes)
+    assert proc.returncode == 0
 
 
 def test_sigterm_stops_cleanly_within_ten_seconds(tmp_path):
