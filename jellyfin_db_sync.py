@@ -785,7 +785,10 @@ class _Pending:
 
     def __init__(self, row: tuple):
         self.row = row
-        self.done = threading.Event()
+        # Held until the commit: the request thread blocks acquiring it, the ingest thread
+        # releases it. A bare lock, because an Event costs a Condition and a lock per wait.
+        self.done = threading.Lock()
+        self.done.acquire()
         self.id = 0
         self.error: Exception | None = None
 
@@ -808,6 +811,7 @@ class Store:
         self._ingest_cond = threading.Condition()  # guards _ingest_queue and _ingest_thread
         self._ingest_queue: list[_Pending] = []
         self._ingest_thread: threading.Thread | None = None
+        self._ingest_idle = False  # the ingest thread waits for rows: the next one must notify it
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -912,8 +916,9 @@ class Store:
                 self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
                 self._ingest_thread.start()
             self._ingest_queue.append(entry)
-            self._ingest_cond.notify()
-        entry.done.wait()
+            if self._ingest_idle:
+                self._ingest_cond.notify()
+        entry.done.acquire()
         if entry.error is not None:
             raise entry.error
         return entry.id
@@ -925,7 +930,9 @@ class Store:
         while True:
             with self._ingest_cond:
                 while not self._ingest_queue:
+                    self._ingest_idle = True
                     self._ingest_cond.wait()
+                    self._ingest_idle = False
                 batch, self._ingest_queue = self._ingest_queue[:500], self._ingest_queue[500:]
             try:
                 # One multi-row INSERT in autocommit mode: a single statement, so this thread
@@ -950,7 +957,7 @@ class Store:
                 for e in batch:
                     e.id, e.error = 0, exc
             for e in batch:
-                e.done.set()
+                e.done.release()
 
     def unplanned_events(self, limit: int = 200) -> list[sqlite3.Row]:
         return self._rows("SELECT * FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,))
@@ -2057,6 +2064,10 @@ class Syncer:
         self.clients = clients
         self.stop_event = threading.Event()
         self._wake = threading.Condition()  # guards nothing; planner waits on it for new events
+        # Set (under _wake) by the planner *before* it looks for unplanned rows and sleeps: a
+        # webhook committed after that look sees it set and wakes the planner; one committed
+        # before it is found by the look. While the planner is busy nobody takes the lock.
+        self._planner_may_sleep = False
         self._target_wake = {s.name: threading.Condition() for s in config.servers}
         self.health: dict[str, dict] = {
             s.name: {"reachable": None, "error": None, "version": None, "checked_at": None, "latency_ms": None}
@@ -2085,8 +2096,9 @@ class Syncer:
         if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
             return {"status": "ignored", "reason": f"{ntype} needs no sync"}
         event_id = self.store.add_event(server, ntype, json.dumps(data, separators=(",", ":")))
-        with self._wake:
-            self._wake.notify()
+        if self._planner_may_sleep:
+            with self._wake:
+                self._wake.notify()
         return {"status": "queued", "event_id": event_id}
 
     # planning
@@ -2533,8 +2545,10 @@ class Syncer:
                 self.stop_event.wait(1.0)
                 continue
             with self._wake:
+                self._planner_may_sleep = True
                 if self.store.count_unplanned() == 0 and not self.stop_event.is_set():
                     self._wake.wait(interval)
+                self._planner_may_sleep = False
 
     def _target_loop(self, target: str) -> None:
         cond = self._target_wake[target]
