@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import calendar
 import dataclasses
 import hmac
 import http.client
@@ -129,6 +128,10 @@ class WebhookError(SyncError):
         self.status = status
 
 
+# One encoder for the inbox rows: json.dumps builds a new one per call when given separators.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def utcnow() -> float:
     return time.time()
 
@@ -137,24 +140,18 @@ _ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(
 
 
 def parse_time(value: Any) -> float | None:
-    """Parse Jellyfin's ISO dates (7 fractional digits, ``Z`` or an offset) to epoch seconds."""
-    if not isinstance(value, str) or not value:
+    """Parse Jellyfin's ISO dates (7 fractional digits, ``Z`` or an offset) to epoch seconds.
+
+    The pattern decides what is accepted; datetime's C parser (a sixth of the cost of doing it
+    by hand, and the planner does it for every event) reads it, to the microsecond.
+    """
+    if not isinstance(value, str) or not _ISO.match(value):
         return None
-    m = _ISO.match(value)
-    if not m:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:  # 30 February and the like
         return None
-    y, mo, d, h, mi, s = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
-    if not (1 <= mo <= 12 and 1 <= d <= 31 and h < 24 and mi < 60 and s < 61):
-        return None
-    seconds = float(calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)))
-    if m.group(7):
-        seconds += float("0" + m.group(7)[:10])
-    tz = m.group(8)
-    if tz and tz != "Z":
-        sign = 1 if tz[0] == "+" else -1
-        hh, mm = int(tz[1:3]), int(tz[-2:])
-        seconds -= sign * (hh * 3600 + mm * 60)
-    return seconds
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def format_time(epoch: float) -> str:
@@ -1943,28 +1940,32 @@ def parse_webhook(body: bytes) -> dict:
     if ntype not in ACTED_ON:
         return data
     # Keep what the sync uses; stream details, overviews and the like are dropped before storing.
-    kept = set(KEEP_KEYS.intersection(data))
-    kept.update(k for k in data if k[:9] == "Provider_")
-    data = {k: data[k] for k in kept}
+    # (Every webhook passes here, hundreds a second in a burst: the common, already-clean
+    # values are let through first, the template forms are converted after.)
+    data = {k: v for k, v in data.items() if k in KEEP_KEYS or k[:9] == "Provider_"}
     for k in ID_KEYS:
-        if k in data and data[k] is not None:
-            if not isinstance(data[k], str):
-                raise WebhookError(f"{k}: expected a GUID string")
-            data[k] = normalise_id(data[k])
-            if not HEX32.match(data[k]):
-                raise WebhookError(f"{k}: {data[k][:40]!r} is not a Jellyfin GUID")
+        v = data.get(k)
+        if v is None or isinstance(v, str) and HEX32.fullmatch(v):
+            continue
+        if not isinstance(v, str):
+            raise WebhookError(f"{k}: expected a GUID string")
+        v = data[k] = normalise_id(v)
+        if not HEX32.fullmatch(v):
+            raise WebhookError(f"{k}: {v[:40]!r} is not a Jellyfin GUID")
     for k in BOOL_KEYS:
         v = data.get(k)
-        if isinstance(v, str) and v.lower() in ("true", "false"):
-            data[k] = v.lower() == "true"
-        elif v is not None and not isinstance(v, bool):
+        if v is None or v is True or v is False:
+            continue
+        if not (isinstance(v, str) and v.lower() in ("true", "false")):
             raise WebhookError(f"{k}: expected true or false")
+        data[k] = v.lower() == "true"
     for k in INT_KEYS:
         v = data.get(k)
-        if isinstance(v, str) and re.fullmatch(r"-?\d{1,19}", v) or isinstance(v, float) and v.is_integer():
-            data[k] = int(v)
-        elif v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        if v is None or type(v) is int:  # not isinstance: True is an int
+            continue
+        if not (isinstance(v, str) and re.fullmatch(r"-?\d{1,19}", v) or isinstance(v, float) and v.is_integer()):
             raise WebhookError(f"{k}: expected a whole number")
+        data[k] = int(v)
     if data.get("Rating") is not None:
         r = data["Rating"]
         if isinstance(r, str):
@@ -2095,7 +2096,7 @@ class Syncer:
         self.count(f"webhooks|{server}|{ntype}")
         if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
             return {"status": "ignored", "reason": f"{ntype} needs no sync"}
-        event_id = self.store.add_event(server, ntype, json.dumps(data, separators=(",", ":")))
+        event_id = self.store.add_event(server, ntype, _compact_json(data))
         if self._planner_may_sleep:
             with self._wake:
                 self._wake.notify()

@@ -1444,6 +1444,22 @@ def test_webhook_accepts_every_fixture_and_rejects_garbage(cluster):
     assert svc.call("POST", "/webhook/home", played)[0] == 202
 
 
+def test_dates_and_ids_are_read_strictly():
+    # Jellyfin's own format (7 fractional digits, Z), offsets, and a naive time taken as UTC.
+    assert jds.parse_time("2026-11-24T07:28:59.1234567Z") == pytest.approx(1795505339.123456)
+    assert jds.parse_time("2026-11-24T09:28:59.5+02:00") == jds.parse_time("2026-11-24 07:28:59.5")
+    for bad in ("2026-02-30T00:00:00Z", "yesterday", "", None, 1795505339, "2026-11-24T07:28:59Z\n"):
+        assert jds.parse_time(bad) is None, bad
+    body = fixture("UserDataSaved-played.json")
+    assert jds.parse_webhook(json.dumps(body).encode())["ItemId"] == body["ItemId"]
+    for bad_id in (body["ItemId"] + "\n", body["ItemId"][:-1], 42):
+        with pytest.raises(jds.WebhookError, match="ItemId"):
+            jds.parse_webhook(json.dumps(dict(body, ItemId=bad_id)).encode())
+    for field, bad in (("Played", 1), ("Played", "yes"), ("PlayCount", True), ("PlayCount", 1.5)):
+        with pytest.raises(jds.WebhookError, match=field):
+            jds.parse_webhook(json.dumps(dict(body, **{field: bad})).encode())
+
+
 def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
     c = cluster()
     home, parents = c["home"], c["parents"]
