@@ -3850,9 +3850,12 @@ def _restart_as_import() -> None:
     """
     if __spec__ is not None or os.name != "posix" or not sys.executable:
         return  # run with -m (already an import with cached bytecode), or no exec() to do it with
+    here = os.path.abspath(__file__)
     code = (
         "import importlib.util as u, sys; "
-        f"s = u.spec_from_file_location('jellyfin_db_sync', {os.path.abspath(__file__)!r}); "
+        # As for a script, the file's folder comes first on the import path (bottle.py beside it).
+        f"sys.flags.safe_path or sys.path.__setitem__(0, {os.path.dirname(here)!r}); "
+        f"s = u.spec_from_file_location('jellyfin_db_sync', {here!r}); "
         "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); sys.exit(m.main())"
     )
     interpreter_options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # -u, -X dev, …
