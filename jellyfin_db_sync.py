@@ -3077,7 +3077,11 @@ def job_json(row: sqlite3.Row) -> dict:
 def create_app(
     config: Config, store: Store, syncer: Syncer, reconciler: Reconciler | None = None, started_at: float | None = None
 ):
-    """The Bottle app: webhooks, probes, JSON API and the static dashboard."""
+    """The WSGI app: webhooks, probes, JSON API and the static dashboard.
+
+    Bottle serves everything but ``POST /webhook/<server>``, which the small function at the end
+    answers first (a webhook must cost as little as possible; see ``wsgi``).
+    """
     import bottle
 
     started_at = started_at or utcnow()
@@ -3537,7 +3541,6 @@ def create_app(
         )
         return [out]
 
-    wsgi.bottle = app  # for tests and tools that want the routes
     return wsgi
 
 
