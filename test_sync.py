@@ -1799,6 +1799,7 @@ def run_cli(*args, env=None, timeout=20):
         (lambda d: d["sync"].update(watched=True), "sync.watched"),
         (lambda d: d.update(extra={}), "extra"),
         (lambda d: d["sync"].update(max_retries="five"), "sync.max_retries"),
+        (lambda d: d.update(server={"cpu": "fast"}), "server.cpu"),
     ],
 )
 def test_config_errors_name_the_key_and_exit_2(tmp_path, mutate, key):
@@ -1866,13 +1867,14 @@ def test_environment_variables_configure_everything_a_template_needs(tmp_path):
         "JDS_WEBHOOK_TOKEN": "tok",
         "JDS_DATABASE_PATH": str(tmp_path / "x.db"),
         "JDS_LOG_LEVEL": "debug",
+        "JDS_CPU": "Any",
     }
     cfg = jds.load_config(tmp_path / "absent.yaml", env)
     assert [(s.name, s.url, s.api_key, s.passwordless) for s in cfg.servers] == [
         ("lan", "http://10.0.0.2:8096", "k1", True),
         ("wan", "https://jf.example.com", "key-two-from-a-docker-secret", False),
     ]
-    assert (cfg.port, cfg.webhook_token, cfg.log_level) == (9090, "tok", "DEBUG")
+    assert (cfg.port, cfg.webhook_token, cfg.log_level, cfg.cpu) == (9090, "tok", "DEBUG", "any")
     # Merged over a file: the variable wins, the rest of the file stays.
     cfg = jds.load_config(filled_example(tmp_path), {"JDS_SERVER_2_URL": "http://other:8096", "JDS_PORT": "8181"})
     assert cfg.servers[1].url == "http://other:8096" and cfg.servers[1].name == "lan" and cfg.port == 8181
@@ -2151,6 +2153,46 @@ def test_a_renamed_copy_runs_as_one_file_and_restarts_itself_as_an_import(tmp_pa
     finally:
         shut_down(proc, fakes)
     assert proc.returncode == 0
+
+
+def test_the_service_keeps_to_one_cpu_unless_told_otherwise(tmp_path):
+    # Python runs one thread at a time: every thread of the service stays on one CPU (the last
+    # it may use), which costs less CPU per webhook than handing the GIL between CPUs.
+    import yaml
+
+    allowed = sorted(os.sched_getaffinity(0))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    for setting, expected in (
+        ("auto", {allowed[-1]} if len(allowed) > 1 else set(allowed)),
+        ("any", set(allowed)),
+        (str(allowed[0]), {allowed[0]}),
+    ):
+        port = free_port()
+        folder = tmp_path / setting
+        folder.mkdir()
+        cfg = write_config(folder, fakes, port=port)
+        data = yaml.safe_load(cfg.read_text())
+        data["server"]["cpu"] = setting
+        cfg.write_text(yaml.safe_dump(data))
+        proc = start_process(cfg, port)
+        try:
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", (task / "status").read_text()).group(1)
+                assert set(expand_cpu_list(cpus)) == expected, (setting, task.name, cpus)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+    for f in fakes:
+        f.close()
+
+
+def expand_cpu_list(text: str) -> list[int]:
+    """'0-2,5' → [0, 1, 2, 5] (the kernel's notation in /proc/*/status)."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def test_sigterm_stops_cleanly_within_ten_seconds(tmp_path):
