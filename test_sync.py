@@ -2358,10 +2358,14 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
             accepted = sum(pool.map(sender, range(8)))
         rate = accepted / (time.perf_counter() - t0)
         peak = memory_mb(proc.pid, "VmHWM")
+        cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1)
     finally:
         shut_down(proc, fakes)
     lat.sort()
-    print(f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,500/s)")
+    print(
+        f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,500/s;"
+        f" service on CPU {cpus} of {os.cpu_count()}, server.cpu: auto)"
+    )
     print(
         f"webhook → target write, median:  {lat[len(lat) // 2] * 1000:.1f} ms  "
         f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 100 ms)"
