@@ -906,6 +906,31 @@ def test_resume_position_follows_and_a_burst_becomes_one_write(cluster):
     assert not parents.ud("alice", "Heat")["Played"]
 
 
+def test_progress_reports_planned_together_keep_the_newest_whatever_their_order(tmp_path):
+    # The planner skips all but the newest report per item in a batch without planning them:
+    # "newest" is the time the source observed, not the order they arrived in.
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    home = fakes[0]
+    uid, iid = home.add_user("alice"), home.add_item("Heat", "Movie", "/media/movies/Heat.mkv")
+    fakes[1].add_user("alice")
+    service = jds.Service(jds.load_config(write_config(tmp_path, fakes, progress_debounce_seconds=60)))
+    try:
+        t0 = time.time()
+        for ticks, age in ((3 * 10**9, 1.0), (9 * 10**9, 0.0), (5 * 10**9, 2.0), (7 * 10**9, 0.5)):
+            body = home.payload(
+                "PlaybackProgress", uid, iid, home.ud(uid, iid), PlaybackPositionTicks=ticks, UtcTimestamp=iso(t0 - age)
+            )
+            assert service.syncer.accept_webhook("home", json.dumps(body).encode())["status"] == "queued"
+        assert service.syncer.plan_pending() == 4  # one batch: the planner thread is not running
+        jobs = service.store._rows("SELECT target, value FROM jobs WHERE field = 'position'")
+        assert [(j["target"], json.loads(j["value"])) for j in jobs] == [("parents", 9 * 10**9)]
+        assert service.store.count_unplanned() == 0
+    finally:
+        service.stop()
+        for f in fakes:
+            f.close()
+
+
 def test_finished_playback_marks_played(cluster):
     c = cluster()
     c["home"].user_plays("bob", "Dune", [600 * 10**7, 7000 * 10**7], completed=True)
