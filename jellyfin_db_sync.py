@@ -46,6 +46,8 @@ MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
 WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
 INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
+SIGN_IN_FAILURES = 10  # failed dashboard sign-ins from one address within SIGN_IN_WINDOW…
+SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest is this old
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
@@ -3106,6 +3108,8 @@ def create_app(
     app = App()
     sessions: dict[str, float] = {}  # sign-in cookie → expiry (epoch); in memory: a restart signs out
     sessions_lock = threading.Lock()
+    failures: dict[str, list[float]] = {}  # address → times of its recent failed sign-ins
+    slowing = threading.Lock()  # held while a failed sign-in is being slowed down
     open_paths = ("/healthz", "/readyz", "/login", "/static/style.css")
 
     def authenticated() -> bool:
@@ -3116,14 +3120,43 @@ def create_app(
             return True
         auth = req.headers.get("Authorization", "")
         if auth[:6].lower() == "basic ":
+            address = req.environ.get("REMOTE_ADDR", "?")
             try:
                 user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 return False
-            return credentials_ok(user, password)
+            if locked_out(address):
+                return False
+            if not credentials_ok(user, password):
+                sign_in_failed(address)
+                return False
+            return True
         cookie = req.get_cookie("jds_session")
         with sessions_lock:
             return bool(cookie) and sessions.get(cookie, 0) > utcnow()
+
+    def locked_out(address: str) -> int:
+        """Seconds until ``address`` may try to sign in again; 0 if it may now.
+
+        Counted per REMOTE_ADDR (Waitress drops proxy headers it cannot trust). Behind a reverse
+        proxy every visitor shares its address: a guesser then locks everyone out of the sign-in
+        for a while, never out of webhooks or the API token.
+        """
+        now = utcnow()
+        with sessions_lock:
+            recent = [t for t in failures.get(address, ()) if t > now - SIGN_IN_WINDOW]
+            if len(recent) < SIGN_IN_FAILURES:
+                return 0
+            return int(recent[-SIGN_IN_FAILURES] + SIGN_IN_WINDOW - now) + 1
+
+    def sign_in_failed(address: str) -> None:
+        now = utcnow()
+        with sessions_lock:
+            failures.setdefault(address, []).append(now)
+            failures[address] = failures[address][-SIGN_IN_FAILURES:]
+            for a in [a for a, times in failures.items() if times[-1] <= now - SIGN_IN_WINDOW]:
+                del failures[a]  # forget quiet addresses: the table stays small
+        log.warning("failed dashboard sign-in from %s", address)
 
     def credentials_ok(user: str, password: str) -> bool:
         ok_user = _secret_matches(user, config.auth_username)
@@ -3173,13 +3206,27 @@ def create_app(
         user, password = form.getunicode("username") or "", form.getunicode("password") or ""
         if not config.auth_username:
             raise bottle.HTTPResponse(status=303, headers={"Location": "/"})
+        address = bottle.request.environ.get("REMOTE_ADDR", "?")
+        wait = locked_out(address)
+        if wait:
+            bottle.response.status = 429
+            bottle.response.set_header("Retry-After", str(wait))
+            message = f"Too many failed sign-ins from your address: try again in {wait // 60 + 1} minutes."
+            return LOGIN_PAGE.replace("{message}", f'<p class="bad" role="alert">{message}</p>')
         if not credentials_ok(user, password):
-            time.sleep(0.5)  # slows password guessing down; costs a real user nothing
-            log.warning("failed dashboard sign-in from %s", bottle.request.remote_addr)
+            sign_in_failed(address)
+            # Slow guessing down, but never with more than one request thread at a time: the
+            # same threads answer Jellyfin's webhooks. A second failure meanwhile is told at once.
+            if slowing.acquire(blocking=False):
+                try:
+                    time.sleep(0.5)
+                finally:
+                    slowing.release()
             bottle.response.status = 401
             return LOGIN_PAGE.replace("{message}", '<p class="bad" role="alert">Wrong user name or password.</p>')
         token = secrets.token_urlsafe(32)
         with sessions_lock:
+            failures.pop(address, None)
             now = utcnow()
             for t in [t for t, exp in sessions.items() if exp <= now]:
                 del sessions[t]

@@ -1668,6 +1668,45 @@ def malformed_bodies(n: int = 600) -> list[bytes]:
     return bodies
 
 
+def test_password_guessing_is_limited_per_address_and_never_holds_up_webhooks(cluster, monkeypatch):
+    import base64
+
+    monkeypatch.setattr(jds, "SIGN_IN_WINDOW", 3.0)  # instead of 10 minutes
+    c = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}, "api_token": TOKEN}})
+    svc = c.svc
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    def sign_in(password: str):
+        conn = HTTPConnection("127.0.0.1", svc.port, timeout=10)
+        conn.request("POST", "/login", f"username=admin&password={password}", form)
+        resp = conn.getresponse()
+        page = resp.read().decode()
+        conn.close()
+        return resp.status, resp.getheader("Retry-After"), page
+
+    # Ten guesses at once: all refused, and a webhook sent meanwhile is answered (at most one
+    # failed sign-in at a time is slowed down, in one of the request threads).
+    with ThreadPoolExecutor(10) as pool:
+        guesses = [pool.submit(sign_in, f"guess{i}") for i in range(10)]
+        assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202
+        assert [g.result()[0] for g in guesses] == [401] * 10
+    # The eleventh try from this address is turned away, even with the right password…
+    status, retry_after, page = sign_in("correct+horse")
+    assert status == 429 and 1 <= int(retry_after) <= 3 and "Too many failed sign-ins" in page
+    basic = {"Authorization": "Basic " + base64.b64encode(b"admin:correct horse").decode()}
+    assert svc.call("GET", "/api/status", headers=basic)[0] == 401
+    # …while the API token and webhooks keep working.
+    assert svc.call("GET", "/api/status", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-favorite.json"))[0] == 202
+    time.sleep(3.1)  # the window has passed
+    assert sign_in("correct+horse")[0] == 303
+    # Wrong HTTP basic credentials count as failed sign-ins too.
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"admin:nope").decode()}
+    for _ in range(10):
+        assert svc.call("GET", "/api/status", headers=wrong)[0] == 401
+    assert sign_in("correct+horse")[0] == 429
+
+
 def test_hostile_bodies_get_4xx_write_nothing_and_leave_the_service_healthy(cluster):
     c = cluster()
     svc = c.svc
