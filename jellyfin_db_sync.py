@@ -3947,7 +3947,8 @@ def _restart_as_import() -> None:
         "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); sys.exit(m.main())"
     )
     interpreter_options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # -u, -X dev, …
-    os.execv(sys.executable, [sys.executable, *interpreter_options, "-c", code, *sys.argv[1:]])
+    with suppress(OSError):  # cannot exec (an odd sandbox): carry on as a script, only bigger
+        os.execv(sys.executable, [sys.executable, *interpreter_options, "-c", code, *sys.argv[1:]])
 
 
 def _release_free_memory() -> None:
