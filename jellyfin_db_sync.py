@@ -184,8 +184,9 @@ class ServerConfig:
     api_key: str
     passwordless: bool = False
     path_map: tuple[tuple[str, str], ...] = ()  # (server prefix, shared prefix)
+    webhook_token: str = ""  # this server's own; when set, server.webhook_token is not accepted
 
-    def __repr__(self) -> str:  # never print the key, even in a traceback
+    def __repr__(self) -> str:  # never print the key or the token, even in a traceback
         return f"ServerConfig(name={self.name!r}, url={self.url!r}, api_key='***')"
 
 
@@ -303,6 +304,15 @@ class Config:
                 return s
         return None
 
+    def webhook_token_for(self, name: str) -> str:
+        """The token /webhook/<name> requires ("" = none): the server's own, else the shared one."""
+        srv = self.server(name)
+        return (srv.webhook_token if srv else "") or self.webhook_token
+
+    def open_webhooks(self) -> list[str]:
+        """Servers whose webhook URL takes posts from anyone (no token at all)."""
+        return [s.name for s in self.servers if not self.webhook_token_for(s.name)]
+
     def policy_for(self, path: str) -> PathPolicy:
         """The longest matching ``path_sync_policy`` prefix; default: no retry."""
         best = None
@@ -324,7 +334,7 @@ _SCHEMA: dict[str, Any] = {
     "server": {"host": "str", "port": "int", "webhook_token": "str", "api_token": "str", "auth": "dict", "cpu": "str"},
     "logging": {"level": "str"},
 }
-_SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map"}
+_SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map", "webhook_token"}
 _POLICY_KEYS = {"prefix", "absent_retry_count", "retry_delay_seconds"}
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -374,8 +384,9 @@ SERVER_ENV_FIELDS = {
     "URL": ("url", "str"),
     "API_KEY": ("api_key", "str"),
     "PASSWORDLESS": ("passwordless", "bool"),
+    "WEBHOOK_TOKEN": ("webhook_token", "str"),
 }
-_SERVER_ENV = re.compile(r"^JDS_SERVER_(\d{1,2})_(NAME|URL|API_KEY|PASSWORDLESS)(_FILE)?$")
+_SERVER_ENV = re.compile(r"^JDS_SERVER_(\d{1,2})_(NAME|URL|API_KEY|PASSWORDLESS|WEBHOOK_TOKEN)(_FILE)?$")
 
 
 def _env_value(name: str, raw: str, kind: str, file: bool) -> Any:
@@ -495,6 +506,7 @@ def masked(config: Config) -> dict:
     out = dataclasses.asdict(config)
     for srv in out["servers"]:
         srv["api_key"] = mask(srv["api_key"])
+        srv["webhook_token"] = mask(srv["webhook_token"])
     out["webhook_token"] = mask(config.webhook_token)
     out["api_token"] = mask(config.api_token)
     out["auth_password"] = mask(config.auth_password)
@@ -545,7 +557,8 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         if not isinstance(pmap, dict):
             raise err(f"{at}.path_map", "expected a mapping of 'server prefix: shared prefix'")
         path_map = tuple((normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items())
-        servers.append(ServerConfig(name, url, api_key, passwordless, path_map))
+        token = _check_type(raw.get("webhook_token") or "", "str", f"{src}: {at}.webhook_token")
+        servers.append(ServerConfig(name, url, api_key, passwordless, path_map, token))
     kwargs["servers"] = tuple(servers)
 
     def flat_section(name: str) -> dict[str, Any]:
@@ -3261,7 +3274,8 @@ def create_app(
         if length > MAX_BODY_BYTES:
             return 413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"}
         body = environ["wsgi.input"].read(length) if length else b""
-        if config.webhook_token and not _token_ok(environ, config.webhook_token):
+        token = config.webhook_token_for(server_name)
+        if token and not _token_ok(environ, token):
             return 401, {"error": "missing or wrong webhook token"}
         try:
             result = syncer.accept_webhook(server_name, body)
@@ -3602,8 +3616,14 @@ def create_app(
 
 def security_warnings(config: Config) -> list[str]:
     out = []
-    if not config.webhook_token:
+    open_hooks = config.open_webhooks()
+    if len(open_hooks) == len(config.servers):
         out.append("No server.webhook_token set: anyone on the network can post webhooks.")
+    elif open_hooks:
+        out.append(
+            f"No webhook token for {', '.join(open_hooks)} (servers[].webhook_token or server.webhook_token): "
+            "anyone on the network can post webhooks as that server."
+        )
     if not config.auth_username:
         out.append("No server.auth set: anyone on the network can open this dashboard and retry or discard changes.")
     return out
@@ -3897,8 +3917,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jellyfin-db-sync: cannot open the database {config.database_path}: {e}", file=sys.stderr)
         return 1
     server = service.make_server()
-    if not config.webhook_token:
-        log.warning("no server.webhook_token set: anyone who can reach port %d can post webhooks", config.port)
+    if config.open_webhooks():
+        log.warning(
+            "no webhook token for %s: anyone who can reach port %d can post webhooks as that server",
+            ", ".join(config.open_webhooks()),
+            config.port,
+        )
 
     def on_signal(signum: int, _frame: Any) -> None:
         # Waitress installs no handlers; as PID 1 in Docker an unhandled SIGTERM is ignored.

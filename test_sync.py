@@ -1535,8 +1535,27 @@ def test_webhook_token_in_header_bearer_or_query(tmp_path):
         assert not any("webhook_token" in w for w in status["warnings"]) and "s3cret-token" not in json.dumps(status)
     finally:
         svc.stop()
+    # A server with a token of its own: only that one opens its URL; the shared one still opens
+    # the others'. Whoever runs "parents" cannot post as "home".
+    home = jds.dataclasses.replace(cfg.servers[0], webhook_token="home-only-token")
+    svc = Running(jds.dataclasses.replace(cfg, servers=(home, cfg.servers[1])))
+    try:
+        for token, path, expected in [
+            ("s3cret-token", "/webhook/home", 401),
+            ("home-only-token", "/webhook/home", 202),
+            ("home-only-token", "/webhook/parents", 401),
+            ("s3cret-token", "/webhook/parents", 202),
+        ]:
+            assert svc.call("POST", path, body, {"X-Webhook-Token": token})[0] == expected, (token, path)
+        assert "home-only-token" not in json.dumps(svc.call("GET", "/api/status")[1])
+        assert "home-only-token" not in json.dumps(jds.masked(svc.service.config))
+    finally:
+        svc.stop()
         for f in fakes:
             f.close()
+    # Without the shared token, the server without a token of its own is named in a warning.
+    open_one = jds.dataclasses.replace(cfg, webhook_token="", servers=(home, cfg.servers[1]))
+    assert jds.security_warnings(open_one)[0].startswith("No webhook token for parents")
 
 
 def test_dashboard_and_api_need_sign_in_and_refuse_cross_site_writes(cluster):
@@ -1932,6 +1951,7 @@ def test_environment_variables_configure_everything_a_template_needs(tmp_path):
         "JDS_DATABASE_PATH": str(tmp_path / "x.db"),
         "JDS_LOG_LEVEL": "debug",
         "JDS_CPU": "Any",
+        "JDS_SERVER_2_WEBHOOK_TOKEN": "wan-token",
     }
     cfg = jds.load_config(tmp_path / "absent.yaml", env)
     assert [(s.name, s.url, s.api_key, s.passwordless) for s in cfg.servers] == [
@@ -1939,6 +1959,7 @@ def test_environment_variables_configure_everything_a_template_needs(tmp_path):
         ("wan", "https://jf.example.com", "key-two-from-a-docker-secret", False),
     ]
     assert (cfg.port, cfg.webhook_token, cfg.log_level, cfg.cpu) == (9090, "tok", "DEBUG", "any")
+    assert (cfg.webhook_token_for("lan"), cfg.webhook_token_for("wan")) == ("tok", "wan-token")
     # Merged over a file: the variable wins, the rest of the file stays.
     cfg = jds.load_config(filled_example(tmp_path), {"JDS_SERVER_2_URL": "http://other:8096", "JDS_PORT": "8181"})
     assert cfg.servers[1].url == "http://other:8096" and cfg.servers[1].name == "lan" and cfg.port == 8181
