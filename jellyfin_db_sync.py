@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import dataclasses
 import hmac
 import http.client
@@ -48,6 +49,8 @@ INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this 
 INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
 SIGN_IN_FAILURES = 10  # failed dashboard sign-ins from one address within SIGN_IN_WINDOW…
 SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest is this old
+# /metrics: how long a change took to reach a target (upper bounds of the buckets, seconds).
+DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
@@ -784,6 +787,7 @@ class Job:
     extra: dict
     attempts: int
     absent_count: int
+    queued_at: float = 0.0  # when the change was first queued for this target
 
 
 @dataclass(frozen=True)
@@ -1167,6 +1171,7 @@ class Store:
                 json.loads(r["extra"]),
                 r["attempts"],
                 r["absent_count"],
+                r["created_at"],
             )
             for r in rows
         ]
@@ -2114,6 +2119,7 @@ class Syncer:
         }
         self.threads: list[threading.Thread] = []
         self.counters: dict[str, int] = {}
+        self.delays: dict[str, list] = {}  # target → [bucket counts, sum, count]; see record_delay
         self._counter_lock = threading.Lock()
 
     def count(self, key: str, n: int = 1) -> None:
@@ -2123,6 +2129,20 @@ class Syncer:
     def counters_snapshot(self) -> dict[str, int]:
         with self._counter_lock:
             return dict(self.counters)
+
+    def record_delay(self, target: str, seconds: float) -> None:
+        """A change was written on ``target`` this long after it was queued (for /metrics)."""
+        with self._counter_lock:
+            # Per bucket (the last one: above every bound), not cumulative; then sum and count.
+            hist = self.delays.setdefault(target, [[0] * (len(DELAY_BUCKETS) + 1), 0.0, 0])
+            hist[0][bisect.bisect_left(DELAY_BUCKETS, seconds)] += 1
+            hist[1] += seconds
+            hist[2] += 1
+
+    def delays_snapshot(self) -> dict[str, tuple[list[int], float, int]]:
+        """target → (count per bucket, the last above every bound; sum of seconds; count)."""
+        with self._counter_lock:
+            return {t: (list(h[0]), h[1], h[2]) for t, h in self.delays.items()}
 
     # ingest (called by Web, in the request thread)
     def accept_webhook(self, server: str, body: bytes) -> dict:
@@ -2309,6 +2329,8 @@ class Syncer:
                 self._failed(job, e)
                 continue
             self.count(f"sync|{target}|{result}")
+            if result == "ok" and job.queued_at:
+                self.record_delay(target, utcnow() - job.queued_at)
         return True
 
     def _failed(self, job: Job, e: Exception) -> None:
@@ -3503,7 +3525,7 @@ def create_app(
         metric(
             "server_request_latency_seconds",
             "gauge",
-            "Latency of the server's last status check",
+            "Latency of the server's last status check (how long changes take: sync_delay_seconds)",
             [({"server": n}, round((h["latency_ms"] or 0) / 1000, 4)) for n, h in syncer.health.items()],
         )
         metric(
@@ -3512,6 +3534,17 @@ def create_app(
             "REST requests made to the server since start",
             [({"server": n}, c.requests) for n, c in syncer.clients.items()],
         )
+        name = "jellyfin_db_sync_sync_delay_seconds"
+        lines.append(f"# HELP {name} Time from a change being queued to its write on the target (debounce included)")
+        lines.append(f"# TYPE {name} histogram")
+        for target, (counts, total, count) in sorted(syncer.delays_snapshot().items()):
+            t = _prom_escape(target)
+            running = 0
+            for bound, n in zip((*DELAY_BUCKETS, "+Inf"), counts, strict=True):
+                running += n
+                lines.append(f'{name}_bucket{{target="{t}",le="{bound}"}} {running}')
+            lines.append(f'{name}_sum{{target="{t}"}} {round(total, 3)}')
+            lines.append(f'{name}_count{{target="{t}"}} {count}')
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return "\n".join(lines) + "\n"
 

@@ -2024,6 +2024,14 @@ def test_dashboard_api_metrics_timeline_and_discard(cluster):
     assert re.search(r'^jellyfin_db_sync_sync_results_total\{target="public",result="ok"\} [1-9]', text, re.M)
     assert re.search(r'^jellyfin_db_sync_server_up\{server="parents"\} 1$', text, re.M)
     assert "# TYPE jellyfin_db_sync_jobs gauge" in text and "jellyfin_db_sync_oldest_job_age_seconds" in text
+    # How long changes took to reach "public": a Prometheus histogram, cumulative up to +Inf = count.
+    bucket = r'^jellyfin_db_sync_sync_delay_seconds_bucket\{target="public",le="([^"]+)"\} (\d+)$'
+    buckets = re.findall(bucket, text, re.M)
+    counts = [int(n) for _le, n in buckets]
+    count = int(re.search(r'^jellyfin_db_sync_sync_delay_seconds_count\{target="public"\} (\d+)$', text, re.M)[1])
+    assert [le for le, _n in buckets] == [*map(str, jds.DELAY_BUCKETS), "+Inf"]
+    assert counts == sorted(counts) and counts[-1] == count >= 1
+    assert counts[-2] == count, "a change within the hour"
     for f in c.fakes:
         assert f.api_key not in text
     page = c.svc.call("GET", "/")
