@@ -1860,12 +1860,6 @@ class Library:
             item = self.store.get_item(server, item_id)
         return item
 
-    def _series(self, server: str, series_id: str) -> ItemInfo | None:
-        series = self.store.get_item(server, series_id)
-        if series is None:
-            return self.source_item(server, series_id)
-        return series
-
     def lookup(self, src: ItemInfo, target: str) -> ItemInfo | None:
         """The same item in ``target``'s index as it is now (no refresh, no request)."""
         if src.path_key:
@@ -1880,7 +1874,7 @@ class Library:
                     return hits[0]
         if src.type == "Episode" and src.series_id and src.season is not None and src.episode is not None:
             # An episode carries only its own IDs; match its series by provider ID, then S/E.
-            series = self._series(src.server, src.series_id)
+            series = self.source_item(src.server, src.series_id)
             if series:
                 for column in ("tvdb", "tmdb", "imdb"):
                     value = getattr(series, column)
@@ -2167,24 +2161,27 @@ class Syncer:
         if not rows:
             return 0
         events = [json.loads(row["body"]) for row in rows]
+        # When the source saw it (the plugin's UtcTimestamp), else when we received it.
+        observed = [
+            parse_time(ev.get("UtcTimestamp")) or row["received_at"] for row, ev in zip(rows, events, strict=True)
+        ]
         # A player reports every second: of a batch's reports for one item, only the newest
         # position can matter (the others would be coalesced away or be stale), so the others
         # are marked planned without the work below. During a flood this is most of them.
-        newest: dict[tuple, tuple[float, int]] = {}  # (server, user, item) → (observed, index)
+        newest: dict[tuple, int] = {}  # (server, user, item) → index of its newest report
         for i, (row, ev) in enumerate(zip(rows, events, strict=True)):
             if ev["NotificationType"] == "PlaybackProgress":
                 key = (row["server"], ev.get("NotificationUsername"), ev.get("ItemId"))
-                observed = parse_time(ev.get("UtcTimestamp")) or row["received_at"]
-                if key not in newest or newest[key][0] <= observed:
-                    newest[key] = (observed, i)
-        keep = {i for _observed, i in newest.values()}
+                if key not in newest or observed[newest[key]] <= observed[i]:
+                    newest[key] = i
+        keep = set(newest.values())
         planned: list[tuple[int, list[dict], list[str]]] = []
         woken: set[str] = set()
         for i, (row, ev) in enumerate(zip(rows, events, strict=True)):
             if ev["NotificationType"] == "PlaybackProgress" and i not in keep:
                 planned.append((row["id"], [], []))
                 continue
-            obs, targets, woke = self._plan_one(row, ev)
+            obs, targets, woke = self._plan_one(row, ev, observed[i])
             woken.update(woke)
             planned.append((row["id"], obs, targets))
         jobs_for, dropped = self.store.plan_events(planned)
@@ -2193,9 +2190,9 @@ class Syncer:
             self.wake_target(t)
         return len(rows)
 
-    def _plan_one(self, row: sqlite3.Row, ev: dict) -> tuple[list[dict], list[str], list[str]]:
-        """(observations, their targets, targets to wake for other reasons) for one inbox row
-        and its parsed body."""
+    def _plan_one(self, row: sqlite3.Row, ev: dict, observed: float) -> tuple[list[dict], list[str], list[str]]:
+        """(observations, their targets, targets to wake for other reasons) for one inbox row,
+        its parsed body and the time its change was observed."""
         server = row["server"]
         ntype = ev["NotificationType"]
         others = [s.name for s in self.config.servers if s.name != server]
@@ -2208,7 +2205,6 @@ class Syncer:
         if ntype in USER_EVENTS:
             return self._plan_user_event(server, ev), others, []
         fields = observations_from_event(ev)
-        observed = parse_time(ev.get("UtcTimestamp")) or row["received_at"]
         username = ev["NotificationUsername"]
         key = self.config.person(server, username)
         if not self.config.user_synced(key):
