@@ -1922,21 +1922,26 @@ class Library:
         if server not in self._last_user_refresh:
             self.refresh_users(server)
 
-    def user_id(self, server: str, key: str) -> str | None:
-        """The user on ``server`` whose case-folded name is ``key``; None if absent.
+    def user(self, server: str, key: str, refresh_on_miss: bool = True) -> sqlite3.Row | None:
+        """The user on ``server`` whose case-folded name is ``key``; None if absent. A miss
+        re-reads the server's users (at most once per ``index_refresh_seconds``).
 
         Raises SyncError when the server holds case-variant duplicates: never guess.
         """
         rows = self.store.find_users(server, key)
-        if not rows:
+        if not rows and refresh_on_miss:
             last = self._last_user_refresh.get(server)
             if last is None or time.monotonic() - last >= self.config.sync.index_refresh_seconds:
                 self.refresh_users(server)
                 rows = self.store.find_users(server, key)
         if len(rows) > 1:
             names = ", ".join(sorted(r["name"] for r in rows))
-            raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped")
-        return rows[0]["user_id"] if rows else None
+            raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped, fix by hand")
+        return rows[0] if rows else None
+
+    def user_id(self, server: str, key: str) -> str | None:
+        row = self.user(server, key)
+        return row["user_id"] if row is not None else None
 
     def forget_users(self, server: str) -> None:
         self._last_user_refresh.pop(server, None)
@@ -2405,15 +2410,12 @@ class Syncer:
         client = self.clients[target]
         key = self.config.name_on(job.user_key, target)
         self.library.refresh_users(target)  # a user event: the one time the index is re-read
-        rows = self.store.find_users(target, key)
-        if len(rows) > 1:
-            names = ", ".join(sorted(r["name"] for r in rows))
-            raise SyncError(f"{target} has several users named like {key!r} ({names}); skipped, fix by hand")
+        row = self.library.user(target, key, refresh_on_miss=False)
         if self.config.sync.dry_run:
             self.store.finish_job(job, "done", None, {"result": "dry_run", "new": job.field})
             return "dry_run"
         if job.field == "user_create":
-            if rows:
+            if row is not None:
                 self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already exists"})
                 return "noop"
             name = self.config.mapped_name(job.user_key, target) or value["name"]
@@ -2435,35 +2437,35 @@ class Syncer:
             log.info("%s: created user %s, %s (from %s)", target, name, how, job.source)
             return "ok"
         if job.field == "user_delete":
-            if not rows:
+            if row is None:
                 self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already gone"})
                 return "noop"
-            if rows[0]["is_admin"]:
-                raise SyncError(f"{rows[0]['name']} is an administrator on {target}: never deleted automatically")
+            if row["is_admin"]:
+                raise SyncError(f"{row['name']} is an administrator on {target}: never deleted automatically")
             try:
-                client.delete_user(rows[0]["user_id"])
+                client.delete_user(row["user_id"])
             except JellyfinError as e:
                 if e.status != 404:
                     raise
             self.library.refresh_users(target)
             self.store.finish_job(job, "done", None, {"result": "ok", "new": "deleted"})
-            log.info("%s: deleted user %s (deleted on %s)", target, rows[0]["name"], job.source)
+            log.info("%s: deleted user %s (deleted on %s)", target, row["name"], job.source)
             return "ok"
         # user_rename
         if not value.get("old"):
             raise SyncError(
                 f"renamed to {value['name']!r} on {job.source}, but the old name is unknown; rename by hand"
             )
-        if not rows:
+        if row is None:
             raise SyncError(f"no user named {value['old']!r} on {target}")
-        if rows[0]["name"] == value["name"]:
+        if row["name"] == value["name"]:
             self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already has that name"})
             return "noop"
         # Our own rename comes back as UserUpdated from the target: record the new name first.
-        self.store.rename_user(target, rows[0]["user_id"], value["name"])
-        client.rename_user(rows[0]["user_id"], value["name"])
-        self.store.finish_job(job, "done", None, {"result": "ok", "old": rows[0]["name"], "new": value["name"]})
-        log.info("%s: renamed user %s to %s (from %s)", target, rows[0]["name"], value["name"], job.source)
+        self.store.rename_user(target, row["user_id"], value["name"])
+        client.rename_user(row["user_id"], value["name"])
+        self.store.finish_job(job, "done", None, {"result": "ok", "old": row["name"], "new": value["name"]})
+        log.info("%s: renamed user %s to %s (from %s)", target, row["name"], value["name"], job.source)
         return "ok"
 
     @staticmethod
