@@ -24,7 +24,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from contextlib import suppress
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from http.client import HTTPConnection
@@ -2194,9 +2193,12 @@ def shut_down(proc: subprocess.Popen, fakes: list[FakeJellyfin]) -> None:
         f.close()
 
 
-def start_process(config_path: Path, port: int) -> subprocess.Popen:
+def start_process(config_path: Path, port: int, program: list[str] | None = None) -> subprocess.Popen:
+    """The service as a separate process (``program``: the interpreter and script to run), once
+    it answers /healthz."""
+    program = program or [sys.executable, str(HERE / "jellyfin_db_sync.py")]
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "jellyfin_db_sync.py"), "--config", str(config_path)],
+        [*program, "--config", str(config_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -2229,17 +2231,8 @@ def test_a_renamed_copy_runs_as_one_file_and_restarts_itself_as_an_import(tmp_pa
     fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
     port = free_port()
     cfg = write_config(tmp_path, fakes, port=port)
-    proc = subprocess.Popen([*python, "--config", str(cfg)], stderr=subprocess.DEVNULL)
-
-    def healthy() -> bool:
-        with suppress(OSError):
-            conn = HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        return False
-
+    proc = start_process(cfg, port, python)
     try:
-        eventually(healthy, 20, 0.1, "the copy to answer")
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1:4] == [b"-X", b"utf8", b"-c"] and str(script).encode() in cmdline[4], cmdline
         assert cmdline[5:7] == [b"--config", str(cfg).encode()]
