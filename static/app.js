@@ -4,7 +4,6 @@
 
 const PAGE = 25;
 let offset = 0;
-let knownServers = [];
 
 const $ = (id) => document.getElementById(id);
 
@@ -54,7 +53,7 @@ function renderStatus(st) {
   $("warnings").hidden = warnings.length === 0;
   $("warnings").replaceChildren(...warnings.map((w) => el("p", {}, w)));
 
-  knownServers = st.servers.map((s) => s.name);
+  const knownServers = st.servers.map((s) => s.name);
   const sel = $("f-server");
   if (sel.options.length !== knownServers.length + 1) {
     sel.replaceChildren(el("option", { value: "" }, "any"), ...knownServers.map((n) => el("option", { value: n }, n)));
@@ -142,14 +141,17 @@ function filtersActive() {
   return $("f-user").value || $("f-server").value || $("f-result").value !== "changes";
 }
 
-async function act(kind, id) {
+// A button's POST; what went wrong is shown, and the page is refreshed either way.
+async function post(path, failure) {
   try {
-    await api(`/api/events/${id}/${kind}`, { method: "POST" });
+    await api(path, { method: "POST" });
   } catch (err) {
-    alert(`Could not ${kind}: ${err.message}`);
+    alert(`${failure}: ${err.message}`);
   }
   refresh();
 }
+
+const act = (kind, id) => post(`/api/events/${id}/${kind}`, `Could not ${kind}`);
 
 function renderProblems(jobs) {
   const rows = jobs.map((j) => el("tr", { "data-job": j.id },
@@ -211,14 +213,7 @@ function renderReconcile(rc) {
   $("rec-report").replaceChildren(...(blocks.length ? blocks : [el("p", { class: "muted" }, "No pass has run yet.")]));
 }
 
-async function startReconcile(dry) {
-  try {
-    await api(`/api/reconcile${dry ? "?dry_run=1" : ""}`, { method: "POST" });
-  } catch (err) {
-    alert(`Could not start: ${err.message}`);
-  }
-  refresh();
-}
+const startReconcile = (dry) => post(`/api/reconcile${dry ? "?dry_run=1" : ""}`, "Could not start");
 
 async function refresh() {
   const params = new URLSearchParams({ limit: PAGE, offset });
