@@ -2535,9 +2535,7 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         t0 = time.monotonic()
 
         def drained():
-            conn = HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/api/queue")
-            q = json.loads(conn.getresponse().read())
+            q = _json_call(port, "GET", "/api/queue")
             return q["pending_events"] == 0 and q["processing_events"] == 0
 
         eventually(drained, 600, 0.2, "the queue to drain")
@@ -2587,10 +2585,8 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
     cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=600)
     proc = start_process(cfg, port)
 
-    def call(method: str, path: str):
-        conn = HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request(method, path)
-        return json.loads(conn.getresponse().read())
+    def call(method: str, path: str) -> dict:
+        return _json_call(port, method, path)
 
     try:
         eventually(
@@ -2638,6 +2634,15 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
         else:
             print(f"{label:28} {elapsed:6.1f} s  (worker threads, against the fake servers)")
     print(f"peak RSS of the service:     {rss:.1f} MB ({users} users × {items:,} items × 3 servers)")
+
+
+def _json_call(port: int, method: str, path: str) -> dict:
+    """The service's JSON answer to a request without a body (for the benchmark commands)."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path)
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
 
 
 def _post(port: int, path: str, body: dict) -> int:
