@@ -942,8 +942,9 @@ class Store:
         """Commit one webhook durably and return its id; raises sqlite3.Error if it cannot be.
 
         Group commit: request threads hand their row to one writer thread and wait; the writer
-        commits everything that queued up during the previous commit in one transaction, so N
-        concurrent senders cost one fsync, not N. Nobody returns before their row is committed.
+        commits everything that queued up during the previous commit (in a burst, after waiting
+        up to INGEST_GATHER_SECONDS for more) in one statement, so N concurrent senders cost one
+        fsync, not N. Nobody returns before their row is committed.
         """
         entry = _Pending((server, event, utcnow(), body))
         with self._ingest_cond:
