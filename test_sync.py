@@ -3,7 +3,7 @@
     pytest -q test_sync.py            # the suite
     python test_sync.py --benchmark   # the figures in the README (prints, asserts nothing on time)
 
-The fake servers behave like Jellyfin where the service depends on it (../shared/JELLYFIN.md):
+The fake servers behave like Jellyfin where the service depends on it (JELLYFIN.md in the project's shared notes):
 per-version routes (10.8 legacy, 10.9+ ?userId=), MediaBrowser auth (12.0 refuses X-Emby-Token),
 user-data semantics (mark played resets the position, PlaybackStart forces Played=false on a
 re-watch, /UserData copies fields verbatim) and an echo webhook for every save, fired back at the
@@ -35,10 +35,8 @@ import pytest
 import jellyfin_db_sync as jds
 
 HERE = Path(__file__).resolve().parent
-FIXTURES = next(
-    (p for p in (HERE / "fixtures" / "webhooks", HERE.parent / "shared" / "fixtures" / "webhooks") if p.exists()),
-    HERE.parent / "shared" / "fixtures" / "webhooks",
-)
+# The Webhook plugin's request bodies, byte-exact (fixtures/webhooks/README.md says how they were made).
+FIXTURES = HERE / "fixtures" / "webhooks"
 
 
 def fixture(name: str) -> dict:
