@@ -17,6 +17,7 @@ import bisect
 import dataclasses
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -44,17 +45,28 @@ log = logging.getLogger("jellyfin_db_sync")
 DEFAULT_CONFIG_PATHS = ("/config/config.yaml", "./config.yaml")
 STATIC_ROOT = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
+CONNECTION_LIMIT = 500  # open connections Waitress accepts at once (its default, 100, was easy to fill)
+CHANNEL_TIMEOUT = 30  # seconds a connection may stay idle (Waitress' default: 120)
 WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
 INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
+MIN_TOKEN_CHARS = 16  # webhook and API tokens: shorter ones can be guessed
 SIGN_IN_FAILURES = 10  # failed dashboard sign-ins from one address within SIGN_IN_WINDOW…
 SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest is this old
+SESSION_SECONDS = 30 * 86400  # a dashboard sign-in lasts 30 days
 # /metrics: how long a change took to reach a target (upper bounds of the buckets, seconds).
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
+STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the pipeline is stuck
+READY_CACHE_SECONDS = 3.0  # /readyz answers from its last check for this long
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
 MAX_STRING_CHARS = 32 * 1024
+# A webhook dated later than this after we received it is taken as received (a clock ahead, or
+# a forged date, must not make every later real change look older); said at most this often.
+CLOCK_SKEW_ALLOWANCE = 120.0
+CLOCK_WARNING_SECONDS = 600.0
 TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
 # Item types we index: the leaf types user data lives on, plus Series so episodes can be matched
@@ -63,12 +75,25 @@ INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
 FIELDS = ("played", "position", "favorite", "likes")
+# Every NotificationType the Webhook plugin sends (its NotificationType.cs); others count as "other".
+NOTIFICATION_TYPES = frozenset(
+    """ItemAdded Generic PlaybackStart PlaybackProgress PlaybackStop SubtitleDownloadFailure
+    AuthenticationFailure AuthenticationSuccess SessionStart PendingRestart TaskCompleted
+    PluginInstallationCancelled PluginInstallationFailed PluginInstalled PluginInstalling
+    PluginUninstalled PluginUpdated UserCreated UserDeleted UserLockedOut UserPasswordChanged
+    UserUpdated UserDataSaved ItemDeleted""".split()
+)
 ITEM_EVENTS = ("UserDataSaved", "PlaybackStart", "PlaybackProgress", "PlaybackStop")
 USER_EVENTS = ("UserCreated", "UserDeleted", "UserUpdated")
 ACTED_ON = ITEM_EVENTS + USER_EVENTS + ("ItemAdded", "ItemDeleted")
 ID_KEYS = ("ItemId", "UserId", "ServerId", "SeriesId", "SeasonId")
 BOOL_KEYS = ("Played", "Favorite", "Likes", "IsPaused", "IsAutomated", "PlayedToCompletion")
-INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber")
+# Whole numbers: ticks, counts, season, episode and year are never negative.
+INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber", "Year")
+DATE_KEYS = ("UtcTimestamp", "LastPlayedDate", "LastLoginDate")
+INT64_MAX = 2**63 - 1  # SQLite's INTEGER, and .NET's long
+# Kept keys checked by kind in parse_webhook; every other kept key must be text.
+TYPED_KEYS = frozenset((*ID_KEYS, *BOOL_KEYS, *INT_KEYS, *DATE_KEYS, "Rating"))
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 KEEP_KEYS = frozenset(
     (
@@ -265,6 +290,8 @@ class Config:
     auth_username: str = ""  # server.auth: the dashboard's and JSON API's sign-in
     auth_password: str = ""
     cpu: str = "auto"  # server.cpu: "auto", "any", or a CPU number (see keep_to_one_cpu)
+    public_url: str = ""  # server.public_url: this service's address as browsers see it (a reverse proxy's)
+    allowed_hosts: tuple[str, ...] = ()  # server.allowed_hosts: more Host names to answer (see host_allowed)
     retention_days: float = 30.0
     log_level: str = "INFO"
     source: str = "<defaults>"
@@ -334,7 +361,16 @@ _SCHEMA: dict[str, Any] = {
     "reconcile": {f.name: f.type for f in dataclasses.fields(ReconcileConfig)},
     "path_sync_policy": list,
     "database": {"path": "str", "journal_mode": "str", "retention_days": "float"},
-    "server": {"host": "str", "port": "int", "webhook_token": "str", "api_token": "str", "auth": "dict", "cpu": "str"},
+    "server": {
+        "host": "str",
+        "port": "int",
+        "webhook_token": "str",
+        "api_token": "str",
+        "auth": "dict",
+        "cpu": "str",
+        "public_url": "str",
+        "allowed_hosts": "list",
+    },
     "logging": {"level": "str"},
 }
 _SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map", "webhook_token"}
@@ -371,6 +407,8 @@ ENV_VARS: dict[str, tuple[str, str, str]] = {
     "JDS_WEBHOOK_TOKEN": ("server", "webhook_token", "str"),
     "JDS_API_TOKEN": ("server", "api_token", "str"),
     "JDS_CPU": ("server", "cpu", "str"),
+    "JDS_PUBLIC_URL": ("server", "public_url", "str"),
+    "JDS_ALLOWED_HOSTS": ("server", "allowed_hosts", "list"),
     "JDS_AUTH_USERNAME": ("server", "auth.username", "str"),
     "JDS_AUTH_PASSWORD": ("server", "auth.password", "str"),
     "JDS_RETENTION_DAYS": ("database", "retention_days", "float"),
@@ -410,6 +448,8 @@ def _env_value(name: str, raw: str, kind: str, file: bool) -> Any:
         if raw.strip().lower() in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+    if kind == "list":  # comma-separated
+        return [part.strip() for part in raw.split(",") if part.strip()]
     if kind in ("int", "float"):
         try:
             return int(raw) if kind == "int" else float(raw)
@@ -617,6 +657,8 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
                 "api_token": "api_token",
                 "auth": "auth",
                 "cpu": "cpu",
+                "public_url": "public_url",
+                "allowed_hosts": "allowed_hosts",
             },
         ),
         ("logging", {"level": "log_level"}),
@@ -636,9 +678,32 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
                     raise err("server.cpu", "auto (default: one CPU), any (let it move), or a CPU number like 3")
                 kwargs["cpu"] = cpu
                 continue
+            if key == "public_url":
+                url = _check_type(value, "str", f"{src}: server.public_url").strip().rstrip("/")
+                parts = urllib.parse.urlsplit(url)
+                if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+                    raise err(
+                        "server.public_url",
+                        f"{url!r}: the address browsers and Jellyfin use, like https://sync.example.com",
+                    )
+                kwargs["public_url"] = url
+                continue
+            if key == "allowed_hosts":
+                if value is None:
+                    value = []
+                if not isinstance(value, list) or not all(isinstance(h, str) and h.strip() for h in value):
+                    raise err("server.allowed_hosts", "expected a list of host names, like [sync.example.com]")
+                kwargs["allowed_hosts"] = tuple(h.strip().lower().rstrip(".") for h in value)
+                continue
             kwargs[mapping[key]] = _check_type(value, _SCHEMA[section][key], f"{src}: {section}.{key}")
     if not 0 < kwargs.get("port", 8080) < 65536:
         raise err("server.port", "must be 1–65535")
+    for key, token in (
+        ("server.webhook_token", kwargs.get("webhook_token", "")),
+        ("server.api_token", kwargs.get("api_token", "")),
+    ) + tuple((f"servers[{i}].webhook_token", srv.webhook_token) for i, srv in enumerate(servers)):
+        if token and len(token) < MIN_TOKEN_CHARS:
+            raise err(key, f"use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
     level = kwargs.get("log_level", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise err("logging.level", "one of DEBUG, INFO, WARNING, ERROR")
@@ -711,6 +776,7 @@ def normalise_path(path: str) -> str:
 # ── Store ────────────────────────────────────────────────────────────────────
 
 SCHEMA_VERSION = 3
+BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
 # Statements that bring a database from version N-1 to N, applied in order at start-up.
 # (Version 1 is the first release; SCHEMA below always describes the newest layout.)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -902,9 +968,10 @@ class Store:
             # FULL: in WAL mode every commit is fsynced before we answer the webhook, so an
             # acknowledged event survives a power cut, not only a crash (NORMAL would not).
             conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # A small page cache per connection: there is one per thread, and a NAS has little RAM.
             conn.execute("PRAGMA cache_size = -512")
+            conn.execute("PRAGMA secure_delete = ON")  # deleted rows (generated passwords) are zeroed
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
             with self._conns_lock:
@@ -1058,6 +1125,39 @@ class Store:
             c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(p[0],) for p in planned if p[0]])
         return sorted(woken), dropped
 
+    def fail_events(self, failures: list[tuple[sqlite3.Row, str]]) -> None:
+        """Inbox rows that cannot be planned: each is marked failed (planned = 2) and shown as a
+        failed change of its own (field 'event', its source server as target, the inbox id as
+        item), so an operator sees it beside the others, can retry it (after an upgrade, say)
+        or discard it — and the rows behind it are planned meanwhile."""
+        now = utcnow()
+        with self._tx() as c:
+            for row, error in failures:
+                c.execute("UPDATE inbox SET planned = 2 WHERE id = ?", (row["id"],))
+                what = f"webhook #{row['id']} ({row['event']})"
+                cur = c.execute(
+                    "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name, field,"
+                    " value, observed_at, extra, status, due_at, last_error, created_at, updated_at)"
+                    " VALUES (?, ?, '', '', ?, ?, 'event', 'null', ?, ?, 'failed', ?, ?, ?, ?)",
+                    (
+                        row["server"],
+                        row["server"],
+                        str(row["id"]),
+                        what,
+                        row["received_at"],
+                        json.dumps({"event": row["event"]}),
+                        now,
+                        error,
+                        now,
+                        now,
+                    ),
+                )
+                c.execute(
+                    "INSERT INTO sync_log (at, source, target, username, item_name, field, result, detail, job_id)"
+                    " VALUES (?, ?, ?, '', ?, 'event', 'failed', ?, ?)",
+                    (now, row["server"], row["server"], what, error, cur.lastrowid),
+                )
+
     @staticmethod
     def _is_echo(c: sqlite3.Connection, observations: list[dict]) -> bool:
         """True if these observations are exactly a state one of our writes should produce;
@@ -1094,7 +1194,12 @@ class Store:
             n += c.execute(
                 "DELETE FROM jobs WHERE status IN ('done', 'superseded', 'discarded') AND updated_at < ?", (before,)
             ).rowcount
-            n += c.execute("DELETE FROM inbox WHERE planned = 1 AND received_at < ?", (before,)).rowcount
+            # Failed webhooks stay while their failed change is shown (retry needs the body).
+            n += c.execute(
+                "DELETE FROM inbox WHERE planned != 0 AND received_at < ? AND id NOT IN"
+                " (SELECT CAST(source_item_id AS INTEGER) FROM jobs WHERE field='event' AND status='failed')",
+                (before,),
+            ).rowcount
             return n
 
     def backup(self, dest: str) -> int:
@@ -1236,8 +1341,16 @@ class Store:
             )
 
     def retry_job(self, job_id: int) -> bool:
-        """Operator's retry: a failed, skipped or waiting job becomes due now."""
+        """Operator's retry: a failed, skipped or waiting job becomes due now; a webhook that
+        could not be planned goes back to the planner."""
         with self._tx() as c:
+            event = c.execute(
+                "SELECT source_item_id FROM jobs WHERE id=? AND field='event' AND status='failed'", (job_id,)
+            ).fetchone()
+            if event is not None:
+                c.execute("UPDATE inbox SET planned = 0 WHERE id = ? AND planned = 2", (int(event[0]),))
+                c.execute("UPDATE jobs SET status='superseded', updated_at=? WHERE id=?", (utcnow(), job_id))
+                return True
             cur = c.execute(
                 "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, updated_at=?"
                 " WHERE id=? AND status IN ('failed', 'waiting', 'skipped')",
@@ -1425,9 +1538,15 @@ class Store:
         return self._rows("SELECT count(*) FROM passwords")[0][0]
 
     def ack_password(self, password_id: int) -> bool:
-        """The operator has passed the password on: erase it."""
+        """The operator has passed the password on: erase it — from the file too. secure_delete
+        zeroes the freed row; the checkpoint then copies that page over the database file and
+        empties the WAL, which still held the page as it was when the password was written."""
         with self._tx() as c:
-            return c.execute("DELETE FROM passwords WHERE id=?", (password_id,)).rowcount == 1
+            gone = c.execute("DELETE FROM passwords WHERE id=?", (password_id,)).rowcount == 1
+        if gone and self.journal_mode == "WAL":
+            with self._write_lock:
+                self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return gone
 
     # meta
     def get_meta(self, key: str) -> str | None:
@@ -1468,9 +1587,27 @@ class Store:
         last = max((r[2] for r in rows), default=None)
         return {"by_result": by, "last_sync_at": last}
 
-    def check_writable(self) -> None:
-        with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO meta VALUES ('last_probe', ?)", (str(utcnow()),))
+    def check_writable(self, timeout: float = 0.5) -> None:
+        """Raise sqlite3.OperationalError unless a write can start within ``timeout`` seconds.
+
+        For /readyz: bounded, so probes cannot pile up behind a locked file and hold the request
+        threads that webhooks need. It takes the write lock SQLite would, and writes nothing.
+        """
+        if not self._write_lock.acquire(timeout=timeout):
+            raise sqlite3.OperationalError("database is busy (locked by another writer)")
+        conn = self._conn()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._write_lock.release()
+
+    def oldest_unplanned_age(self) -> float:
+        """Seconds since the oldest webhook still waiting for the planner arrived (0: none)."""
+        row = self._rows("SELECT min(received_at) FROM inbox WHERE planned = 0")[0][0]
+        return 0.0 if row is None else max(0.0, utcnow() - row)
 
 
 # ── JellyfinClient ───────────────────────────────────────────────────────────
@@ -1953,6 +2090,50 @@ class Library:
         self._last_user_refresh.pop(server, None)
 
 
+class SupervisedThread:
+    """A named daemon thread that its owner (the Service's supervisor) starts again if it dies.
+
+    A thread should never die: each catches its own errors. If one does anyway (a bug), it is
+    logged, shown by /readyz, and restarted after a pause that grows with each death (1 s, 2 s,
+    4 s … up to a minute), so a thread that dies at once is not restarted in a tight loop.
+    """
+
+    def __init__(self, name: str, target: Any):
+        self.name = name
+        self.target = target
+        self.thread: threading.Thread | None = None
+        self.restarts = 0
+        self._restart_at = 0.0  # monotonic time before which it is not restarted again
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.target()
+        except BaseException:
+            log.exception("thread %s died", self.name)
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def revive(self) -> bool:
+        """Start it again if it died and its pause is over; True if it was restarted."""
+        now = time.monotonic()
+        if self.alive() or now < self._restart_at:
+            return False
+        self.restarts += 1
+        self._restart_at = now + min(2.0 ** (self.restarts - 1), 60.0)
+        log.error("thread %s had stopped: restarted (restart %d)", self.name, self.restarts)
+        self.start()
+        return True
+
+
 # ── Syncer ───────────────────────────────────────────────────────────────────
 
 
@@ -1988,9 +2169,17 @@ def parse_webhook(body: bytes) -> dict:
     if ntype not in ACTED_ON:
         return data
     # Keep what the sync uses; stream details, overviews and the like are dropped before storing.
-    # (Every webhook passes here, hundreds a second in a burst: the common, already-clean
-    # values are let through first, the template forms are converted after.)
+    # Every kept value is checked here, at the door: a value the planner or SQLite cannot take
+    # would otherwise be acknowledged, stored and then fail behind it. (Every webhook passes
+    # here, hundreds a second in a burst: the common, already-clean values are let through
+    # first, the template forms are converted after.)
     data = {k: v for k, v in data.items() if k in KEEP_KEYS or k[:9] == "Provider_"}
+    for k, v in data.items():
+        if v is None or k in TYPED_KEYS:
+            continue
+        if type(v) is int and k[:9] == "Provider_":  # a template that left the quotes out
+            v = data[k] = str(v)
+        _check_text(k, v)
     for k in ID_KEYS:
         v = data.get(k)
         if v is None or isinstance(v, str) and HEX32.fullmatch(v):
@@ -1999,7 +2188,7 @@ def parse_webhook(body: bytes) -> dict:
             raise WebhookError(f"{k}: expected a GUID string")
         v = data[k] = normalise_id(v)
         if not HEX32.fullmatch(v):
-            raise WebhookError(f"{k}: {v[:40]!r} is not a Jellyfin GUID")
+            raise WebhookError(f"{k}: {_shorten(v)!r} is not a Jellyfin GUID")
     for k in BOOL_KEYS:
         v = data.get(k)
         if v is None or v is True or v is False:
@@ -2009,11 +2198,21 @@ def parse_webhook(body: bytes) -> dict:
         data[k] = v.lower() == "true"
     for k in INT_KEYS:
         v = data.get(k)
-        if v is None or type(v) is int:  # not isinstance: True is an int
+        if type(v) is int and 0 <= v <= INT64_MAX:  # not isinstance: True is an int
             continue
-        if not (isinstance(v, str) and re.fullmatch(r"-?\d{1,19}", v) or isinstance(v, float) and v.is_integer()):
+        if v is None:
+            continue
+        if isinstance(v, str) and re.fullmatch(r"\d{1,19}", v) or isinstance(v, float) and v.is_integer():
+            v = int(v)
+        elif type(v) is not int:
             raise WebhookError(f"{k}: expected a whole number")
-        data[k] = int(v)
+        if not 0 <= v <= INT64_MAX:
+            raise WebhookError(f"{k}: {v} is out of range (0 to {INT64_MAX})")
+        data[k] = v
+    for k in DATE_KEYS:
+        v = data.get(k)
+        if v is not None and parse_time(v) is None:
+            raise WebhookError(f"{k}: expected a date like 2026-11-24T07:28:59.0000000Z")
     if data.get("Rating") is not None:
         r = data["Rating"]
         if isinstance(r, str):
@@ -2024,9 +2223,6 @@ def parse_webhook(body: bytes) -> dict:
         if isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r <= 10:
             raise WebhookError("Rating: expected a number from 0 to 10")
         data["Rating"] = r
-    name = data.get("NotificationUsername")
-    if name is not None and not isinstance(name, str):
-        raise WebhookError("NotificationUsername: expected text")
     if ntype in ITEM_EVENTS:
         for k in ("ItemId", "UserId", "NotificationUsername"):
             if not data.get(k):
@@ -2036,6 +2232,29 @@ def parse_webhook(body: bytes) -> dict:
     elif ntype in ("ItemAdded", "ItemDeleted") and not data.get("ItemId"):
         raise WebhookError(f"{ntype} without ItemId")
     return data
+
+
+def _error_text(e: Exception) -> str:
+    """An exception as one line of text that SQLite, JSON and a log can always hold."""
+    text = f"{type(e).__name__}: {e}" if not isinstance(e, SyncError) else str(e)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(key: str, value: Any) -> None:
+    """A kept text value: a string SQLite can store (UTF-8: no lone surrogates), not too long."""
+    if not isinstance(value, str):
+        raise WebhookError(f"{key}: expected text, got {type(value).__name__}")
+    if len(value) > MAX_STRING_CHARS:
+        raise WebhookError(f"{key}: longer than {MAX_STRING_CHARS} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WebhookError(f"{key}: not valid Unicode text (a lone surrogate)") from None
+
+
+def _shorten(value: str, limit: int = 40) -> str:
+    return value[:limit] + ("…" if len(value) > limit else "")
 
 
 def _depth(value: Any, level: int = 1) -> int:
@@ -2122,10 +2341,11 @@ class Syncer:
             s.name: {"reachable": None, "error": None, "version": None, "checked_at": None, "latency_ms": None}
             for s in config.servers
         }
-        self.threads: list[threading.Thread] = []
+        self.threads: list[SupervisedThread] = []
         self.counters: dict[str, int] = {}
         self.delays: dict[str, list] = {}  # target → [bucket counts, sum, count]; see record_delay
         self._counter_lock = threading.Lock()
+        self._clock_warned: dict[str, float] = {}  # server → monotonic time of its next warning
 
     def count(self, key: str, n: int = 1) -> None:
         with self._counter_lock:
@@ -2156,50 +2376,113 @@ class Syncer:
             raise WebhookError(f"unknown server {server!r}: the URL must be /webhook/<name from config>", 404)
         data = parse_webhook(body)
         ntype = data["NotificationType"]
-        self.count(f"webhooks|{server}|{ntype}")
+        # Only the plugin's own types become metric labels: a sender must not grow them at will.
+        self.count(f"webhooks|{server}|{ntype if ntype in NOTIFICATION_TYPES else 'other'}")
         if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
             return {"status": "ignored", "reason": f"{ntype} needs no sync"}
         event_id = self.store.add_event(server, ntype, _compact_json(data))
         if self._planner_may_sleep:
-            with self._wake:
-                self._wake.notify()
+            self.wake_planner()
         return {"status": "queued", "event_id": event_id}
 
     # planning
     def plan_pending(self) -> int:
-        """Turn unplanned inbox rows into jobs. Returns how many rows were planned."""
+        """Turn unplanned inbox rows into jobs. Returns how many rows were planned (or failed).
+
+        Each row is a unit of work of its own: one that cannot be read or planned is marked
+        failed with its error (shown with the failed changes, retryable and discardable) and
+        the rows behind it go on. Only a database that cannot be written (locked, full) stops
+        the batch: that is not the row's fault, and the next try plans it again.
+        """
         rows = self.store.unplanned_events()
         if not rows:
             return 0
-        events = [json.loads(row["body"]) for row in rows]
-        # When the source saw it (the plugin's UtcTimestamp), else when we received it.
-        observed = [
-            parse_time(ev.get("UtcTimestamp")) or row["received_at"] for row, ev in zip(rows, events, strict=True)
-        ]
+        failures: list[tuple[sqlite3.Row, str]] = []
+        parsed: list[tuple[sqlite3.Row, dict, float]] = []
+        for row in rows:
+            try:
+                ev = json.loads(row["body"])
+                parsed.append((row, ev, self._observed_at(row, ev)))
+            except Exception as e:  # stored before the checks at the door existed, say
+                failures.append((row, _error_text(e)))
         # A player reports every second: of a batch's reports for one item, only the newest
         # position can matter (the others would be coalesced away or be stale), so the others
         # are marked planned without the work below. During a flood this is most of them.
         newest: dict[tuple, int] = {}  # (server, user, item) → index of its newest report
-        for i, (row, ev) in enumerate(zip(rows, events, strict=True)):
+        for i, (row, ev, observed) in enumerate(parsed):
             if ev["NotificationType"] == "PlaybackProgress":
                 key = (row["server"], ev.get("NotificationUsername"), ev.get("ItemId"))
-                if key not in newest or observed[newest[key]] <= observed[i]:
+                if key not in newest or parsed[newest[key]][2] <= observed:
                     newest[key] = i
         keep = set(newest.values())
         planned: list[tuple[int, list[dict], list[str]]] = []
         woken: set[str] = set()
-        for i, (row, ev) in enumerate(zip(rows, events, strict=True)):
+        for i, (row, ev, observed) in enumerate(parsed):
             if ev["NotificationType"] == "PlaybackProgress" and i not in keep:
                 planned.append((row["id"], [], []))
                 continue
-            obs, targets, woke = self._plan_one(row, ev, observed[i])
+            try:
+                obs, targets, woke = self._plan_one(row, ev, observed)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as e:
+                failures.append((row, _error_text(e)))
+                continue
             woken.update(woke)
             planned.append((row["id"], obs, targets))
-        jobs_for, dropped = self.store.plan_events(planned)
+        try:
+            jobs_for, dropped = self.store.plan_events(planned)
+        except sqlite3.OperationalError:
+            raise
+        except Exception:
+            # Something in the batch cannot be stored: plan it row by row, so only that row fails.
+            by_id = {row["id"]: row for row in rows}
+            jobs_for, dropped = [], 0
+            for entry in planned:
+                try:
+                    targets, n = self.store.plan_events([entry])
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as e:
+                    failures.append((by_id[entry[0]], _error_text(e)))
+                    continue
+                jobs_for += targets
+                dropped += n
+        if failures:
+            self.store.fail_events(failures)
+            for row, error in failures:
+                log.error(
+                    "webhook #%d from %s (%s) cannot be planned: %s", row["id"], row["server"], row["event"], error
+                )
+            self.count("events_failed", len(failures))
         self.count("observations_dropped", dropped)
         for t in woken.union(jobs_for):
             self.wake_target(t)
         return len(rows)
+
+    def _observed_at(self, row: sqlite3.Row, ev: dict) -> float:
+        """When the source saw the change (the plugin's UtcTimestamp), else when we received it;
+        never later than CLOCK_SKEW_ALLOWANCE after we received it. A server whose clock runs
+        ahead (or a forged date) would otherwise make every later real change look older."""
+        received = row["received_at"]
+        observed = parse_time(ev.get("UtcTimestamp")) or received
+        if observed > received + CLOCK_SKEW_ALLOWANCE:
+            self._clock_ahead(row["server"], "UtcTimestamp", observed - received)
+            return received
+        return observed
+
+    def _clock_ahead(self, server: str, key: str, ahead: float) -> None:
+        """Say (at most every CLOCK_WARNING_SECONDS per server) that a date was clamped."""
+        now = time.monotonic()
+        if now >= self._clock_warned.get(server, 0.0):
+            self._clock_warned[server] = now + CLOCK_WARNING_SECONDS
+            log.warning(
+                "%s: a webhook's %s is %.0f s ahead of our clock; taken as the time it arrived "
+                "(check the clock of that server)",
+                server,
+                key,
+                ahead,
+            )
 
     def _plan_one(self, row: sqlite3.Row, ev: dict, observed: float) -> tuple[list[dict], list[str], list[str]]:
         """(observations, their targets, targets to wake for other reasons) for one inbox row,
@@ -2227,10 +2510,14 @@ class Syncer:
             )
         elif ev.get("Year"):
             item_name = f"{item_name} ({ev['Year']})"
+        last_played = parse_time(ev.get("LastPlayedDate"))
+        if last_played and last_played > row["received_at"] + CLOCK_SKEW_ALLOWANCE:
+            self._clock_ahead(server, "LastPlayedDate", last_played - row["received_at"])
+            last_played = row["received_at"]
         extra = {
             "runtime": ev.get("RunTimeTicks"),
             "play_count": ev.get("PlayCount"),
-            "last_played": parse_time(ev.get("LastPlayedDate")),
+            "last_played": last_played,
             "item_type": ev.get("ItemType"),
             "event": ntype,
             "reason": ev.get("SaveReason"),
@@ -2558,19 +2845,15 @@ class Syncer:
     # threads
     def start(self) -> None:
         self.stop_event.clear()
-        planner = threading.Thread(target=self._planner_loop, name="planner", daemon=True)
-        self.threads = [planner]
+        self.threads = [SupervisedThread("planner", self._planner_loop)]
         for s in self.config.servers:
-            self.threads.append(
-                threading.Thread(target=self._target_loop, args=(s.name,), name=f"worker-{s.name}", daemon=True)
-            )
+            self.threads.append(SupervisedThread(f"worker-{s.name}", lambda name=s.name: self._target_loop(name)))
         for t in self.threads:
             t.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
-        with self._wake:
-            self._wake.notify_all()
+        self.wake_planner(everyone=True)
         for t in self._target_wake:
             self.wake_target(t)
         deadline = time.monotonic() + timeout
@@ -2578,7 +2861,14 @@ class Syncer:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
-        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+        return bool(self.threads) and not self.dead_threads()
+
+    def dead_threads(self) -> list[str]:
+        return [t.name for t in self.threads if not t.alive()]
+
+    def wake_planner(self, everyone: bool = False) -> None:
+        with self._wake:
+            self._wake.notify_all() if everyone else self._wake.notify()
 
     def _planner_loop(self) -> None:
         # Everything the planner writes is derived from the inbox, in the same transaction that
@@ -2588,6 +2878,7 @@ class Syncer:
         self.store.relax_durability()
         interval = self.config.sync.worker_interval_seconds or 5.0
         next_prune = 0.0
+        pause = 1.0  # after a database error: doubled each time it fails again, up to a minute
         while not self.stop_event.is_set():
             if time.monotonic() >= next_prune:
                 self.store.prune(utcnow() - 3600)
@@ -2603,11 +2894,15 @@ class Syncer:
                     # need) is then shared by dozens of webhooks rather than a handful. Single
                     # events still plan at once.
                     self.stop_event.wait(PLANNER_BURST_PAUSE)
+                pause = 1.0
                 if planned:
                     continue
-            except Exception:
-                log.exception("planner: unexpected error; retrying shortly")
-                self.stop_event.wait(1.0)
+            except Exception as e:
+                # Rows that cannot be planned are marked failed by plan_pending; what gets here
+                # is the database itself (locked, full, read-only), which a later try may find mended.
+                log.error("planner: %s; trying again in %.0f s", _error_text(e), pause)
+                self.stop_event.wait(pause)
+                pause = min(pause * 2, 60.0)
                 continue
             with self._wake:
                 self._planner_may_sleep = True
@@ -2619,6 +2914,7 @@ class Syncer:
         cond = self._target_wake[target]
         interval = self.config.sync.worker_interval_seconds or 5.0
         next_check = 0.0
+        pause = 1.0  # after an error outside any one job: doubled each time, up to a minute
         while not self.stop_event.is_set():
             if time.monotonic() >= next_check:
                 state = self.check_server(target)
@@ -2631,11 +2927,14 @@ class Syncer:
                         log.warning("%s: cannot build the item index yet: %s", target, e)
             try:
                 if self.apply_next(target):
+                    pause = 1.0
                     continue
-            except sqlite3.Error:
-                log.exception("%s: database error; retrying shortly", target)
-                self.stop_event.wait(1.0)
+            except Exception as e:  # each job's own errors are handled in apply_next
+                log.error("%s: %s; trying again in %.0f s", target, _error_text(e), pause)
+                self.stop_event.wait(pause)
+                pause = min(pause * 2, 60.0)
                 continue
+            pause = 1.0
             with cond:  # look for work under the lock wake_target() takes: no lost wake-up
                 due = self.store.next_due(target)
                 wait = interval if due is None else max(0.0, min(interval, due - utcnow()))
@@ -2746,7 +3045,7 @@ class Reconciler:
         self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
         self._pending_jobs: list[dict] = []
         self.trigger = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.thread: SupervisedThread | None = None
 
     def last_report(self) -> dict | None:
         raw = self.store.get_meta("last_reconcile_report")
@@ -2781,10 +3080,13 @@ class Reconciler:
                 try:
                     self._reconcile_person(person, accounts, report, dry_run)
                     self._flush()
-                except (JellyfinError, SyncError) as e:
+                except Exception as e:  # one person's failure never ends the others' pass
                     self._pending_state, self._pending_jobs = [], []
-                    report["errors"].append(f"{person}: {e}")
-                    log.warning("reconcile: %s: %s", person, e)
+                    report["errors"].append(f"{person}: {_error_text(e)}")
+                    if isinstance(e, SyncError):
+                        log.warning("reconcile: %s: %s", person, e)
+                    else:
+                        log.error("reconcile: %s: unexpected error", person, exc_info=e)
                 self.progress["users_done"] += 1
                 if on_progress:
                     on_progress(self.progress)
@@ -3068,7 +3370,7 @@ class Reconciler:
 
     # the thread: at start-up, every interval_minutes, and on demand
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+        self.thread = SupervisedThread("reconciler", self._loop)
         self.thread.start()
 
     def _loop(self) -> None:
@@ -3166,8 +3468,13 @@ def create_app(
                 user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 return False
-            if locked_out(address):
-                return False
+            wait = locked_out(address)
+            if wait:
+                raise bottle.HTTPResponse(
+                    json.dumps({"error": f"too many failed sign-ins from your address: try again in {wait} s"}),
+                    429,
+                    {"Content-Type": "application/json", "Retry-After": str(wait)},
+                )
             if not credentials_ok(user, password):
                 sign_in_failed(address)
                 return False
@@ -3185,16 +3492,17 @@ def create_app(
         """
         now = utcnow()
         with sessions_lock:
-            recent = [t for t in failures.get(address, ()) if t > now - SIGN_IN_WINDOW]
+            recent = [t for t in failures.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW]
             if len(recent) < SIGN_IN_FAILURES:
                 return 0
             return int(recent[-SIGN_IN_FAILURES] + SIGN_IN_WINDOW - now) + 1
 
     def sign_in_failed(address: str) -> None:
         now = utcnow()
+        key = client_key(address)
         with sessions_lock:
-            failures.setdefault(address, []).append(now)
-            failures[address] = failures[address][-SIGN_IN_FAILURES:]
+            failures.setdefault(key, []).append(now)
+            failures[key] = failures[key][-SIGN_IN_FAILURES:]
             for a in [a for a, times in failures.items() if times[-1] <= now - SIGN_IN_WINDOW]:
                 del failures[a]  # forget quiet addresses: the table stays small
         log.warning("failed dashboard sign-in from %s", address)
@@ -3204,20 +3512,44 @@ def create_app(
         ok_pw = _secret_matches(password, config.auth_password)  # both compared, whatever the first says
         return ok_user and ok_pw
 
+    # Where browsers may send writes from: this service's own address as the browser sees it —
+    # the Host header, or server.public_url behind a reverse proxy that rewrites Host.
+    public_netloc = urllib.parse.urlsplit(config.public_url).netloc.lower()
+
     def cross_site() -> bool:
         """A write sent by another site's page in this browser (CSRF): refuse it."""
         req = bottle.request
         site = req.headers.get("Sec-Fetch-Site")
-        if site and site not in ("same-origin", "none"):
+        if site in ("same-origin", "none"):  # set by the browser; a page cannot forge it
+            return False
+        if site:  # cross-site, same-site (another port or subdomain)
             return True
-        origin = req.headers.get("Origin")
-        return bool(origin) and urllib.parse.urlsplit(origin).netloc != req.headers.get("Host")
+        # Older browsers: the Origin, or failing that the Referer, must be this service.
+        origin = req.headers.get("Origin") or req.headers.get("Referer")
+        if not origin:
+            return False  # not a browser's cross-site form or fetch (those carry one of them)
+        netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        return netloc not in ((req.headers.get("Host") or "").lower(), public_netloc)
 
     @app.hook("before_request")
     def guard() -> None:
         path, method = bottle.request.path, bottle.request.method
         if path.startswith("/webhook/"):
             return  # the plugin cannot sign in; webhooks have server.webhook_token
+        if not config.auth_username and not host_allowed(bottle.request.headers.get("Host") or "", config):
+            # DNS rebinding: without a sign-in, a page on another site could reach this dashboard
+            # through a name of its own that resolves here; such a name is never ours.
+            host = _shorten(bottle.request.headers.get("Host") or "")
+            raise bottle.HTTPResponse(
+                json.dumps(
+                    {
+                        "error": f"Host {host!r} is not allowed: "
+                        "add it to server.allowed_hosts (or set server.public_url)"
+                    }
+                ),
+                403,
+                {"Content-Type": "application/json"},
+            )
         if method == "POST" and cross_site():
             raise bottle.HTTPResponse(
                 json.dumps({"error": "cross-site request refused"}), 403, {"Content-Type": "application/json"}
@@ -3267,12 +3599,20 @@ def create_app(
             return LOGIN_PAGE.replace("{message}", '<p class="bad" role="alert">Wrong user name or password.</p>')
         token = secrets.token_urlsafe(32)
         with sessions_lock:
-            failures.pop(address, None)
+            failures.pop(client_key(address), None)
             now = utcnow()
             for t in [t for t, exp in sessions.items() if exp <= now]:
                 del sessions[t]
-            sessions[token] = now + 30 * 86400
-        bottle.response.set_cookie("jds_session", token, httponly=True, samesite="strict", path="/", max_age=30 * 86400)
+            sessions[token] = now + SESSION_SECONDS
+        bottle.response.set_cookie(
+            "jds_session",
+            token,
+            httponly=True,
+            samesite="strict",
+            path="/",
+            max_age=SESSION_SECONDS,
+            secure=config.public_url.startswith("https://"),  # behind an https proxy: never sent in clear
+        )
         bottle.response.status = 303
         bottle.response.set_header("Location", "/")
         return ""
@@ -3320,18 +3660,39 @@ def create_app(
         bottle.response.content_type = "text/plain"
         return "ok"
 
+    ready: dict[str, Any] = {"at": -READY_CACHE_SECONDS, "reasons": []}  # the last check
+    ready_lock = threading.Lock()  # one check at a time; the others answer from the last one
+
+    def readiness() -> list[str]:
+        """Why this service cannot take and pass on webhooks now ([] = it can). Unreachable
+        Jellyfin servers are not a reason: webhooks from the others must keep arriving (the
+        plugin never retries); those show in /api/status and /metrics."""
+        if ready_lock.acquire(blocking=False):
+            try:
+                if time.monotonic() - ready["at"] >= READY_CACHE_SECONDS:
+                    reasons = [] if syncer.threads else ["workers not started"]
+                    try:
+                        store.check_writable()
+                    except sqlite3.Error as e:
+                        reasons.append(f"database not writable: {e}")
+                    dead = [t.name for t in threads() if not t.alive()]
+                    if dead:
+                        reasons.append(f"thread stopped (being restarted): {', '.join(dead)}")
+                    age = store.oldest_unplanned_age() if not reasons else 0.0
+                    if age > STUCK_SECONDS:
+                        reasons.append(f"stuck: the oldest unplanned webhook arrived {age:.0f} s ago")
+                    ready.update(at=time.monotonic(), reasons=reasons)
+            finally:
+                ready_lock.release()
+        return list(ready["reasons"])
+
+    def threads() -> list[SupervisedThread]:
+        extra = [reconciler.thread] if reconciler is not None and reconciler.thread is not None else []
+        return [*syncer.threads, *extra]
+
     @app.get("/readyz")
     def readyz():
-        reasons = []
-        try:
-            store.check_writable()
-        except sqlite3.Error as e:
-            reasons.append(f"database not writable: {e}")
-        if not syncer.alive():
-            reasons.append("worker not running")
-        for name, h in syncer.health.items():
-            if h["reachable"] is False:
-                reasons.append(f"{name} unreachable: {h['error']}")
+        reasons = readiness()
         if reasons:
             return send({"status": "not ready", "reasons": reasons}, 503)
         return send({"status": "ready"})
@@ -3389,11 +3750,8 @@ def create_app(
         by = stats["by_result"]
         healthy = all(s["healthy"] for s in servers)
         any_ok = any(s["healthy"] for s in servers)
-        status = (
-            "healthy"
-            if healthy and queue["worker_running"]
-            else ("degraded" if any_ok and queue["worker_running"] else "unhealthy")
-        )
+        problems = readiness()  # the pipeline itself: database, threads, a stuck planner
+        status = "healthy" if healthy and not problems else ("degraded" if any_ok and not problems else "unhealthy")
         return send(
             {
                 "status": status,
@@ -3414,6 +3772,7 @@ def create_app(
                     "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
                 },
                 "warnings": security_warnings(config),
+                "problems": problems,
                 "dry_run": config.sync.dry_run,
                 "reconcile": None if reconciler is None else reconciler.progress,
             }
@@ -3433,6 +3792,8 @@ def create_app(
             offset = max(0, int(bottle.request.query.get("offset", 0)))
         except ValueError:
             raise bottle.HTTPError(400, "limit and offset must be whole numbers") from None
+        if offset > INT64_MAX:
+            raise bottle.HTTPError(400, f"offset must be at most {INT64_MAX}")
         return limit, offset
 
     @app.get("/api/events/pending")
@@ -3452,9 +3813,10 @@ def create_app(
 
     @app.post("/api/events/<job_id:int>/retry")
     def api_retry(job_id: int):
-        ok = store.retry_job(job_id)
+        ok = job_id <= INT64_MAX and store.retry_job(job_id)
         if ok:
             syncer.wake_target(store.job_target(job_id))
+            syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
         return send(
             {"success": ok, "message": "queued for retry" if ok else "no failed, skipped or waiting job with that id"},
             200 if ok else 404,
@@ -3462,7 +3824,7 @@ def create_app(
 
     @app.post("/api/events/<job_id:int>/discard")
     def api_discard(job_id: int):
-        if not store.discard_job(job_id):
+        if job_id > INT64_MAX or not store.discard_job(job_id):
             return send({"success": False, "message": "no failed, skipped or waiting job with that id"}, 404)
         return send({"success": True, "message": "discarded"})
 
@@ -3523,6 +3885,18 @@ def create_app(
             [({"state": k}, v) for k, v in sorted(store.job_counts().items())],
         )
         metric("inbox_unplanned", "gauge", "Webhooks stored but not yet planned", [({}, store.count_unplanned())])
+        metric(
+            "inbox_oldest_unplanned_age_seconds",
+            "gauge",
+            "Age of the oldest webhook not yet planned (0: none); above 60 the pipeline is stuck",
+            [({}, round(store.oldest_unplanned_age(), 3))],
+        )
+        metric(
+            "thread_restarts_total",
+            "counter",
+            "Times a thread of the service died and was restarted",
+            [({"thread": t.name}, t.restarts) for t in threads()],
+        )
         age = store.oldest_live_job_age()
         metric("oldest_job_age_seconds", "gauge", "Age of the oldest pending job", [({}, round(age or 0.0, 3))])
         metric(
@@ -3619,7 +3993,7 @@ def create_app(
     @app.post("/api/users/passwords/<password_id:int>/ack")
     def api_ack_password(password_id: int):
         require_api_token()
-        if not store.ack_password(password_id):
+        if password_id > INT64_MAX or not store.ack_password(password_id):
             return send({"error": "no pending password with that id"}, 404)
         return send({"success": True, "message": "password erased"})
 
@@ -3633,7 +4007,10 @@ def create_app(
     def static(path: str):
         return bottle.static_file(path, root=str(STATIC_ROOT))
 
-    def wsgi(environ: dict, start_response: Any) -> list[bytes]:
+    def wsgi(environ: dict, plain_start_response: Any) -> list[bytes]:
+        def start_response(status: str, headers: list, exc_info: Any = None) -> Any:
+            return plain_start_response(status, headers + SECURITY_HEADERS, exc_info)
+
         # Webhooks skip Bottle: its routing, request and response objects cost 0.09 ms of CPU a
         # call in the running service (measured), a fifth of a webhook's whole cost at the rates
         # a library scan or a busy evening sends. Everything else (and GET /webhook/test) is Bottle's.
@@ -3708,6 +4085,63 @@ def _token_ok(environ: dict, token: str) -> bool:
     return _secret_matches(given, token)
 
 
+# The dashboard uses no inline script or style, and is never framed (clickjacking).
+SECURITY_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+]
+# Names that only a local resolver answers: a DNS-rebinding page can never use them.
+LOCAL_NAME_SUFFIXES = (".localhost", ".local", ".lan", ".home.arpa", ".internal")
+
+
+def host_allowed(host: str, config: Config) -> bool:
+    """May a request with this Host header use the dashboard and API when no sign-in is set?
+
+    Yes for an IP address, localhost, a name with no dot (a Docker service or a NAS's own name),
+    local-only suffixes (.local, .lan, …), the host of server.public_url and
+    server.allowed_hosts ("*" allows any; ".example.com" a domain and its subdomains). A
+    rebinding attack needs a public name of the attacker's, which is none of these.
+    """
+    name = host.strip().lower()
+    if name.startswith("["):  # [IPv6]:port
+        return True
+    name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    name = name.rstrip(".")
+    if not name or name == "localhost" or "." not in name or name.endswith(LOCAL_NAME_SUFFIXES):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name == (urllib.parse.urlsplit(config.public_url).hostname or ""):
+        return True
+    return any(
+        allowed == "*" or name == allowed or allowed.startswith(".") and (name.endswith(allowed) or name == allowed[1:])
+        for allowed in config.allowed_hosts
+    )
+
+
+def client_key(address: str) -> str:
+    """Whom failed sign-ins are counted against: an IPv4 address, or an IPv6 /64 (one home or
+    one server gets a whole /64, so counting single IPv6 addresses would count nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _db_size(path: str) -> int:
     try:
         return sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
@@ -3716,6 +4150,25 @@ def _db_size(path: str) -> int:
 
 
 # ── main ─────────────────────────────────────────────────────────────────────
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class LogFormatter(logging.Formatter):
+    """One event, one line: control characters in a message (a user or item name with a
+    newline, sent by whoever can post a webhook) are written escaped, so nobody can forge a log
+    line. Tracebacks, added after the message, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = _CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], record.message)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def find_config_path(cli_path: str | None) -> str:
@@ -3793,6 +4246,7 @@ class Service:
         self.reconciler = Reconciler(config, self.store, self.library, self.syncer)
         self.app = create_app(config, self.store, self.syncer, self.reconciler)
         self.server = None
+        self.supervisor: threading.Thread | None = None
 
     def make_server(self, host: str | None = None, port: int | None = None):
         import waitress
@@ -3805,6 +4259,14 @@ class Service:
             ident="jellyfin-db-sync",
             max_request_body_size=MAX_BODY_BYTES + 1024,
             clear_untrusted_proxy_headers=True,
+            # Waitress reads a whole request before a thread sees it, so slow senders hold no
+            # thread, only a connection. Idle and trickling connections must not use up the
+            # connections Jellyfin's webhooks need: many may be open (poll(), not select(), has
+            # no 1,024-descriptor ceiling), and one idle this long is closed.
+            connection_limit=CONNECTION_LIMIT,
+            channel_timeout=CHANNEL_TIMEOUT,
+            cleanup_interval=CHANNEL_TIMEOUT / 3,
+            asyncore_use_poll=True,
         )
         self.server.channel_class = _quiet_channel_class()
         return self.server
@@ -3812,6 +4274,20 @@ class Service:
     def start_workers(self) -> None:
         self.syncer.start()
         self.reconciler.start()
+        self.supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self.supervisor.start()
+
+    def threads(self) -> list[SupervisedThread]:
+        return [*self.syncer.threads, *([self.reconciler.thread] if self.reconciler.thread else [])]
+
+    def _supervise(self) -> None:
+        """Restart any thread that died (SupervisedThread says why and paces it)."""
+        while not self.syncer.stop_event.wait(SUPERVISE_SECONDS):
+            for t in self.threads():
+                try:
+                    t.revive()
+                except Exception:  # cannot start a thread (out of memory?): try again next round
+                    log.exception("supervisor: cannot restart %s", t.name)
 
     def stop(self) -> None:
         self.syncer.stop()
@@ -3850,7 +4326,7 @@ def write_starter_config(path: str) -> int:
 
 def reconcile_cli(config: Config, dry_run: bool) -> int:
     """--reconcile [--dry-run]: one pass from the command line, with a progress line."""
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(config.log_level)
     try:
         service = Service(config)
     except (StoreError, sqlite3.Error) as e:
@@ -3936,7 +4412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_config:
         return check_config(config)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(config.log_level)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if args.backup:
         try:

@@ -38,7 +38,7 @@ function ago(iso) {
   return new Date(iso).toLocaleString();
 }
 
-const FIELD = { played: "watched", position: "position", favorite: "favourite", likes: "rating",
+const FIELD = { event: "webhook", played: "watched", position: "position", favorite: "favourite", likes: "rating",
   user_create: "account", user_delete: "account", user_rename: "account" };
 const RESULT = { ok: ["written", "ok"], noop: ["already so", "muted"], failed: ["failed", "bad"],
   skipped: ["skipped", "warn"], absent: ["not found", "warn"], stale: ["older", "muted"], dry_run: ["dry run", "muted"] };
@@ -48,7 +48,8 @@ function renderStatus(st) {
   badge.textContent = st.status;
   badge.className = `badge ${st.status}`;
   $("version").textContent = `v${st.version} · up ${Math.round(st.uptime_seconds / 60)} min`;
-  const warnings = [...st.warnings];
+  // Problems of the pipeline itself (stuck, a thread restarting, database) come first.
+  const warnings = [...(st.problems || []).map((p) => `Not syncing: ${p}`), ...st.warnings];
   if (st.dry_run) warnings.push("Dry run: changes are decided and logged, but nothing is written to Jellyfin.");
   $("warnings").hidden = warnings.length === 0;
   $("warnings").replaceChildren(...warnings.map((w) => el("p", {}, w)));
@@ -238,6 +239,7 @@ async function refresh() {
   }
 }
 
+$("filters").addEventListener("submit", (e) => e.preventDefault());  // the filters apply as you type
 $("rec-run").addEventListener("click", () => startReconcile(false));
 $("rec-dry").addEventListener("click", () => startReconcile(true));
 $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
