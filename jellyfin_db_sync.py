@@ -3673,12 +3673,13 @@ def create_app(
                     reasons = [] if syncer.threads else ["workers not started"]
                     try:
                         store.check_writable()
+                        age = store.oldest_unplanned_age()
                     except sqlite3.Error as e:
                         reasons.append(f"database not writable: {e}")
+                        age = 0.0
                     dead = [t.name for t in threads() if not t.alive()]
                     if dead:
                         reasons.append(f"thread stopped (being restarted): {', '.join(dead)}")
-                    age = store.oldest_unplanned_age() if not reasons else 0.0
                     if age > STUCK_SECONDS:
                         reasons.append(f"stuck: the oldest unplanned webhook arrived {age:.0f} s ago")
                     ready.update(at=time.monotonic(), reasons=reasons)
