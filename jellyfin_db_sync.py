@@ -4456,7 +4456,7 @@ def main(argv: list[str] | None = None) -> int:
     service.start_workers()
     _release_free_memory()  # what compiling this module and starting up left behind
     log.info(
-        "jellyfin-db-sync %s listening on %s:%d for %s",
+        "jellyfin-db-sync %s listening on %s:%s for %s",
         __version__,
         config.host,
         server.effective_port,
