@@ -1627,6 +1627,22 @@ class ServerVersion:
         """10.8 and older: legacy /Users/{u}/… routes, no /UserData writes (JELLYFIN.md §2)."""
         return self.before(10, 9)
 
+    @property
+    def playlist_owner_rule(self) -> str:
+        """How this version tells who owns a playlist, for an API key (no GET /Playlists/{id}:
+        from 10.10 on PlaylistsController.GetPlaylist takes the caller's user id, empty for an
+        API key, and answers 400 — jellyfin/jellyfin#13476, #15600).
+
+        "none": 10.8 has no ownership rule it exposes (every playlist a user sees counts).
+        "list": 10.9–10.11: ``CanDelete`` in the user's playlist list is Playlist.CanDelete —
+        administrator or owner.
+        "item": 12.0 answers lists through BaseItem.CanDelete(user, folders) (true for whoever
+        sees it; DtoService), so only a single ``GET /Items/{id}?userId=`` applies the rule.
+        """
+        if self.legacy:
+            return "none"
+        return "list" if self.before(12, 0) else "item"
+
     @classmethod
     def parse(cls, raw: str) -> ServerVersion:
         m = re.match(r"^(\d+)\.(\d+)", raw or "")
@@ -1805,26 +1821,26 @@ class JellyfinClient:
             start += len(items)
 
     def playlists(self, user_id: str) -> list[dict]:
-        """The user's own playlists. 10.10+ tells ownership (PlaylistDto: not open, not shared
-        with them → theirs); older versions cannot, so every playlist they see counts."""
-        legacy = self.ensure_version().legacy
-        path = f"/Users/{user_id}/Items" if legacy else "/Items"
+        """The playlists a user sees, each with ``CanDelete`` as this server's Playlist rule gives
+        it for them (administrator or owner; see ServerVersion.playlist_owner_rule), or without
+        it on 10.8, which cannot tell."""
+        version = self.ensure_version()
+        path = f"/Users/{user_id}/Items" if version.legacy else "/Items"
         query = {
             "includeItemTypes": "Playlist",
             "recursive": "true",
             "enableImages": "false",
-            **({} if legacy else {"userId": user_id}),
+            **({} if version.legacy else {"userId": user_id, "fields": "CanDelete"}),
         }
         found = (self.request("GET", path, query) or {}).get("Items", [])
-        if self.ensure_version().before(10, 10):
-            return found
-        own = []
-        for p in found:
-            dto = self.request("GET", f"/Playlists/{p['Id']}") or {}
-            shared = any(normalise_id(sh.get("UserId", "")) == user_id for sh in dto.get("Shares") or [])
-            if not dto.get("OpenAccess") and not shared:
-                own.append(p)
-        return own
+        if version.playlist_owner_rule == "item":
+            for p in found:
+                dto = self.request("GET", f"/Items/{p['Id']}", {"userId": user_id, "fields": "CanDelete"}) or {}
+                p["CanDelete"] = bool(dto.get("CanDelete"))
+        if version.playlist_owner_rule == "none":
+            for p in found:
+                p.pop("CanDelete", None)
+        return found
 
     def playlist_items(self, playlist_id: str, user_id: str) -> list[dict]:
         query = {"userId": user_id, "fields": "Path,ProviderIds", "enableImages": "false"}
@@ -3044,6 +3060,7 @@ class Reconciler:
         self._states: dict[str, dict] = {}  # the person's known state per server, loaded at once
         self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
         self._pending_jobs: list[dict] = []
+        self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
         self.trigger = threading.Event()
         self.thread: SupervisedThread | None = None
 
@@ -3073,6 +3090,7 @@ class Reconciler:
             "changes_queued": 0,
             "dry_run": dry_run,
         }
+        self._playlist_cache = {}
         try:
             people = self._people(report)
             self.progress.update(users_total=len(people), phase="comparing")
@@ -3179,7 +3197,13 @@ class Reconciler:
                     assigned.add(member)
                 groups.append(group)
         if self.config.sync.playlists:
-            self._reconcile_playlists(person, accounts, report, dry_run)
+            try:
+                self._reconcile_playlists(person, accounts, report, dry_run)
+            except Exception as e:
+                # Their playlists wait for the next pass (mirroring from a partial read could
+                # create duplicates); their watch state below does not.
+                report["errors"].append(f"{person}: playlists not compared this pass: {_error_text(e)}")
+                log.warning("reconcile: %s: playlists not compared: %s", person, _error_text(e))
         self.progress["phase"] = f"comparing {person}"
         fields = [f for f in FIELDS if self.config.sync.enabled(f)]
         for group in groups:
@@ -3259,7 +3283,7 @@ class Reconciler:
         lists: dict[str, dict[str, tuple[str, str, list[tuple[str, str, str]]]]] = {}  # name → srv → …
         for srv, uid in accounts.items():
             client = self.clients[srv]
-            for p in client.playlists(uid):
+            for p in self._own_playlists(person, srv, uid, report):
                 entries = []
                 for dto in client.playlist_items(normalise_id(p["Id"]), uid):
                     item = item_info(client.server, dto)
@@ -3283,13 +3307,60 @@ class Reconciler:
             for srv, uid in accounts.items():
                 try:
                     changes = self._sync_playlist(srv, uid, title, per_server.get(srv), desired, dry_run)
-                except (JellyfinError, SyncError) as e:
-                    report["errors"].append(f"{person}: playlist {title!r} on {srv}: {e}")
+                except Exception as e:  # one playlist on one server: the others go on
+                    report["errors"].append(f"{person}: playlist {title!r} on {srv}: {_error_text(e)}")
+                    if not isinstance(e, SyncError):
+                        log.warning("reconcile: %s: playlist %r on %s: %s", person, title, srv, _error_text(e))
                     continue
                 if changes:
                     _report_changes(report, person, srv, changes, f"playlist {title!r}: {changes} change(s)")
             if not dry_run:
                 self.store.set_playlist_members(person, nkey, desired)
+
+    def _seen_playlists(self, srv: str, uid: str) -> dict[str, dict]:
+        """{playlist id: its list entry} of what ``uid`` sees on ``srv``, read once per pass."""
+        if (srv, uid) not in self._playlist_cache:
+            found = self.clients[srv].playlists(uid)
+            self._playlist_cache[(srv, uid)] = {normalise_id(p["Id"]): p for p in found}
+        return self._playlist_cache[(srv, uid)]
+
+    def _own_playlists(self, person: str, srv: str, uid: str, report: dict) -> list[dict]:
+        """The playlists ``uid`` owns on ``srv``, as far as an API key can tell (never guessed)."""
+        seen = self._seen_playlists(srv, uid)
+        if self.clients[srv].ensure_version().playlist_owner_rule == "none":
+            return list(seen.values())  # 10.8: every playlist they see counts, as before
+        users = [row for row in self.store.all_users() if row["server"] == srv]
+        admin = any(row["user_id"] == uid and row["is_admin"] for row in users)
+        if not admin:
+            return [p for p in seen.values() if p.get("CanDelete")]  # Playlist.CanDelete: the owner
+        # An administrator may delete every playlist, so CanDelete says nothing of theirs. A
+        # playlist they see is theirs unless a non-administrator owns it; if another
+        # administrator sees it too, its owner cannot be told: reported, not mirrored.
+        own = []
+        for pid, p in seen.items():
+            owner, admins = None, []
+            for row in users:
+                if row["user_id"] == uid:
+                    continue
+                theirs = self._seen_playlists(srv, row["user_id"]).get(pid)
+                if theirs is None:
+                    continue
+                if row["is_admin"]:
+                    admins.append(row["name"])
+                elif theirs.get("CanDelete"):
+                    owner = row["name"]
+                    break
+            if owner is not None:
+                continue
+            if admins:
+                report["errors"].append(
+                    f"{person}: playlist {p['Name']!r} on {srv}: administrators {', '.join(sorted(admins))} see it "
+                    "too, and an API key cannot tell whose it is: not mirrored (copy it by hand, or make it "
+                    "private to its owner)"
+                )
+                continue
+            own.append(p)
+        return own
 
     def _sync_playlist(
         self, srv: str, uid: str, title: str, have: tuple | None, desired: list[str], dry_run: bool
@@ -3724,6 +3795,10 @@ def create_app(
                     "marking played also adds one to the play count"
                 )
                 limits.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
+                limits.append(
+                    "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a user "
+                    "sees counts as theirs"
+                )
             if client.version and client.version.before(10, 11):
                 limits.append("Before 10.11: playlist entries cannot be removed with an API key")
             out.append(

@@ -179,13 +179,16 @@ class FakeJellyfin:
         return next(u for u, d in self.users.items() if d["Name"].casefold() == name.casefold())
 
     # playlists (no webhook fires for them, as in Jellyfin)
-    def add_playlist(self, user: str, name: str, items: list[str], public: bool = False) -> str:
+    def add_playlist(
+        self, user: str, name: str, items: list[str], public: bool = False, shared_with: tuple[str, ...] = ()
+    ) -> str:
         pid = hexid()
         self.playlists[pid] = {
             "Name": name,
             "Id": pid,
             "owner": self.user(user),
             "OpenAccess": public,
+            "shares": [self.user(u) for u in shared_with],
             "entries": [(hexid(), self.item(i)) for i in items],
         }
         return pid
@@ -198,12 +201,31 @@ class FakeJellyfin:
                 return [self.items[i]["Name"] for _, i in p["entries"]]
         return None
 
-    def _playlists_of(self, uid: str | None) -> dict:
-        seen = [p for p in self.playlists.values() if p["owner"] == uid or p["OpenAccess"]]
-        return {
-            "Items": [{"Name": p["Name"], "Id": p["Id"], "Type": "Playlist"} for p in seen],
-            "TotalRecordCount": len(seen),
-        }
+    def _admin(self, uid: str) -> bool:
+        return bool(self.users[uid]["Policy"].get("IsAdministrator"))
+
+    def _sees(self, uid: str, p: dict) -> bool:
+        """Playlist.IsVisible (10.9+): open to all, its owner, or shared with them."""
+        return p["OpenAccess"] or p["owner"] == uid or uid in p["shares"]
+
+    def _can_delete(self, uid: str, p: dict, single: bool) -> bool:
+        """Playlist.CanDelete: administrator or owner (10.9 → 12.0). On 12.0 list answers go
+        through BaseItem.CanDelete(user, allCollectionFolders) instead (DtoService.cs), which
+        says yes to everyone who sees it; a single GET /Items/{id} still applies the rule."""
+        if self.version.startswith("12.") and not single:
+            return True
+        return self._admin(uid) or p["owner"] == uid
+
+    def _playlist_dto(self, uid: str | None, p: dict, fields: set, single: bool = False) -> dict:
+        dto = {"Name": p["Name"], "Id": p["Id"], "Type": "Playlist"}
+        if uid and "CanDelete" in fields and not self.legacy:
+            dto["CanDelete"] = self._can_delete(uid, p, single)
+        return dto
+
+    def _playlists_of(self, uid: str | None, q: dict) -> dict:
+        seen = [p for p in self.playlists.values() if uid is None or self._sees(uid, p)]
+        fields = set((q.get("fields") or "").split(","))
+        return {"Items": [self._playlist_dto(uid, p, fields) for p in seen], "TotalRecordCount": len(seen)}
 
     def _playlist_route(self, method: str, seg: list[str], q: dict, body):
         if seg == ["Playlists"] and method == "POST":
@@ -214,14 +236,18 @@ class FakeJellyfin:
                 "Id": pid,
                 "owner": body["UserId"],
                 "OpenAccess": public,
+                "shares": [],
                 "entries": [(hexid(), i) for i in body.get("Ids") or []],
             }
             return 200, {"Id": pid}
         p = self.playlists[seg[1]]
-        if len(seg) == 2 and method == "GET":
+        if len(seg) in (2, 3, 4) and method == "GET" and (len(seg) == 2 or seg[2] == "Users"):
             if self.version.startswith(("10.8", "10.9")):
                 return 404, None  # no PlaylistDto before 10.10
-            return 200, {"OpenAccess": p["OpenAccess"], "Shares": [], "ItemIds": [i for _, i in p["entries"]]}
+            # PlaylistsController.GetPlaylist / GetPlaylistUsers use the caller's user id, empty
+            # for an API key: UserManager.GetUserById(Guid.Empty) throws ArgumentException, which
+            # the exception middleware answers with 400 (jellyfin/jellyfin#13476, #15600).
+            return 400, None
         if len(seg) == 3 and seg[2] == "Items" and method == "GET":
             out = []
             for entry, iid in p["entries"]:
@@ -541,9 +567,14 @@ class FakeJellyfin:
             self.users[seg[1]]["Policy"] = body
             return 204, None
         if seg == ["Items"] and method == "GET" and q.get("includeitemtypes") == "Playlist":
-            return 200, self._playlists_of(q.get("userid"))
+            return 200, self._playlists_of(q.get("userid"), q)
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and q.get("includeitemtypes") == "Playlist":
-            return 200, self._playlists_of(seg[1])
+            return 200, self._playlists_of(seg[1], q)
+        if len(seg) == 2 and seg[0] == "Items" and method == "GET" and seg[1] in self.playlists and new:
+            uid, p = q.get("userid"), self.playlists[seg[1]]
+            if uid and not self._sees(uid, p):
+                return 404, None  # not visible to that user
+            return 200, self._playlist_dto(uid, p, set((q.get("fields") or "").split(",")), single=True)
         if seg and seg[0] == "Playlists":
             return self._playlist_route(method, seg, q, body)
         if seg == ["Items"] and method == "GET":
@@ -1415,6 +1446,86 @@ def test_playlists_are_mirrored_extended_and_trimmed_both_ways(cluster):
     # 10.10 cannot remove entries with an API key: the addition lands, the removal is reported.
     assert sorted(public.playlist("alice", "Sunday")) == ["Alien", "Arrival", "Dune", "Heat"]
     assert any("10.11" in e for e in report["errors"])
+
+
+def owned_playlist(fake: FakeJellyfin, user: str, name: str) -> dict | None:
+    uid = fake.user(user)
+    return next((p for p in fake.playlists.values() if p["owner"] == uid and p["Name"] == name), None)
+
+
+def test_a_private_playlist_of_a_non_admin_is_mirrored_private_to_the_same_person(cluster):
+    # Real servers from 10.10 on answer GET /Playlists/{id} with 400 for an API key: ownership
+    # comes from CanDelete (10.9–10.11 in the list; 12.0 per item), never from that call.
+    c = cluster(versions=("10.11.8", "10.10.7", "12.0.0"))
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
+    home.add_playlist("bob", "Bob's open list", ["Dune"], public=True)
+    home.add_playlist("bob", "For Alice", ["Heat"], shared_with=("alice",))
+    report = reconcile(c)
+    assert report["errors"] == [], report["errors"]
+    for f in (parents, public):
+        copy_ = owned_playlist(f, "alice", "Road trip")
+        assert copy_ is not None, f.name
+        assert copy_["OpenAccess"] is False and copy_["shares"] == [], "created private"
+        assert [f.items[i]["Name"] for _, i in copy_["entries"]] == ["Arrival", "Heat"], f.name
+        assert owned_playlist(f, "alice", "For Alice") is None and owned_playlist(f, "alice", "Bob's open list") is None
+        assert owned_playlist(f, "bob", "Bob's open list") is not None, "bob's own list is bob's"
+    assert home.playlist("alice", "Road trip") == ["Arrival", "Heat"]
+
+
+def test_an_administrators_playlists_are_told_apart_where_possible_and_reported_where_not(cluster):
+    c = cluster(versions=("10.11.8", "12.0.0"))
+    home, parents = c["home"], c["parents"]
+    for f in (home, parents):
+        f.add_user("root", admin=True)
+        f.add_user("chief", admin=True)
+    home.add_playlist("root", "Root's own", ["Arrival"])
+    home.add_playlist("alice", "Alice's open list", ["Dune"], public=True)  # root sees it; alice owns it
+    home.add_playlist("root", "Everyone's", ["Heat"], public=True)  # root and chief see it: whose?
+    report = reconcile(c)
+    assert owned_playlist(parents, "root", "Root's own") is not None
+    assert owned_playlist(parents, "root", "Alice's open list") is None
+    assert owned_playlist(parents, "alice", "Alice's open list") is not None
+    assert (
+        owned_playlist(parents, "root", "Everyone's") is None and owned_playlist(parents, "chief", "Everyone's") is None
+    )
+    assert any("Everyone's" in e and "cannot tell" in e for e in report["errors"]), report["errors"]
+
+
+def test_a_playlist_error_never_drops_the_persons_watch_state_catch_up(cluster):
+    c = cluster(versions=("10.11.8", "12.0.0", "10.10.7"))
+    home, parents = c["home"], c["parents"]
+    home.add_playlist("alice", "Broken", ["Arrival"])
+    quietly(home, "alice", "Dune", Played=True, PlayCount=1, LastPlayedDate=iso())
+    quietly(parents, "alice", "Heat", IsFavorite=True)
+    real = parents._playlist_route
+
+    def broken(method, seg, q, body):
+        if method == "POST" and seg == ["Playlists"]:
+            return 500, None  # this server cannot create playlists today
+        return real(method, seg, q, body)
+
+    parents._playlist_route = broken
+    report = reconcile(c)
+    assert any("Broken" in e and "parents" in e for e in report["errors"]), report["errors"]
+    c.settle()
+    for f in c.fakes:
+        assert f.ud("alice", "Dune")["Played"] and f.ud("alice", "Heat")["IsFavorite"], f.name
+    assert owned_playlist(c["public"], "alice", "Broken") is not None, "the other servers still get it"
+    # Reading a server's playlists fails: that person's playlists wait, their watch state does not.
+    parents._playlist_route = real
+    real_route = home._route
+
+    def no_playlists(method, path, q, body):  # home answers 500 to its playlist list
+        return (500, None) if q.get("includeitemtypes") == "Playlist" else real_route(method, path, q, body)
+
+    home._route = no_playlists
+    quietly(parents, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso())
+    report = reconcile(c)
+    home._route = real_route
+    assert any("playlists" in e for e in report["errors"]), report["errors"]
+    c.settle()
+    assert home.ud("alice", "Arrival")["Played"]
 
 
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
