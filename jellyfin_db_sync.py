@@ -859,6 +859,7 @@ class Job:
     attempts: int
     absent_count: int
     queued_at: float = 0.0  # when the change was first queued for this target
+    waiting_since: float = 0.0  # when it was last put back to wait for its item (0: not waiting)
 
 
 @dataclass(frozen=True)
@@ -1283,6 +1284,7 @@ class Store:
                 r["attempts"],
                 r["absent_count"],
                 r["created_at"],
+                r["updated_at"] if r["status"] == "waiting" else 0.0,
             )
             for r in rows
         ]
@@ -1966,6 +1968,7 @@ class Library:
         self._index_locks = {s.name: threading.Lock() for s in config.servers}
         self._user_locks = {s.name: threading.Lock() for s in config.servers}
         self._last_refresh: dict[str, float] = {}
+        self._refreshed_at: dict[str, float] = {}  # server → when (epoch) its last refresh began
         self._last_user_refresh: dict[str, float] = {}
 
     # item index
@@ -1989,6 +1992,7 @@ class Library:
             # items is cheaper than missing one.
             self.store.set_meta(f"index_watermark:{server}", format_time(started - 300))
             self._last_refresh[server] = time.monotonic()
+            self._refreshed_at[server] = started
             log.debug("%s: item index %s: %d rows", server, "rebuilt" if mark is None else "refreshed", seen)
             return seen
 
@@ -2047,16 +2051,26 @@ class Library:
                             return hits[0]
         return None
 
-    def match(self, src: ItemInfo, target: str) -> ItemInfo | None:
+    def match(self, src: ItemInfo, target: str, waiting_since: float = 0.0) -> ItemInfo | None:
         """The same item on ``target``: by path, then provider IDs, then series + S/E.
 
         A miss refreshes the target's index incrementally (at most once per
-        ``index_refresh_seconds``) and looks again — never a full library download.
+        ``index_refresh_seconds``) and looks again — never a full library download. A change
+        that has been waiting for its item since ``waiting_since`` refreshes it if no refresh
+        began since then: the item may have been imported meanwhile, and ItemAdded is the
+        plugin's least reliable event. The changes waiting on one server share that one
+        request per retry round (the first to look refreshes; the others find it newer).
         """
         self.ensure_index(target)
         found = self.lookup(src, target)
-        if found is None and self._refresh_if_due(target):
-            found = self.lookup(src, target)
+        if found is None:
+            if waiting_since and self._refreshed_at.get(target, 0.0) < waiting_since:
+                self.refresh_index(target)
+                refreshed = True
+            else:
+                refreshed = self._refresh_if_due(target)
+            if refreshed:
+                found = self.lookup(src, target)
         return found
 
     # users
@@ -2622,7 +2636,7 @@ class Syncer:
             src_item = self.library.source_item(first.source, first.source_item_id)
             if src_item is None:
                 raise SyncError(f"item {first.source_item_id} no longer exists on {first.source}")
-            item = self.library.match(src_item, target)
+            item = self.library.match(src_item, target, max(j.waiting_since for j in jobs))
         except Exception as e:
             for job in jobs:
                 self._failed(job, e)

@@ -1102,6 +1102,42 @@ def test_an_item_imported_late_waits_then_syncs(cluster):
     eventually(lambda: parents.ud("alice", "Nope")["Played"], what="the late item to sync")
 
 
+def test_a_waiting_change_lands_at_its_first_retry_after_the_item_appears_without_item_added(cluster):
+    # ItemAdded is the plugin's least reliable event (often not even ticked): a waiting change
+    # must not depend on it. Here the index would otherwise be refreshed only hourly.
+    c = cluster(
+        index_refresh_seconds=3600,
+        policies=[{"prefix": "/media/new", "absent_retry_count": -1, "retry_delay_seconds": 1.0}],
+    )
+    home, parents, public = c["home"], c["parents"], c["public"]
+    for name in ("Nope", "Also new"):
+        home.add_item(name, "Movie", f"/media/new/{name}.mkv")
+    home.user_marks("alice", "Nope", True)
+    home.user_marks("bob", "Also new", True)
+    eventually(
+        lambda: len([j for j in c.svc.call("GET", "/api/events/waiting")[1] if j["target_server"] == "parents"]) == 2,
+        what="two changes waiting on parents",
+    )
+    tries = lambda: {  # noqa: E731 - the not-found count of each change waiting on parents
+        j["item_name"]: j["item_not_found_count"]
+        for j in c.svc.call("GET", "/api/events/waiting")[1]
+        if j["target_server"] == "parents"
+    }
+    eventually(lambda: min(tries().values(), default=0) >= 2, what="a retry round that finds nothing yet")
+    index_reads = lambda: sum(1 for _, path in parents.requests if path == "/Items")  # noqa: E731
+    before_reads, before_tries = index_reads(), tries()
+    for name in ("Nope", "Also new"):  # the library scan finds them; no ItemAdded is sent
+        parents.add_item(name, "Movie", f"/media/new/{name}.mkv")
+        public.add_item(name, "Movie", f"/media/new/{name}.mkv")
+    eventually(lambda: parents.ud("alice", "Nope")["Played"] and parents.ud("bob", "Also new")["Played"], 10)
+    # At the first retry after the item appeared (one more at most, if a retry was under way).
+    after = dict(c.svc.store._rows("SELECT item_name, absent_count FROM jobs WHERE target='parents'"))
+    for name, count in before_tries.items():
+        assert after[name] <= count + 1, (name, count, after[name])
+    # One cheap index read per retry round on that server, shared by both waiting changes.
+    assert index_reads() - before_reads <= 2
+
+
 def test_versions_use_their_own_routes(cluster):
     c = cluster(versions=("10.8.13", "10.10.7", "12.0.0"))
     old, mid, new = c["home"], c["parents"], c["public"]
