@@ -56,6 +56,9 @@ SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest
 SESSION_SECONDS = 30 * 86400  # a dashboard sign-in lasts 30 days
 # /metrics: how long a change took to reach a target (upper bounds of the buckets, seconds).
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+# A target's state read by a reconciliation pass is trusted for its writes for this long.
+STATE_FRESH_SECONDS = 300.0
+MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to one server at once
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
 STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the pipeline is stuck
 READY_CACHE_SECONDS = 3.0  # /readyz answers from its last check for this long
@@ -69,6 +72,7 @@ CLOCK_SKEW_ALLOWANCE = 120.0
 CLOCK_WARNING_SECONDS = 600.0
 TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
+IDS_PER_REQUEST = 100  # item ids in one ?ids= query (the URL stays well under 4 KiB)
 # Item types we index: the leaf types user data lives on, plus Series so episodes can be matched
 # by their series' provider IDs (JELLYFIN.md §2 "Finding the same item").
 INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
@@ -235,6 +239,7 @@ class SyncConfig:
     max_retries: int = 5
     retry_base_seconds: float = 5.0
     index_refresh_seconds: float = 60.0
+    write_connections: int = 3  # parallel writes to one server: fast, never a stampede on a small NAS
     dry_run: bool = False
 
     def enabled(self, fld: str) -> bool:
@@ -625,6 +630,8 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
     sync_kw = flat_section("sync")
     if sync_kw.get("max_retries", 0) < 0:
         raise err("sync.max_retries", "must be ≥ 0")
+    if not 1 <= sync_kw.get("write_connections", 3) <= MAX_WRITE_CONNECTIONS:
+        raise err("sync.write_connections", f"from 1 to {MAX_WRITE_CONNECTIONS}")
     kwargs["sync"] = SyncConfig(**sync_kw)
 
     kwargs["users"] = _parse_users(data.get("users") or {}, {s.name for s in servers}, err, src)
@@ -1255,8 +1262,12 @@ class Store:
         """Claim the next due job and every due job for the same user and item with it, so one
         read of the target's state serves them all (favourite + like from one click, say)."""
         with self._tx() as c:
+            # Not an item another writer of this target is working on: writes to one item stay
+            # in order (sync.write_connections writers share a target).
             first = c.execute(
-                "SELECT * FROM jobs WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
+                "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
+                "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND r.user_key=j.user_key "
+                "AND r.source=j.source AND r.source_item_id=j.source_item_id AND r.status='running') "
                 "ORDER BY due_at, id LIMIT 1",
                 (target, now),
             ).fetchone()
@@ -1495,6 +1506,9 @@ class Store:
             (server, series_id, season, episode),
         )
         return [ItemInfo(*r) for r in rows]
+
+    def item_ids(self, server: str) -> set[str]:
+        return {r[0] for r in self._rows("SELECT item_id FROM items WHERE server=?", (server,))}
 
     def count_items(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._rows("SELECT server, count(*) FROM items GROUP BY server")}
@@ -1799,17 +1813,19 @@ class JellyfinClient:
         )
         return (res or {}).get("Items", [])
 
-    def user_items(self, user_id: str, query: dict, page: int = INDEX_PAGE_SIZE) -> Iterator[dict]:
-        """A user's items matching a filter (isPlayed, isFavorite, filters=…), with UserData,
-        page by page (JELLYFIN.md §2: filtered /Items queries, not one request per item)."""
+    def user_items(
+        self, user_id: str, query: dict, user_data: bool = True, page: int = INDEX_PAGE_SIZE
+    ) -> Iterator[dict]:
+        """A user's items matching a filter (isPlayed, isFavorite, filters=…), page by page
+        (JELLYFIN.md §2: filtered /Items queries, not one request per item): Id and name, with
+        UserData if asked. No paths: the item index has them (items_by_ids for a new one)."""
         path = f"/Users/{user_id}/Items" if self.ensure_version().legacy else "/Items"
         base = {
             "recursive": "true",
             "includeItemTypes": LEAF_ITEM_TYPES,
-            "fields": "Path,ProviderIds",
             "enableImages": "false",
             "enableTotalRecordCount": "false",
-            "enableUserData": "true",
+            "enableUserData": "true" if user_data else "false",
             **query,
         }
         if not self.ensure_version().legacy:
@@ -1877,6 +1893,24 @@ class JellyfinClient:
             },
         )
         return (res or {}).get("Items", [])
+
+    def user_data_many(self, user_id: str, ids: list[str]) -> dict[str, dict]:
+        """{item id: UserData} of many items for one user, a hundred per request."""
+        legacy = self.ensure_version().legacy
+        path = f"/Users/{user_id}/Items" if legacy else "/Items"
+        out: dict[str, dict] = {}
+        for i in range(0, len(ids), IDS_PER_REQUEST):
+            query = {
+                "ids": ",".join(ids[i : i + IDS_PER_REQUEST]),
+                "enableImages": "false",
+                "enableUserData": "true",
+                "enableTotalRecordCount": "false",
+                **({} if legacy else {"userId": user_id}),
+            }
+            for dto in (self.request("GET", path, query) or {}).get("Items", []):
+                if dto.get("Id"):
+                    out[normalise_id(dto["Id"])] = dto.get("UserData") or {}
+        return out
 
     # user data
     def user_data(self, user_id: str, item_id: str) -> dict:
@@ -2352,6 +2386,10 @@ def describe(fld: str, value: Any) -> str:
     return f"position {secs // 3600}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
 
 
+_PARTIAL = "_partial"  # key in a reconciliation's UserData known only from the played list
+_KNOWN = "_known"  # key set in a group's ``current`` once the target's state is known (even blank)
+
+
 class Syncer:
     """Webhook → inbox → jobs → writes: the rules of what is a change, and applying it."""
 
@@ -2611,7 +2649,7 @@ class Syncer:
     def wake_target(self, target: str) -> None:
         cond = self._target_wake[target]
         with cond:
-            cond.notify()
+            cond.notify_all()  # every writer of that server: there may be work for each
 
     # applying
     def apply_next(self, target: str) -> bool:
@@ -2645,7 +2683,7 @@ class Syncer:
             for job in jobs:
                 self._absent(job, src_item)
             return True
-        current: dict = {}  # the target's UserItemDataDto, read once for the whole group
+        current: dict = {}  # the target's UserItemDataDto, read once for the whole group (see _known)
         for job in jobs:
             try:
                 result = self._apply(job, user_id, item, current)
@@ -2689,7 +2727,9 @@ class Syncer:
             self.store.finish_job(job, "done", None, {"result": "stale", "detail": "a newer change is already there"})
             return "stale"
         if not current:
-            current.update(client.user_data(user_id, item.item_id))
+            state = self._target_state(job)
+            current.update(state if state is not None else client.user_data(user_id, item.item_id))
+            current[_KNOWN] = True  # even a blank state is known now
         have = read_fields(current)
         want = job.value
         if job.field == "position":
@@ -2713,6 +2753,7 @@ class Syncer:
         current.clear()
         if written:
             current.update(written)  # the write answers with the new state: no re-read needed
+            current[_KNOWN] = True
             self.store.remember_state(target, job.user_key, item.item_id, read_fields(written), observed)
         self.store.finish_job(
             job,
@@ -2726,6 +2767,16 @@ class Syncer:
         )
         log.info('%s: %s ✓ %s "%s" (from %s)', target, job.username, describe(job.field, want), job.item_name, src)
         return "ok"
+
+    @staticmethod
+    def _target_state(job: Job) -> dict | None:
+        """The target's state as a reconciliation pass read it, if that was moments ago: the
+        write is then planned from it without reading it again. An older read is not trusted
+        (the person may have changed something there since), and None means: read it."""
+        state = job.extra.get("target_state")
+        if state is None or utcnow() - (job.extra.get("state_read_at") or 0.0) > STATE_FRESH_SECONDS:
+            return None
+        return state
 
     def _apply_user(self, job: Job) -> str:
         """Create, delete or rename one account on ``job.target``."""
@@ -2877,7 +2928,13 @@ class Syncer:
         self.stop_event.clear()
         self.threads = [SupervisedThread("planner", self._planner_loop)]
         for s in self.config.servers:
-            self.threads.append(SupervisedThread(f"worker-{s.name}", lambda name=s.name: self._target_loop(name)))
+            # The first worker of a server also checks its health; the others only write.
+            # Each has its own connection (JellyfinClient keeps one per thread).
+            self.threads.append(SupervisedThread(f"worker-{s.name}", lambda n=s.name: self._target_loop(n, True)))
+            for i in range(2, self.config.sync.write_connections + 1):
+                self.threads.append(
+                    SupervisedThread(f"worker-{s.name}-{i}", lambda n=s.name: self._target_loop(n, False))
+                )
         for t in self.threads:
             t.start()
 
@@ -2940,10 +2997,10 @@ class Syncer:
                     self._wake.wait(interval)
                 self._planner_may_sleep = False
 
-    def _target_loop(self, target: str) -> None:
+    def _target_loop(self, target: str, lead: bool) -> None:
         cond = self._target_wake[target]
         interval = self.config.sync.worker_interval_seconds or 5.0
-        next_check = 0.0
+        next_check = 0.0 if lead else float("inf")
         pause = 1.0  # after an error outside any one job: doubled each time, up to a minute
         while not self.stop_event.is_set():
             if time.monotonic() >= next_check:
@@ -3075,6 +3132,8 @@ class Reconciler:
         self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
         self._pending_jobs: list[dict] = []
         self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
+        self._read_at = 0.0  # when the person being compared was read
+        self._known: dict[str, set[str]] = {}  # server → ids in its item index; one pass
         self.trigger = threading.Event()
         self.thread: SupervisedThread | None = None
 
@@ -3104,7 +3163,7 @@ class Reconciler:
             "changes_queued": 0,
             "dry_run": dry_run,
         }
-        self._playlist_cache = {}
+        self._playlist_cache, self._known = {}, {}
         try:
             people = self._people(report)
             self.progress.update(users_total=len(people), phase="comparing")
@@ -3170,24 +3229,65 @@ class Reconciler:
         return out
 
     def _read(self, server: str, user_id: str) -> dict[str, dict]:
-        """The person's interesting items on one server: {item id: UserData}."""
+        """The person's interesting items on one server: {item id: UserData}.
+
+        The played list is the long one, so it is read without UserData: its items get
+        {"Played": True, _PARTIAL: True}, and _complete() reads the rest only for the items whose
+        played state differs between servers. The other lists are short and carry UserData.
+        Items the index does not know yet are read with their paths, a hundred per request.
+        """
         client = self.clients[server]
+        known = self._known_items(server)
         found: dict[str, dict] = {}
-        rows: list[ItemInfo] = []
-        for query in ({"isPlayed": "true"}, {"isFavorite": "true"}, {"filters": "IsResumable"}, {"filters": "Likes"}):
-            for dto in client.user_items(user_id, query):
+        missing: list[str] = []
+        for query, with_data in (
+            ({"isPlayed": "true"}, False),
+            ({"isFavorite": "true"}, True),
+            ({"filters": "IsResumable"}, True),
+            ({"filters": "Likes"}, True),
+        ):
+            for dto in client.user_items(user_id, query, user_data=with_data):
                 if not dto.get("Id"):
                     continue
                 iid = normalise_id(dto["Id"])
-                if iid not in found:
-                    rows.append(item_info(client.server, dto))
-                found[iid] = dto.get("UserData") or {}
-        if rows:
-            self.store.upsert_items(rows)
+                if iid not in known and iid not in found:
+                    missing.append(iid)
+                if with_data:
+                    found[iid] = dto.get("UserData") or {}
+                else:
+                    found.setdefault(iid, {"Played": True, _PARTIAL: True})
+        for i in range(0, len(missing), IDS_PER_REQUEST):
+            rows = [item_info(client.server, d) for d in client.items_by_ids(missing[i : i + IDS_PER_REQUEST])]
+            if rows:
+                self.store.upsert_items(rows)
+                known.update(r.item_id for r in rows)
         return found
+
+    def _known_items(self, server: str) -> set[str]:
+        """The ids in ``server``'s item index, read once per pass."""
+        if server not in self._known:
+            self._known[server] = self.store.item_ids(server)
+        return self._known[server]
+
+    def _complete(self, person: str, accounts: dict[str, str], groups: list[dict], seen: dict) -> None:
+        """Read the full UserData (dates, play counts) of played items known only from the played
+        list, where the servers disagree on played: the decision and the write need them."""
+        need: dict[str, list[str]] = {}
+        for group in groups:
+            uds = {srv: seen[srv].get(iid) or {} for srv, iid in group.items()}
+            if len(group) < 2 or len({bool(ud.get("Played")) for ud in uds.values()}) < 2:
+                continue
+            for srv, iid in group.items():
+                if uds[srv].get(_PARTIAL):
+                    need.setdefault(srv, []).append(iid)
+        for srv, ids in need.items():
+            full = self.clients[srv].user_data_many(accounts[srv], ids)
+            for iid in ids:
+                seen[srv][iid] = full.get(iid) or seen[srv][iid]
 
     def _reconcile_person(self, person: str, accounts: dict[str, str], report: dict, dry_run: bool) -> None:
         servers = [s for s in accounts]
+        self._read_at = utcnow()
         seen = {srv: self._read(srv, accounts[srv]) for srv in servers}
         self._states = {srv: self.store.states_of(srv, person) for srv in servers}  # one query each
         # Group the same item across servers, starting from every item anyone has state on.
@@ -3210,6 +3310,7 @@ class Reconciler:
                 for member in group.items():
                     assigned.add(member)
                 groups.append(group)
+        self._complete(person, accounts, groups, seen)
         if self.config.sync.playlists:
             try:
                 self._reconcile_playlists(person, accounts, report, dry_run)
@@ -3278,7 +3379,7 @@ class Reconciler:
                 _report_changes(report, person, v.server, 1, sample)
                 if not dry_run:
                     self.progress["changes_queued"] += 1
-                    self._queue(person, field, desired, source, v.server, name, item)
+                    self._queue(person, field, desired, source, v.server, name, item, current[v.server])
 
     @staticmethod
     def _item_key(item: ItemInfo) -> str | None:
@@ -3422,7 +3523,15 @@ class Reconciler:
             self._pending_state.append((v.server, person, v.item_id, field, v.cur, at))
 
     def _queue(
-        self, person: str, field: str, desired: Any, source: _View, target: str, name: str, item: ItemInfo | None
+        self,
+        person: str,
+        field: str,
+        desired: Any,
+        source: _View,
+        target: str,
+        name: str,
+        item: ItemInfo | None,
+        target_state: dict,
     ) -> None:
         ob = {
             "direct": True,
@@ -3441,6 +3550,10 @@ class Reconciler:
                 "runtime": item.runtime if item else None,
                 "last_played": source.when or None,
                 "play_count": source.play_count,
+                # What the target holds, read by this pass moments ago: the write needs no
+                # second read of it (Syncer._target_state; {} = in none of its lists: blank).
+                "target_state": target_state,
+                "state_read_at": self._read_at,
             },
         }
         self._pending_jobs.append(ob)
