@@ -58,6 +58,7 @@ SESSION_SECONDS = 30 * 86400  # a dashboard sign-in lasts 30 days
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 # A target's state read by a reconciliation pass is trusted for its writes for this long.
 STATE_FRESH_SECONDS = 300.0
+CLAIM_GROUPS = 8  # a writer claims up to this many items' jobs in one commit
 MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to one server at once
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
 STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the pipeline is stuck
@@ -1182,13 +1183,6 @@ class Store:
                 return True
         return False
 
-    def expect_echo(self, server: str, user_key: str, item_id: str, snapshot: dict) -> None:
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO expected_echo (server, user_key, item_id, snapshot, created_at) VALUES (?, ?, ?, ?, ?)",
-                (server, user_key, item_id, json.dumps(snapshot), utcnow()),
-            )
-
     def prune(self, older_than: float) -> int:
         """Forget echo expectations that never came back (the plugin may not send every type)."""
         with self._tx() as c:
@@ -1258,49 +1252,56 @@ class Store:
             )
 
     # jobs
-    def claim_jobs(self, target: str, now: float) -> list[Job]:
-        """Claim the next due job and every due job for the same user and item with it, so one
-        read of the target's state serves them all (favourite + like from one click, say)."""
+    def claim_jobs(self, target: str, now: float, groups: int = CLAIM_GROUPS) -> list[list[Job]]:
+        """Claim up to ``groups`` groups of due jobs in one commit: each group is a due job and
+        every due job for the same user and item with it, so one read of the target's state
+        serves them all (favourite + like from one click, say)."""
+        claimed: list[list[Job]] = []
         with self._tx() as c:
-            # Not an item another writer of this target is working on: writes to one item stay
-            # in order (sync.write_connections writers share a target).
-            first = c.execute(
-                "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
-                "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND r.user_key=j.user_key "
-                "AND r.source=j.source AND r.source_item_id=j.source_item_id AND r.status='running') "
-                "ORDER BY due_at, id LIMIT 1",
-                (target, now),
-            ).fetchone()
-            if first is None:
-                return []
-            rows = c.execute(
-                "SELECT * FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
-                "AND status IN ('pending', 'waiting') AND due_at<=? ORDER BY id",
-                (target, first["user_key"], first["source"], first["source_item_id"], now),
-            ).fetchall()
-            c.executemany("UPDATE jobs SET status='running', updated_at=? WHERE id=?", [(now, r["id"]) for r in rows])
-        jobs = [
-            Job(
-                r["id"],
-                r["target"],
-                r["source"],
-                r["user_key"],
-                r["username"],
-                r["source_item_id"],
-                r["item_name"],
-                r["field"],
-                json.loads(r["value"]),
-                r["observed_at"],
-                json.loads(r["extra"]),
-                r["attempts"],
-                r["absent_count"],
-                r["created_at"],
-                r["updated_at"] if r["status"] == "waiting" else 0.0,
-            )
-            for r in rows
-        ]
-        # Played first: marking played resets the position, which a position job may then set.
-        return sorted(jobs, key=lambda j: FIELDS.index(j.field) if j.field in FIELDS else -1)
+            for _ in range(groups):
+                # Not an item another writer of this target is working on: writes to one item
+                # stay in order (sync.write_connections writers share a target).
+                first = c.execute(
+                    "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND r.user_key=j.user_key "
+                    "AND r.source=j.source AND r.source_item_id=j.source_item_id AND r.status='running') "
+                    "ORDER BY due_at, id LIMIT 1",
+                    (target, now),
+                ).fetchone()
+                if first is None:
+                    break
+                rows = c.execute(
+                    "SELECT * FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
+                    "AND status IN ('pending', 'waiting') AND due_at<=? ORDER BY id",
+                    (target, first["user_key"], first["source"], first["source_item_id"], now),
+                ).fetchall()
+                c.executemany(
+                    "UPDATE jobs SET status='running', updated_at=? WHERE id=?", [(now, r["id"]) for r in rows]
+                )
+                # Played first: marking played resets the position, which a position job may then set.
+                jobs = [self._job(r) for r in rows]
+                claimed.append(sorted(jobs, key=lambda j: FIELDS.index(j.field) if j.field in FIELDS else -1))
+        return claimed
+
+    @staticmethod
+    def _job(r: sqlite3.Row) -> Job:
+        return Job(
+            r["id"],
+            r["target"],
+            r["source"],
+            r["user_key"],
+            r["username"],
+            r["source_item_id"],
+            r["item_name"],
+            r["field"],
+            json.loads(r["value"]),
+            r["observed_at"],
+            json.loads(r["extra"]),
+            r["attempts"],
+            r["absent_count"],
+            r["created_at"],
+            r["updated_at"] if r["status"] == "waiting" else 0.0,
+        )
 
     def next_due(self, target: str) -> float | None:
         row = self._rows(
@@ -1309,9 +1310,15 @@ class Store:
         )
         return row[0][0]
 
-    def finish_job(self, job: Job, status: str, error: str | None = None, log_row: dict | None = None) -> None:
+    def finish_job(
+        self, job: Job, status: str, error: str | None = None, log_row: dict | None = None, states: list | None = None
+    ) -> None:
+        """A job's outcome, its log line, and what the target now holds (``states``: rows as
+        for remember_states), in one commit."""
         now = utcnow()
         with self._tx() as c:
+            if states:
+                self._write_states(c, states)
             c.execute(
                 "UPDATE jobs SET status=?, last_error=?, updated_at=? WHERE id=?",
                 (status, error, now, job.id),
@@ -1438,9 +1445,7 @@ class Store:
     ) -> None:
         """Record what a server holds (read back or just written). Only fields in ``observed``
         move their observation time; the others keep theirs (a read says nothing about when)."""
-        self.remember_states(
-            [(server, user_key, item_id, fld, value, observed.get(fld)) for fld, value in values.items()]
-        )
+        self.remember_states(self.state_rows(server, user_key, item_id, values, observed))
 
     def playlist_members(self, user_key: str, name_key_: str) -> list[str] | None:
         rows = self._rows("SELECT members FROM playlist_state WHERE user_key=? AND name_key=?", (user_key, name_key_))
@@ -1465,17 +1470,37 @@ class Store:
     def remember_states(self, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
         """Many (server, user, item, field, value, observed at or None = keep) in one transaction."""
         with self._tx() as c:
-            for server, user_key, item_id, fld, value, at in rows:
-                if at is None:
-                    old = c.execute(
-                        "SELECT observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
-                        (server, user_key, item_id, fld),
-                    ).fetchone()
-                    at = old[0] if old else 0.0
-                c.execute(
-                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
-                    (server, user_key, item_id, fld, json.dumps(value), at),
-                )
+            self._write_states(c, rows)
+
+    @staticmethod
+    def _write_states(c: sqlite3.Connection, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
+        for server, user_key, item_id, fld, value, at in rows:
+            if at is None:
+                old = c.execute(
+                    "SELECT observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
+                    (server, user_key, item_id, fld),
+                ).fetchone()
+                at = old[0] if old else 0.0
+            c.execute(
+                "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+                (server, user_key, item_id, fld, json.dumps(value), at),
+            )
+
+    @staticmethod
+    def state_rows(
+        server: str, user_key: str, item_id: str, values: dict[str, Any], observed: dict[str, float]
+    ) -> list[tuple[str, str, str, str, Any, float | None]]:
+        """remember_states rows for one item: only fields in ``observed`` move their time."""
+        return [(server, user_key, item_id, fld, value, observed.get(fld)) for fld, value in values.items()]
+
+    def prepare_write(self, server: str, user_key: str, item_id: str, expected: dict, observed: dict) -> None:
+        """Before a write: record the state it will create, and expect its echo (one commit)."""
+        with self._tx() as c:
+            self._write_states(c, self.state_rows(server, user_key, item_id, expected, observed))
+            c.execute(
+                "INSERT INTO expected_echo (server, user_key, item_id, snapshot, created_at) VALUES (?, ?, ?, ?, ?)",
+                (server, user_key, item_id, json.dumps(expected), utcnow()),
+            )
 
     # items
     def upsert_items(self, rows: list[ItemInfo]) -> None:
@@ -2654,9 +2679,13 @@ class Syncer:
     # applying
     def apply_next(self, target: str) -> bool:
         """Claim and apply the next due jobs for ``target``. Returns False when none was due."""
-        jobs = self.store.claim_jobs(target, utcnow())
-        if not jobs:
-            return False
+        groups = self.store.claim_jobs(target, utcnow())
+        for jobs in groups:
+            self._apply_group(target, jobs)
+        return bool(groups)
+
+    def _apply_group(self, target: str, jobs: list[Job]) -> None:
+        """Apply the jobs for one user and item on ``target``; each job's outcome is recorded."""
         first = jobs[0]
         if first.field.startswith("user_"):
             for job in jobs:
@@ -2666,7 +2695,7 @@ class Syncer:
                     self._failed(job, e)
                     continue
                 self.count(f"sync|{target}|{result}")
-            return True
+            return
         try:
             user_id = self.library.user_id(target, self.config.name_on(first.user_key, target))
             if user_id is None:
@@ -2678,11 +2707,11 @@ class Syncer:
         except Exception as e:
             for job in jobs:
                 self._failed(job, e)
-            return True
+            return
         if item is None:
             for job in jobs:
                 self._absent(job, src_item)
-            return True
+            return
         current: dict = {}  # the target's UserItemDataDto, read once for the whole group (see _known)
         for job in jobs:
             try:
@@ -2693,7 +2722,6 @@ class Syncer:
             self.count(f"sync|{target}|{result}")
             if result == "ok" and job.queued_at:
                 self.record_delay(target, utcnow() - job.queued_at)
-        return True
 
     def _failed(self, job: Job, e: Exception) -> None:
         if isinstance(e, JellyfinError):
@@ -2735,8 +2763,13 @@ class Syncer:
         if job.field == "position":
             want = self._scale(want, job.extra.get("runtime"), item.runtime)
         if have[job.field] == want:
-            self.store.remember_state(target, job.user_key, item.item_id, have, {job.field: job.observed_at})
-            self.store.finish_job(job, "done", None, {"result": "noop", "old": describe(job.field, have[job.field])})
+            self.store.finish_job(
+                job,
+                "done",
+                None,
+                {"result": "noop", "old": describe(job.field, have[job.field])},
+                self.store.state_rows(target, job.user_key, item.item_id, have, {job.field: job.observed_at}),
+            )
             return "noop"
         if self.config.sync.dry_run:
             self.store.finish_job(job, "done", None, {"result": "dry_run", "new": describe(job.field, want)})
@@ -2747,14 +2780,14 @@ class Syncer:
         if job.field == "played":
             expected["position"] = 0  # marking played or unplayed resets the position
         observed = {job.field: job.observed_at}
-        self.store.remember_state(target, job.user_key, item.item_id, expected, observed)
-        self.store.expect_echo(target, job.user_key, item.item_id, expected)
+        self.store.prepare_write(target, job.user_key, item.item_id, expected, observed)
         written = self._write(client, user_id, item.item_id, job, want, current, version)
         current.clear()
+        states = None
         if written:
             current.update(written)  # the write answers with the new state: no re-read needed
             current[_KNOWN] = True
-            self.store.remember_state(target, job.user_key, item.item_id, read_fields(written), observed)
+            states = self.store.state_rows(target, job.user_key, item.item_id, read_fields(written), observed)
         self.store.finish_job(
             job,
             "done",
@@ -2764,6 +2797,7 @@ class Syncer:
                 "old": describe(job.field, have[job.field]),
                 "new": describe(job.field, want),
             },
+            states,
         )
         log.info('%s: %s ✓ %s "%s" (from %s)', target, job.username, describe(job.field, want), job.item_name, src)
         return "ok"
@@ -2998,6 +3032,10 @@ class Syncer:
                 self._planner_may_sleep = False
 
     def _target_loop(self, target: str, lead: bool) -> None:
+        # What a writer commits (claims, outcomes, the state it wrote) is safe to lose in a power
+        # cut: a job found 'running' at start is applied again, and jobs carry state, not deltas
+        # (DESIGN.md §2, §5). Like the planner's, its commits need not wait for an fsync.
+        self.store.relax_durability()
         cond = self._target_wake[target]
         interval = self.config.sync.worker_interval_seconds or 5.0
         next_check = 0.0 if lead else float("inf")
@@ -3231,31 +3269,32 @@ class Reconciler:
     def _read(self, server: str, user_id: str) -> dict[str, dict]:
         """The person's interesting items on one server: {item id: UserData}.
 
-        The played list is the long one, so it is read without UserData: its items get
-        {"Played": True, _PARTIAL: True}, and _complete() reads the rest only for the items whose
-        played state differs between servers. The other lists are short and carry UserData.
+        Being in the played, favourite or liked list says all that list is about, so those are
+        read without UserData (the played list is the long one): their items get a partial
+        UserData ({"Played": True, _PARTIAL: True} and the like), and _complete() reads the rest
+        only where the servers disagree on played. The resume list carries UserData (positions).
         Items the index does not know yet are read with their paths, a hundred per request.
         """
         client = self.clients[server]
         known = self._known_items(server)
         found: dict[str, dict] = {}
         missing: list[str] = []
-        for query, with_data in (
-            ({"isPlayed": "true"}, False),
-            ({"isFavorite": "true"}, True),
-            ({"filters": "IsResumable"}, True),
-            ({"filters": "Likes"}, True),
+        for query, flag in (
+            ({"isPlayed": "true"}, "Played"),
+            ({"isFavorite": "true"}, "IsFavorite"),
+            ({"filters": "Likes"}, "Likes"),
+            ({"filters": "IsResumable"}, None),  # last: its full UserData replaces the partial ones
         ):
-            for dto in client.user_items(user_id, query, user_data=with_data):
+            for dto in client.user_items(user_id, query, user_data=flag is None):
                 if not dto.get("Id"):
                     continue
                 iid = normalise_id(dto["Id"])
                 if iid not in known and iid not in found:
                     missing.append(iid)
-                if with_data:
+                if flag is None:
                     found[iid] = dto.get("UserData") or {}
                 else:
-                    found.setdefault(iid, {"Played": True, _PARTIAL: True})
+                    found.setdefault(iid, {_PARTIAL: True})[flag] = True
         for i in range(0, len(missing), IDS_PER_REQUEST):
             rows = [item_info(client.server, d) for d in client.items_by_ids(missing[i : i + IDS_PER_REQUEST])]
             if rows:
