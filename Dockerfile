@@ -26,10 +26,6 @@ RUN pip install --no-cache-dir -r requirements.txt \
 
 COPY jellyfin_db_sync.py config.example.yaml ./
 COPY static/ static/
-# Bytecode made at build time: the unprivileged user cannot write __pycache__, and a module
-# compiled at every start keeps about 9 MB more memory resident (see _restart_as_import).
-RUN python -m compileall -q /app/jellyfin_db_sync.py
-
 USER 1000:1000
 VOLUME ["/config", "/data"]
 EXPOSE 8080

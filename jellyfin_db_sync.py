@@ -54,6 +54,7 @@ MIN_TOKEN_CHARS = 16  # webhook and API tokens: shorter ones can be guessed
 SIGN_IN_FAILURES = 10  # failed dashboard sign-ins from one address within SIGN_IN_WINDOW…
 SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest is this old
 SESSION_SECONDS = 30 * 86400  # a dashboard sign-in lasts 30 days
+SIGN_IN_SLOWDOWN = 0.5  # seconds a failed sign-in is held (in one request thread at most)
 # /metrics: how long a change took to reach a target (upper bounds of the buckets, seconds).
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 # A target's state read by a reconciliation pass is trusted for its writes for this long.
@@ -295,7 +296,7 @@ class Config:
     api_token: str = ""
     auth_username: str = ""  # server.auth: the dashboard's and JSON API's sign-in
     auth_password: str = ""
-    cpu: str = "auto"  # server.cpu: "auto", "any", or a CPU number (see keep_to_one_cpu)
+    cpu: str = "any"  # server.cpu: "any" (default), "auto" or a CPU number (see keep_to_one_cpu)
     public_url: str = ""  # server.public_url: this service's address as browsers see it (a reverse proxy's)
     allowed_hosts: tuple[str, ...] = ()  # server.allowed_hosts: more Host names to answer (see host_allowed)
     retention_days: float = 30.0
@@ -683,7 +684,9 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
             if key == "cpu":
                 cpu = str(value).strip().lower()
                 if cpu not in ("auto", "any") and not (cpu.isdigit() and int(cpu) < 4096):
-                    raise err("server.cpu", "auto (default: one CPU), any (let it move), or a CPU number like 3")
+                    raise err(
+                        "server.cpu", "any (default: let the threads move), auto (the last CPU), or a CPU number like 3"
+                    )
                 kwargs["cpu"] = cpu
                 continue
             if key == "public_url":
@@ -1667,6 +1670,24 @@ class ServerVersion:
     def legacy(self) -> bool:
         """10.8 and older: legacy /Users/{u}/… routes, no /UserData writes (JELLYFIN.md §2)."""
         return self.before(10, 9)
+
+    @property
+    def limits(self) -> list[str]:
+        """What this version cannot do with an API key, in words for the dashboard."""
+        out = []
+        if self.legacy:
+            out.append(
+                "Jellyfin 10.8: resume positions cannot be set with an API key; "
+                "marking played also adds one to the play count"
+            )
+            out.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
+            out.append(
+                "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a user "
+                "sees counts as theirs"
+            )
+        if self.before(10, 11):
+            out.append("Before 10.11: playlist entries cannot be removed with an API key")
+        return out
 
     @property
     def playlist_owner_rule(self) -> str:
@@ -3665,62 +3686,23 @@ def job_json(row: sqlite3.Row) -> dict:
     }
 
 
-def create_app(
-    config: Config, store: Store, syncer: Syncer, reconciler: Reconciler | None = None, started_at: float | None = None
-):
-    """The WSGI app: webhooks, probes, JSON API and the static dashboard.
+class SignIns:
+    """Dashboard sign-in: sessions (in memory: a restart signs everyone out) and the limit on
+    failed attempts per address (an IPv4 address or an IPv6 /64, see client_key)."""
 
-    Bottle serves everything but ``POST /webhook/<server>``, which the small function at the end
-    answers first (a webhook must cost as little as possible; see ``wsgi``).
-    """
-    import bottle
+    def __init__(self, config: Config):
+        self.config = config
+        self._sessions: dict[str, float] = {}  # cookie → expiry (epoch)
+        self._failures: dict[str, list[float]] = {}  # client key → times of its recent failures
+        self._lock = threading.Lock()  # guards _sessions and _failures
+        self._slowing = threading.Lock()  # held while a failed sign-in is being slowed down
 
-    started_at = started_at or utcnow()
-    bottle.BaseRequest.MEMFILE_MAX = MAX_BODY_BYTES
+    def credentials_ok(self, user: str, password: str) -> bool:
+        ok_user = _secret_matches(user, self.config.auth_username)
+        ok_pw = _secret_matches(password, self.config.auth_password)  # both compared, whatever the first says
+        return ok_user and ok_pw
 
-    class App(bottle.Bottle):
-        def default_error_handler(self, res: bottle.HTTPError) -> str:
-            # Every error, ours or Bottle's (404, 405, 413, 500), is JSON for scripts and the page.
-            bottle.response.content_type = "application/json"
-            detail = res.body if isinstance(res.body, str) else None
-            return json.dumps({"error": res.status_line, "detail": detail})
-
-    app = App()
-    sessions: dict[str, float] = {}  # sign-in cookie → expiry (epoch); in memory: a restart signs out
-    sessions_lock = threading.Lock()
-    failures: dict[str, list[float]] = {}  # address → times of its recent failed sign-ins
-    slowing = threading.Lock()  # held while a failed sign-in is being slowed down
-    open_paths = ("/healthz", "/readyz", "/login", "/static/style.css")
-
-    def authenticated() -> bool:
-        if not config.auth_username:
-            return True
-        req = bottle.request
-        if _secret_matches(_bearer(req.environ), config.api_token):
-            return True
-        auth = req.headers.get("Authorization", "")
-        if auth[:6].lower() == "basic ":
-            address = req.environ.get("REMOTE_ADDR", "?")
-            try:
-                user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                return False
-            wait = locked_out(address)
-            if wait:
-                raise bottle.HTTPResponse(
-                    json.dumps({"error": f"too many failed sign-ins from your address: try again in {wait} s"}),
-                    429,
-                    {"Content-Type": "application/json", "Retry-After": str(wait)},
-                )
-            if not credentials_ok(user, password):
-                sign_in_failed(address)
-                return False
-            return True
-        cookie = req.get_cookie("jds_session")
-        with sessions_lock:
-            return bool(cookie) and sessions.get(cookie, 0) > utcnow()
-
-    def locked_out(address: str) -> int:
+    def locked_out(self, address: str) -> int:
         """Seconds until ``address`` may try to sign in again; 0 if it may now.
 
         Counted per REMOTE_ADDR (Waitress drops proxy headers it cannot trust). Behind a reverse
@@ -3728,245 +3710,328 @@ def create_app(
         for a while, never out of webhooks or the API token.
         """
         now = utcnow()
-        with sessions_lock:
-            recent = [t for t in failures.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW]
+        with self._lock:
+            recent = [t for t in self._failures.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW]
             if len(recent) < SIGN_IN_FAILURES:
                 return 0
             return int(recent[-SIGN_IN_FAILURES] + SIGN_IN_WINDOW - now) + 1
 
-    def sign_in_failed(address: str) -> None:
+    def failed(self, address: str, slow_down: bool = False) -> None:
         now = utcnow()
         key = client_key(address)
-        with sessions_lock:
-            failures.setdefault(key, []).append(now)
-            failures[key] = failures[key][-SIGN_IN_FAILURES:]
-            for a in [a for a, times in failures.items() if times[-1] <= now - SIGN_IN_WINDOW]:
-                del failures[a]  # forget quiet addresses: the table stays small
+        with self._lock:
+            self._failures.setdefault(key, []).append(now)
+            self._failures[key] = self._failures[key][-SIGN_IN_FAILURES:]
+            for a in [a for a, times in self._failures.items() if times[-1] <= now - SIGN_IN_WINDOW]:
+                del self._failures[a]  # forget quiet addresses: the table stays small
         log.warning("failed dashboard sign-in from %s", address)
+        # Slow guessing down, but never with more than one request thread at a time: the same
+        # threads answer Jellyfin's webhooks. A second failure meanwhile is told at once.
+        if slow_down and self._slowing.acquire(blocking=False):
+            try:
+                time.sleep(SIGN_IN_SLOWDOWN)
+            finally:
+                self._slowing.release()
 
-    def credentials_ok(user: str, password: str) -> bool:
-        ok_user = _secret_matches(user, config.auth_username)
-        ok_pw = _secret_matches(password, config.auth_password)  # both compared, whatever the first says
-        return ok_user and ok_pw
+    def open_session(self, address: str) -> str:
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+        with self._lock:
+            self._failures.pop(client_key(address), None)
+            for t in [t for t, exp in self._sessions.items() if exp <= now]:
+                del self._sessions[t]
+            self._sessions[token] = now + SESSION_SECONDS
+        return token
 
-    # Where browsers may send writes from: this service's own address as the browser sees it —
-    # the Host header, or server.public_url behind a reverse proxy that rewrites Host.
-    public_netloc = urllib.parse.urlsplit(config.public_url).netloc.lower()
+    def valid(self, cookie: str | None) -> bool:
+        with self._lock:
+            return bool(cookie) and self._sessions.get(cookie or "", 0) > utcnow()
 
-    def cross_site() -> bool:
-        """A write sent by another site's page in this browser (CSRF): refuse it."""
+    def close(self, cookie: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(cookie or "", None)
+
+
+def _json_response(status: int, data: dict, headers: dict | None = None) -> Any:
+    import bottle
+
+    return bottle.HTTPResponse(json.dumps(data), status, {"Content-Type": "application/json", **(headers or {})})
+
+
+class Guard:
+    """Bottle plugin: every route but those marked ``open=True`` needs a sign-in (when
+    server.auth is set); without one, only Host names that cannot be a rebinding attacker's
+    are served; and a POST must not come from another site's page (CSRF). Webhooks are marked
+    open: the plugin cannot sign in, and their token is checked by the route itself."""
+
+    name = "guard"
+    api = 2
+
+    def __init__(self, config: Config, sign_ins: SignIns):
+        self.config = config
+        self.sign_ins = sign_ins
+        # Where browsers may send writes from: this service's own address as the browser sees
+        # it — the Host header, or server.public_url behind a reverse proxy that rewrites Host.
+        self.public_netloc = urllib.parse.urlsplit(config.public_url).netloc.lower()
+
+    def apply(self, callback: Any, route: Any) -> Any:
+        if route.config.get("webhook"):
+            return callback
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            self.check(open_route=bool(route.config.get("open")))
+            return callback(*args, **kwargs)
+
+        return guarded
+
+    def check(self, open_route: bool) -> None:
+        import bottle
+
         req = bottle.request
-        site = req.headers.get("Sec-Fetch-Site")
+        if not self.config.auth_username and not host_allowed(req.headers.get("Host") or "", self.config):
+            # DNS rebinding: without a sign-in, a page on another site could reach this dashboard
+            # through a name of its own that resolves here; such a name is never ours.
+            host = _shorten(req.headers.get("Host") or "")
+            raise _json_response(
+                403,
+                {"error": f"Host {host!r} is not allowed: add it to server.allowed_hosts (or set server.public_url)"},
+            )
+        if req.method == "POST" and self.cross_site():
+            raise _json_response(403, {"error": "cross-site request refused"})
+        if open_route or self.authenticated():
+            return
+        if req.path == "/":
+            raise bottle.HTTPResponse(status=303, headers={"Location": "/login"})
+        raise _json_response(
+            401,
+            {
+                "error": "sign in first: the dashboard's /login, HTTP basic auth with server.auth, "
+                "or 'Authorization: Bearer <server.api_token>'"
+            },
+        )
+
+    def cross_site(self) -> bool:
+        """A write sent by another site's page in this browser (CSRF)."""
+        import bottle
+
+        headers = bottle.request.headers
+        site = headers.get("Sec-Fetch-Site")
         if site in ("same-origin", "none"):  # set by the browser; a page cannot forge it
             return False
         if site:  # cross-site, same-site (another port or subdomain)
             return True
         # Older browsers: the Origin, or failing that the Referer, must be this service.
-        origin = req.headers.get("Origin") or req.headers.get("Referer")
+        origin = headers.get("Origin") or headers.get("Referer")
         if not origin:
             return False  # not a browser's cross-site form or fetch (those carry one of them)
         netloc = urllib.parse.urlsplit(origin).netloc.lower()
-        return netloc not in ((req.headers.get("Host") or "").lower(), public_netloc)
+        return netloc not in ((headers.get("Host") or "").lower(), self.public_netloc)
 
-    @app.hook("before_request")
-    def guard() -> None:
-        path, method = bottle.request.path, bottle.request.method
-        if path.startswith("/webhook/"):
-            return  # the plugin cannot sign in; webhooks have server.webhook_token
-        if not config.auth_username and not host_allowed(bottle.request.headers.get("Host") or "", config):
-            # DNS rebinding: without a sign-in, a page on another site could reach this dashboard
-            # through a name of its own that resolves here; such a name is never ours.
-            host = _shorten(bottle.request.headers.get("Host") or "")
-            raise bottle.HTTPResponse(
-                json.dumps(
-                    {
-                        "error": f"Host {host!r} is not allowed: "
-                        "add it to server.allowed_hosts (or set server.public_url)"
-                    }
-                ),
-                403,
-                {"Content-Type": "application/json"},
-            )
-        if method == "POST" and cross_site():
-            raise bottle.HTTPResponse(
-                json.dumps({"error": "cross-site request refused"}), 403, {"Content-Type": "application/json"}
-            )
-        if path in open_paths or authenticated():
-            return
-        if path == "/":
-            raise bottle.HTTPResponse(status=303, headers={"Location": "/login"})
-        raise bottle.HTTPResponse(
-            json.dumps(
-                {
-                    "error": "sign in first: the dashboard's /login, HTTP basic auth with server.auth, "
-                    "or 'Authorization: Bearer <server.api_token>'"
-                }
-            ),
-            401,
-            {"Content-Type": "application/json"},
-        )
+    def authenticated(self) -> bool:
+        import bottle
 
-    @app.get("/login")
-    def login_page():
+        if not self.config.auth_username:
+            return True
+        req = bottle.request
+        if _secret_matches(_bearer(req.environ), self.config.api_token):
+            return True
+        auth = req.headers.get("Authorization", "")
+        if auth[:6].lower() != "basic ":
+            return self.sign_ins.valid(req.get_cookie("jds_session"))
+        address = req.environ.get("REMOTE_ADDR", "?")
+        try:
+            user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        wait = self.sign_ins.locked_out(address)
+        if wait:
+            raise _json_response(
+                429,
+                {"error": f"too many failed sign-ins from your address: try again in {wait} s"},
+                {"Retry-After": str(wait)},
+            )
+        if not self.sign_ins.credentials_ok(user, password):
+            self.sign_ins.failed(address)
+            return False
+        return True
+
+
+class Web:
+    """The HTTP surface, as Bottle intends: an app built from the route methods below, with the
+    Guard plugin for sign-in, Host and CSRF checks, JSON error pages, and security headers on
+    every answer. It reads the other parts through their public methods only."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        syncer: Syncer,
+        reconciler: Reconciler | None = None,
+        started_at: float | None = None,
+        threads: Any = None,
+    ):
+        import bottle
+
+        self.config = config
+        self.store = store
+        self.syncer = syncer
+        self.reconciler = reconciler
+        self.started_at = started_at or utcnow()
+        self.sign_ins = SignIns(config)
+        self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
+        self.app = _json_errors_bottle()
+        self.app.install(Guard(config, self.sign_ins))
+        self._routes(bottle)
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        def secured(status: str, headers: list, exc_info: Any = None) -> Any:
+            return start_response(status, headers + SECURITY_HEADERS, exc_info)
+
+        try:
+            # PEP 3333: PATH_INFO arrives as latin-1. Bottle drops bytes that are not UTF-8
+            # ("/webhook/%FF" would become "/webhook/"); such a URL is refused instead.
+            environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            body = json.dumps({"error": "400 Bad Request", "detail": "the URL is not UTF-8"}).encode()
+            secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self.app(environ, secured)
+
+    def _routes(self, bottle: Any) -> None:
+        a = self.app
+        a.route("/webhook/<server_name>", "POST", self.webhook, webhook=True)
+        a.route("/webhook/test", "GET", self.webhook_test)
+        a.route("/healthz", "GET", self.healthz, open=True)
+        a.route("/readyz", "GET", self.readyz, open=True)
+        a.route("/login", "GET", self.login_page, open=True)
+        a.route("/login", "POST", self.login, open=True)
+        a.route("/logout", "POST", self.logout)
+        a.route("/api/status", "GET", self.api_status)
+        a.route("/api/servers", "GET", lambda: send(self.servers_status()))
+        a.route("/api/queue", "GET", lambda: send(self.queue_status()))
+        for state, statuses in (
+            ("pending", ("pending", "running")),
+            ("waiting", ("waiting",)),
+            ("failed", ("failed", "skipped")),
+        ):
+            a.route(f"/api/events/{state}", "GET", lambda statuses=statuses: self.api_jobs(statuses))
+        a.route("/api/events/<job_id:int>/retry", "POST", self.api_retry)
+        a.route("/api/events/<job_id:int>/discard", "POST", self.api_discard)
+        a.route("/api/reconcile", "GET", self.api_reconcile_status)
+        a.route("/api/reconcile", "POST", self.api_reconcile)
+        a.route("/api/timeline", "GET", self.api_timeline)
+        a.route("/metrics", "GET", self.metrics)
+        a.route("/api/sync-log", "GET", self.api_sync_log)
+        a.route("/api/users", "GET", self.api_users)
+        a.route("/api/users/passwords", "GET", self.api_passwords)
+        a.route("/api/users/passwords/<password_id:int>/ack", "POST", self.api_ack_password)
+        a.route("/", "GET", self.index)
+        a.route("/static/style.css", "GET", lambda: bottle.static_file("style.css", root=str(STATIC_ROOT)), open=True)
+        a.route("/static/<path:path>", "GET", lambda path: bottle.static_file(path, root=str(STATIC_ROOT)))
+
+    # webhooks
+    def webhook(self, server_name: str) -> str:
+        """POST /webhook/<server_name>: 202 once the event is committed, 200 if it needs no sync."""
+        import bottle
+
+        environ = bottle.request.environ
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return send({"error": "bad Content-Length"}, 400)
+        if length > MAX_BODY_BYTES:
+            return send({"error": f"body larger than {MAX_BODY_BYTES} bytes"}, 413)
+        token = self.config.webhook_token_for(server_name)
+        if token and not _token_ok(environ, token):
+            return send({"error": "missing or wrong webhook token"}, 401)
+        try:
+            result = self.syncer.accept_webhook(server_name, bottle.request.body.read())
+        except WebhookError as e:
+            return send({"error": str(e)}, e.status)
+        except sqlite3.Error as e:
+            # Disk full, database locked…: say so, so it shows in Jellyfin's log.
+            log.error("webhook from %s not stored: %s", server_name, e)
+            return send({"error": f"cannot store the event: {e}"}, 503)
+        return send(result, 202 if result["status"] == "queued" else 200)
+
+    def webhook_test(self) -> str:
+        return send({"status": "ok", "message": "Webhook receiver is running"})
+
+    # probes
+    def healthz(self) -> str:
+        import bottle
+
+        bottle.response.content_type = "text/plain"
+        return "ok"
+
+    def readyz(self) -> str:
+        reasons = self.ready.reasons()
+        if reasons:
+            return send({"status": "not ready", "reasons": reasons}, 503)
+        return send({"status": "ready"})
+
+    # sign-in
+    def login_page(self) -> str:
         return LOGIN_PAGE.replace("{message}", "")
 
-    @app.post("/login")
-    def login():
+    def login(self) -> str:
+        import bottle
+
         form = bottle.request.forms
         user, password = form.getunicode("username") or "", form.getunicode("password") or ""
-        if not config.auth_username:
+        if not self.config.auth_username:
             raise bottle.HTTPResponse(status=303, headers={"Location": "/"})
         address = bottle.request.environ.get("REMOTE_ADDR", "?")
-        wait = locked_out(address)
+        wait = self.sign_ins.locked_out(address)
         if wait:
             bottle.response.status = 429
             bottle.response.set_header("Retry-After", str(wait))
             message = f"Too many failed sign-ins from your address: try again in {wait // 60 + 1} minutes."
             return LOGIN_PAGE.replace("{message}", f'<p class="bad" role="alert">{message}</p>')
-        if not credentials_ok(user, password):
-            sign_in_failed(address)
-            # Slow guessing down, but never with more than one request thread at a time: the
-            # same threads answer Jellyfin's webhooks. A second failure meanwhile is told at once.
-            if slowing.acquire(blocking=False):
-                try:
-                    time.sleep(0.5)
-                finally:
-                    slowing.release()
+        if not self.sign_ins.credentials_ok(user, password):
+            self.sign_ins.failed(address, slow_down=True)
             bottle.response.status = 401
             return LOGIN_PAGE.replace("{message}", '<p class="bad" role="alert">Wrong user name or password.</p>')
-        token = secrets.token_urlsafe(32)
-        with sessions_lock:
-            failures.pop(client_key(address), None)
-            now = utcnow()
-            for t in [t for t, exp in sessions.items() if exp <= now]:
-                del sessions[t]
-            sessions[token] = now + SESSION_SECONDS
         bottle.response.set_cookie(
             "jds_session",
-            token,
+            self.sign_ins.open_session(address),
             httponly=True,
             samesite="strict",
             path="/",
             max_age=SESSION_SECONDS,
-            secure=config.public_url.startswith("https://"),  # behind an https proxy: never sent in clear
+            secure=self.config.public_url.startswith("https://"),  # behind an https proxy: never sent in clear
         )
         bottle.response.status = 303
         bottle.response.set_header("Location", "/")
         return ""
 
-    @app.post("/logout")
-    def logout():
-        with sessions_lock:
-            sessions.pop(bottle.request.get_cookie("jds_session") or "", None)
+    def logout(self) -> str:
+        import bottle
+
+        self.sign_ins.close(bottle.request.get_cookie("jds_session"))
         bottle.response.delete_cookie("jds_session", path="/")
         return send({"success": True})
 
-    def send(data: Any, status: int = 200) -> str:
-        bottle.response.status = status
-        bottle.response.content_type = "application/json"
-        return json.dumps(data, default=_json_default)
-
-    @app.get("/webhook/test")
-    def webhook_test():
-        return send({"status": "ok", "message": "Webhook receiver is running"})
-
-    def webhook(environ: dict, server_name: str) -> tuple[int, dict]:
-        """POST /webhook/<server_name>: (status, JSON answer). Called from ``wsgi`` below."""
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            return 400, {"error": "bad Content-Length"}
-        if length > MAX_BODY_BYTES:
-            return 413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"}
-        body = environ["wsgi.input"].read(length) if length else b""
-        token = config.webhook_token_for(server_name)
-        if token and not _token_ok(environ, token):
-            return 401, {"error": "missing or wrong webhook token"}
-        try:
-            result = syncer.accept_webhook(server_name, body)
-        except WebhookError as e:
-            return e.status, {"error": str(e)}
-        except sqlite3.Error as e:
-            # Disk full, database locked…: say so, so it shows in Jellyfin's log.
-            log.error("webhook from %s not stored: %s", server_name, e)
-            return 503, {"error": f"cannot store the event: {e}"}
-        return (202 if result["status"] == "queued" else 200), result
-
-    @app.get("/healthz")
-    def healthz():
-        bottle.response.content_type = "text/plain"
-        return "ok"
-
-    ready: dict[str, Any] = {"at": -READY_CACHE_SECONDS, "reasons": []}  # the last check
-    ready_lock = threading.Lock()  # one check at a time; the others answer from the last one
-
-    def readiness() -> list[str]:
-        """Why this service cannot take and pass on webhooks now ([] = it can). Unreachable
-        Jellyfin servers are not a reason: webhooks from the others must keep arriving (the
-        plugin never retries); those show in /api/status and /metrics."""
-        if ready_lock.acquire(blocking=False):
-            try:
-                if time.monotonic() - ready["at"] >= READY_CACHE_SECONDS:
-                    reasons = [] if syncer.threads else ["workers not started"]
-                    try:
-                        store.check_writable()
-                        age = store.oldest_unplanned_age()
-                    except sqlite3.Error as e:
-                        reasons.append(f"database not writable: {e}")
-                        age = 0.0
-                    dead = [t.name for t in threads() if not t.alive()]
-                    if dead:
-                        reasons.append(f"thread stopped (being restarted): {', '.join(dead)}")
-                    if age > STUCK_SECONDS:
-                        reasons.append(f"stuck: the oldest unplanned webhook arrived {age:.0f} s ago")
-                    ready.update(at=time.monotonic(), reasons=reasons)
-            finally:
-                ready_lock.release()
-        return list(ready["reasons"])
-
-    def threads() -> list[SupervisedThread]:
-        extra = [reconciler.thread] if reconciler is not None and reconciler.thread is not None else []
-        return [*syncer.threads, *extra]
-
-    @app.get("/readyz")
-    def readyz():
-        reasons = readiness()
-        if reasons:
-            return send({"status": "not ready", "reasons": reasons}, 503)
-        return send({"status": "ready"})
-
-    def queue_status() -> dict:
-        counts = store.job_counts()
+    # status
+    def queue_status(self) -> dict:
+        counts = self.store.job_counts()
         return {
-            "pending_events": counts.get("pending", 0) + store.count_unplanned(),
+            "pending_events": counts.get("pending", 0) + self.store.count_unplanned(),
             "processing_events": counts.get("running", 0),
             "waiting_for_item_events": counts.get("waiting", 0),
             "failed_events": counts.get("failed", 0),
             "skipped_events": counts.get("skipped", 0),
             "done_events": counts.get("done", 0),
-            "done_last_hour": store.done_since(utcnow() - 3600),
-            "worker_running": syncer.alive(),
+            "done_last_hour": self.store.done_since(utcnow() - 3600),
+            "worker_running": self.syncer.alive(),
         }
 
-    def servers_status() -> list[dict]:
-        last = store.last_event_at()
+    def servers_status(self) -> list[dict]:
+        last = self.store.last_event_at()
         out = []
-        for s in config.servers:
-            h = syncer.health[s.name]
-            client = syncer.clients[s.name]
-            limits = []
-            if client.version and client.version.legacy:
-                limits.append(
-                    "Jellyfin 10.8: resume positions cannot be set with an API key; "
-                    "marking played also adds one to the play count"
-                )
-                limits.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
-                limits.append(
-                    "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a user "
-                    "sees counts as theirs"
-                )
-            if client.version and client.version.before(10, 11):
-                limits.append("Before 10.11: playlist entries cannot be removed with an API key")
+        for s in self.config.servers:
+            h = self.syncer.health[s.name]
+            version = self.syncer.clients[s.name].version
             out.append(
                 {
                     "name": s.name,
@@ -3977,34 +4042,36 @@ def create_app(
                     "error": h["error"],
                     "version": h["version"],
                     "latency_ms": h["latency_ms"],
-                    "limits": limits,
+                    "limits": version.limits if version else [],
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
                 }
             )
         return out
 
-    @app.get("/api/status")
-    def api_status():
-        queue = queue_status()
-        servers = servers_status()
-        stats = store.sync_stats()
+    def api_status(self) -> str:
+        queue = self.queue_status()
+        servers = self.servers_status()
+        stats = self.store.sync_stats()
         by = stats["by_result"]
-        healthy = all(s["healthy"] for s in servers)
-        any_ok = any(s["healthy"] for s in servers)
-        problems = readiness()  # the pipeline itself: database, threads, a stuck planner
-        status = "healthy" if healthy and not problems else ("degraded" if any_ok and not problems else "unhealthy")
+        problems = self.ready.reasons()  # the pipeline itself: database, threads, a stuck planner
+        if problems:
+            status = "unhealthy"
+        elif all(s["healthy"] for s in servers):
+            status = "healthy"
+        else:
+            status = "degraded" if any(s["healthy"] for s in servers) else "unhealthy"
         return send(
             {
                 "status": status,
                 "version": __version__,
-                "uptime_seconds": round(utcnow() - started_at, 1),
+                "uptime_seconds": round(utcnow() - self.started_at, 1),
                 "servers": servers,
                 "queue": queue,
                 "database": {
                     "connected": True,
-                    "item_cache_by_server": store.count_items(),
-                    "database_size_bytes": _db_size(store.path),
+                    "item_cache_by_server": self.store.count_items(),
+                    "database_size_bytes": _db_size(self.store.path),
                 },
                 "sync_stats": {
                     "total_synced": sum(by.values()),
@@ -4013,184 +4080,83 @@ def create_app(
                     "by_result": by,
                     "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
                 },
-                "warnings": security_warnings(config),
+                "warnings": security_warnings(self.config),
                 "problems": problems,
-                "dry_run": config.sync.dry_run,
-                "reconcile": None if reconciler is None else reconciler.progress,
+                "dry_run": self.config.sync.dry_run,
+                "reconcile": None if self.reconciler is None else self.reconciler.progress,
             }
         )
 
-    @app.get("/api/servers")
-    def api_servers():
-        return send(servers_status())
+    # queue
+    def api_jobs(self, statuses: tuple[str, ...]) -> str:
+        limit, offset = _limit_offset()
+        return send([job_json(r) for r in self.store.jobs_by_status(statuses, limit, offset)])
 
-    @app.get("/api/queue")
-    def api_queue():
-        return send(queue_status())
-
-    def _limit() -> tuple[int, int]:
-        try:
-            limit = max(1, min(500, int(bottle.request.query.get("limit", 50))))
-            offset = max(0, int(bottle.request.query.get("offset", 0)))
-        except ValueError:
-            raise bottle.HTTPError(400, "limit and offset must be whole numbers") from None
-        if offset > INT64_MAX:
-            raise bottle.HTTPError(400, f"offset must be at most {INT64_MAX}")
-        return limit, offset
-
-    @app.get("/api/events/pending")
-    def api_pending():
-        limit, offset = _limit()
-        return send([job_json(r) for r in store.jobs_by_status(("pending", "running"), limit, offset)])
-
-    @app.get("/api/events/waiting")
-    def api_waiting():
-        limit, offset = _limit()
-        return send([job_json(r) for r in store.jobs_by_status(("waiting",), limit, offset)])
-
-    @app.get("/api/events/failed")
-    def api_failed():
-        limit, offset = _limit()
-        return send([job_json(r) for r in store.jobs_by_status(("failed", "skipped"), limit, offset)])
-
-    @app.post("/api/events/<job_id:int>/retry")
-    def api_retry(job_id: int):
-        ok = job_id <= INT64_MAX and store.retry_job(job_id)
+    def api_retry(self, job_id: int) -> str:
+        ok = job_id <= INT64_MAX and self.store.retry_job(job_id)
         if ok:
-            syncer.wake_target(store.job_target(job_id))
-            syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
-        return send(
-            {"success": ok, "message": "queued for retry" if ok else "no failed, skipped or waiting job with that id"},
-            200 if ok else 404,
-        )
+            self.syncer.wake_target(self.store.job_target(job_id))
+            self.syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
+        message = "queued for retry" if ok else "no failed, skipped or waiting job with that id"
+        return send({"success": ok, "message": message}, 200 if ok else 404)
 
-    @app.post("/api/events/<job_id:int>/discard")
-    def api_discard(job_id: int):
-        if job_id > INT64_MAX or not store.discard_job(job_id):
+    def api_discard(self, job_id: int) -> str:
+        if job_id > INT64_MAX or not self.store.discard_job(job_id):
             return send({"success": False, "message": "no failed, skipped or waiting job with that id"}, 404)
         return send({"success": True, "message": "discarded"})
 
-    @app.get("/api/reconcile")
-    def api_reconcile_status():
-        if reconciler is None:
+    # reconciliation
+    def api_reconcile_status(self) -> str:
+        if self.reconciler is None:
             return send({"error": "reconciliation is not running in this process"}, 404)
-        return send(
-            {
-                "progress": reconciler.progress,
-                "last_report": reconciler.last_report(),
-                "last_dry_run": reconciler.last_dry_run,
-            }
-        )
+        r = self.reconciler
+        return send({"progress": r.progress, "last_report": r.last_report(), "last_dry_run": r.last_dry_run})
 
-    @app.post("/api/reconcile")
-    def api_reconcile():
-        if reconciler is None:
+    def api_reconcile(self) -> str:
+        import bottle
+
+        if self.reconciler is None:
             return send({"error": "reconciliation is not running in this process"}, 404)
-        if reconciler.progress.get("running"):
-            return send({"error": "a pass is already running", "progress": reconciler.progress}, 409)
+        if self.reconciler.progress.get("running"):
+            return send({"error": "a pass is already running", "progress": self.reconciler.progress}, 409)
         dry = bottle.request.query.get("dry_run", "") in ("1", "true", "yes")
-        reconciler.request(dry)
+        self.reconciler.request(dry)
         return send({"status": "started", "dry_run": dry, "progress": "/api/reconcile"}, 202)
 
-    @app.get("/api/timeline")
-    def api_timeline():
+    # history
+    def api_timeline(self) -> str:
+        import bottle
+
         try:
             minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
         except ValueError:
             raise bottle.HTTPError(400, "minutes must be a whole number") from None
-        return send({"minutes": minutes, "points": store.timeline(minutes)})
+        return send({"minutes": minutes, "points": self.store.timeline(minutes)})
 
-    @app.get("/metrics")
-    def metrics():
-        """Prometheus text format, written by hand (no client library on a NAS)."""
-        lines: list[str] = []
+    def api_sync_log(self) -> str:
+        import bottle
 
-        def sample(series: str, labels: dict, value: float) -> None:
-            lab = ",".join(f'{k}="{_prom_escape(str(v))}"' for k, v in labels.items())
-            lines.append(f"jellyfin_db_sync_{series}{{{lab}}} {value}" if lab else f"jellyfin_db_sync_{series} {value}")
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
-            lines.append(f"# HELP jellyfin_db_sync_{name} {help_}")
-            lines.append(f"# TYPE jellyfin_db_sync_{name} {kind}")
-            for labels, value in samples:
-                sample(name, labels, value)
-
-        counters = [(k.split("|"), v) for k, v in syncer.counters_snapshot().items()]
-        hooks = [({"server": k[1], "type": k[2]}, v) for k, v in counters if k[0] == "webhooks"]
-        results = [({"target": k[1], "result": k[2]}, v) for k, v in counters if k[0] == "sync"]
-        metric("webhooks_received_total", "counter", "Webhooks received since start, by server and type", hooks)
-        metric("sync_results_total", "counter", "Applied jobs since start, by target and result", results)
-        metric(
-            "jobs",
-            "gauge",
-            "Jobs in the queue by state",
-            [({"state": k}, v) for k, v in sorted(store.job_counts().items())],
-        )
-        metric("inbox_unplanned", "gauge", "Webhooks stored but not yet planned", [({}, store.count_unplanned())])
-        metric(
-            "inbox_oldest_unplanned_age_seconds",
-            "gauge",
-            "Age of the oldest webhook not yet planned (0: none); above 60 the pipeline is stuck",
-            [({}, round(store.oldest_unplanned_age(), 3))],
-        )
-        metric(
-            "thread_restarts_total",
-            "counter",
-            "Times a thread of the service died and was restarted",
-            [({"thread": t.name}, t.restarts) for t in threads()],
-        )
-        age = store.oldest_live_job_age()
-        metric("oldest_job_age_seconds", "gauge", "Age of the oldest pending job", [({}, round(age or 0.0, 3))])
-        metric(
-            "server_up",
-            "gauge",
-            "1 if the server answered its last check",
-            [({"server": n}, 1 if h["reachable"] else 0) for n, h in syncer.health.items()],
-        )
-        metric(
-            "server_request_latency_seconds",
-            "gauge",
-            "Latency of the server's last status check (how long changes take: sync_delay_seconds)",
-            [({"server": n}, round((h["latency_ms"] or 0) / 1000, 4)) for n, h in syncer.health.items()],
-        )
-        metric(
-            "server_requests_total",
-            "counter",
-            "REST requests made to the server since start",
-            [({"server": n}, c.requests) for n, c in syncer.clients.items()],
-        )
-        metric(
-            "sync_delay_seconds",
-            "histogram",
-            "Time from a change being queued to its write on the target (debounce included)",
-            [],
-        )
-        for target, (counts, total, count) in sorted(syncer.delays_snapshot().items()):
-            running = 0
-            for bound, n in zip((*DELAY_BUCKETS, "+Inf"), counts, strict=True):
-                running += n
-                sample("sync_delay_seconds_bucket", {"target": target, "le": bound}, running)
-            sample("sync_delay_seconds_sum", {"target": target}, round(total, 3))
-            sample("sync_delay_seconds_count", {"target": target}, count)
-        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return "\n".join(lines) + "\n"
-
-    @app.get("/api/sync-log")
-    def api_sync_log():
-        limit, offset = _limit()
+        limit, offset = _limit_offset()
         q = bottle.request.query
         filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field")}
-        rows, total = store.sync_log(limit, offset, **filters)
+        rows, total = self.store.sync_log(limit, offset, **filters)
         entries = [{**dict(r), "at": format_time(r["at"])} for r in rows]
         return send({"entries": entries, "total": total, "limit": limit, "offset": offset})
 
-    @app.get("/api/users")
-    def api_users():
+    def metrics(self) -> str:
+        """Prometheus text format, written by hand (no client library on a NAS)."""
+        import bottle
+
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return "\n".join(Metrics(self.store, self.syncer, self.ready).lines()) + "\n"
+
+    # users
+    def api_users(self) -> str:
         """Which user exists on which server (from the cached user index)."""
-        names = [s.name for s in config.servers]
+        names = [s.name for s in self.config.servers]
         people: dict[str, dict] = {}
-        for row in store.all_users():
-            person = config.person(row["server"], row["name"])
+        for row in self.store.all_users():
+            person = self.config.person(row["server"], row["name"])
             entry = people.setdefault(person, {"person": person, "name": row["name"], "servers": {}})
             slot = entry["servers"].setdefault(row["server"], [])
             slot.append({"name": row["name"], "id": row["user_id"], "admin": bool(row["is_admin"])})
@@ -4201,24 +4167,26 @@ def create_app(
                 {
                     **entry,
                     "servers": {n: entry["servers"].get(n, [None])[0] for n in names},
-                    "synced": config.user_synced(entry["person"]),
+                    "synced": self.config.user_synced(entry["person"]),
                     "duplicates_on": duplicates,
                 }
             )
-        return send({"servers": names, "users": users, "passwords_pending": store.count_passwords()})
+        return send({"servers": names, "users": users, "passwords_pending": self.store.count_passwords()})
 
-    def require_api_token() -> None:
+    def _require_api_token(self) -> None:
         """Generated passwords are shown only to a caller holding server.api_token."""
-        if not config.api_token:
+        import bottle
+
+        if not self.config.api_token:
             raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
-        if not _secret_matches(_bearer(bottle.request.environ), config.api_token):
+        if not _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
             raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
 
-    @app.get("/api/users/passwords")
-    def api_passwords():
-        require_api_token()
+    def api_passwords(self) -> str:
+        import bottle
+
+        self._require_api_token()
         bottle.response.set_header("Cache-Control", "no-store")
-        rows = store.passwords()
         return send(
             [
                 {
@@ -4228,53 +4196,203 @@ def create_app(
                     "password": r["password"],
                     "created_at": format_time(r["created_at"]),
                 }
-                for r in rows
+                for r in self.store.passwords()
             ]
         )
 
-    @app.post("/api/users/passwords/<password_id:int>/ack")
-    def api_ack_password(password_id: int):
-        require_api_token()
-        if password_id > INT64_MAX or not store.ack_password(password_id):
+    def api_ack_password(self, password_id: int) -> str:
+        self._require_api_token()
+        if password_id > INT64_MAX or not self.store.ack_password(password_id):
             return send({"error": "no pending password with that id"}, 404)
         return send({"success": True, "message": "password erased"})
 
-    @app.get("/")
-    def index():
+    # the dashboard
+    def index(self) -> Any:
+        import bottle
+
         if (STATIC_ROOT / "index.html").exists():
             return bottle.static_file("index.html", root=str(STATIC_ROOT))
         return send({"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"})
 
-    @app.get("/static/<path:path>")
-    def static(path: str):
-        return bottle.static_file(path, root=str(STATIC_ROOT))
 
-    def wsgi(environ: dict, plain_start_response: Any) -> list[bytes]:
-        def start_response(status: str, headers: list, exc_info: Any = None) -> Any:
-            return plain_start_response(status, headers + SECURITY_HEADERS, exc_info)
+def _json_errors_bottle() -> Any:
+    import bottle
 
-        # Webhooks skip Bottle: its routing, request and response objects cost 0.09 ms of CPU a
-        # call in the running service (measured), a fifth of a webhook's whole cost at the rates
-        # a library scan or a busy evening sends. Everything else (and GET /webhook/test) is Bottle's.
-        path = environ.get("PATH_INFO", "")
-        if path[:9] != "/webhook/" or environ.get("REQUEST_METHOD") != "POST" or "/" in path[9:] or not path[9:]:
-            return app(environ, start_response)
+    class JsonErrorsBottle(bottle.Bottle):
+        def default_error_handler(self, res: bottle.HTTPError) -> str:
+            # Every error, ours or Bottle's (404, 405, 413, 500), is JSON for scripts and the page.
+            bottle.response.content_type = "application/json"
+            if res.status_code >= 500 and res.traceback:
+                log.error("%s %s: unexpected error\n%s", bottle.request.method, bottle.request.path, res.traceback)
+                return json.dumps({"error": res.status_line, "detail": "see the service's log"})
+            detail = res.body if isinstance(res.body, str) else None
+            return json.dumps({"error": res.status_line, "detail": detail})
+
+    return JsonErrorsBottle(catchall=True)
+
+
+def send(data: Any, status: int = 200) -> str:
+    """A JSON answer from a route."""
+    import bottle
+
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps(data, default=_json_default)
+
+
+def _limit_offset() -> tuple[int, int]:
+    """?limit= (1–500, default 50) and ?offset= of the list endpoints."""
+    import bottle
+
+    try:
+        limit = max(1, min(500, int(bottle.request.query.get("limit", 50))))
+        offset = max(0, int(bottle.request.query.get("offset", 0)))
+    except ValueError:
+        raise bottle.HTTPError(400, "limit and offset must be whole numbers") from None
+    if offset > INT64_MAX:
+        raise bottle.HTTPError(400, f"offset must be at most {INT64_MAX}")
+    return limit, offset
+
+
+class Readiness:
+    """Why this service cannot take and pass on webhooks now ([] = it can), checked at most
+    every READY_CACHE_SECONDS, within half a second, one check at a time (the others answer
+    from the last one): probes must never pile up on a locked file and hold the request threads
+    webhooks need. Unreachable Jellyfin servers are not a reason: webhooks from the others must
+    keep arriving (the plugin never retries); those show in /api/status and /metrics."""
+
+    def __init__(self, store: Store, syncer: Syncer, threads: Any):
+        self.store = store
+        self.syncer = syncer
+        self.threads = threads  # () → the service's SupervisedThreads
+        self._at = -READY_CACHE_SECONDS
+        self._reasons: list[str] = []
+        self._lock = threading.Lock()
+
+    def reasons(self) -> list[str]:
+        if self._lock.acquire(blocking=False):
+            try:
+                if time.monotonic() - self._at >= READY_CACHE_SECONDS:
+                    self._reasons = self._check()
+                    self._at = time.monotonic()
+            finally:
+                self._lock.release()
+        return list(self._reasons)
+
+    def _check(self) -> list[str]:
+        reasons = [] if self.syncer.threads else ["workers not started"]
         try:
-            # PEP 3333: PATH_INFO arrives as latin-1; a server name may be any UTF-8 text.
-            status, answer = webhook(environ, path[9:].encode("latin-1").decode("utf-8"))
-        except UnicodeError:
-            status, answer = 400, {"error": "the server name in the URL is not UTF-8"}
-        except Exception:  # what Bottle would turn into its 500 page
-            log.exception("webhook: unexpected error")
-            status, answer = 500, {"error": "500 Internal Server Error", "detail": "see the service's log"}
-        out = json.dumps(answer).encode()
-        start_response(
-            f"{status} {http.client.responses.get(status, '')}",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(out)))],
-        )
-        return [out]
+            self.store.check_writable()
+            age = self.store.oldest_unplanned_age()
+        except sqlite3.Error as e:
+            reasons.append(f"database not writable: {e}")
+            age = 0.0
+        dead = [t.name for t in self.threads() if not t.alive()]
+        if dead:
+            reasons.append(f"thread stopped (being restarted): {', '.join(dead)}")
+        if age > STUCK_SECONDS:
+            reasons.append(f"stuck: the oldest unplanned webhook arrived {age:.0f} s ago")
+        return reasons
 
-    return wsgi
+
+class Metrics:
+    """/metrics in Prometheus' text format, one method per family of series."""
+
+    def __init__(self, store: Store, syncer: Syncer, ready: Readiness):
+        self.store = store
+        self.syncer = syncer
+        self.ready = ready
+        self.out: list[str] = []
+
+    def lines(self) -> list[str]:
+        self._counters()
+        self._queue()
+        self._servers()
+        self._delays()
+        return self.out
+
+    def sample(self, series: str, labels: dict, value: float) -> None:
+        lab = ",".join(f'{k}="{_prom_escape(str(v))}"' for k, v in labels.items())
+        self.out.append(f"jellyfin_db_sync_{series}{{{lab}}} {value}" if lab else f"jellyfin_db_sync_{series} {value}")
+
+    def metric(self, name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+        self.out.append(f"# HELP jellyfin_db_sync_{name} {help_}")
+        self.out.append(f"# TYPE jellyfin_db_sync_{name} {kind}")
+        for labels, value in samples:
+            self.sample(name, labels, value)
+
+    def _counters(self) -> None:
+        counters = [(k.split("|"), v) for k, v in self.syncer.counters_snapshot().items()]
+        hooks = [({"server": k[1], "type": k[2]}, v) for k, v in counters if k[0] == "webhooks"]
+        results = [({"target": k[1], "result": k[2]}, v) for k, v in counters if k[0] == "sync"]
+        self.metric("webhooks_received_total", "counter", "Webhooks received since start, by server and type", hooks)
+        self.metric("sync_results_total", "counter", "Applied jobs since start, by target and result", results)
+
+    def _queue(self) -> None:
+        jobs = [({"state": k}, v) for k, v in sorted(self.store.job_counts().items())]
+        self.metric("jobs", "gauge", "Jobs in the queue by state", jobs)
+        unplanned = self.store.count_unplanned()
+        self.metric("inbox_unplanned", "gauge", "Webhooks stored but not yet planned", [({}, unplanned)])
+        self.metric(
+            "inbox_oldest_unplanned_age_seconds",
+            "gauge",
+            "Age of the oldest webhook not yet planned (0: none); above 60 the pipeline is stuck",
+            [({}, round(self.store.oldest_unplanned_age(), 3))],
+        )
+        age = self.store.oldest_live_job_age()
+        self.metric("oldest_job_age_seconds", "gauge", "Age of the oldest pending job", [({}, round(age or 0.0, 3))])
+        restarts = [({"thread": t.name}, t.restarts) for t in self.ready.threads()]
+        self.metric(
+            "thread_restarts_total", "counter", "Times a thread of the service died and was restarted", restarts
+        )
+
+    def _servers(self) -> None:
+        health = self.syncer.health.items()
+        self.metric(
+            "server_up",
+            "gauge",
+            "1 if the server answered its last check",
+            [({"server": n}, 1 if h["reachable"] else 0) for n, h in health],
+        )
+        self.metric(
+            "server_request_latency_seconds",
+            "gauge",
+            "Latency of the server's last status check (how long changes take: sync_delay_seconds)",
+            [({"server": n}, round((h["latency_ms"] or 0) / 1000, 4)) for n, h in health],
+        )
+        self.metric(
+            "server_requests_total",
+            "counter",
+            "REST requests made to the server since start",
+            [({"server": n}, c.requests) for n, c in self.syncer.clients.items()],
+        )
+
+    def _delays(self) -> None:
+        self.metric(
+            "sync_delay_seconds",
+            "histogram",
+            "Time from a change being queued to its write on the target (debounce included)",
+            [],
+        )
+        for target, (counts, total, count) in sorted(self.syncer.delays_snapshot().items()):
+            running = 0
+            for bound, n in zip((*DELAY_BUCKETS, "+Inf"), counts, strict=True):
+                running += n
+                self.sample("sync_delay_seconds_bucket", {"target": target, "le": bound}, running)
+            self.sample("sync_delay_seconds_sum", {"target": target}, round(total, 3))
+            self.sample("sync_delay_seconds_count", {"target": target}, count)
+
+
+def create_app(
+    config: Config,
+    store: Store,
+    syncer: Syncer,
+    reconciler: Reconciler | None = None,
+    started_at: float | None = None,
+    threads: Any = None,
+) -> Web:
+    """The WSGI app: webhooks, probes, JSON API and the static dashboard (see Web)."""
+    return Web(config, store, syncer, reconciler, started_at, threads)
 
 
 def security_warnings(config: Config) -> list[str]:
@@ -4424,41 +4542,14 @@ def find_config_path(cli_path: str | None) -> str:
     return DEFAULT_CONFIG_PATHS[-1]
 
 
-def _quiet_channel_class():
-    """Waitress' HTTP channel without a busy loop.
-
-    While a request's task runs, the task thread writes and flushes its own response
-    (``send_bytes`` is 1) and pulls the loop's trigger if anything is left over or when it
-    ends. Yet between the task buffering a response and sending it, ``writable()`` says yes,
-    and the loop thread polls without sleeping, holding the GIL the task needs to finish: a
-    convoy. Counted: ~300,000 polls for 4,000 webhooks, and a third of the throughput. So a
-    channel with a task in progress is "not writable" unless its buffer passed the high-water
-    mark (then the task waits for the loop to drain it, and the loop must see it).
-    """
-    from waitress.channel import HTTPChannel
-
-    class QuietChannel(HTTPChannel):
-        def writable(self):
-            if (
-                self.requests
-                and not (self.will_close or self.close_when_flushed)
-                and self.total_outbufs_len <= self.adj.outbuf_high_watermark
-            ):
-                return False
-            return super().writable()
-
-    return QuietChannel
-
-
 def keep_to_one_cpu(setting: str) -> int | None:
-    """Run this process's threads on one CPU (server.cpu); returns it, or None if not pinned.
+    """Opt-in (server.cpu: auto or a CPU number): run this process's threads on one CPU;
+    returns it, or None if not pinned (the default, "any": the threads move freely).
 
-    Python runs one thread at a time (the GIL), so several CPUs do the service no good, while
-    handing the GIL between threads on different CPUs does it harm: measured with 8 concurrent
-    senders on 2 CPUs, a webhook cost 20–35 % more CPU time, and the rate swung by ±10 % from run
-    to run, than with the whole service on one CPU. Linux applies this to the calling thread and
-    every thread it starts later, so it runs before any other thread exists. Other programs are
-    not affected: the kernel moves them off a busy CPU as usual.
+    Python runs one thread at a time, so a busy service gains little from a second CPU, and some
+    owners prefer to keep it off the CPUs their transcoder uses. Not the default: on a NAS that
+    is transcoding on that CPU, a pinned service would wait for it. Linux applies this to the
+    calling thread and every thread it starts later, so it runs before any other thread exists.
     """
     if setting == "any" or not hasattr(os, "sched_setaffinity"):
         return None
@@ -4486,7 +4577,7 @@ class Service:
         self.library = Library(config, self.store, self.clients)
         self.syncer = Syncer(config, self.store, self.library, self.clients)
         self.reconciler = Reconciler(config, self.store, self.library, self.syncer)
-        self.app = create_app(config, self.store, self.syncer, self.reconciler)
+        self.app = create_app(config, self.store, self.syncer, self.reconciler, threads=self.threads)
         self.server = None
         self.supervisor: threading.Thread | None = None
 
@@ -4510,7 +4601,6 @@ class Service:
             cleanup_interval=CHANNEL_TIMEOUT / 3,
             asyncore_use_poll=True,
         )
-        self.server.channel_class = _quiet_channel_class()
         return self.server
 
     def start_workers(self) -> None:
@@ -4655,7 +4745,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return check_config(config)
     configure_logging(config.log_level)
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if args.backup:
         try:
             store = Store(config.database_path, config.journal_mode)
@@ -4695,7 +4784,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service.start_workers()
-    _release_free_memory()  # what compiling this module and starting up left behind
     log.info(
         "jellyfin-db-sync %s listening on %s:%s for %s",
         __version__,
@@ -4714,40 +4802,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _restart_as_import() -> None:
-    """Start again in this same process (same PID) with this file imported, not run as a script.
-
-    Python compiles the script it was started with from source every time and never caches that
-    bytecode; for a file this size that leaves about 9 MB resident for good, a quarter of what
-    the service needs on a small NAS. An imported module's bytecode is cached in __pycache__
-    (the Docker image ships it), and where it cannot be (a read-only folder,
-    PYTHONDONTWRITEBYTECODE), main() gives the compiler's leftovers back to the system.
-    """
-    if __spec__ is not None or os.name != "posix" or not sys.executable:
-        return  # run with -m (already an import with cached bytecode), or no exec() to do it with
-    here = os.path.abspath(__file__)
-    code = (
-        "import importlib.util as u, sys; "
-        # As for a script, the file's folder comes first on the import path (bottle.py beside it).
-        f"sys.flags.safe_path or sys.path.__setitem__(0, {os.path.dirname(here)!r}); "
-        f"s = u.spec_from_file_location('jellyfin_db_sync', {here!r}); "
-        "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); sys.exit(m.main())"
-    )
-    interpreter_options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # -u, -X dev, …
-    with suppress(OSError):  # cannot exec (an odd sandbox): carry on as a script, only bigger
-        os.execv(sys.executable, [sys.executable, *interpreter_options, "-c", code, *sys.argv[1:]])
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the system (glibc only; elsewhere a no-op)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
-
-
 if __name__ == "__main__":
-    _restart_as_import()
     sys.exit(main())

@@ -2767,10 +2767,9 @@ def start_process(config_path: Path, port: int, program: list[str] | None = None
     return proc
 
 
-def test_a_renamed_copy_runs_as_one_file_and_restarts_itself_as_an_import(tmp_path):
-    # NAS owners copy the file anywhere, under any name. Started as a script it replaces itself
-    # (same PID) with an import of the same file, so its bytecode can be cached: the program
-    # must behave exactly the same, interpreter options included.
+def test_a_renamed_copy_runs_as_one_file_and_shows_as_itself_in_ps(tmp_path):
+    # NAS owners copy the file anywhere, under any name, and run it with their own interpreter
+    # options; ps (and a process manager) must show exactly what they started.
     folder = tmp_path / "my sync's copy"
     folder.mkdir()
     script = folder / "sync-v1.py"
@@ -2784,8 +2783,7 @@ def test_a_renamed_copy_runs_as_one_file_and_restarts_itself_as_an_import(tmp_pa
     proc = start_process(cfg, port, python)
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[1:4] == [b"-X", b"utf8", b"-c"] and str(script).encode() in cmdline[4], cmdline
-        assert cmdline[5:7] == [b"--config", str(cfg).encode()]
+        assert cmdline[1:] == [b"-X", b"utf8", str(script).encode(), b"--config", str(cfg).encode(), b""], cmdline
     finally:
         shut_down(proc, fakes)
     assert proc.returncode == 0
@@ -2999,16 +2997,16 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         shut_down(proc, fakes)
     lat.sort()
     print(
-        f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,500/s;"
-        f" service on CPU {cpus} of {os.cpu_count()}, server.cpu: auto)"
+        f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,000/s;"
+        f" service on CPUs {cpus} of {os.cpu_count()}, server.cpu: any)"
     )
     print(
         f"webhook → target write, median:  {lat[len(lat) // 2] * 1000:.1f} ms  "
-        f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 100 ms)"
+        f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 20 ms)"
     )
     print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
     print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
-    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 40 MB)")
+    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 48 MB)")
     probe = "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
     bare = [
         int(subprocess.run([sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True).stdout)
