@@ -212,6 +212,103 @@ def name_key(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One setting of the config file, said once: this table drives parsing, the environment
+    variables, --help and --check-config, and a test holds config.example.yaml and the README's
+    table of variables to it. (Servers, users.map and path_sync_policy are lists of mappings,
+    parsed by their own functions below.)"""
+
+    key: str  # its path in the file: "sync.max_retries"
+    kind: str  # bool, int, float, str, choice, token, password, url, cpu, list, names
+    default: Any
+    help: str
+    env: str = ""  # the JDS_* variable that overrides it
+    attr: str = ""  # its Config attribute, for settings outside sync/users/reconcile
+    choices: tuple[str, ...] = ()
+    low: float | None = None  # numbers: the smallest and largest allowed
+    high: float | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server.host", "str", "0.0.0.0", "address to listen on", "JDS_HOST", "host"),
+    Setting("server.port", "int", 8080, "port to listen on", "JDS_PORT", "port", low=1, high=65535),
+    Setting("server.webhook_token", "token", "", "token the plugin must send", "JDS_WEBHOOK_TOKEN", "webhook_token"),
+    Setting("server.api_token", "token", "", "token for scripts (Bearer)", "JDS_API_TOKEN", "api_token"),
+    Setting("server.auth.username", "str", "", "dashboard sign-in: user name", "JDS_AUTH_USERNAME", "auth_username"),
+    Setting(
+        "server.auth.password", "password", "", "dashboard sign-in: password", "JDS_AUTH_PASSWORD", "auth_password"
+    ),
+    Setting("server.cpu", "cpu", "any", "any, auto or a CPU number", "JDS_CPU", "cpu"),
+    Setting("server.public_url", "url", "", "address browsers use (reverse proxy)", "JDS_PUBLIC_URL", "public_url"),
+    Setting("server.allowed_hosts", "list", (), "more Host names to answer", "JDS_ALLOWED_HOSTS", "allowed_hosts"),
+    Setting("database.path", "str", "/data/jellyfin-db-sync.db", "SQLite file", "JDS_DATABASE_PATH", "database_path"),
+    Setting(
+        "database.journal_mode",
+        "choice",
+        "WAL",
+        "WAL, or DELETE/TRUNCATE on a network share",
+        attr="journal_mode",
+        choices=("WAL", "DELETE", "TRUNCATE"),
+    ),
+    Setting("database.retention_days", "float", 30.0, "days history is kept", "JDS_RETENTION_DAYS", "retention_days"),
+    Setting(
+        "logging.level",
+        "choice",
+        "INFO",
+        "DEBUG, INFO, WARNING or ERROR",
+        "JDS_LOG_LEVEL",
+        "log_level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
+    Setting("sync.playback_progress", "bool", True, "sync resume positions"),
+    Setting("sync.watched_status", "bool", True, "sync played / unplayed"),
+    Setting("sync.favorites", "bool", True, "sync favourites"),
+    Setting("sync.ratings", "bool", True, "sync likes and dislikes"),
+    Setting("sync.likes", "bool", True, "same as ratings (older program's name)"),
+    Setting("sync.playlists", "bool", True, "mirror playlists"),
+    Setting("sync.play_count", "bool", True, "carry play counts when marking played"),
+    Setting("sync.last_played_date", "bool", True, "carry last-played dates"),
+    Setting("sync.audio_stream", "bool", True, "accepted for compatibility"),
+    Setting("sync.subtitle_stream", "bool", True, "accepted for compatibility"),
+    Setting(
+        "sync.progress_debounce_seconds",
+        "float",
+        10.0,
+        "longest wait before a position is written",
+        "JDS_PROGRESS_DEBOUNCE_SECONDS",
+    ),
+    Setting("sync.worker_interval_seconds", "float", 5.0, "longest sleep between checks"),
+    Setting("sync.max_retries", "int", 5, "retries before a change fails", "JDS_MAX_RETRIES", low=0),
+    Setting("sync.retry_base_seconds", "float", 5.0, "first retry delay (then doubled)"),
+    Setting("sync.index_refresh_seconds", "float", 60.0, "item index refreshed at most this often"),
+    Setting("sync.write_connections", "int", 3, "writes to one server at once", low=1, high=MAX_WRITE_CONNECTIONS),
+    Setting("sync.dry_run", "bool", False, "decide and log, write nothing", "JDS_DRY_RUN"),
+    Setting("users.create", "bool", True, "create accounts on the others"),
+    Setting("users.delete", "bool", True, "delete accounts on the others", "JDS_DELETE_USERS"),
+    Setting("users.rename", "bool", True, "rename accounts on the others"),
+    Setting(
+        "users.new_user_password",
+        "choice",
+        "random",
+        "random or disabled",
+        "JDS_NEW_USER_PASSWORD",
+        choices=("random", "disabled"),
+    ),
+    Setting("users.include", "names", (), "only these people (empty: everyone)"),
+    Setting("users.exclude", "names", (), "never these people"),
+    Setting("reconcile.on_startup", "bool", True, "a pass shortly after start"),
+    Setting("reconcile.interval_minutes", "float", 360.0, "then every N minutes (0: on demand only)"),
+)
+SETTING = {s.key: s for s in SETTINGS}
+SECTIONS = ("servers", "sync", "users", "reconcile", "path_sync_policy", "database", "server", "logging")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
+
+
+def _default(key: str) -> Any:
+    return SETTING[key].default
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     name: str
     url: str
@@ -226,23 +323,23 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    playback_progress: bool = True
-    watched_status: bool = True
-    favorites: bool = True
-    ratings: bool = True
-    likes: bool = True
-    playlists: bool = True
-    play_count: bool = True
-    last_played_date: bool = True
-    audio_stream: bool = True
-    subtitle_stream: bool = True
-    progress_debounce_seconds: float = 10.0
-    worker_interval_seconds: float = 5.0
-    max_retries: int = 5
-    retry_base_seconds: float = 5.0
-    index_refresh_seconds: float = 60.0
-    write_connections: int = 3  # parallel writes to one server: fast, never a stampede on a small NAS
-    dry_run: bool = False
+    playback_progress: bool = _default("sync.playback_progress")
+    watched_status: bool = _default("sync.watched_status")
+    favorites: bool = _default("sync.favorites")
+    ratings: bool = _default("sync.ratings")
+    likes: bool = _default("sync.likes")
+    playlists: bool = _default("sync.playlists")
+    play_count: bool = _default("sync.play_count")
+    last_played_date: bool = _default("sync.last_played_date")
+    audio_stream: bool = _default("sync.audio_stream")
+    subtitle_stream: bool = _default("sync.subtitle_stream")
+    progress_debounce_seconds: float = _default("sync.progress_debounce_seconds")
+    worker_interval_seconds: float = _default("sync.worker_interval_seconds")
+    max_retries: int = _default("sync.max_retries")
+    retry_base_seconds: float = _default("sync.retry_base_seconds")
+    index_refresh_seconds: float = _default("sync.index_refresh_seconds")
+    write_connections: int = _default("sync.write_connections")  # fast, never a stampede on a small NAS
+    dry_run: bool = _default("sync.dry_run")
 
     def enabled(self, fld: str) -> bool:
         return {
@@ -262,23 +359,23 @@ class PathPolicy:
 
 @dataclass(frozen=True)
 class UsersConfig:
-    create: bool = True  # UserCreated on one server → created on the others
-    delete: bool = True  # UserDeleted → deleted on the others (never an administrator)
-    rename: bool = True  # UserUpdated (a rename) → renamed on the others
+    create: bool = _default("users.create")  # UserCreated on one server → created on the others
+    delete: bool = _default("users.delete")  # UserDeleted → deleted on the others (never an admin)
+    rename: bool = _default("users.rename")  # UserUpdated (a rename) → renamed on the others
     # "random": a strong generated password, shown once to the operator (default: the account
     # works at once and nobody else knows the password). "disabled": no password, and the
     # account is disabled until an administrator sets one (nobody can log in meanwhile).
-    new_user_password: str = "random"
-    include: tuple[str, ...] = ()  # case-folded names; empty = everyone
-    exclude: tuple[str, ...] = ()
+    new_user_password: str = _default("users.new_user_password")
+    include: tuple[str, ...] = _default("users.include")  # case-folded names; empty = everyone
+    exclude: tuple[str, ...] = _default("users.exclude")
     # Each entry is one person: {server name: their user name there}.
     map: tuple[tuple[tuple[str, str], ...], ...] = ()
 
 
 @dataclass(frozen=True)
 class ReconcileConfig:
-    on_startup: bool = True  # a pass shortly after start: catches what happened while we were down
-    interval_minutes: float = 360.0  # then every N minutes; 0 = only on demand
+    on_startup: bool = _default("reconcile.on_startup")  # catches what happened while we were down
+    interval_minutes: float = _default("reconcile.interval_minutes")
 
 
 @dataclass(frozen=True)
@@ -288,19 +385,19 @@ class Config:
     users: UsersConfig = UsersConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
     path_sync_policy: tuple[PathPolicy, ...] = ()
-    database_path: str = "/data/jellyfin-db-sync.db"
-    journal_mode: str = "WAL"
-    host: str = "0.0.0.0"
-    port: int = 8080
-    webhook_token: str = ""
-    api_token: str = ""
-    auth_username: str = ""  # server.auth: the dashboard's and JSON API's sign-in
-    auth_password: str = ""
-    cpu: str = "any"  # server.cpu: "any" (default), "auto" or a CPU number (see keep_to_one_cpu)
-    public_url: str = ""  # server.public_url: this service's address as browsers see it (a reverse proxy's)
-    allowed_hosts: tuple[str, ...] = ()  # server.allowed_hosts: more Host names to answer (see host_allowed)
-    retention_days: float = 30.0
-    log_level: str = "INFO"
+    database_path: str = _default("database.path")
+    journal_mode: str = _default("database.journal_mode")
+    host: str = _default("server.host")
+    port: int = _default("server.port")
+    webhook_token: str = _default("server.webhook_token")
+    api_token: str = _default("server.api_token")
+    auth_username: str = _default("server.auth.username")  # the dashboard's and JSON API's sign-in
+    auth_password: str = _default("server.auth.password")
+    cpu: str = _default("server.cpu")  # see keep_to_one_cpu
+    public_url: str = _default("server.public_url")  # this service's address as browsers see it
+    allowed_hosts: tuple[str, ...] = _default("server.allowed_hosts")  # see host_allowed
+    retention_days: float = _default("database.retention_days")
+    log_level: str = _default("logging.level")
     source: str = "<defaults>"
 
     def person(self, server: str, username: str) -> str:
@@ -361,72 +458,16 @@ class Config:
 
 DEFAULT_POLICY = PathPolicy(prefix="", absent_retry_count=0)
 
-_SCHEMA: dict[str, Any] = {
-    "servers": list,
-    "sync": {f.name: f.type for f in dataclasses.fields(SyncConfig)},
-    "users": dict,
-    "reconcile": {f.name: f.type for f in dataclasses.fields(ReconcileConfig)},
-    "path_sync_policy": list,
-    "database": {"path": "str", "journal_mode": "str", "retention_days": "float"},
-    "server": {
-        "host": "str",
-        "port": "int",
-        "webhook_token": "str",
-        "api_token": "str",
-        "auth": "dict",
-        "cpu": "str",
-        "public_url": "str",
-        "allowed_hosts": "list",
-    },
-    "logging": {"level": "str"},
-}
 _SERVER_KEYS = {"name", "url", "api_key", "passwordless", "path_map", "webhook_token"}
 _POLICY_KEYS = {"prefix", "absent_retry_count", "retry_delay_seconds"}
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _check_type(value: Any, kind: str, where: str) -> Any:
-    """Check a scalar against a dataclass type string; ints are fine where floats are wanted."""
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"{where}: expected a number ≥ 0, got {value!r}")
-        return float(value)
-    if kind == "str":
-        if not isinstance(value, str | int) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected text, got {value!r}")
-        return str(value)
-    raise AssertionError(kind)
-
-
-# Environment variables for template users (unRAID, TrueNAS, docker run -e). Each also reads
-# VAR_FILE (a Docker secret). Servers: JDS_SERVER_<N>_<field> for each field of SERVER_ENV_FIELDS.
-ENV_VARS: dict[str, tuple[str, str, str]] = {
-    "JDS_HOST": ("server", "host", "str"),
-    "JDS_PORT": ("server", "port", "int"),
-    "JDS_WEBHOOK_TOKEN": ("server", "webhook_token", "str"),
-    "JDS_API_TOKEN": ("server", "api_token", "str"),
-    "JDS_CPU": ("server", "cpu", "str"),
-    "JDS_PUBLIC_URL": ("server", "public_url", "str"),
-    "JDS_ALLOWED_HOSTS": ("server", "allowed_hosts", "list"),
-    "JDS_AUTH_USERNAME": ("server", "auth.username", "str"),
-    "JDS_AUTH_PASSWORD": ("server", "auth.password", "str"),
-    "JDS_RETENTION_DAYS": ("database", "retention_days", "float"),
-    "JDS_DATABASE_PATH": ("database", "path", "str"),
-    "JDS_LOG_LEVEL": ("logging", "level", "str"),
-    "JDS_DRY_RUN": ("sync", "dry_run", "bool"),
-    "JDS_PROGRESS_DEBOUNCE_SECONDS": ("sync", "progress_debounce_seconds", "float"),
-    "JDS_MAX_RETRIES": ("sync", "max_retries", "int"),
-    "JDS_NEW_USER_PASSWORD": ("users", "new_user_password", "str"),
-    "JDS_DELETE_USERS": ("users", "delete", "bool"),
-}
+# Environment variables for template users (unRAID, TrueNAS, docker run -e): each setting's
+# ``env`` in SETTINGS, and JDS_SERVER_<N>_<field> for each server field below. Each also reads
+# VAR_FILE (a Docker secret).
+ENV_SETTINGS = {s.env: s for s in SETTINGS if s.env}
+EXAMPLE_API_KEYS = ("paste-an-api-key-here", "your-api-key-here")
 SERVER_ENV_FIELDS = {
     "NAME": ("name", "str"),
     "URL": ("url", "str"),
@@ -442,27 +483,28 @@ def _servers_in_env(env: Any) -> bool:
     return any(k.startswith("JDS_SERVER_") for k in env)
 
 
-def _env_value(name: str, raw: str, kind: str, file: bool) -> Any:
+def _env_value(name: str, raw: str, setting: Setting, file: bool) -> Any:
     where = f"environment {name}"
     if file:
         try:
             raw = Path(raw).read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ConfigError(f"{where}: cannot read {raw} ({e.strerror})") from None
-    if kind == "bool":
-        if raw.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.strip().lower() in ("0", "false", "no", "off", ""):
-            return False
-        raise ConfigError(f"{where}: expected true or false, got {raw!r}")
-    if kind == "list":  # comma-separated
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    if kind in ("int", "float"):
-        try:
-            return int(raw) if kind == "int" else float(raw)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
-    return raw
+    value = _coerce(setting, raw, where)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _put(data: dict, key: str, value: Any, var: str) -> None:
+    """Set ``key`` ("server.auth.username") in the file's data, making mappings on the way."""
+    *outer, last = key.split(".")
+    node = data
+    for part in outer:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"environment {var}: the config's {part}: is not a mapping")
+        node = node[part]
+    node[last] = value
 
 
 def apply_env(data: dict, env: dict[str, str]) -> bool:
@@ -470,18 +512,9 @@ def apply_env(data: dict, env: dict[str, str]) -> bool:
     used = False
     for var, value in sorted(env.items()):
         base, file = (var[:-5], True) if var.endswith("_FILE") else (var, False)
-        if base in ENV_VARS:
-            section, key, kind = ENV_VARS[base]
-            data.setdefault(section, {})
-            if not isinstance(data[section], dict):
-                raise ConfigError(f"environment {var}: the config's {section}: is not a mapping")
-            if "." in key:  # server.auth.username and the like
-                outer, inner = key.split(".")
-                if not isinstance(data[section].get(outer), dict):
-                    data[section][outer] = {}
-                data[section][outer][inner] = _env_value(var, value, kind, file)
-            else:
-                data[section][key] = _env_value(var, value, kind, file)
+        if base in ENV_SETTINGS:
+            setting = ENV_SETTINGS[base]
+            _put(data, setting.key, _env_value(var, value, setting, file), var)
             used = True
             continue
         m = _SERVER_ENV.match(var)
@@ -495,7 +528,7 @@ def apply_env(data: dict, env: dict[str, str]) -> bool:
             while len(servers) <= index:
                 servers.append({})
             key, kind = SERVER_ENV_FIELDS[m.group(2)]
-            servers[index][key] = _env_value(var, value, kind, bool(m.group(3)))
+            servers[index][key] = _env_value(var, value, Setting(key, kind, None, ""), bool(m.group(3)))
             used = True
     if "servers" in data and isinstance(data["servers"], list):
         data["servers"] = [s for s in data["servers"] if s != {}]
@@ -552,226 +585,229 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> C
     return parse_config(data, src)
 
 
+def _mask(secret: str) -> str:
+    return "" if not secret else "***" + (secret[-2:] if len(secret) >= 12 else "")
+
+
 def masked(config: Config) -> dict:
     """The effective configuration with every secret replaced, for --check-config."""
-
-    def mask(secret: str) -> str:
-        return "" if not secret else "***" + (secret[-2:] if len(secret) >= 12 else "")
-
     out = dataclasses.asdict(config)
     for srv in out["servers"]:
-        srv["api_key"] = mask(srv["api_key"])
-        srv["webhook_token"] = mask(srv["webhook_token"])
-    out["webhook_token"] = mask(config.webhook_token)
-    out["api_token"] = mask(config.api_token)
-    out["auth_password"] = mask(config.auth_password)
+        srv["api_key"] = _mask(srv["api_key"])
+        srv["webhook_token"] = _mask(srv["webhook_token"])
+    for setting in SETTINGS:
+        if setting.kind in ("token", "password"):
+            out[setting.attr] = _mask(out[setting.attr])
     return out
 
 
-def parse_config(data: Any, src: str = "<config>") -> Config:
-    def err(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{src}: {key}: {msg}")
+def _coerce(setting: Setting, value: Any, where: str) -> Any:
+    """A value from the file or the environment, as the setting's kind wants it. Quoted
+    numbers and booleans ("8080", "true") are taken as such, as Helm-rendered YAML has them."""
+    kind = setting.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, str | int) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind in ("int", "float"):
+        return _number(setting, value, where)
+    if kind in ("list", "names"):
+        if isinstance(value, str):  # an environment variable: comma-separated
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if value is None:
+            value = []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{where}: expected a list of names")
+        if kind == "names":
+            return tuple(name_key(v) for v in value)
+        return tuple(v.strip().lower().rstrip(".") for v in value)
+    if value is None:
+        value = ""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected text, got {value!r}")
+    text = str(value)
+    if kind == "choice":
+        for choice in setting.choices:
+            if text.strip().lower() == choice.lower():
+                return choice
+        raise ConfigError(f"{where}: one of {', '.join(setting.choices)}")
+    if kind == "cpu":
+        cpu = text.strip().lower()
+        if cpu not in ("auto", "any") and not (cpu.isdigit() and int(cpu) < 4096):
+            raise ConfigError(f"{where}: any (default: let the threads move), auto (the last CPU), or a CPU number")
+        return cpu
+    if kind == "url":
+        url = text.strip().rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ConfigError(f"{where}: {url!r}: the address browsers and Jellyfin use, like https://sync.example.com")
+        return url
+    if kind == "token" and text and len(text) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{where}: use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
+    if kind == "password" and text and len(text) < 8:
+        raise ConfigError(f"{where}: use at least 8 characters")
+    return text
 
+
+def _number(setting: Setting, value: Any, where: str) -> int | float:
+    whole = setting.kind == "int"
+    if isinstance(value, str):
+        try:
+            value = int(value.strip()) if whole else float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(value, float) and whole and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected a {'whole number' if whole else 'number'}, got {value!r}")
+    low = setting.low if setting.low is not None else (None if whole else 0.0)
+    if (low is not None and value < low) or (setting.high is not None and value > setting.high):
+        if setting.high is not None:
+            raise ConfigError(f"{where}: must be {setting.low:g}–{setting.high:g}")
+        raise ConfigError(f"{where}: must be ≥ {low:g}")
+    return value if whole else float(value)
+
+
+def _settings_in(data: dict, src: str) -> dict[str, Any]:
+    """{setting key: raw value} of every table setting the file's sections hold; an unknown
+    key is an error naming it."""
+    found: dict[str, Any] = {}
+    for section in ("sync", "users", "reconcile", "database", "server", "logging"):
+        raw = data.get(section) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{src}: {section}: expected a mapping")
+        for key, value in raw.items():
+            path = f"{section}.{key}"
+            if path == "users.map":
+                continue  # a list of mappings: _parse_map
+            if path == "server.auth":
+                found.update(_auth_values(value, src))
+                continue
+            if path not in SETTING:
+                known = ", ".join(s.key.split(".")[1] for s in SETTINGS if s.key.startswith(section + "."))
+                raise ConfigError(f"{src}: {path}: unknown key (known: {known})")
+            found[path] = value
+    return found
+
+
+def _auth_values(value: Any, src: str) -> dict[str, Any]:
+    if value in (None, "", {}):
+        return {}
+    if not isinstance(value, dict) or set(value) - {"username", "password"}:
+        raise ConfigError(f"{src}: server.auth: expected username: and password: (the dashboard's sign-in)")
+    return {f"server.auth.{k}": v for k, v in value.items()}
+
+
+def parse_config(data: Any, src: str = "<config>") -> Config:
+    """A Config from the file's (and the environment's) data; every error names the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: the top level must be a mapping of sections (servers:, sync:, …)")
     for key in data:
-        if key not in _SCHEMA:
-            raise err(str(key), f"unknown key (known: {', '.join(_SCHEMA)})")
-    kwargs: dict[str, Any] = {"source": src}
+        if key not in SECTIONS:
+            raise ConfigError(f"{src}: {key}: unknown key (known: {', '.join(SECTIONS)})")
+    values = {s.key: s.default for s in SETTINGS}
+    for key, raw in _settings_in(data, src).items():
+        values[key] = _coerce(SETTING[key], raw, f"{src}: {key}")
+    if bool(values["server.auth.username"]) != bool(values["server.auth.password"]):
+        raise ConfigError(f"{src}: server.auth: set both username and password, or leave auth out")
+    servers = _parse_servers(data.get("servers"), src)
+    nested = {
+        name: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})
+        for name, cls in (("sync", SyncConfig), ("reconcile", ReconcileConfig))
+    }
+    users = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("users.")}
+    users["map"] = _parse_map((data.get("users") or {}).get("map"), {s.name for s in servers}, src)
+    top = {s.attr: values[s.key] for s in SETTINGS if s.attr}
+    return Config(
+        servers=servers,
+        users=UsersConfig(**users),
+        path_sync_policy=_parse_policies(data.get("path_sync_policy"), src),
+        source=src,
+        **nested,
+        **top,
+    )
 
-    servers_raw = data.get("servers")
-    if not isinstance(servers_raw, list) or len(servers_raw) < 2:
-        raise err("servers", "list at least two Jellyfin servers (name, url, api_key)")
+
+def _parse_servers(raw: Any, src: str) -> tuple[ServerConfig, ...]:
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ConfigError(f"{src}: servers: list at least two Jellyfin servers (name, url, api_key)")
     servers: list[ServerConfig] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(servers_raw):
-        at = f"servers[{i}]"
-        if not isinstance(raw, dict):
-            raise err(at, "each server is a mapping with name, url and api_key")
-        for key in raw:
+    for i, entry in enumerate(raw):
+        at = f"{src}: servers[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: each server is a mapping with name, url and api_key")
+        for key in entry:
             if key not in _SERVER_KEYS:
-                raise err(f"{at}.{key}", f"unknown key (known: {', '.join(sorted(_SERVER_KEYS))})")
+                raise ConfigError(f"{at}.{key}: unknown key (known: {', '.join(sorted(_SERVER_KEYS))})")
         for key in ("name", "url", "api_key"):
-            if raw.get(key) in (None, ""):
-                raise err(f"{at}.{key}", "missing")
-        name = _check_type(raw["name"], "str", f"{src}: {at}.name")
-        if not _SERVER_NAME.match(name):
-            raise err(f"{at}.name", f"{name!r}: use letters, digits, '.', '_' or '-' (it is part of the webhook URL)")
-        if name in seen:
-            raise err(f"{at}.name", f"duplicate server name {name!r}")
-        seen.add(name)
-        url = _check_type(raw["url"], "str", f"{src}: {at}.url").rstrip("/")
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise err(f"{at}.url", f"{url!r} is not an http:// or https:// URL")
-        api_key = _check_type(raw["api_key"], "str", f"{src}: {at}.api_key")
-        if api_key in ("paste-an-api-key-here", "your-api-key-here"):
-            raise err(f"{at}.api_key", "still the example value: paste the server's API key (Dashboard → API Keys)")
-        passwordless = _check_type(raw.get("passwordless", False), "bool", f"{src}: {at}.passwordless")
-        pmap = raw.get("path_map") or {}
-        if not isinstance(pmap, dict):
-            raise err(f"{at}.path_map", "expected a mapping of 'server prefix: shared prefix'")
-        path_map = tuple((normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items())
-        token = _check_type(raw.get("webhook_token") or "", "str", f"{src}: {at}.webhook_token")
-        servers.append(ServerConfig(name, url, api_key, passwordless, path_map, token))
-    kwargs["servers"] = tuple(servers)
+            if entry.get(key) in (None, ""):
+                raise ConfigError(f"{at}.{key}: missing")
+        servers.append(_parse_server(entry, at, {s.name for s in servers}))
+    return tuple(servers)
 
-    def flat_section(name: str) -> dict[str, Any]:
-        """A section of scalars typed by its dataclass (sync:, reconcile:)."""
-        raw = data.get(name) or {}
-        if not isinstance(raw, dict):
-            raise err(name, "expected a mapping")
-        out = {}
-        for key, value in raw.items():
-            kind = _SCHEMA[name].get(key)
-            if kind is None:
-                raise err(f"{name}.{key}", f"unknown key (known: {', '.join(_SCHEMA[name])})")
-            out[key] = _check_type(value, kind, f"{src}: {name}.{key}")
-        return out
 
-    sync_kw = flat_section("sync")
-    if sync_kw.get("max_retries", 0) < 0:
-        raise err("sync.max_retries", "must be ≥ 0")
-    if not 1 <= sync_kw.get("write_connections", 3) <= MAX_WRITE_CONNECTIONS:
-        raise err("sync.write_connections", f"from 1 to {MAX_WRITE_CONNECTIONS}")
-    kwargs["sync"] = SyncConfig(**sync_kw)
+def _parse_server(entry: dict, at: str, seen: set[str]) -> ServerConfig:
+    text = Setting("", "str", "", "")
+    name = _coerce(text, entry["name"], f"{at}.name")
+    if not _SERVER_NAME.match(name):
+        raise ConfigError(f"{at}.name: {name!r}: use letters, digits, '.', '_' or '-' (it is part of the webhook URL)")
+    if name in seen:
+        raise ConfigError(f"{at}.name: duplicate server name {name!r}")
+    url = _coerce(text, entry["url"], f"{at}.url").rstrip("/")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{at}.url: {url!r} is not an http:// or https:// URL")
+    api_key = _coerce(text, entry["api_key"], f"{at}.api_key")
+    if api_key in EXAMPLE_API_KEYS:
+        raise ConfigError(f"{at}.api_key: still the example value: paste the server's API key (Dashboard → API Keys)")
+    passwordless = _coerce(Setting("", "bool", False, ""), entry.get("passwordless", False), f"{at}.passwordless")
+    pmap = entry.get("path_map") or {}
+    if not isinstance(pmap, dict):
+        raise ConfigError(f"{at}.path_map: expected a mapping of 'server prefix: shared prefix'")
+    path_map = tuple((normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items())
+    token = _coerce(Setting("", "token", "", ""), entry.get("webhook_token") or "", f"{at}.webhook_token")
+    return ServerConfig(name, url, api_key, passwordless, path_map, token)
 
-    kwargs["users"] = _parse_users(data.get("users") or {}, {s.name for s in servers}, err, src)
-    rec_kw = flat_section("reconcile")
-    kwargs["reconcile"] = ReconcileConfig(**rec_kw)
 
+def _parse_policies(raw: Any, src: str) -> tuple[PathPolicy, ...]:
     policies = []
-    for i, raw in enumerate(data.get("path_sync_policy") or []):
-        at = f"path_sync_policy[{i}]"
-        if not isinstance(raw, dict) or not raw.get("prefix"):
-            raise err(at, "each policy needs a prefix")
-        for key in raw:
+    for i, entry in enumerate(raw or []):
+        at = f"{src}: path_sync_policy[{i}]"
+        if not isinstance(entry, dict) or not entry.get("prefix"):
+            raise ConfigError(f"{at}: each policy needs a prefix")
+        for key in entry:
             if key not in _POLICY_KEYS:
-                raise err(f"{at}.{key}", f"unknown key (known: {', '.join(sorted(_POLICY_KEYS))})")
-        count = _check_type(raw.get("absent_retry_count", 0), "int", f"{src}: {at}.absent_retry_count")
+                raise ConfigError(f"{at}.{key}: unknown key (known: {', '.join(sorted(_POLICY_KEYS))})")
+        count = _coerce(Setting("", "int", 0, ""), entry.get("absent_retry_count", 0), f"{at}.absent_retry_count")
         if count < -1:
-            raise err(f"{at}.absent_retry_count", "-1 (forever), 0 (no retry) or a positive count")
-        delay = _check_type(raw.get("retry_delay_seconds", 300), "float", f"{src}: {at}.retry_delay_seconds")
-        policies.append(PathPolicy(normalise_path(str(raw["prefix"])), count, delay))
-    kwargs["path_sync_policy"] = tuple(policies)
-
-    for section, mapping in (
-        ("database", {"path": "database_path", "journal_mode": "journal_mode", "retention_days": "retention_days"}),
-        (
-            "server",
-            {
-                "host": "host",
-                "port": "port",
-                "webhook_token": "webhook_token",
-                "api_token": "api_token",
-                "auth": "auth",
-                "cpu": "cpu",
-                "public_url": "public_url",
-                "allowed_hosts": "allowed_hosts",
-            },
-        ),
-        ("logging", {"level": "log_level"}),
-    ):
-        raw = data.get(section) or {}
-        if not isinstance(raw, dict):
-            raise err(section, "expected a mapping")
-        for key, value in raw.items():
-            if key not in mapping:
-                raise err(f"{section}.{key}", f"unknown key (known: {', '.join(mapping)})")
-            if key == "auth":
-                kwargs["auth_username"], kwargs["auth_password"] = _parse_auth(value, err)
-                continue
-            if key == "cpu":
-                cpu = str(value).strip().lower()
-                if cpu not in ("auto", "any") and not (cpu.isdigit() and int(cpu) < 4096):
-                    raise err(
-                        "server.cpu", "any (default: let the threads move), auto (the last CPU), or a CPU number like 3"
-                    )
-                kwargs["cpu"] = cpu
-                continue
-            if key == "public_url":
-                url = _check_type(value, "str", f"{src}: server.public_url").strip().rstrip("/")
-                parts = urllib.parse.urlsplit(url)
-                if url and (parts.scheme not in ("http", "https") or not parts.hostname):
-                    raise err(
-                        "server.public_url",
-                        f"{url!r}: the address browsers and Jellyfin use, like https://sync.example.com",
-                    )
-                kwargs["public_url"] = url
-                continue
-            if key == "allowed_hosts":
-                if value is None:
-                    value = []
-                if not isinstance(value, list) or not all(isinstance(h, str) and h.strip() for h in value):
-                    raise err("server.allowed_hosts", "expected a list of host names, like [sync.example.com]")
-                kwargs["allowed_hosts"] = tuple(h.strip().lower().rstrip(".") for h in value)
-                continue
-            kwargs[mapping[key]] = _check_type(value, _SCHEMA[section][key], f"{src}: {section}.{key}")
-    if not 0 < kwargs.get("port", 8080) < 65536:
-        raise err("server.port", "must be 1–65535")
-    for key, token in (
-        ("server.webhook_token", kwargs.get("webhook_token", "")),
-        ("server.api_token", kwargs.get("api_token", "")),
-    ) + tuple((f"servers[{i}].webhook_token", srv.webhook_token) for i, srv in enumerate(servers)):
-        if token and len(token) < MIN_TOKEN_CHARS:
-            raise err(key, f"use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
-    level = kwargs.get("log_level", "INFO").upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise err("logging.level", "one of DEBUG, INFO, WARNING, ERROR")
-    kwargs["log_level"] = level
-    jm = kwargs.get("journal_mode", "WAL").upper()
-    if jm not in ("WAL", "DELETE", "TRUNCATE"):
-        raise err("database.journal_mode", "WAL (default) or DELETE/TRUNCATE for network file systems")
-    kwargs["journal_mode"] = jm
-    return Config(**kwargs)
+            raise ConfigError(f"{at}.absent_retry_count: -1 (forever), 0 (no retry) or a positive count")
+        delay = _coerce(
+            Setting("", "float", 300.0, ""), entry.get("retry_delay_seconds", 300), f"{at}.retry_delay_seconds"
+        )
+        policies.append(PathPolicy(normalise_path(str(entry["prefix"])), count, delay))
+    return tuple(policies)
 
 
-def _parse_users(raw: Any, servers: set[str], err: Any, src: str) -> UsersConfig:
-    if not isinstance(raw, dict):
-        raise err("users", "expected a mapping")
-    known = {f.name for f in dataclasses.fields(UsersConfig)}
-    kw: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise err(f"users.{key}", f"unknown key (known: {', '.join(sorted(known))})")
-        if key in ("create", "delete", "rename"):
-            kw[key] = _check_type(value, "bool", f"{src}: users.{key}")
-        elif key == "new_user_password":
-            if value not in ("random", "disabled"):
-                raise err("users.new_user_password", "'random' (default) or 'disabled'")
-            kw[key] = value
-        elif key in ("include", "exclude"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise err(f"users.{key}", "expected a list of user names")
-            kw[key] = tuple(name_key(v) for v in value)
-        elif key == "map":
-            groups = []
-            if not isinstance(value, list):
-                raise err("users.map", "expected a list of {server name: user name} mappings")
-            for i, group in enumerate(value):
-                if not isinstance(group, dict) or len(group) < 2:
-                    raise err(f"users.map[{i}]", "map at least two servers to a user name each")
-                for srv, name in group.items():
-                    if srv not in servers:
-                        raise err(f"users.map[{i}].{srv}", "not a server name from servers:")
-                    if not isinstance(name, str) or not name.strip():
-                        raise err(f"users.map[{i}].{srv}", "expected a user name")
-                groups.append(tuple((str(k), str(v)) for k, v in group.items()))
-            kw[key] = tuple(groups)
-    return UsersConfig(**kw)
-
-
-def _parse_auth(value: Any, err: Any) -> tuple[str, str]:
-    if value in (None, "", {}):
-        return "", ""
-    if not isinstance(value, dict) or set(value) - {"username", "password"}:
-        raise err("server.auth", "expected username: and password: (the dashboard's sign-in)")
-    user, password = str(value.get("username") or ""), str(value.get("password") or "")
-    if not user or not password:
-        raise err("server.auth", "set both username and password, or leave auth out")
-    if len(password) < 8:
-        raise err("server.auth.password", "use at least 8 characters")
-    return user, password
+def _parse_map(raw: Any, servers: set[str], src: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """users.map: each entry one person, {server name: their user name there}."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{src}: users.map: expected a list of {{server name: user name}} mappings")
+    groups = []
+    for i, group in enumerate(raw):
+        if not isinstance(group, dict) or len(group) < 2:
+            raise ConfigError(f"{src}: users.map[{i}]: map at least two servers to a user name each")
+        for srv, name in group.items():
+            if srv not in servers:
+                raise ConfigError(f"{src}: users.map[{i}].{srv}: not a server name from servers:")
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"{src}: users.map[{i}].{srv}: expected a user name")
+        groups.append(tuple((str(k), str(v)) for k, v in group.items()))
+    return tuple(groups)
 
 
 def normalise_path(path: str) -> str:
@@ -4701,10 +4737,36 @@ def reconcile_cli(config: Config, dry_run: bool) -> int:
     return 0
 
 
+def env_help() -> str:
+    """--help's list of environment variables, from the table of settings."""
+    lines = ["environment variables (each also as VAR_FILE: read from a file, e.g. a Docker secret):"]
+    for field, (key, _) in SERVER_ENV_FIELDS.items():
+        lines.append(f"  JDS_SERVER_<N>_{field:<16} servers[N-1].{key}")
+    lines += [f"  {s.env:<31} {s.key}: {s.help}" for s in SETTINGS if s.env]
+    lines.append("  CONFIG_PATH                     the config file (default /config/config.yaml, ./config.yaml)")
+    return "\n".join(lines)
+
+
+def setting_value(config: Config, setting: Setting) -> Any:
+    section, _, name = setting.key.partition(".")
+    return getattr(config, setting.attr) if setting.attr else getattr(getattr(config, section), name)
+
+
 def check_config(config: Config) -> int:
     """--check-config: print the effective config (secrets masked) and test every server."""
     print(f"configuration from {config.source}: valid")
-    print(json.dumps(masked(config), indent=2))
+    shown = masked(config)
+    for srv in shown["servers"]:
+        print(
+            f"  servers: {srv['name']} at {srv['url']}, api_key {srv['api_key']}"
+            + (", passwordless" if srv["passwordless"] else "")
+        )
+    for setting in SETTINGS:
+        value = setting_value(config, setting)
+        if setting.kind in ("token", "password"):
+            value = _mask(value)
+        mark = "" if value == setting.default else "   (changed)"
+        print(f"  {setting.key}: {value if not isinstance(value, tuple) else list(value)}{mark}")
     failures = 0
     for s in config.servers:
         client = JellyfinClient(s, timeout=5)
@@ -4720,7 +4782,12 @@ def check_config(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jellyfin_db_sync.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="jellyfin_db_sync.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="config file (default: $CONFIG_PATH, /config/config.yaml, ./config.yaml)")
     parser.add_argument("--version", action="version", version=f"jellyfin-db-sync {__version__}")
     parser.add_argument(

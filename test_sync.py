@@ -2448,10 +2448,41 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path):
     for section in (jds.SyncConfig, jds.UsersConfig):
         for f in jds.dataclasses.fields(section):
             assert f"{f.name}:" in text, f"config.example.yaml does not document {f.name}"
-    for section, keys in jds._SCHEMA.items():
+    for section in jds.SECTIONS:
         assert f"{section}:" in text
-        for key in keys if isinstance(keys, dict) else ():
-            assert f"{key}:" in text, f"config.example.yaml does not document {section}.{key}"
+    for setting in jds.SETTINGS:
+        assert f"{setting.key.rsplit('.', 1)[1]}:" in text, f"config.example.yaml does not document {setting.key}"
+
+
+def test_every_setting_is_declared_once_in_the_table():
+    import yaml
+
+    # The table's default is the dataclasses' default, and every setting lands on the Config.
+    config = jds.Config(servers=())
+    for setting in jds.SETTINGS:
+        section, _, name = setting.key.partition(".")
+        holder = config if setting.attr else getattr(config, section)
+        assert getattr(holder, setting.attr or name) == setting.default, setting.key
+    # config.example.yaml shows the defaults the table has (where it sets the key).
+    example = yaml.safe_load((HERE / "config.example.yaml").read_text())
+    for setting in jds.SETTINGS:
+        node: object = example
+        for part in setting.key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and setting.kind not in ("list", "names"):
+            assert node == setting.default, (setting.key, node, setting.default)
+    # The README's table of environment variables is the table's, no more, no less.
+    readme = (HERE / "README.md").read_text()
+    table = readme[readme.index("### Environment variables") :].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(JDS_[A-Z_]+)`", table))
+    declared = {s.env for s in jds.SETTINGS if s.env}
+    assert listed - {v for v in listed if v.startswith("JDS_SERVER_")} == declared
+    for setting in jds.SETTINGS:
+        if setting.env:
+            assert f"`{setting.key}`" in table or setting.key.startswith("server.auth"), setting.key
+    # --help lists them too.
+    out = run_cli("--help")
+    assert all(v in out.stdout for v in declared) and "JDS_SERVER_<N>_API_KEY" in out.stdout
 
 
 def test_first_run_without_config_writes_a_starter_file(tmp_path):
@@ -2645,7 +2676,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def known_env_var(name: str) -> bool:
-    return name in jds.ENV_VARS or bool(jds._SERVER_ENV.match(name)) or name in ("TZ", "CONFIG_PATH")
+    return name in jds.ENV_SETTINGS or bool(jds._SERVER_ENV.match(name)) or name in ("TZ", "CONFIG_PATH")
 
 
 def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_path):
@@ -2654,7 +2685,7 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
     assert re.fullmatch(r"\d+:\d+", ins["USER"]) and not ins["USER"].startswith("0")
     assert ins["EXPOSE"] == "8080" and json.loads(ins["VOLUME"]) == ["/config", "/data"]
     assert json.loads(ins["ENTRYPOINT"])[0] == "python"  # exec form: Python is PID 1, gets SIGTERM
-    assert any(k == "RUN" and "compileall" in v and "jellyfin_db_sync.py" in v for k, v in dockerfile_instructions())
+    assert json.loads(ins["ENTRYPOINT"])[1:] == ["/app/jellyfin_db_sync.py"]  # run the plain way, as a script
     for line in (v for k, v in dockerfile_instructions() if k == "COPY"):
         for src in line.split()[:-1]:
             assert (HERE / src).exists(), f"Dockerfile copies {src}, which does not exist"
