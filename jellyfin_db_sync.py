@@ -910,6 +910,28 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Observation:
+    """One field's value as a source reported it (a webhook) or a pass decided it, for the
+    Planner. Built in one place per source: Syncer._observations (webhooks),
+    Syncer._account_change (accounts) and Reconciler._queue (passes)."""
+
+    server: str  # where it was seen: the source of the jobs it becomes
+    user_key: str
+    username: str
+    item_id: str  # the source's item id ("-" for an account)
+    item_name: str
+    field: str
+    value: Any
+    observed_at: float
+    targets: tuple[str, ...]
+    extra: dict = dataclasses.field(default_factory=dict)  # what the write needs besides the value
+    delay: float = 0.0  # seconds before the job is due (debounce)
+    # "report": the source's state, compared with what we know of it (echo, nothing new, older);
+    # "order": a change decided elsewhere (a pass, an account event), queued as it is.
+    kind: str = "report"
+
+
+@dataclass(frozen=True)
 class ItemInfo:
     server: str
     item_id: str
@@ -938,6 +960,80 @@ class _Pending:
         self.done.acquire()
         self.id = 0
         self.error: Exception | None = None
+
+
+class PlanTx:
+    """The statements the Planner runs inside one transaction (Store.planning). Values are
+    stored as JSON; ``state`` answers with that text, so "the same value" is compared exactly."""
+
+    def __init__(self, c: sqlite3.Connection):
+        self.c = c
+        self.now = utcnow()
+
+    def expected_echoes(self, server: str, user_key: str, item_id: str) -> list[tuple[int, dict]]:
+        rows = self.c.execute(
+            "SELECT id, snapshot FROM expected_echo WHERE server=? AND user_key=? AND item_id=? ORDER BY id",
+            (server, user_key, item_id),
+        ).fetchall()
+        return [(r[0], json.loads(r[1])) for r in rows]
+
+    def forget_echo(self, echo_id: int) -> None:
+        self.c.execute("DELETE FROM expected_echo WHERE id=?", (echo_id,))
+
+    def state(self, ob: Observation) -> tuple[str, float] | None:
+        """What we last knew of this field on the observation's server: (value as JSON, when)."""
+        row = self.c.execute(
+            "SELECT value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
+            (ob.server, ob.user_key, ob.item_id, ob.field),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def set_state(self, ob: Observation, value_json: str) -> None:
+        self.c.execute(
+            "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+            (ob.server, ob.user_key, ob.item_id, ob.field, value_json, ob.observed_at),
+        )
+
+    def open_job(self, target: str, ob: Observation) -> tuple[int, float] | None:
+        """The job for the same change still waiting to be applied: (id, its observation time)."""
+        row = self.c.execute(
+            "SELECT id, observed_at FROM jobs WHERE target=? AND user_key=? AND source=? "
+            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting')",
+            (target, ob.user_key, ob.server, ob.item_id, ob.field),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def add_job(self, target: str, ob: Observation) -> None:
+        self.c.execute(
+            "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
+            " field, value, observed_at, extra, status, due_at, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+            (
+                target,
+                ob.server,
+                ob.user_key,
+                ob.username,
+                ob.item_id,
+                ob.item_name,
+                ob.field,
+                json.dumps(ob.value),
+                ob.observed_at,
+                json.dumps(ob.extra),
+                self.now + ob.delay,
+                self.now,
+                self.now,
+            ),
+        )
+
+    def replace_job(self, job_id: int, ob: Observation) -> None:
+        """A newer desired state for a waiting job; its due time is kept."""
+        self.c.execute(
+            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=? WHERE id=?",
+            (json.dumps(ob.value), ob.observed_at, json.dumps(ob.extra), ob.item_name, self.now, job_id),
+        )
+
+    def mark_planned(self, inbox_ids: list[int]) -> None:
+        self.c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(i,) for i in inbox_ids])
 
 
 class Store:
@@ -1129,49 +1225,13 @@ class Store:
         rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
         return {r[0]: r[1] for r in rows}
 
-    # planning: one transaction per batch of inbox rows
-    def plan_events(self, planned: list[tuple[int, list[dict], list[str]]]) -> tuple[list[str], int]:
-        """Record source servers' observations and queue a job per target for each change, for a
-        batch of inbox rows in one transaction (one fsync for the lot).
-
-        ``planned`` holds (inbox id, observations, targets). Returns (targets that got jobs,
-        observations dropped as echo, no-op or stale).
-        """
-        woken: set[str] = set()
-        dropped = 0
-        now = utcnow()
+    # planning: the Planner's statements, one transaction per batch of inbox rows
+    @contextmanager
+    def planning(self) -> Iterator[PlanTx]:
+        """A transaction for the Planner: PlanTx's statements, committed together (one fsync
+        for a whole batch) or not at all."""
         with self._tx() as c:
-            for _event_id, observations, targets in planned:
-                if observations and observations[0].get("direct"):
-                    # User account changes: no state to compare, one job per target.
-                    for ob in observations:
-                        for target in ob.get("targets", targets):
-                            self._upsert_job(c, target, ob, json.dumps(ob["value"]), now)
-                            woken.add(target)
-                    observations = []
-                if observations and self._is_echo(c, observations):
-                    dropped += len(observations)
-                    observations = []
-                for ob in observations:
-                    row = c.execute(
-                        "SELECT value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
-                        (ob["server"], ob["user_key"], ob["item_id"], ob["field"]),
-                    ).fetchone()
-                    value_json = json.dumps(ob["value"])
-                    if row is not None and (row[0] == value_json or row[1] > ob["observed_at"]):
-                        # Same as what we last wrote/read there (an echo, or nothing new), or an
-                        # older observation arriving late: never overwrite newer with older.
-                        dropped += 1
-                        continue
-                    c.execute(
-                        "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
-                        (ob["server"], ob["user_key"], ob["item_id"], ob["field"], value_json, ob["observed_at"]),
-                    )
-                    for target in targets:
-                        self._upsert_job(c, target, ob, value_json, now)
-                        woken.add(target)
-            c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(p[0],) for p in planned if p[0]])
-        return sorted(woken), dropped
+            yield PlanTx(c)
 
     def fail_events(self, failures: list[tuple[sqlite3.Row, str]]) -> None:
         """Inbox rows that cannot be planned: each is marked failed (planned = 2) and shown as a
@@ -1206,22 +1266,6 @@ class Store:
                     (now, row["server"], row["server"], what, error, cur.lastrowid),
                 )
 
-    @staticmethod
-    def _is_echo(c: sqlite3.Connection, observations: list[dict]) -> bool:
-        """True if these observations are exactly a state one of our writes should produce;
-        that expectation is then used up (each write has one echo)."""
-        ob = observations[0]
-        rows = c.execute(
-            "SELECT id, snapshot FROM expected_echo WHERE server=? AND user_key=? AND item_id=? ORDER BY id",
-            (ob["server"], ob["user_key"], ob["item_id"]),
-        ).fetchall()
-        for row in rows:
-            snap = json.loads(row[1])
-            if all(o["field"] in snap and snap[o["field"]] == o["value"] for o in observations):
-                c.execute("DELETE FROM expected_echo WHERE id=?", (row[0],))
-                return True
-        return False
-
     def prune(self, older_than: float) -> int:
         """Forget echo expectations that never came back (the plugin may not send every type)."""
         with self._tx() as c:
@@ -1251,44 +1295,6 @@ class Store:
         finally:
             target.close()
         return os.path.getsize(dest)
-
-    @staticmethod
-    def _upsert_job(c: sqlite3.Connection, target: str, ob: dict, value_json: str, now: float) -> None:
-        key = (target, ob["user_key"], ob["server"], ob["item_id"], ob["field"])
-        row = c.execute(
-            "SELECT id, observed_at FROM jobs WHERE target=? AND user_key=? AND source=? "
-            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting')",
-            key,
-        ).fetchone()
-        extra = json.dumps(ob["extra"])
-        if row is None:
-            c.execute(
-                "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
-                " field, value, observed_at, extra, status, due_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (
-                    target,
-                    ob["server"],
-                    ob["user_key"],
-                    ob["username"],
-                    ob["item_id"],
-                    ob["item_name"],
-                    ob["field"],
-                    value_json,
-                    ob["observed_at"],
-                    extra,
-                    now + ob["delay"],
-                    now,
-                    now,
-                ),
-            )
-        elif ob["observed_at"] >= row[1]:
-            # Coalesce: the newer desired state replaces the older; the due time is kept so a
-            # steady stream of progress reports cannot postpone the write forever.
-            c.execute(
-                "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=? WHERE id=?",
-                (value_json, ob["observed_at"], extra, ob["item_name"], now, row[0]),
-            )
 
     # jobs
     def claim_jobs(self, target: str, now: float, groups: int = CLAIM_GROUPS) -> list[list[Job]]:
@@ -1841,6 +1847,9 @@ class JellyfinClient:
         self.server_id = info.get("Id")
         return info
 
+    def forget_version(self) -> None:
+        self.version = None
+
     def ensure_version(self) -> ServerVersion:
         if self.version is None:
             self.info()
@@ -2236,6 +2245,114 @@ class Library:
         self._last_user_refresh.pop(server, None)
 
 
+# ── Planner ──────────────────────────────────────────────────────────────────
+
+
+class Planner:
+    """The one owner of the rules of what becomes a job, for webhooks and reconciliation passes
+    alike (DESIGN.md §3, §4): our own echoes are dropped, so is what we already know of a
+    server and what is older than it (newest wins, per field); a newer desired state replaces a
+    waiting one (coalescing); a webhook's date is not trusted beyond our clock; and an item a
+    target lacks waits as its path_sync_policy says. The Store only runs its statements."""
+
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self._clock_warned: dict[str, float] = {}  # server → monotonic time of its next warning
+
+    def plan(self, batch: list[tuple[int, list[Observation]]]) -> tuple[list[str], int]:
+        """Queue the jobs for a batch of (inbox id, or 0 for a pass; its observations), in one
+        transaction. Returns (targets that got jobs, observations dropped)."""
+        woken: set[str] = set()
+        dropped = 0
+        with self.store.planning() as tx:
+            for _inbox_id, observations in batch:
+                news = self._news(tx, observations)
+                dropped += len(observations) - len(news)
+                for ob in news:
+                    for target in ob.targets:
+                        self._queue(tx, target, ob)
+                        woken.add(target)
+            tx.mark_planned([inbox_id for inbox_id, _ in batch if inbox_id])
+        return sorted(woken), dropped
+
+    def _news(self, tx: PlanTx, observations: list[Observation]) -> list[Observation]:
+        """The observations that are news; what we now know of their server is recorded."""
+        if not observations or observations[0].kind == "order":
+            return list(observations)
+        if self._is_echo(tx, observations):
+            return []
+        news = []
+        for ob in observations:
+            value_json = json.dumps(ob.value)
+            known = tx.state(ob)
+            if known is not None and (known[0] == value_json or known[1] > ob.observed_at):
+                # Same as what we last wrote/read there (an echo, or nothing new), or an older
+                # observation arriving late: never overwrite newer with older.
+                continue
+            tx.set_state(ob, value_json)
+            news.append(ob)
+        return news
+
+    @staticmethod
+    def _is_echo(tx: PlanTx, observations: list[Observation]) -> bool:
+        """True if these observations are exactly a state one of our writes should produce;
+        that expectation is then used up (each write has one echo). No timer decides this."""
+        ob = observations[0]
+        for echo_id, snapshot in tx.expected_echoes(ob.server, ob.user_key, ob.item_id):
+            if all(o.field in snapshot and snapshot[o.field] == o.value for o in observations):
+                tx.forget_echo(echo_id)
+                return True
+        return False
+
+    @staticmethod
+    def _queue(tx: PlanTx, target: str, ob: Observation) -> None:
+        """Coalesce: a newer desired state replaces the waiting one (its due time is kept, so a
+        steady stream of progress reports cannot postpone the write forever)."""
+        waiting = tx.open_job(target, ob)
+        if waiting is None:
+            tx.add_job(target, ob)
+        elif ob.observed_at >= waiting[1]:
+            tx.replace_job(waiting[0], ob)
+
+    # time
+    def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
+        """When the source saw the change (the plugin's UtcTimestamp), else when we received it."""
+        return self.not_ahead(server, "UtcTimestamp", parse_time(utc_timestamp) or received, received)
+
+    def not_ahead(self, server: str, key: str, when: float, received: float) -> float:
+        """``when``, but never later than CLOCK_SKEW_ALLOWANCE after we received it: a server
+        whose clock runs ahead (or a forged date) would otherwise make every later real change
+        look older. Said at most every CLOCK_WARNING_SECONDS per server."""
+        if when <= received + CLOCK_SKEW_ALLOWANCE:
+            return when
+        now = time.monotonic()
+        if now >= self._clock_warned.get(server, 0.0):
+            self._clock_warned[server] = now + CLOCK_WARNING_SECONDS
+            log.warning(
+                "%s: a webhook's %s is %.0f s ahead of our clock; taken as the time it arrived "
+                "(check the clock of that server)",
+                server,
+                key,
+                when - received,
+            )
+        return received
+
+    # items a target does not have (yet)
+    def when_absent(self, job: Job, path_key: str | None) -> tuple[float | None, str]:
+        """(when to look again, or None to give up; what to say), by path_sync_policy (the
+        longest matching prefix)."""
+        policy = self.config.policy_for(path_key or "")
+        tries = job.absent_count + 1
+        msg = f"{job.item_name!r} not found on {job.target}"
+        if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
+            return utcnow() + policy.retry_delay_seconds, f"{msg}; waiting for it to be imported (try {tries})"
+        return None, msg
+
+
+# ── Threads ──────────────────────────────────────────────────────────────────
+
+
 class SupervisedThread:
     """A named daemon thread that its owner (the Service's supervisor) starts again if it dies.
 
@@ -2457,6 +2574,16 @@ def observations_from_event(ev: dict) -> dict[str, Any]:
     return out
 
 
+def event_item_name(ev: dict) -> str:
+    """An item as people know it: "Series S01E04 Title", "Film (Year)"."""
+    name = ev.get("Name") or ev["ItemId"]
+    if ev.get("SeriesName"):
+        return f"{ev['SeriesName']} S{ev.get('SeasonNumber') or 0:02d}E{ev.get('EpisodeNumber') or 0:02d} {name}"
+    if ev.get("Year"):
+        return f"{name} ({ev['Year']})"
+    return name
+
+
 def describe(fld: str, value: Any) -> str:
     if fld == "played":
         return "played" if value else "unplayed"
@@ -2480,6 +2607,7 @@ class Syncer:
         self.store = store
         self.library = library
         self.clients = clients
+        self.planner = Planner(config, store)
         self.stop_event = threading.Event()
         self._wake = threading.Condition()  # guards nothing; planner waits on it for new events
         # Set (under _wake) by the planner *before* it looks for unplanned rows and sleeps: a
@@ -2495,7 +2623,6 @@ class Syncer:
         self.counters: dict[str, int] = {}
         self.delays: dict[str, list] = {}  # target → [bucket counts, sum, count]; see record_delay
         self._counter_lock = threading.Lock()
-        self._clock_warned: dict[str, float] = {}  # server → monotonic time of its next warning
 
     def count(self, key: str, n: int = 1) -> None:
         with self._counter_lock:
@@ -2552,7 +2679,9 @@ class Syncer:
         for row in rows:
             try:
                 ev = json.loads(row["body"])
-                parsed.append((row, ev, self._observed_at(row, ev)))
+                parsed.append(
+                    (row, ev, self.planner.observed_at(row["server"], ev.get("UtcTimestamp"), row["received_at"]))
+                )
             except Exception as e:  # stored before the checks at the door existed, say
                 failures.append((row, _error_text(e)))
         # A player reports every second: of a batch's reports for one item, only the newest
@@ -2565,23 +2694,23 @@ class Syncer:
                 if key not in newest or parsed[newest[key]][2] <= observed:
                     newest[key] = i
         keep = set(newest.values())
-        planned: list[tuple[int, list[dict], list[str]]] = []
+        planned: list[tuple[int, list[Observation]]] = []
         woken: set[str] = set()
         for i, (row, ev, observed) in enumerate(parsed):
             if ev["NotificationType"] == "PlaybackProgress" and i not in keep:
-                planned.append((row["id"], [], []))
+                planned.append((row["id"], []))
                 continue
             try:
-                obs, targets, woke = self._plan_one(row, ev, observed)
+                obs, woke = self._plan_one(row, ev, observed)
             except sqlite3.OperationalError:
                 raise
             except Exception as e:
                 failures.append((row, _error_text(e)))
                 continue
             woken.update(woke)
-            planned.append((row["id"], obs, targets))
+            planned.append((row["id"], obs))
         try:
-            jobs_for, dropped = self.store.plan_events(planned)
+            jobs_for, dropped = self.planner.plan(planned)
         except sqlite3.OperationalError:
             raise
         except Exception:
@@ -2590,7 +2719,7 @@ class Syncer:
             jobs_for, dropped = [], 0
             for entry in planned:
                 try:
-                    targets, n = self.store.plan_events([entry])
+                    targets, n = self.planner.plan([entry])
                 except sqlite3.OperationalError:
                     raise
                 except Exception as e:
@@ -2610,60 +2739,30 @@ class Syncer:
             self.wake_target(t)
         return len(rows)
 
-    def _observed_at(self, row: sqlite3.Row, ev: dict) -> float:
-        """When the source saw the change (the plugin's UtcTimestamp), else when we received it;
-        never later than CLOCK_SKEW_ALLOWANCE after we received it. A server whose clock runs
-        ahead (or a forged date) would otherwise make every later real change look older."""
-        received = row["received_at"]
-        observed = parse_time(ev.get("UtcTimestamp")) or received
-        if observed > received + CLOCK_SKEW_ALLOWANCE:
-            self._clock_ahead(row["server"], "UtcTimestamp", observed - received)
-            return received
-        return observed
-
-    def _clock_ahead(self, server: str, key: str, ahead: float) -> None:
-        """Say (at most every CLOCK_WARNING_SECONDS per server) that a date was clamped."""
-        now = time.monotonic()
-        if now >= self._clock_warned.get(server, 0.0):
-            self._clock_warned[server] = now + CLOCK_WARNING_SECONDS
-            log.warning(
-                "%s: a webhook's %s is %.0f s ahead of our clock; taken as the time it arrived "
-                "(check the clock of that server)",
-                server,
-                key,
-                ahead,
-            )
-
-    def _plan_one(self, row: sqlite3.Row, ev: dict, observed: float) -> tuple[list[dict], list[str], list[str]]:
-        """(observations, their targets, targets to wake for other reasons) for one inbox row,
-        its parsed body and the time its change was observed."""
+    def _plan_one(self, row: sqlite3.Row, ev: dict, observed: float) -> tuple[list[Observation], list[str]]:
+        """(observations, targets to wake for other reasons) for one inbox row, its parsed body
+        and the time its change was observed."""
         server = row["server"]
         ntype = ev["NotificationType"]
-        others = [s.name for s in self.config.servers if s.name != server]
         if ntype in ("ItemAdded", "ItemDeleted"):
             if ntype == "ItemDeleted":
                 self.store.delete_item(server, ev["ItemId"])
             self.library.mark_stale(server)
             woke = self.store.wake_waiting(server) if ntype == "ItemAdded" else 0
-            return [], [], [server] if woke else []
+            return [], [server] if woke else []
         if ntype in USER_EVENTS:
-            return self._plan_user_event(server, ev), others, []
-        fields = observations_from_event(ev)
-        username = ev["NotificationUsername"]
+            return self._account_change(server, ev), []
+        return self._observations(row, ev, observed), []
+
+    def _observations(self, row: sqlite3.Row, ev: dict, observed: float) -> list[Observation]:
+        """What a watch-state webhook reports, one Observation per field we sync."""
+        server, ntype, username = row["server"], ev["NotificationType"], ev["NotificationUsername"]
         key = self.config.person(server, username)
         if not self.config.user_synced(key):
-            return [], [], []
-        item_name = ev.get("Name") or ev["ItemId"]
-        if ev.get("SeriesName"):
-            item_name = (
-                f"{ev['SeriesName']} S{ev.get('SeasonNumber') or 0:02d}E{ev.get('EpisodeNumber') or 0:02d} {item_name}"
-            )
-        elif ev.get("Year"):
-            item_name = f"{item_name} ({ev['Year']})"
+            return []
         last_played = parse_time(ev.get("LastPlayedDate"))
-        if last_played and last_played > row["received_at"] + CLOCK_SKEW_ALLOWANCE:
-            self._clock_ahead(server, "LastPlayedDate", last_played - row["received_at"])
-            last_played = row["received_at"]
+        if last_played:
+            last_played = self.planner.not_ahead(server, "LastPlayedDate", last_played, row["received_at"])
         extra = {
             "runtime": ev.get("RunTimeTicks"),
             "play_count": ev.get("PlayCount"),
@@ -2672,29 +2771,28 @@ class Syncer:
             "event": ntype,
             "reason": ev.get("SaveReason"),
         }
-        obs = []
-        for fld, value in fields.items():
-            if not self.config.sync.enabled(fld):
-                continue
-            delay = self.config.sync.progress_debounce_seconds if fld == "position" and ntype != "PlaybackStop" else 0.0
-            obs.append(
-                {
-                    "server": server,
-                    "user_key": key,
-                    "username": username,
-                    "item_id": ev["ItemId"],
-                    "item_name": item_name,
-                    "field": fld,
-                    "value": value,
-                    "observed_at": observed,
-                    "extra": extra,
-                    "delay": delay,
-                }
+        others = tuple(s.name for s in self.config.servers if s.name != server)
+        debounce = self.config.sync.progress_debounce_seconds
+        return [
+            Observation(
+                server,
+                key,
+                username,
+                ev["ItemId"],
+                event_item_name(ev),
+                fld,
+                value,
+                observed,
+                others,
+                extra,
+                delay=debounce if fld == "position" and ntype != "PlaybackStop" else 0.0,
             )
-        return obs, others, []
+            for fld, value in observations_from_event(ev).items()
+            if self.config.sync.enabled(fld)
+        ]
 
-    def _plan_user_event(self, server: str, ev: dict) -> list[dict]:
-        """A user created, deleted or renamed on ``server``: one job per other server."""
+    def _account_change(self, server: str, ev: dict) -> list[Observation]:
+        """A user created, deleted or renamed on ``server``: one order per other server."""
         ntype, username, users = ev["NotificationType"], ev["NotificationUsername"], self.config.users
         value: dict[str, Any] = {"name": username}
         field = {"UserCreated": "user_create", "UserDeleted": "user_delete", "UserUpdated": "user_rename"}[ntype]
@@ -2712,20 +2810,21 @@ class Syncer:
         enabled = {"user_create": users.create, "user_delete": users.delete, "user_rename": users.rename}
         if not enabled[field] or not self.config.user_synced(person):
             return []
+        others = tuple(s.name for s in self.config.servers if s.name != server)
         return [
-            {
-                "direct": True,
-                "server": server,
-                "user_key": person,
-                "username": username,
-                "item_id": "-",
-                "item_name": f"user {username}",
-                "field": field,
-                "value": value,
-                "observed_at": utcnow(),
-                "extra": {"event": ntype},
-                "delay": 0.0,
-            }
+            Observation(
+                server,
+                person,
+                username,
+                "-",
+                f"user {username}",
+                field,
+                value,
+                utcnow(),
+                others,
+                {"event": ntype},
+                kind="order",
+            )
         ]
 
     def wake_target(self, target: str) -> None:
@@ -2979,18 +3078,10 @@ class Syncer:
         raise AssertionError(fld)
 
     def _absent(self, job: Job, src_item: ItemInfo) -> str:
-        """The item is not on the target (yet): follow path_sync_policy (longest prefix)."""
-        policy = self.config.policy_for(src_item.path_key or "")
-        tries = job.absent_count + 1
-        msg = f"{job.item_name!r} not found on {job.target}"
-        if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
-            self.store.reschedule_job(
-                job,
-                "waiting",
-                utcnow() + policy.retry_delay_seconds,
-                f"{msg}; waiting for it to be imported (try {tries})",
-                absent=True,
-            )
+        """The item is not on the target (yet): wait, or give up, as the Planner says."""
+        due, msg = self.planner.when_absent(job, src_item.path_key)
+        if due is not None:
+            self.store.reschedule_job(job, "waiting", due, msg, absent=True)
             return "waiting"
         self.store.finish_job(job, "skipped", msg, {"result": "absent", "detail": msg})
         log.info("%s: %s %s", job.target, job.username, msg)
@@ -3010,7 +3101,7 @@ class Syncer:
             )
         except JellyfinError as e:
             self.health[name].update(reachable=False, error=str(e), latency_ms=None)
-            client.version = None  # re-detect the version when it comes back
+            client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
         self.health[name]["checked_at"] = utcnow()
         return self.health[name]
 
@@ -3218,14 +3309,16 @@ class Reconciler:
         self.config = config
         self.store = store
         self.library = library
-        self.syncer = syncer
-        self.clients = syncer.clients
+        self.syncer = syncer  # to wake the writers after a pass
+        self.clients = library.clients
+        self.planner = syncer.planner  # the pass's decisions go through the same rules as webhooks
+        self.stop_event = threading.Event()
         self._run_lock = threading.Lock()  # one pass at a time
         self.progress: dict[str, Any] = {"running": False}
         self._pending_state: list[tuple] = []  # filled while comparing one person, then flushed
         self._states: dict[str, dict] = {}  # the person's known state per server, loaded at once
         self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
-        self._pending_jobs: list[dict] = []
+        self._pending_jobs: list[Observation] = []
         self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
         self._read_at = 0.0  # when the person being compared was read
         self._known: dict[str, set[str]] = {}  # server → ids in its item index; one pass
@@ -3629,29 +3722,29 @@ class Reconciler:
         item: ItemInfo | None,
         target_state: dict,
     ) -> None:
-        ob = {
-            "direct": True,
-            "server": source.server,
-            "user_key": person,
-            "username": person,
-            "item_id": source.item_id,
-            "item_name": name,
-            "field": field,
-            "value": desired,
-            "observed_at": utcnow(),
-            "delay": 0.0,
-            "targets": [target],
-            "extra": {
-                "event": "reconcile",
-                "runtime": item.runtime if item else None,
-                "last_played": source.when or None,
-                "play_count": source.play_count,
-                # What the target holds, read by this pass moments ago: the write needs no
-                # second read of it (Syncer._target_state; {} = in none of its lists: blank).
-                "target_state": target_state,
-                "state_read_at": self._read_at,
-            },
+        extra = {
+            "event": "reconcile",
+            "runtime": item.runtime if item else None,
+            "last_played": source.when or None,
+            "play_count": source.play_count,
+            # What the target holds, read by this pass moments ago: the write needs no second
+            # read of it (Syncer._target_state; {} = in none of its lists: blank).
+            "target_state": target_state,
+            "state_read_at": self._read_at,
         }
+        ob = Observation(
+            source.server,
+            person,
+            person,
+            source.item_id,
+            name,
+            field,
+            desired,
+            utcnow(),
+            (target,),
+            extra,
+            kind="order",
+        )
         self._pending_jobs.append(ob)
 
     def _flush(self) -> None:
@@ -3659,7 +3752,7 @@ class Reconciler:
         if self._pending_state:
             self.store.remember_states(self._pending_state)
         if self._pending_jobs:
-            self.store.plan_events([(0, self._pending_jobs, [])])
+            self.planner.plan([(0, self._pending_jobs)])
         self._pending_state, self._pending_jobs = [], []
 
     # the thread: at start-up, every interval_minutes, and on demand
@@ -3672,9 +3765,9 @@ class Reconciler:
         first = rc.on_startup
         interval = rc.interval_minutes * 60
         wait = 10.0 if first else (interval or None)
-        while not self.syncer.stop_event.is_set():
+        while not self.stop_event.is_set():
             self.trigger.wait(wait)
-            if self.syncer.stop_event.is_set():
+            if self.stop_event.is_set():
                 return
             dry = self.progress.get("requested_dry_run", False)
             self.trigger.clear()
@@ -3690,6 +3783,10 @@ class Reconciler:
 
     def request(self, dry_run: bool) -> None:
         self.progress["requested_dry_run"] = dry_run
+        self.trigger.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
         self.trigger.set()
 
 
@@ -4616,6 +4713,7 @@ class Service:
         self.app = create_app(config, self.store, self.syncer, self.reconciler, threads=self.threads)
         self.server = None
         self.supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def make_server(self, host: str | None = None, port: int | None = None):
         import waitress
@@ -4650,7 +4748,7 @@ class Service:
 
     def _supervise(self) -> None:
         """Restart any thread that died (SupervisedThread says why and paces it)."""
-        while not self.syncer.stop_event.wait(SUPERVISE_SECONDS):
+        while not self._stopping.wait(SUPERVISE_SECONDS):
             for t in self.threads():
                 try:
                     t.revive()
@@ -4658,8 +4756,9 @@ class Service:
                     log.exception("supervisor: cannot restart %s", t.name)
 
     def stop(self) -> None:
+        self._stopping.set()
         self.syncer.stop()
-        self.reconciler.trigger.set()  # its loop sees stop_event and ends
+        self.reconciler.stop()
         self.store.close()
 
 
