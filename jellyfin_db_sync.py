@@ -59,6 +59,7 @@ SIGN_IN_SLOWDOWN = 0.5  # seconds a failed sign-in is held (in one request threa
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 # A target's state read by a reconciliation pass is trusted for its writes for this long.
 STATE_FRESH_SECONDS = 300.0
+MAX_RETRY_DELAY = 3600.0  # seconds: a retry's pause doubles up to this
 CLAIM_GROUPS = 8  # a writer claims up to this many items' jobs in one commit
 MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to one server at once
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
@@ -2595,12 +2596,287 @@ def describe(fld: str, value: Any) -> str:
     return f"position {secs // 3600}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What applying one job came to. Syncer._record is the one place that records it."""
+
+    result: str  # done: ok, noop, stale, dry_run · skipped, absent · failed · retry, waiting
+    detail: str | None = None
+    old: str | None = None
+    new: str | None = None
+    states: list | None = None  # what the target now holds, as Store.remember_states rows
+    due_at: float = 0.0  # retry, waiting: when to try again
+
+    @property
+    def done(self) -> bool:
+        return self.result in ("ok", "noop", "stale", "dry_run")
+
+
+class WatchStateWriter:
+    """Writes one person's watch state for one item on a target: state-based, only what
+    differs, each field through exactly one route so states cannot oscillate between servers."""
+
+    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.clients = clients
+
+    def resolve(self, target: str, jobs: list[Job]) -> tuple[str, ItemInfo, ItemInfo | None]:
+        """(the person's user id on target, the source item, the same item on target or None).
+        Raises SyncError (skipped) or JellyfinError (retried)."""
+        first = jobs[0]
+        user_id = self.library.user_id(target, self.config.name_on(first.user_key, target))
+        if user_id is None:
+            raise SyncError(f"no user named {first.username!r} on {target}")
+        src_item = self.library.source_item(first.source, first.source_item_id)
+        if src_item is None:
+            raise SyncError(f"item {first.source_item_id} no longer exists on {first.source}")
+        return user_id, src_item, self.library.match(src_item, target, max(j.waiting_since for j in jobs))
+
+    def apply(self, job: Job, user_id: str, item: ItemInfo, current: dict) -> Outcome:
+        """One job; ``current`` is the target's UserItemDataDto, read once for the whole group."""
+        client = self.clients[job.target]
+        version = client.ensure_version()
+        if job.field == "position" and version.legacy:
+            raise SyncError("Jellyfin 10.8 cannot set a resume position with an API key")
+        known = self.store.get_state(job.target, job.user_key, item.item_id)
+        if job.field in known and known[job.field][1] > job.observed_at:
+            return Outcome("stale", "a newer change is already there")
+        if not current:
+            state = self._target_state(job)
+            current.update(state if state is not None else client.user_data(user_id, item.item_id))
+            current[_KNOWN] = True  # even a blank state is known now
+        have = read_fields(current)
+        want = job.value
+        if job.field == "position":
+            want = self._scale(want, job.extra.get("runtime"), item.runtime)
+        observed = {job.field: job.observed_at}
+        if have[job.field] == want:
+            rows = self.store.state_rows(job.target, job.user_key, item.item_id, have, observed)
+            return Outcome("noop", old=describe(job.field, have[job.field]), states=rows)
+        if self.config.sync.dry_run:
+            return Outcome("dry_run", new=describe(job.field, want))
+        # Record the state we are about to create *before* writing: Jellyfin fires the echo
+        # webhook while it handles our request, so it can arrive before the response does.
+        expected = {**have, job.field: want}
+        if job.field == "played":
+            expected["position"] = 0  # marking played or unplayed resets the position
+        self.store.prepare_write(job.target, job.user_key, item.item_id, expected, observed)
+        written = self._write(client, user_id, item.item_id, job, want, current, version)
+        current.clear()
+        rows = None
+        if written:
+            current.update(written)  # the write answers with the new state: no re-read needed
+            current[_KNOWN] = True
+            rows = self.store.state_rows(job.target, job.user_key, item.item_id, read_fields(written), observed)
+        log.info(
+            '%s: %s ✓ %s "%s" (from %s)', job.target, job.username, describe(job.field, want), job.item_name, job.source
+        )
+        return Outcome("ok", old=describe(job.field, have[job.field]), new=describe(job.field, want), states=rows)
+
+    @staticmethod
+    def _target_state(job: Job) -> dict | None:
+        """The target's state as a reconciliation pass read it, if that was moments ago: the
+        write is then planned from it without reading it again. An older read is not trusted
+        (the person may have changed something there since), and None means: read it."""
+        state = job.extra.get("target_state")
+        if state is None or utcnow() - (job.extra.get("state_read_at") or 0.0) > STATE_FRESH_SECONDS:
+            return None
+        return state
+
+    @staticmethod
+    def _scale(position: int, src_runtime: int | None, tgt_runtime: int | None) -> int:
+        """Runtimes can differ between servers (another cut, another encode): keep the fraction."""
+        if position and src_runtime and tgt_runtime and src_runtime != tgt_runtime:
+            return int(position * tgt_runtime / src_runtime)
+        return int(position)
+
+    def _write(
+        self,
+        client: JellyfinClient,
+        user_id: str,
+        item_id: str,
+        job: Job,
+        want: Any,
+        current: dict,
+        version: ServerVersion,
+    ) -> dict:
+        """One state-based write. Each field has exactly one way in, so states cannot oscillate."""
+        fld = job.field
+        if fld == "played" and want:
+            last = job.extra.get("last_played") if self.config.sync.last_played_date else None
+            if version.legacy:
+                # 10.8: the only API-key route. datePlayed also bumps PlayCount by one.
+                return client.set_played(user_id, item_id, True, last)
+            return client.update_user_data(user_id, item_id, self._played_body(job, current, last))
+        if fld == "played":
+            return client.set_played(user_id, item_id, False)
+        if fld == "favorite":
+            return client.set_favorite(user_id, item_id, bool(want))
+        if fld == "likes":
+            return client.set_likes(user_id, item_id, want)
+        if fld == "position":
+            return client.update_user_data(user_id, item_id, {"PlaybackPositionTicks": int(want)})
+        raise AssertionError(fld)
+
+    def _played_body(self, job: Job, current: dict, last: float | None) -> dict:
+        """10.9+: one /UserData write sets the flag, the date and the count exactly. PlayCount =
+        max(target's, source's, 1) — never a sum, because every server counts its own playback
+        starts; LastPlayedDate = the newer of the two."""
+        count = int(current.get("PlayCount") or 0)
+        if self.config.sync.play_count:
+            count = max(count, int(job.extra.get("play_count") or 0))
+        tgt_last = parse_time(current.get("LastPlayedDate"))
+        newest = max([t for t in (last, tgt_last) if t], default=None)
+        return {
+            "Played": True,
+            "PlaybackPositionTicks": 0,
+            "PlayCount": max(count, 1),
+            "LastPlayedDate": format_time(newest or utcnow()),
+        }
+
+
+class AccountWriter:
+    """Creates, deletes and renames accounts on a target, as another server's user events say."""
+
+    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.clients = clients
+
+    def apply(self, job: Job) -> Outcome:
+        key = self.config.name_on(job.user_key, job.target)
+        self.library.refresh_users(job.target)  # a user event: the one time the index is re-read
+        row = self.library.user(job.target, key, refresh_on_miss=False)
+        if self.config.sync.dry_run:
+            return Outcome("dry_run", new=job.field)
+        if job.field == "user_create":
+            return self._create(job, row)
+        if job.field == "user_delete":
+            return self._delete(job, row)
+        return self._rename(job, row)
+
+    def _create(self, job: Job, row: sqlite3.Row | None) -> Outcome:
+        if row is not None:
+            return Outcome("noop", "already exists")
+        target, client = job.target, self.clients[job.target]
+        name = self.config.mapped_name(job.user_key, target) or job.value["name"]
+        mode = "none" if client.server.passwordless else self.config.users.new_user_password
+        password = secrets.token_urlsafe(15) if mode == "random" else None
+        dto = client.create_user(name, password)
+        if mode == "disabled" and dto.get("Id"):
+            client.disable_user(dto)
+        if password:
+            self.store.add_password(target, name, password)  # never logged, shown once
+        self.library.refresh_users(target)
+        how = {
+            "none": "no password (passwordless server)",
+            "random": "a generated password: collect it from /api/users/passwords",
+            "disabled": "disabled until an administrator sets a password",
+        }[mode]
+        log.info("%s: created user %s, %s (from %s)", target, name, how, job.source)
+        return Outcome("ok", how, new="created")
+
+    def _delete(self, job: Job, row: sqlite3.Row | None) -> Outcome:
+        if row is None:
+            return Outcome("noop", "already gone")
+        if row["is_admin"]:
+            raise SyncError(f"{row['name']} is an administrator on {job.target}: never deleted automatically")
+        try:
+            self.clients[job.target].delete_user(row["user_id"])
+        except JellyfinError as e:
+            if e.status != 404:
+                raise
+        self.library.refresh_users(job.target)
+        log.info("%s: deleted user %s (deleted on %s)", job.target, row["name"], job.source)
+        return Outcome("ok", new="deleted")
+
+    def _rename(self, job: Job, row: sqlite3.Row | None) -> Outcome:
+        value = job.value
+        if not value.get("old"):
+            raise SyncError(
+                f"renamed to {value['name']!r} on {job.source}, but the old name is unknown; rename by hand"
+            )
+        if row is None:
+            raise SyncError(f"no user named {value['old']!r} on {job.target}")
+        if row["name"] == value["name"]:
+            return Outcome("noop", "already has that name")
+        # Our own rename comes back as UserUpdated from the target: record the new name first.
+        self.store.rename_user(job.target, row["user_id"], value["name"])
+        self.clients[job.target].rename_user(row["user_id"], value["name"])
+        log.info("%s: renamed user %s to %s (from %s)", job.target, row["name"], value["name"], job.source)
+        return Outcome("ok", old=row["name"], new=value["name"])
+
+
+class ServerHealth:
+    """Whether each server answers, its version and latency, as the last check found them."""
+
+    def __init__(self, clients: dict[str, JellyfinClient]):
+        self.clients = clients
+        self.state: dict[str, dict] = {
+            name: {"reachable": None, "error": None, "version": None, "checked_at": None, "latency_ms": None}
+            for name in clients
+        }
+
+    def check(self, name: str) -> dict:
+        client = self.clients[name]
+        started = time.monotonic()
+        try:
+            info = client.info()
+            self.state[name].update(
+                reachable=True,
+                error=None,
+                version=info.get("Version"),
+                latency_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        except JellyfinError as e:
+            self.state[name].update(reachable=False, error=str(e), latency_ms=None)
+            client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
+        self.state[name]["checked_at"] = utcnow()
+        return self.state[name]
+
+
+class Counters:
+    """What /metrics counts: events by key ("webhooks|server|type", "sync|target|result") and
+    the delay from a change being queued to its write, per target (a histogram)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._delays: dict[str, list] = {}  # target → [count per bucket, sum, count]
+        self._lock = threading.Lock()  # guards both
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def record_delay(self, target: str, seconds: float) -> None:
+        with self._lock:
+            # Per bucket (the last one: above every bound), not cumulative; then sum and count.
+            hist = self._delays.setdefault(target, [[0] * (len(DELAY_BUCKETS) + 1), 0.0, 0])
+            hist[0][bisect.bisect_left(DELAY_BUCKETS, seconds)] += 1
+            hist[1] += seconds
+            hist[2] += 1
+
+    def delays(self) -> dict[str, tuple[list[int], float, int]]:
+        """target → (count per bucket, the last above every bound; sum of seconds; count)."""
+        with self._lock:
+            return {t: (list(h[0]), h[1], h[2]) for t, h in self._delays.items()}
+
+
 _PARTIAL = "_partial"  # key in a reconciliation's UserData known only from the played list
 _KNOWN = "_known"  # key set in a group's ``current`` once the target's state is known (even blank)
 
 
 class Syncer:
-    """Webhook → inbox → jobs → writes: the rules of what is a change, and applying it."""
+    """Webhook → inbox → jobs → writes, and the threads that move them: it takes webhooks in,
+    hands them to the Planner, and gives each target's jobs to the writers (WatchStateWriter,
+    AccountWriter), recording each outcome in one place (_record)."""
 
     def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
         self.config = config
@@ -2615,36 +2891,12 @@ class Syncer:
         # before it is found by the look. While the planner is busy nobody takes the lock.
         self._planner_may_sleep = False
         self._target_wake = {s.name: threading.Condition() for s in config.servers}
-        self.health: dict[str, dict] = {
-            s.name: {"reachable": None, "error": None, "version": None, "checked_at": None, "latency_ms": None}
-            for s in config.servers
-        }
+        self.server_health = ServerHealth(clients)
+        self.health = self.server_health.state  # server → its last check (for the Web)
+        self.counters = Counters()
+        self.writer = WatchStateWriter(config, store, library, clients)
+        self.accounts = AccountWriter(config, store, library, clients)
         self.threads: list[SupervisedThread] = []
-        self.counters: dict[str, int] = {}
-        self.delays: dict[str, list] = {}  # target → [bucket counts, sum, count]; see record_delay
-        self._counter_lock = threading.Lock()
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self._counter_lock:
-            self.counters[key] = self.counters.get(key, 0) + n
-
-    def counters_snapshot(self) -> dict[str, int]:
-        with self._counter_lock:
-            return dict(self.counters)
-
-    def record_delay(self, target: str, seconds: float) -> None:
-        """A change was written on ``target`` this long after it was queued (for /metrics)."""
-        with self._counter_lock:
-            # Per bucket (the last one: above every bound), not cumulative; then sum and count.
-            hist = self.delays.setdefault(target, [[0] * (len(DELAY_BUCKETS) + 1), 0.0, 0])
-            hist[0][bisect.bisect_left(DELAY_BUCKETS, seconds)] += 1
-            hist[1] += seconds
-            hist[2] += 1
-
-    def delays_snapshot(self) -> dict[str, tuple[list[int], float, int]]:
-        """target → (count per bucket, the last above every bound; sum of seconds; count)."""
-        with self._counter_lock:
-            return {t: (list(h[0]), h[1], h[2]) for t, h in self.delays.items()}
 
     # ingest (called by Web, in the request thread)
     def accept_webhook(self, server: str, body: bytes) -> dict:
@@ -2654,7 +2906,7 @@ class Syncer:
         data = parse_webhook(body)
         ntype = data["NotificationType"]
         # Only the plugin's own types become metric labels: a sender must not grow them at will.
-        self.count(f"webhooks|{server}|{ntype if ntype in NOTIFICATION_TYPES else 'other'}")
+        self.counters.count(f"webhooks|{server}|{ntype if ntype in NOTIFICATION_TYPES else 'other'}")
         if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
             return {"status": "ignored", "reason": f"{ntype} needs no sync"}
         event_id = self.store.add_event(server, ntype, _compact_json(data))
@@ -2733,8 +2985,8 @@ class Syncer:
                 log.error(
                     "webhook #%d from %s (%s) cannot be planned: %s", row["id"], row["server"], row["event"], error
                 )
-            self.count("events_failed", len(failures))
-        self.count("observations_dropped", dropped)
+            self.counters.count("events_failed", len(failures))
+        self.counters.count("observations_dropped", dropped)
         for t in woken.union(jobs_for):
             self.wake_target(t)
         return len(rows)
@@ -2837,273 +3089,91 @@ class Syncer:
         """Claim and apply the next due jobs for ``target``. Returns False when none was due."""
         groups = self.store.claim_jobs(target, utcnow())
         for jobs in groups:
-            self._apply_group(target, jobs)
+            for job, outcome in self._apply_group(target, jobs):
+                self._record(job, outcome)
         return bool(groups)
 
-    def _apply_group(self, target: str, jobs: list[Job]) -> None:
-        """Apply the jobs for one user and item on ``target``; each job's outcome is recorded."""
-        first = jobs[0]
-        if first.field.startswith("user_"):
-            for job in jobs:
-                try:
-                    result = self._apply_user(job)
-                except Exception as e:
-                    self._failed(job, e)
-                    continue
-                self.count(f"sync|{target}|{result}")
-            return
+    def _apply_group(self, target: str, jobs: list[Job]) -> list[tuple[Job, Outcome]]:
+        """The outcome of each job for one user and item on ``target``."""
+        if jobs[0].field.startswith("user_"):
+            return [(job, self._attempt(job, lambda job=job: self.accounts.apply(job))) for job in jobs]
         try:
-            user_id = self.library.user_id(target, self.config.name_on(first.user_key, target))
-            if user_id is None:
-                raise SyncError(f"no user named {first.username!r} on {target}")
-            src_item = self.library.source_item(first.source, first.source_item_id)
-            if src_item is None:
-                raise SyncError(f"item {first.source_item_id} no longer exists on {first.source}")
-            item = self.library.match(src_item, target, max(j.waiting_since for j in jobs))
+            user_id, src_item, item = self.writer.resolve(target, jobs)
         except Exception as e:
-            for job in jobs:
-                self._failed(job, e)
-            return
+            return [(job, self._error(job, e)) for job in jobs]
         if item is None:
-            for job in jobs:
-                self._absent(job, src_item)
-            return
-        current: dict = {}  # the target's UserItemDataDto, read once for the whole group (see _known)
-        for job in jobs:
-            try:
-                result = self._apply(job, user_id, item, current)
-            except Exception as e:
-                self._failed(job, e)
-                continue
-            self.count(f"sync|{target}|{result}")
-            if result == "ok" and job.queued_at:
-                self.record_delay(target, utcnow() - job.queued_at)
+            return [(job, self._absent(job, src_item)) for job in jobs]
+        current: dict = {}  # the target's UserItemDataDto, read once for the whole group (see _KNOWN)
+        return [
+            (job, self._attempt(job, lambda job=job: self.writer.apply(job, user_id, item, current))) for job in jobs
+        ]
 
-    def _failed(self, job: Job, e: Exception) -> None:
+    def _attempt(self, job: Job, apply: Any) -> Outcome:
+        try:
+            return apply()
+        except Exception as e:
+            return self._error(job, e)
+
+    def _error(self, job: Job, e: Exception) -> Outcome:
+        """Network and 5xx: retried with growing pauses. What we cannot do: skipped, with why.
+        A bug: the job is kept and shown (retried, then failed); the worker carries on."""
         if isinstance(e, JellyfinError):
-            self._retry_or_fail(job, str(e), e.retryable)
-        elif isinstance(e, SyncError):
-            self.store.finish_job(job, "skipped", str(e), {"result": "skipped", "detail": str(e)})
-            log.warning("%s: %s %s skipped: %s", job.target, job.username, job.item_name, e)
-        else:  # a bug: keep the job, show it, keep the worker alive
-            log.error("%s: job %d crashed", job.target, job.id, exc_info=e)
-            self._retry_or_fail(job, f"internal error: {type(e).__name__}: {e}", True)
+            return self._retry_or_fail(job, str(e), e.retryable)
+        if isinstance(e, SyncError):
+            return Outcome("skipped", str(e))
+        log.error("%s: job %d crashed", job.target, job.id, exc_info=e)
+        return self._retry_or_fail(job, f"internal error: {type(e).__name__}: {e}", True)
 
-    def _retry_or_fail(self, job: Job, error: str, retryable: bool) -> None:
+    def _retry_or_fail(self, job: Job, error: str, retryable: bool) -> Outcome:
         attempts = job.attempts + 1
         if retryable and attempts <= self.config.sync.max_retries:
-            delay = min(self.config.sync.retry_base_seconds * 2 ** (attempts - 1), 3600)
-            self.store.reschedule_job(job, "pending", utcnow() + delay, error)
-            log.info("%s: retry %d/%d in %.0fs: %s", job.target, attempts, self.config.sync.max_retries, delay, error)
-        else:
-            self.store.finish_job(job, "failed", error, {"result": "failed", "detail": error})
-            log.warning("%s: %s %s failed: %s", job.target, job.username, job.item_name, error)
-            self.count(f"sync|{job.target}|failed")
+            delay = min(self.config.sync.retry_base_seconds * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+            return Outcome("retry", error, due_at=utcnow() + delay)
+        return Outcome("failed", error)
 
-    def _apply(self, job: Job, user_id: str, item: ItemInfo, current: dict) -> str:
-        target, src = job.target, job.source
-        client = self.clients[target]
-        version = client.ensure_version()
-        if job.field == "position" and version.legacy:
-            raise SyncError("Jellyfin 10.8 cannot set a resume position with an API key")
-        known = self.store.get_state(target, job.user_key, item.item_id)
-        if job.field in known and known[job.field][1] > job.observed_at:
-            self.store.finish_job(job, "done", None, {"result": "stale", "detail": "a newer change is already there"})
-            return "stale"
-        if not current:
-            state = self._target_state(job)
-            current.update(state if state is not None else client.user_data(user_id, item.item_id))
-            current[_KNOWN] = True  # even a blank state is known now
-        have = read_fields(current)
-        want = job.value
-        if job.field == "position":
-            want = self._scale(want, job.extra.get("runtime"), item.runtime)
-        if have[job.field] == want:
-            self.store.finish_job(
-                job,
-                "done",
-                None,
-                {"result": "noop", "old": describe(job.field, have[job.field])},
-                self.store.state_rows(target, job.user_key, item.item_id, have, {job.field: job.observed_at}),
-            )
-            return "noop"
-        if self.config.sync.dry_run:
-            self.store.finish_job(job, "done", None, {"result": "dry_run", "new": describe(job.field, want)})
-            return "dry_run"
-        # Record the state we are about to create *before* writing: Jellyfin fires the echo
-        # webhook while it handles our request, so it can arrive before the response does.
-        expected = {**have, job.field: want}
-        if job.field == "played":
-            expected["position"] = 0  # marking played or unplayed resets the position
-        observed = {job.field: job.observed_at}
-        self.store.prepare_write(target, job.user_key, item.item_id, expected, observed)
-        written = self._write(client, user_id, item.item_id, job, want, current, version)
-        current.clear()
-        states = None
-        if written:
-            current.update(written)  # the write answers with the new state: no re-read needed
-            current[_KNOWN] = True
-            states = self.store.state_rows(target, job.user_key, item.item_id, read_fields(written), observed)
-        self.store.finish_job(
-            job,
-            "done",
-            None,
-            {
-                "result": "ok",
-                "old": describe(job.field, have[job.field]),
-                "new": describe(job.field, want),
-            },
-            states,
-        )
-        log.info('%s: %s ✓ %s "%s" (from %s)', target, job.username, describe(job.field, want), job.item_name, src)
-        return "ok"
-
-    @staticmethod
-    def _target_state(job: Job) -> dict | None:
-        """The target's state as a reconciliation pass read it, if that was moments ago: the
-        write is then planned from it without reading it again. An older read is not trusted
-        (the person may have changed something there since), and None means: read it."""
-        state = job.extra.get("target_state")
-        if state is None or utcnow() - (job.extra.get("state_read_at") or 0.0) > STATE_FRESH_SECONDS:
-            return None
-        return state
-
-    def _apply_user(self, job: Job) -> str:
-        """Create, delete or rename one account on ``job.target``."""
-        target, value = job.target, job.value
-        client = self.clients[target]
-        key = self.config.name_on(job.user_key, target)
-        self.library.refresh_users(target)  # a user event: the one time the index is re-read
-        row = self.library.user(target, key, refresh_on_miss=False)
-        if self.config.sync.dry_run:
-            self.store.finish_job(job, "done", None, {"result": "dry_run", "new": job.field})
-            return "dry_run"
-        if job.field == "user_create":
-            if row is not None:
-                self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already exists"})
-                return "noop"
-            name = self.config.mapped_name(job.user_key, target) or value["name"]
-            server = client.server
-            mode = "none" if server.passwordless else self.config.users.new_user_password
-            password = secrets.token_urlsafe(15) if mode == "random" else None
-            dto = client.create_user(name, password)
-            if mode == "disabled" and dto.get("Id"):
-                client.disable_user(dto)
-            if password:
-                self.store.add_password(target, name, password)  # never logged, shown once
-            self.library.refresh_users(target)
-            how = {
-                "none": "no password (passwordless server)",
-                "random": "a generated password: collect it from /api/users/passwords",
-                "disabled": "disabled until an administrator sets a password",
-            }[mode]
-            self.store.finish_job(job, "done", None, {"result": "ok", "new": "created", "detail": how})
-            log.info("%s: created user %s, %s (from %s)", target, name, how, job.source)
-            return "ok"
-        if job.field == "user_delete":
-            if row is None:
-                self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already gone"})
-                return "noop"
-            if row["is_admin"]:
-                raise SyncError(f"{row['name']} is an administrator on {target}: never deleted automatically")
-            try:
-                client.delete_user(row["user_id"])
-            except JellyfinError as e:
-                if e.status != 404:
-                    raise
-            self.library.refresh_users(target)
-            self.store.finish_job(job, "done", None, {"result": "ok", "new": "deleted"})
-            log.info("%s: deleted user %s (deleted on %s)", target, row["name"], job.source)
-            return "ok"
-        # user_rename
-        if not value.get("old"):
-            raise SyncError(
-                f"renamed to {value['name']!r} on {job.source}, but the old name is unknown; rename by hand"
-            )
-        if row is None:
-            raise SyncError(f"no user named {value['old']!r} on {target}")
-        if row["name"] == value["name"]:
-            self.store.finish_job(job, "done", None, {"result": "noop", "detail": "already has that name"})
-            return "noop"
-        # Our own rename comes back as UserUpdated from the target: record the new name first.
-        self.store.rename_user(target, row["user_id"], value["name"])
-        client.rename_user(row["user_id"], value["name"])
-        self.store.finish_job(job, "done", None, {"result": "ok", "old": row["name"], "new": value["name"]})
-        log.info("%s: renamed user %s to %s (from %s)", target, row["name"], value["name"], job.source)
-        return "ok"
-
-    @staticmethod
-    def _scale(position: int, src_runtime: int | None, tgt_runtime: int | None) -> int:
-        """Runtimes can differ between servers (another cut, another encode): keep the fraction."""
-        if position and src_runtime and tgt_runtime and src_runtime != tgt_runtime:
-            return int(position * tgt_runtime / src_runtime)
-        return int(position)
-
-    def _write(
-        self,
-        client: JellyfinClient,
-        user_id: str,
-        item_id: str,
-        job: Job,
-        want: Any,
-        current: dict,
-        version: ServerVersion,
-    ) -> dict:
-        """One state-based write. Each field has exactly one way in, so states cannot oscillate."""
-        fld = job.field
-        if fld == "played" and want:
-            last = job.extra.get("last_played") if self.config.sync.last_played_date else None
-            if version.legacy:
-                # 10.8: the only API-key route. datePlayed also bumps PlayCount by one.
-                return client.set_played(user_id, item_id, True, last)
-            # 10.9+: one /UserData write sets the flag, the date and the count exactly.
-            # Rule: PlayCount = max(target's, source's, 1) — never a sum, because every server
-            # counts its own playback starts; LastPlayedDate = the newer of the two.
-            count = int(current.get("PlayCount") or 0)
-            if self.config.sync.play_count:
-                count = max(count, int(job.extra.get("play_count") or 0))
-            body: dict[str, Any] = {"Played": True, "PlaybackPositionTicks": 0, "PlayCount": max(count, 1)}
-            tgt_last = parse_time(current.get("LastPlayedDate"))
-            newest = max([t for t in (last, tgt_last) if t], default=None)
-            body["LastPlayedDate"] = format_time(newest or utcnow())
-            return client.update_user_data(user_id, item_id, body)
-        if fld == "played":
-            return client.set_played(user_id, item_id, False)
-        if fld == "favorite":
-            return client.set_favorite(user_id, item_id, bool(want))
-        if fld == "likes":
-            return client.set_likes(user_id, item_id, want)
-        if fld == "position":
-            return client.update_user_data(user_id, item_id, {"PlaybackPositionTicks": int(want)})
-        raise AssertionError(fld)
-
-    def _absent(self, job: Job, src_item: ItemInfo) -> str:
+    def _absent(self, job: Job, src_item: ItemInfo) -> Outcome:
         """The item is not on the target (yet): wait, or give up, as the Planner says."""
         due, msg = self.planner.when_absent(job, src_item.path_key)
-        if due is not None:
-            self.store.reschedule_job(job, "waiting", due, msg, absent=True)
-            return "waiting"
-        self.store.finish_job(job, "skipped", msg, {"result": "absent", "detail": msg})
-        log.info("%s: %s %s", job.target, job.username, msg)
-        return "absent"
+        return Outcome("waiting", msg, due_at=due) if due is not None else Outcome("absent", msg)
+
+    def _record(self, job: Job, o: Outcome) -> None:
+        """The one place a job's outcome is recorded: its row and log line, its log entry and
+        what the target now holds (one commit), and the counters."""
+        target = job.target
+        if o.result in ("retry", "waiting"):
+            self.store.reschedule_job(
+                job,
+                "pending" if o.result == "retry" else "waiting",
+                o.due_at,
+                o.detail or "",
+                absent=o.result == "waiting",
+            )
+            if o.result == "retry":
+                log.info(
+                    "%s: retry %d/%d in %.0fs: %s",
+                    target,
+                    job.attempts + 1,
+                    self.config.sync.max_retries,
+                    o.due_at - utcnow(),
+                    o.detail,
+                )
+            return
+        log_row = {"result": o.result, "old": o.old, "new": o.new, "detail": o.detail}
+        if o.done:
+            self.store.finish_job(job, "done", None, log_row, o.states)
+            if o.result == "ok" and job.queued_at:
+                self.counters.record_delay(target, utcnow() - job.queued_at)
+        else:  # skipped, absent, failed
+            self.store.finish_job(job, "failed" if o.result == "failed" else "skipped", o.detail, log_row)
+            if o.result == "absent":
+                log.info("%s: %s %s", target, job.username, o.detail)
+            else:
+                log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
+        self.counters.count(f"sync|{target}|{o.result}")
 
     # health
     def check_server(self, name: str) -> dict:
-        client = self.clients[name]
-        started = time.monotonic()
-        try:
-            info = client.info()
-            self.health[name].update(
-                reachable=True,
-                error=None,
-                version=info.get("Version"),
-                latency_ms=round((time.monotonic() - started) * 1000, 1),
-            )
-        except JellyfinError as e:
-            self.health[name].update(reachable=False, error=str(e), latency_ms=None)
-            client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
-        self.health[name]["checked_at"] = utcnow()
-        return self.health[name]
+        return self.server_health.check(name)
 
     # threads
     def start(self) -> None:
@@ -4455,7 +4525,7 @@ class Metrics:
             self.sample(name, labels, value)
 
     def _counters(self) -> None:
-        counters = [(k.split("|"), v) for k, v in self.syncer.counters_snapshot().items()]
+        counters = [(k.split("|"), v) for k, v in self.syncer.counters.snapshot().items()]
         hooks = [({"server": k[1], "type": k[2]}, v) for k, v in counters if k[0] == "webhooks"]
         results = [({"target": k[1], "result": k[2]}, v) for k, v in counters if k[0] == "sync"]
         self.metric("webhooks_received_total", "counter", "Webhooks received since start, by server and type", hooks)
@@ -4507,7 +4577,7 @@ class Metrics:
             "Time from a change being queued to its write on the target (debounce included)",
             [],
         )
-        for target, (counts, total, count) in sorted(self.syncer.delays_snapshot().items()):
+        for target, (counts, total, count) in sorted(self.syncer.counters.delays().items()):
             running = 0
             for bound, n in zip((*DELAY_BUCKETS, "+Inf"), counts, strict=True):
                 running += n

@@ -2031,7 +2031,7 @@ def test_a_row_that_cannot_be_planned_fails_alone_and_can_be_retried_or_discarde
     assert any("dict" in f["last_error"] for f in failed)
     assert svc.store.count_unplanned() == 0
     assert svc.call("GET", "/api/status")[1]["queue"]["failed_events"] == 2
-    assert "events_failed" in json.dumps(svc.service.syncer.counters_snapshot())
+    assert "events_failed" in json.dumps(svc.service.syncer.counters.snapshot())
     # Retry puts the row back to the planner (it fails again: still one failed entry for it);
     # discard drops it.
     first = min(f["id"] for f in failed)
