@@ -2407,6 +2407,19 @@ def parse_webhook(body: bytes) -> dict:
     The plugin sends ``text/plain`` whatever the body is (JELLYFIN.md §1), so the content type
     is not looked at. Templates give dashed GUIDs and True/False; both are normalised here.
     """
+    data = _json_object(body)
+    ntype = data.get("NotificationType")
+    if not isinstance(ntype, str) or not ntype:
+        raise WebhookError("missing NotificationType: is this the Jellyfin Webhook plugin?")
+    if ntype not in ACTED_ON:
+        return data
+    data = _kept_values(data)
+    _check_required(ntype, data)
+    return data
+
+
+def _json_object(body: bytes) -> dict:
+    """The body as a JSON object: UTF-8, not nested too deep, no string too long."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -2427,16 +2440,15 @@ def parse_webhook(body: bytes) -> dict:
         for k, v in data.items():
             if isinstance(v, str) and len(v) > MAX_STRING_CHARS:
                 raise WebhookError(f"{k}: string longer than {MAX_STRING_CHARS} characters")
-    ntype = data.get("NotificationType")
-    if not isinstance(ntype, str) or not ntype:
-        raise WebhookError("missing NotificationType: is this the Jellyfin Webhook plugin?")
-    if ntype not in ACTED_ON:
-        return data
-    # Keep what the sync uses; stream details, overviews and the like are dropped before storing.
-    # Every kept value is checked here, at the door: a value the planner or SQLite cannot take
-    # would otherwise be acknowledged, stored and then fail behind it. (Every webhook passes
-    # here, hundreds a second in a burst: the common, already-clean values are let through
-    # first, the template forms are converted after.)
+    return data
+
+
+def _kept_values(data: dict) -> dict:
+    """What the sync uses, each value checked: stream details, overviews and the like are
+    dropped before storing. Every kept value is checked here, at the door: a value the planner
+    or SQLite cannot take would otherwise be acknowledged, stored and then fail behind it.
+    (Every webhook passes here, hundreds a second in a burst: the common, already-clean values
+    are let through first, the template forms are converted after.)"""
     data = {k: v for k, v in data.items() if k in KEEP_KEYS or k[:9] == "Provider_"}
     for k, v in data.items():
         if v is None or k in TYPED_KEYS:
@@ -2487,6 +2499,11 @@ def parse_webhook(body: bytes) -> dict:
         if isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r <= 10:
             raise WebhookError("Rating: expected a number from 0 to 10")
         data["Rating"] = r
+    return data
+
+
+def _check_required(ntype: str, data: dict) -> None:
+    """The keys an event of this type cannot do without."""
     if ntype in ITEM_EVENTS:
         for k in ("ItemId", "UserId", "NotificationUsername"):
             if not data.get(k):
@@ -2495,7 +2512,6 @@ def parse_webhook(body: bytes) -> dict:
         raise WebhookError(f"{ntype} without NotificationUsername")
     elif ntype in ("ItemAdded", "ItemDeleted") and not data.get("ItemId"):
         raise WebhookError(f"{ntype} without ItemId")
-    return data
 
 
 def _error_text(e: Exception) -> str:
@@ -2927,25 +2943,8 @@ class Syncer:
         if not rows:
             return 0
         failures: list[tuple[sqlite3.Row, str]] = []
-        parsed: list[tuple[sqlite3.Row, dict, float]] = []
-        for row in rows:
-            try:
-                ev = json.loads(row["body"])
-                parsed.append(
-                    (row, ev, self.planner.observed_at(row["server"], ev.get("UtcTimestamp"), row["received_at"]))
-                )
-            except Exception as e:  # stored before the checks at the door existed, say
-                failures.append((row, _error_text(e)))
-        # A player reports every second: of a batch's reports for one item, only the newest
-        # position can matter (the others would be coalesced away or be stale), so the others
-        # are marked planned without the work below. During a flood this is most of them.
-        newest: dict[tuple, int] = {}  # (server, user, item) → index of its newest report
-        for i, (row, ev, observed) in enumerate(parsed):
-            if ev["NotificationType"] == "PlaybackProgress":
-                key = (row["server"], ev.get("NotificationUsername"), ev.get("ItemId"))
-                if key not in newest or parsed[newest[key]][2] <= observed:
-                    newest[key] = i
-        keep = set(newest.values())
+        parsed = self._parse_rows(rows, failures)
+        keep = self._newest_progress(parsed)
         planned: list[tuple[int, list[Observation]]] = []
         woken: set[str] = set()
         for i, (row, ev, observed) in enumerate(parsed):
@@ -2961,24 +2960,7 @@ class Syncer:
                 continue
             woken.update(woke)
             planned.append((row["id"], obs))
-        try:
-            jobs_for, dropped = self.planner.plan(planned)
-        except sqlite3.OperationalError:
-            raise
-        except Exception:
-            # Something in the batch cannot be stored: plan it row by row, so only that row fails.
-            by_id = {row["id"]: row for row in rows}
-            jobs_for, dropped = [], 0
-            for entry in planned:
-                try:
-                    targets, n = self.planner.plan([entry])
-                except sqlite3.OperationalError:
-                    raise
-                except Exception as e:
-                    failures.append((by_id[entry[0]], _error_text(e)))
-                    continue
-                jobs_for += targets
-                dropped += n
+        jobs_for = self._queue_planned(planned, {row["id"]: row for row in rows}, failures)
         if failures:
             self.store.fail_events(failures)
             for row, error in failures:
@@ -2986,10 +2968,57 @@ class Syncer:
                     "webhook #%d from %s (%s) cannot be planned: %s", row["id"], row["server"], row["event"], error
                 )
             self.counters.count("events_failed", len(failures))
-        self.counters.count("observations_dropped", dropped)
         for t in woken.union(jobs_for):
             self.wake_target(t)
         return len(rows)
+
+    def _parse_rows(self, rows: list[sqlite3.Row], failures: list) -> list[tuple[sqlite3.Row, dict, float]]:
+        """(row, its body, when its change was observed); a row that cannot be read goes to failures."""
+        parsed = []
+        for row in rows:
+            try:
+                ev = json.loads(row["body"])
+                observed = self.planner.observed_at(row["server"], ev.get("UtcTimestamp"), row["received_at"])
+            except Exception as e:  # stored before the checks at the door existed, say
+                failures.append((row, _error_text(e)))
+                continue
+            parsed.append((row, ev, observed))
+        return parsed
+
+    @staticmethod
+    def _newest_progress(parsed: list[tuple[sqlite3.Row, dict, float]]) -> set[int]:
+        """A player reports every second: of a batch's reports for one item, only the newest
+        position can matter (the others would be coalesced away or be stale), so the others
+        are marked planned without further work. During a flood this is most of them."""
+        newest: dict[tuple, int] = {}  # (server, user, item) → index of its newest report
+        for i, (row, ev, observed) in enumerate(parsed):
+            if ev["NotificationType"] == "PlaybackProgress":
+                key = (row["server"], ev.get("NotificationUsername"), ev.get("ItemId"))
+                if key not in newest or parsed[newest[key]][2] <= observed:
+                    newest[key] = i
+        return set(newest.values())
+
+    def _queue_planned(self, planned: list[tuple[int, list[Observation]]], rows: dict, failures: list) -> list[str]:
+        """Hand the batch to the Planner in one transaction; if something in it cannot be stored,
+        row by row, so only that row fails. Returns the targets that got jobs."""
+        try:
+            jobs_for, dropped = self.planner.plan(planned)
+        except sqlite3.OperationalError:
+            raise
+        except Exception:
+            jobs_for, dropped = [], 0
+            for entry in planned:
+                try:
+                    targets, n = self.planner.plan([entry])
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as e:
+                    failures.append((rows[entry[0]], _error_text(e)))
+                    continue
+                jobs_for += targets
+                dropped += n
+        self.counters.count("observations_dropped", dropped)
+        return jobs_for
 
     def _plan_one(self, row: sqlite3.Row, ev: dict, observed: float) -> tuple[list[Observation], list[str]]:
         """(observations, targets to wake for other reasons) for one inbox row, its parsed body
@@ -4950,7 +4979,7 @@ def check_config(config: Config) -> int:
     return 1 if failures else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="jellyfin_db_sync.py",
         description=__doc__.split("\n\n")[0],
@@ -4969,7 +4998,11 @@ def main(argv: list[str] | None = None) -> int:
         "--reconcile", action="store_true", help="compare every server now, queue and apply the differences, and exit"
     )
     parser.add_argument("--dry-run", action="store_true", help="with --reconcile: report, change nothing")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     path = find_config_path(args.config)
     if not os.path.exists(path) and not _servers_in_env(os.environ):
         return write_starter_config(path)
@@ -4982,16 +5015,25 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(config)
     configure_logging(config.log_level)
     if args.backup:
-        try:
-            store = Store(config.database_path, config.journal_mode)
-            size = store.backup(args.backup)
-        except (StoreError, sqlite3.Error, OSError) as e:
-            print(f"jellyfin-db-sync: backup failed: {e}", file=sys.stderr)
-            return 1
-        print(f"backup of {config.database_path} written to {args.backup} ({size:,} bytes)")
-        return 0
+        return backup_cli(config, args.backup)
     if args.reconcile or args.dry_run:
         return reconcile_cli(config, args.dry_run)
+    return serve(config)
+
+
+def backup_cli(config: Config, dest: str) -> int:
+    """--backup FILE: an online copy of the database."""
+    try:
+        size = Store(config.database_path, config.journal_mode).backup(dest)
+    except (StoreError, sqlite3.Error, OSError) as e:
+        print(f"jellyfin-db-sync: backup failed: {e}", file=sys.stderr)
+        return 1
+    print(f"backup of {config.database_path} written to {dest} ({size:,} bytes)")
+    return 0
+
+
+def serve(config: Config) -> int:
+    """The service: threads, then Waitress until SIGTERM or SIGINT."""
     cpu = keep_to_one_cpu(config.cpu)
     if cpu is not None:
         log.info("running on CPU %d (server.cpu: %s)", cpu, config.cpu)
@@ -5020,13 +5062,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service.start_workers()
-    log.info(
-        "jellyfin-db-sync %s listening on %s:%s for %s",
-        __version__,
-        config.host,
-        server.effective_port,
-        ", ".join(f"/webhook/{s.name}" for s in config.servers),
-    )
+    hooks = ", ".join(f"/webhook/{s.name}" for s in config.servers)
+    log.info("jellyfin-db-sync %s listening on %s:%s for %s", __version__, config.host, server.effective_port, hooks)
     try:
         server.run()
     except SystemExit:
