@@ -15,8 +15,10 @@ import argparse
 import base64
 import bisect
 import dataclasses
+import functools
 import hmac
 import http.client
+import inspect
 import ipaddress
 import json
 import logging
@@ -53,13 +55,22 @@ INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
 MIN_TOKEN_CHARS = 16  # webhook and API tokens: shorter ones can be guessed
 SIGN_IN_FAILURES = 10  # failed dashboard sign-ins from one address within SIGN_IN_WINDOW…
 SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest is this old
-SESSION_SECONDS = 30 * 86400  # a dashboard sign-in lasts 30 days
+HOUR, DAY = 3600, 86400  # seconds
+SESSION_SECONDS = 30 * DAY  # a dashboard sign-in lasts 30 days
 SIGN_IN_SLOWDOWN = 0.5  # seconds a failed sign-in is held (in one request thread at most)
 # /metrics: how long a change took to reach a target (upper bounds of the buckets, seconds).
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 # A target's state read by a reconciliation pass is trusted for its writes for this long.
 STATE_FRESH_SECONDS = 300.0
-MAX_RETRY_DELAY = 3600.0  # seconds: a retry's pause doubles up to this
+MAX_RETRY_DELAY = float(HOUR)  # a retry's pause doubles up to this
+LIKE_RATING = 6.5  # Jellyfin: Likes is true for a Rating of at least this (JELLYFIN.md §1)
+PROVIDER_PREFIX = "Provider_"  # the plugin's keys for provider ids: Provider_imdb, Provider_tmdb, …
+INDEX_OVERLAP_SECONDS = 300  # an incremental index refresh re-reads this much (the server's clock is not ours)
+ECHO_EXPECTATION_SECONDS = HOUR  # an expected echo that never came is forgotten after this
+PRUNE_EVERY_SECONDS = 600  # how often old history is pruned
+HEALTH_CHECK_SECONDS = 30.0  # a reachable server is checked this often…
+HEALTH_RECHECK_SECONDS = 10.0  # …an unreachable one at most this long apart
+RECONCILE_STARTUP_DELAY = 10.0  # seconds after start before reconcile.on_startup's pass
 CLAIM_GROUPS = 8  # a writer claims up to this many items' jobs in one commit
 MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to one server at once
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
@@ -145,6 +156,11 @@ class SyncError(Exception):
 
 class StoreError(SyncError):
     """The SQLite file cannot be used as it is; the message says what to do."""
+
+
+class StoreBusy(StoreError):
+    """The file cannot be written now (locked by another writer, disk full, read-only): a later
+    try may succeed, so what was being done is not the data's fault."""
 
 
 class ConfigError(SyncError):
@@ -908,6 +924,59 @@ class Job:
     absent_count: int
     queued_at: float = 0.0  # when the change was first queued for this target
     waiting_since: float = 0.0  # when it was last put back to wait for its item (0: not waiting)
+    status: str = "running"
+    last_error: str | None = None
+    due_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    """One acknowledged webhook, as stored."""
+
+    id: int
+    server: str
+    event: str
+    received_at: float
+    body: str
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """One account in a server's user index."""
+
+    server: str
+    user_id: str
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of the sync log: what was (or was not) written where."""
+
+    id: int
+    at: float
+    source: str
+    target: str
+    username: str
+    item_name: str
+    field: str
+    old: str | None
+    new: str | None
+    result: str
+    detail: str | None
+    job_id: int | None
+
+
+@dataclass(frozen=True)
+class Password:
+    """A generated password, until the operator acknowledges it."""
+
+    id: int
+    server: str
+    username: str
+    password: str = dataclasses.field(repr=False)
+    created_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -963,6 +1032,29 @@ class _Pending:
         self.error: Exception | None = None
 
 
+def _store_errors(cls: type) -> type:
+    """Class decorator: SQLite's errors leave the Store (and PlanTx) as StoreBusy or StoreError,
+    so no other part needs to know the Store is SQLite."""
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(fn):
+            setattr(cls, name, _translating(fn))
+    return cls
+
+
+def _translating(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as e:
+            raise StoreBusy(str(e)) from e
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+
+    return call
+
+
+@_store_errors
 class PlanTx:
     """The statements the Planner runs inside one transaction (Store.planning). Values are
     stored as JSON; ``state`` answers with that text, so "the same value" is compared exactly."""
@@ -1037,6 +1129,7 @@ class PlanTx:
         self.c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(i,) for i in inbox_ids])
 
 
+@_store_errors
 class Store:
     """The SQLite file: schema, and every SQL statement the program runs.
 
@@ -1058,6 +1151,14 @@ class Store:
         self._ingest_idle = False  # the ingest thread waits for rows: the next one must notify it
         self._ingest_gathering = False  # it waits for a batch to fill: a full one must notify it
         self._last_batch = 0
+        try:
+            self._open()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the database {path}: {e}") from None
+
+    def _open(self) -> None:
+        """Check the file, create or upgrade the schema, release jobs a crash left running."""
+        path = self.path
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -1216,8 +1317,11 @@ class Store:
             for e in batch:
                 e.done.release()
 
-    def unplanned_events(self, limit: int = 200) -> list[sqlite3.Row]:
-        return self._rows("SELECT * FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,))
+    def unplanned_events(self, limit: int = 200) -> list[InboxRow]:
+        rows = self._rows(
+            "SELECT id, server, event, received_at, body FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,)
+        )
+        return [InboxRow(*r) for r in rows]
 
     def count_unplanned(self) -> int:
         return self._rows("SELECT count(*) FROM inbox WHERE planned = 0")[0][0]
@@ -1231,10 +1335,15 @@ class Store:
     def planning(self) -> Iterator[PlanTx]:
         """A transaction for the Planner: PlanTx's statements, committed together (one fsync
         for a whole batch) or not at all."""
-        with self._tx() as c:
-            yield PlanTx(c)
+        try:
+            with self._tx() as c:
+                yield PlanTx(c)
+        except sqlite3.OperationalError as e:
+            raise StoreBusy(str(e)) from e
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
 
-    def fail_events(self, failures: list[tuple[sqlite3.Row, str]]) -> None:
+    def fail_events(self, failures: list[tuple[InboxRow, str]]) -> None:
         """Inbox rows that cannot be planned: each is marked failed (planned = 2) and shown as a
         failed change of its own (field 'event', its source server as target, the inbox id as
         item), so an operator sees it beside the others, can retry it (after an upgrade, say)
@@ -1242,19 +1351,19 @@ class Store:
         now = utcnow()
         with self._tx() as c:
             for row, error in failures:
-                c.execute("UPDATE inbox SET planned = 2 WHERE id = ?", (row["id"],))
-                what = f"webhook #{row['id']} ({row['event']})"
+                c.execute("UPDATE inbox SET planned = 2 WHERE id = ?", (row.id,))
+                what = f"webhook #{row.id} ({row.event})"
                 cur = c.execute(
                     "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name, field,"
                     " value, observed_at, extra, status, due_at, last_error, created_at, updated_at)"
                     " VALUES (?, ?, '', '', ?, ?, 'event', 'null', ?, ?, 'failed', ?, ?, ?, ?)",
                     (
-                        row["server"],
-                        row["server"],
-                        str(row["id"]),
+                        row.server,
+                        row.server,
+                        str(row.id),
                         what,
-                        row["received_at"],
-                        json.dumps({"event": row["event"]}),
+                        row.received_at,
+                        json.dumps({"event": row.event}),
                         now,
                         error,
                         now,
@@ -1264,7 +1373,7 @@ class Store:
                 c.execute(
                     "INSERT INTO sync_log (at, source, target, username, item_name, field, result, detail, job_id)"
                     " VALUES (?, ?, ?, '', ?, 'event', 'failed', ?, ?)",
-                    (now, row["server"], row["server"], what, error, cur.lastrowid),
+                    (now, row.server, row.server, what, error, cur.lastrowid),
                 )
 
     def prune(self, older_than: float) -> int:
@@ -1347,6 +1456,9 @@ class Store:
             r["absent_count"],
             r["created_at"],
             r["updated_at"] if r["status"] == "waiting" else 0.0,
+            r["status"],
+            r["last_error"],
+            r["due_at"],
         )
 
     def next_due(self, target: str) -> float | None:
@@ -1467,12 +1579,13 @@ class Store:
         rows = self._rows("SELECT status, count(*) FROM jobs GROUP BY status")
         return {r[0]: r[1] for r in rows}
 
-    def jobs_by_status(self, statuses: tuple[str, ...], limit: int = 50, offset: int = 0) -> list[sqlite3.Row]:
+    def jobs_by_status(self, statuses: tuple[str, ...], limit: int = 50, offset: int = 0) -> list[Job]:
         marks = ",".join("?" * len(statuses))
-        return self._rows(
+        rows = self._rows(
             f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY id DESC LIMIT ? OFFSET ?",
             (*statuses, limit, offset),
         )
+        return [self._job(r) for r in rows]
 
     def oldest_live_job_age(self) -> float | None:
         row = self._rows("SELECT min(created_at) FROM jobs WHERE status IN ('pending', 'running')")
@@ -1593,8 +1706,10 @@ class Store:
                 [(server, uid, name, name_key(name), int(admin)) for uid, name, admin in users],
             )
 
-    def find_users(self, server: str, key: str) -> list[sqlite3.Row]:
-        return self._rows("SELECT * FROM users WHERE server=? AND name_key=?", (server, key))
+    _USER = "SELECT server, user_id, name, is_admin FROM users"
+
+    def find_users(self, server: str, key: str) -> list[UserRow]:
+        return [UserRow(*r) for r in self._rows(f"{self._USER} WHERE server=? AND name_key=?", (server, key))]
 
     def rename_user(self, server: str, user_id: str, name: str) -> None:
         with self._tx() as c:
@@ -1603,12 +1718,12 @@ class Store:
                 (name, name_key(name), server, user_id),
             )
 
-    def user_by_id(self, server: str, user_id: str) -> sqlite3.Row | None:
-        rows = self._rows("SELECT * FROM users WHERE server=? AND user_id=?", (server, user_id))
-        return rows[0] if rows else None
+    def user_by_id(self, server: str, user_id: str) -> UserRow | None:
+        rows = self._rows(f"{self._USER} WHERE server=? AND user_id=?", (server, user_id))
+        return UserRow(*rows[0]) if rows else None
 
-    def all_users(self) -> list[sqlite3.Row]:
-        return self._rows("SELECT * FROM users ORDER BY name_key, server")
+    def all_users(self) -> list[UserRow]:
+        return [UserRow(*r) for r in self._rows(f"{self._USER} ORDER BY name_key, server")]
 
     # generated passwords
     def add_password(self, server: str, username: str, password: str) -> None:
@@ -1618,8 +1733,11 @@ class Store:
                 (server, username, password, utcnow()),
             )
 
-    def passwords(self) -> list[sqlite3.Row]:
-        return self._rows("SELECT * FROM passwords ORDER BY id")
+    def passwords(self) -> list[Password]:
+        return [
+            Password(*r)
+            for r in self._rows("SELECT id, server, username, password, created_at FROM passwords ORDER BY id")
+        ]
 
     def count_passwords(self) -> int:
         return self._rows("SELECT count(*) FROM passwords")[0][0]
@@ -1645,7 +1763,7 @@ class Store:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # sync log and stats
-    def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[sqlite3.Row], int]:
+    def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[LogEntry], int]:
         where, args = [], []
         if filters.get("username"):  # a part of the name, any case: what a person types
             where.append("username LIKE ?")
@@ -1665,8 +1783,11 @@ class Store:
             args.append(filters["since"])
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = self._rows(f"SELECT count(*) FROM sync_log {clause}", tuple(args))[0][0]
-        rows = self._rows(f"SELECT * FROM sync_log {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset))
-        return rows, total
+        columns = ", ".join(f.name for f in dataclasses.fields(LogEntry))
+        rows = self._rows(
+            f"SELECT {columns} FROM sync_log {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+        )
+        return [LogEntry(*r) for r in rows], total
 
     def sync_stats(self) -> dict[str, Any]:
         rows = self._rows("SELECT result, count(*), max(at) FROM sync_log GROUP BY result")
@@ -1675,7 +1796,7 @@ class Store:
         return {"by_result": by, "last_sync_at": last}
 
     def check_writable(self, timeout: float = 0.5) -> None:
-        """Raise sqlite3.OperationalError unless a write can start within ``timeout`` seconds.
+        """Raise StoreBusy unless a write can start within ``timeout`` seconds.
 
         For /readyz: bounded, so probes cannot pile up behind a locked file and hold the request
         threads that webhooks need. It takes the write lock SQLite would, and writes nothing.
@@ -2045,7 +2166,7 @@ def read_fields(user_data: dict) -> dict[str, Any]:
     if rating is None:
         likes = user_data.get("Likes")  # derived by the server: Rating ≥ 6.5, or null
     else:
-        likes = bool(rating >= 6.5)
+        likes = bool(rating >= LIKE_RATING)
     return {
         "played": bool(user_data.get("Played", False)),
         "position": int(user_data.get("PlaybackPositionTicks") or 0),
@@ -2116,7 +2237,7 @@ class Library:
                 start += len(page)
             # Overlap by a few minutes: the server's clock is not ours, and re-reading a few
             # items is cheaper than missing one.
-            self.store.set_meta(f"index_watermark:{server}", format_time(started - 300))
+            self.store.set_meta(f"index_watermark:{server}", format_time(started - INDEX_OVERLAP_SECONDS))
             self._last_refresh[server] = time.monotonic()
             self._refreshed_at[server] = started
             log.debug("%s: item index %s: %d rows", server, "rebuilt" if mark is None else "refreshed", seen)
@@ -2221,7 +2342,7 @@ class Library:
         if server not in self._last_user_refresh:
             self.refresh_users(server)
 
-    def user(self, server: str, key: str, refresh_on_miss: bool = True) -> sqlite3.Row | None:
+    def user(self, server: str, key: str, refresh_on_miss: bool = True) -> UserRow | None:
         """The user on ``server`` whose case-folded name is ``key``; None if absent. A miss
         re-reads the server's users (at most once per ``index_refresh_seconds``).
 
@@ -2234,13 +2355,13 @@ class Library:
                 self.refresh_users(server)
                 rows = self.store.find_users(server, key)
         if len(rows) > 1:
-            names = ", ".join(sorted(r["name"] for r in rows))
+            names = ", ".join(sorted(r.name for r in rows))
             raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped, fix by hand")
         return rows[0] if rows else None
 
     def user_id(self, server: str, key: str) -> str | None:
         row = self.user(server, key)
-        return row["user_id"] if row is not None else None
+        return row.user_id if row is not None else None
 
     def forget_users(self, server: str) -> None:
         self._last_user_refresh.pop(server, None)
@@ -2449,11 +2570,11 @@ def _kept_values(data: dict) -> dict:
     or SQLite cannot take would otherwise be acknowledged, stored and then fail behind it.
     (Every webhook passes here, hundreds a second in a burst: the common, already-clean values
     are let through first, the template forms are converted after.)"""
-    data = {k: v for k, v in data.items() if k in KEEP_KEYS or k[:9] == "Provider_"}
+    data = {k: v for k, v in data.items() if k in KEEP_KEYS or k.startswith(PROVIDER_PREFIX)}
     for k, v in data.items():
         if v is None or k in TYPED_KEYS:
             continue
-        if type(v) is int and k[:9] == "Provider_":  # a template that left the quotes out
+        if type(v) is int and k.startswith(PROVIDER_PREFIX):  # a template that left the quotes out
             v = data[k] = str(v)
         _check_text(k, v)
     for k in ID_KEYS:
@@ -2553,7 +2674,7 @@ def likes_from_event(ev: dict) -> bool | None:
     if isinstance(rating, int | float):
         if rating == 0:
             return None
-        return rating >= 6.5
+        return rating >= LIKE_RATING
     return True if ev.get("Likes") else None
 
 
@@ -2609,7 +2730,7 @@ def describe(fld: str, value: Any) -> str:
     if fld == "likes":
         return {True: "liked", False: "disliked", None: "rating cleared"}[value]
     secs = int(value or 0) // TICKS_PER_SECOND
-    return f"position {secs // 3600}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
+    return f"position {secs // HOUR}:{secs % HOUR // 60:02d}:{secs % 60:02d}"
 
 
 @dataclass(frozen=True)
@@ -2774,7 +2895,7 @@ class AccountWriter:
             return self._delete(job, row)
         return self._rename(job, row)
 
-    def _create(self, job: Job, row: sqlite3.Row | None) -> Outcome:
+    def _create(self, job: Job, row: UserRow | None) -> Outcome:
         if row is not None:
             return Outcome("noop", "already exists")
         target, client = job.target, self.clients[job.target]
@@ -2795,21 +2916,21 @@ class AccountWriter:
         log.info("%s: created user %s, %s (from %s)", target, name, how, job.source)
         return Outcome("ok", how, new="created")
 
-    def _delete(self, job: Job, row: sqlite3.Row | None) -> Outcome:
+    def _delete(self, job: Job, row: UserRow | None) -> Outcome:
         if row is None:
             return Outcome("noop", "already gone")
-        if row["is_admin"]:
-            raise SyncError(f"{row['name']} is an administrator on {job.target}: never deleted automatically")
+        if row.is_admin:
+            raise SyncError(f"{row.name} is an administrator on {job.target}: never deleted automatically")
         try:
-            self.clients[job.target].delete_user(row["user_id"])
+            self.clients[job.target].delete_user(row.user_id)
         except JellyfinError as e:
             if e.status != 404:
                 raise
         self.library.refresh_users(job.target)
-        log.info("%s: deleted user %s (deleted on %s)", job.target, row["name"], job.source)
+        log.info("%s: deleted user %s (deleted on %s)", job.target, row.name, job.source)
         return Outcome("ok", new="deleted")
 
-    def _rename(self, job: Job, row: sqlite3.Row | None) -> Outcome:
+    def _rename(self, job: Job, row: UserRow | None) -> Outcome:
         value = job.value
         if not value.get("old"):
             raise SyncError(
@@ -2817,13 +2938,13 @@ class AccountWriter:
             )
         if row is None:
             raise SyncError(f"no user named {value['old']!r} on {job.target}")
-        if row["name"] == value["name"]:
+        if row.name == value["name"]:
             return Outcome("noop", "already has that name")
         # Our own rename comes back as UserUpdated from the target: record the new name first.
-        self.store.rename_user(job.target, row["user_id"], value["name"])
-        self.clients[job.target].rename_user(row["user_id"], value["name"])
-        log.info("%s: renamed user %s to %s (from %s)", job.target, row["name"], value["name"], job.source)
-        return Outcome("ok", old=row["name"], new=value["name"])
+        self.store.rename_user(job.target, row.user_id, value["name"])
+        self.clients[job.target].rename_user(row.user_id, value["name"])
+        log.info("%s: renamed user %s to %s (from %s)", job.target, row.name, value["name"], job.source)
+        return Outcome("ok", old=row.name, new=value["name"])
 
 
 class ServerHealth:
@@ -2942,43 +3063,41 @@ class Syncer:
         rows = self.store.unplanned_events()
         if not rows:
             return 0
-        failures: list[tuple[sqlite3.Row, str]] = []
+        failures: list[tuple[InboxRow, str]] = []
         parsed = self._parse_rows(rows, failures)
         keep = self._newest_progress(parsed)
         planned: list[tuple[int, list[Observation]]] = []
         woken: set[str] = set()
         for i, (row, ev, observed) in enumerate(parsed):
             if ev["NotificationType"] == "PlaybackProgress" and i not in keep:
-                planned.append((row["id"], []))
+                planned.append((row.id, []))
                 continue
             try:
                 obs, woke = self._plan_one(row, ev, observed)
-            except sqlite3.OperationalError:
+            except StoreBusy:
                 raise
             except Exception as e:
                 failures.append((row, _error_text(e)))
                 continue
             woken.update(woke)
-            planned.append((row["id"], obs))
-        jobs_for = self._queue_planned(planned, {row["id"]: row for row in rows}, failures)
+            planned.append((row.id, obs))
+        jobs_for = self._queue_planned(planned, {row.id: row for row in rows}, failures)
         if failures:
             self.store.fail_events(failures)
             for row, error in failures:
-                log.error(
-                    "webhook #%d from %s (%s) cannot be planned: %s", row["id"], row["server"], row["event"], error
-                )
+                log.error("webhook #%d from %s (%s) cannot be planned: %s", row.id, row.server, row.event, error)
             self.counters.count("events_failed", len(failures))
         for t in woken.union(jobs_for):
             self.wake_target(t)
         return len(rows)
 
-    def _parse_rows(self, rows: list[sqlite3.Row], failures: list) -> list[tuple[sqlite3.Row, dict, float]]:
+    def _parse_rows(self, rows: list[InboxRow], failures: list) -> list[tuple[InboxRow, dict, float]]:
         """(row, its body, when its change was observed); a row that cannot be read goes to failures."""
         parsed = []
         for row in rows:
             try:
-                ev = json.loads(row["body"])
-                observed = self.planner.observed_at(row["server"], ev.get("UtcTimestamp"), row["received_at"])
+                ev = json.loads(row.body)
+                observed = self.planner.observed_at(row.server, ev.get("UtcTimestamp"), row.received_at)
             except Exception as e:  # stored before the checks at the door existed, say
                 failures.append((row, _error_text(e)))
                 continue
@@ -2986,14 +3105,14 @@ class Syncer:
         return parsed
 
     @staticmethod
-    def _newest_progress(parsed: list[tuple[sqlite3.Row, dict, float]]) -> set[int]:
+    def _newest_progress(parsed: list[tuple[InboxRow, dict, float]]) -> set[int]:
         """A player reports every second: of a batch's reports for one item, only the newest
         position can matter (the others would be coalesced away or be stale), so the others
         are marked planned without further work. During a flood this is most of them."""
         newest: dict[tuple, int] = {}  # (server, user, item) → index of its newest report
         for i, (row, ev, observed) in enumerate(parsed):
             if ev["NotificationType"] == "PlaybackProgress":
-                key = (row["server"], ev.get("NotificationUsername"), ev.get("ItemId"))
+                key = (row.server, ev.get("NotificationUsername"), ev.get("ItemId"))
                 if key not in newest or parsed[newest[key]][2] <= observed:
                     newest[key] = i
         return set(newest.values())
@@ -3003,14 +3122,14 @@ class Syncer:
         row by row, so only that row fails. Returns the targets that got jobs."""
         try:
             jobs_for, dropped = self.planner.plan(planned)
-        except sqlite3.OperationalError:
+        except StoreBusy:
             raise
         except Exception:
             jobs_for, dropped = [], 0
             for entry in planned:
                 try:
                     targets, n = self.planner.plan([entry])
-                except sqlite3.OperationalError:
+                except StoreBusy:
                     raise
                 except Exception as e:
                     failures.append((rows[entry[0]], _error_text(e)))
@@ -3020,10 +3139,10 @@ class Syncer:
         self.counters.count("observations_dropped", dropped)
         return jobs_for
 
-    def _plan_one(self, row: sqlite3.Row, ev: dict, observed: float) -> tuple[list[Observation], list[str]]:
+    def _plan_one(self, row: InboxRow, ev: dict, observed: float) -> tuple[list[Observation], list[str]]:
         """(observations, targets to wake for other reasons) for one inbox row, its parsed body
         and the time its change was observed."""
-        server = row["server"]
+        server = row.server
         ntype = ev["NotificationType"]
         if ntype in ("ItemAdded", "ItemDeleted"):
             if ntype == "ItemDeleted":
@@ -3035,15 +3154,15 @@ class Syncer:
             return self._account_change(server, ev), []
         return self._observations(row, ev, observed), []
 
-    def _observations(self, row: sqlite3.Row, ev: dict, observed: float) -> list[Observation]:
+    def _observations(self, row: InboxRow, ev: dict, observed: float) -> list[Observation]:
         """What a watch-state webhook reports, one Observation per field we sync."""
-        server, ntype, username = row["server"], ev["NotificationType"], ev["NotificationUsername"]
+        server, ntype, username = row.server, ev["NotificationType"], ev["NotificationUsername"]
         key = self.config.person(server, username)
         if not self.config.user_synced(key):
             return []
         last_played = parse_time(ev.get("LastPlayedDate"))
         if last_played:
-            last_played = self.planner.not_ahead(server, "LastPlayedDate", last_played, row["received_at"])
+            last_played = self.planner.not_ahead(server, "LastPlayedDate", last_played, row.received_at)
         extra = {
             "runtime": ev.get("RunTimeTicks"),
             "play_count": ev.get("PlayCount"),
@@ -3082,11 +3201,11 @@ class Syncer:
             # The webhook carries only the new name: the old one comes from our index, read
             # before it is refreshed. Unknown → the job reports it; we never guess.
             old = self.store.user_by_id(server, ev["UserId"]) if ev.get("UserId") else None
-            if old is not None and name_key(old["name"]) == name_key(username):
+            if old is not None and name_key(old.name) == name_key(username):
                 return []  # not a rename (another kind of update, or the echo of ours)
-            value["old"] = old["name"] if old is not None else None
+            value["old"] = old.name if old is not None else None
             if old is not None:
-                person = self.config.person(server, old["name"])
+                person = self.config.person(server, old.name)
         self.library.forget_users(server)
         enabled = {"user_create": users.create, "user_delete": users.delete, "user_rename": users.rename}
         if not enabled[field] or not self.config.user_synced(person):
@@ -3249,11 +3368,11 @@ class Syncer:
         pause = 1.0  # after a database error: doubled each time it fails again, up to a minute
         while not self.stop_event.is_set():
             if time.monotonic() >= next_prune:
-                self.store.prune(utcnow() - 3600)
-                pruned = self.store.prune_history(utcnow() - self.config.retention_days * 86400)
+                self.store.prune(utcnow() - ECHO_EXPECTATION_SECONDS)
+                pruned = self.store.prune_history(utcnow() - self.config.retention_days * DAY)
                 if pruned:
                     log.debug("retention: %d old rows removed", pruned)
-                next_prune = time.monotonic() + 600
+                next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
             try:
                 planned = self.plan_pending()
                 if planned >= PLANNER_BURST_ROWS:
@@ -3290,7 +3409,8 @@ class Syncer:
         while not self.stop_event.is_set():
             if time.monotonic() >= next_check:
                 state = self.check_server(target)
-                next_check = time.monotonic() + (30.0 if state["reachable"] else min(interval, 10.0))
+                pause = HEALTH_CHECK_SECONDS if state["reachable"] else min(interval, HEALTH_RECHECK_SECONDS)
+                next_check = time.monotonic() + pause
                 if state["reachable"]:
                     try:
                         self.library.ensure_users(target)
@@ -3498,22 +3618,18 @@ class Reconciler:
             except JellyfinError as e:
                 report["errors"].append(f"{s.name}: {e}")
                 continue
+        duplicated: dict[str, str] = {}  # person → a server where they have several accounts
         for row in self.store.all_users():
-            person = self.config.person(row["server"], row["name"])
+            person = self.config.person(row.server, row.name)
             if not self.config.user_synced(person):
                 continue
             accounts = people.setdefault(person, {})
-            if row["server"] in accounts:  # case-variant duplicates: reported, never guessed
-                accounts["__duplicate__"] = row["server"]
-            accounts[row["server"]] = row["user_id"]
-        out = {}
-        for person, accounts in people.items():
-            if "__duplicate__" in accounts:
-                report["errors"].append(f"{person}: several accounts on {accounts['__duplicate__']}; skipped")
-                continue
-            if len(accounts) >= 2:
-                out[person] = accounts
-        return out
+            if row.server in accounts:  # case-variant duplicates: reported, never guessed
+                duplicated[person] = row.server
+            accounts[row.server] = row.user_id
+        for person, server in sorted(duplicated.items()):
+            report["errors"].append(f"{person}: several accounts on {server}; skipped")
+        return {p: accounts for p, accounts in people.items() if p not in duplicated and len(accounts) >= 2}
 
     def _read(self, server: str, user_id: str) -> dict[str, dict]:
         """The person's interesting items on one server: {item id: UserData}.
@@ -3732,8 +3848,8 @@ class Reconciler:
         seen = self._seen_playlists(srv, uid)
         if self.clients[srv].ensure_version().playlist_owner_rule == "none":
             return list(seen.values())  # 10.8: every playlist they see counts, as before
-        users = [row for row in self.store.all_users() if row["server"] == srv]
-        admin = any(row["user_id"] == uid and row["is_admin"] for row in users)
+        users = [row for row in self.store.all_users() if row.server == srv]
+        admin = any(row.user_id == uid and row.is_admin for row in users)
         if not admin:
             return [p for p in seen.values() if p.get("CanDelete")]  # Playlist.CanDelete: the owner
         # An administrator may delete every playlist, so CanDelete says nothing of theirs. A
@@ -3743,15 +3859,15 @@ class Reconciler:
         for pid, p in seen.items():
             owner, admins = None, []
             for row in users:
-                if row["user_id"] == uid:
+                if row.user_id == uid:
                     continue
-                theirs = self._seen_playlists(srv, row["user_id"]).get(pid)
+                theirs = self._seen_playlists(srv, row.user_id).get(pid)
                 if theirs is None:
                     continue
-                if row["is_admin"]:
-                    admins.append(row["name"])
+                if row.is_admin:
+                    admins.append(row.name)
                 elif theirs.get("CanDelete"):
-                    owner = row["name"]
+                    owner = row.name
                     break
             if owner is not None:
                 continue
@@ -3863,7 +3979,7 @@ class Reconciler:
         rc = self.config.reconcile
         first = rc.on_startup
         interval = rc.interval_minutes * 60
-        wait = 10.0 if first else (interval or None)
+        wait = RECONCILE_STARTUP_DELAY if first else (interval or None)
         while not self.stop_event.is_set():
             self.trigger.wait(wait)
             if self.stop_event.is_set():
@@ -3893,28 +4009,25 @@ class Reconciler:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, sqlite3.Row):
-        return dict(value)
     return str(value)
 
 
-def job_json(row: sqlite3.Row) -> dict:
-    extra = json.loads(row["extra"])
+def job_json(job: Job) -> dict:
     return {
-        "id": row["id"],
-        "event_type": extra.get("event"),
-        "field": row["field"],
-        "source_server": row["source"],
-        "target_server": row["target"],
-        "username": row["username"],
-        "item_name": row["item_name"],
-        "value": json.loads(row["value"]),
-        "status": row["status"],
-        "retry_count": row["attempts"],
-        "item_not_found_count": row["absent_count"],
-        "last_error": row["last_error"],
-        "created_at": format_time(row["created_at"]),
-        "next_retry_at": format_time(row["due_at"]),
+        "id": job.id,
+        "event_type": job.extra.get("event"),
+        "field": job.field,
+        "source_server": job.source,
+        "target_server": job.target,
+        "username": job.username,
+        "item_name": job.item_name,
+        "value": job.value,
+        "status": job.status,
+        "retry_count": job.attempts,
+        "item_not_found_count": job.absent_count,
+        "last_error": job.last_error,
+        "created_at": format_time(job.queued_at),
+        "next_retry_at": format_time(job.due_at),
     }
 
 
@@ -4180,7 +4293,7 @@ class Web:
             result = self.syncer.accept_webhook(server_name, bottle.request.body.read())
         except WebhookError as e:
             return send({"error": str(e)}, e.status)
-        except sqlite3.Error as e:
+        except StoreError as e:
             # Disk full, database locked…: say so, so it shows in Jellyfin's log.
             log.error("webhook from %s not stored: %s", server_name, e)
             return send({"error": f"cannot store the event: {e}"}, 503)
@@ -4254,7 +4367,7 @@ class Web:
             "failed_events": counts.get("failed", 0),
             "skipped_events": counts.get("skipped", 0),
             "done_events": counts.get("done", 0),
-            "done_last_hour": self.store.done_since(utcnow() - 3600),
+            "done_last_hour": self.store.done_since(utcnow() - HOUR),
             "worker_running": self.syncer.alive(),
         }
 
@@ -4372,7 +4485,7 @@ class Web:
         q = bottle.request.query
         filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field")}
         rows, total = self.store.sync_log(limit, offset, **filters)
-        entries = [{**dict(r), "at": format_time(r["at"])} for r in rows]
+        entries = [{**dataclasses.asdict(r), "at": format_time(r.at)} for r in rows]
         return send({"entries": entries, "total": total, "limit": limit, "offset": offset})
 
     def metrics(self) -> str:
@@ -4388,10 +4501,10 @@ class Web:
         names = [s.name for s in self.config.servers]
         people: dict[str, dict] = {}
         for row in self.store.all_users():
-            person = self.config.person(row["server"], row["name"])
-            entry = people.setdefault(person, {"person": person, "name": row["name"], "servers": {}})
-            slot = entry["servers"].setdefault(row["server"], [])
-            slot.append({"name": row["name"], "id": row["user_id"], "admin": bool(row["is_admin"])})
+            person = self.config.person(row.server, row.name)
+            entry = people.setdefault(person, {"person": person, "name": row.name, "servers": {}})
+            slot = entry["servers"].setdefault(row.server, [])
+            slot.append({"name": row.name, "id": row.user_id, "admin": bool(row.is_admin)})
         users = []
         for entry in sorted(people.values(), key=lambda e: e["person"]):
             duplicates = [srv for srv, accounts in entry["servers"].items() if len(accounts) > 1]
@@ -4422,11 +4535,11 @@ class Web:
         return send(
             [
                 {
-                    "id": r["id"],
-                    "server": r["server"],
-                    "username": r["username"],
-                    "password": r["password"],
-                    "created_at": format_time(r["created_at"]),
+                    "id": r.id,
+                    "server": r.server,
+                    "username": r.username,
+                    "password": r.password,
+                    "created_at": format_time(r.created_at),
                 }
                 for r in self.store.passwords()
             ]
@@ -4516,7 +4629,7 @@ class Readiness:
         try:
             self.store.check_writable()
             age = self.store.oldest_unplanned_age()
-        except sqlite3.Error as e:
+        except StoreError as e:
             reasons.append(f"database not writable: {e}")
             age = 0.0
         dead = [t.name for t in self.threads() if not t.alive()]
@@ -4895,7 +5008,7 @@ def reconcile_cli(config: Config, dry_run: bool) -> int:
     configure_logging(config.log_level)
     try:
         service = Service(config)
-    except (StoreError, sqlite3.Error) as e:
+    except StoreError as e:
         print(f"jellyfin-db-sync: {e}", file=sys.stderr)
         return 1
 
@@ -5025,7 +5138,7 @@ def backup_cli(config: Config, dest: str) -> int:
     """--backup FILE: an online copy of the database."""
     try:
         size = Store(config.database_path, config.journal_mode).backup(dest)
-    except (StoreError, sqlite3.Error, OSError) as e:
+    except (StoreError, OSError) as e:
         print(f"jellyfin-db-sync: backup failed: {e}", file=sys.stderr)
         return 1
     print(f"backup of {config.database_path} written to {dest} ({size:,} bytes)")
@@ -5041,9 +5154,6 @@ def serve(config: Config) -> int:
         service = Service(config)
     except StoreError as e:
         print(f"jellyfin-db-sync: {e}", file=sys.stderr)
-        return 1
-    except sqlite3.Error as e:
-        print(f"jellyfin-db-sync: cannot open the database {config.database_path}: {e}", file=sys.stderr)
         return 1
     server = service.make_server()
     open_hooks = config.open_webhooks()
