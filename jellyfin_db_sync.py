@@ -1,12 +1,31 @@
 """jellyfin-db-sync: keep several Jellyfin servers in step for the same people.
 
 Each Jellyfin server's Webhook plugin posts to ``/webhook/{server_name}``; every event is committed
-to a SQLite queue before it is acknowledged, and a worker thread per target server writes the
-resulting watch state (played, resume position, favourite, like/dislike) to the other servers
+to a SQLite queue before it is acknowledged, and worker threads write the resulting watch state
+(played, resume position, favourite, like/dislike) and account changes to the other servers
 through the Jellyfin REST API — only what differs, so our own echoes die out by themselves.
 
 Run it with ``python jellyfin_db_sync.py --config config.yaml``; the README explains set-up,
 the plugin configuration and every config key (see also ``config.example.yaml``).
+
+Sections, in the order data flows (search for "# ── Name" to jump to one):
+
+  Constants and errors   limits, timings and the few errors we explain to people
+  Config                 SETTINGS, the one table of settings; the YAML file and JDS_* variables → Config
+  Store                  the SQLite file: schema, migrations, every statement; returns dataclasses
+  JellyfinClient         HTTP to one server; ServerVersion says what each version can do
+  Library                item and user indexes, and matching an item across servers
+  Webhooks               a plugin body → checked values → which fields it truly reports
+  Planner                the rules: echo, newest wins, coalescing, clock clamp, path policy
+  Writers                a job → an Outcome: watch state, accounts; server health; counters
+  Threads                SupervisedThread: restarted by the Service if one ever dies
+  Syncer                 ingest → inbox → Planner → jobs → writers, and its threads
+  Reconciler             full comparison passes (and playlists), through the same Planner
+  Web                    the Bottle app: routes, the Guard plugin, readiness, metrics
+  main                   the command line, logging, the Service that owns every thread
+
+The architecture is DESIGN.md's (one process, one module, one SQLite file, data flowing one
+way); where this file departs from it, the section says why.
 """
 
 from __future__ import annotations
@@ -2367,159 +2386,7 @@ class Library:
         self._last_user_refresh.pop(server, None)
 
 
-# ── Planner ──────────────────────────────────────────────────────────────────
-
-
-class Planner:
-    """The one owner of the rules of what becomes a job, for webhooks and reconciliation passes
-    alike (DESIGN.md §3, §4): our own echoes are dropped, so is what we already know of a
-    server and what is older than it (newest wins, per field); a newer desired state replaces a
-    waiting one (coalescing); a webhook's date is not trusted beyond our clock; and an item a
-    target lacks waits as its path_sync_policy says. The Store only runs its statements."""
-
-    def __init__(self, config: Config, store: Store):
-        self.config = config
-        self.store = store
-        self._clock_warned: dict[str, float] = {}  # server → monotonic time of its next warning
-
-    def plan(self, batch: list[tuple[int, list[Observation]]]) -> tuple[list[str], int]:
-        """Queue the jobs for a batch of (inbox id, or 0 for a pass; its observations), in one
-        transaction. Returns (targets that got jobs, observations dropped)."""
-        woken: set[str] = set()
-        dropped = 0
-        with self.store.planning() as tx:
-            for _inbox_id, observations in batch:
-                news = self._news(tx, observations)
-                dropped += len(observations) - len(news)
-                for ob in news:
-                    for target in ob.targets:
-                        self._queue(tx, target, ob)
-                        woken.add(target)
-            tx.mark_planned([inbox_id for inbox_id, _ in batch if inbox_id])
-        return sorted(woken), dropped
-
-    def _news(self, tx: PlanTx, observations: list[Observation]) -> list[Observation]:
-        """The observations that are news; what we now know of their server is recorded."""
-        if not observations or observations[0].kind == "order":
-            return list(observations)
-        if self._is_echo(tx, observations):
-            return []
-        news = []
-        for ob in observations:
-            value_json = json.dumps(ob.value)
-            known = tx.state(ob)
-            if known is not None and (known[0] == value_json or known[1] > ob.observed_at):
-                # Same as what we last wrote/read there (an echo, or nothing new), or an older
-                # observation arriving late: never overwrite newer with older.
-                continue
-            tx.set_state(ob, value_json)
-            news.append(ob)
-        return news
-
-    @staticmethod
-    def _is_echo(tx: PlanTx, observations: list[Observation]) -> bool:
-        """True if these observations are exactly a state one of our writes should produce;
-        that expectation is then used up (each write has one echo). No timer decides this."""
-        ob = observations[0]
-        for echo_id, snapshot in tx.expected_echoes(ob.server, ob.user_key, ob.item_id):
-            if all(o.field in snapshot and snapshot[o.field] == o.value for o in observations):
-                tx.forget_echo(echo_id)
-                return True
-        return False
-
-    @staticmethod
-    def _queue(tx: PlanTx, target: str, ob: Observation) -> None:
-        """Coalesce: a newer desired state replaces the waiting one (its due time is kept, so a
-        steady stream of progress reports cannot postpone the write forever)."""
-        waiting = tx.open_job(target, ob)
-        if waiting is None:
-            tx.add_job(target, ob)
-        elif ob.observed_at >= waiting[1]:
-            tx.replace_job(waiting[0], ob)
-
-    # time
-    def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
-        """When the source saw the change (the plugin's UtcTimestamp), else when we received it."""
-        return self.not_ahead(server, "UtcTimestamp", parse_time(utc_timestamp) or received, received)
-
-    def not_ahead(self, server: str, key: str, when: float, received: float) -> float:
-        """``when``, but never later than CLOCK_SKEW_ALLOWANCE after we received it: a server
-        whose clock runs ahead (or a forged date) would otherwise make every later real change
-        look older. Said at most every CLOCK_WARNING_SECONDS per server."""
-        if when <= received + CLOCK_SKEW_ALLOWANCE:
-            return when
-        now = time.monotonic()
-        if now >= self._clock_warned.get(server, 0.0):
-            self._clock_warned[server] = now + CLOCK_WARNING_SECONDS
-            log.warning(
-                "%s: a webhook's %s is %.0f s ahead of our clock; taken as the time it arrived "
-                "(check the clock of that server)",
-                server,
-                key,
-                when - received,
-            )
-        return received
-
-    # items a target does not have (yet)
-    def when_absent(self, job: Job, path_key: str | None) -> tuple[float | None, str]:
-        """(when to look again, or None to give up; what to say), by path_sync_policy (the
-        longest matching prefix)."""
-        policy = self.config.policy_for(path_key or "")
-        tries = job.absent_count + 1
-        msg = f"{job.item_name!r} not found on {job.target}"
-        if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
-            return utcnow() + policy.retry_delay_seconds, f"{msg}; waiting for it to be imported (try {tries})"
-        return None, msg
-
-
-# ── Threads ──────────────────────────────────────────────────────────────────
-
-
-class SupervisedThread:
-    """A named daemon thread that its owner (the Service's supervisor) starts again if it dies.
-
-    A thread should never die: each catches its own errors. If one does anyway (a bug), it is
-    logged, shown by /readyz, and restarted after a pause that grows with each death (1 s, 2 s,
-    4 s … up to a minute), so a thread that dies at once is not restarted in a tight loop.
-    """
-
-    def __init__(self, name: str, target: Any):
-        self.name = name
-        self.target = target
-        self.thread: threading.Thread | None = None
-        self.restarts = 0
-        self._restart_at = 0.0  # monotonic time before which it is not restarted again
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.target()
-        except BaseException:
-            log.exception("thread %s died", self.name)
-
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def join(self, timeout: float) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
-
-    def revive(self) -> bool:
-        """Start it again if it died and its pause is over; True if it was restarted."""
-        now = time.monotonic()
-        if self.alive() or now < self._restart_at:
-            return False
-        self.restarts += 1
-        self._restart_at = now + min(2.0 ** (self.restarts - 1), 60.0)
-        log.error("thread %s had stopped: restarted (restart %d)", self.name, self.restarts)
-        self.start()
-        return True
-
-
-# ── Syncer ───────────────────────────────────────────────────────────────────
+# ── Webhooks ─────────────────────────────────────────────────────────────────
 
 
 def parse_webhook(body: bytes) -> dict:
@@ -2731,6 +2598,118 @@ def describe(fld: str, value: Any) -> str:
         return {True: "liked", False: "disliked", None: "rating cleared"}[value]
     secs = int(value or 0) // TICKS_PER_SECOND
     return f"position {secs // HOUR}:{secs % HOUR // 60:02d}:{secs % 60:02d}"
+
+
+# ── Planner ──────────────────────────────────────────────────────────────────
+
+
+class Planner:
+    """The one owner of the rules of what becomes a job, for webhooks and reconciliation passes
+    alike (DESIGN.md §3, §4): our own echoes are dropped, so is what we already know of a
+    server and what is older than it (newest wins, per field); a newer desired state replaces a
+    waiting one (coalescing); a webhook's date is not trusted beyond our clock; and an item a
+    target lacks waits as its path_sync_policy says. The Store only runs its statements."""
+
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self._clock_warned: dict[str, float] = {}  # server → monotonic time of its next warning
+
+    def plan(self, batch: list[tuple[int, list[Observation]]]) -> tuple[list[str], int]:
+        """Queue the jobs for a batch of (inbox id, or 0 for a pass; its observations), in one
+        transaction. Returns (targets that got jobs, observations dropped)."""
+        woken: set[str] = set()
+        dropped = 0
+        with self.store.planning() as tx:
+            for _inbox_id, observations in batch:
+                news = self._news(tx, observations)
+                dropped += len(observations) - len(news)
+                for ob in news:
+                    for target in ob.targets:
+                        self._queue(tx, target, ob)
+                        woken.add(target)
+            tx.mark_planned([inbox_id for inbox_id, _ in batch if inbox_id])
+        return sorted(woken), dropped
+
+    def _news(self, tx: PlanTx, observations: list[Observation]) -> list[Observation]:
+        """The observations that are news; what we now know of their server is recorded."""
+        if not observations or observations[0].kind == "order":
+            return list(observations)
+        if self._is_echo(tx, observations):
+            return []
+        news = []
+        for ob in observations:
+            value_json = json.dumps(ob.value)
+            known = tx.state(ob)
+            if known is not None and (known[0] == value_json or known[1] > ob.observed_at):
+                # Same as what we last wrote/read there (an echo, or nothing new), or an older
+                # observation arriving late: never overwrite newer with older.
+                continue
+            tx.set_state(ob, value_json)
+            news.append(ob)
+        return news
+
+    @staticmethod
+    def _is_echo(tx: PlanTx, observations: list[Observation]) -> bool:
+        """True if these observations are exactly a state one of our writes should produce;
+        that expectation is then used up (each write has one echo). No timer decides this."""
+        ob = observations[0]
+        for echo_id, snapshot in tx.expected_echoes(ob.server, ob.user_key, ob.item_id):
+            if all(o.field in snapshot and snapshot[o.field] == o.value for o in observations):
+                tx.forget_echo(echo_id)
+                return True
+        return False
+
+    @staticmethod
+    def _queue(tx: PlanTx, target: str, ob: Observation) -> None:
+        """Coalesce: a newer desired state replaces the waiting one (its due time is kept, so a
+        steady stream of progress reports cannot postpone the write forever)."""
+        waiting = tx.open_job(target, ob)
+        if waiting is None:
+            tx.add_job(target, ob)
+        elif ob.observed_at >= waiting[1]:
+            tx.replace_job(waiting[0], ob)
+
+    # time
+    def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
+        """When the source saw the change (the plugin's UtcTimestamp), else when we received it."""
+        return self.not_ahead(server, "UtcTimestamp", parse_time(utc_timestamp) or received, received)
+
+    def not_ahead(self, server: str, key: str, when: float, received: float) -> float:
+        """``when``, but never later than CLOCK_SKEW_ALLOWANCE after we received it: a server
+        whose clock runs ahead (or a forged date) would otherwise make every later real change
+        look older. Said at most every CLOCK_WARNING_SECONDS per server."""
+        if when <= received + CLOCK_SKEW_ALLOWANCE:
+            return when
+        now = time.monotonic()
+        if now >= self._clock_warned.get(server, 0.0):
+            self._clock_warned[server] = now + CLOCK_WARNING_SECONDS
+            log.warning(
+                "%s: a webhook's %s is %.0f s ahead of our clock; taken as the time it arrived "
+                "(check the clock of that server)",
+                server,
+                key,
+                when - received,
+            )
+        return received
+
+    # items a target does not have (yet)
+    def when_absent(self, job: Job, path_key: str | None) -> tuple[float | None, str]:
+        """(when to look again, or None to give up; what to say), by path_sync_policy (the
+        longest matching prefix)."""
+        policy = self.config.policy_for(path_key or "")
+        tries = job.absent_count + 1
+        msg = f"{job.item_name!r} not found on {job.target}"
+        if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
+            return utcnow() + policy.retry_delay_seconds, f"{msg}; waiting for it to be imported (try {tries})"
+        return None, msg
+
+
+# ── Writers ──────────────────────────────────────────────────────────────────
+
+
+_PARTIAL = "_partial"  # key in a reconciliation's UserData known only from the played list
+_KNOWN = "_known"  # key set in a group's ``current`` once the target's state is known (even blank)
 
 
 @dataclass(frozen=True)
@@ -3006,8 +2985,54 @@ class Counters:
             return {t: (list(h[0]), h[1], h[2]) for t, h in self._delays.items()}
 
 
-_PARTIAL = "_partial"  # key in a reconciliation's UserData known only from the played list
-_KNOWN = "_known"  # key set in a group's ``current`` once the target's state is known (even blank)
+# ── Threads ──────────────────────────────────────────────────────────────────
+
+
+class SupervisedThread:
+    """A named daemon thread that its owner (the Service's supervisor) starts again if it dies.
+
+    A thread should never die: each catches its own errors. If one does anyway (a bug), it is
+    logged, shown by /readyz, and restarted after a pause that grows with each death (1 s, 2 s,
+    4 s … up to a minute), so a thread that dies at once is not restarted in a tight loop.
+    """
+
+    def __init__(self, name: str, target: Any):
+        self.name = name
+        self.target = target
+        self.thread: threading.Thread | None = None
+        self.restarts = 0
+        self._restart_at = 0.0  # monotonic time before which it is not restarted again
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.target()
+        except BaseException:
+            log.exception("thread %s died", self.name)
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def revive(self) -> bool:
+        """Start it again if it died and its pause is over; True if it was restarted."""
+        now = time.monotonic()
+        if self.alive() or now < self._restart_at:
+            return False
+        self.restarts += 1
+        self._restart_at = now + min(2.0 ** (self.restarts - 1), 60.0)
+        log.error("thread %s had stopped: restarted (restart %d)", self.name, self.restarts)
+        self.start()
+        return True
+
+
+# ── Syncer ───────────────────────────────────────────────────────────────────
 
 
 class Syncer:
