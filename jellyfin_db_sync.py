@@ -1855,6 +1855,16 @@ class ServerVersion:
         return self.before(10, 9)
 
     @property
+    def sets_positions(self) -> bool:
+        """A resume position can be written with an API key (/UserData, 10.9+; JELLYFIN.md §2)."""
+        return not self.legacy
+
+    @property
+    def removes_playlist_entries(self) -> bool:
+        """DELETE /Playlists/{id}/Items accepts an API key from 10.11 on (JELLYFIN.md §2)."""
+        return not self.before(10, 11)
+
+    @property
     def limits(self) -> list[str]:
         """What this version cannot do with an API key, in words for the dashboard."""
         out = []
@@ -1868,7 +1878,7 @@ class ServerVersion:
                 "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a user "
                 "sees counts as theirs"
             )
-        if self.before(10, 11):
+        if not self.removes_playlist_entries:
             out.append("Before 10.11: playlist entries cannot be removed with an API key")
         return out
 
@@ -2108,7 +2118,7 @@ class JellyfinClient:
         self.request("POST", f"/Playlists/{playlist_id}/Items", {"ids": ",".join(ids), "userId": user_id})
 
     def remove_from_playlist(self, playlist_id: str, entry_ids: list[str]) -> None:
-        if self.ensure_version().before(10, 11):
+        if not self.ensure_version().removes_playlist_entries:
             raise SyncError("Jellyfin before 10.11 cannot remove playlist entries with an API key")
         self.request("DELETE", f"/Playlists/{playlist_id}/Items", {"entryIds": ",".join(entry_ids)})
 
@@ -2754,7 +2764,7 @@ class WatchStateWriter:
         """One job; ``current`` is the target's UserItemDataDto, read once for the whole group."""
         client = self.clients[job.target]
         version = client.ensure_version()
-        if job.field == "position" and version.legacy:
+        if job.field == "position" and not version.sets_positions:
             raise SyncError("Jellyfin 10.8 cannot set a resume position with an API key")
         known = self.store.get_state(job.target, job.user_key, item.item_id)
         if job.field in known and known[job.field][1] > job.observed_at:
