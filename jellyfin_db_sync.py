@@ -1652,16 +1652,15 @@ class Store:
 
     @staticmethod
     def _write_states(c: sqlite3.Connection, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
-        for server, user_key, item_id, fld, value, at in rows:
-            if at is None:
-                old = c.execute(
-                    "SELECT observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
-                    (server, user_key, item_id, fld),
-                ).fetchone()
-                at = old[0] if old else 0.0
-            c.execute(
-                "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
-                (server, user_key, item_id, fld, json.dumps(value), at),
+        moved = [(s, u, i, f, json.dumps(v), at) for s, u, i, f, v, at in rows if at is not None]
+        kept = [(s, u, i, f, json.dumps(v)) for s, u, i, f, v, at in rows if at is None]
+        if moved:
+            c.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)", moved)
+        if kept:  # a read says nothing about when: the value changes, its time stays
+            c.executemany(
+                "INSERT INTO state VALUES (?, ?, ?, ?, ?, 0.0) "
+                "ON CONFLICT (server, user_key, item_id, field) DO UPDATE SET value = excluded.value",
+                kept,
             )
 
     @staticmethod
@@ -2795,7 +2794,9 @@ class WatchStateWriter:
         if written:
             current.update(written)  # the write answers with the new state: no re-read needed
             current[_KNOWN] = True
-            rows = self.store.state_rows(job.target, job.user_key, item.item_id, read_fields(written), observed)
+            # Recorded before the write already; only what the server did otherwise is news.
+            surprise = {f: v for f, v in read_fields(written).items() if expected.get(f) != v}
+            rows = self.store.state_rows(job.target, job.user_key, item.item_id, surprise, observed)
         log.info(
             '%s: %s ✓ %s "%s" (from %s)', job.target, job.username, describe(job.field, want), job.item_name, job.source
         )
