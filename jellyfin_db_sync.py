@@ -926,6 +926,138 @@ CREATE TABLE IF NOT EXISTS passwords (
 """
 
 
+# The older jellyfin-db-sync (0.0.x) kept its data in the same file by default
+# (/data/jellyfin-db-sync.db): these tables (seed-compat.md in the project's notes).
+OLDER_TABLES = ("user_mappings", "sync_log", "pending_events", "item_path_cache")
+# Its change kinds (pending_events.event_type) → our field and how to read the value.
+OLDER_FIELDS: dict[str, tuple[str, Any]] = {
+    "watched": ("played", lambda d: bool(d.get("is_played"))),
+    "progress": ("position", lambda d: int(d.get("position_ticks") or 0)),
+    "favorite": ("favorite", lambda d: bool(d.get("is_favorite"))),
+    "likes": ("likes", lambda d: d.get("likes") if d.get("likes") in (True, False) else None),
+    "rating": ("likes", lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING),
+}
+MIGRATED_EVENT = "Migrated"  # the inbox event type of a change the older program still owed
+
+
+def _statements(script: str) -> list[str]:
+    """An SQL script's statements, one by one (SQLite's own tokenizer says where each ends)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf)
+            buf = ""
+    return out
+
+
+def _older_program_tables(conn: sqlite3.Connection) -> bool:
+    """The file is the older program's: its queue table is there, and no meta table of ours."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return "pending_events" in names and "meta" not in names
+
+
+class OlderDatabase:
+    """Moves the older program's file over to this schema, once: the file is first copied
+    beside itself (a dated backup that is never deleted), then what still means something is
+    carried over — every change it still owed (pending_events) as an inbox row the Planner turns
+    into jobs like any webhook, and its sync history — and its tables make way for ours, all in
+    one transaction: a crash half-way leaves the file as it was."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection):
+        self.path = path
+        self.conn = conn
+
+    def migrate(self) -> None:
+        backup = f"{self.path}.older-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.bak"
+        copy = sqlite3.connect(backup)
+        try:
+            self.conn.backup(copy)
+        finally:
+            copy.close()
+        owed, skipped = self._owed()
+        history = self._history()
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for table in OLDER_TABLES:
+                c.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
+                c.execute(statement)
+            c.executemany("INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed)
+            c.executemany(
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, result, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                history,
+            )
+            summary = {"backup": backup, "owed": len(owed), "skipped": skipped, "history": len(history), "at": utcnow()}
+            c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            c.execute("INSERT INTO meta VALUES ('migrated_from_older', ?)", (json.dumps(summary),))
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        log.info(
+            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed change(s) "
+            "(%d of kinds this program does not sync: %s) and %d history line(s)",
+            self.path,
+            backup,
+            len(owed),
+            sum(skipped.values()),
+            ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) or "none",
+            len(history),
+        )
+
+    def _owed(self) -> tuple[list[tuple], dict[str, int]]:
+        """Its unfinished queue, as inbox rows (server, event, received_at, body)."""
+        rows = self.conn.execute(
+            "SELECT event_type, source_server, target_server, username, item_id, item_name, event_data, created_at"
+            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', 'waiting_for_item') ORDER BY id"
+        ).fetchall()
+        owed, skipped = [], {}
+        for kind, source, target, username, item_id, item_name, data, created in rows:
+            try:
+                field, read = OLDER_FIELDS[kind]
+                value = read(json.loads(data or "{}"))
+            except (KeyError, ValueError, TypeError):
+                skipped[kind] = skipped.get(kind, 0) + 1
+                continue
+            when = parse_time(str(created)) or utcnow()
+            body = {
+                "NotificationType": MIGRATED_EVENT,
+                "UtcTimestamp": format_time(when),
+                "Target": target,
+                "NotificationUsername": username,
+                "ItemId": normalise_id(item_id),
+                "Name": item_name,
+                "Field": field,
+                "Value": value,
+            }
+            owed.append((source, MIGRATED_EVENT, when, json.dumps(body)))
+        return owed, skipped
+
+    def _history(self) -> list[tuple]:
+        """Its sync log, in our columns (its event kinds and success flag as our field and result)."""
+        rows = self.conn.execute(
+            "SELECT created_at, source_server, target_server, username, item_name, event_type, synced_value, success,"
+            " message FROM sync_log ORDER BY id"
+        ).fetchall()
+        return [
+            (
+                parse_time(str(created)) or 0.0,
+                source,
+                target,
+                username,
+                item_name or "",
+                OLDER_FIELDS.get(kind, (kind,))[0],
+                value,
+                "ok" if success else "failed",
+                message,
+            )
+            for created, source, target, username, item_name, kind, value, success, message in rows
+        ]
+
+
 @dataclass(frozen=True)
 class Job:
     id: int
@@ -1205,6 +1337,9 @@ class Store:
                     f"{path} was written by a newer jellyfin-db-sync (schema {version}, this "
                     f"program knows {SCHEMA_VERSION}): upgrade the program, or use a backup."
                 )
+            if not found and _older_program_tables(conn):
+                OlderDatabase(path, conn).migrate()
+                return
             conn.executescript(SCHEMA)  # every statement is CREATE … IF NOT EXISTS
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -1775,6 +1910,11 @@ class Store:
     def get_meta(self, key: str) -> str | None:
         rows = self._rows("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else None
+
+    def migration(self) -> dict | None:
+        """What was carried over from the older program's file, if it was (OlderDatabase)."""
+        raw = self.get_meta("migrated_from_older")
+        return json.loads(raw) if raw else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as c:
@@ -3188,7 +3328,36 @@ class Syncer:
             return [], [server] if woke else []
         if ntype in USER_EVENTS:
             return self._account_change(server, ev), []
+        if ntype == MIGRATED_EVENT:
+            return self._owed_by_older_program(server, ev, observed), []
         return self._observations(row, ev, observed), []
+
+    def _owed_by_older_program(self, server: str, ev: dict, observed: float) -> list[Observation]:
+        """A change the older program acknowledged and still owed (see OlderDatabase): an order
+        for its target, applied like any other (only what differs is written)."""
+        key = self.config.person(server, ev["NotificationUsername"])
+        target = ev["Target"]
+        if (
+            self.config.server(target) is None
+            or not self.config.user_synced(key)
+            or not self.config.sync.enabled(ev["Field"])
+        ):
+            return []
+        return [
+            Observation(
+                server,
+                key,
+                ev["NotificationUsername"],
+                ev["ItemId"],
+                ev.get("Name") or ev["ItemId"],
+                ev["Field"],
+                ev["Value"],
+                observed,
+                (target,),
+                {"event": "migrated", "last_played": observed if ev["Field"] == "played" else None},
+                kind="order",
+            )
+        ]
 
     def _observations(self, row: InboxRow, ev: dict, observed: float) -> list[Observation]:
         """What a watch-state webhook reports, one Observation per field we sync."""
@@ -4463,6 +4632,7 @@ class Web:
                 },
                 "warnings": security_warnings(self.config),
                 "problems": problems,
+                "migration": self.store.migration(),
                 "dry_run": self.config.sync.dry_run,
                 "reconcile": None if self.reconciler is None else self.reconciler.progress,
             }

@@ -2348,6 +2348,96 @@ def test_damaged_newer_and_older_databases_are_handled(tmp_path, fake_servers):
     store.close()
 
 
+# The older jellyfin-db-sync's schema, exactly as it creates it (seed-compat.md).
+OLDER_SCHEMA = """
+CREATE TABLE user_mappings (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL,
+    server_name TEXT NOT NULL, jellyfin_user_id TEXT NOT NULL,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    UNIQUE(username, server_name));
+CREATE INDEX idx_user_mappings_username ON user_mappings(username);
+CREATE TABLE sync_log (id INTEGER PRIMARY KEY AUTOINCREMENT, event_type TEXT NOT NULL,
+    source_server TEXT NOT NULL, target_server TEXT NOT NULL, username TEXT NOT NULL, item_id TEXT,
+    item_name TEXT, synced_value TEXT, success BOOLEAN NOT NULL, message TEXT,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE INDEX idx_sync_log_created_at ON sync_log(created_at DESC);
+CREATE INDEX idx_sync_log_filters ON sync_log(source_server, target_server, event_type);
+CREATE INDEX idx_sync_log_item_name ON sync_log(item_name);
+CREATE INDEX idx_sync_log_success ON sync_log(success);
+CREATE TABLE pending_events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_type TEXT NOT NULL,
+    source_server TEXT NOT NULL, target_server TEXT NOT NULL, username TEXT NOT NULL,
+    user_id TEXT NOT NULL, item_id TEXT NOT NULL, item_name TEXT NOT NULL, item_path TEXT,
+    provider_imdb TEXT, provider_tmdb TEXT, provider_tvdb TEXT, event_data TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL DEFAULT 'pending', retry_count INTEGER NOT NULL DEFAULT 0,
+    max_retries INTEGER NOT NULL DEFAULT 5, last_error TEXT,
+    item_not_found_count INTEGER NOT NULL DEFAULT 0, item_not_found_max INTEGER NOT NULL DEFAULT 0,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    next_retry_at TIMESTAMP);
+CREATE INDEX idx_pending_events_status ON pending_events(status, next_retry_at);
+CREATE INDEX idx_pending_events_dedup ON pending_events(event_type, target_server, username, item_id, status);
+CREATE INDEX idx_pending_events_updated ON pending_events(status, updated_at);
+CREATE TABLE item_path_cache (id INTEGER PRIMARY KEY AUTOINCREMENT, server_name TEXT NOT NULL,
+    item_path TEXT NOT NULL, item_id TEXT NOT NULL, item_name TEXT,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    UNIQUE(server_name, item_path));
+"""
+
+
+def older_database(path: Path, home: FakeJellyfin) -> None:
+    """The older program's file, as a user switching from it has it: WAL, owed changes, history."""
+    conn = jds.sqlite3.connect(str(path))
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(OLDER_SCHEMA)
+    uid = home.user("alice")
+    owed = [
+        ("watched", "parents", "Arrival", {"is_played": True}, "pending"),
+        ("favorite", "public", "Dune", {"is_favorite": True}, "failed"),
+        ("progress", "parents", "Heat", {"position_ticks": 42 * 10**7}, "waiting_for_item"),
+        ("audio_stream", "parents", "Heat", {"audio_stream_index": 1}, "pending"),
+        ("watched", "public", "Heat", {"is_played": True}, "completed"),  # done: nothing owed
+    ]
+    for kind, target, item, data, status in owed:
+        conn.execute(
+            "INSERT INTO pending_events (event_type, source_server, target_server, username, user_id, item_id,"
+            " item_name, event_data, status) VALUES (?, 'home', ?, 'alice', ?, ?, ?, ?, ?)",
+            (kind, target, uid, str(uuid.UUID(home.item(item))), item, json.dumps(data), status),
+        )
+    conn.execute(
+        "INSERT INTO sync_log (event_type, source_server, target_server, username, item_name, synced_value, success,"
+        " message) VALUES ('watched', 'home', 'parents', 'alice', 'Alien', 'True', 1, 'synced')"
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_the_older_programs_database_is_carried_over_once(cluster, caplog):
+    caplog.set_level("INFO", logger="jellyfin_db_sync")
+    c = cluster(start=False)
+    db = c.tmp / "sync.db"
+    older_database(db, c["home"])
+    c.start()
+    parents, public = c["parents"], c["public"]
+    eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="an owed played change")
+    eventually(lambda: public.ud("Alice", "Dune")["IsFavorite"], what="an owed favourite")
+    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == 42 * 10**7, what="an owed position")
+    assert not public.ud("Alice", "Heat")["Played"], "a finished change is not owed"
+    backups = list(c.tmp.glob("sync.db.older-*.bak"))
+    assert len(backups) == 1
+    old = jds.sqlite3.connect(str(backups[0]))
+    assert old.execute("SELECT count(*) FROM pending_events").fetchone()[0] == 5, "the backup is the file as it was"
+    old.close()
+    assert "older jellyfin-db-sync" in caplog.text and "carried over 3 owed change(s)" in caplog.text
+    assert "audio_stream 1" in caplog.text
+    log_entries = c.svc.call("GET", "/api/sync-log?result=ok&limit=500")[1]["entries"]
+    assert any(e["item_name"] == "Alien" for e in log_entries), "the history came along"
+    status = c.svc.call("GET", "/api/status")[1]
+    assert status["migration"]["owed"] == 3 and status["migration"]["backup"].endswith(".bak")
+    c.svc.stop()
+    caplog.clear()
+    c.start()  # a second start finds nothing left to migrate
+    assert "older jellyfin-db-sync" not in caplog.text
+    assert len(list(c.tmp.glob("sync.db.older-*.bak"))) == 1
+
+
 def test_online_backup_and_retention(cluster):
     c = cluster()
     c["home"].user_marks("alice", "Dune", True)
