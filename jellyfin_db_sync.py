@@ -34,6 +34,7 @@ import argparse
 import base64
 import bisect
 import dataclasses
+import difflib
 import functools
 import hmac
 import http.client
@@ -291,10 +292,10 @@ SETTINGS: tuple[Setting, ...] = (
         "logging.level",
         "choice",
         "INFO",
-        "DEBUG, INFO, WARNING or ERROR",
+        "DEBUG, INFO, WARNING, ERROR or CRITICAL",
         "JDS_LOG_LEVEL",
         "log_level",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
     ),
     Setting("sync.playback_progress", "bool", True, "sync resume positions"),
     Setting("sync.watched_status", "bool", True, "sync played / unplayed"),
@@ -336,6 +337,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reconcile.interval_minutes", "float", 360.0, "then every N minutes (0: on demand only)"),
 )
 SETTING = {s.key: s for s in SETTINGS}
+# Other names the older jellyfin-db-sync accepted for a choice: Python's level names, and journal
+# modes SQLite has but a durable queue must not use (MEMORY, OFF: WAL is kept, with a warning).
+CHOICE_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "NOTSET": "DEBUG", "MEMORY": "WAL", "OFF": "WAL"}
 SECTIONS = ("servers", "sync", "users", "reconcile", "path_sync_policy", "database", "server", "logging")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
@@ -435,6 +439,7 @@ class Config:
     retention_days: float = _default("database.retention_days")
     log_level: str = _default("logging.level")
     source: str = "<defaults>"
+    warnings: tuple[str, ...] = ()  # what was accepted but should be mended (unknown keys, …)
 
     def person(self, server: str, username: str) -> str:
         """The key of the person behind ``username`` on ``server``: the case-folded name, or for
@@ -666,8 +671,9 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected text, got {value!r}")
     text = str(value)
     if kind == "choice":
+        wanted = CHOICE_ALIASES.get(text.strip().upper(), text.strip())
         for choice in setting.choices:
-            if text.strip().lower() == choice.lower():
+            if wanted.lower() == choice.lower():
                 return choice
         raise ConfigError(f"{where}: one of {', '.join(setting.choices)}")
     if kind == "cpu":
@@ -707,9 +713,10 @@ def _number(setting: Setting, value: Any, where: str) -> int | float:
     return value if whole else float(value)
 
 
-def _settings_in(data: dict, src: str) -> dict[str, Any]:
-    """{setting key: raw value} of every table setting the file's sections hold; an unknown
-    key is an error naming it."""
+def _settings_in(data: dict, src: str, warnings: list[str]) -> dict[str, Any]:
+    """{setting key: raw value} of every table setting the file's sections hold; an unknown key
+    is ignored with a warning naming it (the older program ignored them silently; --check-config
+    calls them errors, so a typo is still caught where people look)."""
     found: dict[str, Any] = {}
     for section in ("sync", "users", "reconcile", "database", "server", "logging"):
         raw = data.get(section) or {}
@@ -723,10 +730,17 @@ def _settings_in(data: dict, src: str) -> dict[str, Any]:
                 found.update(_auth_values(value, src))
                 continue
             if path not in SETTING:
-                known = ", ".join(s.key.split(".")[1] for s in SETTINGS if s.key.startswith(section + "."))
-                raise ConfigError(f"{src}: {path}: unknown key (known: {known})")
+                warnings.append(_unknown_key(src, path, [s.key for s in SETTINGS if s.key.startswith(section + ".")]))
+                continue
             found[path] = value
     return found
+
+
+def _unknown_key(src: str, key: str, known: list[str]) -> str:
+    """The warning for a key we do not know, with the closest one we do ("did you mean …")."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"known here: {', '.join(k.rsplit('.', 1)[-1] for k in known)}"
+    return f"{src}: {key}: unknown key, ignored — {hint}"
 
 
 def _auth_values(value: Any, src: str) -> dict[str, Any]:
@@ -741,15 +755,17 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
     """A Config from the file's (and the environment's) data; every error names the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: the top level must be a mapping of sections (servers:, sync:, …)")
-    for key in data:
-        if key not in SECTIONS:
-            raise ConfigError(f"{src}: {key}: unknown key (known: {', '.join(SECTIONS)})")
+    warnings = [_unknown_key(src, str(key), list(SECTIONS)) for key in data if key not in SECTIONS]
     values = {s.key: s.default for s in SETTINGS}
-    for key, raw in _settings_in(data, src).items():
+    for key, raw in _settings_in(data, src, warnings).items():
         values[key] = _coerce(SETTING[key], raw, f"{src}: {key}")
+        if SETTING[key].kind == "choice" and str(raw).strip().upper() in ("MEMORY", "OFF"):
+            warnings.append(f"{src}: {key}: {raw} would lose acknowledged webhooks in a crash; WAL is used")
     if bool(values["server.auth.username"]) != bool(values["server.auth.password"]):
         raise ConfigError(f"{src}: server.auth: set both username and password, or leave auth out")
-    servers = _parse_servers(data.get("servers"), src)
+    servers = _parse_servers(data.get("servers"), src, warnings)
+    if len(servers) < 2:
+        warnings.append(f"{src}: servers: {len(servers)} server(s): nothing to sync until there are two or more")
     nested = {
         name: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})
         for name, cls in (("sync", SyncConfig), ("reconcile", ReconcileConfig))
@@ -760,16 +776,19 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
     return Config(
         servers=servers,
         users=UsersConfig(**users),
-        path_sync_policy=_parse_policies(data.get("path_sync_policy"), src),
+        path_sync_policy=_parse_policies(data.get("path_sync_policy"), src, warnings),
         source=src,
+        warnings=tuple(warnings),
         **nested,
         **top,
     )
 
 
-def _parse_servers(raw: Any, src: str) -> tuple[ServerConfig, ...]:
-    if not isinstance(raw, list) or len(raw) < 2:
-        raise ConfigError(f"{src}: servers: list at least two Jellyfin servers (name, url, api_key)")
+def _parse_servers(raw: Any, src: str, warnings: list[str]) -> tuple[ServerConfig, ...]:
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{src}: servers: a list of Jellyfin servers (name, url, api_key)")
     servers: list[ServerConfig] = []
     for i, entry in enumerate(raw):
         at = f"{src}: servers[{i}]"
@@ -777,7 +796,7 @@ def _parse_servers(raw: Any, src: str) -> tuple[ServerConfig, ...]:
             raise ConfigError(f"{at}: each server is a mapping with name, url and api_key")
         for key in entry:
             if key not in _SERVER_KEYS:
-                raise ConfigError(f"{at}.{key}: unknown key (known: {', '.join(sorted(_SERVER_KEYS))})")
+                warnings.append(_unknown_key(src, f"servers[{i}].{key}", sorted(_SERVER_KEYS)))
         for key in ("name", "url", "api_key"):
             if entry.get(key) in (None, ""):
                 raise ConfigError(f"{at}.{key}: missing")
@@ -808,7 +827,7 @@ def _parse_server(entry: dict, at: str, seen: set[str]) -> ServerConfig:
     return ServerConfig(name, url, api_key, passwordless, path_map, token)
 
 
-def _parse_policies(raw: Any, src: str) -> tuple[PathPolicy, ...]:
+def _parse_policies(raw: Any, src: str, warnings: list[str]) -> tuple[PathPolicy, ...]:
     policies = []
     for i, entry in enumerate(raw or []):
         at = f"{src}: path_sync_policy[{i}]"
@@ -816,7 +835,7 @@ def _parse_policies(raw: Any, src: str) -> tuple[PathPolicy, ...]:
             raise ConfigError(f"{at}: each policy needs a prefix")
         for key in entry:
             if key not in _POLICY_KEYS:
-                raise ConfigError(f"{at}.{key}: unknown key (known: {', '.join(sorted(_POLICY_KEYS))})")
+                warnings.append(_unknown_key(src, f"path_sync_policy[{i}].{key}", sorted(_POLICY_KEYS)))
         count = _coerce(Setting("", "int", 0, ""), entry.get("absent_retry_count", 0), f"{at}.absent_retry_count")
         if count < -1:
             raise ConfigError(f"{at}.absent_retry_count: -1 (forever), 0 (no retry) or a positive count")
@@ -4947,7 +4966,8 @@ def create_app(
 
 
 def security_warnings(config: Config) -> list[str]:
-    out = []
+    """What the dashboard warns about: the configuration's own warnings, then open doors."""
+    out = [f"Configuration: {w}" for w in config.warnings]
     open_hooks = config.open_webhooks()
     if len(open_hooks) == len(config.servers):
         out.append("No server.webhook_token set: anyone on the network can post webhooks.")
@@ -5271,7 +5291,11 @@ def setting_value(config: Config, setting: Setting) -> Any:
 
 def check_config(config: Config) -> int:
     """--check-config: print the effective config (secrets masked) and test every server."""
-    print(f"configuration from {config.source}: valid")
+    for warning in config.warnings:
+        print(f"✗ {warning}")
+    print(
+        f"configuration from {config.source}: " + ("valid" if not config.warnings else "usable, with the errors above")
+    )
     shown = masked(config)
     for srv in shown["servers"]:
         print(
@@ -5295,7 +5319,7 @@ def check_config(config: Config) -> int:
             failures += 1
             hint = " — the API key was refused" if e.status == 401 else ""
             print(f"✗ {s.name}: {e}{hint}")
-    return 1 if failures else 0
+    return 1 if failures or config.warnings else 0
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -5362,6 +5386,8 @@ def serve(config: Config) -> int:
         print(f"jellyfin-db-sync: {e}", file=sys.stderr)
         return 1
     server = service.make_server()
+    for warning in config.warnings:
+        log.warning("configuration: %s", warning)
     open_hooks = config.open_webhooks()
     if open_hooks:
         log.warning(

@@ -2530,8 +2530,6 @@ def run_cli(*args, env=None, timeout=20):
         (lambda d: d["servers"][1].pop("api_key"), "servers[1].api_key"),
         (lambda d: d["servers"][1].update(name=d["servers"][0]["name"]), "servers[1].name"),
         (lambda d: d["servers"][0].update(url="jellyfin.local:8096"), "servers[0].url"),
-        (lambda d: d["sync"].update(watched=True), "sync.watched"),
-        (lambda d: d.update(extra={}), "extra"),
         (lambda d: d["sync"].update(max_retries="five"), "sync.max_retries"),
         (lambda d: d.update(server={"cpu": "fast"}), "server.cpu"),
         (lambda d: d.update(server={"webhook_token": "short"}), "server.webhook_token"),
@@ -2556,6 +2554,98 @@ def test_config_errors_name_the_key_and_exit_2(tmp_path, mutate, key):
     res = run_cli("--config", str(path))
     assert res.returncode == 2
     assert key in res.stderr and str(path) in res.stderr and "Traceback" not in res.stderr
+
+
+def older_example(fakes: list[FakeJellyfin], tmp_path: Path) -> str:
+    """The older jellyfin-db-sync's example config (its keys and values), with real servers."""
+    return f"""
+servers:
+  - name: {fakes[0].name}
+    url: {fakes[0].url}
+    api_key: {fakes[0].api_key}
+    passwordless: false
+  - name: {fakes[1].name}
+    url: {fakes[1].url}
+    api_key: {fakes[1].api_key}
+    passwordless: true
+sync:
+  playback_progress: true
+  watched_status: true
+  favorites: true
+  ratings: true
+  playlists: true
+  likes: true
+  play_count: true
+  last_played_date: true
+  audio_stream: true
+  subtitle_stream: true
+  progress_debounce_seconds: 30
+  worker_interval_seconds: 5.0
+  max_retries: 5
+  dry_run: false
+path_sync_policy:
+  - prefix: /mnt/nfs/movies
+    absent_retry_count: 10
+    retry_delay_seconds: 600
+  - prefix: /mnt/nfs/tv
+    absent_retry_count: -1
+    retry_delay_seconds: 300
+  - prefix: /mnt/nfs/music
+    absent_retry_count: 0
+database:
+  path: {tmp_path / "older.db"}
+  journal_mode: WAL
+server:
+  host: 0.0.0.0
+  port: {free_port()}
+logging:
+  level: INFO
+"""
+
+
+def test_the_older_programs_configs_start_and_check_clean(tmp_path, fake_servers):
+    fakes = fake_servers("wan", "lan")
+    path = tmp_path / "older.yaml"
+    path.write_text(older_example(fakes, tmp_path))
+    res = run_cli("--check-config", "--config", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    cfg = jds.load_config(path, {})
+    assert cfg.warnings == () and cfg.sync.progress_debounce_seconds == 30
+    # Its README's shorter example is a subset of the same keys.
+    short = "\n".join(line for line in path.read_text().splitlines() if "stream" not in line and "dry_run" not in line)
+    path.write_text(short)
+    assert run_cli("--check-config", "--config", str(path)).returncode == 0
+    port = jds.load_config(path, {}).port
+    proc = start_process(path, port)
+    shut_down(proc, [])
+    assert proc.returncode == 0
+
+
+def test_configs_the_older_program_accepted_are_accepted_with_the_same_meaning(tmp_path):
+    import yaml
+
+    data = {
+        "servers": [{"name": "only", "url": "http://127.0.0.1:1", "api_key": "k", "passwordless": "true"}],
+        "server": {"port": "8080", "host": "0.0.0.0"},
+        "sync": {"dry_run": "false", "max_retries": "7", "progress_debounce_seconds": "12.5"},
+        "database": {"path": str(tmp_path / "x.db"), "journal_mode": "MEMORY"},
+        "logging": {"level": "critical"},
+        "extra": {},
+    }
+    data["sync"]["watched"] = True
+    path = tmp_path / "lax.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = jds.load_config(path, {})
+    assert cfg.servers[0].passwordless is True and cfg.port == 8080 and cfg.sync.max_retries == 7
+    assert cfg.sync.dry_run is False and cfg.sync.progress_debounce_seconds == 12.5
+    assert (cfg.log_level, cfg.journal_mode) == ("CRITICAL", "WAL")
+    text = "\n".join(cfg.warnings)
+    assert "sync.watched: unknown key, ignored — did you mean sync.watched_status?" in text
+    assert "extra: unknown key" in text and "MEMORY" in text and "nothing to sync" in text
+    # --check-config calls them errors (exit 1), naming each key, so a typo is still caught there.
+    res = run_cli("--check-config", "--config", str(path))
+    assert res.returncode == 1 and "sync.watched" in res.stdout and "did you mean" in res.stdout
+    assert "Traceback" not in res.stderr
 
 
 def filled_example(tmp_path: Path) -> Path:
