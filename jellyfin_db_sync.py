@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import collections
 import dataclasses
 import difflib
 import functools
@@ -1136,6 +1137,7 @@ class LogEntry:
     result: str
     detail: str | None
     job_id: int | None
+    item_id: str | None = None  # the source's item id (from the job), where it is still known
 
 
 @dataclass(frozen=True)
@@ -1941,30 +1943,39 @@ class Store:
 
     # sync log and stats
     def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[LogEntry], int]:
+        """The log, newest first, filtered (username and item_name: a part, any case)."""
         where, args = [], []
-        if filters.get("username"):  # a part of the name, any case: what a person types
-            where.append("username LIKE ?")
-            args.append("%" + filters["username"].replace("%", "").replace("_", "") + "%")
+        for col in ("username", "item_name"):
+            if filters.get(col):  # what a person types
+                where.append(f"l.{col} LIKE ?")
+                args.append("%" + filters[col].replace("%", "").replace("_", "") + "%")
         if filters.get("result") == "changes":  # what a person means by "what happened"
-            where.append("result IN ('ok', 'failed', 'skipped', 'absent', 'dry_run')")
+            where.append("l.result IN ('ok', 'failed', 'skipped', 'absent', 'dry_run')")
             filters = {**filters, "result": None}
         for col in ("source", "target", "result", "field"):
             if filters.get(col):
-                where.append(f"{col} = ?")
+                where.append(f"l.{col} = ?")
                 args.append(filters[col])
+        if filters.get("success") is not None:
+            where.append(("" if filters["success"] else "NOT ") + "l.result IN ('ok', 'noop', 'stale', 'dry_run')")
         if filters.get("server"):
-            where.append("(source = ? OR target = ?)")
+            where.append("(l.source = ? OR l.target = ?)")
             args += [filters["server"], filters["server"]]
         if filters.get("since"):
-            where.append("at >= ?")
+            where.append("l.at >= ?")
             args.append(filters["since"])
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        total = self._rows(f"SELECT count(*) FROM sync_log {clause}", tuple(args))[0][0]
-        columns = ", ".join(f.name for f in dataclasses.fields(LogEntry))
+        total = self._rows(f"SELECT count(*) FROM sync_log l {clause}", tuple(args))[0][0]
+        columns = ", ".join(f"l.{f.name}" for f in dataclasses.fields(LogEntry) if f.name != "item_id")
         rows = self._rows(
-            f"SELECT {columns} FROM sync_log {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+            f"SELECT {columns}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = l.job_id "
+            f"{clause} ORDER BY l.id DESC LIMIT ? OFFSET ?",
+            (*args, limit, offset),
         )
         return [LogEntry(*r) for r in rows], total
+
+    def count_log(self) -> int:
+        return self._rows("SELECT count(*) FROM sync_log")[0][0]
 
     def sync_stats(self) -> dict[str, Any]:
         rows = self._rows("SELECT result, count(*), max(at) FROM sync_log GROUP BY result")
@@ -4236,23 +4247,11 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def job_json(job: Job) -> dict:
-    return {
-        "id": job.id,
-        "event_type": job.extra.get("event"),
-        "field": job.field,
-        "source_server": job.source,
-        "target_server": job.target,
-        "username": job.username,
-        "item_name": job.item_name,
-        "value": job.value,
-        "status": job.status,
-        "retry_count": job.attempts,
-        "item_not_found_count": job.absent_count,
-        "last_error": job.last_error,
-        "created_at": format_time(job.queued_at),
-        "next_retry_at": format_time(job.due_at),
-    }
+# The older jellyfin-db-sync's words, kept in the keys it had (its API is a subset of ours):
+# its event types for our fields, and its queue statuses for our job states.
+OLDER_EVENT_TYPES = {"played": "watched", "position": "progress", "favorite": "favorite", "likes": "likes"}
+OLDER_STATUSES = {"running": "processing", "waiting": "waiting_for_item", "skipped": "failed", "done": "completed"}
+DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
 
 
 class SignIns:
@@ -4469,7 +4468,13 @@ class Web:
     def _routes(self, bottle: Any) -> None:
         a = self.app
         a.route("/webhook/<server_name>", "POST", self.webhook, webhook=True)
+        a.route("/webhook/<server_name>/", "POST", self.webhook, webhook=True)  # as the older program took it
         a.route("/webhook/test", "GET", self.webhook_test)
+        a.route(
+            "/webhook/queue",
+            "GET",
+            lambda: send({k: self.queue_status()[k] for k in ("pending_events", "worker_running")}),
+        )
         a.route("/healthz", "GET", self.healthz, open=True)
         a.route("/readyz", "GET", self.readyz, open=True)
         a.route("/login", "GET", self.login_page, open=True)
@@ -4597,6 +4602,7 @@ class Web:
 
     def servers_status(self) -> list[dict]:
         last = self.store.last_event_at()
+        users = collections.Counter(u.server for u in self.store.all_users())
         out = []
         for s in self.config.servers:
             h = self.syncer.health[s.name]
@@ -4612,6 +4618,7 @@ class Web:
                     "version": h["version"],
                     "latency_ms": h["latency_ms"],
                     "limits": version.limits if version else [],
+                    "user_count": users[s.name],
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
                 }
@@ -4637,11 +4644,7 @@ class Web:
                 "uptime_seconds": round(utcnow() - self.started_at, 1),
                 "servers": servers,
                 "queue": queue,
-                "database": {
-                    "connected": True,
-                    "item_cache_by_server": self.store.count_items(),
-                    "database_size_bytes": _db_size(self.store.path),
-                },
+                "database": self.database_status(queue),
                 "sync_stats": {
                     "total_synced": sum(by.values()),
                     "successful": by.get("ok", 0),
@@ -4657,10 +4660,47 @@ class Web:
             }
         )
 
+    def database_status(self, queue: dict) -> dict:
+        items = self.store.count_items()
+        return {
+            "connected": True,
+            "item_cache_by_server": items,
+            "item_cache_total": sum(items.values()),
+            "pending_events_count": queue["pending_events"],
+            "sync_log_entries": self.store.count_log(),
+            "user_mappings_count": len(self.store.all_users()),
+            "database_size_bytes": _db_size(self.store.path),
+        }
+
     # queue
     def api_jobs(self, statuses: tuple[str, ...]) -> str:
         limit, offset = _limit_offset()
-        return send([job_json(r) for r in self.store.jobs_by_status(statuses, limit, offset)])
+        return send([self.job_json(job) for job in self.store.jobs_by_status(statuses, limit, offset)])
+
+    def job_json(self, job: Job) -> dict:
+        """A queued change: the older program's keys and words, and ours beside them."""
+        item = self.store.get_item(job.source, job.source_item_id)
+        path = item.path_key if item else None
+        return {
+            "id": job.id,
+            "event_type": OLDER_EVENT_TYPES.get(job.field, job.field),
+            "event": job.extra.get("event"),
+            "field": job.field,
+            "source_server": job.source,
+            "target_server": job.target,
+            "username": job.username,
+            "item_name": job.item_name,
+            "item_path": path,
+            "value": job.value,
+            "status": OLDER_STATUSES.get(job.status, job.status),
+            "state": job.status,
+            "retry_count": job.attempts,
+            "item_not_found_count": job.absent_count,
+            "item_not_found_max": self.config.policy_for(path or "").absent_retry_count,
+            "last_error": job.last_error,
+            "created_at": format_time(job.queued_at),
+            "next_retry_at": format_time(job.due_at),
+        }
 
     def api_retry(self, job_id: int) -> str:
         ok = job_id <= INT64_MAX and self.store.retry_job(job_id)
@@ -4707,11 +4747,41 @@ class Web:
         import bottle
 
         limit, offset = _limit_offset()
-        q = bottle.request.query
-        filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field")}
+        filters = self._log_filters(bottle.request.query)
         rows, total = self.store.sync_log(limit, offset, **filters)
-        entries = [{**dataclasses.asdict(r), "at": format_time(r.at)} for r in rows]
-        return send({"entries": entries, "total": total, "limit": limit, "offset": offset})
+        return send({"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+
+    @staticmethod
+    def _log_filters(q: Any) -> dict:
+        """Our filters, and the older program's names for them (source_server, event_type, …)."""
+        fields = {v: k for k, v in OLDER_EVENT_TYPES.items()}
+        filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field", "item_name")}
+        filters["source"] = filters["source"] or q.get("source_server")
+        filters["target"] = filters["target"] or q.get("target_server")
+        if q.get("event_type"):
+            filters["field"] = fields.get(q.get("event_type"), q.get("event_type"))
+        if q.get("success") in ("true", "false", "1", "0"):
+            filters["success"] = q.get("success") in ("true", "1")
+        if q.get("since_minutes"):
+            try:
+                filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
+            except ValueError:
+                raise bottle_error(400, "since_minutes must be a number") from None
+        return filters
+
+    @staticmethod
+    def _log_json(r: LogEntry) -> dict:
+        return {
+            **dataclasses.asdict(r),
+            "at": format_time(r.at),
+            "created_at": format_time(r.at),
+            "event_type": OLDER_EVENT_TYPES.get(r.field, r.field),
+            "source_server": r.source,
+            "target_server": r.target,
+            "synced_value": r.new,
+            "success": r.result in DONE_RESULTS,
+            "message": r.detail,
+        }
 
     def metrics(self) -> str:
         """Prometheus text format, written by hand (no client library on a NAS)."""
@@ -4727,7 +4797,7 @@ class Web:
         people: dict[str, dict] = {}
         for row in self.store.all_users():
             person = self.config.person(row.server, row.name)
-            entry = people.setdefault(person, {"person": person, "name": row.name, "servers": {}})
+            entry = people.setdefault(person, {"person": person, "name": row.name, "username": row.name, "servers": {}})
             slot = entry["servers"].setdefault(row.server, [])
             slot.append({"name": row.name, "id": row.user_id, "admin": bool(row.is_admin)})
         users = []
@@ -4799,6 +4869,12 @@ def _json_errors_bottle() -> Any:
             return json.dumps({"error": res.status_line, "detail": detail})
 
     return JsonErrorsBottle(catchall=True)
+
+
+def bottle_error(status: int, message: str) -> Exception:
+    import bottle
+
+    return bottle.HTTPError(status, message)
 
 
 def send(data: Any, status: int = 200) -> str:

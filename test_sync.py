@@ -1135,7 +1135,7 @@ def test_an_item_imported_late_waits_then_syncs(cluster):
     )
     assert waiting[0]["item_name"].startswith("Nope") and "not found" in waiting[0]["last_error"]
     failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the skipped job")
-    assert any(j["item_name"].startswith("Lost Film") and j["status"] == "skipped" for j in failed)
+    assert any(j["item_name"].startswith("Lost Film") and j["state"] == "skipped" for j in failed)
     parents.add_item("Nope", "Movie", "/media/new/Nope.mkv")  # the library scan finds it
     eventually(lambda: parents.ud("alice", "Nope")["Played"], what="the late item to sync")
 
@@ -2436,6 +2436,64 @@ def test_the_older_programs_database_is_carried_over_once(cluster, caplog):
     c.start()  # a second start finds nothing left to migrate
     assert "older jellyfin-db-sync" not in caplog.text
     assert len(list(c.tmp.glob("sync.db.older-*.bak"))) == 1
+
+
+def key_paths(value: object, path: str = "") -> set[str]:
+    """'database.connected', 'servers[].name', '[].id': every key path of a JSON answer."""
+    out = {path} if path else set()
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out |= key_paths(child, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for child in value:
+            out |= key_paths(child, f"{path}[]")
+        out.add(f"{path}[]")
+    return out
+
+
+def test_the_older_programs_api_answers_with_every_key_it_had(cluster):
+    c = cluster(
+        max_retries=0,
+        policies=[{"prefix": "/media/new", "absent_retry_count": -1, "retry_delay_seconds": 60}],
+    )
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_marks("alice", "Arrival", True)  # synced
+    c.settle()
+    home.add_item("Nope", "Movie", "/media/new/Nope.mkv")
+    home.user_marks("bob", "Nope", True)  # waiting for its item
+    public.status_override = 503
+    home.user_favourites("alice", "Dune", True)  # public is down: failed at once (max_retries 0)…
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed change")
+    eventually(lambda: c.svc.call("GET", "/api/events/waiting")[1], what="a waiting change")
+    public.status_override = None
+    parents.delay = 2.0  # …and a change in flight, while parents is slow
+    home.user_rates("alice", "Heat", True)
+    eventually(lambda: c.svc.call("GET", "/api/events/pending")[1], what="a pending change")
+    shapes = json.loads((FIXTURES.parent / "older-api-shapes.json").read_text())
+    for path, expected in shapes.items():
+        if path.startswith("_"):
+            continue
+        status, answer = c.svc.call("GET", path)
+        assert status == 200, path
+        missing = set(expected) - key_paths(answer)
+        assert not missing, (path, sorted(missing))
+    parents.delay = 0
+    # Its words in its keys.
+    failed = next(f for f in c.svc.call("GET", "/api/events/failed")[1] if f["field"] == "favorite")
+    assert failed["event_type"] == "favorite" and failed["status"] == "failed" and failed["state"] == "failed"
+    waiting = next(w for w in c.svc.call("GET", "/api/events/waiting")[1] if w["item_name"].startswith("Nope"))
+    assert waiting["status"] == "waiting_for_item" and waiting["item_path"].endswith("nope.mkv")
+    assert waiting["item_not_found_max"] == -1
+    # Its sync-log filters work, and mean what they meant.
+    log_ = lambda q: c.svc.call("GET", "/api/sync-log?" + q)[1]  # noqa: E731
+    assert log_("source_server=nosuch")["entries"] == [] and log_("source_server=nosuch")["total"] == 0
+    arrival = log_("source_server=home&target_server=parents&event_type=watched&item_name=arriv")["entries"]
+    assert arrival and all(e["event_type"] == "watched" and e["success"] is True for e in arrival)
+    assert log_("since_minutes=0.0001")["total"] <= log_("since_minutes=60")["total"]
+    assert all(e["item_id"] == home.item("Arrival") for e in arrival)
+    # Its other URLs.
+    assert c.svc.call("GET", "/webhook/queue")[1].keys() >= {"pending_events", "worker_running"}
+    assert c.svc.call("POST", "/webhook/home/", fixture("UserDataSaved-played.json"))[0] == 202
 
 
 def test_online_backup_and_retention(cluster):

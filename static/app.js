@@ -161,7 +161,7 @@ function renderProblems(jobs) {
     el("td", {}, j.item_name),
     el("td", {}, FIELD[j.field] || j.field),
     el("td", {}, j.target_server),
-    el("td", { class: j.status === "failed" ? "bad" : "warn" }, j.status),
+    el("td", { class: j.state === "failed" ? "bad" : "warn" }, j.state),
     el("td", {}, j.last_error || ""),
     el("td", { class: "actions" },
       el("button", { type: "button", "aria-label": `Retry job ${j.id} now`, onclick: () => act("retry", j.id) }, "Retry now"),
