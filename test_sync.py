@@ -3019,6 +3019,66 @@ def test_truenas_compose_file_is_valid_and_uses_only_variables_the_program_reads
     assert [s.name for s in cfg.servers] == ["home", "remote"]
 
 
+CHART = HERE / "deploy" / "helm" / "jellyfin-db-sync"
+
+
+def test_helm_chart_uses_only_values_it_declares_and_variables_the_program_reads():
+    # There is no helm binary here: what can be checked without one, is.
+    import yaml
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "jellyfin-db-sync"
+    assert chart["appVersion"] == jds.__version__
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    # The older chart's values are all there (seed-compat.md), so its users' values files fit.
+    older = (
+        "replicaCount image.repository image.tag image.pullPolicy imagePullSecrets nameOverride fullnameOverride "
+        "serviceAccount podAnnotations podLabels podSecurityContext securityContext service.type service.port "
+        "ingress resources livenessProbe readinessProbe autoscaling nodeSelector tolerations affinity persistence "
+        "extraVolumes extraVolumeMounts extraEnv extraEnvFrom config serviceMonitor podDisruptionBudget "
+        "initContainers sidecarContainers"
+    ).split()
+    templates = {p.name: p.read_text() for p in (CHART / "templates").iterdir()}
+    text = "\n".join(templates.values())
+
+    def lookup(path: str) -> object:
+        node: object = values
+        for part in path.split("."):
+            assert isinstance(node, dict) and part in node, f"values.yaml has no {path}"
+            node = node[part]
+        return node
+
+    for path in older:
+        lookup(path)
+    for path in set(re.findall(r"\.Values\.([A-Za-z0-9_.]+)", text)):
+        lookup(path)
+    # Non-root, read-only root filesystem, one writer, probes on /healthz and /readyz.
+    assert values["securityContext"]["readOnlyRootFilesystem"] is True and values["podSecurityContext"]["runAsNonRoot"]
+    deployment = templates["deployment.yaml"]
+    assert "replicas: 1" in deployment and "type: Recreate" in deployment
+    assert values["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert values["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "replicaCount" in templates["NOTES.txt"] and "ignored" in templates["NOTES.txt"]
+    # Every environment variable it sets is one the program reads.
+    names = re.findall(r"- name: ((?:JDS_|CONFIG_)[A-Z0-9_{}$ .]+?)\s*$", deployment, re.M)
+    assert names
+    for name in names:
+        concrete = re.sub(r"\{\{[^}]*\}\}", "1", name)
+        base = concrete[:-5] if concrete.endswith("_FILE") else concrete
+        assert known_env_var(base), name
+    # The config file it renders uses keys the program knows.
+    rendered = templates["configmap.yaml"].split("config.yaml: |", 1)[1]
+    section = None
+    for line in rendered.splitlines():
+        m = re.match(r"^    (\w+):\s*$", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^      (\w+): \{\{", line)
+        if m and section != "path_sync_policy":
+            assert f"{section}.{m.group(1)}" in jds.SETTING, f"{section}.{m.group(1)}"
+
+
 # ── Process life: SIGTERM and SIGKILL ────────────────────────────────────────
 
 
