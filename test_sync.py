@@ -3060,8 +3060,8 @@ def test_helm_chart_uses_only_values_it_declares_and_variables_the_program_reads
     assert values["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "replicaCount" in templates["NOTES.txt"] and "ignored" in templates["NOTES.txt"]
     # Every environment variable it sets is one the program reads.
-    names = re.findall(r"- name: ((?:JDS_|CONFIG_)[A-Z0-9_{}$ .]+?)\s*$", deployment, re.M)
-    assert names
+    names = re.findall(r"- name: ((?:JDS_|CONFIG_)(?:[A-Z0-9_]|\{\{[^}]*\}\})+)\s*$", deployment, re.M)
+    assert "JDS_SERVER_{{ add $i 1 }}_API_KEY_FILE" in names and "JDS_WEBHOOK_TOKEN_FILE" in names
     for name in names:
         concrete = re.sub(r"\{\{[^}]*\}\}", "1", name)
         base = concrete[:-5] if concrete.endswith("_FILE") else concrete
