@@ -2034,9 +2034,24 @@ class ServerVersion:
         return not self.before(10, 11)
 
     @property
+    def writes_stream_choices(self) -> bool:
+        """Can a user's audio and subtitle track choice be written with an API key? On no version:
+        UpdateUserItemDataDto has no stream fields (UserDataManager.SaveUserData copies the
+        others), and only the user's own playback reports set them
+        (SessionManager.UpdatePlaybackSettings, for a session that has that user; an API key's
+        has none) — read in 10.9.11 … 12.0-rc5. So sync.audio_stream and sync.subtitle_stream
+        are reported as a limit of every server rather than guessed at."""
+        return False
+
+    @property
     def limits(self) -> list[str]:
         """What this version cannot do with an API key, in words for the dashboard."""
         out = []
+        if not self.writes_stream_choices:
+            out.append(
+                "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream) cannot be "
+                "written with an API key on any Jellyfin version: not synced"
+            )
         if self.legacy:
             out.append(
                 "Jellyfin 10.8: resume positions cannot be set with an API key; "

@@ -51,6 +51,11 @@ function renderStatus(st) {
   // Problems of the pipeline itself (stuck, a thread restarting, database) come first.
   const warnings = [...(st.problems || []).map((p) => `Not syncing: ${p}`), ...st.warnings];
   if (st.dry_run) warnings.push("Dry run: changes are decided and logged, but nothing is written to Jellyfin.");
+  if (st.migration) {
+    const m = st.migration;
+    warnings.push(`Carried over from the older jellyfin-db-sync: ${m.owed} owed change(s) and ${m.history} ` +
+      `history line(s); its file is kept as ${m.backup}.`);
+  }
   $("warnings").hidden = warnings.length === 0;
   $("warnings").replaceChildren(...warnings.map((w) => el("p", {}, w)));
 
