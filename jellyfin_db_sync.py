@@ -5044,18 +5044,6 @@ class Metrics:
             self.sample("sync_delay_seconds_count", {"target": target}, count)
 
 
-def create_app(
-    config: Config,
-    store: Store,
-    syncer: Syncer,
-    reconciler: Reconciler | None = None,
-    started_at: float | None = None,
-    threads: Any = None,
-) -> Web:
-    """The WSGI app: webhooks, probes, JSON API and the static dashboard (see Web)."""
-    return Web(config, store, syncer, reconciler, started_at, threads)
-
-
 def security_warnings(config: Config) -> list[str]:
     """What the dashboard warns about: the configuration's own warnings, then open doors."""
     out = [f"Configuration: {w}" for w in config.warnings]
@@ -5239,7 +5227,7 @@ class Service:
         self.library = Library(config, self.store, self.clients)
         self.syncer = Syncer(config, self.store, self.library, self.clients)
         self.reconciler = Reconciler(config, self.store, self.library, self.syncer)
-        self.app = create_app(config, self.store, self.syncer, self.reconciler, threads=self.threads)
+        self.app = Web(config, self.store, self.syncer, self.reconciler, threads=self.threads)
         self.server = None
         self.supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
