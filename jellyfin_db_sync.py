@@ -231,6 +231,28 @@ def parse_time(value: Any) -> float | None:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
+def folder_problem(db_path: str) -> str | None:
+    """Why the database cannot be created or written where it is configured, naming the user
+    this program runs as and the command that fixes it; None if it can. (Docker creates a
+    missing host folder as root, and SQLite needs the folder writable for its WAL files.)"""
+    if db_path == ":memory:":
+        return None
+    target = Path(db_path).absolute()
+    if target.exists() and not os.access(target, os.R_OK | os.W_OK):
+        where = target
+    else:
+        where = target.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent  # the folders to create: the first that exists must be writable
+        if os.access(where, os.W_OK | os.X_OK):
+            return None
+    uid, gid = (os.getuid(), os.getgid()) if hasattr(os, "getuid") else (0, 0)
+    return (
+        f"{where} cannot be written by the user this program runs as (uid {uid}, gid {gid}). "
+        f"Fix it with: sudo chown -R {uid}:{gid} {where}  (in Docker: or set PUID/PGID to its owner)"
+    )
+
+
 def format_time(epoch: float) -> str:
     """UTC ISO with ``Z``, as Jellyfin expects (JELLYFIN.md §2 "Dates")."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
@@ -521,8 +543,8 @@ _SERVER_ENV = re.compile(rf"^JDS_SERVER_(\d{{1,2}})_({'|'.join(SERVER_ENV_FIELDS
 
 
 def _servers_in_env(env: Any) -> bool:
-    """JDS_SERVER_* variables are set: they may stand in for a config file."""
-    return any(k.startswith("JDS_SERVER_") for k in env)
+    """JDS_SERVER_* variables are set (not empty): they may stand in for a config file."""
+    return any(k.startswith("JDS_SERVER_") and str(v).strip() for k, v in env.items())
 
 
 def _env_value(name: str, raw: str, setting: Setting, file: bool) -> Any:
@@ -549,11 +571,23 @@ def _put(data: dict, key: str, value: Any, var: str) -> None:
     node[last] = value
 
 
-def apply_env(data: dict, env: dict[str, str]) -> bool:
-    """Merge JDS_* variables over the file's settings. Returns True if any was set."""
+def apply_env(data: dict, env: dict[str, str], warnings: list[str] | None = None) -> bool:
+    """Merge JDS_* variables over the file's settings. Returns True if any was set.
+
+    An empty variable means "not set" (templates ship them empty: it must not erase what the
+    file says), and a JDS_* name we do not know is a warning naming the closest one we do.
+    """
     used = False
     for var, value in sorted(env.items()):
+        if not var.startswith("JDS_") or not value.strip():
+            continue
         base, file = (var[:-5], True) if var.endswith("_FILE") else (var, False)
+        if base not in ENV_SETTINGS and not _SERVER_ENV.match(var) and warnings is not None:
+            known = [*ENV_SETTINGS, *(f"JDS_SERVER_1_{f}" for f in SERVER_ENV_FIELDS)]
+            close = difflib.get_close_matches(base, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see --help for the variables"
+            warnings.append(f"environment {var}: unknown variable, ignored — {hint}")
+            continue
         if base in ENV_SETTINGS:
             setting = ENV_SETTINGS[base]
             _put(data, setting.key, _env_value(var, value, setting, file), var)
@@ -622,9 +656,11 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> C
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{src}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     data = data or {}
-    if isinstance(data, dict) and apply_env(data, env) and src != "environment":
+    env_warnings: list[str] = []
+    if isinstance(data, dict) and apply_env(data, env, env_warnings) and src != "environment":
         src = f"{src} + environment"
-    return parse_config(data, src)
+    config = parse_config(data, src)
+    return dataclasses.replace(config, warnings=(*env_warnings, *config.warnings)) if env_warnings else config
 
 
 def _mask(secret: str) -> str:
@@ -800,7 +836,8 @@ def _parse_servers(raw: Any, src: str, warnings: list[str]) -> tuple[ServerConfi
                 warnings.append(_unknown_key(src, f"servers[{i}].{key}", sorted(_SERVER_KEYS)))
         for key in ("name", "url", "api_key"):
             if entry.get(key) in (None, ""):
-                raise ConfigError(f"{at}.{key}: missing")
+                variable = f"JDS_SERVER_{i + 1}_{key.upper()}"
+                raise ConfigError(f"{at}.{key}: missing (in the file, or as the variable {variable})")
         servers.append(_parse_server(entry, at, {s.name for s in servers}))
     return tuple(servers)
 
@@ -1332,6 +1369,9 @@ class Store:
         """Check the file, create or upgrade the schema, release jobs a crash left running."""
         path = self.path
         if path != ":memory:":
+            problem = folder_problem(path)
+            if problem:
+                raise StoreError(problem)  # not "damaged": nothing is wrong with the file
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = self._conn()
@@ -5387,7 +5427,9 @@ def check_config(config: Config) -> int:
             value = _mask(value)
         mark = "" if value == setting.default else "   (changed)"
         print(f"  {setting.key}: {value if not isinstance(value, tuple) else list(value)}{mark}")
-    failures = 0
+    problem = folder_problem(config.database_path)
+    print(f"✗ database: {problem}" if problem else f"✓ database: {config.database_path} can be written")
+    failures = 1 if problem else 0
     for s in config.servers:
         client = JellyfinClient(s, timeout=5)
         try:
@@ -5427,6 +5469,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     path = find_config_path(args.config)
     if not os.path.exists(path) and not _servers_in_env(os.environ):
+        if args.check_config or args.backup or args.reconcile or args.dry_run:
+            # Only starting the service writes a starter file; a check never writes anything.
+            print(f"jellyfin-db-sync: no configuration at {path} (and no JDS_SERVER_* variables)", file=sys.stderr)
+            return 2
         return write_starter_config(path)
     try:
         config = load_config(path)
@@ -5452,6 +5498,15 @@ def backup_cli(config: Config, dest: str) -> int:
         return 1
     print(f"backup of {config.database_path} written to {dest} ({size:,} bytes)")
     return 0
+
+
+def _reachable_host(host: str) -> str:
+    """The name to put in a webhook URL: this machine's name when listening on every address."""
+    if host in ("", "0.0.0.0", "::"):
+        import socket
+
+        return socket.gethostname() or "localhost"
+    return host
 
 
 def serve(config: Config) -> int:
@@ -5483,8 +5538,15 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service.start_workers()
-    hooks = ", ".join(f"/webhook/{s.name}" for s in config.servers)
-    log.info("jellyfin-db-sync %s listening on %s:%s for %s", __version__, config.host, server.effective_port, hooks)
+    base = config.public_url or f"http://{_reachable_host(config.host)}:{server.effective_port}"
+    hooks = ", ".join(f"{base}/webhook/{s.name}" for s in config.servers) or "no servers configured"
+    log.info(
+        "jellyfin-db-sync %s listening on %s:%s; webhook URLs: %s",
+        __version__,
+        config.host,
+        server.effective_port,
+        hooks,
+    )
     try:
         server.run()
     except SystemExit:

@@ -3196,6 +3196,59 @@ def expand_cpu_list(text: str) -> list[int]:
     return out
 
 
+def test_a_clean_start_says_where_to_point_the_plugin_and_prints_no_traceback(tmp_path, fake_servers):
+    fakes = fake_servers("home", "parents")
+    port = free_port()
+    proc = start_process(write_config(tmp_path, fakes, port=port), port)
+    shut_down(proc, [])
+    log_text = proc.stdout.read()
+    assert "Traceback" not in log_text and "Logging error" not in log_text, log_text
+    start = next(line for line in log_text.splitlines() if "listening on" in line)
+    assert jds.__version__ in start and f"127.0.0.1:{port}" in start
+    for f in fakes:
+        assert f"http://127.0.0.1:{port}/webhook/{f.name}" in start, start
+
+
+def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(tmp_path, fake_servers, monkeypatch, capsys):
+    import yaml
+
+    # The tests run as root, whom no permission stops: the kernel's answer for another user is
+    # given by os.access, as it would be for uid 1000 and a folder Docker created as root.
+    locked = tmp_path / "data"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(jds.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(jds.os, "getuid", lambda: 1000)
+    monkeypatch.setattr(jds.os, "getgid", lambda: 1000)
+    cfg = write_config(tmp_path, fake_servers("home", "parents"))
+    data = yaml.safe_load(cfg.read_text())
+    data["database"]["path"] = str(locked / "sync.db")
+    cfg.write_text(yaml.safe_dump(data))
+    assert jds.main(["--check-config", "--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "✗ database" in out and "uid 1000" in out and f"sudo chown -R 1000:1000 {locked}" in out
+    with pytest.raises(jds.StoreError) as refused:
+        jds.Store(str(locked / "sync.db"))
+    assert "uid 1000" in str(refused.value) and "chown" in str(refused.value)
+    assert "not a usable SQLite database" not in str(refused.value)
+    assert not any(locked.iterdir()), "nothing was written"
+
+
+def test_check_config_writes_nothing_and_variables_cannot_hurt(tmp_path):
+    missing = tmp_path / "typo" / "config.yaml"
+    res = run_cli("--check-config", "--config", str(missing))
+    assert res.returncode == 2 and "no configuration" in res.stderr and not missing.parent.exists()
+    # An empty variable is "not set": it never erases what the file says.
+    cfg = jds.load_config(filled_example(tmp_path), {"JDS_WEBHOOK_TOKEN": "", "JDS_PORT": " ", "JDS_SERVER_1_URL": ""})
+    assert cfg.port == 8080 and cfg.servers[0].url.startswith("https://")
+    # A misspelt variable is a warning naming the right one; a missing server field names its variable.
+    cfg = jds.load_config(filled_example(tmp_path), {"JDS_WEBHOK_TOKEN": "x" * 20})
+    assert any("JDS_WEBHOK_TOKEN" in w and "did you mean JDS_WEBHOOK_TOKEN?" in w for w in cfg.warnings)
+    env = {"JDS_SERVER_1_NAME": "a", "JDS_SERVER_1_URL": "http://a:1", "JDS_SERVER_1_API_KEY": ""}
+    with pytest.raises(jds.ConfigError, match="JDS_SERVER_1_API_KEY"):
+        jds.load_config(tmp_path / "absent.yaml", env)
+
+
 def test_sigterm_stops_cleanly_within_ten_seconds(tmp_path, fake_servers):
     fakes = fake_servers("home", "parents")
     port = free_port()
