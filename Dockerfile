@@ -1,9 +1,12 @@
 # jellyfin-db-sync: one Python file, three small dependencies.
 #   docker run -d --name jellyfin-db-sync -p 8080:8080 \
-#     -v /path/to/config:/config -v /path/to/data:/data ghcr.io/OWNER/jellyfin-db-sync
+#     -v /path/to/config:/config -v /path/to/data:/data jellyfin-db-sync
+# (build it with "docker build -t jellyfin-db-sync ." or pull what the repository's workflow
+# publishes: ghcr.io/<the repository's owner>/jellyfin-db-sync)
 # Runs as UID/GID 1000 by default; pick another with --user 99:100 (unRAID) or user: (compose),
 # matching the owner of the /config and /data folders on the host.
-FROM python:3.12-slim
+# Pinned to a Debian release: "3.12-slim" alone moved from one to the next under people's feet.
+FROM python:3.12-slim-bookworm
 
 ARG VERSION=1.0.0
 LABEL org.opencontainers.image.title="jellyfin-db-sync" \
@@ -30,9 +33,10 @@ USER 1000:1000
 VOLUME ["/config", "/data"]
 EXPOSE 8080
 
-# Python's standard library only: no curl in the image.
+# The program checks itself (no curl in the image), on the port it took from the config file or
+# JDS_PORT, so a port set in the file does not make the container "unhealthy".
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('JDS_PORT', '8080'), timeout=4).status == 200 else 1)"]
+  CMD ["python", "/app/jellyfin_db_sync.py", "--healthcheck"]
 
 # Exec form: Python is PID 1 and handles SIGTERM itself (docker stop exits within seconds).
 STOPSIGNAL SIGTERM

@@ -5462,12 +5462,19 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "--reconcile", action="store_true", help="compare every server now, queue and apply the differences, and exit"
     )
     parser.add_argument("--dry-run", action="store_true", help="with --reconcile: report, change nothing")
+    parser.add_argument(
+        "--healthcheck",
+        action="store_true",
+        help="exit 0 if the running service answers /healthz on its port (from the config or JDS_PORT), else 1",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     path = find_config_path(args.config)
+    if args.healthcheck:
+        return healthcheck(path)
     if not os.path.exists(path) and not _servers_in_env(os.environ):
         if args.check_config or args.backup or args.reconcile or args.dry_run:
             # Only starting the service writes a starter file; a check never writes anything.
@@ -5487,6 +5494,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.reconcile or args.dry_run:
         return reconcile_cli(config, args.dry_run)
     return serve(config)
+
+
+def healthcheck(path: str) -> int:
+    """Docker's HEALTHCHECK: the port comes from the same place the service took it (the file,
+    JDS_PORT over it), so a port set in the file does not make the container "unhealthy"."""
+    try:
+        port = load_config(path).port
+    except ConfigError:
+        port = int(os.environ.get("JDS_PORT") or SETTING["server.port"].default)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=4)
+        conn.request("GET", "/healthz")
+        return 0 if conn.getresponse().status == 200 else 1
+    except OSError:
+        return 1
 
 
 def backup_cli(config: Config, dest: str) -> int:

@@ -2967,17 +2967,30 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
     for line in (v for k, v in dockerfile_instructions() if k == "COPY"):
         for src in line.split()[:-1]:
             assert (HERE / src).exists(), f"Dockerfile copies {src}, which does not exist"
-    # The HEALTHCHECK command, run exactly as Docker would, against a live instance.
-    cmd = json.loads(ins["HEALTHCHECK"].split(" CMD ", 1)[1])
+    # The HEALTHCHECK command, run as Docker would (the file is at /app in the image), against a
+    # live instance whose port is set by JDS_PORT, and by the config file alone.
+    cmd = [
+        str(HERE / "jellyfin_db_sync.py") if a == "/app/jellyfin_db_sync.py" else a
+        for a in json.loads(ins["HEALTHCHECK"].split(" CMD ", 1)[1])
+    ]
+    cmd[0] = sys.executable if cmd[0] == "python" else cmd[0]
     fakes = fake_servers("home", "parents")
     port = free_port()
-    proc = start_process(write_config(tmp_path, fakes, port=port), port)
+    cfg = write_config(tmp_path, fakes, port=port)
+    proc = start_process(cfg, port)
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("JDS_")}
     try:
-        ok = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False)
-        assert ok.returncode == 0
+        by_variable = subprocess.run(
+            cmd,
+            env={**bare, "JDS_PORT": str(port), "CONFIG_PATH": str(tmp_path / "none.yaml")},
+            timeout=10,
+            check=False,
+        )
+        by_file = subprocess.run(cmd, env={**bare, "CONFIG_PATH": str(cfg)}, timeout=10, check=False)
+        assert (by_variable.returncode, by_file.returncode) == (0, 0)
     finally:
         shut_down(proc, fakes)
-    down = subprocess.run(cmd, env={**os.environ, "JDS_PORT": str(port)}, timeout=10, check=False, capture_output=True)
+    down = subprocess.run(cmd, env={**bare, "CONFIG_PATH": str(cfg)}, timeout=10, check=False, capture_output=True)
     assert down.returncode == 1
 
 
