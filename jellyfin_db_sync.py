@@ -114,6 +114,19 @@ INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
 FIELDS = ("played", "position", "favorite", "likes")
+WEBHOOK_PLUGIN_ID = "71552a5a5c5c4350a2aeebe451a30173"  # the Webhook plugin (its WebhookPlugin.cs)
+WEBHOOK_DESTINATION = "jellyfin-db-sync"  # the name of the plugin destination we set up and own
+# What our destination sends: the events we act on, for the item types user data lives on.
+WEBHOOK_NOTIFICATIONS = (
+    "UserDataSaved",
+    "PlaybackProgress",
+    "PlaybackStop",
+    "ItemAdded",
+    "ItemDeleted",
+    "UserCreated",
+    "UserDeleted",
+    "UserUpdated",
+)
 # Every NotificationType the Webhook plugin sends (its NotificationType.cs); others count as "other".
 NOTIFICATION_TYPES = frozenset(
     """ItemAdded Generic PlaybackStart PlaybackProgress PlaybackStop SubtitleDownloadFailure
@@ -2231,6 +2244,16 @@ class JellyfinClient:
         assert self.version is not None
         return self.version
 
+    # the Webhook plugin's own configuration (PluginsController: GET/POST /Plugins/{id}/Configuration)
+    def webhook_plugin_config(self) -> dict:
+        """The Webhook plugin's whole configuration; JellyfinError 404 if it is not installed."""
+        return self.request("GET", f"/Plugins/{WEBHOOK_PLUGIN_ID}/Configuration") or {}
+
+    def save_webhook_plugin_config(self, config: dict) -> None:
+        """The POST replaces the whole configuration: send back everything read, changed only
+        where we mean to."""
+        self.request("POST", f"/Plugins/{WEBHOOK_PLUGIN_ID}/Configuration", body=config)
+
     # users
     def users(self) -> list[dict]:
         return self.request("GET", "/Users") or []
@@ -3160,6 +3183,79 @@ class AccountWriter:
         self.clients[job.target].rename_user(row.user_id, value["name"])
         log.info("%s: renamed user %s to %s (from %s)", job.target, row.name, value["name"], job.source)
         return Outcome("ok", old=row.name, new=value["name"])
+
+
+class PluginSetup:
+    """Adds or updates our own Generic destination in a server's Webhook plugin (the step where
+    most setups go wrong), leaving every other destination as it is. Idempotent: nothing is
+    written when ours already says what it should."""
+
+    def __init__(self, config: Config, clients: dict[str, JellyfinClient]):
+        self.config = config
+        self.clients = clients
+
+    def run(self, server: str, base_url: str) -> tuple[str, str]:
+        """("added" | "updated" | "unchanged" | "error", what to tell the person)."""
+        client = self.clients[server]
+        url = f"{base_url.rstrip('/')}/webhook/{server}"
+        try:
+            plugin = client.webhook_plugin_config()
+        except JellyfinError as e:
+            if e.status == 404:
+                return "error", (
+                    f"{server}: the Webhook plugin is not installed. In Jellyfin: Dashboard → Plugins → "
+                    "Catalog → Webhook → Install, restart Jellyfin, then try again."
+                )
+            return (
+                "error",
+                f"{server}: cannot read the Webhook plugin's settings ({e}); is the API key an administrator's?",
+            )
+        destinations = list(plugin.get("GenericOptions") or [])
+        ours = self.destination(server, url)
+        index = next(
+            (
+                i
+                for i, d in enumerate(destinations)
+                if d.get("WebhookName") == WEBHOOK_DESTINATION or d.get("WebhookUri") == url
+            ),
+            None,
+        )
+        if index is not None and all(destinations[index].get(k) == v for k, v in ours.items()):
+            return "unchanged", f"{server}: the Webhook plugin already posts to {url}"
+        verb = "added" if index is None else "updated"
+        if index is None:
+            destinations.append(ours)
+        else:
+            destinations[index] = {**destinations[index], **ours}
+        try:
+            client.save_webhook_plugin_config({**plugin, "GenericOptions": destinations})
+        except JellyfinError as e:
+            return "error", f"{server}: the Webhook plugin's settings could not be saved ({e})"
+        log.info("%s: Webhook plugin destination %s: posts to %s", server, verb, url)
+        return verb, f"{server}: Webhook plugin destination {verb}: posts to {url}"
+
+    def destination(self, server: str, url: str) -> dict:
+        token = self.config.webhook_token_for(server)
+        return {
+            "WebhookName": WEBHOOK_DESTINATION,
+            "WebhookUri": url,
+            "NotificationTypes": list(WEBHOOK_NOTIFICATIONS),
+            "EnableMovies": True,
+            "EnableEpisodes": True,
+            "EnableSeries": False,
+            "EnableSeasons": False,
+            "EnableAlbums": False,
+            "EnableSongs": True,
+            "EnableVideos": True,
+            "SendAllProperties": True,
+            "TrimWhitespace": False,
+            "SkipEmptyMessageBody": False,
+            "EnableWebhook": True,
+            "Template": "",
+            "UserFilter": [],
+            "Headers": [{"Key": "X-Webhook-Token", "Value": token}] if token else [],
+            "Fields": [],
+        }
 
 
 class ServerHealth:
@@ -4501,6 +4597,8 @@ class Web:
         self.reconciler = reconciler
         self.started_at = started_at or utcnow()
         self.sign_ins = SignIns(config)
+        self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
+        self._rejections_lock = threading.Lock()
         self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
         self.app = _json_errors_bottle()
         self.app.install(Guard(config, self.sign_ins))
@@ -4544,6 +4642,7 @@ class Web:
             ("failed", ("failed", "skipped")),
         ):
             a.route(f"/api/events/{state}", "GET", lambda statuses=statuses: self.api_jobs(statuses))
+        a.route("/api/servers/<name>/setup-webhook", "POST", self.api_setup_webhook)
         a.route("/api/events/<job_id:int>/retry", "POST", self.api_retry)
         a.route("/api/events/<job_id:int>/discard", "POST", self.api_discard)
         a.route("/api/reconcile", "GET", self.api_reconcile_status)
@@ -4567,21 +4666,31 @@ class Web:
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
-            return send({"error": "bad Content-Length"}, 400)
+            return self._refuse(server_name, 400, "bad Content-Length")
         if length > MAX_BODY_BYTES:
-            return send({"error": f"body larger than {MAX_BODY_BYTES} bytes"}, 413)
+            return self._refuse(server_name, 413, f"body larger than {MAX_BODY_BYTES} bytes")
         token = self.config.webhook_token_for(server_name)
         if token and not _token_ok(environ, token):
-            return send({"error": "missing or wrong webhook token"}, 401)
+            return self._refuse(server_name, 401, "missing or wrong webhook token")
         try:
             result = self.syncer.accept_webhook(server_name, bottle.request.body.read())
         except WebhookError as e:
-            return send({"error": str(e)}, e.status)
+            return self._refuse(server_name, e.status, str(e))
         except StoreError as e:
             # Disk full, database locked…: say so, so it shows in Jellyfin's log.
             log.error("webhook from %s not stored: %s", server_name, e)
             return send({"error": f"cannot store the event: {e}"}, 503)
         return send(result, 202 if result["status"] == "queued" else 200)
+
+    def _refuse(self, server: str, status: int, reason: str) -> str:
+        """A refused webhook: answered with why, and counted per server with the last reason, so
+        "webhooks are not arriving" can be read on the dashboard instead of in Jellyfin's log."""
+        if self.config.server(server) is not None:
+            with self._rejections_lock:
+                entry = self.rejections.setdefault(server, {"count": 0})
+                entry.update(count=entry["count"] + 1, last_reason=reason, last_at=format_time(utcnow()))
+                entry["hint"] = rejection_hint(status, reason)
+        return send({"error": reason}, status)
 
     def webhook_test(self) -> str:
         return send({"status": "ok", "message": "Webhook receiver is running"})
@@ -4674,6 +4783,7 @@ class Web:
                     "latency_ms": h["latency_ms"],
                     "limits": version.limits if version else [],
                     "user_count": users[s.name],
+                    "rejected_webhooks": dict(self.rejections.get(s.name, {"count": 0})),
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
                 }
@@ -4726,6 +4836,23 @@ class Web:
             "user_mappings_count": len(self.store.all_users()),
             "database_size_bytes": _db_size(self.store.path),
         }
+
+    def api_setup_webhook(self, name: str) -> str:
+        """Add or update our destination in that server's Webhook plugin. The address Jellyfin
+        should post to: {"public_url": …} (the dashboard sends the address it was opened at),
+        else server.public_url."""
+        import bottle
+
+        if self.config.server(name) is None:
+            return send({"error": f"unknown server {name!r}"}, 404)
+        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+        base = self.config.public_url or (body or {}).get("public_url")
+        if not base or not str(base).startswith(("http://", "https://")):
+            return send(
+                {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
+            )
+        result, message = PluginSetup(self.config, self.syncer.clients).run(name, str(base))
+        return send({"result": result, "message": message}, 502 if result == "error" else 200)
 
     # queue
     def api_jobs(self, statuses: tuple[str, ...]) -> str:
@@ -4930,6 +5057,20 @@ def bottle_error(status: int, message: str) -> Exception:
     import bottle
 
     return bottle.HTTPError(status, message)
+
+
+def rejection_hint(status: int, reason: str) -> str:
+    """What to do about a refused webhook, in the plugin's own words."""
+    if status == 401:
+        return "The plugin's X-Webhook-Token header does not match the token configured here."
+    if "JSON" in reason or "UTF-8" in reason or "Send All Properties" in reason:
+        return (
+            "Turn on 'Send All Properties' in the plugin's destination: a custom template usually "
+            "sends text that is not JSON."
+        )
+    if status == 413:
+        return "The body is far larger than the plugin's: is something else posting to this URL?"
+    return "A value the sync cannot use; the reason says which."
 
 
 def send(data: Any, status: int = 200) -> str:
@@ -5463,6 +5604,14 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dry-run", action="store_true", help="with --reconcile: report, change nothing")
     parser.add_argument(
+        "--setup-webhooks",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="add or update our destination in each server's Webhook plugin, posting to URL/webhook/<name> "
+        "(default: server.public_url), and exit",
+    )
+    parser.add_argument(
         "--healthcheck",
         action="store_true",
         help="exit 0 if the running service answers /healthz on its port (from the config or JDS_PORT), else 1",
@@ -5488,6 +5637,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_config:
         return check_config(config)
+    if args.setup_webhooks is not None:
+        return setup_webhooks_cli(config, args.setup_webhooks or config.public_url)
     configure_logging(config.log_level)
     if args.backup:
         return backup_cli(config, args.backup)
@@ -5509,6 +5660,22 @@ def healthcheck(path: str) -> int:
         return 0 if conn.getresponse().status == 200 else 1
     except OSError:
         return 1
+
+
+def setup_webhooks_cli(config: Config, base_url: str) -> int:
+    """--setup-webhooks [URL]: our destination in every server's Webhook plugin."""
+    if not base_url.startswith(("http://", "https://")):
+        print(
+            "jellyfin-db-sync: give the address Jellyfin reaches this service at, e.g. "
+            "--setup-webhooks http://192.168.1.5:8080 (or set server.public_url)",
+            file=sys.stderr,
+        )
+        return 2
+    setup = PluginSetup(config, {s.name: JellyfinClient(s) for s in config.servers})
+    results = [setup.run(s.name, base_url) for s in config.servers]
+    for result, message in results:
+        print(("✗ " if result == "error" else "✓ ") + message)
+    return 1 if any(r == "error" for r, _ in results) else 0
 
 
 def backup_cli(config: Config, dest: str) -> int:

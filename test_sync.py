@@ -112,6 +112,14 @@ class FakeJellyfin:
         self.bytes_sent = 0  # response bodies (for the benchmarks' "MB read")
         self.in_flight = self.max_in_flight = 0  # requests being answered at once, and the most seen
         self.closed = False
+        # The Webhook plugin: installed, with someone's own destination already in it.
+        self.plugin_installed = True
+        self.plugin_config: dict = {
+            "ServerUrl": "",
+            "GenericOptions": [{"WebhookName": "home-assistant", "WebhookUri": "http://ha.local/hook", "Headers": []}],
+            "DiscordOptions": [],
+        }
+        self.plugin_saves = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -480,21 +488,27 @@ class FakeJellyfin:
         return self.payload("UserDataSaved", uid, iid, ud, SaveReason="TogglePlayed", **extra)
 
     def fire(self, ntype: str, uid: str, iid: str, ud: dict, **extra) -> None:
-        """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed."""
-        if not self.webhook_url:
-            return
-        self._send_later(json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode())
+        """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed. To
+        webhook_url (set by a test, as a person would by hand), and to every enabled Generic
+        destination with Send All Properties that takes this type (as set up by the service)."""
+        body = json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode()
+        if self.webhook_url:
+            self._send_later(body)
+        for d in self.plugin_config.get("GenericOptions") or []:
+            if d.get("EnableWebhook") and d.get("SendAllProperties") and ntype in (d.get("NotificationTypes") or []):
+                headers = {h["Key"]: h["Value"] for h in d.get("Headers") or []}
+                self._send_later(body, d["WebhookUri"], headers)
 
-    def _send_later(self, body: bytes) -> None:
-        t = threading.Thread(target=self._send, args=(body,), daemon=True)
+    def _send_later(self, body: bytes, url: str | None = None, headers: dict | None = None) -> None:
+        t = threading.Thread(target=self._send, args=(body, url, headers), daemon=True)
         self.echo_threads.append(t)
         t.start()
 
-    def _send(self, body: bytes) -> None:
-        parts = urllib.parse.urlsplit(self.webhook_url)
+    def _send(self, body: bytes, url: str | None = None, headers: dict | None = None) -> None:
+        parts = urllib.parse.urlsplit(url or self.webhook_url)
         try:
             conn = HTTPConnection(parts.hostname, parts.port, timeout=10)
-            conn.request("POST", parts.path, body, {"Content-Type": "text/plain; charset=utf-8"})
+            conn.request("POST", parts.path, body, {"Content-Type": "text/plain; charset=utf-8", **(headers or {})})
             conn.getresponse().read()
             conn.close()
             self.webhooks_sent += 1
@@ -599,6 +613,16 @@ class FakeJellyfin:
             return 200, self._playlist_dto(uid, p, set((q.get("fields") or "").split(",")), single=True)
         if seg and seg[0] == "Playlists":
             return self._playlist_route(method, seg, q, body)
+        if len(seg) == 3 and seg[0] == "Plugins" and seg[2] == "Configuration":
+            # PluginsController: 404 for a plugin that is not installed; the POST replaces the
+            # whole configuration with what it is sent.
+            if seg[1].replace("-", "").lower() != "71552a5a5c5c4350a2aeebe451a30173" or not self.plugin_installed:
+                return 404, None
+            if method == "GET":
+                return 200, copy.deepcopy(self.plugin_config)
+            self.plugin_config = copy.deepcopy(body)
+            self.plugin_saves += 1
+            return 204, None
         if seg == ["Items"] and method == "GET":
             return 200, self._items(q, q.get("userid"))
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and method == "GET":
@@ -1720,6 +1744,64 @@ def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
     status, _ = c.svc.call("POST", "/webhook/home", json.dumps(body), {"Content-Type": "application/json"})
     assert status == 202
     eventually(lambda: parents.ud("bob", "Dune")["Played"], what="a template-style body to sync")
+
+
+def test_the_webhook_plugin_is_set_up_for_the_user(cluster):
+    token = "a-token-of-sixteen-chars"
+    c = cluster(extra={"server": {"webhook_token": token}}, start=False)
+    c.start()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    for f in c.fakes:
+        f.webhook_url = None  # nobody has configured the plugin by hand
+    public.plugin_installed = False
+    svc = c.svc
+    status, answer = svc.call(
+        "POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
+    )
+    assert status == 200 and answer["result"] == "added", answer
+    ours = next(d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync")
+    assert ours["WebhookUri"] == f"{svc.url}/webhook/home" and ours["SendAllProperties"] and ours["EnableWebhook"]
+    assert {"UserDataSaved", "PlaybackStop", "ItemAdded", "UserCreated"} <= set(ours["NotificationTypes"])
+    assert (
+        ours["EnableMovies"]
+        and ours["EnableEpisodes"]
+        and ours["Headers"] == [{"Key": "X-Webhook-Token", "Value": token}]
+    )
+    assert {"WebhookName": "home-assistant", "WebhookUri": "http://ha.local/hook", "Headers": []} in home.plugin_config[
+        "GenericOptions"
+    ], "another destination is left as it was"
+    # Idempotent: a second time changes nothing and writes nothing.
+    saves = home.plugin_saves
+    assert (
+        svc.call(
+            "POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
+        )[1]["result"]
+        == "unchanged"
+    )
+    assert home.plugin_saves == saves and len(home.plugin_config["GenericOptions"]) == 2
+    # Not installed: said, with what to do.
+    status, answer = svc.call(
+        "POST", "/api/servers/public/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
+    )
+    assert status == 502 and "not installed" in answer["message"] and "Catalog" in answer["message"]
+    # The command line does every server (public still lacks the plugin: exit 1, the others ✓).
+    res = run_cli("--config", str(c.config_path), "--setup-webhooks", svc.url)
+    assert res.returncode == 1 and "✓ parents" in res.stdout and "✗ public" in res.stdout, res.stdout
+    # And now the plugin's own webhooks arrive and sync, with nothing set up by hand.
+    home.user_marks("alice", "Heat", True)
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="a sync through the set-up webhook")
+    assert next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "home")["last_webhook_at"]
+
+
+def test_refused_webhooks_are_counted_per_server_with_a_hint(cluster):
+    svc = cluster().svc
+    svc.call("POST", "/webhook/home", b'{"NotificationType": "UserDataSaved", "Name": {{Name}}, "Played": True}')
+    home = next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "home")
+    refused = home["rejected_webhooks"]
+    assert refused["count"] == 1 and "JSON" in refused["last_reason"] and "Send All Properties" in refused["hint"]
+    assert (
+        next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "parents")["rejected_webhooks"]["count"] == 0
+    )
 
 
 def test_webhook_token_in_header_bearer_or_query(tmp_path, fake_servers):

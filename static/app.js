@@ -73,6 +73,13 @@ function renderStatus(st) {
       s.version ? el("p", {}, `Jellyfin ${s.version}`, s.latency_ms != null ? ` · ${s.latency_ms} ms` : "") : "",
       s.error ? el("p", { class: "bad" }, s.error) : "",
       ...s.limits.map((l) => el("p", { class: "warn" }, l)),
+      s.rejected_webhooks && s.rejected_webhooks.count
+        ? el("p", { class: "bad", role: "status" },
+             `${s.rejected_webhooks.count} webhook(s) refused, the last ${ago(s.rejected_webhooks.last_at)}: ` +
+             `${s.rejected_webhooks.last_reason}. ${s.rejected_webhooks.hint}`)
+        : "",
+      el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name) },
+         "Set up webhooks"),
       s.last_webhook_at
         ? el("p", {}, `Last webhook ${ago(s.last_webhook_at)}`)
         : el("p", { class: "warn" }, "No webhook received yet. In this server's Webhook plugin, use the URL ",
@@ -158,6 +165,21 @@ async function post(path, failure) {
 }
 
 const act = (kind, id) => post(`/api/events/${id}/${kind}`, `Could not ${kind}`);
+
+// Our destination in that server's Webhook plugin, posting to the address this page was
+// opened at (what Jellyfin on the same network reaches too, unless server.public_url says else).
+async function setupWebhook(name) {
+  try {
+    const res = await api(`/api/servers/${encodeURIComponent(name)}/setup-webhook`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ public_url: location.origin }),
+    });
+    alert(res.message);
+  } catch (err) {
+    alert(`Could not set up the Webhook plugin: ${err.message}`);
+  }
+  refresh();
+}
 
 function renderProblems(jobs) {
   const rows = jobs.map((j) => el("tr", { "data-job": j.id },
