@@ -34,6 +34,7 @@ import argparse
 import base64
 import bisect
 import collections
+import copy
 import dataclasses
 import difflib
 import functools
@@ -622,28 +623,6 @@ def apply_env(data: dict, env: dict[str, str], warnings: list[str] | None = None
     if "servers" in data and isinstance(data["servers"], list):
         data["servers"] = [s for s in data["servers"] if s != {}]
     return used
-
-
-STARTER_CONFIG = """\
-# jellyfin-db-sync configuration: fill in your servers, then start the program again.
-# Every key is explained in config.example.yaml and the README.
-servers:
-  - name: home                      # part of the webhook URL: http://<this host>:8080/webhook/home
-    url: http://192.168.1.10:8096   # how this program reaches that Jellyfin server
-    api_key: paste-an-api-key-here  # Jellyfin: Dashboard → API Keys → "+"
-    passwordless: false
-  - name: parents
-    url: https://jellyfin.example.com
-    api_key: paste-an-api-key-here
-    passwordless: false
-
-server:
-  port: 8080
-  webhook_token: ""                 # recommended; the plugin sends it as "X-Webhook-Token"
-
-database:
-  path: {database}
-"""
 
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
@@ -5225,6 +5204,157 @@ class Metrics:
             self.sample("sync_delay_seconds_count", {"target": target}, count)
 
 
+class Setup:
+    """Setup mode: started with no usable configuration (none, or the starter's placeholders),
+    the program stays up — /healthz 200, /readyz 503 "not configured" — and serves a setup
+    page instead of exiting into a restart loop. Anyone on the network could reach that page
+    first, so every setup call needs the one-time code printed in the log (as Jupyter does).
+    Saving writes the config file atomically, readable by its owner only, and hands the new
+    Config to ``on_saved``, which starts syncing without a restart."""
+
+    def __init__(self, path: str, on_saved: Any):
+        self.path = path
+        self.on_saved = on_saved
+        self.code = "-".join(secrets.token_hex(2) for _ in range(3))
+        self.app = _json_errors_bottle()
+        a = self.app
+        a.route("/healthz", "GET", lambda: "ok")
+        a.route("/readyz", "GET", lambda: send({"status": "not ready", "reasons": ["not configured"]}, 503))
+        a.route("/", "GET", self.page)
+        a.route("/static/<path:path>", "GET", _static)
+        a.route("/api/setup", "GET", self.describe)
+        a.route("/api/setup/test", "POST", self.test_server)
+        a.route("/api/setup/save", "POST", self.save)
+        a.route("/api/status", "GET", lambda: send({"status": "setup", "version": __version__, "setup": True}))
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        def secured(status: str, headers: list, exc_info: Any = None) -> Any:
+            return start_response(status, headers + SECURITY_HEADERS, exc_info)
+
+        return self.app(environ, secured)
+
+    @staticmethod
+    def page() -> Any:
+        """The setup page, never cached: once saved, "/" is the dashboard."""
+        response = _static("setup.html")
+        response.set_header("Cache-Control", "no-store")
+        return response
+
+    def describe(self) -> str:
+        """What the page needs: where the file goes, and the settings variables already make
+        (shown read-only: a variable wins over the file)."""
+        fixed = {s.env: s.key for s in SETTINGS if s.env and os.environ.get(s.env, "").strip()}
+        fixed.update({k: "servers" for k in os.environ if k.startswith("JDS_SERVER_") and os.environ[k].strip()})
+        return send({"config_path": self.path, "from_environment": sorted(fixed.items()), "version": __version__})
+
+    def _body(self) -> dict:
+        """The request's JSON, once the setup code checks out (403 otherwise)."""
+        import bottle
+
+        if not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
+            raise bottle.HTTPResponse(
+                json.dumps({"error": "wrong or missing setup code: it is printed in the service's log"}),
+                403,
+                {"Content-Type": "application/json"},
+            )
+        body = bottle.request.json
+        if not isinstance(body, dict):
+            raise bottle.HTTPError(400, "expected a JSON object")
+        return body
+
+    def test_server(self) -> str:
+        """The Test button: can this URL and API key be used? Name, version and users, or why not."""
+        body = self._body()
+        try:
+            server = _parse_server(
+                {
+                    "name": body.get("name") or "test",
+                    "url": body.get("url") or "",
+                    "api_key": body.get("api_key") or "",
+                },
+                "server",
+                set(),
+            )
+            client = JellyfinClient(server, timeout=5)
+            info = client.info()
+            users = client.users()
+        except (ConfigError, JellyfinError) as e:
+            hint = " — the API key was refused" if isinstance(e, JellyfinError) and e.status == 401 else ""
+            return send({"ok": False, "error": f"{e}{hint}"})
+        return send({"ok": True, "name": info.get("ServerName"), "version": info.get("Version"), "users": len(users)})
+
+    def save(self) -> str:
+        body = self._body()
+        data = self._config_data(body, self.path)
+        try:
+            merged = copy.deepcopy(data)
+            apply_env(merged, dict(os.environ))
+            parse_config(merged, self.path)  # the same checks as at start-up, before writing
+        except ConfigError as e:
+            return send({"ok": False, "error": str(e)}, 400)
+        _write_private(self.path, yaml_dump(data))
+        config = load_config(self.path)
+        log.info("setup: configuration saved to %s; starting to sync", self.path)
+        self.on_saved(config)
+        return send({"ok": True, "message": f"saved to {self.path}; syncing has started"})
+
+    @staticmethod
+    def _config_data(body: dict, path: str) -> dict:
+        servers = [
+            {k: v for k, v in server.items() if k in ("name", "url", "api_key", "passwordless") and v not in (None, "")}
+            for server in body.get("servers") or []
+            if isinstance(server, dict)
+        ]
+        server: dict[str, Any] = {}
+        if body.get("webhook_token"):
+            server["webhook_token"] = body["webhook_token"]
+        if body.get("auth_username") or body.get("auth_password"):
+            server["auth"] = {"username": body.get("auth_username", ""), "password": body.get("auth_password", "")}
+        data: dict[str, Any] = {"servers": servers, "database": {"path": _default_database_path(path)}}
+        if server:
+            data["server"] = server
+        return data
+
+
+def _static(path: str) -> Any:
+    import bottle
+
+    return bottle.static_file(path, root=str(STATIC_ROOT))
+
+
+def yaml_dump(data: dict) -> str:
+    import yaml
+
+    return "# Written by jellyfin-db-sync's setup page; every key is explained in config.example.yaml.\n" + (
+        yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    )
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write a file atomically (a crash leaves the old one or the new one, never half) and
+    readable by its owner only: it holds API keys."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _default_database_path(config_path: str) -> str:
+    """In the Docker image /data is the database volume; elsewhere, beside the config file."""
+    if os.path.isdir("/data"):
+        return "/data/jellyfin-db-sync.db"
+    return str(Path(config_path).absolute().parent / "jellyfin-db-sync.db")
+
+
 def security_warnings(config: Config) -> list[str]:
     """What the dashboard warns about: the configuration's own warnings, then open doors."""
     out = [f"Configuration: {w}" for w in config.warnings]
@@ -5398,6 +5528,29 @@ def keep_to_one_cpu(setting: str) -> int | None:
     return cpu
 
 
+def make_waitress(app: Any, host: str, port: int) -> Any:
+    """The Waitress server every mode of the service runs behind."""
+    import waitress
+
+    return waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
+        ident="jellyfin-db-sync",
+        max_request_body_size=MAX_BODY_BYTES + 1024,
+        clear_untrusted_proxy_headers=True,
+        # Waitress reads a whole request before a thread sees it, so slow senders hold no
+        # thread, only a connection. Idle and trickling connections must not use up the
+        # connections Jellyfin's webhooks need: many may be open (poll(), not select(), has
+        # no 1,024-descriptor ceiling), and one idle this long is closed.
+        connection_limit=CONNECTION_LIMIT,
+        channel_timeout=CHANNEL_TIMEOUT,
+        cleanup_interval=CHANNEL_TIMEOUT / 3,
+        asyncore_use_poll=True,
+    )
+
+
 class Service:
     """Everything wired together: what main() runs and what tests start in-process."""
 
@@ -5414,25 +5567,7 @@ class Service:
         self._stopping = threading.Event()
 
     def make_server(self, host: str | None = None, port: int | None = None):
-        import waitress
-
-        self.server = waitress.create_server(
-            self.app,
-            host=host or self.config.host,
-            port=self.config.port if port is None else port,
-            threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
-            ident="jellyfin-db-sync",
-            max_request_body_size=MAX_BODY_BYTES + 1024,
-            clear_untrusted_proxy_headers=True,
-            # Waitress reads a whole request before a thread sees it, so slow senders hold no
-            # thread, only a connection. Idle and trickling connections must not use up the
-            # connections Jellyfin's webhooks need: many may be open (poll(), not select(), has
-            # no 1,024-descriptor ceiling), and one idle this long is closed.
-            connection_limit=CONNECTION_LIMIT,
-            channel_timeout=CHANNEL_TIMEOUT,
-            cleanup_interval=CHANNEL_TIMEOUT / 3,
-            asyncore_use_poll=True,
-        )
+        self.server = make_waitress(self.app, host or self.config.host, self.config.port if port is None else port)
         return self.server
 
     def start_workers(self) -> None:
@@ -5458,35 +5593,6 @@ class Service:
         self.syncer.stop()
         self.reconciler.stop()
         self.store.close()
-
-
-def write_starter_config(path: str) -> int:
-    """First run without a config: write a commented starter file and say what to do."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as f:
-            # In the Docker image /data is the database volume; elsewhere, beside the config.
-            db = (
-                "/data/jellyfin-db-sync.db"
-                if os.path.isdir("/data")
-                else str(Path(path).parent / "jellyfin-db-sync.db")
-            )
-            f.write(STARTER_CONFIG.format(database=db))
-    except OSError as e:
-        print(
-            f"jellyfin-db-sync: no config at {path}, and cannot write a starter one there ({e.strerror}).\n"
-            "Copy config.example.yaml to that path, or set JDS_SERVER_1_NAME/URL/API_KEY and "
-            "JDS_SERVER_2_NAME/URL/API_KEY.",
-            file=sys.stderr,
-        )
-        return 2
-    print(
-        f"jellyfin-db-sync: no configuration found, so a starter one was written to {path}.\n"
-        "Fill in each Jellyfin server's url and api_key (Dashboard → API Keys), then start again.\n"
-        "Check it first with: python jellyfin_db_sync.py --check-config --config " + path,
-        file=sys.stderr,
-    )
-    return 2
 
 
 def reconcile_cli(config: Config, dry_run: bool) -> int:
@@ -5624,17 +5730,18 @@ def main(argv: list[str] | None = None) -> int:
     path = find_config_path(args.config)
     if args.healthcheck:
         return healthcheck(path)
+    one_off = args.check_config or args.backup or args.reconcile or args.dry_run or args.setup_webhooks is not None
     if not os.path.exists(path) and not _servers_in_env(os.environ):
-        if args.check_config or args.backup or args.reconcile or args.dry_run:
-            # Only starting the service writes a starter file; a check never writes anything.
+        if one_off:  # a check never writes anything
             print(f"jellyfin-db-sync: no configuration at {path} (and no JDS_SERVER_* variables)", file=sys.stderr)
             return 2
-        return write_starter_config(path)
+        return setup_mode(path, f"no configuration at {path}")
     try:
         config = load_config(path)
     except ConfigError as e:
         print(f"jellyfin-db-sync: configuration error: {e}", file=sys.stderr)
-        return 2
+        # The service stays up and says so on its page: exiting would become a restart loop.
+        return 2 if one_off else setup_mode(path, f"configuration error: {e}")
     if args.check_config:
         return check_config(config)
     if args.setup_webhooks is not None:
@@ -5645,6 +5752,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.reconcile or args.dry_run:
         return reconcile_cli(config, args.dry_run)
     return serve(config)
+
+
+def setup_mode(path: str, problem: str) -> int:
+    """No usable configuration: serve the setup page (see Setup) until one is saved, then the
+    service itself, in the same process — never an exit that Docker would turn into a loop."""
+    configure_logging("INFO")
+    switch: dict[str, Any] = {}
+
+    def app(environ: dict, start_response: Any) -> Any:
+        return switch["app"](environ, start_response)
+
+    def on_saved(config: Config) -> None:
+        service = Service(config)
+        service.start_workers()
+        switch["service"], switch["app"] = service, service.app
+
+    setup = Setup(path, on_saved)
+    switch["app"] = setup
+    port = int(os.environ.get("JDS_PORT", "").strip() or SETTING["server.port"].default)
+    host = os.environ.get("JDS_HOST", "").strip() or SETTING["server.host"].default
+    server = make_waitress(app, host, port)
+    log.warning("%s", problem)
+    log.warning(
+        "setup mode: open http://%s:%s/ in a browser to set up jellyfin-db-sync; the setup code is %s",
+        _reachable_host(host),
+        server.effective_port,
+        setup.code,
+    )
+    _stop_on_signals()
+    try:
+        server.run()
+    except SystemExit:
+        pass
+    finally:
+        server.close()
+        if "service" in switch:
+            switch["service"].stop()
+        log.info("stopped")
+    return 0
+
+
+def _stop_on_signals() -> None:
+    def on_signal(signum: int, _frame: Any) -> None:
+        # Waitress installs no handlers; as PID 1 in Docker an unhandled SIGTERM is ignored.
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 def healthcheck(path: str) -> int:
@@ -5719,13 +5875,7 @@ def serve(config: Config) -> int:
             config.port,
         )
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        # Waitress installs no handlers; as PID 1 in Docker an unhandled SIGTERM is ignored.
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    _stop_on_signals()
     service.start_workers()
     base = config.public_url or f"http://{_reachable_host(config.host)}:{server.effective_port}"
     hooks = ", ".join(f"{base}/webhook/{s.name}" for s in config.servers) or "no servers configured"

@@ -2695,7 +2695,7 @@ def test_config_errors_name_the_key_and_exit_2(tmp_path, mutate, key):
     mutate(data)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
-    res = run_cli("--config", str(path))
+    res = run_cli("--check-config", "--config", str(path))
     assert res.returncode == 2
     assert key in res.stderr and str(path) in res.stderr and "Traceback" not in res.stderr
 
@@ -2845,13 +2845,61 @@ def test_every_setting_is_declared_once_in_the_table():
     assert all(v in out.stdout for v in declared) and "JDS_SERVER_<N>_API_KEY" in out.stdout
 
 
-def test_first_run_without_config_writes_a_starter_file(tmp_path):
+def start_setup_mode(path: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """The service started with no configuration at ``path``, and the one-time setup code from
+    its log, as a person would read it there."""
+    proc = start_process(path, port, env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"})
+    while True:
+        line = proc.stdout.readline()
+        assert line, "the log ended before the setup code"
+        found = re.search(r"setup code is (\S+)", line)
+        if found:
+            return proc, found.group(1)
+
+
+def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_one(tmp_path, fake_servers):
+    home, parents = fakes = fake_servers(("home", "10.11.8"), ("parents", "10.10.7"))
+    for f in fakes:
+        f.add_user("alice")
+        f.add_item("Heat", "Movie", "/media/movies/Heat (1995)/Heat.mkv")
+    port = free_port()
     path = tmp_path / "config" / "config.yaml"
-    res = run_cli("--config", str(path))
-    assert res.returncode == 2 and "starter" in res.stderr and str(path) in res.stderr
-    assert "api_key" in path.read_text()
-    res = run_cli("--config", str(path))  # still placeholders: a clear error, not a traceback
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    proc, code = start_setup_mode(path, port)
+    base = f"http://127.0.0.1:{port}"
+
+    def call(method: str, route: str, body: dict | None = None, code_: str | None = code):
+        conn = HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/json", **({"X-Setup-Code": code_} if code_ else {})}
+        conn.request(method, route, json.dumps(body) if body is not None else None, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, json.loads(data) if data[:1] in (b"{", b"[") else data.decode()
+
+    assert call("GET", "/healthz")[0] == 200, "up, never a restart loop"
+    status, ready = call("GET", "/readyz")
+    assert status == 503 and ready["reasons"] == ["not configured"]
+    assert call("GET", "/")[0] == 200 and not path.exists()
+    server = {"name": "home", "url": home.url, "api_key": home.api_key}
+    assert call("POST", "/api/setup/test", server, code_=None)[0] == 403
+    assert call("POST", "/api/setup/test", server, code_="wrong")[0] == 403
+    tested = call("POST", "/api/setup/test", server)[1]
+    assert tested == {"ok": True, "name": "home", "version": "10.11.8", "users": 1}
+    refused = call("POST", "/api/setup/test", {**server, "api_key": "wrong"})[1]
+    assert refused["ok"] is False and "refused" in refused["error"]
+    servers = [server, {"name": "parents", "url": parents.url, "api_key": parents.api_key}]
+    bad = call("POST", "/api/setup/save", {"servers": servers, "webhook_token": "short"})
+    assert bad[0] == 400 and "webhook_token" in bad[1]["error"] and not path.exists()
+    saved = call("POST", "/api/setup/save", {"servers": servers})
+    assert saved[0] == 200 and saved[1]["ok"], saved
+    assert path.stat().st_mode & 0o777 == 0o600, "it holds API keys: its owner's only"
+    assert jds.load_config(path, {}).servers[1].api_key == parents.api_key
+    eventually(lambda: call("GET", "/readyz")[0] == 200, what="syncing started without a restart")
+    home.webhook_url = f"{base}/webhook/home"
+    home.user_marks("alice", "Heat", True)
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="a sync after the setup")
+    shut_down(proc, [])
+    assert proc.returncode == 0
 
 
 def test_environment_variables_configure_everything_a_template_needs(tmp_path):
@@ -3019,6 +3067,42 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "no sideways scrolling"
         phone.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
         browser.close()
+
+
+@pytest.mark.browser
+def test_browser_setup_page_tests_a_server_and_saves(tmp_path, fake_servers):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    home, parents = fake_servers(("home", "10.11.8"), ("parents", "12.0.0"))
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    proc, code = start_setup_mode(path, port)
+    shots = HERE / "docs" if os.environ.get("JDS_REFRESH_DOCS") else tmp_path
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_label("Setup code").fill(code)
+        rows = page.locator("fieldset.server")
+        for row, fake in zip((rows.nth(0), rows.nth(1)), (home, parents), strict=True):
+            row.get_by_label("Name (part of its webhook URL)").fill(fake.name)
+            row.get_by_label("URL", exact=True).fill(fake.url)
+            row.get_by_label("API key").fill(fake.api_key)
+        rows.nth(0).get_by_role("button", name="Test").click()
+        expect(rows.nth(0).get_by_role("status")).to_contain_text("✓ home: Jellyfin 10.11.8", timeout=10000)
+        page.screenshot(path=str(shots / "setup.png"), full_page=True)
+        page.get_by_role("button", name="Save and start syncing").click()
+        expect(page.get_by_role("status").last).to_contain_text("syncing has started", timeout=10000)
+        # The page then opens the dashboard, served by the service now running.
+        expect(page).to_have_title("jellyfin-db-sync", timeout=10000)
+        expect(page.get_by_role("article", name="server home")).to_be_visible(timeout=10000)
+        browser.close()
+    assert path.exists() and jds.load_config(path, {}).servers[0].name == "home"
+    shut_down(proc, [])
 
 
 # ── Packaging: Docker, unRAID, TrueNAS ───────────────────────────────────────
@@ -3206,7 +3290,9 @@ def shut_down(proc: subprocess.Popen, fakes: list[FakeJellyfin]) -> None:
         f.close()
 
 
-def start_process(config_path: Path, port: int, program: list[str] | None = None) -> subprocess.Popen:
+def start_process(
+    config_path: Path, port: int, program: list[str] | None = None, env: dict | None = None
+) -> subprocess.Popen:
     """The service as a separate process (``program``: the interpreter and script to run), once
     it answers /healthz."""
     program = program or [sys.executable, str(HERE / "jellyfin_db_sync.py")]
@@ -3215,6 +3301,7 @@ def start_process(config_path: Path, port: int, program: list[str] | None = None
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     STARTED.append(proc)  # stopped by the stop_started_processes fixture, whatever the test's outcome
 

@@ -1,0 +1,91 @@
+// The setup page: servers (each with a Test button), token and sign-in; Save writes the config
+// file and the service starts syncing. Every call carries the setup code from the log.
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return node;
+}
+
+async function call(path, body) {
+  const res = await fetch(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-Setup-Code": $("code").value.trim() },
+    body: JSON.stringify(body),
+  });
+  const answer = await res.json().catch(() => ({}));
+  if (!res.ok && !("ok" in answer)) throw new Error(answer.error || answer.detail || res.statusText);
+  return answer;
+}
+
+let count = 0;
+function addServer(name = "") {
+  count += 1;
+  const n = count;
+  const out = el("p", { class: "muted", role: "status", "aria-live": "polite" });
+  const row = el("fieldset", { class: "card server", "data-server": n },
+    el("legend", {}, `Server ${n}`),
+    el("label", {}, "Name (part of its webhook URL) ", el("input", { name: "name", value: name, required: "" })),
+    el("label", {}, "URL ", el("input", { name: "url", type: "url", placeholder: "http://192.168.1.10:8096", required: "" })),
+    el("label", {}, "API key ", el("input", { name: "api_key", type: "password", autocomplete: "off", required: "" })),
+    el("label", {}, el("input", { name: "passwordless", type: "checkbox" }), " passwordless (home network)"),
+    el("button", { type: "button", onclick: () => test(row, out) }, "Test"),
+    out);
+  $("servers").append(row);
+}
+
+function serverOf(row) {
+  const v = (name) => row.querySelector(`[name=${name}]`);
+  return { name: v("name").value.trim(), url: v("url").value.trim(), api_key: v("api_key").value.trim(),
+           passwordless: v("passwordless").checked };
+}
+
+async function test(row, out) {
+  out.textContent = "testing…";
+  try {
+    const r = await call("/api/setup/test", serverOf(row));
+    out.className = r.ok ? "ok" : "bad";
+    out.textContent = r.ok ? `✓ ${r.name}: Jellyfin ${r.version}, ${r.users} users` : `✗ ${r.error}`;
+  } catch (err) {
+    out.className = "bad";
+    out.textContent = `✗ ${err.message}`;
+  }
+}
+
+$("add-server").addEventListener("click", () => addServer());
+$("setup").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const result = $("result");
+  result.textContent = "saving…";
+  try {
+    const r = await call("/api/setup/save", {
+      servers: [...document.querySelectorAll(".server")].map(serverOf),
+      webhook_token: $("webhook-token").value.trim(),
+      auth_username: $("auth-user").value.trim(),
+      auth_password: $("auth-password").value,
+    });
+    result.className = r.ok ? "ok" : "bad";
+    result.textContent = r.ok ? `✓ ${r.message}` : `✗ ${r.error}`;
+    if (r.ok) setTimeout(() => { location.href = "/"; }, 1500);
+  } catch (err) {
+    result.className = "bad";
+    result.textContent = `✗ ${err.message}`;
+  }
+});
+
+fetch("/api/setup").then((r) => r.json()).then((info) => {
+  $("version").textContent = `v${info.version} · the file will be ${info.config_path}`;
+  if (info.from_environment.length) {
+    $("env").hidden = false;
+    $("env").replaceChildren(el("p", {}, "Set by environment variables (they win over the file; change them in your container settings):"),
+      ...info.from_environment.map(([variable, key]) => el("p", {}, el("code", {}, variable), ` → ${key}`)));
+  }
+});
+addServer("home");
+addServer("");
