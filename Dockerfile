@@ -3,8 +3,9 @@
 #     -v /path/to/config:/config -v /path/to/data:/data jellyfin-db-sync
 # (build it with "docker build -t jellyfin-db-sync ." or pull what the repository's workflow
 # publishes: ghcr.io/<the repository's owner>/jellyfin-db-sync)
-# Runs as UID/GID 1000 by default; pick another with --user 99:100 (unRAID) or user: (compose),
-# matching the owner of the /config and /data folders on the host.
+# Runs as UID/GID 1000 by default. Either say which user it runs as with PUID/PGID (and UMASK):
+# it starts as root only to give /config and /data to that user, then runs as it (the
+# linuxserver way); or start it as that user with --user 99:100 (unRAID) or user: (compose).
 # Pinned to a Debian release: "3.12-slim" alone moved from one to the next under people's feet.
 FROM python:3.12-slim-bookworm
 
@@ -19,7 +20,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    CONFIG_PATH=/config/config.yaml
+    CONFIG_PATH=/config/config.yaml \
+    PUID=1000 \
+    PGID=1000
 
 WORKDIR /app
 COPY requirements.txt .
@@ -29,7 +32,6 @@ RUN pip install --no-cache-dir -r requirements.txt \
 
 COPY jellyfin_db_sync.py config.example.yaml ./
 COPY static/ static/
-USER 1000:1000
 VOLUME ["/config", "/data"]
 EXPOSE 8080
 

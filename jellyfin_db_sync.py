@@ -5725,9 +5725,52 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def drop_privileges(path: str, env: dict[str, str]) -> str | None:
+    """The linuxserver way, for images started as root: with PUID (and PGID, UMASK) set, the
+    folders of the config file and the database are given to that user, and the process goes on
+    as that user. Started as a user already (docker --user), or without PUID, nothing changes.
+    Returns what was done, for the log."""
+    if not env.get("PUID", "").strip() or not hasattr(os, "getuid") or os.getuid() != 0:
+        return None
+    try:
+        uid = int(env["PUID"])
+        gid = int(env.get("PGID", "").strip() or uid)
+        umask = int(env["UMASK"], 8) if env.get("UMASK", "").strip() else None
+    except ValueError:
+        raise ConfigError("PUID and PGID must be numbers, UMASK an octal number like 022") from None
+    if umask is not None:
+        os.umask(umask)
+    folders = {Path(path).absolute().parent}
+    with suppress(ConfigError):
+        folders.add(Path(load_config(path).database_path).absolute().parent)
+    for folder in sorted(folders):
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in (folder, *folder.rglob("*")):
+            with suppress(FileNotFoundError):
+                os.lchown(entry, uid, gid)
+    # Everything the service imports later, imported while its files can still be read.
+    import socket  # noqa: F401
+
+    import bottle  # noqa: F401
+    import waitress  # noqa: F401
+    import yaml  # noqa: F401
+
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    return f"running as {uid}:{gid} (PUID/PGID); {', '.join(str(f) for f in sorted(folders))} given to it"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     path = find_config_path(args.config)
+    try:
+        dropped = drop_privileges(path, dict(os.environ))
+    except (ConfigError, OSError) as e:
+        print(f"jellyfin-db-sync: cannot take PUID/PGID: {e}", file=sys.stderr)
+        return 2
+    if dropped:
+        print(f"jellyfin-db-sync: {dropped}", file=sys.stderr)
     if args.healthcheck:
         return healthcheck(path)
     one_off = args.check_config or args.backup or args.reconcile or args.dry_run or args.setup_webhooks is not None

@@ -1784,9 +1784,15 @@ def test_the_webhook_plugin_is_set_up_for_the_user(cluster):
         "POST", "/api/servers/public/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
     )
     assert status == 502 and "not installed" in answer["message"] and "Catalog" in answer["message"]
-    # The command line does every server (public still lacks the plugin: exit 1, the others ✓).
+    # The command line does every server (public still lacks the plugin: exit 1, the others ✓);
+    # a destination of ours from before (an old address, switched off) is updated in place.
+    old = {"WebhookName": "jellyfin-db-sync", "WebhookUri": "http://old:8080/webhook/parents", "EnableWebhook": False}
+    parents.plugin_config["GenericOptions"].append(old)
     res = run_cli("--config", str(c.config_path), "--setup-webhooks", svc.url)
-    assert res.returncode == 1 and "✓ parents" in res.stdout and "✗ public" in res.stdout, res.stdout
+    assert res.returncode == 1 and "✓ parents: Webhook plugin destination updated" in res.stdout, res.stdout
+    assert "✗ public" in res.stdout and "✓ home: the Webhook plugin already posts" in res.stdout
+    mine = [d for d in parents.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync"]
+    assert len(mine) == 1 and mine[0]["WebhookUri"] == f"{svc.url}/webhook/parents" and mine[0]["EnableWebhook"]
     # And now the plugin's own webhooks arrive and sync, with nothing set up by hand.
     home.user_marks("alice", "Heat", True)
     eventually(lambda: parents.ud("alice", "Heat")["Played"], what="a sync through the set-up webhook")
@@ -3126,7 +3132,10 @@ def known_env_var(name: str) -> bool:
 def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_path, fake_servers):
     ins = dict(dockerfile_instructions())
     assert ins["FROM"].startswith("python:3.1") and "slim" in ins["FROM"]
-    assert re.fullmatch(r"\d+:\d+", ins["USER"]) and not ins["USER"].startswith("0")
+    # Not root for long: started as root it gives /config and /data to PUID:PGID and runs as that
+    # user (test_puid_and_pgid_…); started with --user it runs as that user from the start.
+    env = dict(re.findall(r"(\w+)=(\S+)", ins["ENV"]))
+    assert env["PUID"] == "1000" and env["PGID"] == "1000" and "USER" not in ins
     assert ins["EXPOSE"] == "8080" and json.loads(ins["VOLUME"]) == ["/config", "/data"]
     assert json.loads(ins["ENTRYPOINT"])[0] == "python"  # exec form: Python is PID 1, gets SIGTERM
     assert json.loads(ins["ENTRYPOINT"])[1:] == ["/app/jellyfin_db_sync.py"]  # run the plain way, as a script
@@ -3414,6 +3423,49 @@ def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(tmp_path, 
     assert "uid 1000" in str(refused.value) and "chown" in str(refused.value)
     assert "not a usable SQLite database" not in str(refused.value)
     assert not any(locked.iterdir()), "nothing was written"
+
+
+def test_puid_and_pgid_give_the_folders_to_that_user_and_run_as_it(fake_servers):
+    # As the image does when started as root with PUID/PGID (the linuxserver way). In a folder
+    # of its own: pytest's temporary folders are root's alone, which that user could not enter.
+    import tempfile
+
+    import yaml
+
+    top = Path(tempfile.mkdtemp(prefix="jds-puid-"))
+    try:
+        top.chmod(0o755)
+        config_dir, data_dir = top / "config", top / "data"
+        config_dir.mkdir()
+        data_dir.mkdir()
+        (data_dir / "old.db").write_text("made by root")
+        cfg = write_config(config_dir, fake_servers("home", "parents"))
+        data = yaml.safe_load(cfg.read_text())
+        data["database"]["path"] = str(data_dir / "sync.db")
+        cfg.write_text(yaml.safe_dump(data))
+        probe = (
+            "import os, sys, jellyfin_db_sync as j;"
+            f"print(j.drop_privileges({str(cfg)!r}, dict(os.environ)));"
+            f"open({str(data_dir / 'new')!r}, 'w').write('x');"
+            "print(os.getuid(), os.getgid(), oct(os.umask(0)))"
+        )
+        env = {**os.environ, "PUID": "65534", "PGID": "65533", "UMASK": "027", "PYTHONPATH": str(HERE)}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=20, check=False
+        )
+        assert out.returncode == 0, out.stderr
+        said, ids = out.stdout.strip().splitlines()
+        assert "running as 65534:65533" in said and ids == "65534 65533 0o27"
+        for path in (config_dir, cfg, data_dir, data_dir / "old.db", data_dir / "new"):
+            assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65533), path
+        # Without PUID nothing changes (started with --user, or not in Docker at all).
+        env.pop("PUID")
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=20, check=False
+        )
+        assert out.stdout.splitlines()[0] == "None"
+    finally:
+        subprocess.run(["rm", "-rf", str(top)], check=False)
 
 
 def test_check_config_writes_nothing_and_variables_cannot_hurt(tmp_path):
