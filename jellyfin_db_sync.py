@@ -4633,8 +4633,8 @@ class Web:
         a.route("/api/users/passwords", "GET", self.api_passwords)
         a.route("/api/users/passwords/<password_id:int>/ack", "POST", self.api_ack_password)
         a.route("/", "GET", self.index)
-        a.route("/static/style.css", "GET", lambda: bottle.static_file("style.css", root=str(STATIC_ROOT)), open=True)
-        a.route("/static/<path:path>", "GET", lambda path: bottle.static_file(path, root=str(STATIC_ROOT)))
+        a.route("/static/style.css", "GET", lambda: _static("style.css"), open=True)
+        a.route("/static/<path:path>", "GET", _static)
 
     # webhooks
     def webhook(self, server_name: str) -> str:

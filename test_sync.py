@@ -3013,12 +3013,17 @@ def test_dashboard_api_metrics_timeline_and_discard(cluster):
     assert c.svc.call("GET", "/static/../jellyfin_db_sync.py")[0] in (403, 404)
 
 
-@pytest.mark.browser
-def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tmp_path):
+def need_chromium() -> None:
+    """Browser tests drive Debian's Chromium: skipped where it is missing, except in CI."""
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail("Debian's chromium is missing: .ci/run installs it")
         pytest.skip("Debian's chromium is not installed")
+
+
+@pytest.mark.browser
+def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tmp_path):
+    need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     c = cluster(max_retries=0)
@@ -3077,10 +3082,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
 
 @pytest.mark.browser
 def test_browser_setup_page_tests_a_server_and_saves(tmp_path, fake_servers):
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is missing: .ci/run installs it")
-        pytest.skip("Debian's chromium is not installed")
+    need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     home, parents = fake_servers(("home", "10.11.8"), ("parents", "12.0.0"))

@@ -5,18 +5,7 @@
 const PAGE = 25;
 let offset = 0;
 
-const $ = (id) => document.getElementById(id);
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
-  return node;
-}
+// $ and el: dom.js, loaded first.
 
 async function api(path, options) {
   const res = await fetch(path, { cache: "no-store", ...options });

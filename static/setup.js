@@ -1,17 +1,6 @@
 // The setup page: servers (each with a Test button), token and sign-in; Save writes the config
 // file and the service starts syncing. Every call carries the setup code from the log.
-const $ = (id) => document.getElementById(id);
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
-  return node;
-}
+// $ and el: dom.js, loaded first.
 
 async function call(path, body) {
   const res = await fetch(path, {
