@@ -5486,10 +5486,28 @@ class LogFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class EveryMinuteAtMost(logging.Filter):
+    """Waitress warns "Task queue depth is N" for every request that waits for a free thread:
+    during a burst that is hundreds of lines a second of the same news. It is news (the service
+    is saturated), so it is kept — once a minute at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + 60.0
+        return True
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("waitress.queue").addFilter(EveryMinuteAtMost())
 
 
 def find_config_path(cli_path: str | None) -> str:

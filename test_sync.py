@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -2855,12 +2856,8 @@ def start_setup_mode(path: Path, port: int) -> tuple[subprocess.Popen, str]:
     """The service started with no configuration at ``path``, and the one-time setup code from
     its log, as a person would read it there."""
     proc = start_process(path, port, env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"})
-    while True:
-        line = proc.stdout.readline()
-        assert line, "the log ended before the setup code"
-        found = re.search(r"setup code is (\S+)", line)
-        if found:
-            return proc, found.group(1)
+    found = eventually(lambda: re.search(r"setup code is (\S+)", process_log(proc)), what="the setup code")
+    return proc, found.group(1)
 
 
 def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_one(tmp_path, fake_servers):
@@ -3289,8 +3286,7 @@ def stop_started_processes():
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        proc.log_path.unlink(missing_ok=True)  # type: ignore[attr-defined]
 
 
 def shut_down(proc: subprocess.Popen, fakes: list[FakeJellyfin]) -> None:
@@ -3307,13 +3303,18 @@ def start_process(
     """The service as a separate process (``program``: the interpreter and script to run), once
     it answers /healthz."""
     program = program or [sys.executable, str(HERE / "jellyfin_db_sync.py")]
-    proc = subprocess.Popen(
-        [*program, "--config", str(config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    # Its log goes to a file, as Docker's does: a pipe nobody reads fills up, and a service
+    # blocked writing its log answers nothing (a benchmark once mistook that for a hang).
+    log_file = Path(tempfile.mkstemp(prefix="jds-log-", suffix=".txt")[1])
+    with log_file.open("w") as out:
+        proc = subprocess.Popen(
+            [*program, "--config", str(config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+    proc.log_path = log_file  # type: ignore[attr-defined]
     STARTED.append(proc)  # stopped by the stop_started_processes fixture, whatever the test's outcome
 
     def up():
@@ -3325,8 +3326,13 @@ def start_process(
             return proc.poll() is not None
 
     eventually(up, 15, 0.05, "the service to start")
-    assert proc.poll() is None, proc.stdout.read()
+    assert proc.poll() is None, process_log(proc)
     return proc
+
+
+def process_log(proc: subprocess.Popen) -> str:
+    """What a process started by start_process has logged so far."""
+    return proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 def test_a_renamed_copy_runs_as_one_file_and_shows_as_itself_in_ps(tmp_path, fake_servers):
@@ -3394,7 +3400,7 @@ def test_a_clean_start_says_where_to_point_the_plugin_and_prints_no_traceback(tm
     port = free_port()
     proc = start_process(write_config(tmp_path, fakes, port=port), port)
     shut_down(proc, [])
-    log_text = proc.stdout.read()
+    log_text = process_log(proc)
     assert "Traceback" not in log_text and "Logging error" not in log_text, log_text
     start = next(line for line in log_text.splitlines() if "listening on" in line)
     assert jds.__version__ in start and f"127.0.0.1:{port}" in start
@@ -3430,8 +3436,6 @@ def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(tmp_path, 
 def test_puid_and_pgid_give_the_folders_to_that_user_and_run_as_it(fake_servers):
     # As the image does when started as root with PUID/PGID (the linuxserver way). In a folder
     # of its own: pytest's temporary folders are root's alone, which that user could not enter.
-    import tempfile
-
     import yaml
 
     top = Path(tempfile.mkdtemp(prefix="jds-puid-"))
@@ -3553,8 +3557,6 @@ def test_five_kills_during_bursts_lose_no_acknowledged_event(tmp_path, fake_serv
 
 def benchmark() -> None:  # pragma: no cover - a command, not a test
     """Print the figures the README promises; asserts nothing about time."""
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix="jds-bench-"))
     fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
     home, parents = fakes
@@ -3676,8 +3678,6 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
 
 def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no cover - a command
     """20 senders for 60 s against a slow target: latency, refusals, memory, queue drain."""
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix="jds-load-"))
     fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
     home, parents = fakes
@@ -3762,7 +3762,6 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
     state after months without sync), then a second pass right after (servers in step): time to
     compare, time to apply, requests per change applied, MB read from the servers, peak memory."""
     import random
-    import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="jds-rbench-"))
     fakes = [FakeJellyfin(n, v) for n, v in (("home", "10.11.8"), ("parents", "10.10.7"), ("public", "12.0.0"))]
