@@ -2553,6 +2553,11 @@ class Library:
                             return hits[0]
         return None
 
+    def display_name(self, item: ItemInfo) -> str:
+        """An item as people know it: an episode with its series ("Show — S01E04 — Title")."""
+        series = self.store.get_item(item.server, item.series_id) if item.type == "Episode" and item.series_id else None
+        return episode_name(series.name, item.season, item.episode, item.name) if series else item.name
+
     def match(self, src: ItemInfo, target: str, waiting_since: float = 0.0) -> ItemInfo | None:
         """The same item on ``target``: by path, then provider IDs, then series + S/E.
 
@@ -2816,13 +2821,17 @@ def observations_from_event(ev: dict) -> dict[str, Any]:
 
 
 def event_item_name(ev: dict) -> str:
-    """An item as people know it: "Series S01E04 Title", "Film (Year)"."""
+    """An item as people know it: "Series — S01E04 — Title", "Film (Year)"."""
     name = ev.get("Name") or ev["ItemId"]
     if ev.get("SeriesName"):
-        return f"{ev['SeriesName']} S{ev.get('SeasonNumber') or 0:02d}E{ev.get('EpisodeNumber') or 0:02d} {name}"
+        return episode_name(ev["SeriesName"], ev.get("SeasonNumber"), ev.get("EpisodeNumber"), name)
     if ev.get("Year"):
         return f"{name} ({ev['Year']})"
     return name
+
+
+def episode_name(series: str, season: int | None, episode: int | None, title: str) -> str:
+    return f"{series} — S{season or 0:02d}E{episode or 0:02d} — {title}"
 
 
 def describe(fld: str, value: Any) -> str:
@@ -4142,7 +4151,7 @@ class Reconciler:
             targets = [v for v in views if v.cur != desired]
             self._remember(person, views, field, source, dry_run)
             item = self.store.get_item(source.server, source.item_id)
-            name = item.name if item else source.item_id
+            name = self.library.display_name(item) if item else source.item_id
             sample = f"{describe(field, desired)} {name!r} (from {source.server})"
             for v in targets:
                 _report_changes(report, person, v.server, 1, sample)

@@ -1120,6 +1120,9 @@ def test_forty_episodes_marked_played_at_once(cluster):
     for name in ("parents", "public"):
         played = [e for e in range(1, 41) if c[name].ud("bob", f"Episode {e}")["Played"]]
         assert len(played) == 40, f"{name}: {len(played)} of 40"
+    # Named the way people know them, series first.
+    entries = c.svc.call("GET", "/api/sync-log?target=parents&result=ok&limit=100")[1]["entries"]
+    assert "Show — S01E07 — Episode 7" in {e["item_name"] for e in entries}
 
 
 def test_matching_falls_back_to_provider_ids_then_series_and_episode(cluster):
