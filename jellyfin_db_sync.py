@@ -98,6 +98,7 @@ MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
 STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the pipeline is stuck
 READY_CACHE_SECONDS = 3.0  # /readyz answers from its last check for this long
+HISTORY_CACHE_SECONDS = 30.0  # whole-table counts on the dashboard (history, index) are this fresh
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
@@ -4586,6 +4587,7 @@ class Web:
         self.started_at = started_at or utcnow()
         self.sign_ins = SignIns(config)
         self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
+        self._history_cache: dict[str, tuple[float, Any]] = {}  # key → (monotonic expiry, value)
         self._rejections_lock = threading.Lock()
         self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
         self.app = _json_errors_bottle()
@@ -4622,6 +4624,7 @@ class Web:
         a.route("/login", "POST", self.login, open=True)
         a.route("/logout", "POST", self.logout)
         a.route("/api/status", "GET", self.api_status)
+        a.route("/api/dashboard", "GET", self.api_dashboard)
         a.route("/api/servers", "GET", lambda: send(self.servers_status()))
         a.route("/api/queue", "GET", lambda: send(self.queue_status()))
         for state, statuses in (
@@ -4779,9 +4782,12 @@ class Web:
         return out
 
     def api_status(self) -> str:
+        return send(self.status_json())
+
+    def status_json(self) -> dict:
         queue = self.queue_status()
         servers = self.servers_status()
-        stats = self.store.sync_stats()
+        stats = self._cached("sync_stats", self.store.sync_stats)
         by = stats["by_result"]
         problems = self.ready.reasons()  # the pipeline itself: database, threads, a stuck planner
         if problems:
@@ -4790,37 +4796,44 @@ class Web:
             status = "healthy"
         else:
             status = "degraded" if any(s["healthy"] for s in servers) else "unhealthy"
-        return send(
-            {
-                "status": status,
-                "version": __version__,
-                "uptime_seconds": round(utcnow() - self.started_at, 1),
-                "servers": servers,
-                "queue": queue,
-                "database": self.database_status(queue),
-                "sync_stats": {
-                    "total_synced": sum(by.values()),
-                    "successful": by.get("ok", 0),
-                    "failed": by.get("failed", 0),
-                    "by_result": by,
-                    "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
-                },
-                "warnings": security_warnings(self.config),
-                "problems": problems,
-                "migration": self.store.migration(),
-                "dry_run": self.config.sync.dry_run,
-                "reconcile": None if self.reconciler is None else self.reconciler.progress,
-            }
-        )
+        return {
+            "status": status,
+            "version": __version__,
+            "uptime_seconds": round(utcnow() - self.started_at, 1),
+            "servers": servers,
+            "queue": queue,
+            "database": self.database_status(queue),
+            "sync_stats": {
+                "total_synced": sum(by.values()),
+                "successful": by.get("ok", 0),
+                "failed": by.get("failed", 0),
+                "by_result": by,
+                "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
+            },
+            "warnings": security_warnings(self.config),
+            "problems": problems,
+            "migration": self.store.migration(),
+            "dry_run": self.config.sync.dry_run,
+            "reconcile": None if self.reconciler is None else self.reconciler.progress,
+        }
+
+    def _cached(self, key: str, compute: Any) -> Any:
+        """Figures that count whole tables (the history, the item index): computed at most every
+        HISTORY_CACHE_SECONDS, so open dashboards do not rescan them every refresh."""
+        now = time.monotonic()
+        hit = self._history_cache.get(key)
+        if hit is None or hit[0] <= now:
+            hit = self._history_cache[key] = (now + HISTORY_CACHE_SECONDS, compute())
+        return hit[1]
 
     def database_status(self, queue: dict) -> dict:
-        items = self.store.count_items()
+        items = self._cached("count_items", self.store.count_items)
         return {
             "connected": True,
             "item_cache_by_server": items,
             "item_cache_total": sum(items.values()),
             "pending_events_count": queue["pending_events"],
-            "sync_log_entries": self.store.count_log(),
+            "sync_log_entries": self._cached("count_log", self.store.count_log),
             "user_mappings_count": len(self.store.all_users()),
             "database_size_bytes": _db_size(self.store.path),
         }
@@ -4889,8 +4902,15 @@ class Web:
     def api_reconcile_status(self) -> str:
         if self.reconciler is None:
             return send({"error": "reconciliation is not running in this process"}, 404)
+        return send(self.reconcile_json())
+
+    def reconcile_json(self) -> dict | None:
         r = self.reconciler
-        return send({"progress": r.progress, "last_report": r.last_report(), "last_dry_run": r.last_dry_run})
+        return (
+            None
+            if r is None
+            else {"progress": r.progress, "last_report": r.last_report(), "last_dry_run": r.last_dry_run}
+        )
 
     def api_reconcile(self) -> str:
         import bottle
@@ -4905,21 +4925,42 @@ class Web:
 
     # history
     def api_timeline(self) -> str:
+        return send(self.timeline_json())
+
+    def timeline_json(self) -> dict:
         import bottle
 
         try:
             minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
         except ValueError:
             raise bottle.HTTPError(400, "minutes must be a whole number") from None
-        return send({"minutes": minutes, "points": self.store.timeline(minutes)})
+        return {"minutes": minutes, "points": self.store.timeline(minutes)}
 
     def api_sync_log(self) -> str:
+        return send(self.log_page_json())
+
+    def log_page_json(self) -> dict:
         import bottle
 
         limit, offset = _limit_offset()
         filters = self._log_filters(bottle.request.query)
         rows, total = self.store.sync_log(limit, offset, **filters)
-        return send({"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+        return {"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+
+    def api_dashboard(self) -> str:
+        """Everything the dashboard shows, in one answer (one request per refresh, not seven):
+        the sync log takes the same query parameters as /api/sync-log, the chart ?minutes=."""
+        return send(
+            {
+                "status": self.status_json(),
+                "timeline": self.timeline_json(),
+                "log": self.log_page_json(),
+                "waiting": [self.job_json(j) for j in self.store.jobs_by_status(("waiting",), 50, 0)],
+                "failed": [self.job_json(j) for j in self.store.jobs_by_status(("failed", "skipped"), 50, 0)],
+                "users": self.users_json(),
+                "reconcile": self.reconcile_json(),
+            }
+        )
 
     @staticmethod
     def _log_filters(q: Any) -> dict:
@@ -4962,6 +5003,9 @@ class Web:
 
     # users
     def api_users(self) -> str:
+        return send(self.users_json())
+
+    def users_json(self) -> dict:
         """Which user exists on which server (from the cached user index)."""
         names = [s.name for s in self.config.servers]
         people: dict[str, dict] = {}
@@ -4981,7 +5025,7 @@ class Web:
                     "duplicates_on": duplicates,
                 }
             )
-        return send({"servers": names, "users": users, "passwords_pending": self.store.count_passwords()})
+        return {"servers": names, "users": users, "passwords_pending": self.store.count_passwords()}
 
     def _require_api_token(self) -> None:
         """Generated passwords are shown only to a caller holding server.api_token."""

@@ -3021,6 +3021,20 @@ def need_chromium() -> None:
         pytest.skip("Debian's chromium is not installed")
 
 
+def test_the_dashboard_needs_one_request_per_refresh(cluster):
+    c = cluster()
+    c["home"].user_marks("alice", "Heat", True)
+    c.settle()
+    status, d = c.svc.call("GET", "/api/dashboard?limit=5&username=ali&minutes=60")
+    assert status == 200 and set(d) == {"status", "timeline", "log", "waiting", "failed", "users", "reconcile"}
+    assert d["status"]["version"] == jds.__version__ and d["timeline"]["minutes"] == 60
+    assert d["log"]["limit"] == 5 and all("ali" in e["username"] for e in d["log"]["entries"])
+    assert any(e["item_name"].startswith("Heat") for e in d["log"]["entries"])
+    app = (HERE / "static" / "app.js").read_text()
+    assert app.count("api(`/api/dashboard") == 1 and "/api/status" not in app.split("async function refresh")[1]
+    assert "visibilityState" in app, "a hidden tab asks for nothing"
+
+
 @pytest.mark.browser
 def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tmp_path):
     need_chromium()

@@ -237,17 +237,17 @@ async function refresh() {
   for (const [key, id] of [["username", "f-user"], ["server", "f-server"], ["result", "f-result"]]) {
     if ($(id).value) params.set(key, $(id).value.trim());
   }
+  params.set("minutes", 180);
   try {
-    const [st, tl, log, waiting, failed, users, rc] = await Promise.all([
-      api("/api/status"), api("/api/timeline?minutes=180"), api(`/api/sync-log?${params}`),
-      api("/api/events/waiting"), api("/api/events/failed"), api("/api/users"), api("/api/reconcile")]);
+    // One request per refresh: /api/dashboard answers what the seven separate endpoints would.
+    const d = await api(`/api/dashboard?${params}`);
     $("offline").hidden = true;
-    renderStatus(st);
-    renderChart(tl);
-    renderFeed(log);
-    renderProblems([...failed, ...waiting]);
-    renderUsers(users);
-    renderReconcile(rc);
+    renderStatus(d.status);
+    renderChart(d.timeline);
+    renderFeed(d.log);
+    renderProblems([...d.failed, ...d.waiting]);
+    renderUsers(d.users);
+    if (d.reconcile) renderReconcile(d.reconcile);
   } catch (err) {
     $("offline").hidden = false;
     $("overall").textContent = "no answer";
@@ -264,4 +264,6 @@ for (const id of ["f-user", "f-server", "f-result"]) {
   $(id).addEventListener("input", () => { offset = 0; refresh(); });
 }
 refresh();
-setInterval(refresh, 2000);
+// Nobody looks at a hidden tab: it asks for nothing until it is shown again.
+setInterval(() => { if (document.visibilityState === "visible") refresh(); }, 2000);
+document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") refresh(); });
