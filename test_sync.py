@@ -3013,6 +3013,25 @@ def test_dashboard_api_metrics_timeline_and_discard(cluster):
     assert c.svc.call("GET", "/static/../jellyfin_db_sync.py")[0] in (403, 404)
 
 
+# The words of the sync list whose letters a browser laid out on more than one line.
+SPLIT_WORDS = """() => {
+  const split = [];
+  for (const td of document.querySelectorAll("#feed td")) {
+    const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.data.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const lines = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
+        if (lines.size > 1) split.push(m[0]);
+      }
+    }
+  }
+  return split;
+}"""
+
+
 def need_chromium() -> None:
     """Browser tests drive Debian's Chromium: skipped where it is missing, except in CI."""
     if not os.path.exists(CHROMIUM):
@@ -3042,8 +3061,8 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
 
     c = cluster(max_retries=0)
     home, parents = c["home"], c["parents"]
-    # The README's screenshots are refreshed only when asked (JDS_REFRESH_DOCS=1).
-    shots = HERE / "docs" if os.environ.get("JDS_REFRESH_DOCS") else tmp_path
+    # The README's screenshots are refreshed only when asked (REFRESH_DOCS=1).
+    shots = HERE / "docs" if os.environ.get("REFRESH_DOCS") else tmp_path
     shots.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -3085,11 +3104,15 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         expect(page.locator("#rec-report")).to_contain_text("Last run", timeout=10000)
         expect(page.locator("#rec-report")).to_contain_text("Last dry run")
         page.wait_for_timeout(2500)  # one more refresh, for a settled picture
+        assert page.evaluate(SPLIT_WORDS) == [], "no word in the sync list is broken across lines"
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)
         phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
         phone.goto(c.svc.url + "/")
         expect(phone.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "no sideways scrolling"
+        assert phone.evaluate(SPLIT_WORDS) == [], "on a phone too, no word is broken across lines"
+        card = phone.locator("#feed tbody tr").first
+        assert card.evaluate("tr => getComputedStyle(tr).display") == "block", "one card per change"
         phone.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
         browser.close()
 
@@ -3103,7 +3126,7 @@ def test_browser_setup_page_tests_a_server_and_saves(tmp_path, fake_servers):
     port = free_port()
     path = tmp_path / "config.yaml"
     proc, code = start_setup_mode(path, port)
-    shots = HERE / "docs" if os.environ.get("JDS_REFRESH_DOCS") else tmp_path
+    shots = HERE / "docs" if os.environ.get("REFRESH_DOCS") else tmp_path
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -120,13 +120,14 @@ function renderFeed(log) {
   const rows = log.entries.map((e) => {
     const [label, cls] = RESULT[e.result] || [e.result, "muted"];
     const fromTo = e.old && e.new ? `${e.old} → ${e.new}` : e.new || e.old || e.detail || "";
+    // data-label: on a phone each row is a card, and each value says what it is.
     return el("tr", {},
-      el("td", { title: e.at }, ago(e.at)),
-      el("td", {}, e.username),
-      el("td", {}, e.item_name),
-      el("td", {}, change(e)),
-      el("td", {}, `${e.source} → ${e.target}`, el("br"), el("span", { class: "muted" }, fromTo)),
-      el("td", { class: cls, title: e.detail || "" }, label));
+      el("td", { title: e.at, "data-label": "When" }, ago(e.at)),
+      el("td", { "data-label": "User" }, e.username),
+      el("td", { "data-label": "Item" }, e.item_name),
+      el("td", { "data-label": "Change" }, change(e)),
+      el("td", { "data-label": "From → to" }, `${e.source} → ${e.target}`, el("br"), el("span", { class: "muted" }, fromTo)),
+      el("td", { class: cls, title: e.detail || "", "data-label": "Result" }, label));
   });
   $("feed").querySelector("tbody").replaceChildren(...rows);
   $("feed-empty").hidden = log.total > 0;
@@ -172,13 +173,13 @@ async function setupWebhook(name) {
 
 function renderProblems(jobs) {
   const rows = jobs.map((j) => el("tr", { "data-job": j.id },
-    el("td", {}, ago(j.created_at)),
-    el("td", {}, j.username),
-    el("td", {}, j.item_name),
-    el("td", {}, FIELD[j.field] || j.field),
-    el("td", {}, j.target_server),
-    el("td", { class: j.state === "failed" ? "bad" : "warn" }, j.state),
-    el("td", {}, j.last_error || ""),
+    el("td", { "data-label": "When" }, ago(j.created_at)),
+    el("td", { "data-label": "User" }, j.username),
+    el("td", { "data-label": "Item" }, j.item_name),
+    el("td", { "data-label": "Change" }, FIELD[j.field] || j.field),
+    el("td", { "data-label": "To" }, j.target_server),
+    el("td", { class: j.state === "failed" ? "bad" : "warn", "data-label": "Status" }, j.state),
+    el("td", { "data-label": "Reason" }, j.last_error || ""),
     el("td", { class: "actions" },
       el("button", { type: "button", "aria-label": `Retry job ${j.id} now`, onclick: () => act("retry", j.id) }, "Retry now"),
       el("button", { type: "button", "aria-label": `Discard job ${j.id}`, onclick: () => act("discard", j.id) }, "Discard"))));
