@@ -1884,6 +1884,14 @@ class Store:
         rows = self._rows("SELECT * FROM items WHERE server=? AND item_id=?", (server, item_id))
         return ItemInfo(*rows[0]) if rows else None
 
+    def search_items(self, text: str, limit: int = 10) -> list[ItemInfo]:
+        """Items whose name contains ``text`` (any case), on any server: the inspector's search."""
+        pattern = "%" + text.replace("%", "").replace("_", "") + "%"
+        rows = self._rows(
+            "SELECT * FROM items WHERE name LIKE ? AND type != 'Series' ORDER BY name, server LIMIT ?", (pattern, limit)
+        )
+        return [ItemInfo(*r) for r in rows]
+
     def find_items(self, server: str, column: str, value: Any) -> list[ItemInfo]:
         index = {"path_key": "items_path", "imdb": "items_imdb", "tmdb": "items_tmdb", "tvdb": "items_tvdb"}[column]
         # INDEXED BY: without ANALYZE statistics SQLite prefers the primary key's "server" prefix
@@ -2553,6 +2561,22 @@ class Library:
                         if len(hits) == 1:
                             return hits[0]
         return None
+
+    def explain_match(self, src: ItemInfo, target: str) -> tuple[ItemInfo | None, str]:
+        """The same item on ``target`` and how it was found — or, for a person asking "why isn't
+        this synced?", why it was not (the same rules and order as ``lookup``)."""
+        if src.server == target:
+            return src, "this item"
+        found = self.lookup(src, target)
+        if found is None:
+            tried = ", ".join(f"{c} {getattr(src, c)}" for c in ("path_key", "imdb", "tmdb", "tvdb") if getattr(src, c))
+            return None, f"not found on {target} (looked for {tried or 'nothing: the item has no path or provider id'})"
+        if src.path_key and found.path_key == src.path_key:
+            return found, "same file (path)"
+        for column in ("imdb", "tmdb", "tvdb"):
+            if getattr(src, column) and getattr(src, column) == getattr(found, column):
+                return found, f"same {column} id"
+        return found, "same series, season and episode"
 
     def display_name(self, item: ItemInfo) -> str:
         """An item as people know it: an episode with its series ("Show — S01E04 — Title")."""
@@ -4113,6 +4137,25 @@ class Reconciler:
                 current[srv] = ud
             self._reconcile_item(person, group, current, accounts, fields, report, dry_run)
 
+    def sync_item(self, person: str, group: dict[str, str], accounts: dict[str, str]) -> dict:
+        """ "Sync this item now": read the person's state of one item on every server and queue
+        what differs, by the same rules as a pass (first sight = union; later, the newest change)."""
+        if not self._run_lock.acquire(blocking=False):
+            raise SyncError("a reconciliation pass is running: try again when it has finished")
+        report: dict[str, Any] = {"users": {}, "changes": 0, "items_compared": 0, "errors": []}
+        try:
+            self._states = {srv: self.store.states_of(srv, person) for srv in group}
+            self._read_at = utcnow()
+            current = {srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()}
+            fields = [f for f in FIELDS if self.config.sync.enabled(f)]
+            self._reconcile_item(person, group, current, accounts, fields, report, dry_run=False)
+            self._flush()
+        finally:
+            self._run_lock.release()
+        for target in group:
+            self.syncer.wake_target(target)
+        return report
+
     def _reconcile_item(
         self,
         person: str,
@@ -4157,7 +4200,7 @@ class Reconciler:
             for v in targets:
                 _report_changes(report, person, v.server, 1, sample)
                 if not dry_run:
-                    self.progress["changes_queued"] += 1
+                    self.progress["changes_queued"] = self.progress.get("changes_queued", 0) + 1
                     self._queue(person, field, desired, source, v.server, name, item, current[v.server])
 
     @staticmethod
@@ -4634,6 +4677,8 @@ class Web:
         ):
             a.route(f"/api/events/{state}", "GET", lambda statuses=statuses: self.api_jobs(statuses))
         a.route("/api/servers/<name>/setup-webhook", "POST", self.api_setup_webhook)
+        a.route("/api/inspect", "GET", self.api_inspect)
+        a.route("/api/inspect/sync", "POST", self.api_inspect_sync)
         a.route("/api/events/<job_id:int>/retry", "POST", self.api_retry)
         a.route("/api/events/<job_id:int>/discard", "POST", self.api_discard)
         a.route("/api/reconcile", "GET", self.api_reconcile_status)
@@ -4854,6 +4899,96 @@ class Web:
             )
         result, message = PluginSetup(self.config, self.syncer.clients).run(name, str(base))
         return send({"result": result, "message": message}, 502 if result == "error" else 200)
+
+    # "why isn't this synced?"
+    def api_inspect(self) -> str:
+        """An item, by title, on every server: whether it is there and how it was matched (or
+        why not), and for ?person= their state on each server side by side, differences marked;
+        the last writes concerning it and anything waiting or failed."""
+        import bottle
+
+        q = bottle.request.query
+        text = (q.getunicode("q") or "").strip()
+        if not text:
+            return send({"error": "say what to look for: ?q=<part of a title>"}, 400)
+        found = self.store.search_items(text)
+        if not found:
+            return send({"query": text, "item": None, "candidates": []})
+        chosen = next((i for i in found if q.get("item") == f"{i.server}:{i.item_id}"), found[0])
+        person = name_key(q.getunicode("person") or "") or None
+        return send(
+            {
+                "query": text,
+                "candidates": [
+                    {"id": f"{i.server}:{i.item_id}", "name": self.syncer.library.display_name(i)} for i in found
+                ],
+                **self.inspection(chosen, person),
+            }
+        )
+
+    def inspection(self, item: ItemInfo, person: str | None) -> dict:
+        library = self.syncer.library
+        servers, group, accounts = [], {}, {}
+        for s in self.config.servers:
+            match, how = library.explain_match(item, s.name)
+            entry: dict[str, Any] = {"server": s.name, "found": match is not None, "matched_by": how}
+            if match is not None:
+                group[s.name] = match.item_id
+                entry["item_id"] = match.item_id
+            if person and match is not None:
+                entry.update(self._person_state(s.name, person, match.item_id, accounts))
+            servers.append(entry)
+        fields = ("played", "position", "favorite", "likes", "play_count", "last_played")
+        states = [e["state"] for e in servers if "state" in e]
+        different = [f for f in fields if len({json.dumps(st.get(f)) for st in states}) > 1]
+        jobs = [j for j in self.store.jobs_by_status(("pending", "waiting", "failed", "skipped"), 200, 0)]
+        return {
+            "item": {"id": f"{item.server}:{item.item_id}", "name": library.display_name(item), "type": item.type},
+            "person": person,
+            "servers": servers,
+            "different": different,
+            "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
+            "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
+        }
+
+    def _person_state(self, server: str, person: str, item_id: str, accounts: dict) -> dict:
+        try:
+            user_id = self.syncer.library.user_id(server, self.config.name_on(person, server))
+            if user_id is None:
+                return {"state_error": f"no user {person!r} on {server}"}
+            accounts[server] = user_id
+            ud = self.syncer.clients[server].user_data(user_id, item_id)
+        except (JellyfinError, SyncError) as e:
+            return {"state_error": str(e)}
+        fields = read_fields(ud)
+        fields.update(play_count=int(ud.get("PlayCount") or 0), last_played=ud.get("LastPlayedDate"))
+        return {"state": fields}
+
+    def api_inspect_sync(self) -> str:
+        """The inspector's "Sync this item now": reads every server, queues what differs."""
+        import bottle
+
+        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+        body = body if isinstance(body, dict) else {}
+        server, _, item_id = str(body.get("item") or "").partition(":")
+        person = name_key(str(body.get("person") or ""))
+        item = self.store.get_item(server, item_id) if server and item_id else None
+        if item is None or not person or self.reconciler is None:
+            return send({"error": "give item (server:id, from /api/inspect) and person"}, 400)
+        group, accounts = {}, {}
+        for s in self.config.servers:
+            match, _ = self.syncer.library.explain_match(item, s.name)
+            user_id = self.syncer.library.user_id(s.name, self.config.name_on(person, s.name))
+            if match is not None and user_id is not None:
+                group[s.name], accounts[s.name] = match.item_id, user_id
+        if len(group) < 2:
+            return send({"error": "the item and the person are on fewer than two servers: nothing to compare"}, 409)
+        try:
+            report = self.reconciler.sync_item(person, group, accounts)
+        except (JellyfinError, SyncError) as e:
+            return send({"error": str(e)}, 409)
+        changes = sum(e["count"] for per in report["users"].values() for e in per.values())
+        return send({"queued": changes, "servers": sorted(group)})
 
     # queue
     def api_jobs(self, statuses: tuple[str, ...]) -> str:

@@ -3040,6 +3040,44 @@ def need_chromium() -> None:
         pytest.skip("Debian's chromium is not installed")
 
 
+def test_the_inspector_says_why_an_item_is_not_synced_and_syncs_it(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    public.add_item("Dune", "Movie", "/other/mount/Dune.mkv", provider_ids={"Tmdb": "438631"})  # a second copy
+    home.add_item("Nope", "Movie", "/media/new/Nope.mkv", provider_ids={"Imdb": "tt10954984"})  # home's alone
+    for f in c.fakes:
+        c.svc.service.library.refresh_index(f.name, full=True)
+    quietly(home, "alice", "Dune", Played=True, PlayCount=2, LastPlayedDate=iso())  # no webhook: not synced
+    status, found = c.svc.call("GET", "/api/inspect?q=dune&person=Alice")
+    assert status == 200 and found["item"]["name"] == "Dune" and found["person"] == "alice"
+    by = {e["server"]: e for e in found["servers"]}
+    assert by["home"]["matched_by"] == "this item" and by["parents"]["matched_by"] == "same file (path)"
+    assert by["home"]["state"]["played"] and not by["parents"]["state"]["played"]
+    assert "played" in found["different"] and "play_count" in found["different"]
+    status, nope = c.svc.call("GET", "/api/inspect?q=nope&person=alice")
+    missing = next(e for e in nope["servers"] if e["server"] == "parents")
+    assert (
+        not missing["found"]
+        and "not found on parents" in missing["matched_by"]
+        and "imdb tt10954984" in missing["matched_by"]
+    )
+    # "Sync this item now": read everywhere, queue what differs, through the normal rules.
+    status, done = c.svc.call(
+        "POST",
+        "/api/inspect/sync",
+        {"item": found["item"]["id"], "person": "alice"},
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200 and done["queued"] >= 2, done
+    eventually(
+        lambda: parents.ud("alice", "Dune")["Played"] and public.ud("Alice", "Dune")["Played"], what="the item synced"
+    )
+    c.settle()
+    after = c.svc.call("GET", "/api/inspect?q=dune&person=alice")[1]
+    assert "played" not in after["different"]
+    assert any(e["result"] == "ok" for e in after["recent"])
+
+
 def test_the_dashboard_needs_one_request_per_refresh(cluster):
     c = cluster()
     c["home"].user_marks("alice", "Heat", True)
@@ -3103,6 +3141,20 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         eventually(lambda: parents.ud("bob", "Heat")["IsFavorite"], 15, what="the reconciled favourite")
         expect(page.locator("#rec-report")).to_contain_text("Last run", timeout=10000)
         expect(page.locator("#rec-report")).to_contain_text("Last dry run")
+        # "Why isn't this synced?": a difference no webhook reported, shown and then fixed.
+        quietly(home, "alice", "Dune", IsFavorite=True)
+        page.get_by_label("Title").fill("Dune")
+        page.get_by_label("Person").fill("alice")
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#inspection tr.differs")).to_contain_text("favourite ≠", timeout=10000)
+        expect(page.locator("#inspection")).to_contain_text("same file (path)")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Sync this item now").click()
+        eventually(lambda: parents.ud("alice", "Dune")["IsFavorite"], 15, what="the inspector's sync")
+        c.settle()
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#inspection")).to_contain_text("same file (path)", timeout=10000)
+        expect(page.locator("#inspection tr.differs")).to_have_count(0, timeout=10000)
         page.wait_for_timeout(2500)  # one more refresh, for a settled picture
         assert page.evaluate(SPLIT_WORDS) == [], "no word in the sync list is broken across lines"
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)

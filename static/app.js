@@ -256,6 +256,53 @@ async function refresh() {
   }
 }
 
+// The item inspector: the item on every server (how it was matched, or why not) and, for a
+// person, their state side by side with the differences marked; "Sync this item now".
+const STATE_FIELDS = [["played", "watched"], ["position", "position"], ["favorite", "favourite"],
+  ["likes", "rating"], ["play_count", "play count"], ["last_played", "last played"]];
+
+function shown(field, value) {
+  if (value === null || value === undefined) return "–";
+  if (field === "position") return value ? `${Math.round(value / 600000000)} min` : "0";
+  if (field === "last_played") return ago(value);
+  if (value === true) return "yes";
+  if (value === false) return "no";
+  return String(value);
+}
+
+async function inspect(e) {
+  if (e) e.preventDefault();
+  const params = new URLSearchParams({ q: $("i-title").value.trim(), person: $("i-person").value.trim() });
+  const box = $("inspection");
+  try {
+    const r = await api(`/api/inspect?${params}`);
+    if (!r.item) { box.replaceChildren(el("p", { class: "muted" }, "No item with that title on any server.")); return; }
+    const head = el("tr", {}, el("th", {}, ""), ...r.servers.map((s) => el("th", {}, s.server)));
+    const found = el("tr", {}, el("th", {}, "found"),
+      ...r.servers.map((s) => el("td", { class: s.found ? "" : "bad" }, s.matched_by)));
+    const rows = r.person ? STATE_FIELDS.map(([f, label]) => el("tr", { class: r.different.includes(f) ? "differs" : "" },
+      el("th", {}, label + (r.different.includes(f) ? " ≠" : "")),
+      ...r.servers.map((s) => el("td", {}, s.state ? shown(f, s.state[f]) : (s.state_error || "–"))))) : [];
+    const sync = el("button", { type: "button", onclick: async () => {
+      try {
+        const res = await api("/api/inspect/sync", { method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ item: r.item.id, person: r.person }) });
+        alert(`${res.queued} change(s) queued`);
+      } catch (err) { alert(`Could not sync it: ${err.message}`); }
+      setTimeout(inspect, 1500);
+    } }, "Sync this item now");
+    box.replaceChildren(
+      el("h3", {}, r.item.name),
+      el("div", { class: "table-wrap" }, el("table", { class: "inspect" }, el("tbody", {}, head, found, ...rows))),
+      r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
+      ...r.open_changes.map((j) => el("p", { class: "warn" }, `${j.state}: ${FIELD[j.field] || j.field} → ${j.target_server}: ${j.last_error || ""}`)),
+      ...r.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.username} ${change(x)} ${x.source} → ${x.target}: ${x.result}`)));
+  } catch (err) {
+    box.replaceChildren(el("p", { class: "bad" }, err.message));
+  }
+}
+$("inspect").addEventListener("submit", inspect);
+
 $("filters").addEventListener("submit", (e) => e.preventDefault());  // the filters apply as you type
 $("rec-run").addEventListener("click", () => startReconcile(false));
 $("rec-dry").addEventListener("click", () => startReconcile(true));
