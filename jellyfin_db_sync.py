@@ -1758,19 +1758,20 @@ class Store:
         rows = self._rows("SELECT target FROM jobs WHERE id=?", (job_id,))
         return rows[0][0] if rows else None
 
-    def timeline(self, minutes: int) -> list[dict]:
-        """Writes per minute over the last ``minutes`` (for the dashboard's chart)."""
+    def timeline(self, minutes: int, bucket: int = 60) -> list[dict]:
+        """Log lines per ``bucket`` seconds over the last ``minutes``, by result (ok, failed,
+        other) — for the dashboard's charts; the query is bounded by the sync_log_at index."""
         since = utcnow() - minutes * 60
         rows = self._rows(
-            "SELECT CAST(at / 60 AS INTEGER) AS minute, result, count(*) FROM sync_log WHERE at >= ? "
-            "GROUP BY minute, result ORDER BY minute",
-            (since,),
+            "SELECT CAST(at / ? AS INTEGER) AS slot, result, count(*) FROM sync_log WHERE at >= ? "
+            "GROUP BY slot, result ORDER BY slot",
+            (bucket, since),
         )
         out: dict[int, dict] = {}
-        for minute, result, n in rows:
-            out.setdefault(minute, {"minute": format_time(minute * 60), "ok": 0, "failed": 0, "other": 0})
+        for slot, result, n in rows:
+            out.setdefault(slot, {"minute": format_time(slot * bucket), "ok": 0, "failed": 0, "other": 0})
             key = result if result in ("ok", "failed") else "other"
-            out[minute][key] += n
+            out[slot][key] += n
         return list(out.values())
 
     def done_since(self, since: float) -> int:
@@ -5069,7 +5070,7 @@ class Web:
             minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
         except ValueError:
             raise bottle.HTTPError(400, "minutes must be a whole number") from None
-        return {"minutes": minutes, "points": self.store.timeline(minutes)}
+        return {"minutes": minutes, "bucket": 60, "points": self.store.timeline(minutes)}
 
     def api_sync_log(self) -> str:
         return send(self.log_page_json())
@@ -5089,6 +5090,7 @@ class Web:
             {
                 "status": self.status_json(),
                 "timeline": self.timeline_json(),
+                "hourly": {"minutes": 24 * 60, "bucket": HOUR, "points": self.store.timeline(24 * 60, HOUR)},
                 "log": self.log_page_json(),
                 "waiting": [self.job_json(j) for j in self.store.jobs_by_status(("waiting",), 50, 0)],
                 "failed": [self.job_json(j) for j in self.store.jobs_by_status(("failed", "skipped"), 50, 0)],

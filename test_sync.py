@@ -3083,8 +3083,20 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
     c["home"].user_marks("alice", "Heat", True)
     c.settle()
     status, d = c.svc.call("GET", "/api/dashboard?limit=5&username=ali&minutes=60")
-    assert status == 200 and set(d) == {"status", "timeline", "log", "waiting", "failed", "users", "reconcile"}
+    assert status == 200 and set(d) == {
+        "status",
+        "timeline",
+        "hourly",
+        "log",
+        "waiting",
+        "failed",
+        "users",
+        "reconcile",
+    }
     assert d["status"]["version"] == jds.__version__ and d["timeline"]["minutes"] == 60
+    # The charts: per minute over the last hour, per hour over the last 24 hours, by result.
+    assert (d["timeline"]["bucket"], d["hourly"]["bucket"], d["hourly"]["minutes"]) == (60, 3600, 1440)
+    assert sum(p["ok"] for p in d["hourly"]["points"]) == sum(p["ok"] for p in d["timeline"]["points"]) >= 2
     assert d["log"]["limit"] == 5 and all("ali" in e["username"] for e in d["log"]["entries"])
     assert any(e["item_name"].startswith("Heat") for e in d["log"]["entries"])
     app = (HERE / "static" / "app.js").read_text()
@@ -3155,6 +3167,10 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         page.get_by_role("button", name="Look").click()
         expect(page.locator("#inspection")).to_contain_text("same file (path)", timeout=10000)
         expect(page.locator("#inspection tr.differs")).to_have_count(0, timeout=10000)
+        # The charts have axes, bars stacked by result, and a legend.
+        assert page.locator("#chart rect.ok").count() >= 1 and page.locator("#chart-day rect.ok").count() >= 1
+        expect(page.locator("#chart-day")).to_contain_text("24 h ago")
+        expect(page.locator(".legend")).to_contain_text("written")
         page.wait_for_timeout(2500)  # one more refresh, for a settled picture
         assert page.evaluate(SPLIT_WORDS) == [], "no word in the sync list is broken across lines"
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)

@@ -84,31 +84,49 @@ function renderStatus(st) {
   $("q-done").textContent = q.done_last_hour;
 }
 
-function renderChart(tl) {
-  const svg = $("chart");
-  const now = Math.floor(Date.now() / 60000);
-  const width = 360 / tl.minutes;
-  const max = Math.max(1, ...tl.points.map((p) => p.ok + p.failed + p.other));
+// A stacked bar chart drawn as SVG (no library): one bar per bucket, written / failed / other,
+// with the largest count on the left axis and the time at both ends of the bottom one.
+function renderChart(svgId, totalId, tl, labels) {
+  const svg = $(svgId);
   const ns = "http://www.w3.org/2000/svg";
+  const bucketMs = tl.bucket * 1000;
+  const count = Math.round((tl.minutes * 60) / tl.bucket);
+  const last = Math.floor(Date.now() / bucketMs);
+  const [left, top, width, height] = [34, 6, 360, 100];
+  const barW = width / count;
+  const max = Math.max(1, ...tl.points.map((p) => p.ok + p.failed + p.other));
+  const shape = (tag, attrs, text) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const parts = [
+    shape("line", { x1: left, y1: top + height, x2: left + width, y2: top + height, class: "axis" }),
+    shape("line", { x1: left, y1: top, x2: left, y2: top + height, class: "axis" }),
+    shape("text", { x: left - 4, y: top + 8, "text-anchor": "end", class: "tick" }, String(max)),
+    shape("text", { x: left - 4, y: top + height, "text-anchor": "end", class: "tick" }, "0"),
+    shape("text", { x: left, y: top + height + 16, class: "tick" }, labels[0]),
+    shape("text", { x: left + width, y: top + height + 16, "text-anchor": "end", class: "tick" }, labels[1]),
+  ];
   let total = 0;
-  const bars = [];
   for (const p of tl.points) {
-    const x = (tl.minutes - (now - Math.floor(Date.parse(p.minute) / 60000)) - 1) * width;
-    let y = 60;
+    const slot = count - 1 - (last - Math.floor(Date.parse(p.minute) / bucketMs));
+    if (slot < 0 || slot >= count) continue;
+    let y = top + height;
     for (const kind of ["ok", "failed", "other"]) {
-      const h = (p[kind] / max) * 58;
       total += p[kind];
+      const h = (p[kind] / max) * height;
       if (!h) continue;
       y -= h;
-      const r = document.createElementNS(ns, "rect");
-      r.setAttribute("x", x.toFixed(2)); r.setAttribute("y", y.toFixed(2));
-      r.setAttribute("width", Math.max(width - 0.3, 0.5).toFixed(2)); r.setAttribute("height", h.toFixed(2));
-      r.setAttribute("class", kind);
-      bars.push(r);
+      const bar = shape("rect", { x: (left + slot * barW).toFixed(2), y: y.toFixed(2),
+        width: Math.max(barW - 0.6, 0.6).toFixed(2), height: h.toFixed(2), class: kind });
+      bar.append(shape("title", {}, `${new Date(Date.parse(p.minute)).toLocaleString()}: ${p.ok} written, ${p.failed} failed, ${p.other} other`));
+      parts.push(bar);
     }
   }
-  svg.replaceChildren(...bars);
-  $("chart-total").textContent = `(${total} in all)`;
+  svg.replaceChildren(...parts);
+  $(totalId).textContent = `(${total} in all)`;
 }
 
 function change(e) {
@@ -238,13 +256,14 @@ async function refresh() {
   for (const [key, id] of [["username", "f-user"], ["server", "f-server"], ["result", "f-result"]]) {
     if ($(id).value) params.set(key, $(id).value.trim());
   }
-  params.set("minutes", 180);
+  params.set("minutes", 60);
   try {
     // One request per refresh: /api/dashboard answers what the seven separate endpoints would.
     const d = await api(`/api/dashboard?${params}`);
     $("offline").hidden = true;
     renderStatus(d.status);
-    renderChart(d.timeline);
+    renderChart("chart", "chart-total", d.timeline, ["1 h ago", "now"]);
+    renderChart("chart-day", "chart-day-total", d.hourly, ["24 h ago", "now"]);
     renderFeed(d.log);
     renderProblems([...d.failed, ...d.waiting]);
     renderUsers(d.users);
