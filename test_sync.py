@@ -3111,6 +3111,10 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
 
     c = cluster(max_retries=0)
     home, parents = c["home"], c["parents"]
+    for f in c.fakes:  # an episode, to be named the way people know it
+        show = f.add_item("Lost", "Series", "/media/tv/Lost", provider_ids={"Tvdb": "73739"})
+        f.add_item("Pilot", "Episode", "/media/tv/Lost/S01E01.mkv", series_id=show, season=1, episode=1)
+        c.svc.service.library.refresh_index(f.name)
     # The README's screenshots are refreshed only when asked (REFRESH_DOCS=1).
     shots = HERE / "docs" if os.environ.get("REFRESH_DOCS") else tmp_path
     shots.mkdir(exist_ok=True)
@@ -3124,6 +3128,8 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         home.user_marks("alice", "Arrival", True)
         expect(page.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
         expect(page.locator("#feed tbody tr").first).to_contain_text("written")
+        home.user_marks("bob", "Pilot", True)
+        expect(page.locator("#feed tbody")).to_contain_text("Show — S01E01 — Pilot", timeout=10000)
         # A server that fails: the job shows with its reason; "Retry now" makes it go through.
         parents.status_override = 500
         home.user_favourites("bob", "Dune", True)
@@ -3982,12 +3988,70 @@ def _post(port: int, path: str, body: dict) -> int:
     return status
 
 
+def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None:  # pragma: no cover - a command
+    """The service's CPU while 3 dashboards stay open on an idle system (a month of history in
+    the log), and how many requests they made. ``program_dir``: another copy of the program
+    (jellyfin_db_sync.py and static/) to measure instead, e.g. an older version."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="jds-dash-"))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    for f in fakes:
+        f.add_user("alice")
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING")
+    # A month of history, as a NAS that has synced for a while has it.
+    store = jds.Store(str(tmp / "sync.db"))
+    now = time.time()
+    rows = [
+        (now - i * 60, "home", "parents", "alice", f"Film {i}", "played", None, "played", "ok", None)
+        for i in range(30_000)
+    ]
+    with store._tx() as conn:
+        conn.executemany(
+            "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, result, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    store.close()
+    program = [sys.executable, str(Path(program_dir or HERE) / "jellyfin_db_sync.py")]
+    proc = start_process(cfg, port, program)
+    ticks = lambda: sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[11:13])  # noqa: E731
+    requests = [0]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pages = [browser.new_page() for _ in range(3)]
+            for page in pages:
+                page.on(
+                    "request",
+                    lambda r: requests.__setitem__(0, requests[0] + (r.url.startswith(f"http://127.0.0.1:{port}/api"))),
+                )
+                page.goto(f"http://127.0.0.1:{port}/")
+            time.sleep(5)
+            requests[0], start = 0, ticks()
+            pages[0].wait_for_timeout(minutes * 60 * 1000)
+            used = (ticks() - start) / os.sysconf("SC_CLK_TCK")
+            browser.close()
+    finally:
+        shut_down(proc, fakes)
+    refreshes = minutes * 60 / 2 * 3
+    print(f"3 dashboards open for {minutes:g} min on an idle service with 30,000 log lines:")
+    print(f"  service CPU: {used:.1f} s ({used / (minutes * 60) * 100:.2f} % of one core)")
+    print(f"  API requests: {requests[0]:,} ({requests[0] / refreshes:.1f} per refresh)")
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
     elif "--reconcile-benchmark" in sys.argv:
         rest = sys.argv[sys.argv.index("--reconcile-benchmark") + 1 :]
         reconcile_benchmark(items=int(rest[0]) if rest else 20_000)
+    elif "--dashboard-cpu" in sys.argv:
+        rest = sys.argv[sys.argv.index("--dashboard-cpu") + 1 :]
+        dashboard_cpu(float(rest[0]) if rest else 10.0, rest[1] if len(rest) > 1 else None)
     elif "--load" in sys.argv:
         rest = sys.argv[sys.argv.index("--load") + 1 :]
         load_test(float(rest[0]) if rest else 60.0)
