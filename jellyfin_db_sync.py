@@ -1788,6 +1788,17 @@ class Store:
         rows = self._rows("SELECT status, count(*) FROM jobs GROUP BY status")
         return {r[0]: r[1] for r in rows}
 
+    def open_job_counts(self) -> dict[str, int]:
+        """Counts of the jobs not finished: a range of the status index, not the whole history."""
+        rows = self._rows(
+            "SELECT status, count(*) FROM jobs WHERE status IN ('pending', 'running', 'waiting', 'failed', 'skipped')"
+            " GROUP BY status"
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def count_done(self) -> int:
+        return self._rows("SELECT count(*) FROM jobs WHERE status = 'done'")[0][0]
+
     def jobs_by_status(self, statuses: tuple[str, ...], limit: int = 50, offset: int = 0) -> list[Job]:
         marks = ",".join("?" * len(statuses))
         rows = self._rows(
@@ -4789,7 +4800,7 @@ class Web:
 
     # status
     def queue_status(self) -> dict:
-        counts = self.store.job_counts()
+        counts = {**self.store.open_job_counts(), "done": self._cached("count_done", self.store.count_done)}
         return {
             "pending_events": counts.get("pending", 0) + self.store.count_unplanned(),
             "processing_events": counts.get("running", 0),

@@ -3120,7 +3120,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
     shots.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(c.svc.url + "/")
         expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
         expect(page.locator("#feed-empty")).to_contain_text("No changes synced yet")
