@@ -6043,14 +6043,18 @@ def setup_mode(path: str, problem: str) -> int:
         setup.code,
     )
     _stop_on_signals()
+    return _run_until_stopped(server, lambda: switch["service"].stop() if "service" in switch else None)
+
+
+def _run_until_stopped(server: Any, stop: Any) -> int:
+    """Serve until SIGTERM or SIGINT, then close the server and stop what ``stop`` stops."""
     try:
         server.run()
     except SystemExit:
         pass
     finally:
         server.close()
-        if "service" in switch:
-            switch["service"].stop()
+        stop()
         log.info("stopped")
     return 0
 
@@ -6148,15 +6152,7 @@ def serve(config: Config) -> int:
         server.effective_port,
         hooks,
     )
-    try:
-        server.run()
-    except SystemExit:
-        pass
-    finally:
-        server.close()
-        service.stop()
-        log.info("stopped")
-    return 0
+    return _run_until_stopped(server, service.stop)
 
 
 if __name__ == "__main__":
