@@ -2128,8 +2128,8 @@ def test_poison_webhooks_are_refused_and_syncing_goes_on(cluster):
     assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == before, "a refused body is never stored"
     # As a user would: mark something played right after; it reaches the others at once.
     c["home"].user_marks("alice", "Heat", True)
-    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], 2, what="a sync after the poison")
-    eventually(lambda: c["public"].ud("Alice", "Heat")["Played"], 2, what="a sync after the poison")
+    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="a sync after the poison")
+    eventually(lambda: c["public"].ud("Alice", "Heat")["Played"], what="a sync after the poison")
     assert svc.call("GET", "/api/events/failed")[1] == []
 
 
@@ -2146,7 +2146,7 @@ def test_a_row_that_cannot_be_planned_fails_alone_and_can_be_retried_or_discarde
         svc.store.add_event("home", "UserDataSaved", "{not json")
         svc.store.add_event("home", "UserDataSaved", json.dumps(good))
     svc.service.syncer.wake_planner()
-    eventually(lambda: c["parents"].ud("alice", "Dune")["Played"], 5, what="the good row behind two bad ones")
+    eventually(lambda: c["parents"].ud("alice", "Dune")["Played"], what="the good row behind two bad ones")
     failed = eventually(
         lambda: len(svc.call("GET", "/api/events/failed")[1]) == 2 and svc.call("GET", "/api/events/failed")[1]
     )
@@ -2165,7 +2165,7 @@ def test_a_row_that_cannot_be_planned_fails_alone_and_can_be_retried_or_discarde
         assert svc.call("POST", f"/api/events/{f['id']}/discard")[0] == 200
     assert svc.call("GET", "/api/events/failed")[1] == []
     c["home"].user_marks("alice", "Heat", True)
-    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], 2, what="a sync after the failures")
+    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="a sync after the failures")
 
 
 @pytest.mark.slow
