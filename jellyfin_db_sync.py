@@ -5497,7 +5497,11 @@ class Setup:
         _write_private(self.path, yaml_dump(data))
         config = load_config(self.path)
         log.info("setup: configuration saved to %s; starting to sync", self.path)
-        self.on_saved(config)
+        try:
+            self.on_saved(config)
+        except StoreError as e:  # the database folder cannot be written, say: said, with the fix
+            log.error("setup: %s", e)
+            return send({"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500)
         return send({"ok": True, "message": f"saved to {self.path}; syncing has started"})
 
     @staticmethod
@@ -5960,8 +5964,8 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
         raise ConfigError("PUID and PGID must be numbers, UMASK an octal number like 022") from None
     if umask is not None:
         os.umask(umask)
-    folders = {Path(path).absolute().parent}
-    with suppress(ConfigError):
+    folders = {Path(path).absolute().parent, Path(_default_database_path(path)).parent}
+    with suppress(ConfigError):  # no usable config yet: setup mode writes one, with the default path
         folders.add(Path(load_config(path).database_path).absolute().parent)
     for folder in sorted(folders):
         folder.mkdir(parents=True, exist_ok=True)
