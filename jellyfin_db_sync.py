@@ -1820,13 +1820,6 @@ class Store:
         )
         return {r[0]: (json.loads(r[1]), r[2]) for r in rows}
 
-    def remember_state(
-        self, server: str, user_key: str, item_id: str, values: dict[str, Any], observed: dict[str, float]
-    ) -> None:
-        """Record what a server holds (read back or just written). Only fields in ``observed``
-        move their observation time; the others keep theirs (a read says nothing about when)."""
-        self.remember_states(self.state_rows(server, user_key, item_id, values, observed))
-
     def playlist_members(self, user_key: str, name_key_: str) -> list[str] | None:
         rows = self._rows("SELECT members FROM playlist_state WHERE user_key=? AND name_key=?", (user_key, name_key_))
         return json.loads(rows[0][0]) if rows else None
@@ -4439,10 +4432,6 @@ class Reconciler:
 # ── Web ──────────────────────────────────────────────────────────────────────
 
 
-def _json_default(value: Any) -> Any:
-    return str(value)
-
-
 # The older jellyfin-db-sync's words, kept in the keys it had (its API is a subset of ours):
 # its event types for our fields, and its queue statuses for our job states.
 OLDER_EVENT_TYPES = {"played": "watched", "position": "progress", "favorite": "favorite", "likes": "likes"}
@@ -4651,9 +4640,7 @@ class Web:
         self._routes(bottle)
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        def secured(status: str, headers: list, exc_info: Any = None) -> Any:
-            return start_response(status, headers + SECURITY_HEADERS, exc_info)
-
+        secured = _with_security_headers(start_response)
         try:
             # PEP 3333: PATH_INFO arrives as latin-1. Bottle drops bytes that are not UTF-8
             # ("/webhook/%FF" would become "/webhook/"); such a URL is refused instead.
@@ -5260,7 +5247,7 @@ def send(data: Any, status: int = 200) -> str:
 
     bottle.response.status = status
     bottle.response.content_type = "application/json"
-    return json.dumps(data, default=_json_default)
+    return json.dumps(data, default=str)
 
 
 def _limit_offset() -> tuple[int, int]:
@@ -5430,10 +5417,7 @@ class Setup:
         a.route("/api/status", "GET", lambda: send({"status": "setup", "version": __version__, "setup": True}))
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        def secured(status: str, headers: list, exc_info: Any = None) -> Any:
-            return start_response(status, headers + SECURITY_HEADERS, exc_info)
-
-        return self.app(environ, secured)
+        return self.app(environ, _with_security_headers(start_response))
 
     @staticmethod
     def page() -> Any:
@@ -5625,6 +5609,15 @@ SECURITY_HEADERS = [
 ]
 # Names that only a local resolver answers: a DNS-rebinding page can never use them.
 LOCAL_NAME_SUFFIXES = (".localhost", ".local", ".lan", ".home.arpa", ".internal")
+
+
+def _with_security_headers(start_response: Any) -> Any:
+    """A WSGI start_response that adds SECURITY_HEADERS to every answer, errors included."""
+
+    def secured(status: str, headers: list, exc_info: Any = None) -> Any:
+        return start_response(status, headers + SECURITY_HEADERS, exc_info)
+
+    return secured
 
 
 def host_allowed(host: str, config: Config) -> bool:
