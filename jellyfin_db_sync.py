@@ -908,14 +908,27 @@ def normalise_path(path: str) -> str:
 
 # ── Store ────────────────────────────────────────────────────────────────────
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
 # Statements that bring a database from version N-1 to N, applied in order at start-up.
 # (Version 1 is the first release; SCHEMA below always describes the newest layout.)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at)",),
     3: (),  # playlist_state: a new table, created by SCHEMA
+    # The journal (issue 16): each write's values before and after, the person, the target's
+    # item, and why it was made; jobs carry their cause; held changes are found by source.
+    4: (
+        "ALTER TABLE sync_log ADD COLUMN user_key TEXT",
+        "ALTER TABLE sync_log ADD COLUMN item_id TEXT",
+        "ALTER TABLE sync_log ADD COLUMN before TEXT",
+        "ALTER TABLE sync_log ADD COLUMN after TEXT",
+        "ALTER TABLE sync_log ADD COLUMN cause TEXT",
+        "ALTER TABLE jobs ADD COLUMN cause TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause)",
+        "CREATE INDEX IF NOT EXISTS jobs_held ON jobs (status, source, user_key)",
+    ),
 }
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Every acknowledged webhook, exactly as received. planned = 1 once turned into jobs.
@@ -931,7 +944,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     observed_at REAL NOT NULL, extra TEXT NOT NULL DEFAULT '{}',
     status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     absent_count INTEGER NOT NULL DEFAULT 0, due_at REAL NOT NULL,
-    last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    cause TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (target, status, due_at);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field, status);
 CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
@@ -963,7 +977,10 @@ CREATE INDEX IF NOT EXISTS users_key ON users (server, name_key);
 CREATE TABLE IF NOT EXISTS sync_log (
     id INTEGER PRIMARY KEY, at REAL NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL,
     username TEXT NOT NULL, item_name TEXT NOT NULL, field TEXT NOT NULL, old TEXT, new TEXT,
-    result TEXT NOT NULL, detail TEXT, job_id INTEGER);
+    result TEXT NOT NULL, detail TEXT, job_id INTEGER,
+    -- The journal: the person, the target's item, the values before and after (JSON, per field
+    -- the write changed) and why: "event:<inbox id>", "pass:<n>", "undo:<n>", "import:<n>"…
+    user_key TEXT, item_id TEXT, before TEXT, after TEXT, cause TEXT);
 CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
 -- The last agreed members of each person's playlist (by name), as cross-server item keys.
 CREATE TABLE IF NOT EXISTS playlist_state (
@@ -1128,6 +1145,7 @@ class Job:
     status: str = "running"
     last_error: str | None = None
     due_at: float = 0.0
+    cause: str = ""  # why it was queued: "event:<inbox id>", "pass:<n>", "undo:<n>", "import:<n>"
 
 
 @dataclass(frozen=True)
@@ -1167,7 +1185,26 @@ class LogEntry:
     result: str
     detail: str | None
     job_id: int | None
+    user_key: str | None = None  # the person
+    target_item_id: str | None = None  # the target's item id (journal)
+    before: dict | None = None  # journal: {field: value} before the write, and after it
+    after: dict | None = None
+    cause: str | None = None
     item_id: str | None = None  # the source's item id (from the job), where it is still known
+
+
+_LOG_COLUMNS = (
+    "l.id, l.at, l.source, l.target, l.username, l.item_name, l.field, l.old, l.new, l.result, l.detail,"
+    " l.job_id, l.user_key, l.item_id, l.before, l.after, l.cause"
+)
+
+
+def _log_entry(r: tuple) -> LogEntry:
+    """A LogEntry from a row of _LOG_COLUMNS (then, optionally, the source's item id)."""
+    values = list(r)
+    for i in (14, 15):  # before, after: JSON
+        values[i] = json.loads(values[i]) if values[i] else None
+    return LogEntry(*values)
 
 
 @dataclass(frozen=True)
@@ -1201,6 +1238,7 @@ class Observation:
     # "report": the source's state, compared with what we know of it (echo, nothing new, older);
     # "order": a change decided elsewhere (a pass, an account event), queued as it is.
     kind: str = "report"
+    cause: str = ""  # Job.cause
 
 
 @dataclass(frozen=True)
@@ -1298,11 +1336,11 @@ class PlanTx:
         ).fetchone()
         return (row[0], row[1]) if row else None
 
-    def add_job(self, target: str, ob: Observation) -> None:
+    def add_job(self, target: str, ob: Observation, status: str = "pending") -> None:
         self.c.execute(
             "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
-            " field, value, observed_at, extra, status, due_at, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+            " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 target,
                 ob.server,
@@ -1314,17 +1352,19 @@ class PlanTx:
                 json.dumps(ob.value),
                 ob.observed_at,
                 json.dumps(ob.extra),
+                status,
                 self.now + ob.delay,
                 self.now,
                 self.now,
+                ob.cause,
             ),
         )
 
     def replace_job(self, job_id: int, ob: Observation) -> None:
         """A newer desired state for a waiting job; its due time is kept."""
         self.c.execute(
-            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=? WHERE id=?",
-            (json.dumps(ob.value), ob.observed_at, json.dumps(ob.extra), ob.item_name, self.now, job_id),
+            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=? WHERE id=?",
+            (json.dumps(ob.value), ob.observed_at, json.dumps(ob.extra), ob.item_name, self.now, ob.cause, job_id),
         )
 
     def mark_planned(self, inbox_ids: list[int]) -> None:
@@ -1399,6 +1439,9 @@ class Store:
             try:
                 for n in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS.get(n, ()):
+                        added = _ADD_COLUMN.match(statement)
+                        if added and added[2] in {r[1] for r in conn.execute(f"PRAGMA table_info({added[1]})")}:
+                            continue  # a new file: SCHEMA made the column already
                         conn.execute(statement)
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -1668,6 +1711,7 @@ class Store:
             r["status"],
             r["last_error"],
             r["due_at"],
+            r["cause"],
         )
 
     def next_due(self, target: str) -> float | None:
@@ -1691,9 +1735,11 @@ class Store:
                 (status, error, now, job.id),
             )
             if log_row:
+                before, after = log_row.get("before"), log_row.get("after")
                 c.execute(
                     "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new,"
-                    " result, detail, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " result, detail, job_id, user_key, item_id, before, after, cause)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         now,
                         job.source,
@@ -1706,6 +1752,11 @@ class Store:
                         log_row["result"],
                         log_row.get("detail"),
                         job.id,
+                        job.user_key,
+                        log_row.get("item_id"),
+                        None if before is None else json.dumps(before),
+                        None if after is None else json.dumps(after),
+                        job.cause,
                     ),
                 )
 
@@ -1984,6 +2035,14 @@ class Store:
         raw = self.get_meta("migrated_from_older")
         return json.loads(raw) if raw else None
 
+    def next_number(self, name: str) -> int:
+        """The next number of a series (passes, undos, imports), for causes in the journal."""
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key=?", (f"counter:{name}",)).fetchone()
+            n = int(row[0]) + 1 if row else 1
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"counter:{name}", str(n)))
+            return n
+
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -2011,15 +2070,20 @@ class Store:
         if filters.get("since"):
             where.append("l.at >= ?")
             args.append(filters["since"])
+        if filters.get("until"):
+            where.append("l.at <= ?")
+            args.append(filters["until"])
+        if filters.get("cause"):
+            where.append("l.cause = ?")
+            args.append(filters["cause"])
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = self._rows(f"SELECT count(*) FROM sync_log l {clause}", tuple(args))[0][0]
-        columns = ", ".join(f"l.{f.name}" for f in dataclasses.fields(LogEntry) if f.name != "item_id")
         rows = self._rows(
-            f"SELECT {columns}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = l.job_id "
+            f"SELECT {_LOG_COLUMNS}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = l.job_id "
             f"{clause} ORDER BY l.id DESC LIMIT ? OFFSET ?",
             (*args, limit, offset),
         )
-        return [LogEntry(*r) for r in rows], total
+        return [_log_entry(r) for r in rows], total
 
     def count_log(self) -> int:
         return self._rows("SELECT count(*) FROM sync_log")[0][0]
@@ -2998,6 +3062,10 @@ class Outcome:
     new: str | None = None
     states: list | None = None  # what the target now holds, as Store.remember_states rows
     due_at: float = 0.0  # retry, waiting: when to try again
+    # The journal of a write: the target's item, and {field: value} before and after it.
+    item_id: str | None = None
+    before: dict | None = None
+    after: dict | None = None
 
     @property
     def done(self) -> bool:
@@ -3044,6 +3112,14 @@ class WatchStateWriter:
         if job.field == "position":
             want = self._scale(want, job.extra.get("runtime"), item.runtime)
         observed = {job.field: job.observed_at}
+        if "expect" in job.extra and have[job.field] != job.extra["expect"] and have[job.field] != want:
+            # An undo: only where the target still holds what we wrote. A newer change by the
+            # person wins, and is reported, never clobbered.
+            return Outcome(
+                "skipped",
+                f"not undone: {job.target} now holds {describe(job.field, have[job.field])}, changed since "
+                f"we wrote {describe(job.field, job.extra['expect'])}",
+            )
         if have[job.field] == want:
             rows = self.store.state_rows(job.target, job.user_key, item.item_id, have, observed)
             return Outcome("noop", old=describe(job.field, have[job.field]), states=rows)
@@ -3067,7 +3143,18 @@ class WatchStateWriter:
         log.info(
             '%s: %s ✓ %s "%s" (from %s)', job.target, job.username, describe(job.field, want), job.item_name, job.source
         )
-        return Outcome("ok", old=describe(job.field, have[job.field]), new=describe(job.field, want), states=rows)
+        before, after = {job.field: have[job.field]}, {job.field: want}
+        if job.field == "played" and have["position"]:
+            before["position"], after["position"] = have["position"], 0  # the server reset it
+        return Outcome(
+            "ok",
+            old=describe(job.field, have[job.field]),
+            new=describe(job.field, want),
+            states=rows,
+            item_id=item.item_id,
+            before=before,
+            after=after,
+        )
 
     @staticmethod
     def _target_state(job: Job) -> dict | None:
@@ -3527,7 +3614,7 @@ class Syncer:
             woke = self.store.wake_waiting(server) if ntype == "ItemAdded" else 0
             return [], [server] if woke else []
         if ntype in USER_EVENTS:
-            return self._account_change(server, ev), []
+            return [dataclasses.replace(o, cause=f"event:{row.id}") for o in self._account_change(server, ev)], []
         if ntype == MIGRATED_EVENT:
             return self._owed_by_older_program(server, ev, observed), []
         return self._observations(row, ev, observed), []
@@ -3556,6 +3643,7 @@ class Syncer:
                 (target,),
                 {"event": "migrated", "last_played": observed if ev["Field"] == "played" else None},
                 kind="order",
+                cause="migrated",
             )
         ]
 
@@ -3591,6 +3679,7 @@ class Syncer:
                 others,
                 extra,
                 delay=debounce if fld == "position" and ntype != "PlaybackStop" else 0.0,
+                cause=f"event:{row.id}",
             )
             for fld, value in observations_from_event(ev).items()
             if self.config.sync.enabled(fld)
@@ -3711,7 +3800,15 @@ class Syncer:
                     o.detail,
                 )
             return
-        log_row = {"result": o.result, "old": o.old, "new": o.new, "detail": o.detail}
+        log_row = {
+            "result": o.result,
+            "old": o.old,
+            "new": o.new,
+            "detail": o.detail,
+            "item_id": o.item_id,
+            "before": o.before,
+            "after": o.after,
+        }
         if o.done:
             self.store.finish_job(job, "done", None, log_row, o.states)
             if o.result == "ok" and job.queued_at:
@@ -3945,6 +4042,7 @@ class Reconciler:
         self._pending_jobs: list[Observation] = []
         self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
         self._read_at = 0.0  # when the person being compared was read
+        self.cause = ""  # of the jobs being queued: "pass:<n>" (the journal says why)
         self._known: dict[str, set[str]] = {}  # server → ids in its item index; one pass
         self.trigger = threading.Event()
         self.thread: SupervisedThread | None = None
@@ -3958,7 +4056,10 @@ class Reconciler:
         if not self._run_lock.acquire(blocking=False):
             raise SyncError("a reconciliation pass is already running")
         started = utcnow()
+        number = 0 if dry_run else self.store.next_number("pass")
+        self.cause = f"pass:{number}"
         report: dict[str, Any] = {
+            "pass": number,
             "started_at": format_time(started),
             "dry_run": dry_run,
             "users": {},
@@ -4150,6 +4251,7 @@ class Reconciler:
             raise SyncError("a reconciliation pass is running: try again when it has finished")
         report: dict[str, Any] = {"users": {}, "changes": 0, "items_compared": 0, "errors": []}
         try:
+            self.cause = f"sync-item:{self.store.next_number('sync-item')}"
             self._states = {srv: self.store.states_of(srv, person) for srv in group}
             self._read_at = utcnow()
             current = {srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()}
@@ -4383,6 +4485,7 @@ class Reconciler:
             (target,),
             extra,
             kind="order",
+            cause=self.cause,
         )
         self._pending_jobs.append(ob)
 
@@ -5114,6 +5217,10 @@ class Web:
                 filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
             except ValueError:
                 raise bottle_error(400, "since_minutes must be a number") from None
+        for key in ("since", "until"):  # a time range: ISO dates ("2026-11-30T18:00", Z or an offset)
+            if q.get(key):
+                filters[key] = _query_time(q.get(key), key)
+        filters["cause"] = q.get("cause")
         return filters
 
     @staticmethod
@@ -5219,6 +5326,24 @@ def _json_errors_bottle() -> Any:
             return json.dumps({"error": res.status_line, "detail": detail})
 
     return JsonErrorsBottle(catchall=True)
+
+
+def _query_time(text: str, key: str) -> float:
+    """A time a person typed in a query or a form: ISO 8601, in UTC unless it says otherwise."""
+    when = typed_time(text)
+    if when is None:
+        raise bottle_error(400, f"{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+    return when
+
+
+def typed_time(text: str) -> float | None:
+    """A time a person typed (a form, a query, the command line): ISO 8601 with or without
+    seconds or a time of day, in UTC unless it names an offset; None if it is not one."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def bottle_error(status: int, message: str) -> Exception:
