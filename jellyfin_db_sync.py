@@ -116,6 +116,11 @@ INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
 FIELDS = ("played", "position", "favorite", "likes")
+JOURNAL_SCOPE_LIMIT = 100_000  # journal entries one undo may cover
+UNDO_SAMPLE = 10  # lines of an undo preview shown per server
+HELD_SAMPLE = 8  # held changes shown per group
+ALERT_CHECK_SECONDS = 15.0  # how often the alert conditions are looked at
+ALERT_TIMEOUT = 10.0  # seconds for one alert delivery
 WEBHOOK_PLUGIN_ID = "71552a5a5c5c4350a2aeebe451a30173"  # the Webhook plugin (its WebhookPlugin.cs)
 WEBHOOK_DESTINATION = "jellyfin-db-sync"  # the name of the plugin destination we set up and own
 # What our destination sends: the events we act on, for the item types user data lives on.
@@ -373,12 +378,47 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("users.exclude", "names", (), "never these people"),
     Setting("reconcile.on_startup", "bool", True, "a pass shortly after start"),
     Setting("reconcile.interval_minutes", "float", 360.0, "then every N minutes (0: on demand only)"),
+    Setting(
+        "safety.brake_items",
+        "int",
+        100,
+        "hold a person's changes from one server when more items than this lose state (0: no brake)",
+        "JDS_BRAKE_ITEMS",
+        low=0,
+    ),
+    Setting("safety.brake_minutes", "float", 10.0, "… within this many minutes", "JDS_BRAKE_MINUTES"),
+    Setting(
+        "alerts.urls",
+        "urls",
+        (),
+        "where alerts go: JSON webhook, ntfy, Gotify, Discord or Slack URLs (Apprise URLs if installed)",
+        "JDS_ALERT_URLS",
+    ),
+    Setting(
+        "alerts.healthchecks_url",
+        "secret_url",
+        "",
+        "pinged when a pass starts, succeeds or fails (healthchecks.io style)",
+        "JDS_HEALTHCHECKS_URL",
+    ),
+    Setting("alerts.unreachable_minutes", "float", 10.0, "alert when a server is unreachable this long"),
 )
 SETTING = {s.key: s for s in SETTINGS}
 # Other names the older jellyfin-db-sync accepted for a choice: Python's level names, and journal
 # modes SQLite has but a durable queue must not use (MEMORY, OFF: WAL is kept, with a warning).
 CHOICE_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "NOTSET": "DEBUG", "MEMORY": "WAL", "OFF": "WAL"}
-SECTIONS = ("servers", "sync", "users", "reconcile", "path_sync_policy", "database", "server", "logging")
+SECTIONS = (
+    "servers",
+    "sync",
+    "users",
+    "reconcile",
+    "path_sync_policy",
+    "database",
+    "server",
+    "logging",
+    "safety",
+    "alerts",
+)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
 
@@ -457,11 +497,26 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class SafetyConfig:
+    brake_items: int = _default("safety.brake_items")  # removals per person and source; 0 = off
+    brake_minutes: float = _default("safety.brake_minutes")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    urls: tuple[str, ...] = dataclasses.field(default=_default("alerts.urls"), repr=False)  # they hold tokens
+    healthchecks_url: str = dataclasses.field(default=_default("alerts.healthchecks_url"), repr=False)
+    unreachable_minutes: float = _default("alerts.unreachable_minutes")
+
+
+@dataclass(frozen=True)
 class Config:
     servers: tuple[ServerConfig, ...]
     sync: SyncConfig = SyncConfig()
     users: UsersConfig = UsersConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
+    safety: SafetyConfig = SafetyConfig()
+    alerts: AlertsConfig = AlertsConfig()
     path_sync_policy: tuple[PathPolicy, ...] = ()
     database_path: str = _default("database.path")
     journal_mode: str = _default("database.journal_mode")
@@ -669,7 +724,18 @@ def masked(config: Config) -> dict:
     for setting in SETTINGS:
         if setting.kind in ("token", "password"):
             out[setting.attr] = _mask(out[setting.attr])
+    out["alerts"]["urls"] = [url_shown(u) for u in config.alerts.urls]
+    out["alerts"]["healthchecks_url"] = url_shown(config.alerts.healthchecks_url)
     return out
+
+
+def url_shown(url: str) -> str:
+    """An alert URL as logs and pages may show it: its scheme and host; the rest (tokens,
+    webhook secrets, topics) is never shown."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/…"
 
 
 def _coerce(setting: Setting, value: Any, where: str) -> Any:
@@ -685,6 +751,17 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if kind in ("int", "float"):
         return _number(setting, value, where)
+    if kind == "urls":
+        if isinstance(value, str):  # an environment variable: separated by spaces or commas
+            value = value.replace(",", " ").split()
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and "://" in v for v in value):
+            raise ConfigError(f"{where}: expected a list of URLs (https://…, or an Apprise URL like tgram://…)")
+        return tuple(v.strip() for v in value)
+    if kind == "secret_url":
+        url = str(value or "").strip()
+        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"{where}: an http:// or https:// URL, like https://hc-ping.com/<uuid>")
+        return url
     if kind in ("list", "names"):
         if isinstance(value, str):  # an environment variable: comma-separated
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -748,7 +825,7 @@ def _settings_in(data: dict, src: str, warnings: list[str]) -> dict[str, Any]:
     is ignored with a warning naming it (the older program ignored them silently; --check-config
     calls them errors, so a typo is still caught where people look)."""
     found: dict[str, Any] = {}
-    for section in ("sync", "users", "reconcile", "database", "server", "logging"):
+    for section in ("sync", "users", "reconcile", "database", "server", "logging", "safety", "alerts"):
         raw = data.get(section) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{src}: {section}: expected a mapping")
@@ -798,7 +875,12 @@ def parse_config(data: Any, src: str = "<config>") -> Config:
         warnings.append(f"{src}: servers: {len(servers)} server(s): nothing to sync until there are two or more")
     nested = {
         name: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})
-        for name, cls in (("sync", SyncConfig), ("reconcile", ReconcileConfig))
+        for name, cls in (
+            ("sync", SyncConfig),
+            ("reconcile", ReconcileConfig),
+            ("safety", SafetyConfig),
+            ("alerts", AlertsConfig),
+        )
     }
     users = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("users.")}
     users["map"] = _parse_map((data.get("users") or {}).get("map"), {s.name for s in servers}, src)
@@ -925,7 +1007,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sync_log ADD COLUMN cause TEXT",
         "ALTER TABLE jobs ADD COLUMN cause TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause)",
-        "CREATE INDEX IF NOT EXISTS jobs_held ON jobs (status, source, user_key)",
+        "ALTER TABLE jobs ADD COLUMN removal INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS jobs_removal ON jobs (source, user_key, removal, created_at)",
     ),
 }
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -945,7 +1028,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     absent_count INTEGER NOT NULL DEFAULT 0, due_at REAL NOT NULL,
     last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    cause TEXT NOT NULL DEFAULT '');
+    cause TEXT NOT NULL DEFAULT '', removal INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (target, status, due_at);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field, status);
 CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
@@ -1331,16 +1414,16 @@ class PlanTx:
         """The job for the same change still waiting to be applied: (id, its observation time)."""
         row = self.c.execute(
             "SELECT id, observed_at FROM jobs WHERE target=? AND user_key=? AND source=? "
-            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting')",
+            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting', 'held')",
             (target, ob.user_key, ob.server, ob.item_id, ob.field),
         ).fetchone()
         return (row[0], row[1]) if row else None
 
-    def add_job(self, target: str, ob: Observation, status: str = "pending") -> None:
+    def add_job(self, target: str, ob: Observation, removal: bool) -> None:
         self.c.execute(
             "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
-            " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause, removal)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
             (
                 target,
                 ob.server,
@@ -1352,20 +1435,49 @@ class PlanTx:
                 json.dumps(ob.value),
                 ob.observed_at,
                 json.dumps(ob.extra),
-                status,
                 self.now + ob.delay,
                 self.now,
                 self.now,
                 ob.cause,
+                int(removal),
             ),
         )
 
-    def replace_job(self, job_id: int, ob: Observation) -> None:
-        """A newer desired state for a waiting job; its due time is kept."""
+    def replace_job(self, job_id: int, ob: Observation, removal: bool) -> None:
+        """A newer desired state for a waiting job; its due time is kept. A held removal that
+        the person has since reversed is no longer held: the newer state goes."""
         self.c.execute(
-            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=? WHERE id=?",
-            (json.dumps(ob.value), ob.observed_at, json.dumps(ob.extra), ob.item_name, self.now, ob.cause, job_id),
+            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=?, removal=?,"
+            " status=CASE WHEN status='held' AND ?=0 THEN 'pending' ELSE status END WHERE id=?",
+            (
+                json.dumps(ob.value),
+                ob.observed_at,
+                json.dumps(ob.extra),
+                ob.item_name,
+                self.now,
+                ob.cause,
+                int(removal),
+                int(removal),
+                job_id,
+            ),
         )
+
+    def brake(self, source: str, user_key: str, since: float, limit: int) -> int:
+        """The brake (issue 16): if more than ``limit`` items lost state (unplayed, unfavourited,
+        rating cleared, position reset) from ``source`` for one person since ``since``, hold
+        every such change not yet applied. Returns how many jobs it holds (0: below the limit)."""
+        n = self.c.execute(
+            "SELECT count(DISTINCT source_item_id) FROM jobs INDEXED BY jobs_removal WHERE source=? AND user_key=? "
+            "AND removal=1 AND created_at>=? AND status NOT IN ('discarded', 'superseded')",
+            (source, user_key, since),
+        ).fetchone()[0]
+        if n <= limit:
+            return 0
+        return self.c.execute(
+            "UPDATE jobs SET status='held', updated_at=? WHERE source=? AND user_key=? AND removal=1 "
+            "AND created_at>=? AND status IN ('pending', 'waiting')",
+            (self.now, source, user_key, since),
+        ).rowcount
 
     def mark_planned(self, inbox_ids: list[int]) -> None:
         self.c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(i,) for i in inbox_ids])
@@ -2085,6 +2197,106 @@ class Store:
         )
         return [_log_entry(r) for r in rows], total
 
+    # the brake's held changes
+    def brake_released(self, source: str, user_key: str) -> float:
+        """When held changes from ``source`` for this person were last applied (the brake counts
+        afresh from then), or 0."""
+        raw = self.get_meta(f"brake_released:{source}:{user_key}")
+        return float(raw) if raw else 0.0
+
+    def held_summary(self, samples: int = HELD_SAMPLE) -> list[dict]:
+        """Held changes per source and person: counts per field and value, first and last
+        arrival, targets, and a few of them."""
+        groups: dict[tuple[str, str], dict] = {}
+        rows = self._rows(
+            "SELECT source, user_key, min(username), field, value, count(DISTINCT source_item_id), count(*),"
+            " min(created_at), max(created_at), group_concat(DISTINCT target) FROM jobs WHERE status='held'"
+            " GROUP BY source, user_key, field, value ORDER BY source, user_key"
+        )
+        for source, user_key, username, fld, value, items, jobs, first, last, targets in rows:
+            g = groups.setdefault(
+                (source, user_key),
+                {
+                    "source": source,
+                    "user": user_key,
+                    "username": username,
+                    "changes": 0,
+                    "jobs": 0,
+                    "kinds": {},
+                    "targets": set(),
+                    "first": first,
+                    "last": last,
+                },
+            )
+            g["changes"] += items
+            g["jobs"] += jobs
+            kind = describe(fld, json.loads(value))
+            g["kinds"][kind] = g["kinds"].get(kind, 0) + items
+            g["targets"].update(targets.split(","))
+            g["first"], g["last"] = min(g["first"], first), max(g["last"], last)
+        for g in groups.values():
+            g["targets"] = sorted(g["targets"])
+            g["sample"] = [
+                f"{describe(r[0], json.loads(r[1]))}: {r[2]}"
+                for r in self._rows(
+                    "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
+                    "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
+                    (g["source"], g["user"], samples),
+                )
+            ]
+        return list(groups.values())
+
+    def count_held(self) -> int:
+        return self._rows("SELECT count(*) FROM jobs WHERE status='held'")[0][0]
+
+    def release_held(self, source: str, user_key: str) -> int:
+        """Apply: the held changes go (due now), and the brake counts afresh for this person."""
+        now = utcnow()
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"brake_released:{source}:{user_key}", now)
+            )
+            return c.execute(
+                "UPDATE jobs SET status='pending', due_at=?, updated_at=? WHERE status='held' AND source=? AND user_key=?",
+                (now, now, source, user_key),
+            ).rowcount
+
+    def discard_held(self, source: str, user_key: str) -> list[Job]:
+        """Discard: the held changes are dropped (kept as 'discarded' until retention). Returns them."""
+        with self._tx() as c:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE status='held' AND source=? AND user_key=?", (source, user_key)
+            ).fetchall()
+            c.execute(
+                "UPDATE jobs SET status='discarded', last_error='discarded (brake)', updated_at=? "
+                "WHERE status='held' AND source=? AND user_key=?",
+                (utcnow(), source, user_key),
+            )
+        return [self._job(r) for r in rows]
+
+    def journal(self, scope: dict, limit: int = JOURNAL_SCOPE_LIMIT) -> list[LogEntry]:
+        """The writes (result ok, with values before and after) in a scope, oldest first:
+        ``id`` one entry; ``cause`` what one event or pass caused; ``user`` (person), ``server``
+        (where written), ``source`` (where from), ``since`` and ``until`` (epoch seconds)."""
+        where, args = ["l.result = 'ok'", "l.before IS NOT NULL"], []
+        for key, sql in (
+            ("id", "l.id = ?"),
+            ("cause", "l.cause = ?"),
+            ("user", "l.user_key = ?"),
+            ("server", "l.target = ?"),
+            ("source", "l.source = ?"),
+            ("since", "l.at >= ?"),
+            ("until", "l.at <= ?"),
+        ):
+            if scope.get(key) not in (None, ""):
+                where.append(sql)
+                args.append(scope[key])
+        rows = self._rows(
+            f"SELECT {_LOG_COLUMNS} FROM sync_log l WHERE {' AND '.join(where)} ORDER BY l.id LIMIT ?",
+            (*args, limit),
+        )
+        return [_log_entry(r) for r in rows]
+
     def count_log(self) -> int:
         return self._rows("SELECT count(*) FROM sync_log")[0][0]
 
@@ -2606,6 +2818,8 @@ class Library:
 
     def lookup(self, src: ItemInfo, target: str) -> ItemInfo | None:
         """The same item in ``target``'s index as it is now (no refresh, no request)."""
+        if src.server == target:
+            return src  # an undo, an import or a discard writes on the server the item is from
         if src.path_key:
             hits = self.store.find_items(target, "path_key", src.path_key)
             if len(hits) == 1:
@@ -2960,16 +3174,54 @@ class Planner:
         transaction. Returns (targets that got jobs, observations dropped)."""
         woken: set[str] = set()
         dropped = 0
+        removing: set[tuple[str, str]] = set()  # (source, person) with removals in this batch
         with self.store.planning() as tx:
             for _inbox_id, observations in batch:
                 news = self._news(tx, observations)
                 dropped += len(observations) - len(news)
+                finished = {(o.server, o.item_id) for o in news if o.field == "played" and o.value is True}
                 for ob in news:
+                    removal = self.removes(ob, finished)
+                    if removal:
+                        removing.add((ob.server, ob.user_key))
                     for target in ob.targets:
-                        self._queue(tx, target, ob)
+                        self._queue(tx, target, ob, removal)
                         woken.add(target)
+            for source, user_key in removing:
+                self._brake(tx, source, user_key)
             tx.mark_planned([inbox_id for inbox_id, _ in batch if inbox_id])
         return sorted(woken), dropped
+
+    @staticmethod
+    def removes(ob: Observation, finished: set[tuple[str, str]]) -> bool:
+        """Does this change take state away: unplayed, unfavourited, rating cleared, or a resume
+        position reset (other than by finishing the item, in ``finished``)? Undo is a person's
+        decision, previewed first: it is never braked."""
+        if ob.cause.startswith("undo:"):
+            return False
+        if ob.field in ("played", "favorite"):
+            return ob.value is False
+        if ob.field == "likes":
+            return ob.value is None
+        return ob.field == "position" and not ob.value and (ob.server, ob.item_id) not in finished
+
+    def _brake(self, tx: PlanTx, source: str, user_key: str) -> None:
+        limit = self.config.safety.brake_items
+        if not limit:
+            return
+        since = tx.now - self.config.safety.brake_minutes * 60
+        released = self.store.brake_released(source, user_key)  # Apply starts the count afresh
+        held = tx.brake(source, user_key, max(since, released), limit)
+        if held:
+            log.warning(
+                "brake: %d change(s) from %s for %s hold: more than %d items would lose state within %g minutes; "
+                "apply or discard them on the dashboard",
+                held,
+                source,
+                user_key,
+                limit,
+                self.config.safety.brake_minutes,
+            )
 
     def _news(self, tx: PlanTx, observations: list[Observation]) -> list[Observation]:
         """The observations that are news; what we now know of their server is recorded."""
@@ -3001,14 +3253,14 @@ class Planner:
         return False
 
     @staticmethod
-    def _queue(tx: PlanTx, target: str, ob: Observation) -> None:
+    def _queue(tx: PlanTx, target: str, ob: Observation, removal: bool) -> None:
         """Coalesce: a newer desired state replaces the waiting one (its due time is kept, so a
         steady stream of progress reports cannot postpone the write forever)."""
         waiting = tx.open_job(target, ob)
         if waiting is None:
-            tx.add_job(target, ob)
+            tx.add_job(target, ob, removal)
         elif ob.observed_at >= waiting[1]:
-            tx.replace_job(waiting[0], ob)
+            tx.replace_job(waiting[0], ob, removal)
 
     # time
     def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
@@ -3370,7 +3622,14 @@ class ServerHealth:
     def __init__(self, clients: dict[str, JellyfinClient]):
         self.clients = clients
         self.state: dict[str, dict] = {
-            name: {"reachable": None, "error": None, "version": None, "checked_at": None, "latency_ms": None}
+            name: {
+                "reachable": None,
+                "error": None,
+                "version": None,
+                "checked_at": None,
+                "latency_ms": None,
+                "down_since": None,
+            }
             for name in clients
         }
 
@@ -3384,9 +3643,11 @@ class ServerHealth:
                 error=None,
                 version=info.get("Version"),
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
+                down_since=None,
             )
         except JellyfinError as e:
             self.state[name].update(reachable=False, error=str(e), latency_ms=None)
+            self.state[name]["down_since"] = self.state[name]["down_since"] or utcnow()
             client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
         self.state[name]["checked_at"] = utcnow()
         return self.state[name]
@@ -4046,6 +4307,7 @@ class Reconciler:
         self._known: dict[str, set[str]] = {}  # server → ids in its item index; one pass
         self.trigger = threading.Event()
         self.thread: SupervisedThread | None = None
+        self.ping: Any = lambda what, body="": None  # healthchecks-style: start, success, fail (Alerts.ping)
 
     def last_report(self) -> dict | None:
         raw = self.store.get_meta("last_reconcile_report")
@@ -4077,6 +4339,8 @@ class Reconciler:
             "dry_run": dry_run,
         }
         self._playlist_cache, self._known = {}, {}
+        if not dry_run:
+            self.ping("start")
         try:
             people = self._people(report)
             self.progress.update(users_total=len(people), phase="comparing")
@@ -4098,6 +4362,8 @@ class Reconciler:
             report["seconds"] = round(utcnow() - started, 2)
             if not dry_run:
                 self.store.set_meta("last_reconcile_report", json.dumps(report))
+                summary = f"{report['changes']} changes queued in {report['seconds']} s"
+                self.ping("fail" if report["errors"] else "success", "\n".join([summary, *report["errors"]]))
                 for target in {s.name for s in self.config.servers}:
                     self.syncer.wake_target(target)
             log.info(
@@ -4110,6 +4376,10 @@ class Reconciler:
                 report["seconds"],
             )
             return report
+        except Exception as e:
+            if not dry_run:
+                self.ping("fail", _error_text(e))
+            raise
         finally:
             self.progress = {**self.progress, "running": False, "phase": "done"}
             self._run_lock.release()
@@ -4532,6 +4802,450 @@ class Reconciler:
         self.trigger.set()
 
 
+# ── Safety net ───────────────────────────────────────────────────────────────
+# What stops a sync from spreading damage (issue 16): the journal (sync_log's before/after) and
+# Undo, the Brake on mass removals, Alerts, and portable export/import (Transfer).
+
+UNDO_SCOPE_KEYS = ("id", "cause", "user", "server", "source", "since", "until")
+
+
+class SafetyNet:
+    """Undo, the brake and alerts, built once for the Service, the Web and the command line."""
+
+    def __init__(self, config: Config, store: Store, syncer: Syncer, reasons: Any = lambda: []):
+        self.undo = Undo(config, store, syncer.library, syncer.planner)
+        self.brake = Brake(config, store, syncer.library, syncer.planner, syncer.wake_target)
+        self.alerts = Alerts(config, store, syncer, reasons)
+
+
+class Undo:
+    """Writes back the values a scope of journal entries replaced, through the normal queue
+    (journal, echo and retry rules included) — but only where the target still holds what we
+    wrote: a newer change by the person wins and is reported, never clobbered. ``preview``
+    reads each target's current values and says, per server, what would change."""
+
+    def __init__(self, config: Config, store: Store, library: Library, planner: Planner):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.planner = planner
+
+    def scope(self, raw: dict) -> dict:
+        """A scope from a request or the command line; SyncError if it says nothing to undo."""
+        scope = {k: raw[k] for k in UNDO_SCOPE_KEYS if raw.get(k) not in (None, "")}
+        if scope.get("user"):
+            scope["user"] = name_key(str(scope["user"]))
+        unknown = [k for k in ("server", "source") if k in scope and self.config.server(scope[k]) is None]
+        if unknown:
+            raise SyncError(f"{unknown[0]}: {scope[unknown[0]]!r} is not a server from the config")
+        if not set(scope) - {"since", "until"} and "since" not in scope:
+            raise SyncError("say what to undo: id, cause, user, server or source, and/or a time range from since")
+        return scope
+
+    def _plan(self, scope: dict) -> tuple[list[dict], int]:
+        """(one change per target, person, item and field: the earliest value before and the
+        latest after, as the journal has them; journal entries matched)."""
+        entries = self.store.journal(scope)
+        changes: dict[tuple, dict] = {}
+        for e in entries:
+            if e.field.startswith("user_") or not e.target_item_id or not e.user_key:
+                continue  # accounts and entries from before the journal cannot be undone
+            for fld, after in (e.after or {}).items():
+                key = (e.target, e.user_key, e.target_item_id, fld)
+                change = changes.setdefault(
+                    key,
+                    {
+                        "server": e.target,
+                        "user_key": e.user_key,
+                        "username": e.username,
+                        "item_id": e.target_item_id,
+                        "item_name": e.item_name,
+                        "field": fld,
+                        "before": (e.before or {}).get(fld),
+                        "entries": [],
+                    },
+                )
+                change["after"] = after
+                change["entries"].append(e.id)
+        return list(changes.values()), len(entries)
+
+    def preview(self, raw_scope: dict) -> dict:
+        """What an undo of the scope would do, per server: changes to make, changes refused
+        because the target holds something else now, and those already as before."""
+        scope = self.scope(raw_scope)
+        changes, matched = self._plan(scope)
+        self._read_now(changes)
+        servers: dict[str, dict] = {}
+        for ch in changes:
+            entry = servers.setdefault(ch["server"], {"undo": 0, "changed_since": 0, "already": 0, "unknown": 0})
+            entry.setdefault("sample", [])
+            entry.setdefault("refused", [])
+            if "now" not in ch:
+                ch["verdict"] = "unknown"
+            elif ch["now"] == ch["before"]:
+                ch["verdict"] = "already"
+            elif ch["now"] == ch["after"]:
+                ch["verdict"] = "undo"
+            else:
+                ch["verdict"] = "changed_since"
+            entry[ch["verdict"]] += 1
+            line = (
+                f"{ch['username']}: {ch['item_name']}: {describe(ch['field'], ch.get('now', ch['after']))}"
+                f" → {describe(ch['field'], ch['before'])}"
+            )
+            if ch["verdict"] == "undo" and len(entry["sample"]) < UNDO_SAMPLE:
+                entry["sample"].append(line)
+            elif ch["verdict"] in ("changed_since", "unknown") and len(entry["refused"]) < UNDO_SAMPLE:
+                why = ch.get("error") or f"changed since we wrote {describe(ch['field'], ch['after'])}"
+                entry["refused"].append(f"{ch['username']}: {ch['item_name']}: {why}")
+        return {
+            "scope": {k: (format_time(v) if k in ("since", "until") else v) for k, v in scope.items()},
+            "entries": matched,
+            "changes": sum(1 for ch in changes if ch["verdict"] == "undo"),
+            "servers": servers,
+            "_changes": changes,
+        }
+
+    def _read_now(self, changes: list[dict]) -> None:
+        """Each change's current value on its server ("now"), a hundred items per request."""
+        by: dict[tuple[str, str], list[dict]] = {}
+        for ch in changes:
+            by.setdefault((ch["server"], ch["user_key"]), []).append(ch)
+        for (server, user_key), group in by.items():
+            try:
+                user_id = self.library.user_id(server, self.config.name_on(user_key, server))
+                if user_id is None:
+                    raise SyncError(f"no user for {user_key} on {server}")
+                data = self.library.clients[server].user_data_many(user_id, sorted({c["item_id"] for c in group}))
+            except SyncError as e:
+                for ch in group:
+                    ch["error"] = f"cannot read it now: {e}"
+                continue
+            for ch in group:
+                ud = data.get(ch["item_id"])
+                if ud is None:
+                    ch["error"] = f"no longer on {server}"
+                else:
+                    ch["now"] = read_fields(ud)[ch["field"]]
+
+    def apply(self, raw_scope: dict) -> dict:
+        """Preview, then queue the changes it found (the writer checks each target once more)."""
+        report = self.preview(raw_scope)
+        todo = [ch for ch in report.pop("_changes") if ch["verdict"] == "undo"]
+        if not todo:
+            report["undo"] = None
+            return report
+        number = self.store.next_number("undo")
+        now = utcnow()
+        obs = [
+            Observation(
+                ch["server"],
+                ch["user_key"],
+                ch["username"],
+                ch["item_id"],
+                ch["item_name"],
+                ch["field"],
+                ch["before"],
+                now,
+                (ch["server"],),
+                {"event": "undo", "expect": ch["after"], "undo_of": ch["entries"][:20]},
+                kind="order",
+                cause=f"undo:{number}",
+            )
+            for ch in todo
+        ]
+        self.planner.plan([(0, obs)])
+        report["undo"] = f"undo:{number}"
+        log.info("undo %d: %d change(s) queued (%s)", number, len(obs), report["scope"])
+        return report
+
+
+class Brake:
+    """The changes Planner._brake held, and what a person decides about them: Apply (they go,
+    and the count starts afresh) or Discard (they are dropped, and by default the source is put
+    back as the other servers hold it, so the next pass does not propose them again)."""
+
+    def __init__(self, config: Config, store: Store, library: Library, planner: Planner, wake: Any):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.planner = planner
+        self.wake = wake  # target name → wake its writers
+
+    def held(self) -> list[dict]:
+        groups = self.store.held_summary()
+        for g in groups:
+            kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(g["kinds"].items(), key=lambda kv: -kv[1]))
+            g["summary"] = f"held: {g['changes']:,} changes from {g['source']} for {g['username']}: {kinds}"
+            g["first"], g["last"] = format_time(g["first"]), format_time(g["last"])
+        return groups
+
+    def apply(self, source: str, user: str) -> int:
+        n = self.store.release_held(source, name_key(user))
+        if n:
+            log.info("brake: %d held change(s) from %s for %s applied by request", n, source, user)
+            for target in {s.name for s in self.config.servers}:
+                self.wake(target)
+        return n
+
+    def discard(self, source: str, user: str, restore: bool = True) -> dict:
+        jobs = self.store.discard_held(source, name_key(user))
+        report = {"discarded": len({(j.source_item_id, j.field) for j in jobs}), "restored": 0, "errors": []}
+        if jobs and restore:
+            obs = self._restore(source, jobs, report["errors"])
+            if obs:
+                self.planner.plan([(0, obs)])
+                self.wake(source)
+            report["restored"] = len(obs)
+        log.info(
+            "brake: %d held change(s) from %s for %s discarded; %d put back on %s",
+            report["discarded"],
+            source,
+            user,
+            report["restored"],
+            source,
+        )
+        return report
+
+    def _restore(self, source: str, jobs: list[Job], errors: list[str]) -> list[Observation]:
+        """Orders that give ``source`` back what the other servers hold (read now) where the
+        discarded change had already happened on it."""
+        number = self.store.next_number("discard")
+        by_target: dict[str, list[Job]] = {}
+        for j in jobs:
+            by_target.setdefault(j.target, []).append(j)
+        obs: list[Observation] = []
+        done: set[tuple[str, str]] = set()
+        for target, group in sorted(by_target.items()):
+            try:
+                user_id = self.library.user_id(target, self.config.name_on(group[0].user_key, target))
+                matches = {}
+                for j in group:
+                    src = self.library.source_item(source, j.source_item_id)
+                    found = self.library.lookup(src, target) if src else None
+                    if found:
+                        matches[j.id] = found.item_id
+                if user_id is None or not matches:
+                    continue
+                data = self.library.clients[target].user_data_many(user_id, sorted(set(matches.values())))
+            except SyncError as e:
+                errors.append(f"{target}: {e}")
+                continue
+            for j in group:
+                ud = data.get(matches.get(j.id, ""))
+                if ud is None or (j.source_item_id, j.field) in done:
+                    continue
+                value = read_fields(ud)[j.field]
+                if value == j.value:
+                    continue
+                done.add((j.source_item_id, j.field))
+                extra = {
+                    "event": "discard",
+                    "last_played": parse_time(ud.get("LastPlayedDate")),
+                    "play_count": ud.get("PlayCount"),
+                }
+                obs.append(
+                    Observation(
+                        source,
+                        j.user_key,
+                        j.username,
+                        j.source_item_id,
+                        j.item_name,
+                        j.field,
+                        value,
+                        utcnow(),
+                        (source,),
+                        extra,
+                        kind="order",
+                        cause=f"discard:{number}",
+                    )
+                )
+        return obs
+
+
+ALERT_FORMATS = ("json", "ntfy", "gotify", "discord", "slack")
+
+
+def alert_format(url: str) -> tuple[str, str]:
+    """(format, the URL to post to) for an alert URL: a prefix says it ("ntfy+https://…"),
+    else the address does (Discord and Slack webhooks, ntfy.sh, Gotify's /message?token=); any
+    other http(s) URL gets our JSON; any other scheme is Apprise's."""
+    scheme, sep, rest = url.partition("://")
+    kind, plus, real = scheme.partition("+")
+    if plus and kind in ALERT_FORMATS:
+        return kind, f"{real}{sep}{rest}"
+    if scheme not in ("http", "https"):
+        return "apprise", url
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if host in ("discord.com", "discordapp.com") and parts.path.startswith("/api/webhooks/"):
+        return "discord", url
+    if host == "hooks.slack.com":
+        return "slack", url
+    if host == "ntfy.sh" or host.startswith("ntfy."):
+        return "ntfy", url
+    if parts.path.rstrip("/").endswith("/message") and "token=" in parts.query:
+        return "gotify", url
+    return "json", url
+
+
+def alert_request(fmt: str, url: str, alert: dict) -> tuple[str, dict]:
+    """(URL, JSON body) of one alert in one format; each is a plain HTTP POST."""
+    title, message = alert["title"], alert["message"]
+    if fmt == "ntfy":
+        # ntfy's JSON publishing (POST to the server's root, the topic in the body): UTF-8 safe,
+        # where its Title header would have to be Latin-1.
+        parts = urllib.parse.urlsplit(url)
+        topic = parts.path.strip("/")
+        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
+        priority = 4 if alert["level"] == "problem" else 3
+        tags = ["warning"] if alert["level"] == "problem" else ["white_check_mark"]
+        return root, {"topic": topic, "title": title, "message": message, "priority": priority, "tags": tags}
+    if fmt == "gotify":
+        return url, {"title": title, "message": message, "priority": 8 if alert["level"] == "problem" else 4}
+    if fmt == "discord":
+        return url, {"content": f"**{title}**\n{message}"[:2000]}
+    if fmt == "slack":
+        return url, {"text": f"*{title}*\n{message}"}
+    return url, {"service": "jellyfin-db-sync", **alert}
+
+
+class Alerts:
+    """Tells a person when something needs them: changes failed after their retries, a server
+    unreachable for longer than alerts.unreachable_minutes, changes held by the brake, the
+    pipeline stuck. One alert when a condition begins and one when it clears — never a flood —
+    and healthchecks-style pings around each reconciliation pass. Nothing here ever blocks
+    syncing: a destination that fails is logged (without its address's secrets) and skipped."""
+
+    def __init__(self, config: Config, store: Store, syncer: Syncer, reasons: Any):
+        self.config = config
+        self.store = store
+        self.syncer = syncer
+        self.reasons = reasons  # () → why the pipeline is not ready (Readiness.reasons)
+        self.active: dict[str, str] = {}  # condition → its message, while it lasts
+        self.recent: collections.deque = collections.deque(maxlen=20)  # what was sent, for the dashboard
+        self.stop_event = threading.Event()
+
+    def conditions(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        failed = self.store.open_job_counts().get("failed", 0)
+        if failed:
+            out["failed"] = f"{failed:,} change(s) failed after their retries: retry or discard them on the dashboard"
+        limit = self.config.alerts.unreachable_minutes * 60
+        for name, h in self.syncer.health.items():
+            if h.get("down_since") and utcnow() - h["down_since"] >= limit:
+                out[f"unreachable:{name}"] = (
+                    f"{name} has been unreachable since {format_time(h['down_since'])}: {h['error']}"
+                )
+        for g in self.store.held_summary(samples=0):
+            kinds = ", ".join(f"{n:,} {k}" for k, n in g["kinds"].items())
+            out[f"held:{g['source']}:{g['user']}"] = (
+                f"held: {g['changes']:,} changes from {g['source']} for {g['username']}: {kinds}. "
+                "Apply or discard them on the dashboard."
+            )
+        stuck = [r for r in self.reasons() if "stuck" in r or "not writable" in r]
+        if stuck:
+            out["stuck"] = "; ".join(stuck)
+        return out
+
+    def check(self) -> None:
+        now = self.conditions()
+        for key in sorted(set(now) - set(self.active)):
+            self.send({"condition": key, "level": "problem", "title": _alert_title(key), "message": now[key]})
+        for key in sorted(set(self.active) - set(now)):
+            self.send(
+                {
+                    "condition": key,
+                    "level": "resolved",
+                    "title": f"resolved: {_alert_title(key)}",
+                    "message": "it no longer needs you",
+                }
+            )
+        self.active = now
+
+    def send(self, alert: dict) -> list[dict]:
+        """Deliver one alert to every destination; returns each one's result."""
+        alert = {**alert, "at": format_time(utcnow())}
+        results = []
+        for url in self.config.alerts.urls:
+            shown = url_shown(url)
+            try:
+                self._deliver(url, alert)
+                results.append({"to": shown, "ok": True})
+            except Exception as e:  # a destination's failure never stops the others, nor syncing
+                log.warning("alert to %s not delivered: %s", shown, _error_text(e))
+                results.append({"to": shown, "ok": False, "error": _error_text(e)})
+        self.recent.appendleft({**alert, "delivered": sum(r["ok"] for r in results), "destinations": len(results)})
+        log.info("alert: %s: %s", alert["title"], alert["message"])
+        return results
+
+    def test(self) -> list[dict]:
+        return self.send(
+            {
+                "condition": "test",
+                "level": "test",
+                "title": "test alert",
+                "message": "alerts from jellyfin-db-sync reach you",
+            }
+        )
+
+    @staticmethod
+    def _deliver(url: str, alert: dict) -> None:
+        fmt, real = alert_format(url)
+        if fmt == "apprise":
+            try:
+                import apprise  # optional: only if the user installed it
+            except ImportError:
+                raise SyncError(
+                    "Apprise URLs need Apprise (pip install apprise); http(s) URLs work without it"
+                ) from None
+            sender = apprise.Apprise()
+            if not sender.add(url) or not sender.notify(title=alert["title"], body=alert["message"]):
+                raise SyncError("Apprise could not deliver it")
+            return
+        post_url, body = alert_request(fmt, real, alert)
+        _post(post_url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def ping(self, what: str, body: str = "") -> None:
+        """healthchecks.io style: <url>/start, <url> (success), <url>/fail, with a short body."""
+        base = self.config.alerts.healthchecks_url
+        if not base:
+            return
+        url = base.rstrip("/") + {"start": "/start", "success": "", "fail": "/fail"}[what]
+        try:
+            _post(url, body.encode()[:10_000], {"Content-Type": "text/plain; charset=utf-8"})
+        except Exception as e:
+            log.warning("healthchecks ping to %s not delivered: %s", url_shown(base), _error_text(e))
+
+    def loop(self) -> None:
+        while not self.stop_event.wait(ALERT_CHECK_SECONDS):
+            try:
+                self.check()
+            except StoreError as e:
+                log.warning("alerts: %s", e)
+
+
+def _alert_title(condition: str) -> str:
+    kind, _, rest = condition.partition(":")
+    return {
+        "failed": "changes failed",
+        "unreachable": f"{rest} unreachable",
+        "held": f"changes held by the brake ({rest.replace(':', ' for ')})",
+        "stuck": "syncing is stuck",
+    }.get(kind, condition)
+
+
+def _post(url: str, body: bytes, headers: dict) -> None:
+    """One POST with a short timeout; an answer outside 2xx is an error."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=body, headers={"User-Agent": f"jellyfin-db-sync/{__version__}", **headers}
+    )
+    with urllib.request.urlopen(request, timeout=ALERT_TIMEOUT) as resp:  # noqa: S310 - the user's own URL
+        resp.read(1024)
+
+
 # ── Web ──────────────────────────────────────────────────────────────────────
 
 
@@ -4725,9 +5439,11 @@ class Web:
         reconciler: Reconciler | None = None,
         started_at: float | None = None,
         threads: Any = None,
+        safety: SafetyNet | None = None,
     ):
         import bottle
 
+        self.safety = safety
         self.config = config
         self.store = store
         self.syncer = syncer
@@ -4789,6 +5505,13 @@ class Web:
         a.route("/api/timeline", "GET", self.api_timeline)
         a.route("/metrics", "GET", self.metrics)
         a.route("/api/sync-log", "GET", self.api_sync_log)
+        a.route("/api/journal", "GET", self.api_journal)
+        a.route("/api/undo", "POST", self.api_undo)
+        a.route("/api/held", "GET", lambda: send({"held": self._safety().brake.held()}))
+        a.route("/api/held/apply", "POST", lambda: self.api_held("apply"))
+        a.route("/api/held/discard", "POST", lambda: self.api_held("discard"))
+        a.route("/api/alerts", "GET", lambda: send(self.alerts_json()))
+        a.route("/api/alerts/test", "POST", self.api_alerts_test)
         a.route("/api/users", "GET", self.api_users)
         a.route("/api/users/passwords", "GET", self.api_passwords)
         a.route("/api/users/passwords/<password_id:int>/ack", "POST", self.api_ack_password)
@@ -5185,6 +5908,66 @@ class Web:
         rows, total = self.store.sync_log(limit, offset, **filters)
         return {"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset}
 
+    # the safety net
+    def _safety(self) -> SafetyNet:
+        if self.safety is None:
+            raise bottle_error(503, "not available in this mode")
+        return self.safety
+
+    def api_journal(self) -> str:
+        """The journal: the sync log's writes, with their values before and after, searchable
+        as /api/sync-log is (username, item_name, server, source, target, field, since, until, cause)."""
+        import bottle
+
+        limit, offset = _limit_offset()
+        filters = {**self._log_filters(bottle.request.query), "result": "ok"}
+        rows, total = self.store.sync_log(limit, offset, **filters)
+        return send({"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+
+    def api_undo(self) -> str:
+        """POST /api/undo {id | cause | user, server, source, since, until; dry_run}: a preview
+        per server (dry_run, the default) or the undo itself, queued."""
+        body = _json_body()
+        scope = {k: body.get(k) for k in UNDO_SCOPE_KEYS}
+        for key in ("since", "until"):
+            if scope[key] not in (None, ""):
+                scope[key] = _query_time(str(scope[key]), key)
+        dry_run = body.get("dry_run", True) not in (False, "false", "0", 0)
+        undo = self._safety().undo
+        try:
+            report = undo.preview(scope) if dry_run else undo.apply(scope)
+        except SyncError as e:
+            return send({"error": str(e)}, 400)
+        report.pop("_changes", None)
+        report["dry_run"] = dry_run
+        return send(report, 200 if dry_run else 202)
+
+    def api_held(self, action: str) -> str:
+        body = _json_body()
+        source, user = str(body.get("source") or ""), str(body.get("user") or "")
+        if self.config.server(source) is None or not user:
+            return send({"error": "give source (a server name) and user, as /api/held lists them"}, 400)
+        brake = self._safety().brake
+        if action == "apply":
+            return send({"applied": brake.apply(source, user)})
+        restore = body.get("restore", True) not in (False, "false", "0", 0)
+        return send(brake.discard(source, user, restore))
+
+    def alerts_json(self) -> dict:
+        alerts = self._safety().alerts
+        return {
+            "destinations": [{"to": url_shown(u), "format": alert_format(u)[0]} for u in self.config.alerts.urls],
+            "healthchecks": url_shown(self.config.alerts.healthchecks_url),
+            "active": [{"condition": k, "message": v} for k, v in sorted(alerts.active.items())],
+            "recent": list(alerts.recent),
+        }
+
+    def api_alerts_test(self) -> str:
+        if not self.config.alerts.urls:
+            return send({"error": "no alerts.urls in the config: add one (see the README's Alerts)"}, 409)
+        results = self._safety().alerts.test()
+        return send({"results": results}, 200 if all(r["ok"] for r in results) else 502)
+
     def api_dashboard(self) -> str:
         """Everything the dashboard shows, in one answer (one request per refresh, not seven):
         the sync log takes the same query parameters as /api/sync-log, the chart ?minutes=."""
@@ -5198,6 +5981,8 @@ class Web:
                 "failed": [self.job_json(j) for j in self.store.jobs_by_status(("failed", "skipped"), 50, 0)],
                 "users": self.users_json(),
                 "reconcile": self.reconcile_json(),
+                "held": self.safety.brake.held() if self.safety else [],
+                "alerts": self.alerts_json() if self.safety else None,
             }
         )
 
@@ -5364,6 +6149,14 @@ def rejection_hint(status: int, reason: str) -> str:
     if status == 413:
         return "The body is far larger than the plugin's: is something else posting to this URL?"
     return "A value the sync cannot use; the reason says which."
+
+
+def _json_body() -> dict:
+    """A request's JSON object (or {}): what the dashboard and scripts post."""
+    import bottle
+
+    body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+    return body if isinstance(body, dict) else {}
 
 
 def send(data: Any, status: int = 200) -> str:
@@ -5903,7 +6696,11 @@ class Service:
         self.library = Library(config, self.store, self.clients)
         self.syncer = Syncer(config, self.store, self.library, self.clients)
         self.reconciler = Reconciler(config, self.store, self.library, self.syncer)
-        self.app = Web(config, self.store, self.syncer, self.reconciler, threads=self.threads)
+        self.safety = SafetyNet(config, self.store, self.syncer)
+        self.reconciler.ping = self.safety.alerts.ping
+        self.app = Web(config, self.store, self.syncer, self.reconciler, threads=self.threads, safety=self.safety)
+        self.safety.alerts.reasons = self.app.ready.reasons
+        self.alert_thread: SupervisedThread | None = None
         self.server = None
         self.supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -5915,11 +6712,15 @@ class Service:
     def start_workers(self) -> None:
         self.syncer.start()
         self.reconciler.start()
+        if self.config.alerts.urls:
+            self.alert_thread = SupervisedThread("alerts", self.safety.alerts.loop)
+            self.alert_thread.start()
         self.supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self.supervisor.start()
 
     def threads(self) -> list[SupervisedThread]:
-        return [*self.syncer.threads, *([self.reconciler.thread] if self.reconciler.thread else [])]
+        optional = [t for t in (self.reconciler.thread, self.alert_thread) if t is not None]
+        return [*self.syncer.threads, *optional]
 
     def _supervise(self) -> None:
         """Restart any thread that died (SupervisedThread says why and paces it)."""
@@ -5932,6 +6733,7 @@ class Service:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.safety.alerts.stop_event.set()
         self.syncer.stop()
         self.reconciler.stop()
         self.store.close()
@@ -6014,6 +6816,10 @@ def check_config(config: Config) -> int:
         value = setting_value(config, setting)
         if setting.kind in ("token", "password"):
             value = _mask(value)
+        elif setting.kind == "urls":
+            value = tuple(url_shown(u) for u in value)
+        elif setting.kind == "secret_url":
+            value = url_shown(value)
         mark = "" if value == setting.default else "   (changed)"
         print(f"  {setting.key}: {value if not isinstance(value, tuple) else list(value)}{mark}")
     problem = folder_problem(config.database_path)

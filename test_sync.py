@@ -1656,6 +1656,103 @@ def test_a_playlist_error_never_drops_the_persons_watch_state_catch_up(cluster):
     assert home.ud("alice", "Arrival")["Played"]
 
 
+# ── Safety net: journal, undo, brake, alerts, export/import ──────────────────
+
+
+def journal(c: Cluster, **query) -> list[dict]:
+    status, body = c.svc.call("GET", "/api/journal?" + urllib.parse.urlencode({"limit": 500, **query}))
+    assert status == 200, body
+    return body["entries"]
+
+
+def test_the_journal_keeps_every_write_with_its_values_before_and_after_and_why(cluster):
+    c = cluster()
+    home, parents = c["home"], c["parents"]
+    quietly(parents, "alice", "Heat", PlaybackPositionTicks=20 * MIN)  # half-way there
+    started = iso()
+    home.user_marks("alice", "Heat", True)  # a webhook
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="played on parents")
+    c.settle()
+    entries = journal(c, username="alice", target="parents", field="played")
+    assert len(entries) == 1, entries
+    e = entries[0]
+    assert e["source"] == "home" and e["target"] == "parents" and e["user_key"] == "alice"
+    assert e["target_item_id"] == parents.item("Heat")
+    # Marking played reset the position too: the journal says so, so an undo can put it back.
+    assert e["before"] == {"played": False, "position": 20 * MIN} and e["after"] == {"played": True, "position": 0}
+    assert e["cause"].startswith("event:")
+    # A pass's writes say which pass.
+    quietly(home, "bob", "Dune", IsFavorite=True)
+    report = reconcile(c)
+    passed = journal(c, cause=f"pass:{report['pass']}")
+    assert {(x["target"], x["field"]) for x in passed} == {("parents", "favorite"), ("public", "favorite")}
+    assert all(x["before"] == {"favorite": False} and x["after"] == {"favorite": True} for x in passed)
+    # Searchable: person, item, server, field, time range.
+    assert len(journal(c, username="bob", item_name="dun", server="public")) == 1
+    assert len(journal(c, since=started)) == 4
+    assert journal(c, until="2000-01-01T00:00") == []
+    assert c.svc.call("GET", "/api/journal?since=yesterday")[0] == 400
+
+
+def undo(c: Cluster, dry_run: bool = True, **scope) -> tuple[int, dict]:
+    return c.svc.call("POST", "/api/undo", {**scope, "dry_run": dry_run}, {"Content-Type": "application/json"})
+
+
+def test_undo_one_change_previews_then_writes_the_value_back_there_only(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_marks("alice", "Arrival", True)
+    eventually(lambda: parents.ud("alice", "Arrival")["Played"] and public.ud("alice", "Arrival")["Played"])
+    c.settle()
+    entry = journal(c, target="parents", field="played")[0]
+    status, preview = undo(c, id=entry["id"])
+    assert status == 200 and preview["dry_run"] and preview["changes"] == 1, preview
+    assert preview["servers"]["parents"]["undo"] == 1
+    assert "Arrival" in preview["servers"]["parents"]["sample"][0]
+    assert parents.ud("alice", "Arrival")["Played"], "a preview changes nothing"
+    status, done = undo(c, dry_run=False, id=entry["id"])
+    assert status == 202 and done["undo"].startswith("undo:"), done
+    eventually(lambda: not parents.ud("alice", "Arrival")["Played"], what="the undo on parents")
+    c.settle()
+    assert public.ud("alice", "Arrival")["Played"] and home.ud("alice", "Arrival")["Played"], "only that change"
+    back = journal(c, cause=done["undo"])
+    assert len(back) == 1 and back[0]["after"] == {"played": False}
+    # Undoing it again finds it already as it was.
+    assert undo(c, id=entry["id"])[1]["servers"]["parents"]["already"] == 1
+    assert undo(c)[0] == 400, "an undo must say what it covers"
+
+
+def test_undo_a_pass_and_a_time_window_never_clobbers_a_newer_change(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    quietly(home, "alice", "Dune", IsFavorite=True)
+    quietly(home, "alice", "Heat", Rating=10.0)
+    report = reconcile(c)
+    assert parents.ud("alice", "Heat")["Rating"] == 10.0 and public.ud("alice", "Dune")["IsFavorite"]
+    quietly(public, "alice", "Heat", Rating=1.0)  # the person changed their mind there since
+    status, preview = undo(c, cause=f"pass:{report['pass']}")
+    assert preview["servers"]["parents"]["undo"] == 2, preview
+    assert preview["servers"]["public"] == {**preview["servers"]["public"], "undo": 1, "changed_since": 1}
+    assert "changed since" in preview["servers"]["public"]["refused"][0]
+    undo(c, dry_run=False, cause=f"pass:{report['pass']}")
+    eventually(lambda: parents.ud("alice", "Heat")["Rating"] is None and not public.ud("alice", "Dune")["IsFavorite"])
+    c.settle()
+    assert public.ud("alice", "Heat")["Rating"] == 1.0, "a newer change wins, never clobbered"
+    assert not parents.ud("alice", "Dune")["IsFavorite"]
+    # A person, a server and a time window.
+    since = iso()
+    c["parents"].user_marks("bob", "Arrival", True)
+    c["parents"].user_favourites("bob", "Heat", True)
+    eventually(lambda: home.ud("bob", "Heat")["IsFavorite"] and home.ud("bob", "Arrival")["Played"])
+    c.settle()
+    status, preview = undo(c, user="Bob", server="home", since=since)
+    assert preview["changes"] == 2 and list(preview["servers"]) == ["home"], preview
+    undo(c, dry_run=False, user="bob", server="home", since=since)
+    eventually(lambda: not home.ud("bob", "Heat")["IsFavorite"] and not home.ud("bob", "Arrival")["Played"])
+    c.settle()
+    assert public.ud("bob", "Arrival")["Played"], "only home's writes were in the scope"
+
+
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
 
 
