@@ -2257,7 +2257,8 @@ class Store:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"brake_released:{source}:{user_key}", now)
             )
             return c.execute(
-                "UPDATE jobs SET status='pending', due_at=?, updated_at=? WHERE status='held' AND source=? AND user_key=?",
+                "UPDATE jobs SET status='pending', due_at=?, updated_at=? "
+                "WHERE status='held' AND source=? AND user_key=?",
                 (now, now, source, user_key),
             ).rowcount
 
