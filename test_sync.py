@@ -1753,6 +1753,88 @@ def test_undo_a_pass_and_a_time_window_never_clobbers_a_newer_change(cluster):
     assert public.ud("bob", "Arrival")["Played"], "only home's writes were in the scope"
 
 
+def films_played_everywhere(c: Cluster, user: str, names: list[str]) -> None:
+    for f in c.fakes:
+        for name in names:
+            quietly(f, user, name, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
+
+
+def held(c: Cluster) -> list[dict]:
+    status, body = c.svc.call("GET", "/api/held")
+    assert status == 200, body
+    return body["held"]
+
+
+def test_the_brake_holds_a_burst_of_unplayed_from_one_server_and_lets_played_through(cluster):
+    c = cluster(start=False, extra={"safety": {"brake_items": 50}})
+    for f in c.fakes:
+        f.add_library(600)
+    gone, new = [f"Film {i}" for i in range(300)], [f"Film {i}" for i in range(300, 600)]
+    films_played_everywhere(c, "alice", gone)
+    c.start()
+    assert reconcile(c)["changes"] == 0  # the baseline: everyone agrees
+    home, parents, public = c["home"], c["parents"], c["public"]
+    for a, b in zip(gone, new, strict=True):  # a client marks 300 unplayed and 300 played, at once
+        home.user_marks("alice", a, False)
+        home.user_marks("alice", b, True)
+    eventually(
+        lambda: all(parents.ud("alice", n)["Played"] and public.ud("alice", n)["Played"] for n in new),
+        30,
+        what="the 300 played on the others: adding state is never held",
+    )
+    c.settle(30)
+    groups = held(c)
+    assert len(groups) == 1, groups
+    g = groups[0]
+    assert g["source"] == "home" and g["user"] == "alice" and g["targets"] == ["parents", "public"]
+    assert g["changes"] >= 250 and g["kinds"] == {"unplayed": g["changes"]}, g
+    assert g["summary"] == f"held: {g['changes']:,} changes from home for alice: {g['changes']:,} unplayed"
+    assert len(g["sample"]) == 8 and g["sample"][0].startswith("unplayed: Film")
+    still = sum(parents.ud("alice", n)["Played"] for n in gone)
+    assert still >= 250 and still == sum(public.ud("alice", n)["Played"] for n in gone), still
+    # Discard: the held changes go nowhere, and home gets back what the others hold.
+    status, out = c.svc.call(
+        "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
+    )
+    assert status == 200 and out["discarded"] == g["changes"] and out["restored"] == g["changes"], out
+    eventually(lambda: sum(home.ud("alice", n)["Played"] for n in gone) == still, 30, what="home put back")
+    c.settle(30)
+    assert held(c) == []
+    assert sum(parents.ud("alice", n)["Played"] for n in gone) == still, "nothing spread"
+    assert reconcile(c)["changes"] == 0, "the next pass finds everyone in step and proposes nothing"
+
+
+def test_held_changes_go_when_applied_and_passes_obey_the_brake(cluster):
+    c = cluster(start=False, extra={"safety": {"brake_items": 20}})
+    for f in c.fakes:
+        f.add_library(40)
+    names = [f"Film {i}" for i in range(40)]
+    for f in c.fakes:
+        for n in names:
+            quietly(f, "bob", n, IsFavorite=True)
+    c.start()
+    assert reconcile(c)["changes"] == 0
+    for n in names:  # unfavourited on parents while the service was down: no webhooks
+        quietly(c["parents"], "bob", n, IsFavorite=False)
+    report = reconcile(c)
+    assert report["changes"] == 80  # decided for both others, then held
+    g = held(c)[0]
+    assert (g["source"], g["changes"], g["jobs"]) == ("parents", 40, 80), g
+    assert all(c["home"].ud("bob", n)["IsFavorite"] for n in names), "a pass obeys the brake"
+    status, out = c.svc.call(
+        "POST", "/api/held/apply", {"source": "parents", "user": "bob"}, {"Content-Type": "application/json"}
+    )
+    assert status == 200 and out["applied"] == 80
+    eventually(lambda: not any(c[s].ud("bob", n)["IsFavorite"] for s in ("home", "public") for n in names), 20)
+    assert held(c) == []
+    assert (
+        c.svc.call(
+            "POST", "/api/held/apply", {"source": "nowhere", "user": "bob"}, {"Content-Type": "application/json"}
+        )[0]
+        == 400
+    )
+
+
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
 
 
