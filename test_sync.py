@@ -1835,6 +1835,132 @@ def test_held_changes_go_when_applied_and_passes_obey_the_brake(cluster):
     )
 
 
+class Receiver:
+    """A local test receiver for alerts and pings: records every POST (path, query, body)."""
+
+    def __init__(self):
+        self.got: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = urllib.parse.urlsplit(self.path)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw.decode()
+                receiver.got.append({"path": parts.path, "query": parts.query, "body": body})
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def bodies(self, path: str) -> list:
+        return [g["body"] for g in self.got if g["path"] == path]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_each_alert_format_posts_what_that_service_reads(cluster, receiver):
+    r = receiver.url.replace("http://", "")
+    urls = [
+        f"http://{r}/plain",
+        f"ntfy+http://{r}/jds-alerts",
+        f"gotify+http://{r}/message?token=AbCdEf123",
+        f"discord+http://{r}/api/webhooks/1/secret",
+        f"slack+http://{r}/services/T0/B0/secret",
+    ]
+    c = cluster(extra={"alerts": {"urls": urls}})
+    status, out = c.svc.call("POST", "/api/alerts/test")
+    assert status == 200 and [x["ok"] for x in out["results"]] == [True] * 5, out
+    assert all("secret" not in x["to"] and "AbCdEf" not in x["to"] for x in out["results"]), "no secrets shown"
+    plain = receiver.bodies("/plain")[0]
+    assert plain["service"] == "jellyfin-db-sync" and plain["title"] == "test alert" and plain["level"] == "test"
+    assert plain["condition"] == "test" and plain["message"] and parse_iso(plain["at"])
+    ntfy = receiver.bodies("/")[0]  # ntfy's JSON publishing: the server's root, the topic in the body
+    assert ntfy["topic"] == "jds-alerts" and ntfy["title"] == "test alert" and ntfy["message"]
+    gotify = next(g for g in receiver.got if g["path"] == "/message")
+    assert gotify["query"] == "token=AbCdEf123" and set(gotify["body"]) == {"title", "message", "priority"}
+    assert receiver.bodies("/api/webhooks/1/secret")[0]["content"].startswith("**test alert**\n")
+    assert receiver.bodies("/services/T0/B0/secret")[0]["text"].startswith("*test alert*\n")
+    # The formats are also told from the address alone.
+    assert jds.alert_format("https://discord.com/api/webhooks/1/x")[0] == "discord"
+    assert jds.alert_format("https://hooks.slack.com/services/x")[0] == "slack"
+    assert jds.alert_format("https://ntfy.sh/topic")[0] == "ntfy"
+    assert jds.alert_format("https://push.example/message?token=x")[0] == "gotify"
+    assert jds.alert_format("tgram://bot/chat")[0] == "apprise"
+    status, shown = c.svc.call("GET", "/api/alerts")
+    assert "AbCdEf" not in json.dumps(shown) and "secret" not in json.dumps(shown)
+    assert [d["format"] for d in shown["destinations"]] == ["json", "ntfy", "gotify", "discord", "slack"]
+
+
+def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(cluster, receiver, monkeypatch):
+    monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
+    alerts = {"urls": [f"{receiver.url}/hook"], "healthchecks_url": f"{receiver.url}/ping", "unreachable_minutes": 0}
+    c = cluster(extra={"alerts": alerts})
+    c["parents"].status_override = 503  # down
+    c.svc.service.syncer.check_server("parents")
+    eventually(lambda: receiver.bodies("/hook"), what="an alert")
+    time.sleep(1.0)  # ten more checks: still one alert
+    sent = receiver.bodies("/hook")
+    assert len(sent) == 1 and sent[0]["condition"] == "unreachable:parents" and sent[0]["level"] == "problem", sent
+    assert "parents has been unreachable" in sent[0]["message"]
+    c["parents"].status_override = None
+    c.svc.service.syncer.check_server("parents")
+    eventually(lambda: len(receiver.bodies("/hook")) == 2, what="the all-clear")
+    assert receiver.bodies("/hook")[1]["level"] == "resolved"
+    time.sleep(0.5)
+    assert len(receiver.bodies("/hook")) == 2
+    reconcile(c)
+    assert [g["path"] for g in receiver.got if g["path"].startswith("/ping")] == ["/ping/start", "/ping"]
+    assert "changes queued" in receiver.bodies("/ping")[0]
+
+
+def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, receiver, monkeypatch):
+    """As a user meets it: home comes back from an old backup with nothing played."""
+    monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
+    c = cluster(start=False, extra={"alerts": {"urls": [f"{receiver.url}/hook"]}})
+    for f in c.fakes:
+        f.add_library(150)
+    names = [f"Film {i}" for i in range(150)]
+    films_played_everywhere(c, "alice", names)
+    c.start()
+    assert reconcile(c)["changes"] == 0
+    for n in names:  # the restore: no webhooks, everything unplayed
+        quietly(c["home"], "alice", n, Played=False, PlayCount=0, LastPlayedDate=None)
+    reconcile(c)
+    assert all(c[s].ud("alice", n)["Played"] for s in ("parents", "public") for n in names), "nothing spreads"
+    status, dash = c.svc.call("GET", "/api/dashboard")
+    assert dash["held"][0]["summary"] == "held: 150 changes from home for alice: 150 unplayed"
+    alert = eventually(lambda: receiver.bodies("/hook"), what="an alert")[0]
+    assert alert["condition"] == "held:home:alice" and "150 changes from home for alice" in alert["message"]
+    status, out = c.svc.call(
+        "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
+    )
+    assert out == {"discarded": 150, "restored": 150, "errors": []}
+    eventually(lambda: all(c["home"].ud("alice", n)["Played"] for n in names), 30, what="home repaired")
+    c.settle()
+    assert c.svc.call("GET", "/api/dashboard")[1]["held"] == []
+    eventually(lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"], what="the all-clear")
+    assert reconcile(c)["changes"] == 0
+
+
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
 
 
