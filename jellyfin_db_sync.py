@@ -382,7 +382,7 @@ SETTINGS: tuple[Setting, ...] = (
         "safety.brake_items",
         "int",
         100,
-        "hold a person's changes from one server when more items than this lose state (0: no brake)",
+        "hold removals from one server past this many items per person (0: off)",
         "JDS_BRAKE_ITEMS",
         low=0,
     ),
@@ -391,14 +391,14 @@ SETTINGS: tuple[Setting, ...] = (
         "alerts.urls",
         "urls",
         (),
-        "where alerts go: JSON webhook, ntfy, Gotify, Discord or Slack URLs (Apprise URLs if installed)",
+        "alert URLs: JSON, ntfy, Gotify, Discord, Slack (Apprise if installed)",
         "JDS_ALERT_URLS",
     ),
     Setting(
         "alerts.healthchecks_url",
         "secret_url",
         "",
-        "pinged when a pass starts, succeeds or fails (healthchecks.io style)",
+        "pinged at each pass's start, success or failure",
         "JDS_HEALTHCHECKS_URL",
     ),
     Setting("alerts.unreachable_minutes", "float", 10.0, "alert when a server is unreachable this long"),
@@ -3451,7 +3451,12 @@ class WatchStateWriter:
         if fld == "likes":
             return client.set_likes(user_id, item_id, want)
         if fld == "position":
-            return client.update_user_data(user_id, item_id, {"PlaybackPositionTicks": int(want)})
+            body: dict[str, Any] = {"PlaybackPositionTicks": int(want)}
+            last = job.extra.get("last_played") if self.config.sync.last_played_date else None
+            tgt_last = parse_time(current.get("LastPlayedDate"))
+            if want and last and (tgt_last is None or last > tgt_last):
+                body["LastPlayedDate"] = format_time(last)  # "Continue watching" is in this order
+            return client.update_user_data(user_id, item_id, body)
         raise AssertionError(fld)
 
     def _played_body(self, job: Job, current: dict, last: float | None) -> dict:
@@ -5062,6 +5067,210 @@ class Brake:
                     )
                 )
         return obs
+
+
+EXPORT_FORMAT = "jellyfin-db-sync watch history"  # the "format" of an export file (README: Export)
+EXPORT_VERSION = 1
+
+
+class Transfer:
+    """Portable watch history: ``export`` writes, per person and server, every item's user data
+    with what it takes to find the item elsewhere; ``plan_import`` matches a file's items on one
+    server by the same rules as sync and queues what differs (brake and journal included)."""
+
+    def __init__(self, config: Config, store: Store, library: Library, planner: Planner):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.planner = planner
+
+    # export
+    def export(self, people: set[str] | None = None) -> dict:
+        out: dict[str, Any] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": format_time(utcnow())}
+        out["people"] = persons = {}
+        for s in self.config.servers:
+            self.library.refresh_users(s.name)
+            self.library.ensure_index(s.name)
+            self.library.refresh_index(s.name)
+            for row in self.store.all_users():
+                if row.server != s.name:
+                    continue
+                person = self.config.person(s.name, row.name)
+                if not self.config.user_synced(person) or (people and person not in people):
+                    continue
+                persons.setdefault(person, {})[s.name] = self._entries(s.name, row.user_id)
+        return out
+
+    def _entries(self, server: str, user_id: str) -> list[dict]:
+        """Every item of one user on one server whose user data is not blank."""
+        client = self.library.clients[server]
+        found: dict[str, dict] = {}
+        lists = ({"isPlayed": "true"}, {"isFavorite": "true"}, {"filters": "Likes"}, {"filters": "Dislikes"})
+        for query in (*lists, {"filters": "IsResumable"}):
+            for dto in client.user_items(user_id, query):
+                if dto.get("Id"):
+                    found[normalise_id(dto["Id"])] = dto
+        entries = []
+        for iid, dto in sorted(found.items()):
+            item = self.library.source_item(server, iid)
+            if item is None:
+                continue
+            entries.append({**self._identity(item, dto), **_user_data_entry(dto.get("UserData") or {})})
+        return entries
+
+    def _identity(self, item: ItemInfo, dto: dict) -> dict:
+        ident: dict[str, Any] = {"name": item.name, "type": item.type}
+        if dto.get("ProductionYear"):
+            ident["year"] = dto["ProductionYear"]
+        if item.path_key:
+            ident["path"] = item.path_key
+        ids = {c: getattr(item, c) for c in ("imdb", "tmdb", "tvdb") if getattr(item, c)}
+        if ids:
+            ident["ids"] = ids
+        if item.type == "Episode" and item.series_id:
+            series = self.library.source_item(item.server, item.series_id)
+            if series:
+                sids = {c: getattr(series, c) for c in ("imdb", "tmdb", "tvdb") if getattr(series, c)}
+                ident["series"] = {"name": series.name, **({"ids": sids} if sids else {})}
+            ident["season"], ident["episode"] = item.season, item.episode
+        return ident
+
+    # import
+    def plan_import(self, data: Any, target: str, user: str | None, dry_run: bool) -> dict:
+        """Match the file's items on ``target`` and queue (or, dry, only count) what differs."""
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != EXPORT_FORMAT
+            or not isinstance(data.get("people"), dict)
+        ):
+            raise SyncError(f'not an export of this program (its "format" must be {EXPORT_FORMAT!r})')
+        if data.get("version") != EXPORT_VERSION:
+            raise SyncError(f"export version {data.get('version')!r}: this program reads version {EXPORT_VERSION}")
+        self.library.refresh_users(target)
+        self.library.ensure_index(target)
+        self.library.refresh_index(target)
+        number = 0 if dry_run else self.store.next_number("import")
+        report: dict[str, Any] = {"target": target, "people": {}, "dry_run": dry_run, "cause": f"import:{number}"}
+        obs: list[Observation] = []
+        wanted = name_key(user) if user else None
+        for person, per_server in sorted(data["people"].items()):
+            if wanted and name_key(person) != wanted:
+                continue
+            entry = report["people"][person] = {"matched": 0, "not_found": 0, "changes": {}, "sample": []}
+            user_id = self.library.user_id(target, self.config.name_on(name_key(person), target))
+            if user_id is None:
+                entry["error"] = f"no account for {person} on {target}"
+                continue
+            merged, names = self._merge(per_server, target, entry)
+            current = self.library.clients[target].user_data_many(user_id, sorted(merged))
+            for iid, want in sorted(merged.items()):
+                have = read_fields(current.get(iid) or {})
+                for fld in FIELDS:
+                    if fld not in want or not self.config.sync.enabled(fld) or have[fld] == want[fld]:
+                        continue
+                    if fld == "position" and want.get("played"):
+                        continue  # marking played resets it
+                    entry["changes"][fld] = entry["changes"].get(fld, 0) + 1
+                    if len(entry["sample"]) < UNDO_SAMPLE:
+                        entry["sample"].append(f"{names[iid]}: {describe(fld, have[fld])} → {describe(fld, want[fld])}")
+                    extra = {
+                        "event": "import",
+                        "last_played": want.get("last_played"),
+                        "play_count": want.get("play_count"),
+                    }
+                    obs.append(
+                        Observation(
+                            target,
+                            name_key(person),
+                            person,
+                            iid,
+                            names[iid],
+                            fld,
+                            want[fld],
+                            utcnow(),
+                            (target,),
+                            extra,
+                            kind="order",
+                            cause=f"import:{number}",
+                        )
+                    )
+        report["changes"] = len(obs)
+        if obs and not dry_run:
+            self.planner.plan([(0, obs)])
+            log.info("import %d: %d change(s) queued for %s", number, len(obs), target)
+        return report
+
+    def _merge(self, per_server: Any, target: str, entry: dict) -> tuple[dict[str, dict], dict[str, str]]:
+        """{target item id: the wanted fields}, from every server's entries in the file; where
+        several entries meet on one item, as a first reconciliation does: played or favourite
+        anywhere wins, the furthest position, a like over a dislike, the largest count, the
+        newest date."""
+        merged: dict[str, dict] = {}
+        names: dict[str, str] = {}
+        if not isinstance(per_server, dict):
+            raise SyncError("each person holds {server name: [items]}")
+        for items in per_server.values():
+            for e in items if isinstance(items, list) else []:
+                if not isinstance(e, dict):
+                    continue
+                item = self.match(e, target)
+                if item is None:
+                    entry["not_found"] += 1
+                    continue
+                entry["matched"] += 1
+                names[item.item_id] = self.library.display_name(item)
+                w = merged.setdefault(item.item_id, {})
+                w["played"] = bool(w.get("played")) or bool(e.get("played"))
+                w["favorite"] = bool(w.get("favorite")) or bool(e.get("favorite"))
+                w["position"] = max(int(w.get("position") or 0), int(e.get("position") or 0))
+                likes = [v for v in (w.get("likes"), e.get("likes")) if v in (True, False)]
+                w["likes"] = (True in likes) if likes else None
+                w["play_count"] = max(int(w.get("play_count") or 0), int(e.get("play_count") or 0))
+                dates = [t for t in (w.get("last_played"), parse_time(e.get("last_played"))) if t]
+                w["last_played"] = max(dates) if dates else None
+        return merged, names
+
+    def match(self, e: dict, target: str) -> ItemInfo | None:
+        """The file's item on ``target``: by path, provider ids, then series ids + S/E."""
+        ids = e.get("ids") if isinstance(e.get("ids"), dict) else {}
+        probe = ItemInfo(
+            "",
+            "",
+            str(e.get("type") or ""),
+            str(e.get("name") or ""),
+            e.get("path") if isinstance(e.get("path"), str) else None,
+            *(str(ids[c]) if ids.get(c) else None for c in ("imdb", "tmdb", "tvdb")),
+            None,
+            None,
+            None,
+            None,
+        )
+        found = self.library.lookup(probe, target)
+        series = e.get("series") if isinstance(e.get("series"), dict) else None
+        if found is None and series and isinstance(e.get("season"), int) and isinstance(e.get("episode"), int):
+            sids = series.get("ids") if isinstance(series.get("ids"), dict) else {}
+            for column in ("tvdb", "tmdb", "imdb"):
+                if not sids.get(column):
+                    continue
+                for tseries in self.store.find_items(target, column, str(sids[column])):
+                    if tseries.type == "Series":
+                        hits = self.store.find_episode(target, tseries.item_id, e["season"], e["episode"])
+                        if len(hits) == 1:
+                            return hits[0]
+        return found
+
+
+def _user_data_entry(ud: dict) -> dict:
+    """The user data an export keeps of one item (README: Export and import)."""
+    fields = read_fields(ud)
+    return {
+        "played": fields["played"],
+        "play_count": int(ud.get("PlayCount") or 0),
+        "last_played": ud.get("LastPlayedDate"),
+        "position": fields["position"],
+        "favorite": fields["favorite"],
+        "likes": fields["likes"],
+    }
 
 
 ALERT_FORMATS = ("json", "ntfy", "gotify", "discord", "slack")
@@ -6785,6 +6994,114 @@ def reconcile_cli(config: Config, dry_run: bool) -> int:
     return 0
 
 
+def _drain(service: Service, timeout: float = 600) -> None:
+    """Apply what is queued (the command line's writers), then return."""
+    service.syncer.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = service.store.job_counts()
+        if not counts.get("pending") and not counts.get("running"):
+            return
+        time.sleep(0.2)
+
+
+def safety_cli(config: Config, args: argparse.Namespace) -> int:
+    """--undo, --export FILE, --import FILE --to SERVER: the safety net from the command line.
+    Safe while the service runs (the queue is the database's); what is queued is applied here."""
+    try:
+        service = Service(config)
+    except StoreError as e:
+        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+        return 1
+    try:
+        for s in config.servers:
+            service.syncer.check_server(s.name)
+        if args.export:
+            return _export_cli(service, args)
+        if args.import_file:
+            return _import_cli(service, args)
+        return _undo_cli(service, args)
+    except (SyncError, OSError) as e:
+        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+        return 1
+    finally:
+        service.stop()
+
+
+def _export_cli(service: Service, args: argparse.Namespace) -> int:
+    data = Transfer(service.config, service.store, service.library, service.syncer.planner).export(
+        {name_key(args.user)} if args.user else None
+    )
+    tmp = f"{args.export}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, args.export)
+    for person, servers in sorted(data["people"].items()):
+        print(f"{person}: " + ", ".join(f"{len(items)} items on {srv}" for srv, items in sorted(servers.items())))
+    print(f"written to {args.export}")
+    return 0
+
+
+def _import_cli(service: Service, args: argparse.Namespace) -> int:
+    if not args.to or service.config.server(args.to) is None:
+        raise SyncError("--import needs --to SERVER, a server name from the config")
+    with open(args.import_file, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise SyncError(f"{args.import_file}: not JSON ({e})") from None
+    transfer = Transfer(service.config, service.store, service.library, service.syncer.planner)
+    report = transfer.plan_import(data, args.to, args.user, args.dry_run)
+    verb = "would change" if args.dry_run else "changing"
+    for person, entry in report["people"].items():
+        counts = ", ".join(f"{n} {fld}" for fld, n in sorted(entry["changes"].items())) or "nothing"
+        print(f"{person}: {entry['matched']} items found on {args.to}, {entry['not_found']} not; {verb}: {counts}")
+        for line in entry["sample"]:
+            print(f"    {line}")
+        if entry.get("error"):
+            print(f"  ! {entry['error']}")
+    if report["changes"] and not args.dry_run:
+        _drain(service)
+        held = service.store.count_held()
+        print(
+            f"{report['changes']} changes written ({report['cause']})" + (f"; {held} held by the brake" if held else "")
+        )
+    return 0
+
+
+def _undo_cli(service: Service, args: argparse.Namespace) -> int:
+    scope = {
+        "id": args.entry,
+        "cause": args.cause,
+        "user": args.user,
+        "server": args.server,
+        "source": args.source,
+    }
+    for key in ("since", "until"):
+        text = getattr(args, key)
+        if text:
+            when = typed_time(text)
+            if when is None:
+                raise SyncError(f"--{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+            scope[key] = when
+    undo = service.safety.undo
+    report = undo.preview(scope) if args.dry_run else undo.apply(scope)
+    print(f"{report['entries']} journal entries in scope; {report['changes']} to undo")
+    for server, entry in sorted(report["servers"].items()):
+        print(
+            f"  {server}: {entry['undo']} to undo, {entry['changed_since']} changed since (kept), "
+            f"{entry['already']} already as before"
+        )
+        for line in entry["sample"]:
+            print(f"    {line}")
+        for line in entry["refused"]:
+            print(f"    kept: {line}")
+    if not args.dry_run and report.get("undo"):
+        _drain(service)
+        print(f"undone ({report['undo']})")
+    return 0
+
+
 def env_help() -> str:
     """--help's list of environment variables, from the table of settings."""
     lines = ["environment variables (each also as VAR_FILE: read from a file, e.g. a Docker secret):"]
@@ -6857,7 +7174,21 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reconcile", action="store_true", help="compare every server now, queue and apply the differences, and exit"
     )
-    parser.add_argument("--dry-run", action="store_true", help="with --reconcile: report, change nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="with --reconcile, --undo or --import: report, change nothing"
+    )
+    safety = parser.add_argument_group("safety net (README: Undo, Export and import)")
+    safety.add_argument("--undo", action="store_true", help="undo what we wrote in a scope (below); preview first")
+    safety.add_argument("--entry", type=int, metavar="N", help="--undo: one journal entry (its id)")
+    safety.add_argument("--cause", metavar="CAUSE", help="--undo: what one event or pass caused (event:12, pass:3)")
+    safety.add_argument("--server", metavar="NAME", help="--undo: what was written on this server")
+    safety.add_argument("--source", metavar="NAME", help="--undo: what came from this server")
+    safety.add_argument("--since", metavar="TIME", help="--undo: from this time (2026-11-30T18:00, UTC)")
+    safety.add_argument("--until", metavar="TIME", help="--undo: up to this time")
+    safety.add_argument("--user", metavar="NAME", help="--undo, --export, --import: only this person")
+    safety.add_argument("--export", metavar="FILE", help="write every person's watch history to FILE (JSON)")
+    safety.add_argument("--import", dest="import_file", metavar="FILE", help="write FILE's watch history to --to")
+    safety.add_argument("--to", metavar="SERVER", help="--import: the server to write to")
     parser.add_argument(
         "--setup-webhooks",
         nargs="?",
@@ -6922,7 +7253,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jellyfin-db-sync: {dropped}", file=sys.stderr)
     if args.healthcheck:
         return healthcheck(path)
-    one_off = args.check_config or args.backup or args.reconcile or args.dry_run or args.setup_webhooks is not None
+    one_off = (
+        args.check_config
+        or args.backup
+        or args.reconcile
+        or args.dry_run
+        or args.setup_webhooks is not None
+        or args.undo
+        or args.export
+        or args.import_file
+    )
     if not os.path.exists(path) and not _servers_in_env(os.environ):
         if one_off:  # a check never writes anything
             print(f"jellyfin-db-sync: no configuration at {path} (and no JDS_SERVER_* variables)", file=sys.stderr)
@@ -6941,6 +7281,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level)
     if args.backup:
         return backup_cli(config, args.backup)
+    if args.undo or args.export or args.import_file:
+        return safety_cli(config, args)
     if args.reconcile or args.dry_run:
         return reconcile_cli(config, args.dry_run)
     return serve(config)

@@ -173,6 +173,7 @@ class FakeJellyfin:
         season: int | None = None,
         episode: int | None = None,
         saved: float | None = None,
+        year: int | None = None,
     ) -> str:
         iid = hexid()
         self.items[iid] = {
@@ -185,6 +186,7 @@ class FakeJellyfin:
             "SeriesId": series_id,
             "ParentIndexNumber": season,
             "IndexNumber": episode,
+            "ProductionYear": year,
             "_saved": time.time() if saved is None else saved,
         }
         return iid
@@ -705,6 +707,8 @@ class FakeJellyfin:
                     rows = [r for r in rows if ud(r)["PlaybackPositionTicks"] > 0]
                 elif f == "Likes":
                     rows = [r for r in rows if (ud(r)["Rating"] or 0) >= 6.5]
+                elif f == "Dislikes":  # ItemFilter.Dislikes: a rating below 6.5
+                    rows = [r for r in rows if ud(r)["Rating"] is not None and ud(r)["Rating"] < 6.5]
         if q.get("ids"):
             wanted = [i.replace("-", "").lower() for i in q["ids"].split(",")]
             rows = [self.items[i] for i in wanted if i in self.items]
@@ -865,7 +869,7 @@ class Cluster:
             for u in users:
                 f.add_user(u.capitalize() if f.name == "public" else u)  # names differ only in case
             for name, type_, path, prov in LIBRARY:
-                f.add_item(name, type_, path, provider_ids=prov)
+                f.add_item(name, type_, path, provider_ids=prov, year=int(re.search(r"\((\d{4})\)", path)[1]))
         self.config_path = write_config(tmp, self.fakes, **sync)
         if policies or extra:
             import yaml
@@ -1959,6 +1963,81 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     assert c.svc.call("GET", "/api/dashboard")[1]["held"] == []
     eventually(lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"], what="the all-clear")
     assert reconcile(c)["changes"] == 0
+
+
+def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster, capsys):
+    c = cluster(start=False)
+    home, public = c["home"], c["public"]
+    hs = home.add_item("Lost", "Series", "/data/tv/Lost", provider_ids={"Tvdb": "73739"})
+    home.add_item("Pilot", "Episode", "/data/tv/Lost/1x01.mkv", series_id=hs, season=1, episode=1)
+    ps = public.add_item("LOST (2004)", "Series", "/mnt/shows/LOST", provider_ids={"Tvdb": "73739"})
+    public.add_item("Pilot (1)", "Episode", "/mnt/shows/LOST/S01E01.mkv", series_id=ps, season=1, episode=1)
+    when = iso(time.time() - 3 * 86400)
+    quietly(home, "alice", "Arrival", Played=True, PlayCount=3, LastPlayedDate=when)
+    quietly(home, "alice", "Dune", PlaybackPositionTicks=30 * MIN, IsFavorite=True, LastPlayedDate=when)
+    quietly(home, "alice", "Heat", Rating=1.0)  # disliked
+    quietly(home, "alice", "Pilot", Played=True, PlayCount=1, LastPlayedDate=when, Rating=10.0)
+    out = c.tmp / "history.json"
+    assert jds.main(["--config", str(c.config_path), "--export", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["format"] == jds.EXPORT_FORMAT and data["version"] == 1
+    items = {e["name"]: e for e in data["people"]["alice"]["home"]}
+    assert set(items) == {"Arrival", "Dune", "Heat", "Pilot"} and data["people"]["alice"]["public"] == []
+    arrival = items["Arrival"]
+    assert arrival["year"] == 2016 and arrival["ids"] == {"imdb": "tt2543164", "tmdb": "329865"}
+    assert arrival["path"] == "/media/movies/arrival (2016)/arrival.mkv"
+    assert (arrival["played"], arrival["play_count"], arrival["last_played"]) == (True, 3, when)
+    assert items["Pilot"]["series"] == {"name": "Lost", "ids": {"tvdb": "73739"}}
+    assert (items["Pilot"]["season"], items["Pilot"]["episode"]) == (1, 1)
+    assert items["Heat"]["likes"] is False and items["Dune"]["position"] == 30 * MIN
+    before = snapshot(c)
+    capsys.readouterr()
+    args = ["--config", str(c.config_path), "--import", str(out), "--to", "public", "--user", "alice"]
+    assert jds.main([*args, "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "alice: 4 items found on public, 0 not; would change:" in said, said
+    assert snapshot(c) == before, "a dry run changes nothing"
+    assert jds.main(args) == 0
+    said = capsys.readouterr().out
+    assert "changes written (import:1)" in said, said
+    pairs = [("Arrival", "Arrival"), ("Dune", "Dune"), ("Heat", "Heat"), ("Pilot", "Pilot (1)")]
+    for mine, theirs in pairs:
+        a, b = home.ud("alice", mine), public.ud("alice", theirs)
+        assert jds.read_fields(a) == jds.read_fields(b), (mine, a, b)
+        assert (a["PlayCount"], a["LastPlayedDate"]) == (b["PlayCount"], b["LastPlayedDate"]), (mine, a, b)
+    assert public.ud("bob", "Arrival") == home.ud("bob", "Arrival"), "only --user's history"
+    svc = cluster_store(c)
+    entries, _ = svc.sync_log(50, 0, cause="import:1")
+    assert len(entries) >= 5 and all(e.before is not None for e in entries)
+    # A file that is not an export is refused, naming what it expects.
+    bad = c.tmp / "bad.json"
+    bad.write_text('{"people": {}}')
+    assert jds.main(["--config", str(c.config_path), "--import", str(bad), "--to", "public"]) == 1
+
+
+def cluster_store(c: Cluster) -> jds.Store:
+    return jds.Store(c.config.database_path)
+
+
+def test_undo_from_the_command_line_previews_then_applies(cluster, capsys):
+    c = cluster()
+    c["home"].user_favourites("alice", "Heat", True)
+    eventually(lambda: c["parents"].ud("alice", "Heat")["IsFavorite"] and c["public"].ud("alice", "Heat")["IsFavorite"])
+    c.settle()
+    cause = journal(c, target="parents")[0]["cause"]
+    c.svc.stop()
+    c.svc = None
+    capsys.readouterr()
+    args = ["--config", str(c.config_path), "--undo", "--cause", cause]
+    assert jds.main([*args, "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "2 to undo" in said and "parents: 1 to undo" in said and "not favourite" in said, said
+    assert c["parents"].ud("alice", "Heat")["IsFavorite"]
+    assert jds.main(args) == 0
+    assert "undone (undo:1)" in capsys.readouterr().out
+    assert not c["parents"].ud("alice", "Heat")["IsFavorite"] and not c["public"].ud("alice", "Heat")["IsFavorite"]
+    assert c["home"].ud("alice", "Heat")["IsFavorite"]
+    assert jds.main(["--config", str(c.config_path), "--undo"]) == 1, "a scope is needed"
 
 
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
