@@ -3223,7 +3223,7 @@ def test_every_setting_is_declared_once_in_the_table():
         node: object = example
         for part in setting.key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if node is not None and setting.kind not in ("list", "names"):
+        if node is not None and setting.kind not in ("list", "names", "urls"):
             assert node == setting.default, (setting.key, node, setting.default)
     # The README's table of environment variables is the table's, no more, no less.
     readme = (HERE / "README.md").read_text()
@@ -3476,6 +3476,8 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
         "failed",
         "users",
         "reconcile",
+        "held",
+        "alerts",
     }
     assert d["status"]["version"] == jds.__version__ and d["timeline"]["minutes"] == 60
     # The charts: per minute over the last hour, per hour over the last 24 hours, by result.
@@ -3572,6 +3574,61 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         card = phone.locator("#feed tbody tr").first
         assert card.evaluate("tr => getComputedStyle(tr).display") == "block", "one card per change"
         phone.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
+        browser.close()
+
+
+@pytest.mark.browser
+def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, tmp_path):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(start=False, extra={"safety": {"brake_items": 20}, "alerts": {"urls": [f"{receiver.url}/hook"]}})
+    for f in c.fakes:
+        f.add_library(60)
+    names = [f"Film {i}" for i in range(60)]
+    films_played_everywhere(c, "alice", names)
+    c.start()
+    reconcile(c)
+    for n in names:  # parents comes back from an old backup: nothing played
+        quietly(c["parents"], "alice", n, Played=False, PlayCount=0, LastPlayedDate=None)
+    reconcile(c)
+    c["home"].user_favourites("bob", "Heat", True)  # and a change that went through, to undo
+    eventually(lambda: c["public"].ud("bob", "Heat")["IsFavorite"])
+    c.settle()
+    shots = HERE / "docs" if os.environ.get("REFRESH_DOCS") else tmp_path
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(c.svc.url + "/")
+        held_card = page.locator("#held article")
+        expect(held_card).to_contain_text("held: 60 changes from parents for alice: 60 unplayed", timeout=10000)
+        expect(held_card).to_contain_text("unplayed: Film")
+        page.wait_for_timeout(300)
+        page.locator("#held-section").screenshot(path=str(shots / "held-changes.png"))
+        # Undo everything one webhook caused, from its row: a preview first, then the undo.
+        row = page.locator("#feed tbody tr", has_text="Heat").filter(has_text="favourite").first
+        row.get_by_role("button", name="Undo all").click()
+        preview = page.locator("#undo-preview")
+        expect(preview).to_contain_text("2 value(s) to put back", timeout=10000)
+        expect(preview.locator("article", has_text="public")).to_contain_text("favourite → not favourite")
+        page.wait_for_timeout(300)
+        preview.screenshot(path=str(shots / "undo-preview.png"))
+        assert c["public"].ud("bob", "Heat")["IsFavorite"], "a preview changes nothing"
+        preview.get_by_role("button", name="Undo 2 change(s)").click()
+        expect(preview).to_contain_text("queued to be put back", timeout=10000)
+        eventually(lambda: not c["public"].ud("bob", "Heat")["IsFavorite"], what="the undo")
+        assert c["home"].ud("bob", "Heat")["IsFavorite"]
+        # Discard the held changes: parents is put back, nothing spread.
+        held_card.get_by_role("button", name="Discard").click()
+        expect(page.locator("#held-section")).to_be_hidden(timeout=10000)
+        eventually(lambda: all(c["parents"].ud("alice", n)["Played"] for n in names), 20, what="parents put back")
+        assert all(c["home"].ud("alice", n)["Played"] for n in names)
+        page.get_by_role("button", name="Send test").click()
+        eventually(lambda: [b for b in receiver.bodies("/hook") if b["condition"] == "test"], what="the test alert")
+        expect(page.locator("#alerts")).to_contain_text("test alert", timeout=10000)
+        assert "/hook" not in page.locator("#alerts").inner_text(), "an alert URL is shown without its path"
         browser.close()
 
 

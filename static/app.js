@@ -49,9 +49,11 @@ function renderStatus(st) {
   $("warnings").replaceChildren(...warnings.map((w) => el("p", {}, w)));
 
   const knownServers = st.servers.map((s) => s.name);
-  const sel = $("f-server");
-  if (sel.options.length !== knownServers.length + 1) {
-    sel.replaceChildren(el("option", { value: "" }, "any"), ...knownServers.map((n) => el("option", { value: n }, n)));
+  for (const [id, any] of [["f-server", "any"], ["u-server", "any server"], ["u-source", "any server"]]) {
+    const sel = $(id);
+    if (sel.options.length !== knownServers.length + 1) {
+      sel.replaceChildren(el("option", { value: "" }, any), ...knownServers.map((n) => el("option", { value: n }, n)));
+    }
   }
   const cards = st.servers.map((s) => {
     const hook = `${location.origin}${s.webhook_url_path}`;
@@ -145,7 +147,13 @@ function renderFeed(log) {
       el("td", { "data-label": "Item" }, e.item_name),
       el("td", { "data-label": "Change" }, change(e)),
       el("td", { "data-label": "From → to" }, `${e.source} → ${e.target}`, el("br"), el("span", { class: "muted" }, fromTo)),
-      el("td", { class: cls, title: e.detail || "", "data-label": "Result" }, label));
+      el("td", { class: cls, title: e.detail || "", "data-label": "Result" }, label),
+      el("td", { class: "actions" }, ...(e.result === "ok" && e.before ? [
+        el("button", { type: "button", "aria-label": `Undo this change of ${e.item_name} on ${e.target}`,
+          onclick: () => previewUndo({ id: e.id }, `this change: ${e.item_name} on ${e.target}`) }, "Undo"),
+        e.cause ? el("button", { type: "button", title: `everything ${causeName(e.cause)} wrote`,
+          onclick: () => previewUndo({ cause: e.cause }, `everything ${causeName(e.cause)} wrote`) }, "Undo all") : "",
+      ] : [])));
   });
   $("feed").querySelector("tbody").replaceChildren(...rows);
   $("feed-empty").hidden = log.total > 0;
@@ -159,7 +167,117 @@ function renderFeed(log) {
 }
 
 function filtersActive() {
-  return $("f-user").value || $("f-server").value || $("f-result").value !== "changes";
+  return FEED_FILTERS.some(([key, id]) => key !== "result" && $(id).value) || $("f-result").value !== "changes";
+}
+
+const FEED_FILTERS = [["username", "f-user"], ["server", "f-server"], ["item_name", "f-item"], ["field", "f-field"],
+  ["since", "f-since"], ["until", "f-until"], ["result", "f-result"]];
+
+// A datetime-local field (the browser's local time) as an ISO time with its offset: UTC.
+const isoOf = (value) => (value ? new Date(value).toISOString() : "");
+
+function causeName(cause) {
+  const [kind, n] = cause.split(":");
+  return { event: `webhook #${n}`, pass: `reconciliation pass ${n}`, undo: `undo ${n}`, import: `import ${n}`,
+    discard: `discard ${n}`, "sync-item": `“sync this item” ${n}` }[kind] || cause;
+}
+
+// ── The safety net: held changes, undo previews, alerts ──
+async function postJson(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+}
+
+function renderHeld(groups) {
+  $("held-section").hidden = groups.length === 0;
+  $("held").replaceChildren(...groups.map((g) => el("article", { class: "card held", "aria-label": g.summary },
+    el("h3", {}, g.summary),
+    el("p", { class: "muted" }, `arrived ${ago(g.first)}${ago(g.first) === ago(g.last) ? "" : ` – ${ago(g.last)}`}; ` +
+      `would be written on ${g.targets.join(", ")}`),
+    el("ul", {}, ...g.sample.map((line) => el("li", {}, line)),
+      g.changes > g.sample.length ? el("li", { class: "muted" }, `… and ${(g.changes - g.sample.length).toLocaleString()} more`) : ""),
+    el("p", { class: "actions" },
+      el("button", { type: "button", onclick: () => decideHeld("apply", g) }, "Apply"),
+      el("button", { type: "button", onclick: () => decideHeld("discard", g) }, "Discard")),
+    el("p", { class: "muted" }, `Apply: they go to ${g.targets.join(", ")}. Discard: they go nowhere, and ${g.source} ` +
+      "is put back as the other servers have it."))));
+}
+
+async function decideHeld(action, g) {
+  const what = action === "apply"
+    ? `Apply ${g.changes} held change(s) from ${g.source} for ${g.username}?`
+    : `Discard ${g.changes} held change(s) from ${g.source} for ${g.username}, and put ${g.source} back as the others have it?`;
+  if (!confirm(what)) return;
+  try {
+    const res = await postJson(`/api/held/${action}`, { source: g.source, user: g.user });
+    if (action === "discard") alert(`${res.discarded} discarded; ${res.restored} put back on ${g.source}.`);
+  } catch (err) {
+    alert(`Could not ${action}: ${err.message}`);
+  }
+  refresh();
+}
+
+function undoBlock(r, label) {
+  const servers = Object.entries(r.servers).map(([name, s]) => el("article", { class: "card" },
+    el("h3", {}, name, el("span", { class: s.undo ? "warn" : "muted" }, `${s.undo} to undo`)),
+    s.changed_since ? el("p", { class: "ok" }, `${s.changed_since} changed since: kept as they are now`) : "",
+    s.already ? el("p", { class: "muted" }, `${s.already} already as before`) : "",
+    s.unknown ? el("p", { class: "bad" }, `${s.unknown} could not be checked`) : "",
+    el("ul", {}, ...s.sample.map((line) => el("li", {}, line)), ...s.refused.map((line) => el("li", { class: "muted" }, `kept: ${line}`)))));
+  return [
+    el("h3", {}, `Undo ${label}`),
+    el("p", {}, `${r.entries} journal entr${r.entries === 1 ? "y" : "ies"}; ${r.changes} value(s) to put back.`),
+    el("div", { class: "cards" }, ...servers),
+  ];
+}
+
+async function previewUndo(scope, label) {
+  const box = $("undo-preview");
+  box.scrollIntoView({ behavior: "smooth", block: "start" });
+  try {
+    const r = await postJson("/api/undo", { ...scope, dry_run: true });
+    const go = el("button", { type: "button", class: "primary", onclick: async () => {
+      go.disabled = true;
+      try {
+        const done = await postJson("/api/undo", { ...scope, dry_run: false });
+        box.replaceChildren(el("p", { class: "ok", role: "status" },
+          done.undo ? `${done.changes} value(s) queued to be put back (${causeName(done.undo)}).` : "Nothing left to undo."));
+      } catch (err) { box.replaceChildren(el("p", { class: "bad" }, err.message)); }
+      refresh();
+    } }, `Undo ${r.changes} change(s)`);
+    go.disabled = r.changes === 0;
+    box.replaceChildren(...undoBlock(r, label), el("p", { class: "actions" }, go,
+      el("button", { type: "button", onclick: () => box.replaceChildren() }, "Cancel")));
+  } catch (err) {
+    box.replaceChildren(el("p", { class: "bad" }, err.message));
+  }
+}
+
+$("undo-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const scope = { user: $("u-user").value.trim(), server: $("u-server").value, source: $("u-source").value,
+    since: isoOf($("u-since").value), until: isoOf($("u-until").value) };
+  const who = scope.user || "everyone";
+  previewUndo(scope, `what was written for ${who}${scope.server ? ` on ${scope.server}` : ""}` +
+    `${scope.source ? ` from ${scope.source}` : ""} since ${new Date($("u-since").value).toLocaleString()}`);
+});
+
+function renderAlerts(a) {
+  if (!a) return;
+  const test = el("button", { type: "button", onclick: async () => {
+    try {
+      const res = await api("/api/alerts/test", { method: "POST" });
+      alert(res.results.map((x) => `${x.to}: ${x.ok ? "sent" : x.error}`).join("\n"));
+    } catch (err) { alert(`Could not send: ${err.message}`); }
+    refresh();
+  } }, "Send test");
+  test.disabled = a.destinations.length === 0;
+  $("alerts").replaceChildren(
+    a.destinations.length
+      ? el("p", {}, "Sent to ", a.destinations.map((d) => `${d.to} (${d.format})`).join(", "), " ", test)
+      : el("p", { class: "muted" }, "No alert destinations: add alerts.urls to the config (ntfy, Gotify, Discord, Slack or any JSON webhook). ", test),
+    a.healthchecks ? el("p", { class: "muted" }, `Each pass pings ${a.healthchecks}`) : "",
+    ...a.active.map((x) => el("p", { class: "bad" }, `Now: ${x.message}`)),
+    ...a.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.title} — ${x.message}`)));
 }
 
 // A button's POST; what went wrong is shown, and the page is refreshed either way.
@@ -253,8 +371,9 @@ const startReconcile = (dry) => post(`/api/reconcile${dry ? "?dry_run=1" : ""}`,
 
 async function refresh() {
   const params = new URLSearchParams({ limit: PAGE, offset });
-  for (const [key, id] of [["username", "f-user"], ["server", "f-server"], ["result", "f-result"]]) {
-    if ($(id).value) params.set(key, $(id).value.trim());
+  for (const [key, id] of FEED_FILTERS) {
+    const value = $(id).type === "datetime-local" ? isoOf($(id).value) : $(id).value.trim();
+    if (value) params.set(key, value);
   }
   params.set("minutes", 60);
   try {
@@ -268,6 +387,8 @@ async function refresh() {
     renderProblems([...d.failed, ...d.waiting]);
     renderUsers(d.users);
     if (d.reconcile) renderReconcile(d.reconcile);
+    renderHeld(d.held || []);
+    renderAlerts(d.alerts);
   } catch (err) {
     $("offline").hidden = false;
     $("overall").textContent = "no answer";
@@ -327,7 +448,7 @@ $("rec-run").addEventListener("click", () => startReconcile(false));
 $("rec-dry").addEventListener("click", () => startReconcile(true));
 $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
 $("next").addEventListener("click", () => { offset += PAGE; refresh(); });
-for (const id of ["f-user", "f-server", "f-result"]) {
+for (const [, id] of FEED_FILTERS) {
   $(id).addEventListener("input", () => { offset = 0; refresh(); });
 }
 refresh();
