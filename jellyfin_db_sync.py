@@ -21,6 +21,7 @@ Sections, in the order data flows (search for "# ── Name" to jump to one):
   Threads                SupervisedThread: restarted by the Service if one ever dies
   Syncer                 ingest → inbox → Planner → jobs → writers, and its threads
   Reconciler             full comparison passes (and playlists), through the same Planner
+  Safety net             undo from the journal, the brake on mass removals, alerts, export/import
   Web                    the Bottle app: routes, the Guard plugin, readiness, metrics
   main                   the command line, logging, the Service that owns every thread
 
