@@ -22,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     CONFIG_PATH=/config/config.yaml \
     PUID=1000 \
-    PGID=1000
+    PGID=1000 \
+    PYTHONPATH=/app
 
 WORKDIR /app
 COPY requirements.txt .
@@ -32,14 +33,20 @@ RUN pip install --no-cache-dir -r requirements.txt \
 
 COPY jellyfin_db_sync.py config.example.yaml ./
 COPY static/ static/
+# Run as a module (python -m), its bytecode compiled once here, as pip does for every package:
+# Python keeps a *script's* whole parse tree in memory for as long as the script runs (CPython's
+# pyrun_file frees it only when the script ends): about 15 MB for this file, on every start.
+# A module is compiled and its parse tree freed at once. (The healthcheck, every 30 s, then
+# loads the compiled file instead of compiling 7,000 lines.)
+RUN python -m compileall -q jellyfin_db_sync.py
 VOLUME ["/config", "/data"]
 EXPOSE 8080
 
 # The program checks itself (no curl in the image), on the port it took from the config file or
 # JDS_PORT, so a port set in the file does not make the container "unhealthy".
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "/app/jellyfin_db_sync.py", "--healthcheck"]
+  CMD ["python", "-m", "jellyfin_db_sync", "--healthcheck"]
 
 # Exec form: Python is PID 1 and handles SIGTERM itself (docker stop exits within seconds).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "/app/jellyfin_db_sync.py"]
+ENTRYPOINT ["python", "-m", "jellyfin_db_sync"]

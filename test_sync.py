@@ -3692,22 +3692,22 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
     assert env["PUID"] == "1000" and env["PGID"] == "1000" and "USER" not in ins
     assert ins["EXPOSE"] == "8080" and json.loads(ins["VOLUME"]) == ["/config", "/data"]
     assert json.loads(ins["ENTRYPOINT"])[0] == "python"  # exec form: Python is PID 1, gets SIGTERM
-    assert json.loads(ins["ENTRYPOINT"])[1:] == ["/app/jellyfin_db_sync.py"]  # run the plain way, as a script
+    # Run as a module: Python keeps a script's parse tree for as long as it runs (the README says why).
+    assert json.loads(ins["ENTRYPOINT"])[1:] == ["-m", "jellyfin_db_sync"]
+    assert "PYTHONPATH=/app" in ins["ENV"]
+    assert ("RUN", "python -m compileall -q jellyfin_db_sync.py") in dockerfile_instructions()
     for line in (v for k, v in dockerfile_instructions() if k == "COPY"):
         for src in line.split()[:-1]:
             assert (HERE / src).exists(), f"Dockerfile copies {src}, which does not exist"
-    # The HEALTHCHECK command, run as Docker would (the file is at /app in the image), against a
-    # live instance whose port is set by JDS_PORT, and by the config file alone.
-    cmd = [
-        str(HERE / "jellyfin_db_sync.py") if a == "/app/jellyfin_db_sync.py" else a
-        for a in json.loads(ins["HEALTHCHECK"].split(" CMD ", 1)[1])
-    ]
+    # The HEALTHCHECK command, run as Docker would (with PYTHONPATH=/app: here, this folder),
+    # against a live instance whose port is set by JDS_PORT, and by the config file alone.
+    cmd = json.loads(ins["HEALTHCHECK"].split(" CMD ", 1)[1])
     cmd[0] = sys.executable if cmd[0] == "python" else cmd[0]
     fakes = fake_servers("home", "parents")
     port = free_port()
     cfg = write_config(tmp_path, fakes, port=port)
     proc = start_process(cfg, port)
-    bare = {k: v for k, v in os.environ.items() if not k.startswith("JDS_")}
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("JDS_")} | {"PYTHONPATH": str(HERE)}
     try:
         by_variable = subprocess.run(
             cmd,
@@ -3857,7 +3857,7 @@ def start_process(
 ) -> subprocess.Popen:
     """The service as a separate process (``program``: the interpreter and script to run), once
     it answers /healthz."""
-    program = program or [sys.executable, str(HERE / "jellyfin_db_sync.py")]
+    program = program or [sys.executable, "-m", "jellyfin_db_sync"]  # as the README and the image run it
     # Its log goes to a file, as Docker's does: a pipe nobody reads fills up, and a service
     # blocked writing its log answers nothing (a benchmark once mistook that for a hang).
     log_file = Path(tempfile.mkstemp(prefix="jds-log-", suffix=".txt")[1])
@@ -3868,6 +3868,7 @@ def start_process(
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=HERE,
         )
     proc.log_path = log_file  # type: ignore[attr-defined]
     STARTED.append(proc)  # stopped by the stop_started_processes fixture, whatever the test's outcome
@@ -4207,6 +4208,13 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1)
     finally:
         shut_down(proc, fakes)
+    # For comparison: the same service started as a script, at rest (no load at all).
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING")
+    proc = start_process(cfg, port, [sys.executable, str(HERE / "jellyfin_db_sync.py")])
+    time.sleep(3)
+    as_script = memory_mb(proc.pid, "VmHWM")
+    shut_down(proc, fakes)
     lat.sort()
     print(
         f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, {accepted} accepted; target ≥ 1,000/s;"
@@ -4218,7 +4226,11 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     )
     print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
     print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
-    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 48 MB)")
+    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 48 MB; python -m jellyfin_db_sync)")
+    print(
+        f"  started as a script instead:   {as_script:.1f} MB at rest (python jellyfin_db_sync.py: Python keeps a"
+        " script's parse tree while it runs)"
+    )
     probe = "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
     bare = [
         int(subprocess.run([sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True).stdout)
