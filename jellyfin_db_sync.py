@@ -95,6 +95,7 @@ HEALTH_CHECK_SECONDS = 30.0  # a reachable server is checked this often…
 HEALTH_RECHECK_SECONDS = 10.0  # …an unreachable one at most this long apart
 RECONCILE_STARTUP_DELAY = 10.0  # seconds after start before reconcile.on_startup's pass
 CLAIM_GROUPS = 8  # a writer claims up to this many items' jobs in one commit
+CLAIM_ROWS_PER_GROUP = 4  # rows read per group claimed (an item has up to 4 fields due)
 MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to one server at once
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
 STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the pipeline is stuck
@@ -1773,35 +1774,34 @@ class Store:
 
     # jobs
     def claim_jobs(self, target: str, now: float, groups: int = CLAIM_GROUPS) -> list[list[Job]]:
-        """Claim up to ``groups`` groups of due jobs in one commit: each group is a due job and
-        every due job for the same user and item with it, so one read of the target's state
-        serves them all (favourite + like from one click, say)."""
-        claimed: list[list[Job]] = []
+        """Claim up to ``groups`` groups of due jobs in one commit: each group is the due jobs
+        for one user and item, so one read of the target's state serves them all (favourite +
+        like from one click, say). One query finds them (a group cut off by its LIMIT keeps
+        the rest for the next claim, after this one: the item is then 'running')."""
         with self._tx() as c:
-            for _ in range(groups):
-                # Not an item another writer of this target is working on: writes to one item
-                # stay in order (sync.write_connections writers share a target).
-                first = c.execute(
-                    "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
-                    "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND r.user_key=j.user_key "
-                    "AND r.source=j.source AND r.source_item_id=j.source_item_id AND r.status='running') "
-                    "ORDER BY due_at, id LIMIT 1",
-                    (target, now),
-                ).fetchone()
-                if first is None:
-                    break
-                rows = c.execute(
-                    "SELECT * FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
-                    "AND status IN ('pending', 'waiting') AND due_at<=? ORDER BY id",
-                    (target, first["user_key"], first["source"], first["source_item_id"], now),
-                ).fetchall()
-                c.executemany(
-                    "UPDATE jobs SET status='running', updated_at=? WHERE id=?", [(now, r["id"]) for r in rows]
-                )
-                # Played first: marking played resets the position, which a position job may then set.
-                jobs = [self._job(r) for r in rows]
-                claimed.append(sorted(jobs, key=lambda j: FIELDS.index(j.field) if j.field in FIELDS else -1))
-        return claimed
+            # Not an item another writer of this target is working on: writes to one item
+            # stay in order (sync.write_connections writers share a target).
+            rows = c.execute(
+                "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
+                "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND r.user_key=j.user_key "
+                "AND r.source=j.source AND r.source_item_id=j.source_item_id AND r.status='running') "
+                "ORDER BY due_at, id LIMIT ?",
+                (target, now, groups * CLAIM_ROWS_PER_GROUP),
+            ).fetchall()
+            by_item: dict[tuple[str, str, str], list[sqlite3.Row]] = {}
+            for r in rows:
+                key = (r["user_key"], r["source"], r["source_item_id"])
+                if key in by_item or len(by_item) < groups:
+                    by_item.setdefault(key, []).append(r)
+            c.executemany(
+                "UPDATE jobs SET status='running', updated_at=? WHERE id=?",
+                [(now, r["id"]) for group in by_item.values() for r in group],
+            )
+        # Played first: marking played resets the position, which a position job may then set.
+        order = {f: i for i, f in enumerate(FIELDS)}
+        return [
+            sorted((self._job(r) for r in group), key=lambda j: order.get(j.field, -1)) for group in by_item.values()
+        ]
 
     @staticmethod
     def _job(r: sqlite3.Row) -> Job:
@@ -1834,44 +1834,56 @@ class Store:
         )
         return row[0][0]
 
-    def finish_job(
-        self, job: Job, status: str, error: str | None = None, log_row: dict | None = None, states: list | None = None
-    ) -> None:
-        """A job's outcome, its log line, and what the target now holds (``states``: rows as
-        for remember_states), in one commit."""
+    def finish_jobs(self, finished: list[tuple[Job, str, str | None, dict | None, list | None]]) -> None:
+        """The outcomes of the jobs one claim took, in one commit: each (job, status, error, its
+        log row, what the target now holds as remember_states rows). A writer's commits, not its
+        writes, were what the other writers queued behind."""
         now = utcnow()
         with self._tx() as c:
-            if states:
-                self._write_states(c, states)
+            for job, status, error, log_row, states in finished:
+                self._finish(c, now, job, status, error, log_row, states)
+
+    def _finish(
+        self,
+        c: sqlite3.Connection,
+        now: float,
+        job: Job,
+        status: str,
+        error: str | None,
+        log_row: dict | None,
+        states: list | None,
+    ) -> None:
+        if states:
+            self._write_states(c, states)
+        c.execute(
+            "UPDATE jobs SET status=?, last_error=?, updated_at=? WHERE id=?",
+            (status, error, now, job.id),
+        )
+        if log_row:
+            before, after = log_row.get("before"), log_row.get("after")
             c.execute(
-                "UPDATE jobs SET status=?, last_error=?, updated_at=? WHERE id=?",
-                (status, error, now, job.id),
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new,"
+                " result, detail, job_id, user_key, item_id, before, after, cause)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    now,
+                    job.source,
+                    job.target,
+                    job.username,
+                    job.item_name,
+                    job.field,
+                    log_row.get("old"),
+                    log_row.get("new"),
+                    log_row["result"],
+                    log_row.get("detail"),
+                    job.id,
+                    job.user_key,
+                    log_row.get("item_id"),
+                    None if before is None else json.dumps(before),
+                    None if after is None else json.dumps(after),
+                    job.cause,
+                ),
             )
-            if log_row:
-                before, after = log_row.get("before"), log_row.get("after")
-                c.execute(
-                    "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new,"
-                    " result, detail, job_id, user_key, item_id, before, after, cause)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        now,
-                        job.source,
-                        job.target,
-                        job.username,
-                        job.item_name,
-                        job.field,
-                        log_row.get("old"),
-                        log_row.get("new"),
-                        log_row["result"],
-                        log_row.get("detail"),
-                        job.id,
-                        job.user_key,
-                        log_row.get("item_id"),
-                        None if before is None else json.dumps(before),
-                        None if after is None else json.dumps(after),
-                        job.cause,
-                    ),
-                )
 
     def reschedule_job(self, job: Job, status: str, due_at: float, error: str, *, absent: bool = False) -> None:
         """Put a job back: 'pending' for a retry after an error, 'waiting' for an absent item."""
@@ -2294,7 +2306,8 @@ class Store:
                 where.append(sql)
                 args.append(scope[key])
         rows = self._rows(
-            f"SELECT {_LOG_COLUMNS} FROM sync_log l WHERE {' AND '.join(where)} ORDER BY l.id LIMIT ?",
+            f"SELECT {_LOG_COLUMNS}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = l.job_id "
+            f"WHERE {' AND '.join(where)} ORDER BY l.id LIMIT ?",
             (*args, limit),
         )
         return [_log_entry(r) for r in rows]
@@ -3199,7 +3212,7 @@ class Planner:
         """Does this change take state away: unplayed, unfavourited, rating cleared, or a resume
         position reset (other than by finishing the item, in ``finished``)? Undo is a person's
         decision, previewed first: it is never braked."""
-        if ob.cause.startswith("undo:"):
+        if ob.cause.startswith(("undo:", "discard:")):
             return False
         if ob.field in ("played", "favorite"):
             return ob.value is False
@@ -3996,11 +4009,20 @@ class Syncer:
 
     # applying
     def apply_next(self, target: str) -> bool:
-        """Claim and apply the next due jobs for ``target``. Returns False when none was due."""
+        """Claim and apply the next due jobs for ``target``, and record their outcomes in one
+        commit. Returns False when none was due. (Should the process die before that commit,
+        the jobs are found 'running' at start and applied again: harmless, DESIGN.md §2, §5.)"""
         groups = self.store.claim_jobs(target, utcnow())
-        for jobs in groups:
-            for job, outcome in self._apply_group(target, jobs):
-                self._record(job, outcome)
+        finished: list = []
+        try:
+            for jobs in groups:
+                for job, outcome in self._apply_group(target, jobs):
+                    row = self._record(job, outcome)
+                    if row is not None:
+                        finished.append(row)
+        finally:
+            if finished:
+                self.store.finish_jobs(finished)
         return bool(groups)
 
     def _apply_group(self, target: str, jobs: list[Job]) -> list[tuple[Job, Outcome]]:
@@ -4046,9 +4068,10 @@ class Syncer:
         due, msg = self.planner.when_absent(job, src_item.path_key)
         return Outcome("waiting", msg, due_at=due) if due is not None else Outcome("absent", msg)
 
-    def _record(self, job: Job, o: Outcome) -> None:
-        """The one place a job's outcome is recorded: its row and log line, its log entry and
-        what the target now holds (one commit), and the counters."""
+    def _record(self, job: Job, o: Outcome) -> tuple | None:
+        """The one place a job's outcome is recorded: its log line and counters now; its row,
+        its journal entry and what the target now holds are returned, for Store.finish_jobs to
+        commit with the claim's other outcomes (None: rescheduled here)."""
         target = job.target
         if o.result in ("retry", "waiting"):
             self.store.reschedule_job(
@@ -4077,17 +4100,17 @@ class Syncer:
             "before": o.before,
             "after": o.after,
         }
+        self.counters.count(f"sync|{target}|{o.result}")
         if o.done:
-            self.store.finish_job(job, "done", None, log_row, o.states)
             if o.result == "ok" and job.queued_at:
                 self.counters.record_delay(target, utcnow() - job.queued_at)
-        else:  # skipped, absent, failed
-            self.store.finish_job(job, "failed" if o.result == "failed" else "skipped", o.detail, log_row)
-            if o.result == "absent":
-                log.info("%s: %s %s", target, job.username, o.detail)
-            else:
-                log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
-        self.counters.count(f"sync|{target}|{o.result}")
+            return (job, "done", None, log_row, o.states)
+        # skipped, absent, failed
+        if o.result == "absent":
+            log.info("%s: %s %s", target, job.username, o.detail)
+        else:
+            log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
+        return (job, "failed" if o.result == "failed" else "skipped", o.detail, log_row, None)
 
     # health
     def check_server(self, name: str) -> dict:
@@ -4821,7 +4844,7 @@ class SafetyNet:
 
     def __init__(self, config: Config, store: Store, syncer: Syncer, reasons: Any = lambda: []):
         self.undo = Undo(config, store, syncer.library, syncer.planner)
-        self.brake = Brake(config, store, syncer.library, syncer.planner, syncer.wake_target)
+        self.brake = Brake(config, store, self.undo, syncer.wake_target)
         self.alerts = Alerts(config, store, syncer, reasons)
 
 
@@ -4870,9 +4893,12 @@ class Undo:
                         "field": fld,
                         "before": (e.before or {}).get(fld),
                         "entries": [],
+                        "source": e.source,
+                        "source_item_id": e.item_id,  # where the job still exists (retention)
                     },
                 )
                 change["after"] = after
+                change["entry_after"] = e.after  # every field that write set (a played mark resets position)
                 change["entries"].append(e.id)
         return list(changes.values()), len(entries)
 
@@ -4935,14 +4961,16 @@ class Undo:
                 else:
                     ch["now"] = read_fields(ud)[ch["field"]]
 
-    def apply(self, raw_scope: dict) -> dict:
-        """Preview, then queue the changes it found (the writer checks each target once more)."""
+    def apply(self, raw_scope: dict, only: Any = None, kind: str = "undo") -> dict:
+        """Preview, then queue the changes it found (the writer checks each target once more);
+        ``only``: a test of each change (the brake's Discard undoes only removals)."""
         report = self.preview(raw_scope)
-        todo = [ch for ch in report.pop("_changes") if ch["verdict"] == "undo"]
+        todo = [ch for ch in report["_changes"] if ch["verdict"] == "undo" and (only is None or only(ch))]
+        report["changes"] = len(todo)
         if not todo:
             report["undo"] = None
             return report
-        number = self.store.next_number("undo")
+        number = self.store.next_number(kind)
         now = utcnow()
         obs = [
             Observation(
@@ -4955,16 +4983,26 @@ class Undo:
                 ch["before"],
                 now,
                 (ch["server"],),
-                {"event": "undo", "expect": ch["after"], "undo_of": ch["entries"][:20]},
+                {"event": kind, "expect": ch["after"], "undo_of": ch["entries"][:20]},
                 kind="order",
-                cause=f"undo:{number}",
+                cause=f"{kind}:{number}",
             )
             for ch in todo
         ]
         self.planner.plan([(0, obs)])
-        report["undo"] = f"undo:{number}"
+        report["undo"] = f"{kind}:{number}"
         log.info("undo %d: %d change(s) queued (%s)", number, len(obs), report["scope"])
         return report
+
+
+def _removal_change(ch: dict) -> bool:
+    """An undo change whose write took state away (the brake's kind of change)."""
+    after = ch["after"]
+    if ch["field"] in ("played", "favorite"):
+        return after is False
+    if ch["field"] == "likes":
+        return after is None
+    return ch["field"] == "position" and not after and not (ch.get("entry_after") or {}).get("played")
 
 
 class Brake:
@@ -4972,11 +5010,12 @@ class Brake:
     and the count starts afresh) or Discard (they are dropped, and by default the source is put
     back as the other servers hold it, so the next pass does not propose them again)."""
 
-    def __init__(self, config: Config, store: Store, library: Library, planner: Planner, wake: Any):
+    def __init__(self, config: Config, store: Store, undo: Undo, wake: Any):
         self.config = config
         self.store = store
-        self.library = library
-        self.planner = planner
+        self.undo = undo
+        self.library = undo.library
+        self.planner = undo.planner
         self.wake = wake  # target name → wake its writers
 
     def held(self) -> list[dict]:
@@ -4996,13 +5035,49 @@ class Brake:
         return n
 
     def discard(self, source: str, user: str, restore: bool = True) -> dict:
+        """Drop the held changes; with ``restore``, also put back what the same burst wrote
+        before the brake engaged (removals from ``source`` for this person within the window,
+        where the target still holds them), and give ``source`` back what the others hold."""
         jobs = self.store.discard_held(source, name_key(user))
         report = {"discarded": len({(j.source_item_id, j.field) for j in jobs}), "restored": 0, "errors": []}
+        report["undone"] = 0
         if jobs and restore:
-            obs = self._restore(source, jobs, report["errors"])
+            since = min(j.queued_at for j in jobs) - self.config.safety.brake_minutes * 60
+            slipped = self.undo.apply(
+                {"source": source, "user": name_key(user), "since": since}, only=_removal_change, kind="discard"
+            )
+            report["undone"] = slipped["changes"]
+            undone = [ch for ch in slipped["_changes"] if ch["verdict"] == "undo" and _removal_change(ch)]
+            before = {(ch["server"], ch["item_id"], ch["field"]): ch["before"] for ch in undone}
+            cause = slipped["undo"] or f"discard:{self.store.next_number('discard')}"
+            obs = self._restore(source, jobs, report["errors"], before, cause)
+            # Items the burst reached everywhere before the brake engaged have no held change:
+            # the source gets back the value the journal says the others had.
+            have = {(o.item_id, o.field) for o in obs}
+            for ch in undone:
+                key = (ch.get("source_item_id"), ch["field"])
+                if ch.get("source") == source and key[0] and key not in have:
+                    have.add(key)
+                    obs.append(
+                        Observation(
+                            source,
+                            ch["user_key"],
+                            ch["username"],
+                            key[0],
+                            ch["item_name"],
+                            ch["field"],
+                            ch["before"],
+                            utcnow(),
+                            (source,),
+                            {"event": "discard"},
+                            kind="order",
+                            cause=cause,
+                        )
+                    )
             if obs:
                 self.planner.plan([(0, obs)])
-                self.wake(source)
+            for target in {source, *(j.target for j in jobs)}:
+                self.wake(target)
             report["restored"] = len(obs)
         log.info(
             "brake: %d held change(s) from %s for %s discarded; %d put back on %s",
@@ -5014,10 +5089,9 @@ class Brake:
         )
         return report
 
-    def _restore(self, source: str, jobs: list[Job], errors: list[str]) -> list[Observation]:
-        """Orders that give ``source`` back what the other servers hold (read now) where the
-        discarded change had already happened on it."""
-        number = self.store.next_number("discard")
+    def _restore(self, source: str, jobs: list[Job], errors: list[str], undone: dict, cause: str) -> list[Observation]:
+        """Orders that give ``source`` back what the other servers hold (read now, or, where
+        the burst reached them before the brake engaged, what ``undone`` puts back there)."""
         by_target: dict[str, list[Job]] = {}
         for j in jobs:
             by_target.setdefault(j.target, []).append(j)
@@ -5042,7 +5116,7 @@ class Brake:
                 ud = data.get(matches.get(j.id, ""))
                 if ud is None or (j.source_item_id, j.field) in done:
                     continue
-                value = read_fields(ud)[j.field]
+                value = undone.get((target, matches[j.id], j.field), read_fields(ud)[j.field])
                 if value == j.value:
                     continue
                 done.add((j.source_item_id, j.field))
@@ -5064,7 +5138,7 @@ class Brake:
                         (source,),
                         extra,
                         kind="order",
-                        cause=f"discard:{number}",
+                        cause=cause,
                     )
                 )
         return obs

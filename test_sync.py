@@ -1794,17 +1794,19 @@ def test_the_brake_holds_a_burst_of_unplayed_from_one_server_and_lets_played_thr
     assert g["changes"] >= 250 and g["kinds"] == {"unplayed": g["changes"]}, g
     assert g["summary"] == f"held: {g['changes']:,} changes from home for alice: {g['changes']:,} unplayed"
     assert len(g["sample"]) == 8 and g["sample"][0].startswith("unplayed: Film")
-    still = sum(parents.ud("alice", n)["Played"] for n in gone)
-    assert still >= 250 and still == sum(public.ud("alice", n)["Played"] for n in gone), still
-    # Discard: the held changes go nowhere, and home gets back what the others hold.
+    for target in (parents, public):  # what went before the brake engaged: at most its limit and a few in flight
+        assert sum(target.ud("alice", n)["Played"] for n in gone) >= 250
+    # Discard: the held changes go nowhere; what slipped through before the brake engaged is put
+    # back, and home gets back what the others held.
     status, out = c.svc.call(
         "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
     )
-    assert status == 200 and out["discarded"] == g["changes"] and out["restored"] == g["changes"], out
-    eventually(lambda: sum(home.ud("alice", n)["Played"] for n in gone) == still, 30, what="home put back")
+    assert status == 200 and out["discarded"] == g["changes"] and out["restored"] >= g["changes"], out
+    everywhere = lambda: all(f.ud("alice", n)["Played"] for f in c.fakes for n in gone)  # noqa: E731
+    eventually(everywhere, 30, what="every server back to played")
     c.settle(30)
-    assert held(c) == []
-    assert sum(parents.ud("alice", n)["Played"] for n in gone) == still, "nothing spread"
+    assert held(c) == [] and everywhere()
+    assert all(f.ud("alice", n)["Played"] for f in c.fakes for n in new), "the played ones stay"
     assert reconcile(c)["changes"] == 0, "the next pass finds everyone in step and proposes nothing"
 
 
@@ -1957,7 +1959,7 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     status, out = c.svc.call(
         "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
     )
-    assert out == {"discarded": 150, "restored": 150, "errors": []}
+    assert out == {"discarded": 150, "restored": 150, "undone": 0, "errors": []}
     eventually(lambda: all(c["home"].ud("alice", n)["Played"] for n in names), 30, what="home repaired")
     c.settle()
     assert c.svc.call("GET", "/api/dashboard")[1]["held"] == []
@@ -1965,7 +1967,20 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     assert reconcile(c)["changes"] == 0
 
 
-def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster, capsys):
+def cli(*args: str) -> tuple[int, str]:
+    """The command line, as a user runs it: a process of its own. (exit code, what it printed)"""
+    out = subprocess.run(
+        [sys.executable, "-m", "jellyfin_db_sync", *args],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster):
     c = cluster(start=False)
     home, public = c["home"], c["public"]
     hs = home.add_item("Lost", "Series", "/data/tv/Lost", provider_ids={"Tvdb": "73739"})
@@ -1978,7 +1993,7 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster,
     quietly(home, "alice", "Heat", Rating=1.0)  # disliked
     quietly(home, "alice", "Pilot", Played=True, PlayCount=1, LastPlayedDate=when, Rating=10.0)
     out = c.tmp / "history.json"
-    assert jds.main(["--config", str(c.config_path), "--export", str(out)]) == 0
+    assert cli("--config", str(c.config_path), "--export", str(out))[0] == 0
     data = json.loads(out.read_text())
     assert data["format"] == jds.EXPORT_FORMAT and data["version"] == 1
     items = {e["name"]: e for e in data["people"]["alice"]["home"]}
@@ -1991,35 +2006,30 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster,
     assert (items["Pilot"]["season"], items["Pilot"]["episode"]) == (1, 1)
     assert items["Heat"]["likes"] is False and items["Dune"]["position"] == 30 * MIN
     before = snapshot(c)
-    capsys.readouterr()
     args = ["--config", str(c.config_path), "--import", str(out), "--to", "public", "--user", "alice"]
-    assert jds.main([*args, "--dry-run"]) == 0
-    said = capsys.readouterr().out
-    assert "alice: 4 items found on public, 0 not; would change:" in said, said
+    code, said = cli(*args, "--dry-run")
+    assert code == 0 and "alice: 4 items found on public, 0 not; would change:" in said, said
     assert snapshot(c) == before, "a dry run changes nothing"
-    assert jds.main(args) == 0
-    said = capsys.readouterr().out
-    assert "changes written (import:1)" in said, said
+    code, said = cli(*args)
+    assert code == 0 and "changes written (import:1)" in said, said
     pairs = [("Arrival", "Arrival"), ("Dune", "Dune"), ("Heat", "Heat"), ("Pilot", "Pilot (1)")]
     for mine, theirs in pairs:
         a, b = home.ud("alice", mine), public.ud("alice", theirs)
         assert jds.read_fields(a) == jds.read_fields(b), (mine, a, b)
         assert (a["PlayCount"], a["LastPlayedDate"]) == (b["PlayCount"], b["LastPlayedDate"]), (mine, a, b)
     assert public.ud("bob", "Arrival") == home.ud("bob", "Arrival"), "only --user's history"
-    svc = cluster_store(c)
-    entries, _ = svc.sync_log(50, 0, cause="import:1")
-    assert len(entries) >= 5 and all(e.before is not None for e in entries)
+    store = jds.Store(c.config.database_path)
+    entries, _ = store.sync_log(50, 0, cause="import:1")
+    store.close()
+    assert len(entries) >= 5 and all(e.before is not None for e in entries), "in the journal, undoable"
     # A file that is not an export is refused, naming what it expects.
     bad = c.tmp / "bad.json"
     bad.write_text('{"people": {}}')
-    assert jds.main(["--config", str(c.config_path), "--import", str(bad), "--to", "public"]) == 1
+    code, said = cli("--config", str(c.config_path), "--import", str(bad), "--to", "public")
+    assert code == 1 and "not an export of this program" in said, said
 
 
-def cluster_store(c: Cluster) -> jds.Store:
-    return jds.Store(c.config.database_path)
-
-
-def test_undo_from_the_command_line_previews_then_applies(cluster, capsys):
+def test_undo_from_the_command_line_previews_then_applies(cluster):
     c = cluster()
     c["home"].user_favourites("alice", "Heat", True)
     eventually(lambda: c["parents"].ud("alice", "Heat")["IsFavorite"] and c["public"].ud("alice", "Heat")["IsFavorite"])
@@ -2027,17 +2037,16 @@ def test_undo_from_the_command_line_previews_then_applies(cluster, capsys):
     cause = journal(c, target="parents")[0]["cause"]
     c.svc.stop()
     c.svc = None
-    capsys.readouterr()
     args = ["--config", str(c.config_path), "--undo", "--cause", cause]
-    assert jds.main([*args, "--dry-run"]) == 0
-    said = capsys.readouterr().out
-    assert "2 to undo" in said and "parents: 1 to undo" in said and "not favourite" in said, said
+    code, said = cli(*args, "--dry-run")
+    assert code == 0 and "2 to undo" in said and "parents: 1 to undo" in said and "not favourite" in said, said
     assert c["parents"].ud("alice", "Heat")["IsFavorite"]
-    assert jds.main(args) == 0
-    assert "undone (undo:1)" in capsys.readouterr().out
+    code, said = cli(*args)
+    assert code == 0 and "undone (undo:1)" in said, said
     assert not c["parents"].ud("alice", "Heat")["IsFavorite"] and not c["public"].ud("alice", "Heat")["IsFavorite"]
     assert c["home"].ud("alice", "Heat")["IsFavorite"]
-    assert jds.main(["--config", str(c.config_path), "--undo"]) == 1, "a scope is needed"
+    code, said = cli("--config", str(c.config_path), "--undo")
+    assert code == 1 and "say what to undo" in said, said
 
 
 # ── Webhook endpoint ─────────────────────────────────────────────────────────
