@@ -1278,6 +1278,10 @@ class LogEntry:
     item_id: str | None = None  # the source's item id (from the job), where it is still known
 
 
+# Most stored values are one of these (played, favourite, a like; no position): a pass reads tens
+# of thousands, and a dictionary answers them without the JSON parser.
+_JSON_WORDS = {"true": True, "false": False, "null": None, "0": 0}
+
 _LOG_COLUMNS = (
     "l.id, l.at, l.source, l.target, l.username, l.item_name, l.field, l.old, l.new, l.result, l.detail,"
     " l.job_id, l.user_key, l.item_id, l.before, l.after, l.cause"
@@ -2013,7 +2017,7 @@ class Store:
         for item_id, fld, value, at in self._rows(
             "SELECT item_id, field, value, observed_at FROM state WHERE server=? AND user_key=?", (server, user_key)
         ):
-            out.setdefault(item_id, {})[fld] = (json.loads(value), at)
+            out.setdefault(item_id, {})[fld] = (_JSON_WORDS[value] if value in _JSON_WORDS else json.loads(value), at)
         return out
 
     def remember_states(self, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
