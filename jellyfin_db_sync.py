@@ -3198,7 +3198,8 @@ class Planner:
             for _inbox_id, observations in batch:
                 news = self._news(tx, observations)
                 dropped += len(observations) - len(news)
-                finished = {(o.server, o.item_id) for o in news if o.field == "played" and o.value is True}
+                # Finishing an item resets its position: that is no removal (news or not).
+                finished = {(o.server, o.item_id) for o in observations if o.field == "played" and o.value is True}
                 for ob in news:
                     removal = self.removes(ob, finished)
                     if removal:
@@ -3233,7 +3234,7 @@ class Planner:
         held = tx.brake(source, user_key, max(since, released), limit)
         if held:
             log.warning(
-                "brake: %d change(s) from %s for %s hold: more than %d items would lose state within %g minutes; "
+                "brake: %d change(s) from %s for %s held: more than %d items would lose state within %g minutes; "
                 "apply or discard them on the dashboard",
                 held,
                 source,
@@ -4847,7 +4848,7 @@ class SafetyNet:
     """Undo, the brake and alerts, built once for the Service, the Web and the command line."""
 
     def __init__(self, config: Config, store: Store, syncer: Syncer, reasons: Any = lambda: []):
-        self.undo = Undo(config, store, syncer.library, syncer.planner)
+        self.undo = Undo(config, store, syncer.library, syncer.planner, syncer.wake_target)
         self.brake = Brake(config, store, self.undo, syncer.wake_target)
         self.alerts = Alerts(config, store, syncer, reasons)
 
@@ -4858,11 +4859,12 @@ class Undo:
     wrote: a newer change by the person wins and is reported, never clobbered. ``preview``
     reads each target's current values and says, per server, what would change."""
 
-    def __init__(self, config: Config, store: Store, library: Library, planner: Planner):
+    def __init__(self, config: Config, store: Store, library: Library, planner: Planner, wake: Any = None):
         self.config = config
         self.store = store
         self.library = library
         self.planner = planner
+        self.wake = wake or (lambda target: None)  # target name → wake its writers
 
     def scope(self, raw: dict) -> dict:
         """A scope from a request or the command line; SyncError if it says nothing to undo."""
@@ -4993,9 +4995,10 @@ class Undo:
             )
             for ch in todo
         ]
-        self.planner.plan([(0, obs)])
+        for target in self.planner.plan([(0, obs)])[0]:
+            self.wake(target)
         report["undo"] = f"{kind}:{number}"
-        log.info("undo %d: %d change(s) queued (%s)", number, len(obs), report["scope"])
+        log.info("%s %d: %d change(s) queued (%s)", kind, number, len(obs), report["scope"])
         return report
 
 
@@ -5055,29 +5058,7 @@ class Brake:
             before = {(ch["server"], ch["item_id"], ch["field"]): ch["before"] for ch in undone}
             cause = slipped["undo"] or f"discard:{self.store.next_number('discard')}"
             obs = self._restore(source, jobs, report["errors"], before, cause)
-            # Items the burst reached everywhere before the brake engaged have no held change:
-            # the source gets back the value the journal says the others had.
-            have = {(o.item_id, o.field) for o in obs}
-            for ch in undone:
-                key = (ch.get("source_item_id"), ch["field"])
-                if ch.get("source") == source and key[0] and key not in have:
-                    have.add(key)
-                    obs.append(
-                        Observation(
-                            source,
-                            ch["user_key"],
-                            ch["username"],
-                            key[0],
-                            ch["item_name"],
-                            ch["field"],
-                            ch["before"],
-                            utcnow(),
-                            (source,),
-                            {"event": "discard"},
-                            kind="order",
-                            cause=cause,
-                        )
-                    )
+            obs += self._restore_reached(source, undone, {(o.item_id, o.field) for o in obs}, cause)
             if obs:
                 self.planner.plan([(0, obs)])
             for target in {source, *(j.target for j in jobs)}:
@@ -5092,6 +5073,34 @@ class Brake:
             source,
         )
         return report
+
+    @staticmethod
+    def _restore_reached(source: str, undone: list[dict], have: set, cause: str) -> list[Observation]:
+        """Items the burst reached everywhere before the brake engaged have no held change: the
+        source gets back the value the journal says the others had (``have``: already done)."""
+        obs = []
+        for ch in undone:
+            key = (ch.get("source_item_id"), ch["field"])
+            if ch.get("source") != source or not key[0] or key in have:
+                continue
+            have.add(key)
+            obs.append(
+                Observation(
+                    source,
+                    ch["user_key"],
+                    ch["username"],
+                    key[0],
+                    ch["item_name"],
+                    ch["field"],
+                    ch["before"],
+                    utcnow(),
+                    (source,),
+                    {"event": "discard"},
+                    kind="order",
+                    cause=cause,
+                )
+            )
+        return obs
 
     def _restore(self, source: str, jobs: list[Job], errors: list[str], undone: dict, cause: str) -> list[Observation]:
         """Orders that give ``source`` back what the other servers hold (read now, or, where
@@ -5243,20 +5252,8 @@ class Transfer:
             merged, names = self._merge(per_server, target, entry)
             current = self.library.clients[target].user_data_many(user_id, sorted(merged))
             for iid, want in sorted(merged.items()):
-                have = read_fields(current.get(iid) or {})
-                for fld in FIELDS:
-                    if fld not in want or not self.config.sync.enabled(fld) or have[fld] == want[fld]:
-                        continue
-                    if fld == "position" and want.get("played"):
-                        continue  # marking played resets it
-                    entry["changes"][fld] = entry["changes"].get(fld, 0) + 1
-                    if len(entry["sample"]) < UNDO_SAMPLE:
-                        entry["sample"].append(f"{names[iid]}: {describe(fld, have[fld])} → {describe(fld, want[fld])}")
-                    extra = {
-                        "event": "import",
-                        "last_played": want.get("last_played"),
-                        "play_count": want.get("play_count"),
-                    }
+                for fld, value in self._differences(read_fields(current.get(iid) or {}), want, entry, names[iid]):
+                    extra = {"event": "import", "last_played": want["last_played"], "play_count": want["play_count"]}
                     obs.append(
                         Observation(
                             target,
@@ -5265,7 +5262,7 @@ class Transfer:
                             iid,
                             names[iid],
                             fld,
-                            want[fld],
+                            value,
                             utcnow(),
                             (target,),
                             extra,
@@ -5278,6 +5275,20 @@ class Transfer:
             self.planner.plan([(0, obs)])
             log.info("import %d: %d change(s) queued for %s", number, len(obs), target)
         return report
+
+    def _differences(self, have: dict, want: dict, entry: dict, name: str) -> list[tuple[str, Any]]:
+        """The fields to write on one item (counted, and sampled, in the person's ``entry``)."""
+        out = []
+        for fld in FIELDS:
+            if not self.config.sync.enabled(fld) or have[fld] == want[fld]:
+                continue
+            if fld == "position" and want["played"]:
+                continue  # marking played resets it
+            entry["changes"][fld] = entry["changes"].get(fld, 0) + 1
+            if len(entry["sample"]) < UNDO_SAMPLE:
+                entry["sample"].append(f"{name}: {describe(fld, have[fld])} → {describe(fld, want[fld])}")
+            out.append((fld, want[fld]))
+        return out
 
     def _merge(self, per_server: Any, target: str, entry: dict) -> tuple[dict[str, dict], dict[str, str]]:
         """{target item id: the wanted fields}, from every server's entries in the file; where
@@ -5301,10 +5312,10 @@ class Transfer:
                 w = merged.setdefault(item.item_id, {})
                 w["played"] = bool(w.get("played")) or bool(e.get("played"))
                 w["favorite"] = bool(w.get("favorite")) or bool(e.get("favorite"))
-                w["position"] = max(int(w.get("position") or 0), int(e.get("position") or 0))
-                likes = [v for v in (w.get("likes"), e.get("likes")) if v in (True, False)]
+                w["position"] = max(w.get("position", 0), _whole(e.get("position")))
+                likes = [v for v in (w.get("likes"), e.get("likes")) if v is True or v is False]
                 w["likes"] = (True in likes) if likes else None
-                w["play_count"] = max(int(w.get("play_count") or 0), int(e.get("play_count") or 0))
+                w["play_count"] = max(w.get("play_count", 0), _whole(e.get("play_count")))
                 dates = [t for t in (w.get("last_played"), parse_time(e.get("last_played"))) if t]
                 w["last_played"] = max(dates) if dates else None
         return merged, names
@@ -5337,6 +5348,11 @@ class Transfer:
                         if len(hits) == 1:
                             return hits[0]
         return found
+
+
+def _whole(value: Any) -> int:
+    """A count or a position from a file people may have edited: a whole number ≥ 0, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _user_data_entry(ud: dict) -> dict:
