@@ -737,6 +737,8 @@ def url_shown(url: str) -> str:
     if not url:
         return ""
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme.rpartition("+")[2] not in ("http", "https"):
+        return f"{parts.scheme}://…"  # Apprise URLs carry tokens where a host would be (tgram://<token>/…)
     return f"{parts.scheme}://{parts.hostname or ''}/…"
 
 

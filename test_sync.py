@@ -106,6 +106,7 @@ class FakeJellyfin:
         self.passwords: dict[str, str] = {}  # what /Users/New was given, to check it was set
         self.playlists: dict[str, dict] = {}
         self.status_override: int | None = None  # e.g. 503: the server is "down"
+        self.writes_fail = False  # reads answer, writes get 503 (a server busy scanning, say)
         self.delay = 0.0  # seconds added to every authenticated API call
         self.webhook_url: str | None = None
         self.echo_threads: list[threading.Thread] = []
@@ -553,8 +554,8 @@ class FakeJellyfin:
                     "ProductName": "Jellyfin Server",
                 },
             )
-        if self.status_override:
-            return self._reply(h, self.status_override, None)
+        if self.status_override or (self.writes_fail and h.command != "GET"):
+            return self._reply(h, self.status_override or 503, None)
         if not self._authorised(h, query):
             return self._reply(h, 401, None)
         with self.lock:
@@ -1738,11 +1739,27 @@ def test_undo_a_pass_and_a_time_window_never_clobbers_a_newer_change(cluster):
     assert preview["servers"]["parents"]["undo"] == 2, preview
     assert preview["servers"]["public"] == {**preview["servers"]["public"], "undo": 1, "changed_since": 1}
     assert "changed since" in preview["servers"]["public"]["refused"][0]
+    # The writer checks once more: parents takes no writes when the undo is queued, and the
+    # person dislikes Heat there before it does; that change is kept, Dune's undone.
+    parents.writes_fail = True
     undo(c, dry_run=False, cause=f"pass:{report['pass']}")
-    eventually(lambda: parents.ud("alice", "Heat")["Rating"] is None and not public.ud("alice", "Dune")["IsFavorite"])
+    eventually(lambda: any(m != "GET" for m, _ in parents.requests[-3:]), what="a refused write on parents")
+    quietly(parents, "alice", "Heat", Rating=3.0)
+    parents.writes_fail = False
+    eventually(lambda: not parents.ud("alice", "Dune")["IsFavorite"], what="Dune undone on parents")
+    refused = eventually(
+        lambda: [
+            j
+            for j in c.svc.call("GET", "/api/events/failed")[1]
+            if j["target_server"] == "parents" and "not undone" in (j["last_error"] or "")
+        ],
+        what="Heat's undo refused",
+    )
+    assert "now holds disliked" in refused[0]["last_error"], refused
+    assert parents.ud("alice", "Heat")["Rating"] == 3.0, "the newer dislike is kept"
+    eventually(lambda: not public.ud("alice", "Dune")["IsFavorite"])
     c.settle()
     assert public.ud("alice", "Heat")["Rating"] == 1.0, "a newer change wins, never clobbered"
-    assert not parents.ud("alice", "Dune")["IsFavorite"]
     # A person, a server and a time window.
     since = iso()
     c["parents"].user_marks("bob", "Arrival", True)
@@ -1891,10 +1908,12 @@ def test_each_alert_format_posts_what_that_service_reads(cluster, receiver):
         f"gotify+http://{r}/message?token=AbCdEf123",
         f"discord+http://{r}/api/webhooks/1/secret",
         f"slack+http://{r}/services/T0/B0/secret",
+        "tgram://bottoken/chatid",  # Apprise's, which this machine has not installed
     ]
     c = cluster(extra={"alerts": {"urls": urls}})
     status, out = c.svc.call("POST", "/api/alerts/test")
-    assert status == 200 and [x["ok"] for x in out["results"]] == [True] * 5, out
+    assert status == 502 and [x["ok"] for x in out["results"]] == [True] * 5 + [False], out
+    assert "pip install apprise" in out["results"][5]["error"] and "bottoken" not in json.dumps(out)
     assert all("secret" not in x["to"] and "AbCdEf" not in x["to"] for x in out["results"]), "no secrets shown"
     plain = receiver.bodies("/plain")[0]
     assert plain["service"] == "jellyfin-db-sync" and plain["title"] == "test alert" and plain["level"] == "test"
@@ -1913,7 +1932,7 @@ def test_each_alert_format_posts_what_that_service_reads(cluster, receiver):
     assert jds.alert_format("tgram://bot/chat")[0] == "apprise"
     status, shown = c.svc.call("GET", "/api/alerts")
     assert "AbCdEf" not in json.dumps(shown) and "secret" not in json.dumps(shown)
-    assert [d["format"] for d in shown["destinations"]] == ["json", "ntfy", "gotify", "discord", "slack"]
+    assert [d["format"] for d in shown["destinations"]] == ["json", "ntfy", "gotify", "discord", "slack", "apprise"]
 
 
 def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(cluster, receiver, monkeypatch):
