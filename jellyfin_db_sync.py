@@ -1974,7 +1974,8 @@ class Store:
     def open_job_counts(self) -> dict[str, int]:
         """Counts of the jobs not finished: a range of the status index, not the whole history."""
         rows = self._rows(
-            "SELECT status, count(*) FROM jobs WHERE status IN ('pending', 'running', 'waiting', 'failed', 'skipped')"
+            "SELECT status, count(*) FROM jobs WHERE status IN ('pending', 'running', 'waiting', 'failed', 'skipped', "
+            "'held')"
             " GROUP BY status"
         )
         return {r[0]: r[1] for r in rows}
@@ -5928,6 +5929,7 @@ class Web:
             "waiting_for_item_events": counts.get("waiting", 0),
             "failed_events": counts.get("failed", 0),
             "skipped_events": counts.get("skipped", 0),
+            "held_events": counts.get("held", 0),  # by the brake: apply or discard them
             "done_events": counts.get("done", 0),
             "done_last_hour": self.store.done_since(utcnow() - HOUR),
             "worker_running": self.syncer.alive(),

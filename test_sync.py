@@ -1973,6 +1973,7 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     assert all(c[s].ud("alice", n)["Played"] for s in ("parents", "public") for n in names), "nothing spreads"
     status, dash = c.svc.call("GET", "/api/dashboard")
     assert dash["held"][0]["summary"] == "held: 150 changes from home for alice: 150 unplayed"
+    assert dash["status"]["queue"]["held_events"] == 300  # 150 items, for each of two servers
     alert = eventually(lambda: receiver.bodies("/hook"), what="an alert")[0]
     assert alert["condition"] == "held:home:alice" and "150 changes from home for alice" in alert["message"]
     status, out = c.svc.call(
