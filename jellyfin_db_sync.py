@@ -2319,6 +2319,26 @@ class Store:
         )
         return [_log_entry(r) for r in rows]
 
+    def log_write(self, **entry: Any) -> None:
+        """A journal line for a write made outside the job queue (a pass's playlist changes)."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, result, user_key,"
+                " cause) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
+                (
+                    utcnow(),
+                    entry["source"],
+                    entry["target"],
+                    entry["username"],
+                    entry["item_name"],
+                    entry["field"],
+                    entry["old"],
+                    entry["new"],
+                    entry["user_key"],
+                    entry["cause"],
+                ),
+            )
+
     def count_log(self) -> int:
         return self._rows("SELECT count(*) FROM sync_log")[0][0]
 
@@ -4312,6 +4332,10 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
     return best.cur, best
 
 
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"
+
+
 def _report_changes(report: dict, person: str, server: str, n: int, sample: str) -> None:
     """Count ``n`` changes for ``person`` on ``server`` in a pass's report (keeping 10 samples)."""
     entry = report["users"].setdefault(person, {}).setdefault(server, {"count": 0, "sample": []})
@@ -4660,6 +4684,8 @@ class Reconciler:
             for srv, uid in accounts.items():
                 try:
                     changes = self._sync_playlist(srv, uid, title, per_server.get(srv), desired, dry_run)
+                    if changes and not dry_run:
+                        self._journal_playlist(person, srv, title, per_server.get(srv), changes)
                 except Exception as e:  # one playlist on one server: the others go on
                     report["errors"].append(f"{person}: playlist {title!r} on {srv}: {_error_text(e)}")
                     if not isinstance(e, SyncError):
@@ -4714,6 +4740,21 @@ class Reconciler:
                 continue
             own.append(p)
         return own
+
+    def _journal_playlist(self, person: str, srv: str, title: str, had: tuple | None, changes: int) -> None:
+        """A playlist write in the journal, so Recent syncs shows every write we make. (Not
+        undoable: its members are not a value a write can put back.)"""
+        self.store.log_write(
+            source="reconcile",
+            target=srv,
+            username=person,
+            item_name=f"playlist {title}",
+            field="playlist",
+            old=_items(len(had[2])) if had else "none",
+            new=f"{changes} change(s)" if had else f"created with {_items(changes)}",
+            user_key=person,
+            cause=self.cause,
+        )
 
     def _sync_playlist(
         self, srv: str, uid: str, title: str, have: tuple | None, desired: list[str], dry_run: bool

@@ -1563,6 +1563,14 @@ def test_playlists_are_mirrored_extended_and_trimmed_both_ways(cluster):
     created = next(p for p in public.playlists.values() if p["owner"] == public.user("alice"))
     assert created["OpenAccess"] is False, "created private"
     assert home.playlist("alice", "Someone else's") is None, "only a person's own playlists are copied"
+    written = {
+        (e["target"], e["old"], e["new"]) for e in journal(c, field="playlist", cause="pass:1", username="alice")
+    }
+    assert written == {
+        ("public", "none", "created with 3 items"),
+        ("home", "2 items", "1 change(s)"),
+        ("parents", "1 item", "2 change(s)"),
+    }, "every write is in the journal"
     # Later: parents adds an item, home removes one.
     pid = next(p["Id"] for p in parents.playlists.values() if p["Name"] == "sunday")
     home_pl = next(p for p in home.playlists.values() if p["Name"] == "Sunday")

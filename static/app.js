@@ -28,6 +28,7 @@ function ago(iso) {
 }
 
 const FIELD = { event: "webhook", played: "watched", position: "position", favorite: "favourite", likes: "rating",
+  playlist: "playlist",
   user_create: "account", user_delete: "account", user_rename: "account" };
 const RESULT = { ok: ["written", "ok"], noop: ["already so", "muted"], failed: ["failed", "bad"],
   skipped: ["skipped", "warn"], absent: ["not found", "warn"], stale: ["older", "muted"], dry_run: ["dry run", "muted"] };
