@@ -2250,14 +2250,14 @@ class Store:
             )
             g["changes"] += items
             g["jobs"] += jobs
-            kind = describe(fld, json.loads(value))
+            kind = removal_word(fld, json.loads(value))
             g["kinds"][kind] = g["kinds"].get(kind, 0) + items
             g["targets"].update(targets.split(","))
             g["first"], g["last"] = min(g["first"], first), max(g["last"], last)
         for g in groups.values():
             g["targets"] = sorted(g["targets"])
             g["sample"] = [
-                f"{describe(r[0], json.loads(r[1]))}: {r[2]}"
+                f"{removal_word(r[0], json.loads(r[1]))}: {r[2]}"
                 for r in self._rows(
                     "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
                     "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
@@ -3183,6 +3183,12 @@ def event_item_name(ev: dict) -> str:
 
 def episode_name(series: str, season: int | None, episode: int | None, title: str) -> str:
     return f"{series} — S{season or 0:02d}E{episode or 0:02d} — {title}"
+
+
+def removal_word(fld: str, value: Any) -> str:
+    """A change that takes state away, as the brake's summary says it ("42 unfavourited")."""
+    words = {"played": "unplayed", "favorite": "unfavourited", "likes": "rating cleared", "position": "position reset"}
+    return words[fld] if fld in words and not value else describe(fld, value)
 
 
 def describe(fld: str, value: Any) -> str:

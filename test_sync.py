@@ -1851,6 +1851,7 @@ def test_held_changes_go_when_applied_and_passes_obey_the_brake(cluster):
     assert report["changes"] == 80  # decided for both others, then held
     g = held(c)[0]
     assert (g["source"], g["changes"], g["jobs"]) == ("parents", 40, 80), g
+    assert g["summary"] == "held: 40 changes from parents for bob: 40 unfavourited"
     assert all(c["home"].ud("bob", n)["IsFavorite"] for n in names), "a pass obeys the brake"
     status, out = c.svc.call(
         "POST", "/api/held/apply", {"source": "parents", "user": "bob"}, {"Content-Type": "application/json"}
