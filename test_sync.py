@@ -2058,6 +2058,27 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     assert code == 1 and "not an export of this program" in said, said
 
 
+def test_an_import_that_would_unmark_many_items_is_held_by_the_brake(cluster):
+    c = cluster(start=False, extra={"safety": {"brake_items": 5}})
+    public = c["public"]
+    public.add_library(10)
+    names = [f"Film {i}" for i in range(10)]
+    for n in names:
+        quietly(public, "bob", n, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
+    # A file written by hand, in the README's format: unplayed, but favourites.
+    entries = [
+        {"name": n, "type": "Movie", "path": f"/media/movies/film {i}/film.mkv", "played": False, "favorite": True}
+        for i, n in enumerate(names)
+    ]
+    data = {"format": jds.EXPORT_FORMAT, "version": 1, "people": {"bob": {"old-box": entries}}}
+    path = c.tmp / "by-hand.json"
+    path.write_text(json.dumps(data))
+    code, said = cli("--config", str(c.config_path), "--import", str(path), "--to", "public")
+    assert code == 0 and "10 items found on public" in said and "10 held by the brake" in said, said
+    assert all(public.ud("bob", n)["IsFavorite"] for n in names), "adding state is never held"
+    assert all(public.ud("bob", n)["Played"] for n in names), "the unplayed wait for a person's decision"
+
+
 def test_undo_from_the_command_line_previews_then_applies(cluster):
     c = cluster()
     c["home"].user_favourites("alice", "Heat", True)
