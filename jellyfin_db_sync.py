@@ -3445,6 +3445,11 @@ class WatchStateWriter:
         log.info(
             '%s: %s ✓ %s "%s" (from %s)', job.target, job.username, describe(job.field, want), job.item_name, job.source
         )
+        return self._written(job, item, have, want, rows)
+
+    @staticmethod
+    def _written(job: Job, item: ItemInfo, have: dict, want: Any, rows: list | None) -> Outcome:
+        """A write's outcome with its journal: each field it changed, before and after."""
         before, after = {job.field: have[job.field]}, {job.field: want}
         if job.field == "played" and have["position"]:
             before["position"], after["position"] = have["position"], 0  # the server reset it
@@ -4427,24 +4432,7 @@ class Reconciler:
                 self.progress["users_done"] += 1
                 if on_progress:
                     on_progress(self.progress)
-            report["finished_at"] = format_time(utcnow())
-            report["seconds"] = round(utcnow() - started, 2)
-            if not dry_run:
-                self.store.set_meta("last_reconcile_report", json.dumps(report))
-                summary = f"{report['changes']} changes queued in {report['seconds']} s"
-                self.ping("fail" if report["errors"] else "success", "\n".join([summary, *report["errors"]]))
-                for target in {s.name for s in self.config.servers}:
-                    self.syncer.wake_target(target)
-            log.info(
-                "reconcile%s: %d people, %d items compared, %d changes %s in %.1fs",
-                " (dry run)" if dry_run else "",
-                len(people),
-                report["items_compared"],
-                report["changes"],
-                "found" if dry_run else "queued",
-                report["seconds"],
-            )
-            return report
+            return self._finish(report, started, len(people))
         except Exception as e:
             if not dry_run:
                 self.ping("fail", _error_text(e))
@@ -4452,6 +4440,28 @@ class Reconciler:
         finally:
             self.progress = {**self.progress, "running": False, "phase": "done"}
             self._run_lock.release()
+
+    def _finish(self, report: dict, started: float, people: int) -> dict:
+        """The end of a pass: its report kept (not a dry run's), pinged, logged; writers woken."""
+        report["finished_at"] = format_time(utcnow())
+        report["seconds"] = round(utcnow() - started, 2)
+        dry_run = report["dry_run"]
+        if not dry_run:
+            self.store.set_meta("last_reconcile_report", json.dumps(report))
+            summary = f"{report['changes']} changes queued in {report['seconds']} s"
+            self.ping("fail" if report["errors"] else "success", "\n".join([summary, *report["errors"]]))
+            for target in {s.name for s in self.config.servers}:
+                self.syncer.wake_target(target)
+        log.info(
+            "reconcile%s: %d people, %d items compared, %d changes %s in %.1fs",
+            " (dry run)" if dry_run else "",
+            people,
+            report["items_compared"],
+            report["changes"],
+            "found" if dry_run else "queued",
+            report["seconds"],
+        )
+        return report
 
     def _people(self, report: dict) -> dict[str, dict[str, str]]:
         """Persons present on two or more servers: {person: {server: user id}}."""
