@@ -119,6 +119,7 @@ INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
 FIELDS = ("played", "position", "favorite", "likes")
+FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}  # a claim's jobs for one item are written in this order
 JOURNAL_SCOPE_LIMIT = 100_000  # journal entries one undo may cover
 UNDO_SAMPLE = 10  # lines of an undo preview shown per server
 HELD_SAMPLE = 8  # held changes shown per group
@@ -1805,9 +1806,9 @@ class Store:
                 [(now, r["id"]) for group in by_item.values() for r in group],
             )
         # Played first: marking played resets the position, which a position job may then set.
-        order = {f: i for i, f in enumerate(FIELDS)}
         return [
-            sorted((self._job(r) for r in group), key=lambda j: order.get(j.field, -1)) for group in by_item.values()
+            sorted((self._job(r) for r in group), key=lambda j: FIELD_ORDER.get(j.field, -1))
+            for group in by_item.values()
         ]
 
     @staticmethod
@@ -2257,14 +2258,18 @@ class Store:
             g["first"], g["last"] = min(g["first"], first), max(g["last"], last)
         for g in groups.values():
             g["targets"] = sorted(g["targets"])
-            g["sample"] = [
-                f"{removal_word(r[0], json.loads(r[1]))}: {r[2]}"
-                for r in self._rows(
-                    "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
-                    "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
-                    (g["source"], g["user"], samples),
-                )
-            ]
+            g["sample"] = (
+                []
+                if not samples
+                else [
+                    f"{removal_word(r[0], json.loads(r[1]))}: {r[2]}"
+                    for r in self._rows(
+                        "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
+                        "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
+                        (g["source"], g["user"], samples),
+                    )
+                ]
+            )
         return list(groups.values())
 
     def count_held(self) -> int:
@@ -3186,6 +3191,16 @@ def episode_name(series: str, season: int | None, episode: int | None, title: st
     return f"{series} — S{season or 0:02d}E{episode or 0:02d} — {title}"
 
 
+def takes_state_away(fld: str, value: Any, finishing: bool = False) -> bool:
+    """What the brake counts: unplayed, unfavourited, rating cleared, or a resume position reset
+    (other than by ``finishing`` the item, which resets it too)."""
+    if fld in ("played", "favorite"):
+        return value is False
+    if fld == "likes":
+        return value is None
+    return fld == "position" and not value and not finishing
+
+
 def removal_word(fld: str, value: Any) -> str:
     """A change that takes state away, as the brake's summary says it ("42 unfavourited")."""
     words = {"played": "unplayed", "favorite": "unfavourited", "likes": "rating cleared", "position": "position reset"}
@@ -3249,11 +3264,7 @@ class Planner:
         decision, previewed first: it is never braked."""
         if ob.cause.startswith(("undo:", "discard:")):
             return False
-        if ob.field in ("played", "favorite"):
-            return ob.value is False
-        if ob.field == "likes":
-            return ob.value is None
-        return ob.field == "position" and not ob.value and (ob.server, ob.item_id) not in finished
+        return takes_state_away(ob.field, ob.value, (ob.server, ob.item_id) in finished)
 
     def _brake(self, tx: PlanTx, source: str, user_key: str) -> None:
         limit = self.config.safety.brake_items
@@ -5065,12 +5076,7 @@ class Undo:
 
 def _removal_change(ch: dict) -> bool:
     """An undo change whose write took state away (the brake's kind of change)."""
-    after = ch["after"]
-    if ch["field"] in ("played", "favorite"):
-        return after is False
-    if ch["field"] == "likes":
-        return after is None
-    return ch["field"] == "position" and not after and not (ch.get("entry_after") or {}).get("played")
+    return takes_state_away(ch["field"], ch["after"], bool((ch.get("entry_after") or {}).get("played")))
 
 
 class Brake:
@@ -5241,13 +5247,13 @@ class Transfer:
             self.library.refresh_users(s.name)
             self.library.ensure_index(s.name)
             self.library.refresh_index(s.name)
-            for row in self.store.all_users():
-                if row.server != s.name:
-                    continue
-                person = self.config.person(s.name, row.name)
-                if not self.config.user_synced(person) or (people and person not in people):
-                    continue
-                persons.setdefault(person, {})[s.name] = self._entries(s.name, row.user_id)
+        for row in self.store.all_users():
+            person = self.config.person(row.server, row.name)
+            if self.config.server(row.server) is None or not self.config.user_synced(person):
+                continue  # a server no longer configured; a person not synced
+            if people and person not in people:
+                continue
+            persons.setdefault(person, {})[row.server] = self._entries(row.server, row.user_id)
         return out
 
     def _entries(self, server: str, user_id: str) -> list[dict]:
@@ -6080,12 +6086,9 @@ class Web:
         """Add or update our destination in that server's Webhook plugin. The address Jellyfin
         should post to: {"public_url": …} (the dashboard sends the address it was opened at),
         else server.public_url."""
-        import bottle
-
         if self.config.server(name) is None:
             return send({"error": f"unknown server {name!r}"}, 404)
-        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
-        base = self.config.public_url or (body or {}).get("public_url")
+        base = self.config.public_url or _json_body().get("public_url")
         if not base or not str(base).startswith(("http://", "https://")):
             return send(
                 {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
@@ -6159,10 +6162,7 @@ class Web:
 
     def api_inspect_sync(self) -> str:
         """The inspector's "Sync this item now": reads every server, queues what differs."""
-        import bottle
-
-        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
-        body = body if isinstance(body, dict) else {}
+        body = _json_body()
         server, _, item_id = str(body.get("item") or "").partition(":")
         person = name_key(str(body.get("person") or ""))
         item = self.store.get_item(server, item_id) if server and item_id else None
@@ -6267,11 +6267,12 @@ class Web:
     def api_sync_log(self) -> str:
         return send(self.log_page_json())
 
-    def log_page_json(self) -> dict:
+    def log_page_json(self, **fixed: Any) -> dict:
+        """A page of the sync log, filtered as the query asks (and by ``fixed``)."""
         import bottle
 
         limit, offset = _limit_offset()
-        filters = self._log_filters(bottle.request.query)
+        filters = {**self._log_filters(bottle.request.query), **fixed}
         rows, total = self.store.sync_log(limit, offset, **filters)
         return {"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset}
 
@@ -6284,12 +6285,7 @@ class Web:
     def api_journal(self) -> str:
         """The journal: the sync log's writes, with their values before and after, searchable
         as /api/sync-log is (username, item_name, server, source, target, field, since, until, cause)."""
-        import bottle
-
-        limit, offset = _limit_offset()
-        filters = {**self._log_filters(bottle.request.query), "result": "ok"}
-        rows, total = self.store.sync_log(limit, offset, **filters)
-        return send({"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset})
+        return send(self.log_page_json(result="ok"))
 
     def api_undo(self) -> str:
         """POST /api/undo {id | cause | user, server, source, since, until; dry_run}: a preview
