@@ -2000,16 +2000,9 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     assert reconcile(c)["changes"] == 0
 
 
-def cli(*args: str) -> tuple[int, str]:
-    """The command line, as a user runs it: a process of its own. (exit code, what it printed)"""
-    out = subprocess.run(
-        [sys.executable, "-m", "jellyfin_db_sync", *args],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def said_by(*args: str) -> tuple[int, str]:
+    """The command line in a process of its own, as a user runs it: (exit code, what it said)."""
+    out = run_cli(*args, timeout=120)
     return out.returncode, out.stdout + out.stderr
 
 
@@ -2026,7 +2019,7 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     quietly(home, "alice", "Heat", Rating=1.0)  # disliked
     quietly(home, "alice", "Pilot", Played=True, PlayCount=1, LastPlayedDate=when, Rating=10.0)
     out = c.tmp / "history.json"
-    assert cli("--config", str(c.config_path), "--export", str(out))[0] == 0
+    assert run_cli("--config", str(c.config_path), "--export", str(out)).returncode == 0
     data = json.loads(out.read_text())
     assert data["format"] == jds.EXPORT_FORMAT and data["version"] == 1
     items = {e["name"]: e for e in data["people"]["alice"]["home"]}
@@ -2040,10 +2033,10 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     assert items["Heat"]["likes"] is False and items["Dune"]["position"] == 30 * MIN
     before = snapshot(c)
     args = ["--config", str(c.config_path), "--import", str(out), "--to", "public", "--user", "alice"]
-    code, said = cli(*args, "--dry-run")
+    code, said = said_by(*args, "--dry-run")
     assert code == 0 and "alice: 4 items found on public, 0 not; would change:" in said, said
     assert snapshot(c) == before, "a dry run changes nothing"
-    code, said = cli(*args)
+    code, said = said_by(*args)
     assert code == 0 and "changes written (import:1)" in said, said
     pairs = [("Arrival", "Arrival"), ("Dune", "Dune"), ("Heat", "Heat"), ("Pilot", "Pilot (1)")]
     for mine, theirs in pairs:
@@ -2058,7 +2051,7 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     # A file that is not an export is refused, naming what it expects.
     bad = c.tmp / "bad.json"
     bad.write_text('{"people": {}}')
-    code, said = cli("--config", str(c.config_path), "--import", str(bad), "--to", "public")
+    code, said = said_by("--config", str(c.config_path), "--import", str(bad), "--to", "public")
     assert code == 1 and "not an export of this program" in said, said
 
 
@@ -2077,7 +2070,7 @@ def test_an_import_that_would_unmark_many_items_is_held_by_the_brake(cluster):
     data = {"format": jds.EXPORT_FORMAT, "version": 1, "people": {"bob": {"old-box": entries}}}
     path = c.tmp / "by-hand.json"
     path.write_text(json.dumps(data))
-    code, said = cli("--config", str(c.config_path), "--import", str(path), "--to", "public")
+    code, said = said_by("--config", str(c.config_path), "--import", str(path), "--to", "public")
     assert code == 0 and "10 items found on public" in said and "10 held by the brake" in said, said
     assert all(public.ud("bob", n)["IsFavorite"] for n in names), "adding state is never held"
     assert all(public.ud("bob", n)["Played"] for n in names), "the unplayed wait for a person's decision"
@@ -2092,14 +2085,14 @@ def test_undo_from_the_command_line_previews_then_applies(cluster):
     c.svc.stop()
     c.svc = None
     args = ["--config", str(c.config_path), "--undo", "--cause", cause]
-    code, said = cli(*args, "--dry-run")
+    code, said = said_by(*args, "--dry-run")
     assert code == 0 and "2 to undo" in said and "parents: 1 to undo" in said and "not favourite" in said, said
     assert c["parents"].ud("alice", "Heat")["IsFavorite"]
-    code, said = cli(*args)
+    code, said = said_by(*args)
     assert code == 0 and "undone (undo:1)" in said, said
     assert not c["parents"].ud("alice", "Heat")["IsFavorite"] and not c["public"].ud("alice", "Heat")["IsFavorite"]
     assert c["home"].ud("alice", "Heat")["IsFavorite"]
-    code, said = cli("--config", str(c.config_path), "--undo")
+    code, said = said_by("--config", str(c.config_path), "--undo")
     assert code == 1 and "say what to undo" in said, said
 
 
