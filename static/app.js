@@ -18,6 +18,10 @@ async function api(path, options) {
   return body;
 }
 
+async function postJson(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+}
+
 function ago(iso) {
   if (!iso) return "never";
   const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
@@ -184,9 +188,6 @@ function causeName(cause) {
 }
 
 // ── The safety net: held changes, undo previews, alerts ──
-async function postJson(path, body) {
-  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-}
 
 function renderHeld(groups) {
   $("held-section").hidden = groups.length === 0;
@@ -297,10 +298,8 @@ const act = (kind, id) => post(`/api/events/${id}/${kind}`, `Could not ${kind}`)
 // opened at (what Jellyfin on the same network reaches too, unless server.public_url says else).
 async function setupWebhook(name) {
   try {
-    const res = await api(`/api/servers/${encodeURIComponent(name)}/setup-webhook`, {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ public_url: location.origin }),
-    });
+    const res = await postJson(`/api/servers/${encodeURIComponent(name)}/setup-webhook`,
+      { public_url: location.origin });
     alert(res.message);
   } catch (err) {
     alert(`Could not set up the Webhook plugin: ${err.message}`);
@@ -426,8 +425,7 @@ async function inspect(e) {
       ...r.servers.map((s) => el("td", {}, s.state ? shown(f, s.state[f]) : (s.state_error || "–"))))) : [];
     const sync = el("button", { type: "button", onclick: async () => {
       try {
-        const res = await api("/api/inspect/sync", { method: "POST", headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ item: r.item.id, person: r.person }) });
+        const res = await postJson("/api/inspect/sync", { item: r.item.id, person: r.person });
         alert(`${res.queued} change(s) queued`);
       } catch (err) { alert(`Could not sync it: ${err.message}`); }
       setTimeout(inspect, 1500);
