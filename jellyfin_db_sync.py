@@ -998,11 +998,14 @@ def normalise_path(path: str) -> str:
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
-# Statements that bring a database from version N-1 to N, applied in order at start-up.
-# (Version 1 is the first release; SCHEMA below always describes the newest layout.)
+# What an older file lacks that SCHEMA cannot add by itself: the columns added to tables it
+# already has, per version (N-1 → N), applied in order at start-up. Every table and index comes
+# from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on every start), so every
+# starting point — a new file, each of our earlier versions, the older program's file — ends
+# with exactly a new file's schema (issue 21: a moved-over file once lacked two indexes).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
-    2: ("CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at)",),
-    3: (),  # playlist_state: a new table, created by SCHEMA
+    2: (),  # jobs_status_updated: an index, made by SCHEMA
+    3: (),  # playlist_state: a new table, made by SCHEMA
     # The journal (issue 16): each write's values before and after, the person, the target's
     # item, and why it was made; jobs carry their cause; held changes are found by source.
     4: (
@@ -1012,9 +1015,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sync_log ADD COLUMN after TEXT",
         "ALTER TABLE sync_log ADD COLUMN cause TEXT",
         "ALTER TABLE jobs ADD COLUMN cause TEXT NOT NULL DEFAULT ''",
-        "CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause)",
         "ALTER TABLE jobs ADD COLUMN removal INTEGER NOT NULL DEFAULT 0",
-        "CREATE INDEX IF NOT EXISTS jobs_removal ON jobs (source, user_key, removal, created_at)",
     ),
 }
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1038,6 +1039,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (target, status, due_at);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field, status);
 CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
+-- The brake counts a source's removals for one person (Store.brake).
+CREATE INDEX IF NOT EXISTS jobs_removal ON jobs (source, user_key, removal, created_at);
 -- What we know of each server's state, per user and item and field: the value (from an
 -- event, a read or our own write) and when it was observed (newest wins, DESIGN.md §4).
 CREATE TABLE IF NOT EXISTS state (
@@ -1071,6 +1074,7 @@ CREATE TABLE IF NOT EXISTS sync_log (
     -- the write changed) and why: "event:<inbox id>", "pass:<n>", "undo:<n>", "import:<n>"…
     user_key TEXT, item_id TEXT, before TEXT, after TEXT, cause TEXT);
 CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
+CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause);
 -- The last agreed members of each person's playlist (by name), as cross-server item keys.
 CREATE TABLE IF NOT EXISTS playlist_state (
     user_key TEXT NOT NULL, name_key TEXT NOT NULL, members TEXT NOT NULL, updated_at REAL NOT NULL,
@@ -1107,10 +1111,46 @@ def _statements(script: str) -> list[str]:
     return out
 
 
-def _older_program_tables(conn: sqlite3.Connection) -> bool:
-    """The file is the older program's: its queue table is there, and no meta table of ours."""
-    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    return "pending_events" in names and "meta" not in names
+def examine_database(path: str) -> tuple[str, int]:
+    """What the file at ``path`` holds, read without changing it: ("ours", its schema version;
+    0 for a new or absent file) or ("older", 0) for the older program's (its queue table and no
+    meta table of ours). A file we cannot or must not use raises StoreError saying what to do:
+    not SQLite, damaged, another application's tables (looked at, never touched), or a newer
+    release's schema."""
+    if path == ":memory:" or not Path(path).exists():
+        return "ours", 0
+    redo = "Move it away to start fresh, or put back a backup made with --backup."
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            found = (
+                conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if "meta" in names
+                else None
+            )
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path} is not a usable SQLite database ({e}). {redo}") from None
+    if check != "ok":
+        raise StoreError(f"{path} is damaged (integrity check: {check}). {redo}")
+    if "meta" not in names and "pending_events" in names:
+        return "older", 0
+    if "meta" not in names and {n for n in names if not n.startswith("sqlite_")}:
+        raise StoreError(
+            f"{path} holds another application's tables ({', '.join(sorted(names)[:4])}), not "
+            "jellyfin-db-sync's; nothing was changed in it. Set database.path (JDS_DATABASE_PATH) "
+            "to a file of its own."
+        )
+    version = int(found[0]) if found else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer jellyfin-db-sync (schema {version}, this program knows "
+            f"{SCHEMA_VERSION}): upgrade the program, or use a backup."
+        )
+    return "ours", version
 
 
 class OlderDatabase:
@@ -1477,7 +1517,7 @@ class PlanTx:
         rating cleared, position reset) from ``source`` for one person since ``since``, hold
         every such change not yet applied. Returns how many jobs it holds (0: below the limit)."""
         n = self.c.execute(
-            "SELECT count(DISTINCT source_item_id) FROM jobs INDEXED BY jobs_removal WHERE source=? AND user_key=? "
+            "SELECT count(DISTINCT source_item_id) FROM jobs WHERE source=? AND user_key=? "
             "AND removal=1 AND created_at>=? AND status NOT IN ('discarded', 'superseded')",
             (source, user_key, since),
         ).fetchone()[0]
@@ -1528,43 +1568,24 @@ class Store:
             if problem:
                 raise StoreError(problem)  # not "damaged": nothing is wrong with the file
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = self._conn()
-            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        except sqlite3.DatabaseError as e:
-            raise StoreError(
-                f"{path} is not a usable SQLite database ({e}). Move it away to start fresh, "
-                "or put back a backup made with --backup."
-            ) from None
-        if check != "ok":
-            raise StoreError(
-                f"{path} is damaged (integrity check: {check}). Move it away to start fresh, "
-                "or put back a backup made with --backup."
-            )
+        kind, version = examine_database(path)  # before our connection sets WAL mode on it
+        conn = self._conn()
         with self._write_lock:
-            found = (
-                conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-                else None
-            )
-            version = int(found[0]) if found else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{path} was written by a newer jellyfin-db-sync (schema {version}, this "
-                    f"program knows {SCHEMA_VERSION}): upgrade the program, or use a backup."
-                )
-            if not found and _older_program_tables(conn):
+            if kind == "older":
                 OlderDatabase(path, conn).migrate()
                 return
-            conn.executescript(SCHEMA)  # every statement is CREATE … IF NOT EXISTS
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for n in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                # Columns first (an index of SCHEMA may name one), then every missing table and
+                # index: also repairs a file an earlier release left without one.
+                for n in range(version + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS.get(n, ()):
-                        added = _ADD_COLUMN.match(statement)
-                        if added and added[2] in {r[1] for r in conn.execute(f"PRAGMA table_info({added[1]})")}:
-                            continue  # a new file: SCHEMA made the column already
-                        conn.execute(statement)
+                        table, column = _ADD_COLUMN.match(statement).groups()
+                        columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                        if columns and column not in columns:  # no table yet: SCHEMA makes it whole
+                            conn.execute(statement)
+                for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
+                    conn.execute(statement)
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
@@ -3822,6 +3843,9 @@ class Syncer:
         # webhook committed after that look sees it set and wakes the planner; one committed
         # before it is found by the look. While the planner is busy nobody takes the lock.
         self._planner_may_sleep = False
+        # The planner's last failure, until a batch plans again: readiness and the dashboard
+        # say so at once, not only when the oldest unplanned webhook is a minute old.
+        self.planner_error: str | None = None
         self._target_wake = {s.name: threading.Condition() for s in config.servers}
         self.server_health = ServerHealth(clients)
         self.health = self.server_health.state  # server → its last check (for the Web)
@@ -4226,12 +4250,14 @@ class Syncer:
                     # events still plan at once.
                     self.stop_event.wait(PLANNER_BURST_PAUSE)
                 pause = 1.0
+                self.planner_error = None
                 if planned:
                     continue
             except Exception as e:
                 # Rows that cannot be planned are marked failed by plan_pending; what gets here
                 # is the database itself (locked, full, read-only), which a later try may find mended.
-                log.error("planner: %s; trying again in %.0f s", _error_text(e), pause)
+                self.planner_error = _error_text(e)
+                log.error("planner: %s; trying again in %.0f s", self.planner_error, pause)
                 self.stop_event.wait(pause)
                 pause = min(pause * 2, 60.0)
                 continue
@@ -6581,7 +6607,9 @@ class Readiness:
         dead = [t.name for t in self.threads() if not t.alive()]
         if dead:
             reasons.append(f"thread stopped (being restarted): {', '.join(dead)}")
-        if age > STUCK_SECONDS:
+        if self.syncer.planner_error:
+            reasons.append(f"webhooks cannot be planned: {self.syncer.planner_error}")
+        elif age > STUCK_SECONDS:
             reasons.append(f"stuck: the oldest unplanned webhook arrived {age:.0f} s ago")
         return reasons
 
@@ -7293,8 +7321,22 @@ def check_config(config: Config) -> int:
             value = url_shown(value)
         mark = "" if value == setting.default else "   (changed)"
         print(f"  {setting.key}: {value if not isinstance(value, tuple) else list(value)}{mark}")
-    problem = folder_problem(config.database_path)
-    print(f"✗ database: {problem}" if problem else f"✓ database: {config.database_path} can be written")
+    path = config.database_path
+    problem, kind, version = folder_problem(path), "ours", SCHEMA_VERSION
+    try:
+        kind, version = examine_database(path) if not problem else (kind, version)
+    except StoreError as e:
+        problem = str(e)
+    if problem:
+        print(f"✗ database: {problem}")
+    elif not Path(path).exists():
+        print(f"✓ database: {path} is created at start")
+    elif kind == "older":
+        print(f"✓ database: {path} is the older jellyfin-db-sync's; moved over at start (copied beside itself first)")
+    elif version < SCHEMA_VERSION:
+        print(f"✓ database: {path} (schema {version}) is upgraded to schema {SCHEMA_VERSION} at start")
+    else:
+        print(f"✓ database: {path} can be used")
     failures = 1 if problem else 0
     for s in config.servers:
         client = JellyfinClient(s, timeout=5)

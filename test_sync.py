@@ -2640,6 +2640,27 @@ def test_a_stuck_planner_or_a_dead_thread_shows_in_readyz_and_metrics_and_is_res
     eventually(lambda: svc.call("GET", "/readyz")[0] == 200, 5, what="ready again")
 
 
+def test_a_planner_that_keeps_failing_is_not_ready_at_once_and_says_why(cluster, monkeypatch):
+    monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 0.0)  # STUCK_SECONDS stays a minute
+    c = cluster()
+    svc, syncer = c.svc, c.svc.service.syncer
+    real = syncer.plan_pending
+
+    def fails():  # what a file without an index its statements name did (issue 21)
+        raise jds.sqlite3.OperationalError("no such index: jobs_removal")
+
+    monkeypatch.setattr(syncer, "plan_pending", fails)
+    c["home"].user_marks("alice", "Heat", True)
+    eventually(lambda: svc.call("GET", "/readyz")[0] == 503, 10, what="readyz 503 before a minute")
+    problems = svc.call("GET", "/api/status")[1]["problems"]
+    assert len(problems) == 1 and problems[0].startswith("webhooks cannot be planned:"), problems
+    assert "no such index: jobs_removal" in problems[0]
+    monkeypatch.setattr(syncer, "plan_pending", real)
+    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], 30, what="the change once planning works")
+    eventually(lambda: svc.call("GET", "/readyz")[0] == 200, 5, what="ready again")
+    assert svc.call("GET", "/api/status")[1]["problems"] == []
+
+
 @pytest.mark.slow
 def test_readyz_is_cheap_and_bounded_while_the_database_is_locked(cluster, monkeypatch):
     monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 1.0)  # a shorter cache, the same rules
@@ -2914,19 +2935,22 @@ CREATE TABLE item_path_cache (id INTEGER PRIMARY KEY AUTOINCREMENT, server_name 
 """
 
 
-def older_database(path: Path, home: FakeJellyfin) -> None:
-    """The older program's file, as a user switching from it has it: WAL, owed changes, history."""
+OLDER_OWED = [
+    ("watched", "parents", "Arrival", {"is_played": True}, "pending"),
+    ("favorite", "public", "Dune", {"is_favorite": True}, "failed"),
+    ("progress", "parents", "Heat", {"position_ticks": 42 * 10**7}, "waiting_for_item"),
+    ("audio_stream", "parents", "Heat", {"audio_stream_index": 1}, "pending"),
+    ("watched", "public", "Heat", {"is_played": True}, "completed"),  # done: nothing owed
+]
+
+
+def older_database(path: Path, home: FakeJellyfin, owed: list[tuple] = OLDER_OWED) -> None:
+    """The older program's file, as a user switching from it has it: WAL, owed changes (kind,
+    target, item, its event_data, status), history."""
     conn = jds.sqlite3.connect(str(path))
     conn.execute("PRAGMA journal_mode = WAL")
     conn.executescript(OLDER_SCHEMA)
     uid = home.user("alice")
-    owed = [
-        ("watched", "parents", "Arrival", {"is_played": True}, "pending"),
-        ("favorite", "public", "Dune", {"is_favorite": True}, "failed"),
-        ("progress", "parents", "Heat", {"position_ticks": 42 * 10**7}, "waiting_for_item"),
-        ("audio_stream", "parents", "Heat", {"audio_stream_index": 1}, "pending"),
-        ("watched", "public", "Heat", {"is_played": True}, "completed"),  # done: nothing owed
-    ]
     for kind, target, item, data, status in owed:
         conn.execute(
             "INSERT INTO pending_events (event_type, source_server, target_server, username, user_id, item_id,"
@@ -2968,6 +2992,114 @@ def test_the_older_programs_database_is_carried_over_once(cluster, caplog):
     c.start()  # a second start finds nothing left to migrate
     assert "older jellyfin-db-sync" not in caplog.text
     assert len(list(c.tmp.glob("sync.db.older-*.bak"))) == 1
+
+
+def schema_of(path: Path) -> dict:
+    """A file's schema as SQLite sees it: each table's columns (and WITHOUT ROWID), each index's
+    table and columns. (The CREATE text of a table that gained columns by ALTER differs from a
+    new one's while meaning the same, so the text itself is not compared; SQLite's own tables,
+    such as the sqlite_sequence the older program's AUTOINCREMENT left, cannot be dropped.)"""
+    conn = jds.sqlite3.connect(str(path))
+    out = {}
+    for type_, name, table in conn.execute(
+        "SELECT type, name, tbl_name FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite%'"
+    ):
+        if type_ == "table":
+            rowid = conn.execute("SELECT wr FROM pragma_table_list WHERE name=?", (name,)).fetchone()[0]
+            out[name] = (type_, rowid, [tuple(r) for r in conn.execute(f"PRAGMA table_info({name})")])
+        else:
+            out[name] = (type_, table, [r[2] for r in conn.execute(f"PRAGMA index_info({name})")])
+    conn.close()
+    return out
+
+
+@pytest.mark.parametrize("start", ["v1", "v2", "v3", "v4-older", "older program", "older program, nothing owed"])
+def test_every_starting_file_ends_with_a_new_files_schema(tmp_path, fake_servers, start):
+    fresh = tmp_path / "fresh.db"
+    jds.Store(str(fresh)).close()
+    db = tmp_path / "sync.db"
+    if start.startswith("older program"):
+        (home,) = fake_servers("home")
+        home.add_user("alice")
+        for name, type_, path, prov in LIBRARY:
+            home.add_item(name, type_, path, provider_ids=prov)
+        older_database(db, home, [] if "nothing owed" in start else OLDER_OWED)
+    else:  # our own earlier releases' files, as each created them (fixtures/schemas)
+        conn = jds.sqlite3.connect(str(db))
+        conn.executescript((HERE / "fixtures" / "schemas" / f"{start}.sql").read_text())
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (start[1],))
+        conn.commit()
+        conn.close()
+    assert schema_of(db) != schema_of(fresh)
+    store = jds.Store(str(db))
+    assert store.get_meta("schema_version") == str(jds.SCHEMA_VERSION)
+    store.close()
+    assert schema_of(db) == schema_of(fresh), start
+    jds.Store(str(db)).close()  # and a second start changes nothing
+    assert schema_of(db) == schema_of(fresh)
+
+
+def test_another_applications_database_is_looked_at_and_left_alone(tmp_path, fake_servers):
+    fakes = fake_servers("home", "parents")
+    cfg = write_config(tmp_path, fakes)
+    db = tmp_path / "sync.db"
+    conn = jds.sqlite3.connect(str(db))
+    conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, path TEXT)")
+    conn.execute("INSERT INTO photos (path) VALUES ('/pictures/a.jpg')")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 1 and "✗ database:" in res.stdout and "another application's tables" in res.stdout
+    res = run_cli("--config", str(cfg))
+    assert res.returncode == 1 and "another application's tables" in res.stderr and "Traceback" not in res.stderr
+    assert db.read_bytes() == before, "not a byte of its file changed (no tables of ours, no WAL mode)"
+
+
+def test_switching_from_the_older_program_then_played_and_unplayed_changes_travel(tmp_path, fake_servers):
+    """The user's path: the older program ran on its own example config and still owes changes
+    (one of them a removal); our program starts on the same config and file; then a played and
+    an unplayed change by webhook reach the other server, and nothing is stuck."""
+    home, parents = fake_servers("home", "parents")
+    for f in (home, parents):
+        f.add_user("alice")
+        for name, type_, path, prov in LIBRARY:
+            f.add_item(name, type_, path, provider_ids=prov)
+    parents.mark_played(parents.user("alice"), parents.item("Heat"))  # the owed removal undoes this
+    config = tmp_path / "older.yaml"
+    config.write_text(older_example([home, parents], tmp_path))
+    older_database(
+        tmp_path / "older.db",
+        home,
+        [
+            ("watched", "parents", "Arrival", {"is_played": True}, "pending"),
+            ("watched", "parents", "Heat", {"is_played": False}, "failed"),
+        ],
+    )
+    check = run_cli("--check-config", "--config", str(config))
+    assert "is the older jellyfin-db-sync's; moved over at start" in check.stdout, check.stdout
+    port = jds.load_config(config, {}).port
+    proc = start_process(config, port)
+    svc = Running.__new__(Running)  # only its call(): the service is the process
+    svc.port = port
+    for f in (home, parents):
+        f.webhook_url = f"http://127.0.0.1:{port}/webhook/{f.name}"
+    # What the older program owed arrives, the removal included.
+    eventually(lambda: parents.ud("alice", "Arrival")["Played"], 30, what="the owed played change")
+    eventually(lambda: not parents.ud("alice", "Heat")["Played"], 30, what="the owed unplayed change")
+    home.user_marks("alice", "Dune", True)
+    eventually(lambda: parents.ud("alice", "Dune")["Played"], 30, what="a played change by webhook")
+    home.user_marks("alice", "Dune", False)
+    eventually(lambda: not parents.ud("alice", "Dune")["Played"], 45, what="an unplayed change by webhook")
+    assert svc.call("GET", "/readyz")[0] == 200
+    status = svc.call("GET", "/api/status")[1]
+    assert status["problems"] == [] and status["migration"]["owed"] == 2
+    shut_down(proc, [])
+    text = proc.log_path.read_text()
+    assert "no such index" not in text and "ERROR" not in text and "Traceback" not in text, text
+    assert schema_of(tmp_path / "older.db") == schema_of(jds.Store(str(tmp_path / "fresh.db")).path)
+    check = run_cli("--check-config", "--config", str(config))
+    assert check.returncode == 0 and f"✓ database: {tmp_path / 'older.db'} can be used" in check.stdout
 
 
 def key_paths(value: object, path: str = "") -> set[str]:

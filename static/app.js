@@ -307,7 +307,7 @@ async function setupWebhook(name) {
   refresh();
 }
 
-function renderProblems(jobs) {
+function renderProblems(jobs, pipeline) {
   const rows = jobs.map((j) => el("tr", { "data-job": j.id },
     el("td", { "data-label": "When" }, ago(j.created_at)),
     el("td", { "data-label": "User" }, j.username),
@@ -321,7 +321,14 @@ function renderProblems(jobs) {
       el("button", { type: "button", "aria-label": `Discard job ${j.id}`, onclick: () => act("discard", j.id) }, "Discard"))));
   $("problems").querySelector("tbody").replaceChildren(...rows);
   $("problems").hidden = rows.length === 0;
-  $("problems-empty").hidden = rows.length !== 0;
+  // Changes only show here once planned: while the pipeline itself is stuck, say that rather
+  // than "Nothing is stuck" under a "Not syncing" banner.
+  const empty = $("problems-empty");
+  empty.textContent = pipeline.length
+    ? `Nothing listed, but new changes are not being planned: ${pipeline.join("; ")}.`
+    : "Nothing is stuck.";
+  empty.className = pipeline.length ? "bad" : "muted";
+  empty.hidden = rows.length !== 0;
 }
 
 function renderUsers(u) {
@@ -384,7 +391,7 @@ async function refresh() {
     renderChart("chart", "chart-total", d.timeline, ["1 h ago", "now"]);
     renderChart("chart-day", "chart-day-total", d.hourly, ["24 h ago", "now"]);
     renderFeed(d.log);
-    renderProblems([...d.failed, ...d.waiting]);
+    renderProblems([...d.failed, ...d.waiting], d.status.problems || []);
     renderUsers(d.users);
     if (d.reconcile) renderReconcile(d.reconcile);
     renderHeld(d.held || []);
