@@ -1555,6 +1555,9 @@ class Store:
         self._ingest_idle = False  # the ingest thread waits for rows: the next one must notify it
         self._ingest_gathering = False  # it waits for a batch to fill: a full one must notify it
         self._last_batch = 0
+        # Why the last webhook could not be committed (disk full, I/O error), until one can:
+        # readiness then tries a write of its own, so it recovers without waiting for a webhook.
+        self.intake_error: str | None = None
         try:
             self._open()
         except sqlite3.Error as e:
@@ -1706,9 +1709,12 @@ class Store:
                     self._write_lock.release()
                 for i, e in enumerate(batch):  # rowids of one statement are consecutive
                     e.id = last - len(batch) + 1 + i
+                self.intake_error = None
             except Exception as exc:  # disk full, locked, I/O error: every sender gets a 503
                 for e in batch:
                     e.id, e.error = 0, exc
+                if "locked" not in str(exc) and "busy" not in str(exc):  # a lock passes by itself
+                    self.intake_error = str(exc)
             for e in batch:
                 e.done.release()
 
@@ -2387,7 +2393,24 @@ class Store:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            if not self.intake_error:
+                conn.execute("ROLLBACK")
+                return
+            # The last webhook could not be stored (a full disk, say): only a committed write
+            # that needs room like a webhook's row says whether one can be stored again. Its
+            # row is deleted in the same transaction: nothing of it stays.
+            try:
+                cur = conn.execute(
+                    "INSERT INTO inbox (server, event, received_at, body, planned) VALUES ('', 'probe', 0, ?, 2)",
+                    ("x" * 4096,),
+                )
+                conn.execute("DELETE FROM inbox WHERE id = ?", (cur.lastrowid,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"webhooks cannot be stored: {e}") from None
+            self.intake_error = None
         finally:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._write_lock.release()

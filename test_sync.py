@@ -2661,6 +2661,41 @@ def test_a_planner_that_keeps_failing_is_not_ready_at_once_and_says_why(cluster,
     assert svc.call("GET", "/api/status")[1]["problems"] == []
 
 
+def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(tmp_path, fake_servers):
+    """A full disk, as the service meets it: a file-size limit on its process (as a nearly full
+    volume would), so the database cannot grow; then room again, without a restart."""
+    import resource
+
+    home, parents = fake_servers("home", "parents")
+    for f in (home, parents):
+        f.add_user("alice")
+        f.add_item("Heat", "Movie", "/media/movies/Heat (1995)/Heat.mkv")
+    port = free_port()
+    config = write_config(tmp_path, [home, parents], port=port)
+
+    def small_volume():  # in the child, before the program starts
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))
+
+    proc = start_process(config, port, preexec_fn=small_volume)
+    svc = Running.__new__(Running)  # only its call(): the service is the process
+    svc.port = port
+    body = home.played_payload(home.user("alice"), home.item("Heat"))
+    answers = []
+    for i in range(4000):
+        body["Provider_Note"] = f"{i:05}" + "x" * 8000  # distinct webhooks, each needing room of its own
+        answers.append(svc.call("POST", "/webhook/home", body)[0])
+        if answers[-1] == 503:
+            break
+    assert answers[-1] == 503 and set(answers[:-1]) == {202}, answers[-3:]
+    status, ready = eventually(lambda: (r := svc.call("GET", "/readyz"))[0] == 503 and r, 10, what="not ready")
+    assert "webhooks cannot be stored" in json.dumps(ready), ready
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    eventually(lambda: svc.call("GET", "/readyz")[0] == 200, 10, what="ready again without a webhook")
+    assert svc.call("POST", "/webhook/home", body)[0] == 202
+    shut_down(proc, [])
+
+
 @pytest.mark.slow
 def test_readyz_is_cheap_and_bounded_while_the_database_is_locked(cluster, monkeypatch):
     monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 1.0)  # a shorter cache, the same rules
@@ -4041,7 +4076,7 @@ def shut_down(proc: subprocess.Popen, fakes: list[FakeJellyfin]) -> None:
 
 
 def start_process(
-    config_path: Path, port: int, program: list[str] | None = None, env: dict | None = None
+    config_path: Path, port: int, program: list[str] | None = None, env: dict | None = None, preexec_fn=None
 ) -> subprocess.Popen:
     """The service as a separate process (``program``: the interpreter and script to run), once
     it answers /healthz."""
@@ -4057,6 +4092,7 @@ def start_process(
             text=True,
             env={**os.environ, **(env or {})},
             cwd=HERE,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - sets a limit, nothing that could deadlock
         )
     proc.log_path = log_file  # type: ignore[attr-defined]
     STARTED.append(proc)  # stopped by the stop_started_processes fixture, whatever the test's outcome
