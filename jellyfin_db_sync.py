@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import glob
 import hmac
 import http.client
 import inspect
@@ -7424,10 +7425,15 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def drop_privileges(path: str, env: dict[str, str]) -> str | None:
-    """The linuxserver way, for images started as root: with PUID (and PGID, UMASK) set, the
-    folders of the config file and the database are given to that user, and the process goes on
-    as that user. Started as a user already (docker --user), or without PUID, nothing changes.
-    Returns what was done, for the log."""
+    """The linuxserver way, for images started as root: with PUID (and PGID, UMASK) set, what is
+    ours is given to that user and the process goes on as that user. Started as a user already
+    (docker --user), or without PUID, nothing changes. Returns what was done, for the log.
+
+    Ours means the config file, the database with its -wal and -shm, the backups we made beside
+    them, and a folder we create for them. A folder that was there is given only if it holds
+    nothing else (Docker makes a missing host folder as root, empty): never a shared one, and
+    nothing inside one is looked at beyond its own entries (a share mounted at /data keeps its
+    owners; the database's folder must then be writable by PUID, which the start says)."""
     if not env.get("PUID", "").strip() or not hasattr(os, "getuid") or os.getuid() != 0:
         return None
     try:
@@ -7438,14 +7444,27 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
         raise ConfigError("PUID and PGID must be numbers, UMASK an octal number like 022") from None
     if umask is not None:
         os.umask(umask)
-    folders = {Path(path).absolute().parent, Path(_default_database_path(path)).parent}
+    config_file = Path(path).absolute()
+    databases = {Path(_default_database_path(path)).absolute()}
     with suppress(ConfigError):  # no usable config yet: setup mode writes one, with the default path
-        folders.add(Path(load_config(path).database_path).absolute().parent)
-    for folder in sorted(folders):
+        databases = {Path(load_config(path).database_path).absolute()}
+    ours = {config_file, *(Path(f"{db}{end}") for db in databases for end in ("", "-wal", "-shm"))}
+    for db in databases:  # the older program's file, kept beside ours when we moved it over
+        ours |= set(db.parent.glob(f"{glob.escape(db.name)}.older-*.bak"))
+    ours |= set(config_file.parent.glob(f"{glob.escape(config_file.name)}.*.bak"))  # setup's saves
+    given: list[Path] = []
+    for folder in sorted({config_file.parent, *(db.parent for db in databases)}):
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
-        for entry in (folder, *folder.rglob("*")):
-            with suppress(FileNotFoundError):
-                os.lchown(entry, uid, gid)
+        if made or all(entry in ours for entry in folder.iterdir()):
+            given += made or [folder]
+    given += sorted(p for p in ours if p.exists())
+    changed = []
+    for entry in given:
+        st = entry.lstat()
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.lchown(entry, uid, gid)
+            changed.append(str(entry))
     # Everything the service imports later, imported while its files can still be read.
     import socket  # noqa: F401
 
@@ -7456,7 +7475,7 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
-    return f"running as {uid}:{gid} (PUID/PGID); {', '.join(str(f) for f in sorted(folders))} given to it"
+    return f"running as {uid}:{gid} (PUID/PGID); given to it: {', '.join(changed) or 'nothing (all was its already)'}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4213,7 +4213,7 @@ def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(tmp_path, 
     assert not any(locked.iterdir()), "nothing was written"
 
 
-def test_puid_and_pgid_give_the_folders_to_that_user_and_run_as_it(fake_servers):
+def test_puid_and_pgid_give_what_is_ours_to_that_user_and_run_as_it(fake_servers):
     # As the image does when started as root with PUID/PGID (the linuxserver way). In a folder
     # of its own: pytest's temporary folders are root's alone, which that user could not enter.
     import yaml
@@ -4221,18 +4221,22 @@ def test_puid_and_pgid_give_the_folders_to_that_user_and_run_as_it(fake_servers)
     top = Path(tempfile.mkdtemp(prefix="jds-puid-"))
     try:
         top.chmod(0o755)
-        config_dir, data_dir = top / "config", top / "data"
+        config_dir, share = top / "config", top / "share"
         config_dir.mkdir()
-        data_dir.mkdir()
-        (data_dir / "old.db").write_text("made by root")
+        share.mkdir()
+        share.chmod(0o777)  # a shared folder anyone may write, holding others' files
+        (share / "photos").mkdir()
+        (share / "photos" / "a.jpg").write_text("someone else's")
+        (share / "notes.txt").write_text("someone else's")
+        database = share / "jds" / "sync.db"  # a folder of ours, made by the start, in the share
         cfg = write_config(config_dir, fake_servers("home", "parents"))
         data = yaml.safe_load(cfg.read_text())
-        data["database"]["path"] = str(data_dir / "sync.db")
+        data["database"]["path"] = str(database)
         cfg.write_text(yaml.safe_dump(data))
         probe = (
             "import os, sys, jellyfin_db_sync as j;"
             f"print(j.drop_privileges({str(cfg)!r}, dict(os.environ)));"
-            f"open({str(data_dir / 'new')!r}, 'w').write('x');"
+            f"j.Store({str(database)!r}).close();"
             "print(os.getuid(), os.getgid(), oct(os.umask(0)))"
         )
         env = {**os.environ, "PUID": "65534", "PGID": "65533", "UMASK": "027", "PYTHONPATH": str(HERE)}
@@ -4242,8 +4246,11 @@ def test_puid_and_pgid_give_the_folders_to_that_user_and_run_as_it(fake_servers)
         assert out.returncode == 0, out.stderr
         said, ids = out.stdout.strip().splitlines()
         assert "running as 65534:65533" in said and ids == "65534 65533 0o27"
-        for path in (config_dir, cfg, data_dir, data_dir / "old.db", data_dir / "new"):
+        assert str(cfg) in said and str(database.parent) in said, "the log says what was given"
+        for path in (config_dir, cfg, database.parent, database):
             assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65533), path
+        for path in (share, share / "photos", share / "photos" / "a.jpg", share / "notes.txt"):
+            assert (path.stat().st_uid, path.stat().st_gid) == (0, 0), f"{path} is not ours: left alone"
         # Without PUID nothing changes (started with --user, or not in Docker at all).
         env.pop("PUID")
         out = subprocess.run(
