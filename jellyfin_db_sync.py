@@ -39,6 +39,7 @@ import collections
 import copy
 import dataclasses
 import difflib
+import errno
 import functools
 import glob
 import hmac
@@ -51,6 +52,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -73,6 +75,7 @@ DEFAULT_CONFIG_PATHS = ("/config/config.yaml", "./config.yaml")
 STATIC_ROOT = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
 CONNECTION_LIMIT = 500  # open connections Waitress accepts at once (its default, 100, was easy to fill)
+CONNECTIONS_PER_ADDRESS = 64  # of which one client may hold at most this many (PerAddressListener)
 CHANNEL_TIMEOUT = 30  # seconds a connection may stay idle (Waitress' default: 120)
 WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
@@ -7078,14 +7081,76 @@ def keep_to_one_cpu(setting: str) -> int | None:
     return cpu
 
 
+class PerAddressListener(socket.socket):
+    """The socket the service listens on (given to Waitress through its documented ``sockets``
+    argument): it keeps at most CONNECTIONS_PER_ADDRESS connections open from one client (an
+    IPv4 address or an IPv6 /64) and closes the rest as soon as they arrive. One host holding a
+    thousand idle or trickling connections then uses 64 of Waitress' CONNECTION_LIMIT, and a
+    webhook from any other host is still taken in (the plugin never sends one again)."""
+
+    @classmethod
+    def on(cls, host: str, port: int) -> list[PerAddressListener]:
+        """One listener per address ``host`` names (as Waitress' own ``listen`` would bind):
+        "localhost" is ::1 and 127.0.0.1."""
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return [cls(family, address) for family, _, _, _, address in dict.fromkeys(found)]
+
+    def __init__(self, family: int, address: tuple):
+        super().__init__(family, socket.SOCK_STREAM)
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.bind(address)
+        self._open: collections.Counter[str] = collections.Counter()  # guarded by _open_lock
+        self._open_lock = threading.Lock()
+        self._said: dict[str, float] = {}  # client → when its refusals were last logged
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, address = super().accept()
+        who = client_key(address[0]) if isinstance(address, tuple) else "local"
+        with self._open_lock:
+            full = self._open[who] >= CONNECTIONS_PER_ADDRESS
+            if not full:
+                self._open[who] += 1
+        if full:
+            conn.close()
+            if time.monotonic() - self._said.get(who, -HOUR) > 60:
+                self._said[who] = time.monotonic()
+                log.warning(
+                    "connections from %s refused: it holds %d open already (at most a minute apart, this line)",
+                    who,
+                    CONNECTIONS_PER_ADDRESS,
+                )
+            # Waitress takes this as a connection that went away before it was accepted.
+            raise ConnectionAbortedError(errno.ECONNABORTED, f"too many connections from {who}")
+        counted = _CountedConnection(conn.family, conn.type, conn.proto, fileno=conn.detach())
+        counted.on_close = functools.partial(self._release, who)
+        return counted, address
+
+    def _release(self, who: str) -> None:
+        with self._open_lock:
+            self._open[who] -= 1
+            if self._open[who] <= 0:
+                del self._open[who]
+
+
+class _CountedConnection(socket.socket):
+    """An accepted connection that tells its listener when it is closed (once)."""
+
+    on_close: Any = None
+
+    def close(self) -> None:
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+        super().close()
+
+
 def make_waitress(app: Any, host: str, port: int) -> Any:
     """The Waitress server every mode of the service runs behind."""
     import waitress
 
     return waitress.create_server(
         app,
-        host=host,
-        port=port,
+        sockets=PerAddressListener.on(host, port),
         threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
         ident="jellyfin-db-sync",
         max_request_body_size=MAX_BODY_BYTES + 1024,
@@ -7466,8 +7531,6 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
             os.lchown(entry, uid, gid)
             changed.append(str(entry))
     # Everything the service imports later, imported while its files can still be read.
-    import socket  # noqa: F401
-
     import bottle  # noqa: F401
     import waitress  # noqa: F401
     import yaml  # noqa: F401

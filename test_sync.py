@@ -2696,6 +2696,33 @@ def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(tmp
     shut_down(proc, [])
 
 
+def test_one_host_holding_a_thousand_connections_cannot_keep_webhooks_out(cluster, caplog):
+    c = cluster()
+    svc, home = c.svc, c["home"]
+    held = []
+    try:
+        for i in range(1000):  # from 127.0.0.2: another host, as far as the service can tell
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", int(svc.port)))
+            if i % 2:
+                with contextlib.suppress(OSError):  # refused at once: reset
+                    s.send(b"P")  # the first byte of a request that trickles in
+            held.append(s)
+        for round_ in range(3):  # while they are held, and trickle on
+            for s in held[1::2]:
+                with contextlib.suppress(OSError):
+                    s.send(b"O")
+            body = home.played_payload(home.user("alice"), home.item("Heat"), UtcTimestamp=iso(time.time() + round_))
+            assert svc.call("POST", "/webhook/home", body)[0] == 202  # within the call's 10 s
+        eventually(lambda: "connections from 127.0.0.2 refused" in caplog.text, what="the refusal said")
+        assert caplog.text.count("connections from 127.0.0.2 refused") == 1, "once a minute at most"
+        eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="the webhook's change")
+    finally:
+        for s in held:
+            s.close()
+
+
 @pytest.mark.slow
 def test_readyz_is_cheap_and_bounded_while_the_database_is_locked(cluster, monkeypatch):
     monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 1.0)  # a shorter cache, the same rules
