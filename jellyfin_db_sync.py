@@ -55,6 +55,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -1576,6 +1577,14 @@ class Store:
                 raise StoreError(problem)  # not "damaged": nothing is wrong with the file
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kind, version = examine_database(path)  # before our connection sets WAL mode on it
+        if path != ":memory:":
+            # Its owner's only: it holds generated passwords and everyone's history. SQLite
+            # gives its -wal and -shm files the database file's mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            for name in (path, f"{path}-wal", f"{path}-shm"):
+                with suppress(FileNotFoundError):
+                    if os.stat(name).st_mode & 0o077:
+                        os.chmod(name, 0o600)
         conn = self._conn()
         with self._write_lock:
             if kind == "older":
@@ -1803,7 +1812,12 @@ class Store:
             return n
 
     def backup(self, dest: str) -> int:
-        """An online copy (the service may keep running): SQLite's backup API. Returns bytes."""
+        """An online copy (the service may keep running): SQLite's backup API, into a new file
+        that is its owner's only (it holds generated passwords). Returns bytes."""
+        try:
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise StoreError(f"{dest} exists already: give the backup a new name, or remove it first") from None
         target = sqlite3.connect(dest)
         try:
             self._conn().backup(target)
@@ -6737,9 +6751,12 @@ class Setup:
     Saving writes the config file atomically, readable by its owner only, and hands the new
     Config to ``on_saved``, which starts syncing without a restart."""
 
-    def __init__(self, path: str, on_saved: Any):
+    def __init__(self, path: str, on_saved: Any, problem: str = ""):
         self.path = path
         self.on_saved = on_saved
+        self.problem = problem  # why we are in setup mode, shown on the page
+        self._save_lock = threading.Lock()  # one save at a time; guards started
+        self.started = False  # a save started the service: never a second one
         self.code = "-".join(secrets.token_hex(2) for _ in range(3))
         self.app = _json_errors_bottle()
         a = self.app
@@ -6767,7 +6784,14 @@ class Setup:
         (shown read-only: a variable wins over the file)."""
         fixed = {s.env: s.key for s in SETTINGS if s.env and os.environ.get(s.env, "").strip()}
         fixed.update({k: "servers" for k in os.environ if k.startswith("JDS_SERVER_") and os.environ[k].strip()})
-        return send({"config_path": self.path, "from_environment": sorted(fixed.items()), "version": __version__})
+        return send(
+            {
+                "config_path": str(Path(self.path).absolute()),
+                "problem": self.problem,
+                "from_environment": sorted(fixed.items()),
+                "version": __version__,
+            }
+        )
 
     def _body(self) -> dict:
         """The request's JSON, once the setup code checks out (403 otherwise)."""
@@ -6807,22 +6831,57 @@ class Setup:
 
     def save(self) -> str:
         body = self._body()
-        data = self._config_data(body, self.path)
-        try:
-            merged = copy.deepcopy(data)
-            apply_env(merged, dict(os.environ))
-            parse_config(merged, self.path)  # the same checks as at start-up, before writing
-        except ConfigError as e:
-            return send({"ok": False, "error": str(e)}, 400)
-        _write_private(self.path, yaml_dump(data))
-        config = load_config(self.path)
-        log.info("setup: configuration saved to %s; starting to sync", self.path)
-        try:
-            self.on_saved(config)
-        except StoreError as e:  # the database folder cannot be written, say: said, with the fix
-            log.error("setup: %s", e)
-            return send({"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500)
+        with self._save_lock:  # two saves at once would write the file twice and start twice
+            if self.started:
+                return send({"ok": False, "error": "already saved: syncing has started; reload the page"}, 409)
+            # Settings the page does not show (api_token, auth, database.path, every section
+            # of a file that was refused for one value) are kept: the page's values go over them.
+            data = self._kept(self._existing(), self._config_data(body, self.path))
+            try:
+                merged = copy.deepcopy(data)
+                apply_env(merged, dict(os.environ))
+                parse_config(merged, self.path)  # the same checks as at start-up, before writing
+            except ConfigError as e:
+                return send({"ok": False, "error": f"{e} (in {self.path} or on this page)"}, 400)
+            kept = keep_beside(self.path)
+            _write_private(self.path, yaml_dump(data))
+            config = load_config(self.path)
+            log.info(
+                "setup: configuration saved to %s%s; starting to sync",
+                self.path,
+                f" (the file it replaced is kept as {kept})" if kept else "",
+            )
+            try:
+                self.on_saved(config)
+            except StoreError as e:  # the database folder cannot be written, say: said, with the fix
+                log.error("setup: %s", e)
+                return send({"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500)
+            self.started = True
         return send({"ok": True, "message": f"saved to {self.path}; syncing has started"})
+
+    def _existing(self) -> dict:
+        """The file there now, as data (a file that is not YAML mapping: nothing to keep)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(self.path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _kept(existing: dict, page: dict) -> dict:
+        """The page's settings over the file's: its servers replace the file's, its webhook
+        token and sign-in go into the file's ``server`` section, and the file's database path
+        (and everything else) stays."""
+        data = copy.deepcopy(existing)
+        data["servers"] = page["servers"]
+        if page.get("server"):
+            section = data.get("server") if isinstance(data.get("server"), dict) else {}
+            data["server"] = {**section, **page["server"]}
+        database = data.get("database") if isinstance(data.get("database"), dict) else {}
+        data["database"] = {**page["database"], **database}
+        return data
 
     @staticmethod
     def _config_data(body: dict, path: str) -> dict:
@@ -6856,22 +6915,42 @@ def yaml_dump(data: dict) -> str:
     )
 
 
-def _write_private(path: str, text: str) -> None:
-    """Write a file atomically (a crash leaves the old one or the new one, never half) and
-    readable by its owner only: it holds API keys."""
+@contextmanager
+def private_file(path: str) -> Iterator[Any]:
+    """A text file to write that replaces ``path`` atomically once the block ends without an
+    error (a crash leaves the old file or the new one, never half), readable by its owner
+    only: config files hold API keys, exports people's histories. It is first written under a
+    new name of its own (mkstemp: O_EXCL, 0600, random): never a file or symlink planted
+    there, never another writer's."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        os.replace(name, target)
     finally:
         with suppress(FileNotFoundError):
-            tmp.unlink()
+            os.unlink(name)
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write a whole file atomically, its owner's only (see private_file)."""
+    with private_file(path) as f:
+        f.write(text)
+
+
+def keep_beside(path: str) -> str | None:
+    """Copy the file at ``path`` beside itself with the time in its name (``config.yaml.20261204-104800.bak``,
+    its owner's only) before it is replaced; None if there is none."""
+    source = Path(path)
+    if not source.is_file():
+        return None
+    kept = f"{path}.{datetime.now(UTC).strftime('%Y%m%d-%H%M%S-%f')}.bak"
+    _write_private(kept, source.read_text(encoding="utf-8", errors="replace"))
+    return kept
 
 
 def _default_database_path(config_path: str) -> str:
@@ -7302,10 +7381,8 @@ def _export_cli(service: Service, args: argparse.Namespace) -> int:
     data = Transfer(service.config, service.store, service.library, service.syncer.planner).export(
         {name_key(args.user)} if args.user else None
     )
-    tmp = f"{args.export}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with private_file(args.export) as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, args.export)
     for person, servers in sorted(data["people"].items()):
         print(f"{person}: " + ", ".join(f"{len(items)} items on {srv}" for srv, items in sorted(servers.items())))
     print(f"written to {args.export}")
@@ -7602,7 +7679,7 @@ def setup_mode(path: str, problem: str) -> int:
         service.start_workers()
         switch["service"], switch["app"] = service, service.app
 
-    setup = Setup(path, on_saved)
+    setup = Setup(path, on_saved, problem)
     switch["app"] = setup
     port = int(os.environ.get("JDS_PORT", "").strip() or SETTING["server.port"].default)
     host = os.environ.get("JDS_HOST", "").strip() or SETTING["server.host"].default
@@ -7698,8 +7775,6 @@ def backup_cli(config: Config, dest: str) -> int:
 def _reachable_host(host: str) -> str:
     """The name to put in a webhook URL: this machine's name when listening on every address."""
     if host in ("", "0.0.0.0", "::"):
-        import socket
-
         return socket.gethostname() or "localhost"
     return host
 

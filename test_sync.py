@@ -2019,7 +2019,11 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     quietly(home, "alice", "Heat", Rating=1.0)  # disliked
     quietly(home, "alice", "Pilot", Played=True, PlayCount=1, LastPlayedDate=when, Rating=10.0)
     out = c.tmp / "history.json"
+    victim = c.tmp / "someone-elses.txt"
+    victim.write_text("untouched")
+    (c.tmp / "history.json.tmp").symlink_to(victim)  # planted where the export once wrote first
     assert run_cli("--config", str(c.config_path), "--export", str(out)).returncode == 0
+    assert victim.read_text() == "untouched" and out.stat().st_mode & 0o777 == 0o600
     data = json.loads(out.read_text())
     assert data["format"] == jds.EXPORT_FORMAT and data["version"] == 1
     items = {e["name"]: e for e in data["people"]["alice"]["home"]}
@@ -3232,6 +3236,11 @@ def test_online_backup_and_retention(cluster):
     c.settle()
     res = run_cli("--config", str(c.config_path), "--backup", str(c.tmp / "backup.db"))
     assert res.returncode == 0 and "backup" in res.stdout
+    # The database, its WAL and the backup hold generated passwords: their owner's only.
+    for name in ("sync.db", "sync.db-wal", "backup.db"):
+        assert (c.tmp / name).stat().st_mode & 0o777 == 0o600, name
+    again = run_cli("--config", str(c.config_path), "--backup", str(c.tmp / "backup.db"))
+    assert again.returncode == 1 and "exists already" in again.stderr, "a backup never overwrites a file"
     copy_ = jds.sqlite3.connect(str(c.tmp / "backup.db"))
     assert copy_.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert copy_.execute("SELECT count(*) FROM sync_log WHERE result='ok'").fetchone()[0] >= 2
@@ -3540,6 +3549,51 @@ def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_o
     eventually(lambda: parents.ud("alice", "Heat")["Played"], what="a sync after the setup")
     shut_down(proc, [])
     assert proc.returncode == 0
+
+
+def test_saving_from_setup_mode_keeps_the_file_and_what_the_page_does_not_show_and_starts_once(tmp_path, fake_servers):
+    import yaml
+
+    home, parents = fakes = fake_servers("home", "parents")
+    for f in fakes:
+        f.add_user("alice")
+        f.add_item("Heat", "Movie", "/media/movies/Heat (1995)/Heat.mkv")
+    port = free_port()
+    path = write_config(tmp_path, fakes, port=port)
+    data = yaml.safe_load(path.read_text())
+    data["server"].update(
+        api_token="an-api-token-0123456789",
+        auth={"username": "admin", "password": "a-long-password-1"},
+        webhook_token="x" * 15,  # refused: too short, so the service starts in setup mode
+    )
+    data["database"]["path"] = str(tmp_path / "kept" / "history.db")
+    original = yaml.safe_dump(data)
+    path.write_text(original)
+    proc, code = start_setup_mode(path, port)
+    svc = Running.__new__(Running)  # only its call(): the service is the process
+    svc.port = port
+    headers = {"Content-Type": "application/json", "X-Setup-Code": code}
+    info = svc.call("GET", "/api/setup")[1]
+    assert "webhook_token" in info["problem"] and info["config_path"] == str(path)
+    servers = [{"name": f.name, "url": f.url, "api_key": f.api_key} for f in fakes]
+    body = {"servers": servers, "webhook_token": "a-webhook-token-0123456789"}
+    with ThreadPoolExecutor(4) as pool:  # four saves at once, as a double-clicking person makes
+        answers = list(pool.map(lambda _: svc.call("POST", "/api/setup/save", body, headers), range(4)))
+    assert sorted(a[0] for a in answers) == [200, 409, 409, 409], answers
+    saved = yaml.safe_load(path.read_text())
+    assert saved["server"]["api_token"] == "an-api-token-0123456789" and saved["server"]["auth"]["username"] == "admin"
+    assert saved["database"]["path"] == str(tmp_path / "kept" / "history.db")
+    assert saved["server"]["webhook_token"] == "a-webhook-token-0123456789" and saved["servers"] == servers
+    (kept,) = tmp_path.glob("config.yaml.*.bak")
+    assert kept.read_text() == original and kept.stat().st_mode & 0o777 == 0o600
+    auth = {"Authorization": "Bearer an-api-token-0123456789"}
+    eventually(lambda: svc.call("GET", "/readyz")[0] == 200, what="syncing started")
+    assert (tmp_path / "kept" / "history.db").exists()
+    assert svc.call("GET", "/api/status", headers=auth)[0] == 200
+    shut_down(proc, [])
+    text = process_log(proc)
+    assert text.count("configuration saved") == 1 and text.count("starting to sync") == 1, text
+    assert "an-api-token-0123456789" not in text and "a-long-password-1" not in text
 
 
 def test_environment_variables_configure_everything_a_template_needs(tmp_path):

@@ -70,11 +70,18 @@ $("setup").addEventListener("submit", async (e) => {
 
 fetch("/api/setup").then((r) => r.json()).then((info) => {
   $("version").textContent = `v${info.version} · the file will be ${info.config_path}`;
+  const notes = [];
+  if (info.problem) {
+    // Started on a file that was refused: say why, and that saving keeps the rest of it.
+    notes.push(el("p", {}, `Why this page: ${info.problem}. Saving keeps the settings of that file this page ` +
+      "does not show, and keeps the file itself beside it with the time in its name."));
+  }
   if (info.from_environment.length) {
-    $("env").hidden = false;
-    $("env").replaceChildren(el("p", {}, "Set by environment variables (they win over the file; change them in your container settings):"),
+    notes.push(el("p", {}, "Set by environment variables (they win over the file; change them in your container settings):"),
       ...info.from_environment.map(([variable, key]) => el("p", {}, el("code", {}, variable), ` → ${key}`)));
   }
+  $("env").hidden = notes.length === 0;
+  $("env").replaceChildren(...notes);
 });
 addServer("home");
 addServer("");
