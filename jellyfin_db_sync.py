@@ -160,6 +160,10 @@ BOOL_KEYS = ("Played", "Favorite", "Likes", "IsPaused", "IsAutomated", "PlayedTo
 INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber", "Year")
 DATE_KEYS = ("UtcTimestamp", "LastPlayedDate", "LastLoginDate")
 INT64_MAX = 2**63 - 1  # SQLite's INTEGER, and .NET's long
+INT32_MAX = 2**31 - 1  # .NET's int: the server's PlayCount, season, episode and year
+INT32_KEYS = frozenset(("PlayCount", "SeasonNumber", "EpisodeNumber", "Year"))
+NO_DATE = "0001-01-01"  # DateTime.MinValue: the plugin's "no date" (webhook-plugin.md, dates)
+LAST_DATE = 253402300800.0  # 10000-01-01T00:00:00Z
 # Kept keys checked by kind in parse_webhook; every other kept key must be text.
 TYPED_KEYS = frozenset((*ID_KEYS, *BOOL_KEYS, *INT_KEYS, *DATE_KEYS, "Rating"))
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -257,7 +261,10 @@ def parse_time(value: Any) -> float | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:  # 30 February and the like
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    epoch = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    # Before 1970 is no date we can use (the server's "no date" is 0001-01-01, with any offset);
+    # past the year 9999 in UTC, no date can be written back (format_time).
+    return epoch if 0 <= epoch < LAST_DATE else None
 
 
 def folder_problem(db_path: str) -> str | None:
@@ -3133,9 +3140,14 @@ def _kept_values(data: dict) -> dict:
         if not 0 <= v <= INT64_MAX:
             raise WebhookError(f"{k}: {v} is out of range (0 to {INT64_MAX})")
         data[k] = v
+    for k in INT32_KEYS & data.keys():  # the server keeps these as 32-bit numbers
+        if data[k] is not None and data[k] > INT32_MAX:
+            raise WebhookError(f"{k}: {data[k]} is out of range (0 to {INT32_MAX})")
     for k in DATE_KEYS:
         v = data.get(k)
-        if v is not None and parse_time(v) is None:
+        if isinstance(v, str) and v.startswith(NO_DATE):
+            data[k] = None  # "no date", whatever offset the plugin gave it
+        elif v is not None and parse_time(v) is None:
             raise WebhookError(f"{k}: expected a date like 2026-11-24T07:28:59.0000000Z")
     if data.get("Rating") is not None:
         r = data["Rating"]

@@ -2172,6 +2172,23 @@ def test_dates_and_ids_are_read_strictly():
             jds.parse_webhook(json.dumps(dict(body, **{field: bad})).encode())
 
 
+def test_the_servers_no_date_and_numbers_it_cannot_hold_are_met_at_the_door(cluster):
+    c = cluster()
+    home = c["home"]
+    body = home.played_payload(home.user("alice"), home.item("Heat"))
+    # DateTime.MinValue with an offset (webhook-plugin.md, dates): no date — taken, and synced.
+    assert c.svc.call("POST", "/webhook/home", dict(body, LastPlayedDate="0001-01-01T00:00:00+01:00"))[0] == 202
+    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="the played mark")
+    c.settle()
+    assert c.svc.call("GET", "/api/events/failed")[1] == []
+    # The server's PlayCount is a 32-bit number: anything larger is refused, naming the field.
+    status, answer = c.svc.call("POST", "/webhook/home", dict(body, PlayCount=2**63 - 1))
+    assert status == 400 and "PlayCount" in json.dumps(answer), answer
+    assert c.svc.call("POST", "/webhook/home", dict(body, PlayCount=2**31 - 1))[0] == 202
+    for late in ("9999-12-31T23:59:59-14:00", "1969-12-31T23:59:59Z"):
+        assert jds.parse_time(late) is None, late
+
+
 def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
     c = cluster()
     home, parents = c["home"], c["parents"]
