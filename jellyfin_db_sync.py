@@ -7409,16 +7409,22 @@ def _import_cli(service: Service, args: argparse.Namespace) -> int:
             data = json.load(f)
         except ValueError as e:
             raise SyncError(f"{args.import_file}: not JSON ({e})") from None
+        except RecursionError:
+            raise SyncError(f"{args.import_file}: nested too deeply to be an export of ours") from None
     transfer = Transfer(service.config, service.store, service.library, service.syncer.planner)
     report = transfer.plan_import(data, args.to, args.user, args.dry_run)
     verb = "would change" if args.dry_run else "changing"
     for person, entry in report["people"].items():
         counts = ", ".join(f"{n} {fld}" for fld, n in sorted(entry["changes"].items())) or "nothing"
-        print(f"{person}: {entry['matched']} items found on {args.to}, {entry['not_found']} not; {verb}: {counts}")
+        print(
+            terminal_safe(
+                f"{person}: {entry['matched']} items found on {args.to}, {entry['not_found']} not; {verb}: {counts}"
+            )
+        )
         for line in entry["sample"]:
-            print(f"    {line}")
+            print(terminal_safe(f"    {line}"))
         if entry.get("error"):
-            print(f"  ! {entry['error']}")
+            print(terminal_safe(f"  ! {entry['error']}"))
     if report["changes"] and not args.dry_run:
         _drain(service)
         held = service.store.count_held()
@@ -7426,6 +7432,15 @@ def _import_cli(service: Service, args: argparse.Namespace) -> int:
             f"{report['changes']} changes written ({report['cause']})" + (f"; {held} held by the brake" if held else "")
         )
     return 0
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Names from a file or a server, printed to a terminal: control characters (an escape
+    sequence could rewrite the screen or hide a line) are shown as \\x1b and the like."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _undo_cli(service: Service, args: argparse.Namespace) -> int:

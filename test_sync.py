@@ -2080,6 +2080,22 @@ def test_an_import_that_would_unmark_many_items_is_held_by_the_brake(cluster):
     assert all(public.ud("bob", n)["Played"] for n in names), "the unplayed wait for a person's decision"
 
 
+def test_an_import_file_of_garbage_is_refused_and_names_are_printed_harmless(cluster):
+    c = cluster(start=False)
+    deep = c.tmp / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    code, said = said_by("--config", str(c.config_path), "--import", str(deep), "--to", "public", "--dry-run")
+    assert code == 1 and "nested too deeply" in said and "Traceback" not in said, said
+    # A name that would turn the terminal red, and one that would start a line of its own.
+    entries = [{"name": "Heat", "type": "Movie", "played": True}]
+    people = {"al\x1b[31mice": {"old-box": entries}, "bob\nfake: line": {"old-box": entries}}
+    path = c.tmp / "names.json"
+    path.write_text(json.dumps({"format": jds.EXPORT_FORMAT, "version": 1, "people": people}))
+    code, said = said_by("--config", str(c.config_path), "--import", str(path), "--to", "public", "--dry-run")
+    assert code == 0 and "\x1b" not in said and "al\\x1b[31mice" in said and "bob\\nfake: line" in said, said
+    assert not any(line.startswith("fake: line") for line in said.splitlines()), said
+
+
 def test_undo_from_the_command_line_previews_then_applies(cluster):
     c = cluster()
     c["home"].user_favourites("alice", "Heat", True)
