@@ -774,11 +774,15 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
             value = value.replace(",", " ").split()
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and "://" in v for v in value):
             raise ConfigError(f"{where}: expected a list of URLs (https://…, or an Apprise URL like tgram://…)")
-        return tuple(v.strip() for v in value)
+        urls = tuple(v.strip() for v in value)
+        for n, url in enumerate(urls):
+            _check_secret_url(f"{where}[{n}]", url)
+        return urls
     if kind == "secret_url":
         url = str(value or "").strip()
         if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise ConfigError(f"{where}: an http:// or https:// URL, like https://hc-ping.com/<uuid>")
+        _check_secret_url(where, url)
         return url
     if kind in ("list", "names"):
         if isinstance(value, str):  # an environment variable: comma-separated
@@ -816,6 +820,27 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
     if kind == "password" and text and len(text) < 8:
         raise ConfigError(f"{where}: use at least 8 characters")
+    return text
+
+
+def _check_secret_url(where: str, url: str) -> None:
+    """A URL that carries a secret cannot hold a space or a control character: the request
+    would fail with an error quoting the URL, token and all. Said without the URL's secrets."""
+    if re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ConfigError(
+            f"{where}: {url_shown(url)} holds a space or a control character; write a space as %20 "
+            "(the rest of the URL is not shown here: it may hold a token)"
+        )
+
+
+def without_url(text: str, url: str) -> str:
+    """An error message about a request to ``url`` with every part of that URL that could be a
+    secret (path, query, user and password, an Apprise URL's host) replaced by "…"."""
+    parts = urllib.parse.urlsplit(url)
+    pieces = {url, parts.netloc, parts.path, parts.query, f"{parts.path}?{parts.query}"}
+    pieces |= {v for _, v in urllib.parse.parse_qsl(parts.query)} | set(parts.path.split("/"))
+    for piece in sorted((p for p in pieces if len(p) > 3), key=len, reverse=True):
+        text = text.replace(piece, "…")
     return text
 
 
@@ -5624,8 +5649,9 @@ class Alerts:
                 self._deliver(url, alert)
                 results.append({"to": shown, "ok": True})
             except Exception as e:  # a destination's failure never stops the others, nor syncing
-                log.warning("alert to %s not delivered: %s", shown, _error_text(e))
-                results.append({"to": shown, "ok": False, "error": _error_text(e)})
+                error = without_url(_error_text(e), url)  # an error may quote the URL, token and all
+                log.warning("alert to %s not delivered: %s", shown, error)
+                results.append({"to": shown, "ok": False, "error": error})
         self.recent.appendleft({**alert, "delivered": sum(r["ok"] for r in results), "destinations": len(results)})
         log.info("alert: %s: %s", alert["title"], alert["message"])
         return results
@@ -5666,7 +5692,7 @@ class Alerts:
         try:
             _post(url, body.encode()[:10_000], {"Content-Type": "text/plain; charset=utf-8"})
         except Exception as e:
-            log.warning("healthchecks ping to %s not delivered: %s", url_shown(base), _error_text(e))
+            log.warning("healthchecks ping to %s not delivered: %s", url_shown(base), without_url(_error_text(e), url))
 
     def loop(self) -> None:
         while not self.stop_event.wait(ALERT_CHECK_SECONDS):

@@ -1948,6 +1948,29 @@ def test_each_alert_format_posts_what_that_service_reads(cluster, receiver):
     assert [d["format"] for d in shown["destinations"]] == ["json", "ntfy", "gotify", "discord", "slack", "apprise"]
 
 
+def test_an_alert_url_that_cannot_be_requested_is_refused_without_showing_its_token(tmp_path, fake_servers):
+    import yaml
+
+    cfg = write_config(tmp_path, fake_servers("home", "parents"))
+    data = yaml.safe_load(cfg.read_text())
+    data["alerts"] = {"urls": ["https://ntfy.example.com/my topic?auth=tk_SECRET0123456789"]}
+    cfg.write_text(yaml.safe_dump(data))
+    res = run_cli("--check-config", "--config", str(cfg))
+    said = res.stdout + res.stderr
+    assert res.returncode == 2 and "alerts.urls[0]" in said and "%20" in said, said
+    assert "SECRET" not in said and "Traceback" not in said, said
+    env = {"JDS_HEALTHCHECKS_URL": "https://hc-ping.com/uuid\n?x=SECRET0123456789"}
+    res = run_cli("--check-config", "--config", str(cfg), env=env)
+    assert res.returncode != 0 and "SECRET" not in res.stdout + res.stderr
+    assert (
+        jds.without_url(
+            "URL can't contain control characters. '/my topic?auth=tk_SECRET0123456789' (found at least ' ')",
+            "https://ntfy.example.com/my topic?auth=tk_SECRET0123456789",
+        ).count("SECRET")
+        == 0
+    )
+
+
 def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(cluster, receiver, monkeypatch):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
     alerts = {"urls": [f"{receiver.url}/hook"], "healthchecks_url": f"{receiver.url}/ping", "unreachable_minutes": 0}
