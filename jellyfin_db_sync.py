@@ -364,8 +364,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync.playlists", "bool", True, "mirror playlists"),
     Setting("sync.play_count", "bool", True, "carry play counts when marking played"),
     Setting("sync.last_played_date", "bool", True, "carry last-played dates"),
-    Setting("sync.audio_stream", "bool", True, "accepted for compatibility"),
-    Setting("sync.subtitle_stream", "bool", True, "accepted for compatibility"),
+    # Accepted for the older program's configs; off by default: no version lets an API key write
+    # them (ServerVersion.writes_stream_choices), and switched on they only bring a warning.
+    Setting("sync.audio_stream", "bool", False, "accepted for compatibility; cannot be synced"),
+    Setting("sync.subtitle_stream", "bool", False, "accepted for compatibility; cannot be synced"),
     Setting(
         "sync.progress_debounce_seconds",
         "float",
@@ -2508,14 +2510,15 @@ class ServerVersion:
         are reported as a limit of every server rather than guessed at."""
         return False
 
-    @property
-    def limits(self) -> list[str]:
-        """What this version cannot do with an API key, in words for the dashboard."""
+    def limits(self, sync: SyncConfig) -> list[str]:
+        """What this version cannot do with an API key of what ``sync`` asks, in words for the
+        dashboard."""
         out = []
-        if not self.writes_stream_choices:
+        if (sync.audio_stream or sync.subtitle_stream) and not self.writes_stream_choices:
             out.append(
-                "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream) cannot be "
-                "written with an API key on any Jellyfin version: not synced"
+                "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream, switched on) "
+                "cannot be written with an API key on any Jellyfin version: not synced. Played, "
+                "positions, favourites and likes are; turn these two off to hide this line"
             )
         if self.legacy:
             out.append(
@@ -6121,7 +6124,7 @@ class Web:
                     "error": h["error"],
                     "version": h["version"],
                     "latency_ms": h["latency_ms"],
-                    "limits": version.limits if version else [],
+                    "limits": version.limits(self.config.sync) if version else [],
                     "user_count": users[s.name],
                     "rejected_webhooks": dict(self.rejections.get(s.name, {"count": 0})),
                     "webhook_url_path": f"/webhook/{s.name}",

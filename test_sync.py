@@ -3277,10 +3277,13 @@ def test_the_older_programs_api_answers_with_every_key_it_had(cluster):
     assert arrival and all(e["event_type"] == "watched" and e["success"] is True for e in arrival)
     assert log_("since_minutes=0.0001")["total"] <= log_("since_minutes=60")["total"]
     assert all(e["item_id"] == home.item("Arrival") for e in arrival)
-    # Its audio and subtitle switches: no version can write them with an API key, and each
-    # server's status says so.
+    # Its audio and subtitle switches are off by default (no version can write them with an API
+    # key): nothing to warn about. Switched on, each server's status says they cannot be synced.
     for server in c.svc.call("GET", "/api/servers")[1]:
-        assert any("subtitle track" in limit for limit in server["limits"]), server
+        assert not any("subtitle track" in limit for limit in server["limits"]), server
+    version = jds.ServerVersion("10.11.8", 10, 11)
+    assert any("subtitle track" in line for line in version.limits(jds.SyncConfig(audio_stream=True)))
+    assert version.limits(jds.SyncConfig()) == []
     # Its other URLs.
     assert c.svc.call("GET", "/webhook/queue")[1].keys() >= {"pending_events", "worker_running"}
     assert c.svc.call("POST", "/webhook/home/", fixture("UserDataSaved-played.json"))[0] == 202
