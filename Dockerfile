@@ -2,7 +2,7 @@
 #   docker run -d --name jellyfin-db-sync -p 8080:8080 \
 #     -v /path/to/config:/config -v /path/to/data:/data jellyfin-db-sync
 # (build it with "docker build -t jellyfin-db-sync ." or pull what the repository's workflow
-# publishes: ghcr.io/<the repository's owner>/jellyfin-db-sync)
+# publishes: ghcr.io/jellyfin-db-sync/jellyfin-db-sync)
 # Runs as UID/GID 1000 by default. Either say which user it runs as with PUID/PGID (and UMASK):
 # it starts as root only to give /config and /data to that user, then runs as it (the
 # linuxserver way); or start it as that user with --user 99:100 (unRAID) or user: (compose).

@@ -4128,6 +4128,41 @@ def test_truenas_compose_file_is_valid_and_uses_only_variables_the_program_reads
     assert [s.name for s in cfg.servers] == ["home", "remote"]
 
 
+def test_the_deploy_files_the_readme_and_the_dockerfile_name_one_image_one_port_one_license():
+    import xml.etree.ElementTree as ET
+
+    import yaml
+
+    image = "ghcr.io/jellyfin-db-sync/jellyfin-db-sync"
+    port = str(jds.SETTING["server.port"].default)
+    unraid = ET.parse(HERE / "deploy" / "unraid-jellyfin-db-sync.xml").getroot()
+    compose = yaml.safe_load((HERE / "deploy" / "docker-compose.yaml").read_text())["services"]["jellyfin-db-sync"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme, dockerfile = (HERE / "README.md").read_text(), (HERE / "Dockerfile").read_text()
+    images = {
+        "unRAID": unraid.findtext("Repository").rpartition(":")[0],
+        "compose": compose["image"].rpartition(":")[0],
+        "Helm": values["image"]["repository"],
+        "README": re.search(r"(ghcr\.io/\S+?):latest", readme).group(1),
+        "Dockerfile": re.search(r"publishes: (ghcr\.io/\S+?)\)", dockerfile).group(1),
+    }
+    assert set(images.values()) == {image}, images
+    port_config = next(c for c in unraid.findall("Config") if c.get("Type") == "Port")
+    ports = {
+        "unRAID": {port_config.get("Target"), port_config.get("Default"), port_config.text},
+        "compose": set(compose["ports"][0].split(":")),
+        "Helm": {str(values["service"]["port"]), str(values["service"]["targetPort"])},
+        "Dockerfile": set(re.findall(r"^EXPOSE (\d+)", dockerfile, re.M)),
+        "README": set(re.findall(r"-p (\d+):(\d+) \\", readme)[0]),
+    }
+    assert all(p == {port} for p in ports.values()), ports
+    for path in (*(HERE / "deploy").rglob("*"), HERE / "README.md", HERE / "Dockerfile"):
+        if path.is_file() and path.suffix != ".svg":
+            assert "OWNER" not in path.read_text(), f"{path}: a placeholder a pull fails on"
+    label = re.search(r'org\.opencontainers\.image\.licenses="([^"]+)"', dockerfile).group(1)
+    assert (HERE / "LICENSE").read_text().startswith(f"{label} License")
+
+
 CHART = HERE / "deploy" / "helm" / "jellyfin-db-sync"
 
 
