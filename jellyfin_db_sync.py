@@ -6723,6 +6723,7 @@ class Metrics:
             self.sample(name, labels, value)
 
     def _counters(self) -> None:
+        self.metric("build_info", "gauge", "The running version (always 1)", [({"version": __version__}, 1)])
         counters = [(k.split("|"), v) for k, v in self.syncer.counters.snapshot().items()]
         hooks = [({"server": k[1], "type": k[2]}, v) for k, v in counters if k[0] == "webhooks"]
         results = [({"target": k[1], "result": k[2]}, v) for k, v in counters if k[0] == "sync"]

@@ -2365,6 +2365,22 @@ def test_webhook_token_in_header_bearer_or_query(tmp_path, fake_servers):
     assert jds.security_warnings(open_one)[0].startswith("No webhook token for parents")
 
 
+def test_prometheus_scrapes_metrics_with_the_api_token_as_the_readme_and_chart_say(cluster):
+    import yaml
+
+    c = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}, "api_token": TOKEN}})
+    readme = (HERE / "README.md").read_text()
+    block = re.search(r"```yaml\n(scrape_configs:.*?)```", readme, re.S).group(1)
+    job = yaml.safe_load(block)["scrape_configs"][0]
+    assert job["authorization"]["type"] == "Bearer" and "api_token" in block
+    assert c.svc.call("GET", "/metrics")[0] == 401, "a plain scrape is refused once a sign-in is set"
+    status, text = c.svc.call("GET", "/metrics", headers={"Authorization": f"{job['authorization']['type']} {TOKEN}"})
+    assert status == 200 and f'jellyfin_db_sync_build_info{{version="{jds.__version__}"}} 1' in text
+    monitor = (CHART / "templates" / "servicemonitor.yaml").read_text()
+    assert "type: Bearer" in monitor and "key: api-token" in monitor and ".Values.secrets.apiToken" in monitor
+    assert "/metrics" in (HERE / "deploy" / "docker-compose.yaml").read_text()
+
+
 def test_dashboard_and_api_need_sign_in_and_refuse_cross_site_writes(cluster):
     import base64
 
