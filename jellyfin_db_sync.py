@@ -4572,7 +4572,11 @@ class Reconciler:
                 self.syncer.wake_target(target)
         log.info(
             "reconcile%s: %d people, %d items compared, %d changes %s in %.1fs",
-            " (dry run)" if dry_run else "",
+            " (dry run)"
+            if dry_run
+            else " (dry run: sync.dry_run, nothing is written)"
+            if self.config.sync.dry_run
+            else "",
             people,
             report["items_compared"],
             report["changes"],
@@ -5960,7 +5964,7 @@ class Web:
             "GET",
             lambda: send({k: self.queue_status()[k] for k in ("pending_events", "worker_running")}),
         )
-        a.route("/healthz", "GET", self.healthz, open=True)
+        a.route("/healthz", "GET", _healthz, open=True)
         a.route("/readyz", "GET", self.readyz, open=True)
         a.route("/login", "GET", self.login_page, open=True)
         a.route("/login", "POST", self.login, open=True)
@@ -5997,6 +6001,8 @@ class Web:
         a.route("/api/users/passwords/<password_id:int>/ack", "POST", self.api_ack_password)
         a.route("/", "GET", self.index)
         a.route("/static/style.css", "GET", lambda: _static("style.css"), open=True)
+        a.route("/static/icon.svg", "GET", _favicon, open=True)
+        a.route("/favicon.ico", "GET", _favicon, open=True)  # asked for by browsers and bookmarks
         a.route("/static/<path:path>", "GET", _static)
 
     # webhooks
@@ -6038,12 +6044,6 @@ class Web:
         return send({"status": "ok", "message": "Webhook receiver is running"})
 
     # probes
-    def healthz(self) -> str:
-        import bottle
-
-        bottle.response.content_type = "text/plain"
-        return "ok"
-
     def readyz(self) -> str:
         reasons = self.ready.reasons()
         if reasons:
@@ -6802,7 +6802,8 @@ class Setup:
         self.code = "-".join(secrets.token_hex(2) for _ in range(3))
         self.app = _json_errors_bottle()
         a = self.app
-        a.route("/healthz", "GET", lambda: "ok")
+        a.route("/healthz", "GET", _healthz)
+        a.route("/favicon.ico", "GET", _favicon)
         a.route("/readyz", "GET", lambda: send({"status": "not ready", "reasons": ["not configured"]}, 503))
         a.route("/", "GET", self.page)
         a.route("/static/<path:path>", "GET", _static)
@@ -6947,6 +6948,21 @@ def _static(path: str) -> Any:
     import bottle
 
     return bottle.static_file(path, root=str(STATIC_ROOT))
+
+
+def _favicon() -> Any:
+    """The icon (also the unRAID template's): an SVG, which every current browser shows."""
+    import bottle
+
+    return bottle.static_file("icon.svg", root=str(STATIC_ROOT), mimetype="image/svg+xml")
+
+
+def _healthz() -> str:
+    """Liveness: the process answers (as text, like the service's own /healthz)."""
+    import bottle
+
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    return "ok"
 
 
 def yaml_dump(data: dict) -> str:
@@ -7857,6 +7873,10 @@ def serve(config: Config) -> int:
             config.port,
         )
 
+    if config.sync.dry_run:
+        log.warning(
+            "dry run (sync.dry_run / JDS_DRY_RUN): changes are decided and logged, nothing is written to Jellyfin"
+        )
     _stop_on_signals()
     service.start_workers()
     release_free_memory()

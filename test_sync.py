@@ -3601,6 +3601,13 @@ def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_o
         return resp.status, json.loads(data) if data[:1] in (b"{", b"[") else data.decode()
 
     assert call("GET", "/healthz")[0] == 200, "up, never a restart loop"
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    for route, kind in (("/healthz", "text/plain"), ("/favicon.ico", "image/svg+xml")):
+        conn.request("GET", route)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith(kind), (route, resp.getheaders())
+    conn.close()
     status, ready = call("GET", "/readyz")
     assert status == 503 and ready["reasons"] == ["not configured"]
     assert call("GET", "/")[0] == 200 and not path.exists()
@@ -3669,6 +3676,25 @@ def test_saving_from_setup_mode_keeps_the_file_and_what_the_page_does_not_show_a
     text = process_log(proc)
     assert text.count("configuration saved") == 1 and text.count("starting to sync") == 1, text
     assert "an-api-token-0123456789" not in text and "a-long-password-1" not in text
+
+
+def test_a_dry_run_says_so_at_start_and_in_each_pass_and_the_icon_is_served(tmp_path, fake_servers):
+    fakes = fake_servers("home", "parents")
+    for f in fakes:
+        f.add_user("alice")
+    port = free_port()
+    proc = start_process(write_config(tmp_path, fakes, port=port), port, env={"JDS_DRY_RUN": "true"})
+    svc = Running.__new__(Running)  # only its call(): the service is the process
+    svc.port = port
+    assert svc.call("POST", "/api/reconcile", {}, {"Sec-Fetch-Site": "same-origin"})[0] in (200, 202)
+    eventually(lambda: "reconcile (dry run: sync.dry_run" in process_log(proc), 20, what="the pass's line")
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/favicon.ico")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "image/svg+xml" and b"<svg" in resp.read()
+    conn.close()
+    shut_down(proc, [])
+    assert "dry run (sync.dry_run / JDS_DRY_RUN)" in process_log(proc)
 
 
 def test_environment_variables_configure_everything_a_template_needs(tmp_path):

@@ -41,7 +41,7 @@ function renderStatus(st) {
   const badge = $("overall");
   badge.textContent = st.status;
   badge.className = `badge ${st.status}`;
-  $("version").textContent = `v${st.version} · up ${Math.round(st.uptime_seconds / 60)} min`;
+  $("version").textContent = `v${st.version} · up ${Math.round(st.uptime_seconds / 60)}\u00a0min`;
   // Problems of the pipeline itself (stuck, a thread restarting, database) come first.
   const warnings = [...(st.problems || []).map((p) => `Not syncing: ${p}`), ...st.warnings];
   if (st.dry_run) warnings.push("Dry run: changes are decided and logged, but nothing is written to Jellyfin.");
@@ -66,7 +66,7 @@ function renderStatus(st) {
     return el("article", { class: "card", "aria-label": `server ${s.name}` },
       el("h3", {}, s.name, el("span", { class: state[1] }, state[0])),
       el("p", { class: "muted" }, s.url),
-      s.version ? el("p", {}, `Jellyfin ${s.version}`, s.latency_ms != null ? ` · ${s.latency_ms} ms` : "") : "",
+      s.version ? el("p", {}, `Jellyfin ${s.version}`, s.latency_ms != null ? ` · ${s.latency_ms}\u00a0ms` : "") : "",
       s.error ? el("p", { class: "bad" }, s.error) : "",
       ...s.limits.map((l) => el("p", { class: "warn" }, l)),
       s.rejected_webhooks && s.rejected_webhooks.count
@@ -359,7 +359,7 @@ function reportBlock(title, r) {
   return el("div", { class: "card" },
     el("h3", {}, title, el("span", { class: "muted" }, ago(r.finished_at || r.started_at))),
     el("p", {}, `${r.items_compared} items compared, ${r.changes} ${r.dry_run ? "would change" : "changes queued"}` +
-      (r.seconds != null ? ` in ${r.seconds} s` : "")),
+      (r.seconds != null ? ` in ${r.seconds}\u00a0s` : "")),
     items.length ? el("ul", {}, ...items) : el("p", { class: "muted" }, "Everything agrees."),
     ...r.errors.map((e) => el("p", { class: "bad" }, e)));
 }
