@@ -42,6 +42,7 @@ import difflib
 import errno
 import functools
 import glob
+import hashlib
 import hmac
 import http.client
 import inspect
@@ -1118,6 +1119,9 @@ CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause);
 CREATE TABLE IF NOT EXISTS playlist_state (
     user_key TEXT NOT NULL, name_key TEXT NOT NULL, members TEXT NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (user_key, name_key)) WITHOUT ROWID;
+-- Dashboard sign-ins, so a restart signs nobody out: the SHA-256 of each cookie, never the cookie.
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
 -- Generated passwords of accounts we created, until the operator acknowledges them.
 CREATE TABLE IF NOT EXISTS passwords (
     id INTEGER PRIMARY KEY, server TEXT NOT NULL, username TEXT NOT NULL, password TEXT NOT NULL,
@@ -2259,6 +2263,20 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # dashboard sign-ins
+    def sessions(self, now: float) -> dict[str, float]:
+        """Sign-ins still valid: cookie hash → expiry."""
+        return dict(self._rows("SELECT token_hash, expires_at FROM sessions WHERE expires_at > ?", (now,)))
+
+    def add_session(self, token_hash: str, expires_at: float, now: float) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            c.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (token_hash, expires_at))
+
+    def drop_session(self, token_hash: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
 
     # sync log and stats
     def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[LogEntry], int]:
@@ -5741,12 +5759,14 @@ DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that coun
 
 
 class SignIns:
-    """Dashboard sign-in: sessions (in memory: a restart signs everyone out) and the limit on
-    failed attempts per address (an IPv4 address or an IPv6 /64, see client_key)."""
+    """Dashboard sign-in: sessions (kept in the database, so a restart signs nobody out; read
+    from memory) and the limit on failed attempts per address (an IPv4 address or an IPv6 /64,
+    see client_key)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, store: Store):
         self.config = config
-        self._sessions: dict[str, float] = {}  # cookie → expiry (epoch)
+        self.store = store
+        self._sessions: dict[str, float] = store.sessions(utcnow())  # cookie's SHA-256 → expiry
         self._failures: dict[str, list[float]] = {}  # client key → times of its recent failures
         self._lock = threading.Lock()  # guards _sessions and _failures
         self._slowing = threading.Lock()  # held while a failed sign-in is being slowed down
@@ -5790,20 +5810,27 @@ class SignIns:
     def open_session(self, address: str) -> str:
         token = secrets.token_urlsafe(32)
         now = utcnow()
+        self.store.add_session(_token_hash(token), now + SESSION_SECONDS, now)
         with self._lock:
             self._failures.pop(client_key(address), None)
             for t in [t for t, exp in self._sessions.items() if exp <= now]:
                 del self._sessions[t]
-            self._sessions[token] = now + SESSION_SECONDS
+            self._sessions[_token_hash(token)] = now + SESSION_SECONDS
         return token
 
     def valid(self, cookie: str | None) -> bool:
         with self._lock:
-            return bool(cookie) and self._sessions.get(cookie or "", 0) > utcnow()
+            return bool(cookie) and self._sessions.get(_token_hash(cookie or ""), 0) > utcnow()
 
     def close(self, cookie: str | None) -> None:
         with self._lock:
-            self._sessions.pop(cookie or "", None)
+            self._sessions.pop(_token_hash(cookie or ""), None)
+        self.store.drop_session(_token_hash(cookie or ""))
+
+
+def _token_hash(token: str) -> str:
+    """What is kept of a sign-in cookie: enough to recognise it, useless to whoever reads the file."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _json_response(status: int, data: dict, headers: dict | None = None) -> Any:
@@ -5933,7 +5960,7 @@ class Web:
         self.syncer = syncer
         self.reconciler = reconciler
         self.started_at = started_at or utcnow()
-        self.sign_ins = SignIns(config)
+        self.sign_ins = SignIns(config, store)
         self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
         self._history_cache: dict[str, tuple[float, Any]] = {}  # key → (monotonic expiry, value)
         self._rejections_lock = threading.Lock()

@@ -2430,6 +2430,33 @@ def test_dashboard_and_api_need_sign_in_and_refuse_cross_site_writes(cluster):
     assert "correct horse" not in json.dumps(status) and not any("server.auth" in w for w in status["warnings"])
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def test_a_restart_signs_nobody_out_and_a_sign_out_lasts(cluster):
+    c = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}}})
+
+    def sign_in() -> dict:
+        conn = HTTPConnection("127.0.0.1", c.svc.port, timeout=5)
+        conn.request("POST", "/login", "username=admin&password=correct+horse", {"Content-Type": FORM})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return {"Cookie": resp.getheader("Set-Cookie").split(";")[0]}
+
+    session = sign_in()
+    c.svc.stop()
+    c.start()  # the same database, as after "docker restart"
+    assert c.svc.call("GET", "/api/status", headers=session)[0] == 200, "still signed in"
+    cookie = session["Cookie"].split("=", 1)[1]
+    for name in ("sync.db", "sync.db-wal"):
+        assert cookie.encode() not in (c.tmp / name).read_bytes(), "the file keeps a hash only"
+    assert c.svc.call("POST", "/logout", headers=session)[0] == 200
+    c.svc.stop()
+    c.start()
+    assert c.svc.call("GET", "/api/status", headers=session)[0] == 401, "signed out stays signed out"
+
+
 def malformed_bodies(n: int = 600) -> list[bytes]:
     """A corpus of bodies a broken or hostile sender could post: every one must get a 4xx."""
     import random
