@@ -2847,39 +2847,6 @@ def test_readyz_is_cheap_and_bounded_while_the_database_is_locked(cluster, monke
 
 
 @pytest.mark.slow
-def test_idle_and_trickling_connections_do_not_starve_webhooks(cluster):
-    c = cluster()
-    port = c.svc.port
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
-    trickle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
-    stop = threading.Event()
-
-    def drip():  # one byte a second on each: a request that never completes
-        request = b"POST /webhook/home HTTP/1.1\r\nHost: x\r\n"
-        for byte in request:
-            for s in trickle:
-                with contextlib.suppress(OSError):
-                    s.send(bytes([byte]))
-            if stop.wait(1.0):
-                return
-
-    dripper = threading.Thread(target=drip, daemon=True)
-    dripper.start()
-    try:
-        time.sleep(1.5)
-        started = time.monotonic()
-        conn = HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("POST", "/webhook/home", json.dumps(fixture("UserDataSaved-played.json")))
-        assert conn.getresponse().status == 202
-        print(f"webhook answered in {(time.monotonic() - started) * 1000:.1f} ms with 250 idle or slow connections")
-        conn.close()
-    finally:
-        stop.set()
-        dripper.join(3)
-        for s in idle + trickle:
-            s.close()
-
-
 def test_a_webhook_dated_in_the_future_cannot_freeze_an_item(cluster, caplog):
     c = cluster()
     home, parents = c["home"], c["parents"]
