@@ -3444,7 +3444,16 @@ class WatchStateWriter:
         if job.field == "played":
             expected["position"] = 0  # marking played or unplayed resets the position
         self.store.prepare_write(job.target, job.user_key, item.item_id, expected, observed)
-        written = self._write(client, user_id, item.item_id, job, want, current, version)
+        try:
+            written = self._write(client, user_id, item.item_id, job, want, current, version)
+        except Exception:
+            # The write did not happen (as far as we know): what we recorded must not say it
+            # did, or the next pass would read the target's real value as a change made there
+            # and spread it back over the source — losing the very change being written.
+            was = {f: have[f] for f in expected if f in have}
+            times = {f: known[f][1] if f in known else 0.0 for f in was}
+            self.store.remember_states(self.store.state_rows(job.target, job.user_key, item.item_id, was, times))
+            raise
         current.clear()
         rows = None
         if written:
