@@ -3750,6 +3750,13 @@ class PluginSetup:
         }
 
 
+def refused_or(e: JellyfinError) -> str:
+    """A server's error as people should read it: 401/403 means our API key, nothing else."""
+    if e.status in (401, 403):
+        return f"the API key was refused (HTTP {e.status}): check servers.api_key"
+    return str(e)
+
+
 class ServerHealth:
     """Whether each server answers and accepts our API key, its version and latency, as the
     last check found them. ``healthy``: it answers and takes the key — only then are writes
@@ -3789,8 +3796,7 @@ class ServerHealth:
             state.update(healthy=True, key_refused=False, error=None, down_since=None)
         except JellyfinError as e:
             refused = e.status in (401, 403)
-            error = f"the API key was refused (HTTP {e.status}): check servers.api_key" if refused else str(e)
-            state.update(healthy=False, key_refused=refused, error=error)
+            state.update(healthy=False, key_refused=refused, error=refused_or(e))
             if not refused:
                 state.update(reachable=False, latency_ms=None)
                 client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
@@ -4610,7 +4616,7 @@ class Reconciler:
                 self.library.refresh_users(s.name)
                 self.library.ensure_index(s.name)
             except JellyfinError as e:
-                report["errors"].append(f"{s.name}: {e}")
+                report["errors"].append(f"{s.name}: {refused_or(e)}")
                 continue
         duplicated: dict[str, str] = {}  # person → a server where they have several accounts
         for row in self.store.all_users():

@@ -4663,6 +4663,8 @@ def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(cluster, recei
     sent = eventually(lambda: receiver.bodies("/hook"), what="an alert")
     assert [(a["condition"], a["level"]) for a in sent] == [("refused:parents", "problem")], sent
     assert "the API key was refused" in sent[0]["message"] and wrong not in json.dumps(sent)
+    report = reconcile(c)  # a pass says why parents was left out, not just "0 items compared"
+    assert any(e.startswith("parents: the API key was refused") for e in report["errors"]), report
     c["home"].user_marks("alice", "Heat", True)  # owed to parents: waits, uses up no retries
     eventually(
         lambda: [r for r in problem_rows(c)[0] if r["target_server"] == "parents" and r["state"] == "unreachable"],
