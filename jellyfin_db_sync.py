@@ -3906,6 +3906,7 @@ class Syncer:
         self._planner_may_sleep = False
         self._target_wake = {s.name: threading.Condition() for s in config.servers}
         self.server_health = ServerHealth(clients)
+        self._resolve_looked: dict[str, float] = {}  # target → when resolve_failed last looked
         self.health = self.server_health.state  # server → its last check (for the Web)
         self.counters = Counters()
         self.writer = WatchStateWriter(config, store, library, clients)
@@ -4274,8 +4275,12 @@ class Syncer:
 
     def resolve_failed(self, target: str) -> int:
         """Failed changes for ``target`` that the target now holds anyway (a later write, a
-        pass, the person) are marked resolved: read from the server, never assumed. Returns
-        how many."""
+        pass, the person) are marked resolved: read from the server, never assumed. Looked at
+        only when some change was applied since the last look (any of these leaves one), so
+        failed changes that stay failed are not read again every check. Returns how many."""
+        since, self._resolve_looked[target] = self._resolve_looked.get(target, 0.0), utcnow()
+        if not self.store.done_since(since):
+            return 0
         resolved = []
         for job in self.store.failed_jobs(target, RESOLVE_BATCH):
             try:
