@@ -100,6 +100,9 @@ ECHO_EXPECTATION_SECONDS = HOUR  # an expected echo that never came is forgotten
 PRUNE_EVERY_SECONDS = 600  # how often old history is pruned
 HEALTH_CHECK_SECONDS = 30.0  # a reachable server is checked this often…
 HEALTH_RECHECK_SECONDS = 10.0  # …an unreachable one at most this long apart
+SERVER_CONFIRM_SECONDS = 2.0  # a failed write trusts a check this recent that found its server down
+RESOLVE_BATCH = 100  # failed changes per server read again by each look (Syncer.resolve_failed)
+PROBLEM_ROWS = 200  # jobs the dashboard's "Waiting and failed" groups, of each kind
 RECONCILE_STARTUP_DELAY = 10.0  # seconds after start before reconcile.on_startup's pass
 CLAIM_GROUPS = 8  # a writer claims up to this many items' jobs in one commit
 CLAIM_ROWS_PER_GROUP = 4  # rows read per group claimed (an item has up to 4 fields due)
@@ -1507,7 +1510,7 @@ class PlanTx:
         """The job for the same change still waiting to be applied: (id, its observation time)."""
         row = self.c.execute(
             "SELECT id, observed_at FROM jobs WHERE target=? AND user_key=? AND source=? "
-            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting', 'held')",
+            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting', 'unreachable', 'held')",
             (target, ob.user_key, ob.server, ob.item_id, ob.field),
         ).fetchone()
         return (row[0], row[1]) if row else None
@@ -1568,7 +1571,7 @@ class PlanTx:
             return 0
         return self.c.execute(
             "UPDATE jobs SET status='held', updated_at=? WHERE source=? AND user_key=? AND removal=1 "
-            "AND created_at>=? AND status IN ('pending', 'waiting')",
+            "AND created_at>=? AND status IN ('pending', 'waiting', 'unreachable')",
             (self.now, source, user_key, since),
         ).rowcount
 
@@ -1839,7 +1842,8 @@ class Store:
         with self._tx() as c:
             n = c.execute("DELETE FROM sync_log WHERE at < ?", (before,)).rowcount
             n += c.execute(
-                "DELETE FROM jobs WHERE status IN ('done', 'superseded', 'discarded') AND updated_at < ?", (before,)
+                "DELETE FROM jobs WHERE status IN ('done', 'superseded', 'discarded', 'resolved') AND updated_at < ?",
+                (before,),
             ).rowcount
             # Failed webhooks stay while their failed change is shown (retry needs the body).
             n += c.execute(
@@ -1976,13 +1980,16 @@ class Store:
                 ),
             )
 
-    def reschedule_job(self, job: Job, status: str, due_at: float, error: str, *, absent: bool = False) -> None:
-        """Put a job back: 'pending' for a retry after an error, 'waiting' for an absent item."""
+    def reschedule_job(
+        self, job: Job, status: str, due_at: float, error: str, *, absent: bool = False, attempt: bool = True
+    ) -> None:
+        """Put a job back: 'pending' for a retry after an error, 'waiting' for an absent item,
+        'unreachable' until its server answers again (no attempt counted: ``attempt``)."""
         with self._tx() as c:
             # If a newer job for the same key was queued while this one ran, it supersedes us.
             newer = c.execute(
                 "SELECT 1 FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
-                "AND field=? AND status IN ('pending', 'waiting') AND id != ?",
+                "AND field=? AND status IN ('pending', 'waiting', 'unreachable') AND id != ?",
                 (job.target, job.user_key, job.source, job.source_item_id, job.field, job.id),
             ).fetchone()
             if newer:
@@ -1991,7 +1998,7 @@ class Store:
             c.execute(
                 "UPDATE jobs SET status=?, due_at=?, last_error=?, updated_at=?,"
                 " attempts = attempts + ?, absent_count = absent_count + ? WHERE id=?",
-                (status, due_at, error, utcnow(), 0 if absent else 1, 1 if absent else 0, job.id),
+                (status, due_at, error, utcnow(), int(attempt and not absent), 1 if absent else 0, job.id),
             )
 
     def retry_job(self, job_id: int) -> bool:
@@ -2007,17 +2014,61 @@ class Store:
                 return True
             cur = c.execute(
                 "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, updated_at=?"
-                " WHERE id=? AND status IN ('failed', 'waiting', 'skipped')",
+                " WHERE id=? AND status IN ('failed', 'waiting', 'unreachable', 'skipped')",
                 (utcnow(), utcnow(), job_id),
             )
             return cur.rowcount == 1
+
+    def retry_all(self) -> tuple[int, list[str]]:
+        """Operator's "Retry all": every failed job is due now, every failed webhook goes back
+        to the planner. Returns (how many, the targets to wake)."""
+        now = utcnow()
+        with self._tx() as c:
+            events = c.execute(
+                "UPDATE inbox SET planned = 0 WHERE planned = 2 AND id IN "
+                "(SELECT CAST(source_item_id AS INTEGER) FROM jobs WHERE field='event' AND status='failed')"
+            ).rowcount
+            c.execute(
+                "UPDATE jobs SET status='superseded', updated_at=? WHERE field='event' AND status='failed'", (now,)
+            )
+            targets = [r[0] for r in c.execute("SELECT DISTINCT target FROM jobs WHERE status='failed'")]
+            n = c.execute(
+                "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, updated_at=?"
+                " WHERE status='failed'",
+                (now, now),
+            ).rowcount
+        return n + events, targets
+
+    def failed_jobs(self, target: str, limit: int) -> list[Job]:
+        """Failed watch-state changes for ``target``, newest first."""
+        rows = self._rows(
+            "SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?",
+            (target, *FIELDS, limit),
+        )
+        return [self._job(r) for r in rows]
+
+    def mark_resolved(self, job_ids: list[int]) -> None:
+        """Failed jobs whose target now holds what they wanted: no longer anyone's problem."""
+        with self._tx() as c:
+            c.executemany(
+                "UPDATE jobs SET status='resolved', updated_at=? WHERE id=? AND status='failed'",
+                [(utcnow(), i) for i in job_ids],
+            )
+
+    def wake_unreachable(self, target: str) -> int:
+        """``target`` answers again: what waited for it is due now."""
+        with self._tx() as c:
+            return c.execute(
+                "UPDATE jobs SET status='pending', due_at=?, updated_at=? WHERE target=? AND status='unreachable'",
+                (utcnow(), utcnow(), target),
+            ).rowcount
 
     def discard_job(self, job_id: int) -> bool:
         """Operator's discard: a failed, skipped or waiting job is dropped (kept as 'discarded')."""
         with self._tx() as c:
             cur = c.execute(
                 "UPDATE jobs SET status='discarded', updated_at=? "
-                "WHERE id=? AND status IN ('failed', 'waiting', 'skipped')",
+                "WHERE id=? AND status IN ('failed', 'waiting', 'unreachable', 'skipped', 'resolved')",
                 (utcnow(), job_id),
             )
             return cur.rowcount == 1
@@ -2060,7 +2111,7 @@ class Store:
         """Counts of the jobs not finished: a range of the status index, not the whole history."""
         rows = self._rows(
             "SELECT status, count(*) FROM jobs WHERE status IN ('pending', 'running', 'waiting', 'failed', 'skipped', "
-            "'held')"
+            "'held', 'unreachable')"
             " GROUP BY status"
         )
         return {r[0]: r[1] for r in rows}
@@ -2068,11 +2119,14 @@ class Store:
     def count_done(self) -> int:
         return self._rows("SELECT count(*) FROM jobs WHERE status = 'done'")[0][0]
 
-    def jobs_by_status(self, statuses: tuple[str, ...], limit: int = 50, offset: int = 0) -> list[Job]:
+    def jobs_by_status(
+        self, statuses: tuple[str, ...], limit: int = 50, offset: int = 0, since: float = 0.0
+    ) -> list[Job]:
+        """Newest first; ``since``: only those changed since then."""
         marks = ",".join("?" * len(statuses))
         rows = self._rows(
-            f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY id DESC LIMIT ? OFFSET ?",
-            (*statuses, limit, offset),
+            f"SELECT * FROM jobs WHERE status IN ({marks}) AND updated_at >= ? ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*statuses, since, limit, offset),
         )
         return [self._job(r) for r in rows]
 
@@ -3489,7 +3543,7 @@ _KNOWN = "_known"  # key set in a group's ``current`` once the target's state is
 class Outcome:
     """What applying one job came to. Syncer._record is the one place that records it."""
 
-    result: str  # done: ok, noop, stale, dry_run · skipped, absent · failed · retry, waiting
+    result: str  # done: ok, noop, stale, dry_run · skipped, absent · failed · retry, waiting, unreachable
     detail: str | None = None
     old: str | None = None
     new: str | None = None
@@ -3564,7 +3618,16 @@ class WatchStateWriter:
         if job.field == "played":
             expected["position"] = 0  # marking played or unplayed resets the position
         self.store.prepare_write(job.target, job.user_key, item.item_id, expected, observed)
-        written = self._write(client, user_id, item.item_id, job, want, current, version)
+        try:
+            written = self._write(client, user_id, item.item_id, job, want, current, version)
+        except Exception:
+            # The write did not happen (as far as we know): what we recorded must not say it
+            # did, or the next pass would read the target's real value as a change made there
+            # and spread it back over the source — losing the very change being written.
+            was = {f: have[f] for f in expected if f in have}
+            times = {f: known[f][1] if f in known else 0.0 for f in was}
+            self.store.remember_states(self.store.state_rows(job.target, job.user_key, item.item_id, was, times))
+            raise
         current.clear()
         rows = None
         if written:
@@ -3807,17 +3870,29 @@ class PluginSetup:
         }
 
 
+def refused_or(e: JellyfinError) -> str:
+    """A server's error as people should read it: 401/403 means our API key, nothing else."""
+    if e.status in (401, 403):
+        return f"the API key was refused (HTTP {e.status}): check servers.api_key"
+    return str(e)
+
+
 class ServerHealth:
-    """Whether each server answers, its version and latency, as the last check found them."""
+    """Whether each server answers and accepts our API key, its version and latency, as the
+    last check found them. ``healthy``: it answers and takes the key — only then are writes
+    to it attempted; what is owed to it meanwhile waits (Syncer._error)."""
 
     def __init__(self, clients: dict[str, JellyfinClient]):
         self.clients = clients
         self.state: dict[str, dict] = {
             name: {
                 "reachable": None,
+                "healthy": None,
+                "key_refused": False,
                 "error": None,
                 "version": None,
                 "checked_at": None,
+                "checked_mono": 0.0,
                 "latency_ms": None,
                 "down_since": None,
             }
@@ -3827,21 +3902,28 @@ class ServerHealth:
     def check(self, name: str) -> dict:
         client = self.clients[name]
         started = time.monotonic()
+        state = self.state[name]
         try:
             info = client.info()
-            self.state[name].update(
+            state.update(
                 reachable=True,
-                error=None,
                 version=info.get("Version"),
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
-                down_since=None,
             )
+            # /System/Info/Public answers without a key: a refused key shows only on a call
+            # that needs one. GET /Users is the cheapest every version has (JELLYFIN.md §2).
+            client.users()
+            state.update(healthy=True, key_refused=False, error=None, down_since=None)
         except JellyfinError as e:
-            self.state[name].update(reachable=False, error=str(e), latency_ms=None)
-            self.state[name]["down_since"] = self.state[name]["down_since"] or utcnow()
-            client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
-        self.state[name]["checked_at"] = utcnow()
-        return self.state[name]
+            refused = e.status in (401, 403)
+            state.update(healthy=False, key_refused=refused, error=refused_or(e))
+            if not refused:
+                state.update(reachable=False, latency_ms=None)
+                client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
+            state["down_since"] = state["down_since"] or utcnow()
+        state["checked_at"] = utcnow()
+        state["checked_mono"] = time.monotonic()
+        return state
 
 
 class Counters:
@@ -3947,6 +4029,7 @@ class Syncer:
         self.planner_error: str | None = None
         self._target_wake = {s.name: threading.Condition() for s in config.servers}
         self.server_health = ServerHealth(clients)
+        self._resolve_looked: dict[str, float] = {}  # target → when resolve_failed last looked
         self.health = self.server_health.state  # server → its last check (for the Web)
         self.counters = Counters()
         self.writer = WatchStateWriter(config, store, library, clients)
@@ -4221,9 +4304,13 @@ class Syncer:
             return self._error(job, e)
 
     def _error(self, job: Job, e: Exception) -> Outcome:
-        """Network and 5xx: retried with growing pauses. What we cannot do: skipped, with why.
-        A bug: the job is kept and shown (retried, then failed); the worker carries on."""
+        """Network and 5xx: retried with growing pauses — unless the target does not answer
+        (or refuses our API key) now: then nothing is its fault, and it waits for the server
+        without using up its retries (check_server wakes it). What we cannot do: skipped,
+        with why. A bug: the job is kept and shown (retried, then failed); the worker carries on."""
         if isinstance(e, JellyfinError):
+            if (e.retryable or e.status in (401, 403)) and not self._target_healthy(job.target):
+                return Outcome("unreachable", str(e))
             return self._retry_or_fail(job, str(e), e.retryable)
         if isinstance(e, SyncError):
             return Outcome("skipped", str(e))
@@ -4237,6 +4324,15 @@ class Syncer:
             return Outcome("retry", error, due_at=utcnow() + delay)
         return Outcome("failed", error)
 
+    def _target_healthy(self, target: str) -> bool:
+        """Does ``target`` answer and take our key, now that a request to it failed? A recent
+        check that found it down is trusted (during an outage every job of a claim fails alike:
+        one check serves them); one that found it well is older than the failure: checked again."""
+        state = self.health[target]
+        if state["healthy"] is not False or time.monotonic() - state["checked_mono"] > SERVER_CONFIRM_SECONDS:
+            state = self.check_server(target)
+        return bool(state["healthy"])
+
     def _absent(self, job: Job, src_item: ItemInfo) -> Outcome:
         """The item is not on the target (yet): wait, or give up, as the Planner says."""
         due, msg = self.planner.when_absent(job, src_item.path_key)
@@ -4247,6 +4343,10 @@ class Syncer:
         its journal entry and what the target now holds are returned, for Store.finish_jobs to
         commit with the claim's other outcomes (None: rescheduled here)."""
         target = job.target
+        if o.result == "unreachable":
+            self.store.reschedule_job(job, "unreachable", utcnow(), o.detail or "", attempt=False)
+            log.info("%s: waits for the server: %s", target, o.detail)
+            return
         if o.result in ("retry", "waiting"):
             self.store.reschedule_job(
                 job,
@@ -4288,7 +4388,44 @@ class Syncer:
 
     # health
     def check_server(self, name: str) -> dict:
-        return self.server_health.check(name)
+        """Check a server; if it answers and takes our key, what waited for it is due now,
+        however long it was away."""
+        state = self.server_health.check(name)
+        if state["healthy"] and self.store.wake_unreachable(name):
+            log.info("%s: answers again: the changes that waited for it go now", name)
+            self.wake_target(name)
+        return state
+
+    def resolve_failed(self, target: str) -> int:
+        """Failed changes for ``target`` that the target now holds anyway (a later write, a
+        pass, the person) are marked resolved: read from the server, never assumed. Looked at
+        only when some change was applied since the last look (any of these leaves one), so
+        failed changes that stay failed are not read again every check. Returns how many."""
+        since, self._resolve_looked[target] = self._resolve_looked.get(target, 0.0), utcnow()
+        if not self.store.done_since(since):
+            return 0
+        resolved = []
+        for job in self.store.failed_jobs(target, RESOLVE_BATCH):
+            try:
+                user_id = self.library.user_id(target, self.config.name_on(job.user_key, target))
+                src = self.store.get_item(job.source, job.source_item_id)
+                item = self.library.lookup(src, target) if user_id and src else None
+                if item is None:
+                    continue
+                have = read_fields(self.clients[target].user_data(user_id, item.item_id))
+            except JellyfinError:
+                return len(resolved)  # the server went away: the next check looks again
+            except SyncError:
+                continue
+            want = job.value
+            if job.field == "position":
+                want = WatchStateWriter._scale(want, job.extra.get("runtime"), item.runtime)
+            if have.get(job.field) == want:
+                resolved.append(job.id)
+        if resolved:
+            self.store.mark_resolved(resolved)
+            log.info("%s: %d failed change(s) now hold there: resolved", target, len(resolved))
+        return len(resolved)
 
     # threads
     def start(self) -> None:
@@ -4373,17 +4510,19 @@ class Syncer:
         self.store.relax_durability()
         cond = self._target_wake[target]
         interval = self.config.sync.worker_interval_seconds or 5.0
-        next_check = 0.0 if lead else float("inf")
         pause = 1.0  # after an error outside any one job: doubled each time, up to a minute
         while not self.stop_event.is_set():
-            if time.monotonic() >= next_check:
+            # From the last check, whoever made it: a failed write that found the server down
+            # brings the next check near, and the check that finds it back wakes what waited.
+            health = self.health[target]
+            every = HEALTH_CHECK_SECONDS if health["healthy"] else min(interval, HEALTH_RECHECK_SECONDS)
+            if lead and time.monotonic() >= health["checked_mono"] + every:
                 state = self.check_server(target)
-                pause = HEALTH_CHECK_SECONDS if state["reachable"] else min(interval, HEALTH_RECHECK_SECONDS)
-                next_check = time.monotonic() + pause
-                if state["reachable"]:
+                if state["healthy"]:
                     try:
                         self.library.ensure_users(target)
                         self.library.ensure_index(target)
+                        self.resolve_failed(target)
                     except JellyfinError as e:
                         log.warning("%s: cannot build the item index yet: %s", target, e)
             try:
@@ -4611,7 +4750,7 @@ class Reconciler:
                 self.library.refresh_users(s.name)
                 self.library.ensure_index(s.name)
             except JellyfinError as e:
-                report["errors"].append(f"{s.name}: {e}")
+                report["errors"].append(f"{s.name}: {refused_or(e)}")
                 continue
         duplicated: dict[str, str] = {}  # person → a server where they have several accounts
         for row in self.store.all_users():
@@ -5634,7 +5773,10 @@ class Alerts:
             out["failed"] = f"{failed:,} change(s) failed after their retries: retry or discard them on the dashboard"
         limit = self.config.alerts.unreachable_minutes * 60
         for name, h in self.syncer.health.items():
-            if h.get("down_since") and utcnow() - h["down_since"] >= limit:
+            if h.get("key_refused"):
+                # Not a passing outage: nothing reaches that server until someone fixes the key.
+                out[f"refused:{name}"] = f"{name}: {h['error']}"
+            elif h.get("down_since") and utcnow() - h["down_since"] >= limit:
                 out[f"unreachable:{name}"] = (
                     f"{name} has been unreachable since {format_time(h['down_since'])}: {h['error']}"
                 )
@@ -5732,6 +5874,7 @@ def _alert_title(condition: str) -> str:
     return {
         "failed": "changes failed",
         "unreachable": f"{rest} unreachable",
+        "refused": f"{rest} refuses the API key",
         "held": f"changes held by the brake ({rest.replace(':', ' for ')})",
         "stuck": "syncing is stuck",
     }.get(kind, condition)
@@ -5754,7 +5897,14 @@ def _post(url: str, body: bytes, headers: dict) -> None:
 # The older jellyfin-db-sync's words, kept in the keys it had (its API is a subset of ours):
 # its event types for our fields, and its queue statuses for our job states.
 OLDER_EVENT_TYPES = {"played": "watched", "position": "progress", "favorite": "favorite", "likes": "likes"}
-OLDER_STATUSES = {"running": "processing", "waiting": "waiting_for_item", "skipped": "failed", "done": "completed"}
+OLDER_STATUSES = {
+    "running": "processing",
+    "waiting": "waiting_for_item",
+    "unreachable": "pending",
+    "skipped": "failed",
+    "done": "completed",
+    "resolved": "completed",
+}
 DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
 
 
@@ -6002,7 +6152,7 @@ class Web:
         a.route("/api/queue", "GET", lambda: send(self.queue_status()))
         for state, statuses in (
             ("pending", ("pending", "running")),
-            ("waiting", ("waiting",)),
+            ("waiting", ("waiting", "unreachable")),
             ("failed", ("failed", "skipped")),
         ):
             a.route(f"/api/events/{state}", "GET", lambda statuses=statuses: self.api_jobs(statuses))
@@ -6010,6 +6160,7 @@ class Web:
         a.route("/api/inspect", "GET", self.api_inspect)
         a.route("/api/inspect/sync", "POST", self.api_inspect_sync)
         a.route("/api/events/<job_id:int>/retry", "POST", self.api_retry)
+        a.route("/api/events/retry-all", "POST", self.api_retry_all)
         a.route("/api/events/<job_id:int>/discard", "POST", self.api_discard)
         a.route("/api/reconcile", "GET", self.api_reconcile_status)
         a.route("/api/reconcile", "POST", self.api_reconcile)
@@ -6126,6 +6277,7 @@ class Web:
             "pending_events": counts.get("pending", 0) + self.store.count_unplanned(),
             "processing_events": counts.get("running", 0),
             "waiting_for_item_events": counts.get("waiting", 0),
+            "waiting_for_server_events": counts.get("unreachable", 0),  # its server is down: sent when it is back
             "failed_events": counts.get("failed", 0),
             "skipped_events": counts.get("skipped", 0),
             "held_events": counts.get("held", 0),  # by the brake: apply or discard them
@@ -6146,8 +6298,9 @@ class Web:
                     "name": s.name,
                     "url": s.url,
                     "passwordless": s.passwordless,
-                    "healthy": bool(h["reachable"]),
+                    "healthy": bool(h["healthy"]),
                     "reachable": h["reachable"],
+                    "key_refused": h["key_refused"],
                     "error": h["error"],
                     "version": h["version"],
                     "latency_ms": h["latency_ms"],
@@ -6272,7 +6425,7 @@ class Web:
         fields = ("played", "position", "favorite", "likes", "play_count", "last_played")
         states = [e["state"] for e in servers if "state" in e]
         different = [f for f in fields if len({json.dumps(st.get(f)) for st in states}) > 1]
-        jobs = [j for j in self.store.jobs_by_status(("pending", "waiting", "failed", "skipped"), 200, 0)]
+        jobs = self.store.jobs_by_status(("pending", "waiting", "unreachable", "failed", "skipped"), 200, 0)
         return {
             "item": {"id": f"{item.server}:{item.item_id}", "name": library.display_name(item), "type": item.type},
             "person": person,
@@ -6355,6 +6508,30 @@ class Web:
             self.syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
         message = "queued for retry" if ok else "no failed, skipped or waiting job with that id"
         return send({"success": ok, "message": message}, 200 if ok else 404)
+
+    def api_retry_all(self) -> str:
+        """Every failed change (and webhook) tried again now; resolved ones are not failed."""
+        n, targets = self.store.retry_all()
+        for target in targets:
+            self.syncer.wake_target(target)
+        self.syncer.wake_planner()
+        return send({"success": True, "retried": n, "message": f"{n} failed change(s) queued for retry"})
+
+    def problem_rows(self, statuses: tuple[str, ...], since: float = 0.0) -> list[dict]:
+        """The dashboard's "Waiting and failed": one row per action — the jobs of one webhook
+        (or pass) for one person, item and target, with the same state — not one per field
+        (a favourite click also reports the rating: two jobs, one thing the person did)."""
+        rows: dict[tuple, dict] = {}
+        for job in self.store.jobs_by_status(statuses, PROBLEM_ROWS, 0, since):
+            key = (job.status, job.target, job.user_key, job.source, job.source_item_id, job.cause or job.id)
+            if key in rows:
+                rows[key]["ids"].append(job.id)
+                rows[key]["fields"].append(job.field)
+            else:
+                rows[key] = {**self.job_json(job), "ids": [job.id], "fields": [job.field]}
+        for row in rows.values():
+            row["fields"].sort(key=lambda f: FIELD_ORDER.get(f, -1))
+        return list(rows.values())
 
     def api_discard(self, job_id: int) -> str:
         if job_id > INT64_MAX or not self.store.discard_job(job_id):
@@ -6475,8 +6652,9 @@ class Web:
                 "timeline": self.timeline_json(),
                 "hourly": {"minutes": 24 * 60, "bucket": HOUR, "points": self.store.timeline(24 * 60, HOUR)},
                 "log": self.log_page_json(),
-                "waiting": [self.job_json(j) for j in self.store.jobs_by_status(("waiting",), 50, 0)],
-                "failed": [self.job_json(j) for j in self.store.jobs_by_status(("failed", "skipped"), 50, 0)],
+                "waiting": self.problem_rows(("waiting", "unreachable")),
+                "failed": self.problem_rows(("failed", "skipped"))
+                + self.problem_rows(("resolved",), since=utcnow() - DAY),
                 "users": self.users_json(),
                 "reconcile": self.reconcile_json(),
                 "held": self.safety.brake.held() if self.safety else [],
@@ -6780,8 +6958,8 @@ class Metrics:
         self.metric(
             "server_up",
             "gauge",
-            "1 if the server answered its last check",
-            [({"server": n}, 1 if h["reachable"] else 0) for n, h in health],
+            "1 if the server answered its last check and took our API key",
+            [({"server": n}, 1 if h["healthy"] else 0) for n, h in health],
         )
         self.metric(
             "server_request_latency_seconds",

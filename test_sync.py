@@ -107,6 +107,7 @@ class FakeJellyfin:
         self.playlists: dict[str, dict] = {}
         self.status_override: int | None = None  # e.g. 503: the server is "down"
         self.writes_fail = False  # reads answer, writes get 503 (a server busy scanning, say)
+        self.writes_fail_items: set[str] = set()  # as writes_fail, for writes to these items only
         self.writes_refused = 0
         self.delay = 0.0  # seconds added to every authenticated API call
         self.webhook_url: str | None = None
@@ -138,14 +139,32 @@ class FakeJellyfin:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _handle(self):
+                if fake.away:  # a connection kept alive from before: the machine is gone
+                    self.close_connection = True
+                    return
                 fake._dispatch(self)
 
             do_GET = do_POST = do_DELETE = _handle
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.away = False  # go_away(): nothing listens on its port
+        self._handler = Handler
+        self._listen(0)
+
+    def _listen(self, port: int) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"fake-{name}").start()
+        threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"fake-{self.name}").start()
+
+    def go_away(self) -> None:
+        """The machine is off: connections are refused (not answered with an error status)."""
+        self.away = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def come_back(self) -> None:
+        self._listen(self.httpd.server_address[1])
+        self.away = False
 
     @property
     def legacy(self) -> bool:
@@ -155,8 +174,9 @@ class FakeJellyfin:
         if self.closed:
             return
         self.closed = True
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if not self.away:
+            self.httpd.shutdown()
+            self.httpd.server_close()
 
     # data set-up
     def add_user(self, name: str, admin: bool = False) -> str:
@@ -557,7 +577,7 @@ class FakeJellyfin:
             )
         if self.status_override:
             return self._reply(h, self.status_override, None)
-        if self.writes_fail and h.command != "GET":
+        if h.command != "GET" and (self.writes_fail or any(i in path for i in self.writes_fail_items)):
             self.writes_refused += 1
             return self._reply(h, 503, None)
         if not self._authorised(h, query):
@@ -1242,15 +1262,12 @@ def test_a_server_that_is_down_gets_the_change_when_it_is_back(cluster):
     parents.status_override = 503
     c["home"].user_marks("alice", "Heat", True)
     eventually(lambda: c["public"].ud("alice", "Heat")["Played"], what="the healthy server is not delayed")
-    pending = eventually(
-        lambda: [
-            j
-            for j in c.svc.call("GET", "/api/events/pending")[1]
-            if j["target_server"] == "parents" and j["retry_count"] >= 1
-        ],
-        what="retries",
+    waiting = eventually(
+        lambda: [j for j in c.svc.call("GET", "/api/events/waiting")[1] if j["target_server"] == "parents"],
+        what="the change waiting for parents",
     )
-    assert "503" in pending[0]["last_error"]
+    assert "503" in waiting[0]["last_error"] and waiting[0]["state"] == "unreachable"
+    assert waiting[0]["retry_count"] == 0  # a server that is down uses up no retries
     parents.status_override = None
     eventually(lambda: parents.ud("alice", "Heat")["Played"], what="the change after recovery")
 
@@ -1258,7 +1275,7 @@ def test_a_server_that_is_down_gets_the_change_when_it_is_back(cluster):
 def test_retries_end_in_failed_and_can_be_retried(cluster):
     c = cluster(max_retries=1)
     parents = c["parents"]
-    parents.status_override = 500
+    parents.writes_fail = True  # it answers, but refuses the writes: a true failure
     c["home"].user_favourites("bob", "Dune", True)
     failed = eventually(
         lambda: [
@@ -1269,7 +1286,7 @@ def test_retries_end_in_failed_and_can_be_retried(cluster):
         what="a failed job",
     )
     assert not c["parents"].ud("bob", "Dune")["IsFavorite"]
-    parents.status_override = None
+    parents.writes_fail = False
     status, body = c.svc.call("POST", f"/api/events/{failed[0]['id']}/retry")
     assert status == 200 and body["success"]
     eventually(lambda: parents.ud("bob", "Dune")["IsFavorite"], what="the retried job")
@@ -3257,11 +3274,11 @@ def test_the_older_programs_api_answers_with_every_key_it_had(cluster):
     c.settle()
     home.add_item("Nope", "Movie", "/media/new/Nope.mkv")
     home.user_marks("bob", "Nope", True)  # waiting for its item
-    public.status_override = 503
-    home.user_favourites("alice", "Dune", True)  # public is down: failed at once (max_retries 0)…
+    public.writes_fail = True
+    home.user_favourites("alice", "Dune", True)  # public refuses writes: failed at once (max_retries 0)…
     eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed change")
     eventually(lambda: c.svc.call("GET", "/api/events/waiting")[1], what="a waiting change")
-    public.status_override = None
+    public.writes_fail = False
     parents.delay = 2.0  # …and a change in flight, while parents is slow
     home.user_rates("alice", "Heat", True)
     eventually(lambda: c.svc.call("GET", "/api/events/pending")[1], what="a pending change")
@@ -3758,14 +3775,14 @@ CHROMIUM_ARGS = [
 
 def test_dashboard_api_metrics_timeline_and_discard(cluster):
     c = cluster(max_retries=0)
-    c["parents"].status_override = 500
+    c["parents"].writes_fail = True  # it answers, but the write fails
     c["home"].user_marks("alice", "Heat", True)
     failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed job")
     status, body = c.svc.call("POST", f"/api/events/{failed[0]['id']}/discard")
     assert status == 200 and body["success"]
     assert c.svc.call("GET", "/api/events/failed")[1] == []
     assert c.svc.call("POST", f"/api/events/{failed[0]['id']}/discard")[0] == 404
-    c["parents"].status_override = None
+    c["parents"].writes_fail = False
     c.settle()
     tl = c.svc.call("GET", "/api/timeline?minutes=10")[1]
     assert sum(p["ok"] for p in tl["points"]) >= 1 and sum(p["failed"] for p in tl["points"]) >= 1
@@ -3915,19 +3932,19 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         expect(page.locator("#feed tbody tr").first).to_contain_text("written")
         home.user_marks("bob", "Pilot", True)
         expect(page.locator("#feed tbody")).to_contain_text("Show — S01E01 — Pilot", timeout=10000)
-        # A server that fails: the job shows with its reason; "Retry now" makes it go through.
-        parents.status_override = 500
+        # A server that refuses writes: the click shows as one row (the favourite, and the rating
+        # it reported) with its reason; "Retry now" makes it go through.
+        parents.writes_fail = True
         home.user_favourites("bob", "Dune", True)
         row = (
             page.locator("#problems tbody tr", has_text="Dune").filter(has_text="parents").filter(has_text="favourite")
         )
-        expect(row.first).to_contain_text("HTTP 500", timeout=10000)
-        parents.status_override = None
-        row.first.get_by_role("button", name=re.compile("Retry job")).click()
+        expect(row.first).to_contain_text("HTTP 503", timeout=10000)
+        expect(row).to_have_count(1)
+        parents.writes_fail = False
+        row.first.get_by_role("button", name=re.compile("Retry")).click()
         eventually(lambda: parents.ud("bob", "Dune")["IsFavorite"], what="the retried job")
         expect(row).to_have_count(0, timeout=10000)
-        # The rating job from the same click failed too (nothing to change there): retry it as well.
-        page.locator("#problems tbody tr").first.get_by_role("button", name=re.compile("Retry job")).click()
         expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
         expect(page.locator("#feed tbody")).to_contain_text("favourite", timeout=10000)
         page.locator("#f-user").fill("bob")
@@ -4936,6 +4953,155 @@ def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None
     print(f"3 dashboards open for {minutes:g} min on an idle service with 30,000 log lines:")
     print(f"  service CPU: {used:.1f} s ({used / (minutes * 60) * 100:.2f} % of one core)")
     print(f"  API requests: {requests[0]:,} ({requests[0] / refreshes:.1f} per refresh)")
+
+
+# ── Issue 21.3/21.4: outages deliver by themselves; a refused API key is unhealthy ─────────
+
+
+def problem_rows(c: Cluster) -> tuple[list[dict], list[dict]]:
+    """The dashboard's "Waiting and failed": (waiting rows, failed and resolved rows)."""
+    d = c.svc.call("GET", "/api/dashboard")[1]
+    return d["waiting"], d["failed"]
+
+
+def server_status(c: Cluster, name: str) -> dict:
+    return next(s for s in c.svc.call("GET", "/api/status")[1]["servers"] if s["name"] == name)
+
+
+def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers(cluster):
+    c = cluster(max_retries=2)  # every retry together lasts 0.2 + 0.4 s
+    home, parents = c["home"], c["parents"]
+    parents.go_away()
+    home.user_favourites("alice", "Dune", True)  # reports the rating too: two jobs, one action
+    home.user_marks("bob", "Heat", True)
+    eventually(lambda: c["public"].ud("bob", "Heat")["Played"], what="the server that is up is not delayed")
+    waiting = eventually(
+        lambda: (
+            (rows := problem_rows(c)[0]) and all(r["state"] == "unreachable" for r in rows) and len(rows) == 2 and rows
+        ),
+        what="both changes waiting for parents",
+    )
+    assert {r["item_name"] for r in waiting} == {"Dune", "Heat"}, waiting
+    assert all(r["retry_count"] == 0 and r["target_server"] == "parents" for r in waiting)
+    status = server_status(c, "parents")
+    assert status["healthy"] is False and status["reachable"] is False and "cannot connect" in status["error"]
+    # Away far longer than all the retries would last: several health checks go by.
+    away_since = time.time()
+    health = c.svc.service.syncer.health["parents"]
+    eventually(lambda: health["checked_at"] > away_since + 3, what="parents away for a while")
+    assert problem_rows(c)[1] == [], "nothing failed while parents was away"
+    parents.come_back()  # no "Run now", no Retry: it arrives by itself
+    eventually(
+        lambda: parents.ud("alice", "Dune")["IsFavorite"] and parents.ud("bob", "Heat")["Played"],
+        what="the changes owed to parents",
+    )
+    c.settle()
+    assert problem_rows(c) == ([], [])
+    assert server_status(c, "parents")["healthy"] is True
+
+
+def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_the_rest(cluster, monkeypatch):
+    monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)  # each check also looks at what failed
+    c = cluster(max_retries=1)
+    home, parents = c["home"], c["parents"]
+    dune, heat = parents.item("Dune"), parents.item("Heat")
+    parents.writes_fail_items = {dune, heat}  # parents answers, but these writes fail: truly failed
+    home.user_favourites("alice", "Dune", True)
+    home.user_marks("bob", "Heat", True)
+    failed = eventually(
+        lambda: (rows := [r for r in problem_rows(c)[1] if r["state"] == "failed"]) and len(rows) == 2 and rows,
+        what="two failed changes",
+    )
+    assert sorted(f for r in failed for f in r["fields"]) == ["favorite", "played"], failed  # one row per action
+    parents.writes_fail_items = {heat}
+    reconcile(c)  # the pass writes alice's favourite; bob's Heat fails again
+    assert parents.ud("alice", "Dune")["IsFavorite"] and not parents.ud("bob", "Heat")["Played"]
+
+    def rows_by_item():
+        rows = problem_rows(c)[1]
+        return {r["item_name"]: {x["state"] for x in rows if x["item_name"] == r["item_name"]} for r in rows}
+
+    eventually(lambda: rows_by_item().get("Dune") == {"resolved"}, what="the favourite shown resolved")
+    assert rows_by_item()["Heat"] == {"failed"}  # the webhook's change, and the pass's
+    still_failed = sum(len(r["ids"]) for r in problem_rows(c)[1] if r["state"] == "failed")
+    assert c.svc.call("GET", "/api/queue")[1]["failed_events"] == still_failed  # resolved is not failed
+    parents.writes_fail_items = set()
+    status, body = c.svc.call("POST", "/api/events/retry-all")
+    assert status == 200 and body["retried"] >= 1, body
+    eventually(lambda: parents.ud("bob", "Heat")["Played"], what="the retried change")
+    c.settle()
+    assert {r["state"] for r in problem_rows(c)[1]} == {"resolved"}
+    assert c.svc.call("GET", "/api/queue")[1]["failed_events"] == 0
+    assert home.ud("alice", "Dune")["IsFavorite"], "the failed write never spread back as a removal"
+
+
+def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(cluster, receiver, monkeypatch):
+    monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
+    wrong = hexid()
+    alerts = {"urls": [f"{receiver.url}/hook"]}
+    c = cluster(start=False, extra={"servers": {"parents": {"api_key": wrong}}, "alerts": alerts})
+    c.start()  # the first health check has run: parents answers, but not to our key
+    status = c.svc.call("GET", "/api/status")[1]
+    parents = server_status(c, "parents")
+    assert parents["healthy"] is False and parents["key_refused"] is True, parents
+    assert "the API key was refused" in parents["error"] and wrong not in json.dumps(status)
+    assert status["status"] == "degraded"
+    sent = eventually(lambda: receiver.bodies("/hook"), what="an alert")
+    assert [(a["condition"], a["level"]) for a in sent] == [("refused:parents", "problem")], sent
+    assert "the API key was refused" in sent[0]["message"] and wrong not in json.dumps(sent)
+    report = reconcile(c)  # a pass says why parents was left out, not just "0 items compared"
+    assert any(e.startswith("parents: the API key was refused") for e in report["errors"]), report
+    c["home"].user_marks("alice", "Heat", True)  # owed to parents: waits, uses up no retries
+    eventually(
+        lambda: [r for r in problem_rows(c)[0] if r["target_server"] == "parents" and r["state"] == "unreachable"],
+        what="the change waiting for parents",
+    )
+    c["parents"].api_key = wrong  # the key is fixed (in Jellyfin: the key was made there)
+    eventually(lambda: server_status(c, "parents")["healthy"], what="parents healthy again")
+    assert server_status(c, "parents")["error"] is None
+    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="the change that waited")
+    eventually(lambda: len(receiver.bodies("/hook")) == 2, what="the all-clear")
+    assert receiver.bodies("/hook")[1]["level"] == "resolved"
+
+
+@pytest.mark.browser
+def test_browser_a_refused_key_and_an_outage_as_the_dashboard_shows_them(cluster, monkeypatch):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)
+    c = cluster(start=False, max_retries=0, extra={"servers": {"parents": {"api_key": hexid()}}})
+    c.start()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(c.svc.url + "/")
+        card = page.get_by_role("article", name="server parents")
+        expect(card).to_contain_text("API key refused", timeout=10000)
+        expect(card).to_contain_text("the API key was refused")
+        expect(page.locator("#overall")).to_have_text("degraded")
+        # A favourite owed to parents: one row (the rating it reported goes with it), waiting.
+        home.user_favourites("alice", "Dune", True)
+        row = page.locator("#problems tbody tr", has_text="Dune")
+        expect(row).to_contain_text("waiting for parents to answer", timeout=10000)
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text("favourite, rating")
+        expect(page.get_by_role("button", name="Retry all failed")).to_be_hidden()
+        parents.api_key = c.config.server("parents").api_key  # the key is fixed
+        expect(card).to_contain_text("reachable", timeout=10000)
+        expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
+        assert parents.ud("alice", "Dune")["IsFavorite"]
+        # What truly failed: "Retry all failed" sends it once the cause is gone.
+        public.writes_fail = True
+        home.user_marks("bob", "Heat", True)
+        row = page.locator("#problems tbody tr", has_text="Heat")
+        expect(row).to_contain_text("failed", timeout=10000)
+        public.writes_fail = False
+        page.get_by_role("button", name="Retry all failed").click()
+        eventually(lambda: public.ud("bob", "Heat")["Played"], what="the retried change")
+        expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
+        browser.close()
 
 
 if __name__ == "__main__":

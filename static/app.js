@@ -62,7 +62,8 @@ function renderStatus(st) {
   }
   const cards = st.servers.map((s) => {
     const hook = `${location.origin}${s.webhook_url_path}`;
-    const state = s.reachable === null ? ["checking…", "muted"] : s.reachable ? ["reachable", "ok"] : ["unreachable", "bad"];
+    const state = s.key_refused ? ["API key refused", "bad"]
+      : s.reachable === null ? ["checking…", "muted"] : s.reachable ? ["reachable", "ok"] : ["unreachable", "bad"];
     return el("article", { class: "card", "aria-label": `server ${s.name}` },
       el("h3", {}, s.name, el("span", { class: state[1] }, state[0])),
       el("p", { class: "muted" }, s.url),
@@ -86,7 +87,7 @@ function renderStatus(st) {
 
   const q = st.queue;
   $("q-pending").textContent = q.pending_events + q.processing_events;
-  $("q-waiting").textContent = q.waiting_for_item_events;
+  $("q-waiting").textContent = q.waiting_for_item_events + (q.waiting_for_server_events || 0);
   $("q-failed").textContent = q.failed_events + q.skipped_events;
   $("q-done").textContent = q.done_last_hour;
 }
@@ -292,7 +293,8 @@ async function post(path, failure) {
   refresh();
 }
 
-const act = (kind, id) => post(`/api/events/${id}/${kind}`, `Could not ${kind}`);
+// A row is one action (a click's favourite and the rating it reported): its jobs go together.
+const act = async (kind, ids) => { for (const id of ids) await post(`/api/events/${id}/${kind}`, `Could not ${kind}`); };
 
 // Our destination in that server's Webhook plugin, posting to the address this page was
 // opened at (what Jellyfin on the same network reaches too, unless server.public_url says else).
@@ -307,18 +309,29 @@ async function setupWebhook(name) {
   refresh();
 }
 
+// What each state means to a person; "resolved": it failed, but the target holds it now.
+const STATE = { failed: ["failed", "bad"], skipped: ["skipped", "warn"], waiting: ["waiting for the item", "warn"],
+  resolved: ["resolved", "ok"] };
+
 function renderProblems(jobs, pipeline) {
-  const rows = jobs.map((j) => el("tr", { "data-job": j.id },
-    el("td", { "data-label": "When" }, ago(j.created_at)),
-    el("td", { "data-label": "User" }, j.username),
-    el("td", { "data-label": "Item" }, j.item_name),
-    el("td", { "data-label": "Change" }, FIELD[j.field] || j.field),
-    el("td", { "data-label": "To" }, j.target_server),
-    el("td", { class: j.state === "failed" ? "bad" : "warn", "data-label": "Status" }, j.state),
-    el("td", { "data-label": "Reason" }, j.last_error || ""),
-    el("td", { class: "actions" },
-      el("button", { type: "button", "aria-label": `Retry job ${j.id} now`, onclick: () => act("retry", j.id) }, "Retry now"),
-      el("button", { type: "button", "aria-label": `Discard job ${j.id}`, onclick: () => act("discard", j.id) }, "Discard"))));
+  const rows = jobs.map((j) => {
+    const ids = j.ids || [j.id];
+    const [word, cls] = j.state === "unreachable" ? [`waiting for ${j.target_server} to answer`, "warn"]
+      : STATE[j.state] || [j.state, "warn"];
+    const buttons = j.state === "resolved"
+      ? [el("button", { type: "button", "aria-label": `Dismiss job ${j.id}`, onclick: () => act("discard", ids) }, "Dismiss")]
+      : [el("button", { type: "button", "aria-label": `Retry job ${j.id} now`, onclick: () => act("retry", ids) }, "Retry now"),
+         el("button", { type: "button", "aria-label": `Discard job ${j.id}`, onclick: () => act("discard", ids) }, "Discard")];
+    return el("tr", { "data-job": j.id },
+      el("td", { "data-label": "When" }, ago(j.created_at)),
+      el("td", { "data-label": "User" }, j.username),
+      el("td", { "data-label": "Item" }, j.item_name),
+      el("td", { "data-label": "Change" }, (j.fields || [j.field]).map((f) => FIELD[f] || f).join(", ")),
+      el("td", { "data-label": "To" }, j.target_server),
+      el("td", { class: cls, "data-label": "Status" }, word),
+      el("td", { "data-label": "Reason" }, j.last_error || ""),
+      el("td", { class: "actions" }, ...buttons));
+  });
   $("problems").querySelector("tbody").replaceChildren(...rows);
   $("problems").hidden = rows.length === 0;
   // Changes only show here once planned: while the pipeline itself is stuck, say that rather
@@ -329,6 +342,7 @@ function renderProblems(jobs, pipeline) {
     : "Nothing is stuck.";
   empty.className = pipeline.length ? "bad" : "muted";
   empty.hidden = rows.length !== 0;
+  $("retry-all").hidden = !jobs.some((j) => j.state === "failed");
 }
 
 function renderUsers(u) {
@@ -451,6 +465,7 @@ $("inspect").addEventListener("submit", inspect);
 
 $("filters").addEventListener("submit", (e) => e.preventDefault());  // the filters apply as you type
 $("rec-run").addEventListener("click", () => startReconcile(false));
+$("retry-all").addEventListener("click", () => post("/api/events/retry-all", "Could not retry"));
 $("rec-dry").addEventListener("click", () => startReconcile(true));
 $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
 $("next").addEventListener("click", () => { offset += PAGE; refresh(); });
