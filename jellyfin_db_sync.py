@@ -7973,18 +7973,6 @@ def setup_mode(path: str, problem: str) -> int:
     return _run_until_stopped(server, lambda: switch["service"].stop() if "service" in switch else None)
 
 
-def release_free_memory() -> None:
-    """Hand the heap pages freed since start back to the system (glibc; elsewhere nothing).
-    Compiling this 6,000-line file at every start (a script's bytecode is never cached) leaves
-    several MB of freed but still resident memory; on a small NAS that matters."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
-
-
 def _run_until_stopped(server: Any, stop: Any) -> int:
     """Serve until SIGTERM or SIGINT, then close the server and stop what ``stop`` stops."""
     try:
@@ -8084,7 +8072,6 @@ def serve(config: Config) -> int:
         )
     _stop_on_signals()
     service.start_workers()
-    release_free_memory()
     base = config.public_url or f"http://{_reachable_host(config.host)}:{server.effective_port}"
     hooks = ", ".join(f"{base}/webhook/{s.name}" for s in config.servers) or "no servers configured"
     log.info(
