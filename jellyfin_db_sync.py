@@ -392,6 +392,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("safety.brake_minutes", "float", 10.0, "… within this many minutes", "JDS_BRAKE_MINUTES"),
     Setting(
+        "safety.removal_delay_seconds",
+        "float",
+        20.0,
+        "removals wait this long before they go, so the brake judges a burst first",
+        "JDS_REMOVAL_DELAY_SECONDS",
+        low=0,
+    ),
+    Setting(
         "alerts.urls",
         "urls",
         (),
@@ -504,6 +512,8 @@ class ReconcileConfig:
 class SafetyConfig:
     brake_items: int = _default("safety.brake_items")  # removals per person and source; 0 = off
     brake_minutes: float = _default("safety.brake_minutes")
+    # A removal's settling time: a burst that the brake will hold is held before any of it goes.
+    removal_delay_seconds: float = _default("safety.removal_delay_seconds")
 
 
 @dataclass(frozen=True)
@@ -1429,7 +1439,7 @@ class PlanTx:
         ).fetchone()
         return (row[0], row[1]) if row else None
 
-    def add_job(self, target: str, ob: Observation, removal: bool) -> None:
+    def add_job(self, target: str, ob: Observation, removal: bool, delay: float) -> None:
         self.c.execute(
             "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
             " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause, removal)"
@@ -1445,7 +1455,7 @@ class PlanTx:
                 json.dumps(ob.value),
                 ob.observed_at,
                 json.dumps(ob.extra),
-                self.now + ob.delay,
+                self.now + delay,
                 self.now,
                 self.now,
                 ob.cause,
@@ -1453,11 +1463,15 @@ class PlanTx:
             ),
         )
 
-    def replace_job(self, job_id: int, ob: Observation, removal: bool) -> None:
-        """A newer desired state for a waiting job; its due time is kept. A held removal that
-        the person has since reversed is no longer held: the newer state goes."""
+    def replace_job(self, job_id: int, ob: Observation, removal: bool, delay: float) -> None:
+        """A newer desired state for a waiting job. Its due time is kept, or made earlier by an
+        addition (additions are never delayed by a removal's settling time), or later by a
+        removal (which settles in full: the brake judges it first); a job waiting for its item
+        keeps its own. A held removal that the person has since reversed is no longer held: the
+        newer state goes."""
         self.c.execute(
             "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=?, removal=?,"
+            " due_at=CASE WHEN status='waiting' THEN due_at WHEN ?=1 THEN max(due_at, ?) ELSE min(due_at, ?) END,"
             " status=CASE WHEN status='held' AND ?=0 THEN 'pending' ELSE status END WHERE id=?",
             (
                 json.dumps(ob.value),
@@ -1468,6 +1482,9 @@ class PlanTx:
                 ob.cause,
                 int(removal),
                 int(removal),
+                self.now + delay,
+                self.now + delay,
+                int(removal),
                 job_id,
             ),
         )
@@ -1475,7 +1492,8 @@ class PlanTx:
     def brake(self, source: str, user_key: str, since: float, limit: int) -> int:
         """The brake (issue 16): if more than ``limit`` items lost state (unplayed, unfavourited,
         rating cleared, position reset) from ``source`` for one person since ``since``, hold
-        every such change not yet applied. Returns how many jobs it holds (0: below the limit)."""
+        every such change not yet applied — with removals settling before they go (issue 21),
+        that is the whole burst. Returns how many jobs it holds (0: below the limit)."""
         n = self.c.execute(
             "SELECT count(DISTINCT source_item_id) FROM jobs INDEXED BY jobs_removal WHERE source=? AND user_key=? "
             "AND removal=1 AND created_at>=? AND status NOT IN ('discarded', 'superseded')",
@@ -1488,6 +1506,15 @@ class PlanTx:
             "AND created_at>=? AND status IN ('pending', 'waiting')",
             (self.now, source, user_key, since),
         ).rowcount
+
+    def brake_announced(self, source: str, user_key: str, held: bool) -> float:
+        """When the brake last held changes from ``source`` for this person (0: never, or
+        discarded since); with ``held``, that is now. The WARNING is said once per burst."""
+        key = f"brake_held:{source}:{user_key}"
+        row = self.c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if held:
+            self.c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, self.now))
+        return float(row[0]) if row else 0.0
 
     def mark_planned(self, inbox_ids: list[int]) -> None:
         self.c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(i,) for i in inbox_ids])
@@ -2299,6 +2326,7 @@ class Store:
                 "WHERE status='held' AND source=? AND user_key=?",
                 (utcnow(), source, user_key),
             )
+            c.execute("DELETE FROM meta WHERE key=?", (f"brake_held:{source}:{user_key}",))  # a new burst warns anew
         return [self._job(r) for r in rows]
 
     def journal(self, scope: dict, limit: int = JOURNAL_SCOPE_LIMIT) -> list[LogEntry]:
@@ -3272,17 +3300,23 @@ class Planner:
             return
         since = tx.now - self.config.safety.brake_minutes * 60
         released = self.store.brake_released(source, user_key)  # Apply starts the count afresh
-        held = tx.brake(source, user_key, max(since, released), limit)
-        if held:
-            log.warning(
-                "brake: %d change(s) from %s for %s held: more than %d items would lose state within %g minutes; "
-                "apply or discard them on the dashboard",
-                held,
-                source,
-                user_key,
-                limit,
-                self.config.safety.brake_minutes,
-            )
+        since = max(since, released)
+        held = tx.brake(source, user_key, since, limit)
+        if not held:
+            return
+        # Once per burst: not again while this burst goes on (the brake held some of it within
+        # its window), until it is applied or discarded; the dashboard keeps the running count.
+        if tx.brake_announced(source, user_key, held=True) >= since:
+            log.debug("brake: %d more change(s) from %s for %s held", held, source, user_key)
+            return
+        log.warning(
+            "brake: changes from %s for %s held: more than %d items would lose state within %g minutes; "
+            "the rest of this burst is held too (the dashboard counts them); apply or discard them there",
+            source,
+            user_key,
+            limit,
+            self.config.safety.brake_minutes,
+        )
 
     def _news(self, tx: PlanTx, observations: list[Observation]) -> list[Observation]:
         """The observations that are news; what we now know of their server is recorded."""
@@ -3313,15 +3347,19 @@ class Planner:
                 return True
         return False
 
-    @staticmethod
-    def _queue(tx: PlanTx, target: str, ob: Observation, removal: bool) -> None:
+    def _queue(self, tx: PlanTx, target: str, ob: Observation, removal: bool) -> None:
         """Coalesce: a newer desired state replaces the waiting one (its due time is kept, so a
-        steady stream of progress reports cannot postpone the write forever)."""
+        steady stream of progress reports cannot postpone the write forever). A removal waits
+        safety.removal_delay_seconds first, so that the brake judges a burst before any of it
+        goes out (issue 21); additions never wait for it."""
+        delay = ob.delay
+        if removal and self.config.safety.brake_items:
+            delay = max(delay, self.config.safety.removal_delay_seconds)
         waiting = tx.open_job(target, ob)
         if waiting is None:
-            tx.add_job(target, ob, removal)
+            tx.add_job(target, ob, removal, delay)
         elif ob.observed_at >= waiting[1]:
-            tx.replace_job(waiting[0], ob, removal)
+            tx.replace_job(waiting[0], ob, removal, delay)
 
     # time
     def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
