@@ -76,8 +76,11 @@ log = logging.getLogger("jellyfin_db_sync")
 DEFAULT_CONFIG_PATHS = ("/config/config.yaml", "./config.yaml")
 STATIC_ROOT = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
-CONNECTION_LIMIT = 500  # open connections Waitress accepts at once (its default, 100, was easy to fill)
-CONNECTIONS_PER_ADDRESS = 64  # of which one client may hold at most this many (PerAddressListener)
+# Open connections Waitress accepts at once (its default, 100, was easy to fill); fewer if the
+# open-files limit is low (connection_limit). One client may hold at most half of them
+# (PerAddressListener): more than any burst a Jellyfin server sends (the plugin opens a
+# connection per concurrent event, and a connection refused is a webhook lost), and never all.
+CONNECTION_LIMIT = 2048
 CHANNEL_TIMEOUT = 30  # seconds a connection may stay idle (Waitress' default: 120)
 WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
@@ -410,6 +413,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("safety.brake_minutes", "float", 10.0, "… within this many minutes", "JDS_BRAKE_MINUTES"),
     Setting(
+        "safety.removal_delay_seconds",
+        "float",
+        20.0,
+        "removals wait this long before they go, so the brake judges a burst first",
+        "JDS_REMOVAL_DELAY_SECONDS",
+        low=0,
+    ),
+    Setting(
         "alerts.urls",
         "urls",
         (),
@@ -522,6 +533,8 @@ class ReconcileConfig:
 class SafetyConfig:
     brake_items: int = _default("safety.brake_items")  # removals per person and source; 0 = off
     brake_minutes: float = _default("safety.brake_minutes")
+    # A removal's settling time: a burst that the brake will hold is held before any of it goes.
+    removal_delay_seconds: float = _default("safety.removal_delay_seconds")
 
 
 @dataclass(frozen=True)
@@ -1515,7 +1528,7 @@ class PlanTx:
         ).fetchone()
         return (row[0], row[1]) if row else None
 
-    def add_job(self, target: str, ob: Observation, removal: bool) -> None:
+    def add_job(self, target: str, ob: Observation, removal: bool, delay: float) -> None:
         self.c.execute(
             "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
             " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause, removal)"
@@ -1531,7 +1544,7 @@ class PlanTx:
                 json.dumps(ob.value),
                 ob.observed_at,
                 json.dumps(ob.extra),
-                self.now + ob.delay,
+                self.now + delay,
                 self.now,
                 self.now,
                 ob.cause,
@@ -1539,11 +1552,15 @@ class PlanTx:
             ),
         )
 
-    def replace_job(self, job_id: int, ob: Observation, removal: bool) -> None:
-        """A newer desired state for a waiting job; its due time is kept. A held removal that
-        the person has since reversed is no longer held: the newer state goes."""
+    def replace_job(self, job_id: int, ob: Observation, removal: bool, delay: float) -> None:
+        """A newer desired state for a waiting job. Its due time is kept, or made earlier by an
+        addition (additions are never delayed by a removal's settling time), or later by a
+        removal (which settles in full: the brake judges it first); a job waiting for its item
+        keeps its own. A held removal that the person has since reversed is no longer held: the
+        newer state goes."""
         self.c.execute(
             "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=?, removal=?,"
+            " due_at=CASE WHEN status='waiting' THEN due_at WHEN ?=1 THEN max(due_at, ?) ELSE min(due_at, ?) END,"
             " status=CASE WHEN status='held' AND ?=0 THEN 'pending' ELSE status END WHERE id=?",
             (
                 json.dumps(ob.value),
@@ -1554,6 +1571,9 @@ class PlanTx:
                 ob.cause,
                 int(removal),
                 int(removal),
+                self.now + delay,
+                self.now + delay,
+                int(removal),
                 job_id,
             ),
         )
@@ -1561,7 +1581,8 @@ class PlanTx:
     def brake(self, source: str, user_key: str, since: float, limit: int) -> int:
         """The brake (issue 16): if more than ``limit`` items lost state (unplayed, unfavourited,
         rating cleared, position reset) from ``source`` for one person since ``since``, hold
-        every such change not yet applied. Returns how many jobs it holds (0: below the limit)."""
+        every such change not yet applied — with removals settling before they go (issue 21),
+        that is the whole burst. Returns how many jobs it holds (0: below the limit)."""
         n = self.c.execute(
             "SELECT count(DISTINCT source_item_id) FROM jobs WHERE source=? AND user_key=? "
             "AND removal=1 AND created_at>=? AND status NOT IN ('discarded', 'superseded')",
@@ -1574,6 +1595,15 @@ class PlanTx:
             "AND created_at>=? AND status IN ('pending', 'waiting', 'unreachable')",
             (self.now, source, user_key, since),
         ).rowcount
+
+    def brake_announced(self, source: str, user_key: str, held: bool) -> float:
+        """When the brake last held changes from ``source`` for this person (0: never, or
+        discarded since); with ``held``, that is now. The WARNING is said once per burst."""
+        key = f"brake_held:{source}:{user_key}"
+        row = self.c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if held:
+            self.c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, self.now))
+        return float(row[0]) if row else 0.0
 
     def mark_planned(self, inbox_ids: list[int]) -> None:
         self.c.executemany("UPDATE inbox SET planned = 1 WHERE id = ?", [(i,) for i in inbox_ids])
@@ -2153,6 +2183,16 @@ class Store:
                 (user_key, name_key_, json.dumps(members), utcnow()),
             )
 
+    def changes_on_the_way(self, user_key: str) -> set[tuple[str, str, str]]:
+        """(source, source item, field) of a person's changes still to be written — settling,
+        waiting, held by the brake, running, or owed to a server that is away."""
+        rows = self._rows(
+            "SELECT DISTINCT source, source_item_id, field FROM jobs WHERE user_key=? "
+            "AND status IN ('pending', 'waiting', 'running', 'held', 'unreachable')",
+            (user_key,),
+        )
+        return {tuple(r) for r in rows}
+
     def states_of(self, server: str, user_key: str) -> dict[str, dict[str, tuple[Any, float]]]:
         """Everything known of one person on one server: {item id: {field: (value, observed)}}."""
         out: dict[str, dict[str, tuple[Any, float]]] = {}
@@ -2450,6 +2490,7 @@ class Store:
                 "WHERE status='held' AND source=? AND user_key=?",
                 (utcnow(), source, user_key),
             )
+            c.execute("DELETE FROM meta WHERE key=?", (f"brake_held:{source}:{user_key}",))  # a new burst warns anew
         return [self._job(r) for r in rows]
 
     def journal(self, scope: dict, limit: int = JOURNAL_SCOPE_LIMIT) -> list[LogEntry]:
@@ -3446,17 +3487,23 @@ class Planner:
             return
         since = tx.now - self.config.safety.brake_minutes * 60
         released = self.store.brake_released(source, user_key)  # Apply starts the count afresh
-        held = tx.brake(source, user_key, max(since, released), limit)
-        if held:
-            log.warning(
-                "brake: %d change(s) from %s for %s held: more than %d items would lose state within %g minutes; "
-                "apply or discard them on the dashboard",
-                held,
-                source,
-                user_key,
-                limit,
-                self.config.safety.brake_minutes,
-            )
+        since = max(since, released)
+        held = tx.brake(source, user_key, since, limit)
+        if not held:
+            return
+        # Once per burst: not again while this burst goes on (the brake held some of it within
+        # its window), until it is applied or discarded; the dashboard keeps the running count.
+        if tx.brake_announced(source, user_key, held=True) >= since:
+            log.debug("brake: %d more change(s) from %s for %s held", held, source, user_key)
+            return
+        log.warning(
+            "brake: changes from %s for %s held: more than %d items would lose state within %g minutes; "
+            "the rest of this burst is held too (the dashboard counts them); apply or discard them there",
+            source,
+            user_key,
+            limit,
+            self.config.safety.brake_minutes,
+        )
 
     def _news(self, tx: PlanTx, observations: list[Observation]) -> list[Observation]:
         """The observations that are news; what we now know of their server is recorded."""
@@ -3487,15 +3534,19 @@ class Planner:
                 return True
         return False
 
-    @staticmethod
-    def _queue(tx: PlanTx, target: str, ob: Observation, removal: bool) -> None:
+    def _queue(self, tx: PlanTx, target: str, ob: Observation, removal: bool) -> None:
         """Coalesce: a newer desired state replaces the waiting one (its due time is kept, so a
-        steady stream of progress reports cannot postpone the write forever)."""
+        steady stream of progress reports cannot postpone the write forever). A removal waits
+        safety.removal_delay_seconds first, so that the brake judges a burst before any of it
+        goes out (issue 21); additions never wait for it."""
+        delay = ob.delay
+        if removal and self.config.safety.brake_items:
+            delay = max(delay, self.config.safety.removal_delay_seconds)
         waiting = tx.open_job(target, ob)
         if waiting is None:
-            tx.add_job(target, ob, removal)
+            tx.add_job(target, ob, removal, delay)
         elif ob.observed_at >= waiting[1]:
-            tx.replace_job(waiting[0], ob, removal)
+            tx.replace_job(waiting[0], ob, removal, delay)
 
     # time
     def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
@@ -4648,6 +4699,7 @@ class Reconciler:
         self.progress: dict[str, Any] = {"running": False}
         self._pending_state: list[tuple] = []  # filled while comparing one person, then flushed
         self._states: dict[str, dict] = {}  # the person's known state per server, loaded at once
+        self._on_the_way: set[tuple[str, str, str]] = set()  # the person's changes still queued
         self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
         self._pending_jobs: list[Observation] = []
         self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
@@ -4828,6 +4880,7 @@ class Reconciler:
         self._read_at = utcnow()
         seen = {srv: self._read(srv, accounts[srv]) for srv in servers}
         self._states = {srv: self.store.states_of(srv, person) for srv in servers}  # one query each
+        self._on_the_way = self.store.changes_on_the_way(person)
         # Group the same item across servers, starting from every item anyone has state on.
         groups: list[dict[str, str]] = []
         assigned: set[tuple[str, str]] = set()
@@ -4881,6 +4934,7 @@ class Reconciler:
         try:
             self.cause = f"sync-item:{self.store.next_number('sync-item')}"
             self._states = {srv: self.store.states_of(srv, person) for srv in group}
+            self._on_the_way = self.store.changes_on_the_way(person)
             self._read_at = utcnow()
             current = {srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()}
             fields = [f for f in FIELDS if self.config.sync.enabled(f)]
@@ -4915,6 +4969,12 @@ class Reconciler:
         for field in fields:
             if field == "position" and played_after:
                 continue  # a played item has no resume position: marking it played resets it
+            if any((srv, iid, field) in self._on_the_way for srv, iid in group.items()):
+                # A change of this field is still on its way (a removal settling, one held by the
+                # brake, one owed to a server that is away): it is newer than what this pass
+                # reads, and the queue carries it. Comparing now would write the old value back
+                # where the person just changed it (issue 21: an owed unplayed came back played).
+                continue
             views = []
             for srv, iid in group.items():
                 prior, prior_at = priors[srv].get(field, (_UNKNOWN, 0.0))
@@ -7425,10 +7485,14 @@ def keep_to_one_cpu(setting: str) -> int | None:
 
 class PerAddressListener(socket.socket):
     """The socket the service listens on (given to Waitress through its documented ``sockets``
-    argument): it keeps at most CONNECTIONS_PER_ADDRESS connections open from one client (an
-    IPv4 address or an IPv6 /64) and closes the rest as soon as they arrive. One host holding a
-    thousand idle or trickling connections then uses 64 of Waitress' CONNECTION_LIMIT, and a
-    webhook from any other host is still taken in (the plugin never sends one again)."""
+    argument): it keeps at most half the connections Waitress takes (``limit``) open from one
+    client (an IPv4 address or an IPv6 /64) and closes the rest as soon as they arrive. One host
+    holding a thousand idle or trickling connections then leaves the other half to everyone
+    else, and a webhook from any other host is still taken in at once (the plugin never sends
+    one again). Below that nothing is refused: a Jellyfin server's burst of concurrent webhooks
+    all gets in."""
+
+    limit = CONNECTION_LIMIT // 2  # connections one client may hold; make_waitress sets it
 
     @classmethod
     def on(cls, host: str, port: int) -> list[PerAddressListener]:
@@ -7449,7 +7513,7 @@ class PerAddressListener(socket.socket):
         conn, address = super().accept()
         who = client_key(address[0]) if isinstance(address, tuple) else "local"
         with self._open_lock:
-            full = self._open[who] >= CONNECTIONS_PER_ADDRESS
+            full = self._open[who] >= self.limit
             if not full:
                 self._open[who] += 1
         if full:
@@ -7459,7 +7523,7 @@ class PerAddressListener(socket.socket):
                 log.warning(
                     "connections from %s refused: it holds %d open already (at most a minute apart, this line)",
                     who,
-                    CONNECTIONS_PER_ADDRESS,
+                    self.limit,
                 )
             # Waitress takes this as a connection that went away before it was accepted.
             raise ConnectionAbortedError(errno.ECONNABORTED, f"too many connections from {who}")
@@ -7486,13 +7550,34 @@ class _CountedConnection(socket.socket):
         super().close()
 
 
+def connection_limit() -> int:
+    """CONNECTION_LIMIT, or fewer where the open-files limit would not allow them (each is a
+    descriptor; a NAS may allow only 1,024). The soft limit is first raised as far as the hard
+    one allows, as servers do; 64 descriptors stay for the database, logs and our own requests."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = CONNECTION_LIMIT + 64 if hard == resource.RLIM_INFINITY else min(hard, CONNECTION_LIMIT + 64)
+        if wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    except (ImportError, ValueError, OSError):  # not on Linux or BSD, or not allowed: as it is
+        return CONNECTION_LIMIT
+    return max(64, min(CONNECTION_LIMIT, soft - 64))
+
+
 def make_waitress(app: Any, host: str, port: int) -> Any:
     """The Waitress server every mode of the service runs behind."""
     import waitress
 
+    limit = connection_limit()
+    listeners = PerAddressListener.on(host, port)
+    for listener in listeners:
+        listener.limit = limit // 2
     return waitress.create_server(
         app,
-        sockets=PerAddressListener.on(host, port),
+        sockets=listeners,
         threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
         ident="jellyfin-db-sync",
         max_request_body_size=MAX_BODY_BYTES + 1024,
@@ -7501,7 +7586,7 @@ def make_waitress(app: Any, host: str, port: int) -> Any:
         # thread, only a connection. Idle and trickling connections must not use up the
         # connections Jellyfin's webhooks need: many may be open (poll(), not select(), has
         # no 1,024-descriptor ceiling), and one idle this long is closed.
-        connection_limit=CONNECTION_LIMIT,
+        connection_limit=limit,
         channel_timeout=CHANNEL_TIMEOUT,
         cleanup_interval=CHANNEL_TIMEOUT / 3,
         asyncore_use_poll=True,

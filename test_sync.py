@@ -812,6 +812,8 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
         },
         "database": {"path": str(tmp / "sync.db")},
         "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
+        # Removals settle briefly (the brake's tests set the real settling time themselves).
+        "safety": {"removal_delay_seconds": 0.3},
         "server": {"host": "127.0.0.1", "port": port or 8080},
         "logging": {"level": log_level},
     }
@@ -2816,12 +2818,13 @@ def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(tmp
     shut_down(proc, [])
 
 
-def test_one_host_holding_a_thousand_connections_cannot_keep_webhooks_out(cluster, caplog):
+def test_one_host_holding_over_a_thousand_connections_cannot_keep_webhooks_out(cluster, caplog):
     c = cluster()
     svc, home = c.svc, c["home"]
     held = []
+    per_client = svc.server.socket.limit  # half the connections the service takes: 1,024
     try:
-        for i in range(1000):  # from 127.0.0.2: another host, as far as the service can tell
+        for i in range(per_client + 50):  # from 127.0.0.2: another host, as far as the service can tell
             s = socket.socket()
             s.bind(("127.0.0.2", 0))
             s.connect(("127.0.0.1", int(svc.port)))
@@ -3235,7 +3238,7 @@ def test_switching_from_the_older_program_then_played_and_unplayed_changes_trave
         f.webhook_url = f"http://127.0.0.1:{port}/webhook/{f.name}"
     # What the older program owed arrives, the removal included.
     eventually(lambda: parents.ud("alice", "Arrival")["Played"], 30, what="the owed played change")
-    eventually(lambda: not parents.ud("alice", "Heat")["Played"], 30, what="the owed unplayed change")
+    eventually(lambda: not parents.ud("alice", "Heat")["Played"], 45, what="the owed unplayed change")
     home.user_marks("alice", "Dune", True)
     eventually(lambda: parents.ud("alice", "Dune")["Played"], 30, what="a played change by webhook")
     home.user_marks("alice", "Dune", False)
@@ -5102,6 +5105,89 @@ def test_browser_a_refused_key_and_an_outage_as_the_dashboard_shows_them(cluster
         eventually(lambda: public.ud("bob", "Heat")["Played"], what="the retried change")
         expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
         browser.close()
+
+
+# ── Issue 21.6: removals settle, so the brake holds the whole burst ─────────
+
+
+def unplayed_writes(fake: FakeJellyfin) -> int:
+    """How many times the service marked something unplayed on this server (its recorded writes)."""
+    return sum(1 for m, p in list(fake.requests) if m == "DELETE" and "playeditems" in p.lower())
+
+
+def test_a_burst_of_unplayed_is_held_before_any_of_it_reaches_another_server(cluster, caplog):
+    caplog.set_level("WARNING", logger="jellyfin_db_sync")
+    # The brake as shipped: 100 items within 10 minutes, removals settling 20 s.
+    c = cluster(start=False, extra={"safety": {"removal_delay_seconds": 20}})
+    for f in c.fakes:
+        f.add_library(300)
+    names = [f"Film {i}" for i in range(300)]
+    films_played_everywhere(c, "alice", names)
+    c.start()
+    assert reconcile(c)["changes"] == 0
+    home, others = c["home"], (c["parents"], c["public"])
+    for n in names:  # home comes back from an old backup: 300 unplayed webhooks within seconds
+        home.user_marks("alice", n, False)
+    group = eventually(
+        lambda: next((g for g in held(c) if g["changes"] == 300), None), 60, what="all 300 unplayed held"
+    )
+    assert group["source"] == "home" and group["user"] == "alice" and group["kinds"] == {"unplayed": 300}
+    c.settle(30)
+    assert c.svc.call("GET", "/api/events/pending")[1] == [], "nothing of the burst is still on its way"
+    for f in others:
+        assert unplayed_writes(f) <= 10, (f.name, unplayed_writes(f))
+        assert sum(not f.ud("alice", n)["Played"] for n in names) <= 10, f.name
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("brake:")]
+    assert len(warnings) == 1, warnings  # one line for the burst; the dashboard has the count
+    assert "home for alice held" in warnings[0] and "the dashboard counts them" in warnings[0]
+    # Discard: home gets its played back, and nobody else lost anything.
+    status, out = c.svc.call(
+        "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
+    )
+    assert status == 200 and out["discarded"] == 300, out
+    eventually(lambda: all(f.ud("alice", n)["Played"] for f in c.fakes for n in names), 30, what="all played again")
+    c.settle(30)
+    assert held(c) == [] and all(unplayed_writes(f) <= 10 for f in others)
+    assert reconcile(c)["changes"] == 0
+
+
+def test_a_lone_unplayed_arrives_after_the_settling_time(cluster):
+    c = cluster(start=False, extra={"safety": {"removal_delay_seconds": 2}})  # shortened, for the test
+    films_played_everywhere(c, "alice", ["Heat"])
+    c.start()
+    c["home"].user_marks("alice", "Heat", False)
+    pending = eventually(lambda: c.svc.call("GET", "/api/events/pending")[1], what="the unplayed queued")
+    for job in pending:  # due once it has settled, not before
+        assert job["field"] == "played" and job["value"] is False and job["source_server"] == "home"
+        assert parse_iso(job["next_retry_at"]) - parse_iso(job["created_at"]) == pytest.approx(2, abs=0.01)
+    eventually(
+        lambda: not c["parents"].ud("alice", "Heat")["Played"] and not c["public"].ud("alice", "Heat")["Played"],
+        30,
+        what="the unplayed on the others",
+    )
+    assert held(c) == []
+
+
+def test_additions_are_not_delayed_and_a_newer_one_replaces_a_settling_removal(cluster):
+    # A settling time longer than any wait below: were additions delayed, this would time out.
+    c = cluster(start=False, extra={"safety": {"removal_delay_seconds": 600}})
+    films_played_everywhere(c, "alice", ["Heat"])
+    c.start()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_marks("alice", "Dune", True)
+    home.user_favourites("alice", "Arrival", True)
+    eventually(lambda: all(f.ud("alice", "Dune")["Played"] and f.ud("alice", "Arrival")["IsFavorite"] for f in c.fakes))
+
+    # Unplayed, then played again while the unplayed settles: the played replaces it, at once.
+    def settling() -> list[dict]:
+        return [j for j in c.svc.call("GET", "/api/events/pending")[1] if j["item_name"] == "Heat"]
+
+    home.user_marks("alice", "Heat", False)
+    assert all(j["value"] is False for j in eventually(settling, what="the unplayed settling"))
+    home.user_marks("alice", "Heat", True)
+    eventually(lambda: settling() == [], what="the played going at once")
+    assert parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"]
+    assert unplayed_writes(parents) == unplayed_writes(public) == 0
 
 
 if __name__ == "__main__":
