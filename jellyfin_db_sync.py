@@ -3294,7 +3294,10 @@ class Planner:
         for ob in observations:
             value_json = json.dumps(ob.value)
             known = tx.state(ob)
-            if known is not None and (known[0] == value_json or known[1] > ob.observed_at):
+            # Finishing a play is news even where the item was played already (a re-watch): a
+            # server an undo put back to unplayed is marked again, as the person's new action.
+            finished = ob.field == "played" and ob.value is True and ob.extra.get("event") == "PlaybackStop"
+            if known is not None and ((known[0] == value_json and not finished) or known[1] > ob.observed_at):
                 # Same as what we last wrote/read there (an echo, or nothing new), or an older
                 # observation arriving late: never overwrite newer with older.
                 continue
@@ -3434,7 +3437,10 @@ class WatchStateWriter:
                 f"we wrote {describe(job.field, job.extra['expect'])}",
             )
         if have[job.field] == want:
-            rows = self.store.state_rows(job.target, job.user_key, item.item_id, have, observed)
+            # Only this field: the group's other jobs may write the others before this outcome
+            # is committed (with theirs, after their writes), and ``have`` is from before them.
+            confirmed = {job.field: have[job.field]}
+            rows = self.store.state_rows(job.target, job.user_key, item.item_id, confirmed, observed)
             return Outcome("noop", old=describe(job.field, have[job.field]), states=rows)
         if self.config.sync.dry_run:
             return Outcome("dry_run", new=describe(job.field, want))
