@@ -1131,6 +1131,13 @@ CREATE TABLE IF NOT EXISTS sync_log (
     user_key TEXT, item_id TEXT, before TEXT, after TEXT, cause TEXT);
 CREATE INDEX IF NOT EXISTS sync_log_at ON sync_log (at);
 CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause);
+-- A value an undo put back on one server (class Undo): the servers then disagree on purpose, so
+-- a pass leaves that field alone until the person changes it somewhere (decide()). A new table
+-- only: an older program opening the file ignores it, so the schema version stays.
+CREATE TABLE IF NOT EXISTS undone (
+    server TEXT NOT NULL, user_key TEXT NOT NULL, item_id TEXT NOT NULL, field TEXT NOT NULL,
+    value TEXT NOT NULL, cause TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (server, user_key, item_id, field)) WITHOUT ROWID;
 -- The last agreed members of each person's playlist (by name), as cross-server item keys.
 CREATE TABLE IF NOT EXISTS playlist_state (
     user_key TEXT NOT NULL, name_key TEXT NOT NULL, members TEXT NOT NULL, updated_at REAL NOT NULL,
@@ -1984,6 +1991,18 @@ class Store:
             "UPDATE jobs SET status=?, last_error=?, updated_at=? WHERE id=?",
             (status, error, now, job.id),
         )
+        if log_row and log_row["result"] in ("ok", "noop") and job.field in FIELDS:
+            item_id = log_row.get("item_id") or (states[0][2] if states else None)
+            if item_id and "expect" in job.extra:  # an undo's order (class Undo): remember it
+                c.execute(
+                    "INSERT OR REPLACE INTO undone VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job.target, job.user_key, item_id, job.field, json.dumps(job.value), job.cause, now),
+                )
+            elif item_id:  # a change of the person's reached that server: the undo is over there
+                c.execute(
+                    "DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?",
+                    (job.target, job.user_key, item_id, job.field),
+                )
         if log_row:
             before, after = log_row.get("before"), log_row.get("after")
             c.execute(
@@ -2201,6 +2220,16 @@ class Store:
         ):
             out.setdefault(item_id, {})[fld] = (_JSON_WORDS[value] if value in _JSON_WORDS else json.loads(value), at)
         return out
+
+    def undone_of(self, user_key: str) -> dict[tuple[str, str, str], Any]:
+        """The values undos put back for one person: {(server, item id, field): value}."""
+        rows = self._rows("SELECT server, item_id, field, value FROM undone WHERE user_key=?", (user_key,))
+        return {(srv, iid, fld): json.loads(value) for srv, iid, fld, value in rows}
+
+    def forget_undone(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """(server, user, item, field) rows: the servers agree again, or the person changed it."""
+        with self._tx() as c:
+            c.executemany("DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?", rows)
 
     def remember_states(self, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
         """Many (server, user, item, field, value, observed at or None = keep) in one transaction."""
@@ -3515,7 +3544,10 @@ class Planner:
         for ob in observations:
             value_json = json.dumps(ob.value)
             known = tx.state(ob)
-            if known is not None and (known[0] == value_json or known[1] > ob.observed_at):
+            # Finishing a play is news even where the item was played already (a re-watch): a
+            # server an undo put back to unplayed is marked again, as the person's new action.
+            finished = ob.field == "played" and ob.value is True and ob.extra.get("event") == "PlaybackStop"
+            if known is not None and ((known[0] == value_json and not finished) or known[1] > ob.observed_at):
                 # Same as what we last wrote/read there (an echo, or nothing new), or an older
                 # observation arriving late: never overwrite newer with older.
                 continue
@@ -3659,7 +3691,10 @@ class WatchStateWriter:
                 f"we wrote {describe(job.field, job.extra['expect'])}",
             )
         if have[job.field] == want:
-            rows = self.store.state_rows(job.target, job.user_key, item.item_id, have, observed)
+            # Only this field: the group's other jobs may write the others before this outcome
+            # is committed (with theirs, after their writes), and ``have`` is from before them.
+            confirmed = {job.field: have[job.field]}
+            rows = self.store.state_rows(job.target, job.user_key, item.item_id, confirmed, observed)
             return Outcome("noop", old=describe(job.field, have[job.field]), states=rows)
         if self.config.sync.dry_run:
             return Outcome("dry_run", new=describe(job.field, want))
@@ -4609,6 +4644,7 @@ class _View:
     prior_at: float
     when: float  # when the current value was set, where Jellyfin says (LastPlayedDate), else 0
     play_count: int
+    undone: bool = False  # ``cur`` is the value an undo put back here (class Undo)
 
 
 def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
@@ -4620,7 +4656,9 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
     - never seen before → union: played or favourite anywhere wins, the furthest resume
       position, a like over a dislike; nothing is ever unmarked on a first sight;
     - no change but the servers disagree (a write that failed earlier) → the value recorded
-      most recently.
+      most recently — unless an undo put a value back on one of them: then they disagree on
+      purpose, and the field is left alone until the person changes it on any server (that
+      change then wins as above, on every server, the undone one included).
     "Unplayed" counts as a change only with a play count of 0: starting a re-watch also makes
     Jellyfin report Played=false, but keeps the count (JELLYFIN.md §1, the re-watch trap).
     """
@@ -4642,6 +4680,10 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
 
     changed = [v for v in views if real(v)]
     agree = all(v.cur == views[0].cur and type(v.cur) is type(views[0].cur) for v in views)
+    if not changed and any(v.undone for v in views):
+        # Neither the value the undo put back nor the one the person made where they acted is
+        # "the most recent": re-applying the first or spreading the second would undo the undo.
+        return None
     if changed:
         best = max(changed, key=lambda v: (v.when, positive(v)))
     elif all(v.prior is _UNKNOWN for v in views) or agree:
@@ -4700,6 +4742,8 @@ class Reconciler:
         self._pending_state: list[tuple] = []  # filled while comparing one person, then flushed
         self._states: dict[str, dict] = {}  # the person's known state per server, loaded at once
         self._on_the_way: set[tuple[str, str, str]] = set()  # the person's changes still queued
+        self._undone: dict[tuple, Any] = {}  # the person's values put back by an undo (class Undo)
+        self._pending_forget: list[tuple] = []  # undone rows whose field is in step again
         self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
         self._pending_jobs: list[Observation] = []
         self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
@@ -4750,7 +4794,7 @@ class Reconciler:
                     self._reconcile_person(person, accounts, report, dry_run)
                     self._flush()
                 except Exception as e:  # one person's failure never ends the others' pass
-                    self._pending_state, self._pending_jobs = [], []
+                    self._pending_state, self._pending_jobs, self._pending_forget = [], [], []
                     report["errors"].append(f"{person}: {_error_text(e)}")
                     if isinstance(e, SyncError):
                         log.warning("reconcile: %s: %s", person, e)
@@ -4881,6 +4925,7 @@ class Reconciler:
         seen = {srv: self._read(srv, accounts[srv]) for srv in servers}
         self._states = {srv: self.store.states_of(srv, person) for srv in servers}  # one query each
         self._on_the_way = self.store.changes_on_the_way(person)
+        self._undone = self.store.undone_of(person)
         # Group the same item across servers, starting from every item anyone has state on.
         groups: list[dict[str, str]] = []
         assigned: set[tuple[str, str]] = set()
@@ -4935,6 +4980,7 @@ class Reconciler:
             self.cause = f"sync-item:{self.store.next_number('sync-item')}"
             self._states = {srv: self.store.states_of(srv, person) for srv in group}
             self._on_the_way = self.store.changes_on_the_way(person)
+            self._undone = self.store.undone_of(person)
             self._read_at = utcnow()
             current = {srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()}
             fields = [f for f in FIELDS if self.config.sync.enabled(f)]
@@ -4980,8 +5026,15 @@ class Reconciler:
                 prior, prior_at = priors[srv].get(field, (_UNKNOWN, 0.0))
                 ud = current[srv]
                 when = (parse_time(ud.get("LastPlayedDate")) or 0.0) if field in ("played", "position") else 0.0
-                views.append(_View(srv, iid, values[srv][field], prior, prior_at, when, int(ud.get("PlayCount") or 0)))
+                cur = values[srv][field]
+                undone = self._undone.get((srv, iid, field), _UNKNOWN) == cur
+                views.append(_View(srv, iid, cur, prior, prior_at, when, int(ud.get("PlayCount") or 0), undone))
             decision = decide(field, views)
+            # An undo's divergence ends once the person changed the field (the decision) or the
+            # servers agree again; until then decide() leaves the field alone.
+            ended = decision is not None or len({json.dumps(v.cur) for v in views}) == 1
+            if not dry_run and ended and any(v.undone for v in views):
+                self._pending_forget += [(v.server, person, v.item_id, field) for v in views if v.undone]
             if field == "played":
                 played_after = decision[0] if decision else all(v.cur for v in views)
             if decision is None:
@@ -5198,9 +5251,11 @@ class Reconciler:
         """Write one person's baseline and jobs in two transactions, not thousands."""
         if self._pending_state:
             self.store.remember_states(self._pending_state)
+        if self._pending_forget:
+            self.store.forget_undone(self._pending_forget)
         if self._pending_jobs:
             self.planner.plan([(0, self._pending_jobs)])
-        self._pending_state, self._pending_jobs = [], []
+        self._pending_state, self._pending_jobs, self._pending_forget = [], [], []
 
     # the thread: at start-up, every interval_minutes, and on demand
     def start(self) -> None:
@@ -5257,7 +5312,15 @@ class Undo:
     """Writes back the values a scope of journal entries replaced, through the normal queue
     (journal, echo and retry rules included) — but only where the target still holds what we
     wrote: a newer change by the person wins and is reported, never clobbered. ``preview``
-    reads each target's current values and says, per server, what would change."""
+    reads each target's current values and says, per server, what would change, and what every
+    server holds afterwards.
+
+    An undo leaves the servers disagreeing on purpose (alice's like stays on home, where she
+    made it; parents gets its "no rating" back), so each value it puts back is remembered (the
+    ``undone`` table, written with the job's outcome). A pass then leaves that field of that
+    item alone — it neither re-applies the undone write nor spreads the undo to the servers it
+    did not touch (decide()) — until the person changes that field on any server: that change
+    travels as usual, to the undone server too, and the mark is gone."""
 
     def __init__(self, config: Config, store: Store, library: Library, planner: Planner, wake: Any = None):
         self.config = config
@@ -5342,8 +5405,66 @@ class Undo:
             "entries": matched,
             "changes": sum(1 for ch in changes if ch["verdict"] == "undo"),
             "servers": servers,
+            "afterwards": self._afterwards(changes),
             "_changes": changes,
         }
+
+    def _afterwards(self, changes: list[dict]) -> dict[str, list[str]]:
+        """Per server, what it holds once the undo is done — and after later passes, which leave
+        it so — for the first UNDO_SAMPLE items and fields the undo puts back: {server: [line]}."""
+        keys: list[tuple] = []  # (person, source, its item there, field), in journal order
+        for ch in changes:
+            key = (ch["user_key"], ch["source"], ch["source_item_id"], ch["field"])
+            if ch["verdict"] == "undo" and key not in keys and len(keys) < UNDO_SAMPLE:
+                keys.append(key)
+        groups: dict[tuple, dict[str, dict]] = {key: {} for key in keys}  # → target → change
+        for ch in changes:
+            group = groups.get((ch["user_key"], ch["source"], ch["source_item_id"], ch["field"]))
+            if group is not None:
+                group[ch["server"]] = ch
+        rows: list[tuple] = []  # (server, person, item id there, field, a change of the group, put back?)
+        wanted: dict[tuple[str, str], set[str]] = {}  # (server, person) → item ids to read now
+        for (user_key, source, source_item_id, fld), targets in groups.items():
+            first = next(iter(targets.values()))
+            try:
+                src = self.library.source_item(source, source_item_id) if source_item_id else None
+            except SyncError:
+                src = None
+            for s in self.config.servers:
+                ch = targets.get(s.name)
+                found = src if ch is None and s.name == source else None
+                if ch is None and src is not None and s.name != source:
+                    found = self.library.lookup(src, s.name)
+                iid = ch["item_id"] if ch is not None else found.item_id if found is not None else None
+                if iid is None:
+                    continue  # not on that server (or not matched): nothing to say there
+                put_back = ch is not None and ch["verdict"] == "undo"
+                if not put_back:
+                    wanted.setdefault((s.name, user_key), set()).add(iid)
+                rows.append((s.name, user_key, iid, fld, ch if put_back else first, put_back))
+        now = self._read_values(wanted)
+        out: dict[str, list[str]] = {}
+        for server, user_key, iid, fld, ch, put_back in rows:
+            value = ch["before"] if put_back else now.get((server, user_key, iid), {}).get(fld, _UNKNOWN)
+            shown = "cannot be read now" if value is _UNKNOWN else describe(fld, value)
+            line = f"{ch['username']}: {ch['item_name']}: {shown} ({'put back' if put_back else 'as now'})"
+            out.setdefault(server, []).append(line)
+        return out
+
+    def _read_values(self, wanted: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str, str], dict]:
+        """{(server, person, item id): its fields now}; what cannot be read is left out."""
+        out: dict[tuple[str, str, str], dict] = {}
+        for (server, user_key), ids in wanted.items():
+            try:
+                user_id = self.library.user_id(server, self.config.name_on(user_key, server))
+                if user_id is None:
+                    continue
+                data = self.library.clients[server].user_data_many(user_id, sorted(ids))
+            except SyncError:
+                continue
+            for iid, ud in data.items():
+                out[(server, user_key, iid)] = read_fields(ud)
+        return out
 
     def _read_now(self, changes: list[dict]) -> None:
         """Each change's current value on its server ("now"), a hundred items per request."""
@@ -7806,6 +7927,10 @@ def _undo_cli(service: Service, args: argparse.Namespace) -> int:
             print(f"    {line}")
         for line in entry["refused"]:
             print(f"    kept: {line}")
+    if report["afterwards"]:
+        print("afterwards (passes leave these so until the person changes them again):")
+    for server, lines in report["afterwards"].items():
+        print(f"  {server}: " + "; ".join(lines))
     if not args.dry_run and report.get("undo"):
         _drain(service)
         print(f"undone ({report['undo']})")

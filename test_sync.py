@@ -5190,6 +5190,76 @@ def test_additions_are_not_delayed_and_a_newer_one_replaces_a_settling_removal(c
     assert unplayed_writes(parents) == unplayed_writes(public) == 0
 
 
+# ── Issue 21.2: undo then a pass ─────────────────────────────────────────────
+
+
+def test_undo_one_write_then_a_pass_changes_nothing_and_the_next_change_travels(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_rates("alice", "Arrival", True)  # alice likes a film on home: it goes everywhere
+    eventually(lambda: parents.ud("alice", "Arrival")["Rating"] == 10.0 == public.ud("alice", "Arrival")["Rating"])
+    c.settle()
+    entry = journal(c, target="parents", field="likes")[0]
+    status, preview = undo(c, id=entry["id"])
+    assert status == 200 and preview["changes"] == 1, preview
+    # The preview says what every server holds afterwards: only parents changes.
+    assert preview["afterwards"] == {
+        "home": ["alice: Arrival: liked (as now)"],
+        "parents": ["alice: Arrival: rating cleared (put back)"],
+        "public": ["alice: Arrival: liked (as now)"],
+    }, preview["afterwards"]
+    status, done = undo(c, dry_run=False, id=entry["id"])
+    assert status == 202, done
+    eventually(lambda: parents.ud("alice", "Arrival")["Rating"] is None, what="the undo on parents")
+    c.settle()
+    # A catch-up pass neither re-applies the like on parents nor spreads the undo to home.
+    before = snapshot(c)
+    report = reconcile(c)
+    assert report["changes"] == 0 and not report["errors"], report
+    assert snapshot(c) == before
+    assert home.ud("alice", "Arrival")["Rating"] == 10.0 and parents.ud("alice", "Arrival")["Rating"] is None
+    # Her next change of that item on home travels as usual (the like only when she changes it).
+    home.user_marks("alice", "Arrival", True)
+    eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="played on parents")
+    c.settle()
+    assert parents.ud("alice", "Arrival")["Rating"] is None, "playing it does not re-apply the like"
+    home.user_rates("alice", "Arrival", None)
+    c.settle()
+    home.user_rates("alice", "Arrival", True)
+    eventually(lambda: parents.ud("alice", "Arrival")["Rating"] == 10.0, what="the new like on parents")
+    c.settle()
+    assert reconcile(c)["changes"] == 0
+    assert all(f.ud("alice", "Arrival")["Rating"] == 10.0 for f in c.fakes)
+
+
+def test_undo_an_events_writes_then_a_pass_changes_nothing_and_a_new_play_travels(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_marks("alice", "Heat", True)
+    home.user_favourites("bob", "Dune", True)  # someone else's change, outside the undo
+    eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"])
+    eventually(lambda: parents.ud("bob", "Dune")["IsFavorite"] and public.ud("bob", "Dune")["IsFavorite"])
+    c.settle()
+    cause = journal(c, target="parents", field="played", username="alice")[0]["cause"]
+    status, preview = undo(c, cause=cause)
+    assert preview["changes"] == 2, preview
+    assert preview["afterwards"]["home"] == ["alice: Heat: played (as now)"], preview["afterwards"]
+    assert preview["afterwards"]["public"] == ["alice: Heat: unplayed (put back)"], preview["afterwards"]
+    undo(c, dry_run=False, cause=cause)
+    eventually(lambda: not parents.ud("alice", "Heat")["Played"] and not public.ud("alice", "Heat")["Played"])
+    c.settle()
+    before = snapshot(c)
+    report = reconcile(c)
+    assert report["changes"] == 0 and not report["errors"], report
+    assert snapshot(c) == before, "the pass re-applied or spread the undo"
+    assert home.ud("alice", "Heat")["Played"] and not parents.ud("alice", "Heat")["Played"]
+    # She watches it again on home: that travels, and the next pass finds them in step.
+    home.user_plays("alice", "Heat", [10 * MIN], completed=True)
+    eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"])
+    c.settle()
+    assert reconcile(c)["changes"] == 0
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()

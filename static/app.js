@@ -226,10 +226,17 @@ function undoBlock(r, label) {
     s.already ? el("p", { class: "muted" }, `${s.already} already as before`) : "",
     s.unknown ? el("p", { class: "bad" }, `${s.unknown} could not be checked`) : "",
     el("ul", {}, ...s.sample.map((line) => el("li", {}, line)), ...s.refused.map((line) => el("li", { class: "muted" }, `kept: ${line}`)))));
+  // What every server holds afterwards: later passes leave it so, until the person changes it again.
+  const after = Object.entries(r.afterwards || {});
   return [
     el("h3", {}, `Undo ${label}`),
     el("p", {}, `${r.entries} journal entr${r.entries === 1 ? "y" : "ies"}; ${r.changes} value(s) to put back.`),
     el("div", { class: "cards" }, ...servers),
+    after.length ? el("h4", {}, "Afterwards, each server holds") : "",
+    after.length ? el("ul", { "aria-label": "Afterwards" }, ...after.map(([name, lines]) =>
+      el("li", {}, el("strong", {}, name), el("ul", {}, ...lines.map((line) => el("li", {}, line)))))) : "",
+    after.length ? el("p", { class: "muted" }, "Reconciliation passes leave these as they are; " +
+      "the person's next change of them travels as usual.") : "",
   ];
 }
 
