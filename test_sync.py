@@ -3894,6 +3894,7 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
         "reconcile",
         "held",
         "alerts",
+        "words",
     }
     assert d["status"]["version"] == jds.__version__ and d["timeline"]["minutes"] == 60
     # The charts: per minute over the last hour, per hour over the last 24 hours, by result.
@@ -5118,3 +5119,74 @@ if __name__ == "__main__":
         load_test(float(rest[0]) if rest else 60.0)
     else:
         sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# ── Issue 23.6/23.7: one vocabulary, one count; "Set up webhooks" says so on the card ─────────
+
+
+def counts(c: Cluster) -> dict:
+    """What the dashboard shows as numbers: Recent syncs (its default "changes"), "changes in the
+    last hour" and the two charts' totals."""
+    d = c.svc.call("GET", "/api/dashboard?result=changes&minutes=60")[1]
+    return {
+        "recent syncs": d["log"]["total"],
+        "last hour": d["status"]["queue"]["changes_last_hour"],
+        "chart": d["timeline"]["total"],
+        "chart bars": sum(p["ok"] + p["failed"] + p["other"] for p in d["timeline"]["points"]),
+        "24 h chart": d["hourly"]["total"],
+    }
+
+
+def test_after_five_actions_recent_syncs_the_last_hour_and_the_charts_count_the_same_five(cluster):
+    c = cluster(versions=("10.10.7", "10.11.8"), max_retries=0)  # home and parents: one write per action
+    home, parents = c["home"], c["parents"]
+    home.user_marks("alice", "Arrival", True)
+    home.user_favourites("alice", "Dune", True)  # reports the rating too: "already so" on parents
+    home.user_marks("bob", "Heat", True)
+    parents.user_marks("alice", "Heat", True)
+    c.settle()
+    parents.writes_fail = True
+    home.user_marks("bob", "Dune", True)  # fails on parents
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the failed change")
+    parents.writes_fail = False
+    c.settle()
+    assert set(counts(c).values()) == {5}, counts(c)  # four written, one failed
+    d = c.svc.call("GET", "/api/dashboard?minutes=60")[1]
+    points = d["timeline"]["points"]
+    assert (sum(p["ok"] for p in points), sum(p["failed"] for p in points)) == (4, 1)
+    everything = [e["result"] for e in d["log"]["entries"]]
+    assert "noop" in everything and len(everything) > 5, "the lines that changed nothing are not counted"
+    assert c.svc.call("GET", "/api/queue")[1]["changes_last_hour"] == 5
+
+
+def test_the_feed_the_inspector_and_the_problems_say_the_apis_words(cluster):
+    c = cluster(max_retries=0)
+    home, public = c["home"], c["public"]
+    home.user_favourites("alice", "Dune", True)  # written, and "already so" for the rating
+    c.settle()
+    public.writes_fail = True
+    home.user_marks("alice", "Dune", True)  # fails on public: an open change in the inspector
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the failed change")
+    d = c.svc.call("GET", "/api/dashboard?limit=50")[1]
+    words = d["words"]
+    assert (words["result"]["ok"], words["result"]["noop"], words["result"]["absent"]) == (
+        "written",
+        "already so",
+        "not found",
+    )
+    assert words["chart"] == {"ok": "written", "failed": "failed", "other": "skipped, not found or dry run"}
+    feed = {e["id"]: e for e in d["log"]["entries"]}
+    assert {e["result_word"] for e in feed.values()} >= {"written", "already so", "failed"}
+    for e in feed.values():
+        assert (e["result_word"], e["field_word"]) == (words["result"][e["result"]], words["field"][e["field"]])
+    found = c.svc.call("GET", "/api/inspect?q=dune&person=alice")[1]
+    assert found["recent"], found
+    for e in found["recent"]:  # the same lines, in the same words as the feed
+        assert (e["result_word"], e["field_word"]) == (feed[e["id"]]["result_word"], feed[e["id"]]["field_word"])
+    assert [(j["state_word"], j["field_word"]) for j in found["open_changes"]] == [("failed", "watched")]
+    assert all("path_key" not in s["matched_by"] for s in found["servers"])
+    assert [(r["state_word"], r["fields"]) for r in d["failed"]] == [("failed", ["played"])]
+    # The page keeps no second copy of these words: only the API's.
+    app, page = (HERE / "static" / "app.js").read_text(), (HERE / "static" / "index.html").read_text()
+    for text in ("written", "already so", "not found", "older", "dry run", "watched", "favourite"):
+        assert f'"{text}"' not in app and f">{text}<" not in page, text
