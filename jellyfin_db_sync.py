@@ -1795,6 +1795,36 @@ class Store:
         rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
         return {r[0]: r[1] for r in rows}
 
+    def mark_webhook_setup(self, server: str) -> None:
+        """The Webhook plugin was just set up for ``server``: its first webhook is awaited (the
+        inbox's last id now is where to look for it)."""
+        with self._tx() as c:
+            after = c.execute("SELECT coalesce(max(id), 0) FROM inbox").fetchone()[0]
+            setup = {"at": utcnow(), "after": after, "first": None}
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"webhook_setup:{server}", json.dumps(setup)))
+
+    def webhook_setup(self, server: str) -> dict | None:
+        """When the Webhook plugin was set up for ``server`` ("at") and when the first webhook
+        since arrived ("first", None while awaited), or None if it never was set up here."""
+        raw = self.get_meta(f"webhook_setup:{server}")
+        if raw is None:
+            return None
+        setup = json.loads(raw)
+        if setup["first"] is None:
+            # By id, not by time: a webhook stamped just before the set-up may commit after it.
+            # Only the rows since the set-up are read (last_event_at reads them all).
+            rows = self._rows(
+                "SELECT received_at FROM inbox WHERE id > ? AND server = ? ORDER BY id LIMIT 1",
+                (setup["after"], server),
+            )
+            if rows:
+                setup["first"] = rows[0][0]
+                # Kept, once: retention prunes that webhook one day. Only a cache of what the
+                # inbox says today, so a busy database just means it is kept another time.
+                with suppress(sqlite3.Error):
+                    self.set_meta(f"webhook_setup:{server}", json.dumps(setup))
+        return setup
+
     # planning: the Planner's statements, one transaction per batch of inbox rows
     @contextmanager
     def planning(self) -> Iterator[PlanTx]:
@@ -6372,9 +6402,20 @@ class Web:
                     "rejected_webhooks": dict(self.rejections.get(s.name, {"count": 0})),
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
+                    **self._webhook_setup_json(s.name),
                 }
             )
         return out
+
+    def _webhook_setup_json(self, server: str) -> dict:
+        """When "Set up webhooks" last succeeded for ``server`` and the first webhook since
+        (None while it is awaited): the card says "set up at …; waiting for the first event"."""
+        setup = self.store.webhook_setup(server)
+        return {
+            "webhook_set_up_at": format_time(setup["at"]) if setup else None,
+            "first_webhook_at": format_time(setup["first"]) if setup and setup["first"] else None,
+            "awaiting_first_webhook": bool(setup) and setup["first"] is None,
+        }
 
     def api_status(self) -> str:
         return send(self.status_json())
@@ -6445,7 +6486,10 @@ class Web:
                 {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
             )
         result, message = PluginSetup(self.config, self.syncer.clients).run(name, str(base))
-        return send({"result": result, "message": message}, 502 if result == "error" else 200)
+        if result == "error":
+            return send({"result": result, "message": message}, 502)
+        self.store.mark_webhook_setup(name)  # "unchanged" too: the person now waits for a first webhook
+        return send({"result": result, "message": message, **self._webhook_setup_json(name)})
 
     # "why isn't this synced?"
     def api_inspect(self) -> str:

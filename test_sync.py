@@ -5190,3 +5190,92 @@ def test_the_feed_the_inspector_and_the_problems_say_the_apis_words(cluster):
     app, page = (HERE / "static" / "app.js").read_text(), (HERE / "static" / "index.html").read_text()
     for text in ("written", "already so", "not found", "older", "dry run", "watched", "favourite"):
         assert f'"{text}"' not in app and f">{text}<" not in page, text
+
+
+def setup_webhook(c: Cluster, server: str) -> tuple[int, dict]:
+    return c.svc.call(
+        "POST", f"/api/servers/{server}/setup-webhook", {"public_url": c.svc.url}, {"Content-Type": "application/json"}
+    )
+
+
+def test_set_up_webhooks_says_when_then_waits_for_the_first_event_then_says_when_it_came(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.webhook_url = None  # home's plugin was never set up by hand
+    public.plugin_installed = False
+    parents.user_marks("alice", "Arrival", True)  # webhooks from parents (home is written, sends none)
+    c.settle()
+    before = server_status(c, "home")
+    assert (before["webhook_set_up_at"], before["last_webhook_at"], before["awaiting_first_webhook"]) == (
+        None,
+        None,
+        False,
+    )
+    t0 = time.time()
+    status, answer = setup_webhook(c, "home")
+    assert status == 200 and answer["result"] == "added" and answer["awaiting_first_webhook"], answer
+    home_now = server_status(c, "home")
+    assert home_now["awaiting_first_webhook"] and home_now["first_webhook_at"] is None
+    assert t0 - 1 <= parse_iso(home_now["webhook_set_up_at"]) <= time.time() + 1
+    assert server_status(c, "parents")["webhook_set_up_at"] is None, "per server"
+    # Another server's webhook is not home's first.
+    body = parents.played_payload(parents.user("alice"), parents.item("Arrival"))
+    assert c.svc.call("POST", "/webhook/parents", body)[0] == 202
+    c.settle()
+    assert server_status(c, "home")["awaiting_first_webhook"]
+    # Not installed: said, and nothing recorded as set up.
+    status, answer = setup_webhook(c, "public")
+    assert status == 502 and "not installed" in answer["message"]
+    assert server_status(c, "public")["webhook_set_up_at"] is None
+    # home's first webhook, through the destination the service set up.
+    home.user_marks("bob", "Heat", True)
+    first = eventually(lambda: server_status(c, "home")["first_webhook_at"], what="home's first webhook")
+    c.settle()
+    after = server_status(c, "home")
+    assert not after["awaiting_first_webhook"] and after["webhook_set_up_at"] == home_now["webhook_set_up_at"]
+    assert parse_iso(home_now["webhook_set_up_at"]) <= parse_iso(first) <= parse_iso(after["last_webhook_at"])
+    home.user_marks("bob", "Dune", True)
+    eventually(lambda: server_status(c, "home")["last_webhook_at"] != after["last_webhook_at"], what="a later one")
+    assert server_status(c, "home")["first_webhook_at"] == first, "the first stays the first"
+
+
+@pytest.mark.browser
+def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(versions=("10.10.7", "10.11.8"))
+    home, parents = c["home"], c["parents"]
+    home.webhook_url = None  # home's plugin was never set up by hand
+    dialogs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(c.svc.url + "/")
+        card = page.get_by_role("article", name="server home")
+        expect(card).to_contain_text("No webhook received yet", timeout=10000)
+        card.get_by_role("button", name="Set up webhooks").click()
+        expect(card).to_contain_text("Webhook plugin destination added", timeout=10000)
+        expect(card).to_contain_text(re.compile(r"Set up at \S.*; waiting for the first event"))
+        expect(card).not_to_contain_text("No webhook received yet")
+        home.user_marks("alice", "Arrival", True)
+        expect(card).to_contain_text(re.compile(r"Set up at \S.*; first event at \S"), timeout=10000)
+        expect(card).to_contain_text("Last webhook")
+        parents.user_marks("bob", "Heat", True)
+        c.settle()
+        # Two actions, two changes written: the same number, in the same words, everywhere.
+        expect(page.locator("#q-done")).to_have_text("2", timeout=10000)
+        expect(page.locator("#chart-total")).to_have_text("(2 changes)", timeout=10000)
+        expect(page.locator("#page")).to_have_text("1–2 of 2 changes")
+        expect(page.locator("#legend")).to_contain_text("written")
+        expect(page.locator("#legend")).to_contain_text("skipped, not found or dry run")
+        expect(page.locator("#f-result option[value=noop]")).to_have_text("already so")
+        expect(page.locator("#feed tbody tr").first).to_contain_text("written")
+        page.get_by_label("Title").fill("Arrival")
+        page.get_by_label("Person").fill("alice")
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#inspection")).to_contain_text("alice watched home → parents: written", timeout=10000)
+        expect(page.locator("#inspection")).not_to_contain_text(": ok")
+        assert dialogs == [], "no dialog to dismiss"
+        browser.close()

@@ -48,7 +48,34 @@ function useWords(words) {
     [el("span", { class: `key ${k}` }), ` ${words.chart[k]} `]));
 }
 
+// A time of day (and the date, if not today), for things that happened once.
+function clock(iso) {
+  const d = new Date(iso);
+  return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+}
+
+// What "Set up webhooks" last said on each server's card (the cards are redrawn every refresh).
+const setupNotes = {};
+let lastStatus = null;
+
+function webhookLines(s) {
+  const hook = `${location.origin}${s.webhook_url_path}`;
+  const lines = [];
+  if (s.webhook_set_up_at) {
+    lines.push(s.awaiting_first_webhook
+      ? el("p", { role: "status" }, `Set up at ${clock(s.webhook_set_up_at)}; waiting for the first event`)
+      : el("p", {}, `Set up at ${clock(s.webhook_set_up_at)}; first event at ${clock(s.first_webhook_at)}`));
+  }
+  if (s.last_webhook_at) lines.push(el("p", {}, `Last webhook ${ago(s.last_webhook_at)}`));
+  else if (!s.webhook_set_up_at) {
+    lines.push(el("p", { class: "warn" }, "No webhook received yet. In this server's Webhook plugin, use the URL ",
+      el("code", {}, hook), " with “Send All Properties”, or press “Set up webhooks”."));
+  }
+  return lines;
+}
+
 function renderStatus(st) {
+  lastStatus = st;
   const badge = $("overall");
   badge.textContent = st.status;
   badge.className = `badge ${st.status}`;
@@ -72,7 +99,7 @@ function renderStatus(st) {
     }
   }
   const cards = st.servers.map((s) => {
-    const hook = `${location.origin}${s.webhook_url_path}`;
+    const note = setupNotes[s.name];
     const state = s.key_refused ? ["API key refused", "bad"]
       : s.reachable === null ? ["checking…", "muted"] : s.reachable ? ["reachable", "ok"] : ["unreachable", "bad"];
     return el("article", { class: "card", "aria-label": `server ${s.name}` },
@@ -86,12 +113,10 @@ function renderStatus(st) {
              `${s.rejected_webhooks.count} webhook(s) refused, the last ${ago(s.rejected_webhooks.last_at)}: ` +
              `${s.rejected_webhooks.last_reason}. ${s.rejected_webhooks.hint}`)
         : "",
-      el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name) },
-         "Set up webhooks"),
-      s.last_webhook_at
-        ? el("p", {}, `Last webhook ${ago(s.last_webhook_at)}`)
-        : el("p", { class: "warn" }, "No webhook received yet. In this server's Webhook plugin, use the URL ",
-             el("code", {}, hook), " with “Send All Properties”."));
+      el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name),
+        ...(note && note.busy ? { disabled: "" } : {}) }, "Set up webhooks"),
+      note ? el("p", { class: note.cls, role: "status" }, note.text) : "",
+      ...webhookLines(s));
   });
   if (cards.length === 0) cards.push(el("p", { class: "warn" }, "No servers configured: add them to config.yaml."));
   $("servers").replaceChildren(...cards);
@@ -309,14 +334,18 @@ const act = async (kind, ids) => { for (const id of ids) await post(`/api/events
 
 // Our destination in that server's Webhook plugin, posting to the address this page was
 // opened at (what Jellyfin on the same network reaches too, unless server.public_url says else).
+// What it said stays on the card, under the button (no dialog to dismiss).
 async function setupWebhook(name) {
+  setupNotes[name] = { text: "Setting up the Webhook plugin…", cls: "muted", busy: true };
+  if (lastStatus) renderStatus(lastStatus);
   try {
     const res = await postJson(`/api/servers/${encodeURIComponent(name)}/setup-webhook`,
       { public_url: location.origin });
-    alert(res.message);
+    setupNotes[name] = { text: res.message, cls: "ok" };
   } catch (err) {
-    alert(`Could not set up the Webhook plugin: ${err.message}`);
+    setupNotes[name] = { text: `Could not set up the Webhook plugin: ${err.message}`, cls: "bad" };
   }
+  if (lastStatus) renderStatus(lastStatus);
   refresh();
 }
 
