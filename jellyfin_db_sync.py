@@ -132,6 +132,9 @@ LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
 FIELDS = ("played", "position", "favorite", "likes")
 FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}  # a claim's jobs for one item are written in this order
+# Sync log results that are a change — what the dashboard counts everywhere (Recent syncs,
+# "changes in the last hour", the charts). "noop" (already so) and "stale" (older) changed nothing.
+CHANGE_RESULTS = ("ok", "failed", "skipped", "absent", "dry_run")
 JOURNAL_SCOPE_LIMIT = 100_000  # journal entries one undo may cover
 UNDO_SAMPLE = 10  # lines of an undo preview shown per server
 HELD_SAMPLE = 8  # held changes shown per group
@@ -299,6 +302,13 @@ def folder_problem(db_path: str) -> str | None:
 def format_time(epoch: float) -> str:
     """UTC ISO with ``Z``, as Jellyfin expects (JELLYFIN.md §2 "Dates")."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
+
+
+def timeline_start(minutes: int, bucket: int, now: float) -> float:
+    """Where a chart of the last ``minutes`` in ``bucket``-second bars begins: at a whole bucket,
+    the current one being the last bar, so whatever is counted has a bar to be drawn in."""
+    bars = max(1, round(minutes * 60 / bucket))
+    return float((int(now // bucket) - bars + 1) * bucket)
 
 
 def normalise_id(value: Any) -> str:
@@ -1822,6 +1832,36 @@ class Store:
         rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
         return {r[0]: r[1] for r in rows}
 
+    def mark_webhook_setup(self, server: str) -> None:
+        """The Webhook plugin was just set up for ``server``: its first webhook is awaited (the
+        inbox's last id now is where to look for it)."""
+        with self._tx() as c:
+            after = c.execute("SELECT coalesce(max(id), 0) FROM inbox").fetchone()[0]
+            setup = {"at": utcnow(), "after": after, "first": None}
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"webhook_setup:{server}", json.dumps(setup)))
+
+    def webhook_setup(self, server: str) -> dict | None:
+        """When the Webhook plugin was set up for ``server`` ("at") and when the first webhook
+        since arrived ("first", None while awaited), or None if it never was set up here."""
+        raw = self.get_meta(f"webhook_setup:{server}")
+        if raw is None:
+            return None
+        setup = json.loads(raw)
+        if setup["first"] is None:
+            # By id, not by time: a webhook stamped just before the set-up may commit after it.
+            # Only the rows since the set-up are read (last_event_at reads them all).
+            rows = self._rows(
+                "SELECT received_at FROM inbox WHERE id > ? AND server = ? ORDER BY id LIMIT 1",
+                (setup["after"], server),
+            )
+            if rows:
+                setup["first"] = rows[0][0]
+                # Kept, once: retention prunes that webhook one day. Only a cache of what the
+                # inbox says today, so a busy database just means it is kept another time.
+                with suppress(sqlite3.Error):
+                    self.set_meta(f"webhook_setup:{server}", json.dumps(setup))
+        return setup
+
     # planning: the Planner's statements, one transaction per batch of inbox rows
     @contextmanager
     def planning(self) -> Iterator[PlanTx]:
@@ -2126,14 +2166,16 @@ class Store:
         rows = self._rows("SELECT target FROM jobs WHERE id=?", (job_id,))
         return rows[0][0] if rows else None
 
-    def timeline(self, minutes: int, bucket: int = 60) -> list[dict]:
-        """Log lines per ``bucket`` seconds over the last ``minutes``, by result (ok, failed,
-        other) — for the dashboard's charts; the query is bounded by the sync_log_at index."""
-        since = utcnow() - minutes * 60
+    def timeline(self, minutes: int, bucket: int = 60, now: float | None = None) -> list[dict]:
+        """Changes (CHANGE_RESULTS) per ``bucket`` seconds in the last ``minutes``' whole buckets,
+        the current one included, by result (ok, failed, other) — for the dashboard's charts and
+        its "changes in the last hour", which must count the same lines; the query is bounded by
+        the sync_log_at index."""
+        since = timeline_start(minutes, bucket, utcnow() if now is None else now)
         rows = self._rows(
             "SELECT CAST(at / ? AS INTEGER) AS slot, result, count(*) FROM sync_log WHERE at >= ? "
-            "GROUP BY slot, result ORDER BY slot",
-            (bucket, since),
+            f"AND result IN ({','.join('?' * len(CHANGE_RESULTS))}) GROUP BY slot, result ORDER BY slot",
+            (bucket, since, *CHANGE_RESULTS),
         )
         out: dict[int, dict] = {}
         for slot, result, n in rows:
@@ -2410,7 +2452,8 @@ class Store:
                 where.append(f"l.{col} LIKE ?")
                 args.append("%" + filters[col].replace("%", "").replace("_", "") + "%")
         if filters.get("result") == "changes":  # what a person means by "what happened"
-            where.append("l.result IN ('ok', 'failed', 'skipped', 'absent', 'dry_run')")
+            where.append(f"l.result IN ({','.join('?' * len(CHANGE_RESULTS))})")
+            args += CHANGE_RESULTS
             filters = {**filters, "result": None}
         for col in ("source", "target", "result", "field"):
             if filters.get(col):
@@ -3140,7 +3183,12 @@ class Library:
             return src, "this item"
         found = self.lookup(src, target)
         if found is None:
-            tried = ", ".join(f"{c} {getattr(src, c)}" for c in ("path_key", "imdb", "tmdb", "tvdb") if getattr(src, c))
+            # Said as a person reads it: "path /media/…", not our column's name.
+            tried = ", ".join(
+                f"{'path' if c == 'path_key' else c} {getattr(src, c)}"
+                for c in ("path_key", "imdb", "tmdb", "tvdb")
+                if getattr(src, c)
+            )
             return None, f"not found on {target} (looked for {tried or 'nothing: the item has no path or provider id'})"
         if src.path_key and found.path_key == src.path_key:
             return found, "same file (path)"
@@ -6087,6 +6135,50 @@ OLDER_STATUSES = {
     "resolved": "completed",
 }
 DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
+# The words a person reads for our codes, here once: the API sends them (beside each code, and
+# as "words" in /api/dashboard) and the dashboard shows only these — feed, inspector, legend.
+RESULT_WORDS = {
+    "ok": "written",
+    "noop": "already so",
+    "failed": "failed",
+    "skipped": "skipped",
+    "absent": "not found",
+    "stale": "older",
+    "dry_run": "dry run",
+}
+FIELD_WORDS = {
+    "event": "webhook",
+    "played": "watched",
+    "position": "position",
+    "favorite": "favourite",
+    "likes": "rating",
+    "play_count": "play count",
+    "last_played": "last played",
+    "playlist": "playlist",
+    "user_create": "account",
+    "user_delete": "account",
+    "user_rename": "account",
+}
+STATE_WORDS = {
+    "pending": "pending",
+    "running": "being written",
+    "waiting": "waiting for the item",
+    "unreachable": "waiting for {target} to answer",
+    "failed": "failed",
+    "skipped": "skipped",
+    "held": "held by the brake",
+    "resolved": "resolved",
+    "done": "done",
+    "discarded": "discarded",
+}
+# The charts' three colours: written, failed, and the other changes ("skipped, not found or dry run").
+_OTHER_WORDS = [RESULT_WORDS[r] for r in CHANGE_RESULTS if r not in ("ok", "failed")]
+CHART_WORDS = {
+    "ok": RESULT_WORDS["ok"],
+    "failed": RESULT_WORDS["failed"],
+    "other": ", ".join(_OTHER_WORDS[:-1]) + " or " + _OTHER_WORDS[-1],
+}
+WORDS = {"result": RESULT_WORDS, "field": FIELD_WORDS, "state": STATE_WORDS, "chart": CHART_WORDS}
 
 
 class SignIns:
@@ -6463,7 +6555,8 @@ class Web:
             "skipped_events": counts.get("skipped", 0),
             "held_events": counts.get("held", 0),  # by the brake: apply or discard them
             "done_events": counts.get("done", 0),
-            "done_last_hour": self.store.done_since(utcnow() - HOUR),
+            # The same lines as the per-minute chart over the last hour and the sync log's "changes".
+            "changes_last_hour": sum(p["ok"] + p["failed"] + p["other"] for p in self.store.timeline(60)),
             "worker_running": self.syncer.alive(),
         }
 
@@ -6490,9 +6583,20 @@ class Web:
                     "rejected_webhooks": dict(self.rejections.get(s.name, {"count": 0})),
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
+                    **self._webhook_setup_json(s.name),
                 }
             )
         return out
+
+    def _webhook_setup_json(self, server: str) -> dict:
+        """When "Set up webhooks" last succeeded for ``server`` and the first webhook since
+        (None while it is awaited): the card says "set up at …; waiting for the first event"."""
+        setup = self.store.webhook_setup(server)
+        return {
+            "webhook_set_up_at": format_time(setup["at"]) if setup else None,
+            "first_webhook_at": format_time(setup["first"]) if setup and setup["first"] else None,
+            "awaiting_first_webhook": bool(setup) and setup["first"] is None,
+        }
 
     def api_status(self) -> str:
         return send(self.status_json())
@@ -6563,7 +6667,10 @@ class Web:
                 {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
             )
         result, message = PluginSetup(self.config, self.syncer.clients).run(name, str(base))
-        return send({"result": result, "message": message}, 502 if result == "error" else 200)
+        if result == "error":
+            return send({"result": result, "message": message}, 502)
+        self.store.mark_webhook_setup(name)  # "unchanged" too: the person now waits for a first webhook
+        return send({"result": result, "message": message, **self._webhook_setup_json(name)})
 
     # "why isn't this synced?"
     def api_inspect(self) -> str:
@@ -6674,6 +6781,8 @@ class Web:
             "value": job.value,
             "status": OLDER_STATUSES.get(job.status, job.status),
             "state": job.status,
+            "state_word": STATE_WORDS.get(job.status, job.status).format(target=job.target),
+            "field_word": FIELD_WORDS.get(job.field, job.field),
             "retry_count": job.attempts,
             "item_not_found_count": job.absent_count,
             "item_not_found_max": self.config.policy_for(path or "").absent_retry_count,
@@ -6755,7 +6864,20 @@ class Web:
             minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
         except ValueError:
             raise bottle.HTTPError(400, "minutes must be a whole number") from None
-        return {"minutes": minutes, "bucket": 60, "points": self.store.timeline(minutes)}
+        return self.chart_json(minutes, 60)
+
+    def chart_json(self, minutes: int, bucket: int) -> dict:
+        """A chart's bars, with the server's time (the page places the bars by it, not by the
+        browser's clock) and how many changes they hold."""
+        now = utcnow()
+        points = self.store.timeline(minutes, bucket, now)
+        return {
+            "minutes": minutes,
+            "bucket": bucket,
+            "now": format_time(now),
+            "points": points,
+            "total": sum(p["ok"] + p["failed"] + p["other"] for p in points),
+        }
 
     def api_sync_log(self) -> str:
         return send(self.log_page_json())
@@ -6831,7 +6953,7 @@ class Web:
             {
                 "status": self.status_json(),
                 "timeline": self.timeline_json(),
-                "hourly": {"minutes": 24 * 60, "bucket": HOUR, "points": self.store.timeline(24 * 60, HOUR)},
+                "hourly": self.chart_json(24 * 60, HOUR),
                 "log": self.log_page_json(),
                 "waiting": self.problem_rows(("waiting", "unreachable")),
                 "failed": self.problem_rows(("failed", "skipped"))
@@ -6840,6 +6962,7 @@ class Web:
                 "reconcile": self.reconcile_json(),
                 "held": self.safety.brake.held() if self.safety else [],
                 "alerts": self.alerts_json() if self.safety else None,
+                "words": WORDS,
             }
         )
 
@@ -6877,6 +7000,8 @@ class Web:
             "synced_value": r.new,
             "success": r.result in DONE_RESULTS,
             "message": r.detail,
+            "result_word": RESULT_WORDS.get(r.result, r.result),
+            "field_word": FIELD_WORDS.get(r.field, r.field),
         }
 
     def metrics(self) -> str:

@@ -3897,6 +3897,7 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
         "reconcile",
         "held",
         "alerts",
+        "words",
     }
     assert d["status"]["version"] == jds.__version__ and d["timeline"]["minutes"] == 60
     # The charts: per minute over the last hour, per hour over the last 24 hours, by result.
@@ -5274,3 +5275,163 @@ if __name__ == "__main__":
         load_test(float(rest[0]) if rest else 60.0)
     else:
         sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# ── Issue 23.6/23.7: one vocabulary, one count; "Set up webhooks" says so on the card ─────────
+
+
+def counts(c: Cluster) -> dict:
+    """What the dashboard shows as numbers: Recent syncs (its default "changes"), "changes in the
+    last hour" and the two charts' totals."""
+    d = c.svc.call("GET", "/api/dashboard?result=changes&minutes=60")[1]
+    return {
+        "recent syncs": d["log"]["total"],
+        "last hour": d["status"]["queue"]["changes_last_hour"],
+        "chart": d["timeline"]["total"],
+        "chart bars": sum(p["ok"] + p["failed"] + p["other"] for p in d["timeline"]["points"]),
+        "24 h chart": d["hourly"]["total"],
+    }
+
+
+def test_after_five_actions_recent_syncs_the_last_hour_and_the_charts_count_the_same_five(cluster):
+    c = cluster(versions=("10.10.7", "10.11.8"), max_retries=0)  # home and parents: one write per action
+    home, parents = c["home"], c["parents"]
+    home.user_marks("alice", "Arrival", True)
+    home.user_favourites("alice", "Dune", True)  # reports the rating too: "already so" on parents
+    home.user_marks("bob", "Heat", True)
+    parents.user_marks("alice", "Heat", True)
+    c.settle()
+    parents.writes_fail = True
+    home.user_marks("bob", "Dune", True)  # fails on parents
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the failed change")
+    parents.writes_fail = False
+    c.settle()
+    assert set(counts(c).values()) == {5}, counts(c)  # four written, one failed
+    d = c.svc.call("GET", "/api/dashboard?minutes=60")[1]
+    points = d["timeline"]["points"]
+    assert (sum(p["ok"] for p in points), sum(p["failed"] for p in points)) == (4, 1)
+    everything = [e["result"] for e in d["log"]["entries"]]
+    assert "noop" in everything and len(everything) > 5, "the lines that changed nothing are not counted"
+    assert c.svc.call("GET", "/api/queue")[1]["changes_last_hour"] == 5
+
+
+def test_the_feed_the_inspector_and_the_problems_say_the_apis_words(cluster):
+    c = cluster(max_retries=0)
+    home, public = c["home"], c["public"]
+    home.user_favourites("alice", "Dune", True)  # written, and "already so" for the rating
+    c.settle()
+    public.writes_fail = True
+    home.user_marks("alice", "Dune", True)  # fails on public: an open change in the inspector
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the failed change")
+    d = c.svc.call("GET", "/api/dashboard?limit=50")[1]
+    words = d["words"]
+    assert (words["result"]["ok"], words["result"]["noop"], words["result"]["absent"]) == (
+        "written",
+        "already so",
+        "not found",
+    )
+    assert words["chart"] == {"ok": "written", "failed": "failed", "other": "skipped, not found or dry run"}
+    feed = {e["id"]: e for e in d["log"]["entries"]}
+    assert {e["result_word"] for e in feed.values()} >= {"written", "already so", "failed"}
+    for e in feed.values():
+        assert (e["result_word"], e["field_word"]) == (words["result"][e["result"]], words["field"][e["field"]])
+    found = c.svc.call("GET", "/api/inspect?q=dune&person=alice")[1]
+    assert found["recent"], found
+    for e in found["recent"]:  # the same lines, in the same words as the feed
+        assert (e["result_word"], e["field_word"]) == (feed[e["id"]]["result_word"], feed[e["id"]]["field_word"])
+    assert [(j["state_word"], j["field_word"]) for j in found["open_changes"]] == [("failed", "watched")]
+    assert all("path_key" not in s["matched_by"] for s in found["servers"])
+    assert [(r["state_word"], r["fields"]) for r in d["failed"]] == [("failed", ["played"])]
+    # The page keeps no second copy of these words: only the API's.
+    app, page = (HERE / "static" / "app.js").read_text(), (HERE / "static" / "index.html").read_text()
+    for text in ("written", "already so", "not found", "older", "dry run", "watched", "favourite"):
+        assert f'"{text}"' not in app and f">{text}<" not in page, text
+
+
+def setup_webhook(c: Cluster, server: str) -> tuple[int, dict]:
+    return c.svc.call(
+        "POST", f"/api/servers/{server}/setup-webhook", {"public_url": c.svc.url}, {"Content-Type": "application/json"}
+    )
+
+
+def test_set_up_webhooks_says_when_then_waits_for_the_first_event_then_says_when_it_came(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.webhook_url = None  # home's plugin was never set up by hand
+    public.plugin_installed = False
+    parents.user_marks("alice", "Arrival", True)  # webhooks from parents (home is written, sends none)
+    c.settle()
+    before = server_status(c, "home")
+    assert (before["webhook_set_up_at"], before["last_webhook_at"], before["awaiting_first_webhook"]) == (
+        None,
+        None,
+        False,
+    )
+    t0 = time.time()
+    status, answer = setup_webhook(c, "home")
+    assert status == 200 and answer["result"] == "added" and answer["awaiting_first_webhook"], answer
+    home_now = server_status(c, "home")
+    assert home_now["awaiting_first_webhook"] and home_now["first_webhook_at"] is None
+    assert t0 - 1 <= parse_iso(home_now["webhook_set_up_at"]) <= time.time() + 1
+    assert server_status(c, "parents")["webhook_set_up_at"] is None, "per server"
+    # Another server's webhook is not home's first.
+    body = parents.played_payload(parents.user("alice"), parents.item("Arrival"))
+    assert c.svc.call("POST", "/webhook/parents", body)[0] == 202
+    c.settle()
+    assert server_status(c, "home")["awaiting_first_webhook"]
+    # Not installed: said, and nothing recorded as set up.
+    status, answer = setup_webhook(c, "public")
+    assert status == 502 and "not installed" in answer["message"]
+    assert server_status(c, "public")["webhook_set_up_at"] is None
+    # home's first webhook, through the destination the service set up.
+    home.user_marks("bob", "Heat", True)
+    first = eventually(lambda: server_status(c, "home")["first_webhook_at"], what="home's first webhook")
+    c.settle()
+    after = server_status(c, "home")
+    assert not after["awaiting_first_webhook"] and after["webhook_set_up_at"] == home_now["webhook_set_up_at"]
+    assert parse_iso(home_now["webhook_set_up_at"]) <= parse_iso(first) <= parse_iso(after["last_webhook_at"])
+    home.user_marks("bob", "Dune", True)
+    eventually(lambda: server_status(c, "home")["last_webhook_at"] != after["last_webhook_at"], what="a later one")
+    assert server_status(c, "home")["first_webhook_at"] == first, "the first stays the first"
+
+
+@pytest.mark.browser
+def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(versions=("10.10.7", "10.11.8"))
+    home, parents = c["home"], c["parents"]
+    home.webhook_url = None  # home's plugin was never set up by hand
+    dialogs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(c.svc.url + "/")
+        card = page.get_by_role("article", name="server home")
+        expect(card).to_contain_text("No webhook received yet", timeout=10000)
+        card.get_by_role("button", name="Set up webhooks").click()
+        expect(card).to_contain_text("Webhook plugin destination added", timeout=10000)
+        expect(card).to_contain_text(re.compile(r"Set up at \S.*; waiting for the first event"))
+        expect(card).not_to_contain_text("No webhook received yet")
+        home.user_marks("alice", "Arrival", True)
+        expect(card).to_contain_text(re.compile(r"Set up at \S.*; first event at \S"), timeout=10000)
+        expect(card).to_contain_text("Last webhook")
+        parents.user_marks("bob", "Heat", True)
+        c.settle()
+        # Two actions, two changes written: the same number, in the same words, everywhere.
+        expect(page.locator("#q-done")).to_have_text("2", timeout=10000)
+        expect(page.locator("#chart-total")).to_have_text("(2 changes)", timeout=10000)
+        expect(page.locator("#page")).to_have_text("1–2 of 2 changes")
+        expect(page.locator("#legend")).to_contain_text("written")
+        expect(page.locator("#legend")).to_contain_text("skipped, not found or dry run")
+        expect(page.locator("#f-result option[value=noop]")).to_have_text("already so")
+        expect(page.locator("#feed tbody tr").first).to_contain_text("written")
+        page.get_by_label("Title").fill("Arrival")
+        page.get_by_label("Person").fill("alice")
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#inspection")).to_contain_text("alice watched home → parents: written", timeout=10000)
+        expect(page.locator("#inspection")).not_to_contain_text(": ok")
+        assert dialogs == [], "no dialog to dismiss"
+        browser.close()

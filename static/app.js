@@ -31,13 +31,51 @@ function ago(iso) {
   return new Date(iso).toLocaleString();
 }
 
-const FIELD = { event: "webhook", played: "watched", position: "position", favorite: "favourite", likes: "rating",
-  playlist: "playlist",
-  user_create: "account", user_delete: "account", user_rename: "account" };
-const RESULT = { ok: ["written", "ok"], noop: ["already so", "muted"], failed: ["failed", "bad"],
-  skipped: ["skipped", "warn"], absent: ["not found", "warn"], stale: ["older", "muted"], dry_run: ["dry run", "muted"] };
+// The words for our codes come from the API (/api/dashboard's "words", and a *_word beside each
+// code): one copy, the service's. Here only their colours.
+let WORDS = { result: {}, field: {}, state: {}, chart: {} };
+const word = (kind, code) => WORDS[kind][code] || code;
+const TONE = { ok: "ok", noop: "muted", failed: "bad", skipped: "warn", absent: "warn", stale: "muted", dry_run: "muted" };
+
+// Once, from the first answer: the filters' choices and the charts' legend in the same words.
+function useWords(words) {
+  if (WORDS.result.ok) return;
+  WORDS = words;
+  for (const [id, kind] of [["f-result", "result"], ["f-field", "field"]]) {
+    for (const option of $(id).options) if (words[kind][option.value]) option.textContent = words[kind][option.value];
+  }
+  $("legend").replaceChildren(...["ok", "failed", "other"].flatMap((k) =>
+    [el("span", { class: `key ${k}` }), ` ${words.chart[k]} `]));
+}
+
+// A time of day (and the date, if not today), for things that happened once.
+function clock(iso) {
+  const d = new Date(iso);
+  return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+}
+
+// What "Set up webhooks" last said on each server's card (the cards are redrawn every refresh).
+const setupNotes = {};
+let lastStatus = null;
+
+function webhookLines(s) {
+  const hook = `${location.origin}${s.webhook_url_path}`;
+  const lines = [];
+  if (s.webhook_set_up_at) {
+    lines.push(s.awaiting_first_webhook
+      ? el("p", { role: "status" }, `Set up at ${clock(s.webhook_set_up_at)}; waiting for the first event`)
+      : el("p", {}, `Set up at ${clock(s.webhook_set_up_at)}; first event at ${clock(s.first_webhook_at)}`));
+  }
+  if (s.last_webhook_at) lines.push(el("p", {}, `Last webhook ${ago(s.last_webhook_at)}`));
+  else if (!s.webhook_set_up_at) {
+    lines.push(el("p", { class: "warn" }, "No webhook received yet. In this server's Webhook plugin, use the URL ",
+      el("code", {}, hook), " with “Send All Properties”, or press “Set up webhooks”."));
+  }
+  return lines;
+}
 
 function renderStatus(st) {
+  lastStatus = st;
   const badge = $("overall");
   badge.textContent = st.status;
   badge.className = `badge ${st.status}`;
@@ -61,7 +99,7 @@ function renderStatus(st) {
     }
   }
   const cards = st.servers.map((s) => {
-    const hook = `${location.origin}${s.webhook_url_path}`;
+    const note = setupNotes[s.name];
     const state = s.key_refused ? ["API key refused", "bad"]
       : s.reachable === null ? ["checking…", "muted"] : s.reachable ? ["reachable", "ok"] : ["unreachable", "bad"];
     return el("article", { class: "card", "aria-label": `server ${s.name}` },
@@ -75,12 +113,10 @@ function renderStatus(st) {
              `${s.rejected_webhooks.count} webhook(s) refused, the last ${ago(s.rejected_webhooks.last_at)}: ` +
              `${s.rejected_webhooks.last_reason}. ${s.rejected_webhooks.hint}`)
         : "",
-      el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name) },
-         "Set up webhooks"),
-      s.last_webhook_at
-        ? el("p", {}, `Last webhook ${ago(s.last_webhook_at)}`)
-        : el("p", { class: "warn" }, "No webhook received yet. In this server's Webhook plugin, use the URL ",
-             el("code", {}, hook), " with “Send All Properties”."));
+      el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name),
+        ...(note && note.busy ? { disabled: "" } : {}) }, "Set up webhooks"),
+      note ? el("p", { class: note.cls, role: "status" }, note.text) : "",
+      ...webhookLines(s));
   });
   if (cards.length === 0) cards.push(el("p", { class: "warn" }, "No servers configured: add them to config.yaml."));
   $("servers").replaceChildren(...cards);
@@ -89,7 +125,7 @@ function renderStatus(st) {
   $("q-pending").textContent = q.pending_events + q.processing_events;
   $("q-waiting").textContent = q.waiting_for_item_events + (q.waiting_for_server_events || 0);
   $("q-failed").textContent = q.failed_events + q.skipped_events;
-  $("q-done").textContent = q.done_last_hour;
+  $("q-done").textContent = q.changes_last_hour;
 }
 
 // A stacked bar chart drawn as SVG (no library): one bar per bucket, written / failed / other,
@@ -99,7 +135,7 @@ function renderChart(svgId, totalId, tl, labels) {
   const ns = "http://www.w3.org/2000/svg";
   const bucketMs = tl.bucket * 1000;
   const count = Math.round((tl.minutes * 60) / tl.bucket);
-  const last = Math.floor(Date.now() / bucketMs);
+  const last = Math.floor(Date.parse(tl.now) / bucketMs);  // the server's clock: the bars it counted
   const [left, top, width, height] = [34, 6, 360, 100];
   const barW = width / count;
   const max = Math.max(1, ...tl.points.map((p) => p.ok + p.failed + p.other));
@@ -117,34 +153,33 @@ function renderChart(svgId, totalId, tl, labels) {
     shape("text", { x: left, y: top + height + 16, class: "tick" }, labels[0]),
     shape("text", { x: left + width, y: top + height + 16, "text-anchor": "end", class: "tick" }, labels[1]),
   ];
-  let total = 0;
   for (const p of tl.points) {
     const slot = count - 1 - (last - Math.floor(Date.parse(p.minute) / bucketMs));
     if (slot < 0 || slot >= count) continue;
     let y = top + height;
     for (const kind of ["ok", "failed", "other"]) {
-      total += p[kind];
       const h = (p[kind] / max) * height;
       if (!h) continue;
       y -= h;
       const bar = shape("rect", { x: (left + slot * barW).toFixed(2), y: y.toFixed(2),
         width: Math.max(barW - 0.6, 0.6).toFixed(2), height: h.toFixed(2), class: kind });
-      bar.append(shape("title", {}, `${new Date(Date.parse(p.minute)).toLocaleString()}: ${p.ok} written, ${p.failed} failed, ${p.other} other`));
+      bar.append(shape("title", {}, `${new Date(Date.parse(p.minute)).toLocaleString()}: ` +
+        ["ok", "failed", "other"].map((k) => `${p[k]} ${word("chart", k)}`).join(", ")));
       parts.push(bar);
     }
   }
   svg.replaceChildren(...parts);
-  $(totalId).textContent = `(${total} in all)`;
+  $(totalId).textContent = `(${tl.total} change${tl.total === 1 ? "" : "s"})`;
 }
 
 function change(e) {
   if (e.field.startsWith("user_")) return e.new || e.field.replace("user_", "");
-  return FIELD[e.field] || e.field;
+  return e.field_word;
 }
 
 function renderFeed(log) {
   const rows = log.entries.map((e) => {
-    const [label, cls] = RESULT[e.result] || [e.result, "muted"];
+    const [label, cls] = [e.result_word, TONE[e.result] || "muted"];
     const fromTo = e.old && e.new ? `${e.old} → ${e.new}` : e.new || e.old || e.detail || "";
     // data-label: on a phone each row is a card, and each value says what it is.
     return el("tr", {},
@@ -167,7 +202,8 @@ function renderFeed(log) {
     $("feed-empty").textContent = log.entries.length === 0 && (filtersActive())
       ? "No syncs match these filters." : "No changes synced yet: they appear here as soon as a server reports one.";
   }
-  $("page").textContent = log.total ? `${offset + 1}–${offset + log.entries.length} of ${log.total}` : "";
+  const what = $("f-result").value === "changes" ? ` change${log.total === 1 ? "" : "s"}` : "";
+  $("page").textContent = log.total ? `${offset + 1}–${offset + log.entries.length} of ${log.total}${what}` : "";
   $("prev").disabled = offset === 0;
   $("next").disabled = offset + PAGE >= log.total;
 }
@@ -305,26 +341,28 @@ const act = async (kind, ids) => { for (const id of ids) await post(`/api/events
 
 // Our destination in that server's Webhook plugin, posting to the address this page was
 // opened at (what Jellyfin on the same network reaches too, unless server.public_url says else).
+// What it said stays on the card, under the button (no dialog to dismiss).
 async function setupWebhook(name) {
+  setupNotes[name] = { text: "Setting up the Webhook plugin…", cls: "muted", busy: true };
+  if (lastStatus) renderStatus(lastStatus);
   try {
     const res = await postJson(`/api/servers/${encodeURIComponent(name)}/setup-webhook`,
       { public_url: location.origin });
-    alert(res.message);
+    setupNotes[name] = { text: res.message, cls: "ok" };
   } catch (err) {
-    alert(`Could not set up the Webhook plugin: ${err.message}`);
+    setupNotes[name] = { text: `Could not set up the Webhook plugin: ${err.message}`, cls: "bad" };
   }
+  if (lastStatus) renderStatus(lastStatus);
   refresh();
 }
 
-// What each state means to a person; "resolved": it failed, but the target holds it now.
-const STATE = { failed: ["failed", "bad"], skipped: ["skipped", "warn"], waiting: ["waiting for the item", "warn"],
-  resolved: ["resolved", "ok"] };
+// Each state's colour (its words: state_word); "resolved": it failed, but the target holds it now.
+const STATE_TONE = { failed: "bad", skipped: "warn", waiting: "warn", unreachable: "warn", resolved: "ok" };
 
 function renderProblems(jobs, pipeline) {
   const rows = jobs.map((j) => {
     const ids = j.ids || [j.id];
-    const [word, cls] = j.state === "unreachable" ? [`waiting for ${j.target_server} to answer`, "warn"]
-      : STATE[j.state] || [j.state, "warn"];
+    const cls = STATE_TONE[j.state] || "warn";
     const buttons = j.state === "resolved"
       ? [el("button", { type: "button", "aria-label": `Dismiss job ${j.id}`, onclick: () => act("discard", ids) }, "Dismiss")]
       : [el("button", { type: "button", "aria-label": `Retry job ${j.id} now`, onclick: () => act("retry", ids) }, "Retry now"),
@@ -333,9 +371,9 @@ function renderProblems(jobs, pipeline) {
       el("td", { "data-label": "When" }, ago(j.created_at)),
       el("td", { "data-label": "User" }, j.username),
       el("td", { "data-label": "Item" }, j.item_name),
-      el("td", { "data-label": "Change" }, (j.fields || [j.field]).map((f) => FIELD[f] || f).join(", ")),
+      el("td", { "data-label": "Change" }, (j.fields || [j.field]).map((f) => word("field", f)).join(", ")),
       el("td", { "data-label": "To" }, j.target_server),
-      el("td", { class: cls, "data-label": "Status" }, word),
+      el("td", { class: cls, "data-label": "Status" }, j.state_word),
       el("td", { "data-label": "Reason" }, j.last_error || ""),
       el("td", { class: "actions" }, ...buttons));
   });
@@ -408,6 +446,7 @@ async function refresh() {
     // One request per refresh: /api/dashboard answers what the seven separate endpoints would.
     const d = await api(`/api/dashboard?${params}`);
     $("offline").hidden = true;
+    useWords(d.words);
     renderStatus(d.status);
     renderChart("chart", "chart-total", d.timeline, ["1 h ago", "now"]);
     renderChart("chart-day", "chart-day-total", d.hourly, ["24 h ago", "now"]);
@@ -426,8 +465,7 @@ async function refresh() {
 
 // The item inspector: the item on every server (how it was matched, or why not) and, for a
 // person, their state side by side with the differences marked; "Sync this item now".
-const STATE_FIELDS = [["played", "watched"], ["position", "position"], ["favorite", "favourite"],
-  ["likes", "rating"], ["play_count", "play count"], ["last_played", "last played"]];
+const STATE_FIELDS = ["played", "position", "favorite", "likes", "play_count", "last_played"];
 
 function shown(field, value) {
   if (value === null || value === undefined) return "–";
@@ -448,8 +486,8 @@ async function inspect(e) {
     const head = el("tr", {}, el("th", {}, ""), ...r.servers.map((s) => el("th", {}, s.server)));
     const found = el("tr", {}, el("th", {}, "found"),
       ...r.servers.map((s) => el("td", { class: s.found ? "" : "bad" }, s.matched_by)));
-    const rows = r.person ? STATE_FIELDS.map(([f, label]) => el("tr", { class: r.different.includes(f) ? "differs" : "" },
-      el("th", {}, label + (r.different.includes(f) ? " ≠" : "")),
+    const rows = r.person ? STATE_FIELDS.map((f) => el("tr", { class: r.different.includes(f) ? "differs" : "" },
+      el("th", {}, word("field", f) + (r.different.includes(f) ? " ≠" : "")),
       ...r.servers.map((s) => el("td", {}, s.state ? shown(f, s.state[f]) : (s.state_error || "–"))))) : [];
     const sync = el("button", { type: "button", onclick: async () => {
       try {
@@ -462,8 +500,8 @@ async function inspect(e) {
       el("h3", {}, r.item.name),
       el("div", { class: "table-wrap" }, el("table", { class: "inspect" }, el("tbody", {}, head, found, ...rows))),
       r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
-      ...r.open_changes.map((j) => el("p", { class: "warn" }, `${j.state}: ${FIELD[j.field] || j.field} → ${j.target_server}: ${j.last_error || ""}`)),
-      ...r.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.username} ${change(x)} ${x.source} → ${x.target}: ${x.result}`)));
+      ...r.open_changes.map((j) => el("p", { class: "warn" }, `${j.state_word}: ${j.field_word} → ${j.target_server}: ${j.last_error || ""}`)),
+      ...r.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.username} ${change(x)} ${x.source} → ${x.target}: ${x.result_word}`)));
   } catch (err) {
     box.replaceChildren(el("p", { class: "bad" }, err.message));
   }
