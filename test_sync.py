@@ -4552,6 +4552,56 @@ def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None
     print(f"  API requests: {requests[0]:,} ({requests[0] / refreshes:.1f} per refresh)")
 
 
+# ── Issue 23.2-3: a taken port, refused webhooks in the log ─────────────────
+
+
+def test_a_taken_port_is_one_line_naming_the_address_and_the_setting_and_exit_2(tmp_path, fake_servers):
+    with socket.socket() as blocker:  # 8080 taken on a NAS: here, any port some program listens on
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        # The service, its port from the file…
+        res = run_cli("--config", str(write_config(tmp_path, fake_servers("home"), port=port)))
+        # …and setup mode (no configuration yet), its port from JDS_PORT.
+        setup = run_cli("--config", str(tmp_path / "none.yaml"), env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"})
+    for r in (res, setup):
+        assert r.returncode == 2, r.stderr
+        said = [line for line in r.stderr.splitlines() if "cannot listen" in line]
+        assert len(said) == 1 and f"127.0.0.1:{port}" in said[0] and "already in use" in said[0], r.stderr
+        assert "server.port" in said[0] and "JDS_PORT" in said[0] and "Traceback" not in r.stderr
+
+
+def test_refused_webhooks_are_logged_once_a_minute_per_server_with_what_to_change(cluster, caplog, monkeypatch):
+    caplog.set_level("WARNING", logger="jellyfin_db_sync")
+    token = "the-right-token-0123"
+    svc = cluster(extra={"server": {"webhook_token": token}}).svc
+    body = fixture("UserDataSaved-played.json")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "refused" in r.getMessage() and r.levelname == "WARNING"]
+
+    # The plugin on "parents" sends a stale token, twice in a row: one line, not one per webhook.
+    for _ in range(2):
+        assert svc.call("POST", "/webhook/parents", body, {"X-Webhook-Token": "a-stale-token-456"})[0] == 401
+    [line] = refusals()
+    assert line.startswith("webhook from parents refused (401") and "X-Webhook-Token" in line
+    assert "Set up webhooks" in line and "server.webhook_token" in line
+    assert token not in caplog.text and "a-stale-token-456" not in caplog.text
+    # Another server's mistake is its own line: "home" sends a custom template that is not JSON.
+    headers = {"X-Webhook-Token": token}
+    assert svc.call("POST", "/webhook/home", b'{"Name": {{Name}}}', headers)[0] == 400
+    assert len(refusals()) == 2 and refusals()[1].startswith("webhook from home refused (400")
+    assert "Send All Properties" in refusals()[1]
+    # The dashboard still counts every one of them.
+    parents = next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "parents")
+    assert parents["rejected_webhooks"]["count"] == 2
+    # Once the minute is up, the next refusal is logged again.
+    monkeypatch.setattr(jds, "REFUSED_LOG_SECONDS", 0.0)
+    svc.call("POST", "/webhook/home", b'{"Name": {{Name}}}', headers)
+    svc.call("POST", "/webhook/home", b'{"Name": {{Name}}}', headers)
+    assert len(refusals()) == 4
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
