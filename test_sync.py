@@ -817,15 +817,27 @@ class Running:
         return self.service.store
 
     def stop(self) -> None:
-        server = self.server
+        from waitress import wasyncore
+
+        server, trigger = self.server, self.server.trigger
+        # Requests under way finish first: each ends by pulling the trigger, which must still be
+        # open then (closed, its number may already be a later test's socket or database file).
+        server.task_dispatcher.shutdown()
 
         def close_all():  # runs inside Waitress' loop thread: the one safe place (deploy-and-web §4.5)
+            trigger.del_channel()  # out of the loop's map, but open: pull_trigger has yet to write
             for ch in list(server._map.values()):
-                ch.close()
+                if ch is server:  # the listening socket: Waitress' server.close() closes the trigger too
+                    wasyncore.dispatcher.close(server)
+                else:
+                    ch.close()
 
-        server.trigger.pull_trigger(close_all)
+        # The trigger is closed here, after the loop thread has ended, and not by close_all: the
+        # loop, woken by an earlier pull, can run close_all between pull_trigger's adding it and
+        # its os.write, which then hit the closed pipe ("Bad file descriptor" at teardown).
+        trigger.pull_trigger(close_all)
         self.thread.join(5)
-        server.task_dispatcher.shutdown()
+        trigger.close()
         self.service.stop()
 
     def call(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
