@@ -4616,6 +4616,25 @@ def test_refused_webhooks_are_logged_once_a_minute_per_server_with_what_to_chang
     assert len(refusals()) == 4
 
 
+@pytest.mark.browser
+def test_browser_a_refused_webhook_shows_on_its_servers_card_with_the_reason_as_written(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster()
+    # Something that is not the plugin posts to parents' URL: a reason that ends in "?".
+    assert c.svc.call("POST", "/webhook/parents", {"Name": "Arrival"})[0] == 400
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(c.svc.url + "/")
+        card = page.get_by_role("article", name="server parents")
+        expect(card).to_contain_text("1 webhook(s) refused", timeout=10000)
+        expect(card).to_contain_text("is this the Jellyfin Webhook plugin? A value the sync cannot use")
+        assert "?." not in card.inner_text()
+        browser.close()
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
