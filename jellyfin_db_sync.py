@@ -113,6 +113,7 @@ MAX_WRITE_CONNECTIONS = 8  # sync.write_connections: at most this many writes to
 SUPERVISE_SECONDS = 0.5  # how often the Service looks for threads that died
 STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the pipeline is stuck
 READY_CACHE_SECONDS = 3.0  # /readyz answers from its last check for this long
+REFUSED_LOG_SECONDS = 60.0  # a server's refused webhooks: one WARNING this often at most
 HISTORY_CACHE_SECONDS = 30.0  # whole-table counts on the dashboard (history, index) are this fresh
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
@@ -6387,6 +6388,7 @@ class Web:
         self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
         self._history_cache: dict[str, tuple[float, Any]] = {}  # key → (monotonic expiry, value)
         self._rejections_lock = threading.Lock()
+        self._rejections_logged: dict[str, float] = {}  # server → when its last refusal was logged (monotonic)
         self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
         self.app = _json_errors_bottle()
         self.app.install(Guard(config, self.sign_ins))
@@ -6485,10 +6487,20 @@ class Web:
         """A refused webhook: answered with why, and counted per server with the last reason, so
         "webhooks are not arriving" can be read on the dashboard instead of in Jellyfin's log."""
         if self.config.server(server) is not None:
+            hint = rejection_hint(status, reason)
+            now = time.monotonic()
             with self._rejections_lock:
                 entry = self.rejections.setdefault(server, {"count": 0})
                 entry.update(count=entry["count"] + 1, last_reason=reason, last_at=format_time(utcnow()))
-                entry["hint"] = rejection_hint(status, reason)
+                entry["hint"] = hint
+                # The owner reads `docker logs`, not Jellyfin's: one line a minute at most per
+                # server, since a misconfigured plugin posts on every play, pause and tick.
+                last = self._rejections_logged.get(server)
+                due = last is None or now - last >= REFUSED_LOG_SECONDS
+                if due:
+                    self._rejections_logged[server] = now
+            if due:
+                log.warning("webhook from %s refused (%d, %s): %s", server, status, reason, hint)
         return send({"error": reason}, status)
 
     def webhook_test(self) -> str:
@@ -7122,7 +7134,11 @@ def bottle_error(status: int, message: str) -> Exception:
 def rejection_hint(status: int, reason: str) -> str:
     """What to do about a refused webhook, in the plugin's own words."""
     if status == 401:
-        return "The plugin's X-Webhook-Token header does not match the token configured here."
+        return (
+            "The plugin's X-Webhook-Token header does not match this server's webhook token "
+            "(servers[].webhook_token, else server.webhook_token): press 'Set up webhooks' on the "
+            "dashboard, or copy the token into that header in the plugin's destination."
+        )
     if "JSON" in reason or "UTF-8" in reason or "Send All Properties" in reason:
         return (
             "Turn on 'Send All Properties' in the plugin's destination: a custom template usually "
@@ -7813,30 +7829,48 @@ def connection_limit() -> int:
     return max(64, min(CONNECTION_LIMIT, soft - 64))
 
 
+class ListenError(Exception):
+    """The address to listen on cannot be had (taken, not this machine's, a privileged port)."""
+
+
 def make_waitress(app: Any, host: str, port: int) -> Any:
-    """The Waitress server every mode of the service runs behind."""
+    """The Waitress server every mode of the service runs behind; ListenError names the address
+    and the settings that choose it when it cannot listen there."""
     import waitress
 
     limit = connection_limit()
-    listeners = PerAddressListener.on(host, port)
-    for listener in listeners:
-        listener.limit = limit // 2
-    return waitress.create_server(
-        app,
-        sockets=listeners,
-        threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
-        ident="jellyfin-db-sync",
-        max_request_body_size=MAX_BODY_BYTES + 1024,
-        clear_untrusted_proxy_headers=True,
-        # Waitress reads a whole request before a thread sees it, so slow senders hold no
-        # thread, only a connection. Idle and trickling connections must not use up the
-        # connections Jellyfin's webhooks need: many may be open (poll(), not select(), has
-        # no 1,024-descriptor ceiling), and one idle this long is closed.
-        connection_limit=limit,
-        channel_timeout=CHANNEL_TIMEOUT,
-        cleanup_interval=CHANNEL_TIMEOUT / 3,
-        asyncore_use_poll=True,
-    )
+    try:
+        listeners = PerAddressListener.on(host, port)  # binds: where a taken port shows
+        for listener in listeners:
+            listener.limit = limit // 2
+        return waitress.create_server(
+            app,
+            sockets=listeners,
+            threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
+            ident="jellyfin-db-sync",
+            max_request_body_size=MAX_BODY_BYTES + 1024,
+            clear_untrusted_proxy_headers=True,
+            # Waitress reads a whole request before a thread sees it, so slow senders hold no
+            # thread, only a connection. Idle and trickling connections must not use up the
+            # connections Jellyfin's webhooks need: many may be open (poll(), not select(), has
+            # no 1,024-descriptor ceiling), and one idle this long is closed.
+            connection_limit=limit,
+            channel_timeout=CHANNEL_TIMEOUT,
+            cleanup_interval=CHANNEL_TIMEOUT / 3,
+            asyncore_use_poll=True,
+        )
+    except OSError as e:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            # 8080 is a popular port on a NAS: say which setting moves us, not a traceback.
+            raise ListenError(
+                f"cannot listen on {address}: the port is already in use by another program (or another "
+                "copy of jellyfin-db-sync); choose a free port with server.port in the config file or "
+                "JDS_PORT, and the same port in the plugin's webhook URL"
+            ) from None
+        raise ListenError(
+            f"cannot listen on {address}: {e.strerror or e}; check server.host / JDS_HOST and server.port / JDS_PORT"
+        ) from None
 
 
 class Service:
@@ -8296,7 +8330,11 @@ def setup_mode(path: str, problem: str) -> int:
     switch["app"] = setup
     port = int(os.environ.get("JDS_PORT", "").strip() or SETTING["server.port"].default)
     host = os.environ.get("JDS_HOST", "").strip() or SETTING["server.host"].default
-    server = make_waitress(app, host, port)
+    try:
+        server = make_waitress(app, host, port)
+    except ListenError as e:
+        log.error("%s", e)
+        return 2
     log.warning("%s", problem)
     log.warning(
         "setup mode: open http://%s:%s/ in a browser to set up jellyfin-db-sync; the setup code is %s",
@@ -8390,7 +8428,12 @@ def serve(config: Config) -> int:
     except StoreError as e:
         print(f"jellyfin-db-sync: {e}", file=sys.stderr)
         return 1
-    server = service.make_server()
+    try:
+        server = service.make_server()
+    except ListenError as e:
+        log.error("%s", e)
+        service.stop()
+        return 2
     for warning in config.warnings:
         log.warning("configuration: %s", warning)
     open_hooks = config.open_webhooks()

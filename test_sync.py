@@ -839,15 +839,27 @@ class Running:
         return self.service.store
 
     def stop(self) -> None:
-        server = self.server
+        from waitress import wasyncore
+
+        server, trigger = self.server, self.server.trigger
+        # Requests under way finish first: each ends by pulling the trigger, which must still be
+        # open then (closed, its number may already be a later test's socket or database file).
+        server.task_dispatcher.shutdown()
 
         def close_all():  # runs inside Waitress' loop thread: the one safe place (deploy-and-web §4.5)
+            trigger.del_channel()  # out of the loop's map, but open: pull_trigger has yet to write
             for ch in list(server._map.values()):
-                ch.close()
+                if ch is server:  # the listening socket: Waitress' server.close() closes the trigger too
+                    wasyncore.dispatcher.close(server)
+                else:
+                    ch.close()
 
-        server.trigger.pull_trigger(close_all)
+        # The trigger is closed here, after the loop thread has ended, and not by close_all: the
+        # loop, woken by an earlier pull, can run close_all between pull_trigger's adding it and
+        # its os.write, which then hit the closed pipe ("Bad file descriptor" at teardown).
+        trigger.pull_trigger(close_all)
         self.thread.join(5)
-        server.task_dispatcher.shutdown()
+        trigger.close()
         self.service.stop()
 
     def call(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
@@ -2755,7 +2767,9 @@ def test_a_stuck_planner_or_a_dead_thread_shows_in_readyz_and_metrics_and_is_res
     metrics = svc.call("GET", "/metrics")[1]
     age = float(re.search(r"^jellyfin_db_sync_inbox_oldest_unplanned_age_seconds (\S+)$", metrics, re.M).group(1))
     assert age > 0.5
-    assert re.search(r'thread_restarts_total\{thread="planner"\} [1-9]', metrics)
+    # The supervisor looks every SUPERVISE_SECONDS: on a busy machine "stuck" can show first.
+    restarts = r'thread_restarts_total\{thread="planner"\} [1-9]'
+    eventually(lambda: re.search(restarts, svc.call("GET", "/metrics")[1]), 5, what="the planner restarted")
     assert "thread planner had stopped: restarted" in caplog.text
     monkeypatch.setattr(syncer, "plan_pending", real)  # the bug is fixed; the next restart plans again
     eventually(lambda: c["parents"].ud("bob", "Heat")["Played"], 70, what="the change once the planner is back")
@@ -5259,6 +5273,75 @@ def test_undo_an_events_writes_then_a_pass_changes_nothing_and_a_new_play_travel
     eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"])
     c.settle()
     assert reconcile(c)["changes"] == 0
+
+
+# ── Issue 23.2-3: a taken port, refused webhooks in the log ─────────────────
+
+
+def test_a_taken_port_is_one_line_naming_the_address_and_the_setting_and_exit_2(tmp_path, fake_servers):
+    with socket.socket() as blocker:  # 8080 taken on a NAS: here, any port some program listens on
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        # The service, its port from the file…
+        res = run_cli("--config", str(write_config(tmp_path, fake_servers("home"), port=port)))
+        # …and setup mode (no configuration yet), its port from JDS_PORT.
+        setup = run_cli("--config", str(tmp_path / "none.yaml"), env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"})
+    for r in (res, setup):
+        assert r.returncode == 2, r.stderr
+        said = [line for line in r.stderr.splitlines() if "cannot listen" in line]
+        assert len(said) == 1 and f"127.0.0.1:{port}" in said[0] and "already in use" in said[0], r.stderr
+        assert "server.port" in said[0] and "JDS_PORT" in said[0] and "Traceback" not in r.stderr
+
+
+def test_refused_webhooks_are_logged_once_a_minute_per_server_with_what_to_change(cluster, caplog, monkeypatch):
+    caplog.set_level("WARNING", logger="jellyfin_db_sync")
+    token = "the-right-token-0123"
+    svc = cluster(extra={"server": {"webhook_token": token}}).svc
+    body = fixture("UserDataSaved-played.json")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "refused" in r.getMessage() and r.levelname == "WARNING"]
+
+    # The plugin on "parents" sends a stale token, twice in a row: one line, not one per webhook.
+    for _ in range(2):
+        assert svc.call("POST", "/webhook/parents", body, {"X-Webhook-Token": "a-stale-token-456"})[0] == 401
+    [line] = refusals()
+    assert line.startswith("webhook from parents refused (401") and "X-Webhook-Token" in line
+    assert "Set up webhooks" in line and "server.webhook_token" in line
+    assert token not in caplog.text and "a-stale-token-456" not in caplog.text
+    # Another server's mistake is its own line: "home" sends a custom template that is not JSON.
+    headers = {"X-Webhook-Token": token}
+    assert svc.call("POST", "/webhook/home", b'{"Name": {{Name}}}', headers)[0] == 400
+    assert len(refusals()) == 2 and refusals()[1].startswith("webhook from home refused (400")
+    assert "Send All Properties" in refusals()[1]
+    # The dashboard still counts every one of them.
+    parents = next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "parents")
+    assert parents["rejected_webhooks"]["count"] == 2
+    # Once the minute is up, the next refusal is logged again.
+    monkeypatch.setattr(jds, "REFUSED_LOG_SECONDS", 0.0)
+    svc.call("POST", "/webhook/home", b'{"Name": {{Name}}}', headers)
+    svc.call("POST", "/webhook/home", b'{"Name": {{Name}}}', headers)
+    assert len(refusals()) == 4
+
+
+@pytest.mark.browser
+def test_browser_a_refused_webhook_shows_on_its_servers_card_with_the_reason_as_written(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster()
+    # Something that is not the plugin posts to parents' URL: a reason that ends in "?".
+    assert c.svc.call("POST", "/webhook/parents", {"Name": "Arrival"})[0] == 400
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(c.svc.url + "/")
+        card = page.get_by_role("article", name="server parents")
+        expect(card).to_contain_text("1 webhook(s) refused", timeout=10000)
+        expect(card).to_contain_text("is this the Jellyfin Webhook plugin? A value the sync cannot use")
+        assert "?." not in card.inner_text()
+        browser.close()
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ function renderStatus(st) {
       s.rejected_webhooks && s.rejected_webhooks.count
         ? el("p", { class: "bad", role: "status" },
              `${s.rejected_webhooks.count} webhook(s) refused, the last ${ago(s.rejected_webhooks.last_at)}: ` +
-             `${s.rejected_webhooks.last_reason}. ${s.rejected_webhooks.hint}`)
+             // A reason may end in its own "?" ("… is this the Jellyfin Webhook plugin?").
+             `${s.rejected_webhooks.last_reason.replace(/([^.?!])$/, "$1.")} ${s.rejected_webhooks.hint}`)
         : "",
       el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name),
         ...(note && note.busy ? { disabled: "" } : {}) }, "Set up webhooks"),
