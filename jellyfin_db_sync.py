@@ -996,7 +996,7 @@ def normalise_path(path: str) -> str:
 
 # ── Store ────────────────────────────────────────────────────────────────────
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
 # Statements that bring a database from version N-1 to N, applied in order at start-up.
 # (Version 1 is the first release; SCHEMA below always describes the newest layout.)
@@ -1015,6 +1015,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS sync_log_cause ON sync_log (cause)",
         "ALTER TABLE jobs ADD COLUMN removal INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX IF NOT EXISTS jobs_removal ON jobs (source, user_key, removal, created_at)",
+    ),
+    # Issue 21: a change for an item its target does not have, with no path_sync_policy
+    # waiting for it, ends 'absent' (no failure) instead of 'skipped': the ones already
+    # skipped that way leave the waiting and failed list. (absent_count 0: never waited.)
+    5: (
+        "UPDATE jobs SET status='absent' WHERE status='skipped' AND absent_count=0"
+        " AND id IN (SELECT job_id FROM sync_log WHERE result='absent')",
     ),
 }
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1761,7 +1768,8 @@ class Store:
         with self._tx() as c:
             n = c.execute("DELETE FROM sync_log WHERE at < ?", (before,)).rowcount
             n += c.execute(
-                "DELETE FROM jobs WHERE status IN ('done', 'superseded', 'discarded') AND updated_at < ?", (before,)
+                "DELETE FROM jobs WHERE status IN ('done', 'absent', 'superseded', 'discarded') AND updated_at < ?",
+                (before,),
             ).rowcount
             # Failed webhooks stay while their failed change is shown (retry needs the body).
             n += c.execute(
@@ -3347,15 +3355,25 @@ class Planner:
         return received
 
     # items a target does not have (yet)
-    def when_absent(self, job: Job, path_key: str | None) -> tuple[float | None, str]:
-        """(when to look again, or None to give up; what to say), by path_sync_policy (the
-        longest matching prefix)."""
+    def when_absent(self, job: Job, path_key: str | None) -> tuple[str, float, str]:
+        """What a change does about an item its target lacks, by path_sync_policy (the longest
+        matching prefix): ("waiting", when to look again, what to say); "absent" where no
+        policy waits for it there: the item is simply not on that server, which is no failure
+        (a later change or pass syncs it once it is); or "skipped" once the tries a policy
+        gave it are used up: it was expected there, and someone may want to know why not."""
         policy = self.config.policy_for(path_key or "")
         tries = job.absent_count + 1
         msg = f"{job.item_name!r} not found on {job.target}"
         if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
-            return utcnow() + policy.retry_delay_seconds, f"{msg}; waiting for it to be imported (try {tries})"
-        return None, msg
+            return (
+                "waiting",
+                utcnow() + policy.retry_delay_seconds,
+                f"{msg}; waiting for it to be imported (try {tries})",
+            )
+        if policy.absent_retry_count == 0:
+            why = "no path_sync_policy waits for it there"
+            return "absent", 0.0, f"{job.item_name!r} is not on {job.target} ({why})"
+        return "skipped", 0.0, f"{msg}; gave up waiting for it to be imported (try {tries})"
 
 
 # ── Writers ──────────────────────────────────────────────────────────────────
@@ -3369,7 +3387,8 @@ _KNOWN = "_known"  # key set in a group's ``current`` once the target's state is
 class Outcome:
     """What applying one job came to. Syncer._record is the one place that records it."""
 
-    result: str  # done: ok, noop, stale, dry_run · skipped, absent · failed · retry, waiting
+    # done: ok, noop, stale, dry_run · absent (not on the target) · skipped · failed · retry, waiting
+    result: str
     detail: str | None = None
     old: str | None = None
     new: str | None = None
@@ -4115,9 +4134,9 @@ class Syncer:
         return Outcome("failed", error)
 
     def _absent(self, job: Job, src_item: ItemInfo) -> Outcome:
-        """The item is not on the target (yet): wait, or give up, as the Planner says."""
-        due, msg = self.planner.when_absent(job, src_item.path_key)
-        return Outcome("waiting", msg, due_at=due) if due is not None else Outcome("absent", msg)
+        """The item is not on the target (yet): wait, let it be, or give up, as the Planner says."""
+        result, due, msg = self.planner.when_absent(job, src_item.path_key)
+        return Outcome(result, msg, due_at=due)
 
     def _record(self, job: Job, o: Outcome) -> tuple | None:
         """The one place a job's outcome is recorded: its log line and counters now; its row,
@@ -4156,11 +4175,13 @@ class Syncer:
             if o.result == "ok" and job.queued_at:
                 self.counters.record_delay(target, utcnow() - job.queued_at)
             return (job, "done", None, log_row, o.states)
-        # skipped, absent, failed
         if o.result == "absent":
+            # Not on that server and nobody said to wait for it: finished, and no failure (it
+            # is neither listed with the waiting and failed changes nor counted with them).
             log.info("%s: %s %s", target, job.username, o.detail)
-        else:
-            log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
+            return (job, "absent", o.detail, log_row, None)
+        # skipped, failed
+        log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
         return (job, "failed" if o.result == "failed" else "skipped", o.detail, log_row, None)
 
     # health
@@ -6142,6 +6163,8 @@ class Web:
             "item": {"id": f"{item.server}:{item.item_id}", "name": library.display_name(item), "type": item.type},
             "person": person,
             "servers": servers,
+            # On one server alone: there is nothing to compare it with, nor to sync it to.
+            "only_on": next(iter(group)) if len(group) == 1 and len(servers) > 1 else None,
             "different": different,
             "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
             "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
@@ -6168,12 +6191,24 @@ class Web:
         item = self.store.get_item(server, item_id) if server and item_id else None
         if item is None or not person or self.reconciler is None:
             return send({"error": "give item (server:id, from /api/inspect) and person"}, 400)
-        group, accounts = {}, {}
+        group, accounts, holders = {}, {}, []
         for s in self.config.servers:
             match, _ = self.syncer.library.explain_match(item, s.name)
             user_id = self.syncer.library.user_id(s.name, self.config.name_on(person, s.name))
+            if match is not None:
+                holders.append(s.name)
             if match is not None and user_id is not None:
                 group[s.name], accounts[s.name] = match.item_id, user_id
+        if len(holders) == 1:  # the inspector does not offer it then; a script may still ask
+            name = self.syncer.library.display_name(item)
+            return send(
+                {
+                    "error": f"{name} is only on {holders[0]}: there is no other server to sync it to "
+                    "(once it is added to another server's library, changes and passes sync it)",
+                    "only_on": holders[0],
+                },
+                409,
+            )
         if len(group) < 2:
             return send({"error": "the item and the person are on fewer than two servers: nothing to compare"}, 409)
         try:

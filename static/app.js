@@ -35,7 +35,7 @@ const FIELD = { event: "webhook", played: "watched", position: "position", favor
   playlist: "playlist",
   user_create: "account", user_delete: "account", user_rename: "account" };
 const RESULT = { ok: ["written", "ok"], noop: ["already so", "muted"], failed: ["failed", "bad"],
-  skipped: ["skipped", "warn"], absent: ["not found", "warn"], stale: ["older", "muted"], dry_run: ["dry run", "muted"] };
+  skipped: ["skipped", "warn"], absent: ["not on that server", "muted"], stale: ["older", "muted"], dry_run: ["dry run", "muted"] };
 
 function renderStatus(st) {
   const badge = $("overall");
@@ -433,7 +433,10 @@ async function inspect(e) {
     box.replaceChildren(
       el("h3", {}, r.item.name),
       el("div", { class: "table-wrap" }, el("table", { class: "inspect" }, el("tbody", {}, head, found, ...rows))),
-      r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
+      // An item on one server alone has nowhere to go: that is said, and nothing is offered.
+      r.only_on ? el("p", { class: "muted", id: "only-on" }, `Only on ${r.only_on}: no other server has this item, ` +
+        "so there is nothing to sync. Once another server's library has it, its next change or a reconciliation pass syncs it.")
+        : r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
       ...r.open_changes.map((j) => el("p", { class: "warn" }, `${j.state}: ${FIELD[j.field] || j.field} → ${j.target_server}: ${j.last_error || ""}`)),
       ...r.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.username} ${change(x)} ${x.source} → ${x.target}: ${x.result}`)));
   } catch (err) {
