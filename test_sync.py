@@ -4619,6 +4619,8 @@ def test_a_film_only_on_home_is_only_on_home_not_waiting_or_failed_until_it_arri
         what="the changes waiting for Soon",
     )
     assert all(j["state"] == "waiting" for j in problems_about(c, "Soon"))
+    soon = c.svc.call("GET", "/api/inspect?q=soon&person=alice")[1]
+    assert soon["only_on"] == "home" and {j["state"] for j in soon["open_changes"]} == {"waiting"}
     assert open_counts(c)["waiting"] == before["waiting"] + 2
     # Parents' library scan finds both films (no ItemAdded webhook): the waiting change lands by
     # itself; Nope's next change goes through as usual, and a pass brings the play before it.
@@ -4662,8 +4664,9 @@ def test_browser_a_film_only_on_home_is_said_so_and_not_offered_to_sync(cluster)
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster()
+    c = cluster(policies=[{"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 60}])
     c["home"].add_item(*NOPE)
+    c["home"].add_item(*SOON)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -4682,6 +4685,13 @@ def test_browser_a_film_only_on_home_is_said_so_and_not_offered_to_sync(cluster)
         page.get_by_label("Person").fill("alice")
         page.get_by_role("button", name="Look").click()
         expect(page.locator("#only-on")).to_contain_text("Only on home", timeout=10000)
+        expect(page.get_by_role("button", name="Sync this item now")).to_have_count(0)
+        # Under a path policy that waits, the film is only on home *for now*: its changes wait.
+        c["home"].user_marks("alice", "Soon", True)
+        expect(page.locator("#problems tbody tr", has_text="Soon")).to_have_count(2, timeout=10000)
+        page.get_by_label("Title").fill("Soon")
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#only-on")).to_contain_text("Only on home for now", timeout=10000)
         expect(page.get_by_role("button", name="Sync this item now")).to_have_count(0)
         browser.close()
 

@@ -433,9 +433,12 @@ async function inspect(e) {
     box.replaceChildren(
       el("h3", {}, r.item.name),
       el("div", { class: "table-wrap" }, el("table", { class: "inspect" }, el("tbody", {}, head, found, ...rows))),
-      // An item on one server alone has nowhere to go: that is said, and nothing is offered.
-      r.only_on ? el("p", { class: "muted", id: "only-on" }, `Only on ${r.only_on}: no other server has this item, ` +
-        "so there is nothing to sync. Once another server's library has it, its next change or a reconciliation pass syncs it.")
+      // An item on one server alone has nowhere to go: that is said, and nothing is offered
+      // (unless a path_sync_policy has its changes wait for it to be imported elsewhere).
+      r.only_on ? el("p", { class: "muted", id: "only-on" }, r.open_changes.some((j) => j.state === "waiting")
+        ? `Only on ${r.only_on} for now: its changes wait for it to be imported (path_sync_policy).`
+        : `Only on ${r.only_on}: no other server has this item, so there is nothing to sync. Once another ` +
+          "server's library has it, its next change or a reconciliation pass syncs it.")
         : r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
       ...r.open_changes.map((j) => el("p", { class: "warn" }, `${j.state}: ${FIELD[j.field] || j.field} → ${j.target_server}: ${j.last_error || ""}`)),
       ...r.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.username} ${change(x)} ${x.source} → ${x.target}: ${x.result}`)));
