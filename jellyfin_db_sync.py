@@ -1063,11 +1063,11 @@ def normalise_path(path: str) -> str:
 
 # ── Store ────────────────────────────────────────────────────────────────────
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
-# What an older file lacks that SCHEMA cannot add by itself: the columns added to tables it
-# already has, per version (N-1 → N), applied in order at start-up. Every table and index comes
-# from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on every start), so every
+# What an older file lacks that SCHEMA cannot add by itself, per version (N-1 → N), applied
+# in order at start-up: columns added to tables it already has, and data moved to new meanings.
+# Every table and index comes from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on every start), so every
 # starting point — a new file, each of our earlier versions, the older program's file — ends
 # with exactly a new file's schema (issue 21: a moved-over file once lacked two indexes).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -1083,6 +1083,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sync_log ADD COLUMN cause TEXT",
         "ALTER TABLE jobs ADD COLUMN cause TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE jobs ADD COLUMN removal INTEGER NOT NULL DEFAULT 0",
+    ),
+    # Issue 21: a change for an item its target does not have, with no path_sync_policy
+    # waiting for it, ends 'absent' (no failure) instead of 'skipped': the ones already
+    # skipped that way leave the waiting and failed list. (absent_count 0: never waited.)
+    5: (
+        "UPDATE jobs SET status='absent' WHERE status='skipped' AND absent_count=0"
+        " AND id IN (SELECT job_id FROM sync_log WHERE result='absent')",
     ),
 }
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1683,11 +1690,14 @@ class Store:
             try:
                 # Columns first (an index of SCHEMA may name one), then every missing table and
                 # index: also repairs a file an earlier release left without one.
-                for n in range(version + 1, SCHEMA_VERSION + 1):
+                for n in range(version + 1, SCHEMA_VERSION + 1) if version else ():  # 0: a new file
                     for statement in MIGRATIONS.get(n, ()):
-                        table, column = _ADD_COLUMN.match(statement).groups()
-                        columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-                        if columns and column not in columns:  # no table yet: SCHEMA makes it whole
+                        added = _ADD_COLUMN.match(statement)
+                        if not added:
+                            conn.execute(statement)  # data: its tables are there since schema 1
+                            continue
+                        columns = {r[1] for r in conn.execute(f"PRAGMA table_info({added[1]})")}
+                        if columns and added[2] not in columns:  # no table yet: SCHEMA makes it whole
                             conn.execute(statement)
                 for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
                     conn.execute(statement)
@@ -1920,7 +1930,8 @@ class Store:
         with self._tx() as c:
             n = c.execute("DELETE FROM sync_log WHERE at < ?", (before,)).rowcount
             n += c.execute(
-                "DELETE FROM jobs WHERE status IN ('done', 'superseded', 'discarded', 'resolved') AND updated_at < ?",
+                "DELETE FROM jobs WHERE status IN ('done', 'absent', 'superseded', 'discarded', 'resolved') "
+                "AND updated_at < ?",
                 (before,),
             ).rowcount
             # Failed webhooks stay while their failed change is shown (retry needs the body).
@@ -3653,15 +3664,25 @@ class Planner:
         return received
 
     # items a target does not have (yet)
-    def when_absent(self, job: Job, path_key: str | None) -> tuple[float | None, str]:
-        """(when to look again, or None to give up; what to say), by path_sync_policy (the
-        longest matching prefix)."""
+    def when_absent(self, job: Job, path_key: str | None) -> tuple[str, float, str]:
+        """What a change does about an item its target lacks, by path_sync_policy (the longest
+        matching prefix): ("waiting", when to look again, what to say); "absent" where no
+        policy waits for it there: the item is simply not on that server, which is no failure
+        (a later change or pass syncs it once it is); or "skipped" once the tries a policy
+        gave it are used up: it was expected there, and someone may want to know why not."""
         policy = self.config.policy_for(path_key or "")
         tries = job.absent_count + 1
         msg = f"{job.item_name!r} not found on {job.target}"
         if policy.absent_retry_count == -1 or tries <= policy.absent_retry_count:
-            return utcnow() + policy.retry_delay_seconds, f"{msg}; waiting for it to be imported (try {tries})"
-        return None, msg
+            return (
+                "waiting",
+                utcnow() + policy.retry_delay_seconds,
+                f"{msg}; waiting for it to be imported (try {tries})",
+            )
+        if policy.absent_retry_count == 0:
+            why = "no path_sync_policy waits for it there"
+            return "absent", 0.0, f"{job.item_name!r} is not on {job.target} ({why})"
+        return "skipped", 0.0, f"{msg}; gave up waiting for it to be imported (try {tries})"
 
 
 # ── Writers ──────────────────────────────────────────────────────────────────
@@ -3675,7 +3696,9 @@ _KNOWN = "_known"  # key set in a group's ``current`` once the target's state is
 class Outcome:
     """What applying one job came to. Syncer._record is the one place that records it."""
 
-    result: str  # done: ok, noop, stale, dry_run · skipped, absent · failed · retry, waiting, unreachable
+    # done: ok, noop, stale, dry_run · absent (not on the target) · skipped · failed · retry,
+    # waiting, unreachable
+    result: str
     detail: str | None = None
     old: str | None = None
     new: str | None = None
@@ -4469,9 +4492,9 @@ class Syncer:
         return bool(state["healthy"])
 
     def _absent(self, job: Job, src_item: ItemInfo) -> Outcome:
-        """The item is not on the target (yet): wait, or give up, as the Planner says."""
-        due, msg = self.planner.when_absent(job, src_item.path_key)
-        return Outcome("waiting", msg, due_at=due) if due is not None else Outcome("absent", msg)
+        """The item is not on the target (yet): wait, let it be, or give up, as the Planner says."""
+        result, due, msg = self.planner.when_absent(job, src_item.path_key)
+        return Outcome(result, msg, due_at=due)
 
     def _record(self, job: Job, o: Outcome) -> tuple | None:
         """The one place a job's outcome is recorded: its log line and counters now; its row,
@@ -4514,11 +4537,13 @@ class Syncer:
             if o.result == "ok" and job.queued_at:
                 self.counters.record_delay(target, utcnow() - job.queued_at)
             return (job, "done", None, log_row, o.states)
-        # skipped, absent, failed
         if o.result == "absent":
+            # Not on that server and nobody said to wait for it: finished, and no failure (it
+            # is neither listed with the waiting and failed changes nor counted with them).
             log.info("%s: %s %s", target, job.username, o.detail)
-        else:
-            log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
+            return (job, "absent", o.detail, log_row, None)
+        # skipped, failed
+        log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
         return (job, "failed" if o.result == "failed" else "skipped", o.detail, log_row, None)
 
     # health
@@ -6143,7 +6168,7 @@ RESULT_WORDS = {
     "noop": "already so",
     "failed": "failed",
     "skipped": "skipped",
-    "absent": "not found",
+    "absent": "not on that server",
     "stale": "older",
     "dry_run": "dry run",
 }
@@ -6171,8 +6196,9 @@ STATE_WORDS = {
     "resolved": "resolved",
     "done": "done",
     "discarded": "discarded",
+    "absent": "not on that server",
 }
-# The charts' three colours: written, failed, and the other changes ("skipped, not found or dry run").
+# The charts' three colours: written, failed, and the other changes ("skipped, not on that server or dry run").
 _OTHER_WORDS = [RESULT_WORDS[r] for r in CHANGE_RESULTS if r not in ("ok", "failed")]
 CHART_WORDS = {
     "ok": RESULT_WORDS["ok"],
@@ -6730,6 +6756,8 @@ class Web:
             "item": {"id": f"{item.server}:{item.item_id}", "name": library.display_name(item), "type": item.type},
             "person": person,
             "servers": servers,
+            # On one server alone: there is nothing to compare it with, nor to sync it to.
+            "only_on": next(iter(group)) if len(group) == 1 and len(servers) > 1 else None,
             "different": different,
             "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
             "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
@@ -6756,12 +6784,24 @@ class Web:
         item = self.store.get_item(server, item_id) if server and item_id else None
         if item is None or not person or self.reconciler is None:
             return send({"error": "give item (server:id, from /api/inspect) and person"}, 400)
-        group, accounts = {}, {}
+        group, accounts, holders = {}, {}, []
         for s in self.config.servers:
             match, _ = self.syncer.library.explain_match(item, s.name)
             user_id = self.syncer.library.user_id(s.name, self.config.name_on(person, s.name))
+            if match is not None:
+                holders.append(s.name)
             if match is not None and user_id is not None:
                 group[s.name], accounts[s.name] = match.item_id, user_id
+        if len(holders) == 1:  # the inspector does not offer it then; a script may still ask
+            name = self.syncer.library.display_name(item)
+            return send(
+                {
+                    "error": f"{name} is only on {holders[0]}: there is no other server to sync it to "
+                    "(once it is added to another server's library, changes and passes sync it)",
+                    "only_on": holders[0],
+                },
+                409,
+            )
         if len(group) < 2:
             return send({"error": "the item and the person are on fewer than two servers: nothing to compare"}, 409)
         try:

@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -1192,7 +1193,7 @@ def test_an_item_imported_late_waits_then_syncs(cluster):
     c = cluster(
         policies=[
             {"prefix": "/media/new", "absent_retry_count": -1, "retry_delay_seconds": 0.5},
-            {"prefix": "/media/gone", "absent_retry_count": 0},
+            {"prefix": "/media/gone", "absent_retry_count": 1, "retry_delay_seconds": 0.2},
         ]
     )
     home, parents = c["home"], c["parents"]
@@ -1201,12 +1202,20 @@ def test_an_item_imported_late_waits_then_syncs(cluster):
     home.user_marks("alice", "Nope", True)
     home.user_marks("alice", "Lost Film", True)
     waiting = eventually(
-        lambda: [j for j in c.svc.call("GET", "/api/events/waiting")[1] if j["target_server"] == "parents"],
+        lambda: [
+            j
+            for j in c.svc.call("GET", "/api/events/waiting")[1]
+            if j["target_server"] == "parents" and j["item_name"].startswith("Nope")
+        ],
         what="a waiting job",
     )
-    assert waiting[0]["item_name"].startswith("Nope") and "not found" in waiting[0]["last_error"]
+    assert "not found" in waiting[0]["last_error"]
     failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the skipped job")
-    assert any(j["item_name"].startswith("Lost Film") and j["state"] == "skipped" for j in failed)
+    # Waited for as its policy said, then given up: skipped, with why (issue 21.5).
+    assert any(
+        j["item_name"].startswith("Lost Film") and j["state"] == "skipped" and "gave up waiting" in j["last_error"]
+        for j in failed
+    )
     parents.add_item("Nope", "Movie", "/media/new/Nope.mkv")  # the library scan finds it
     eventually(lambda: parents.ud("alice", "Nope")["Played"], what="the late item to sync")
 
@@ -5341,23 +5350,143 @@ def test_browser_a_refused_webhook_shows_on_its_servers_card_with_the_reason_as_
         expect(card).to_contain_text("1 webhook(s) refused", timeout=10000)
         expect(card).to_contain_text("is this the Jellyfin Webhook plugin? A value the sync cannot use")
         assert "?." not in card.inner_text()
+
+
+# ── Issue 21.5: items on one server only ─────────────────────────────────────
+
+
+def open_counts(c: Cluster) -> dict:
+    """What /api/status counts as waiting, failed or skipped (the dashboard's figures)."""
+    st = c.svc.call("GET", "/api/status")[1]
+    q = st["queue"]
+    return {
+        "waiting": q["waiting_for_item_events"],
+        "failed": q["failed_events"],
+        "skipped": q["skipped_events"],
+        "failed_syncs": st["sync_stats"]["failed"],
+    }
+
+
+def problems_about(c: Cluster, title: str) -> list[dict]:
+    """The dashboard's "Waiting and failed" rows for an item."""
+    d = c.svc.call("GET", "/api/dashboard")[1]
+    return [j for j in d["waiting"] + d["failed"] if j["item_name"].startswith(title)]
+
+
+NOPE = ("Nope", "Movie", "/media/films/Nope (2022)/Nope.mkv")  # no path policy covers it
+SOON = ("Soon", "Movie", "/media/incoming/Soon (2026)/Soon.mkv")  # a policy waits for it
+
+
+def test_a_film_only_on_home_is_only_on_home_not_waiting_or_failed_until_it_arrives(cluster):
+    c = cluster(policies=[{"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 0.3}])
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.add_item(*NOPE, provider_ids={"Imdb": "tt10954984"})
+    before = open_counts(c)
+    home.user_plays("alice", "Nope", [600 * 10**7], completed=True)  # the plugin's webhooks
+    # Parents and public do not have it: each change ends "not on that server" in the feed…
+    absent = lambda: c.svc.call("GET", "/api/sync-log?item_name=nope&result=absent")[1]["entries"]  # noqa: E731
+    eventually(lambda: {e["target"] for e in absent()} == {"parents", "public"}, what="'not on that server'")
+    c.settle()
+    assert all("is not on" in e["detail"] and "path_sync_policy" in e["detail"] for e in absent())
+    # …and is neither waiting nor failed: not listed, not counted, nothing open in the queue.
+    assert problems_about(c, "Nope") == []
+    assert c.svc.call("GET", "/api/events/failed")[1] == [] and c.svc.call("GET", "/api/events/waiting")[1] == []
+    assert open_counts(c) == before
+    metrics = c.svc.call("GET", "/metrics")[1]
+    assert re.search(r'^jellyfin_db_sync_sync_results_total\{target="parents",result="absent"\} [1-9]', metrics, re.M)
+    assert not re.search(r'^jellyfin_db_sync_jobs\{state="(skipped|failed|waiting)"\} [1-9]', metrics, re.M)
+    # The inspector says it is only on home, and syncing it now explains why there is nothing to do.
+    found = c.svc.call("GET", "/api/inspect?q=nope&person=alice")[1]
+    assert found["only_on"] == "home" and found["open_changes"] == []
+    json_ = {"Content-Type": "application/json"}
+    status, answer = c.svc.call("POST", "/api/inspect/sync", {"item": found["item"]["id"], "person": "alice"}, json_)
+    assert status == 409 and "only on home" in answer["error"] and answer["only_on"] == "home"
+    assert open_counts(c) == before and problems_about(c, "Nope") == []
+    # Where a path policy says to wait for items on a server, the change waits there instead.
+    home.add_item(*SOON)
+    home.user_marks("alice", "Soon", True)
+    eventually(
+        lambda: {j["target_server"] for j in problems_about(c, "Soon")} == {"parents", "public"},
+        what="the changes waiting for Soon",
+    )
+    assert all(j["state"] == "waiting" for j in problems_about(c, "Soon"))
+    soon = c.svc.call("GET", "/api/inspect?q=soon&person=alice")[1]
+    assert soon["only_on"] == "home" and {j["state"] for j in soon["open_changes"]} == {"waiting"}
+    assert open_counts(c)["waiting"] == before["waiting"] + 2
+    # Parents' library scan finds both films (no ItemAdded webhook): the waiting change lands by
+    # itself; Nope's next change goes through as usual, and a pass brings the play before it.
+    parents.add_item(*NOPE, provider_ids={"Imdb": "tt10954984"})
+    parents.add_item(*SOON)
+    eventually(lambda: parents.ud("alice", "Soon")["Played"], what="the waiting change to land")
+    home.user_favourites("alice", "Nope", True)
+    eventually(lambda: parents.ud("alice", "Nope")["IsFavorite"], what="Nope's next change on parents")
+    assert c.svc.call("GET", "/api/inspect?q=nope&person=alice")[1]["only_on"] is None
+    reconcile(c)
+    assert parents.ud("alice", "Nope")["Played"] and parents.ud("alice", "Nope")["PlayCount"] >= 1
+    # Public still lacks Nope: its favourite is "not on that server" there too, no failure.
+    assert "Nope" not in [i["Name"] for i in public.items.values()]
+    assert problems_about(c, "Nope") == []
+    assert open_counts(c) == {**before, "waiting": before["waiting"] + 1}  # Soon still waits for public
+
+
+def test_changes_skipped_before_for_an_item_only_on_one_server_leave_the_failed_list(cluster):
+    # Before issue 21.5 such a change ended "skipped" and stayed under "Waiting and failed"
+    # for good. An upgraded database moves them out; one a path policy had waited for stays.
+    c = cluster()
+    c["home"].add_item(*NOPE)
+    c["home"].user_marks("alice", "Nope", True)
+    eventually(lambda: len(c.svc.call("GET", "/api/sync-log?item_name=nope&result=absent")[1]["entries"]) == 2)
+    c.settle()
+    c.svc.stop()
+    conn = sqlite3.connect(c.config.database_path)
+    with conn:  # the file as the previous version left it
+        conn.execute("UPDATE jobs SET status='skipped' WHERE status='absent'")
+        conn.execute("UPDATE jobs SET absent_count=3 WHERE id=(SELECT max(id) FROM jobs WHERE status='skipped')")
+        conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    conn.close()
+    c.start()
+    failed = c.svc.call("GET", "/api/events/failed")[1]
+    assert [j["item_not_found_count"] for j in failed] == [3]
+    assert open_counts(c)["skipped"] == 1
+
+
+@pytest.mark.browser
+def test_browser_a_film_only_on_home_is_said_so_and_not_offered_to_sync(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(policies=[{"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 60}])
+    c["home"].add_item(*NOPE)
+    c["home"].add_item(*SOON)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(c.svc.url + "/")
+        expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
+        c["home"].user_marks("alice", "Nope", True)
+        expect(page.locator("#feed tbody tr", has_text="Nope").first).to_contain_text(
+            "not on that server", timeout=10000
+        )
+        c.settle()
+        page.wait_for_timeout(2500)  # one more refresh, after both changes ended
+        expect(page.locator("#problems-empty")).to_be_visible()
+        expect(page.locator("#q-failed")).to_have_text("0")
+        expect(page.locator("#q-waiting")).to_have_text("0")
+        page.get_by_label("Title").fill("Nope")
+        page.get_by_label("Person").fill("alice")
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#only-on")).to_contain_text("Only on home", timeout=10000)
+        expect(page.get_by_role("button", name="Sync this item now")).to_have_count(0)
+        # Under a path policy that waits, the film is only on home *for now*: its changes wait.
+        c["home"].user_marks("alice", "Soon", True)
+        expect(page.locator("#problems tbody tr", has_text="Soon")).to_have_count(2, timeout=10000)
+        page.get_by_label("Title").fill("Soon")
+        page.get_by_role("button", name="Look").click()
+        expect(page.locator("#only-on")).to_contain_text("Only on home for now", timeout=10000)
+        expect(page.get_by_role("button", name="Sync this item now")).to_have_count(0)
         browser.close()
 
-
-if __name__ == "__main__":
-    if "--benchmark" in sys.argv:
-        benchmark()
-    elif "--reconcile-benchmark" in sys.argv:
-        rest = sys.argv[sys.argv.index("--reconcile-benchmark") + 1 :]
-        reconcile_benchmark(items=int(rest[0]) if rest else 20_000)
-    elif "--dashboard-cpu" in sys.argv:
-        rest = sys.argv[sys.argv.index("--dashboard-cpu") + 1 :]
-        dashboard_cpu(float(rest[0]) if rest else 10.0, rest[1] if len(rest) > 1 else None)
-    elif "--load" in sys.argv:
-        rest = sys.argv[sys.argv.index("--load") + 1 :]
-        load_test(float(rest[0]) if rest else 60.0)
-    else:
-        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+        browser.close()
 
 
 # ── Issue 23.6/23.7: one vocabulary, one count; "Set up webhooks" says so on the card ─────────
@@ -5411,9 +5540,9 @@ def test_the_feed_the_inspector_and_the_problems_say_the_apis_words(cluster):
     assert (words["result"]["ok"], words["result"]["noop"], words["result"]["absent"]) == (
         "written",
         "already so",
-        "not found",
+        "not on that server",
     )
-    assert words["chart"] == {"ok": "written", "failed": "failed", "other": "skipped, not found or dry run"}
+    assert words["chart"] == {"ok": "written", "failed": "failed", "other": "skipped, not on that server or dry run"}
     feed = {e["id"]: e for e in d["log"]["entries"]}
     assert {e["result_word"] for e in feed.values()} >= {"written", "already so", "failed"}
     for e in feed.values():
@@ -5427,7 +5556,7 @@ def test_the_feed_the_inspector_and_the_problems_say_the_apis_words(cluster):
     assert [(r["state_word"], r["fields"]) for r in d["failed"]] == [("failed", ["played"])]
     # The page keeps no second copy of these words: only the API's.
     app, page = (HERE / "static" / "app.js").read_text(), (HERE / "static" / "index.html").read_text()
-    for text in ("written", "already so", "not found", "older", "dry run", "watched", "favourite"):
+    for text in ("written", "already so", "not on that server", "older", "dry run", "watched", "favourite"):
         assert f'"{text}"' not in app and f">{text}<" not in page, text
 
 
@@ -5508,7 +5637,7 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
         expect(page.locator("#chart-total")).to_have_text("(2 changes)", timeout=10000)
         expect(page.locator("#page")).to_have_text("1–2 of 2 changes")
         expect(page.locator("#legend")).to_contain_text("written")
-        expect(page.locator("#legend")).to_contain_text("skipped, not found or dry run")
+        expect(page.locator("#legend")).to_contain_text("skipped, not on that server or dry run")
         expect(page.locator("#f-result option[value=noop]")).to_have_text("already so")
         expect(page.locator("#feed tbody tr").first).to_contain_text("written")
         page.get_by_label("Title").fill("Arrival")
@@ -5518,3 +5647,19 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
         expect(page.locator("#inspection")).not_to_contain_text(": ok")
         assert dialogs == [], "no dialog to dismiss"
         browser.close()
+
+
+if __name__ == "__main__":
+    if "--benchmark" in sys.argv:
+        benchmark()
+    elif "--reconcile-benchmark" in sys.argv:
+        rest = sys.argv[sys.argv.index("--reconcile-benchmark") + 1 :]
+        reconcile_benchmark(items=int(rest[0]) if rest else 20_000)
+    elif "--dashboard-cpu" in sys.argv:
+        rest = sys.argv[sys.argv.index("--dashboard-cpu") + 1 :]
+        dashboard_cpu(float(rest[0]) if rest else 10.0, rest[1] if len(rest) > 1 else None)
+    elif "--load" in sys.argv:
+        rest = sys.argv[sys.argv.index("--load") + 1 :]
+        load_test(float(rest[0]) if rest else 60.0)
+    else:
+        sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -35,7 +35,7 @@ function ago(iso) {
 // code): one copy, the service's. Here only their colours.
 let WORDS = { result: {}, field: {}, state: {}, chart: {} };
 const word = (kind, code) => WORDS[kind][code] || code;
-const TONE = { ok: "ok", noop: "muted", failed: "bad", skipped: "warn", absent: "warn", stale: "muted", dry_run: "muted" };
+const TONE = { ok: "ok", noop: "muted", failed: "bad", skipped: "warn", absent: "muted", stale: "muted", dry_run: "muted" };
 
 // Once, from the first answer: the filters' choices and the charts' legend in the same words.
 function useWords(words) {
@@ -500,7 +500,13 @@ async function inspect(e) {
     box.replaceChildren(
       el("h3", {}, r.item.name),
       el("div", { class: "table-wrap" }, el("table", { class: "inspect" }, el("tbody", {}, head, found, ...rows))),
-      r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
+      // An item on one server alone has nowhere to go: that is said, and nothing is offered
+      // (unless a path_sync_policy has its changes wait for it to be imported elsewhere).
+      r.only_on ? el("p", { class: "muted", id: "only-on" }, r.open_changes.some((j) => j.state === "waiting")
+        ? `Only on ${r.only_on} for now: its changes wait for it to be imported (path_sync_policy).`
+        : `Only on ${r.only_on}: no other server has this item, so there is nothing to sync. Once another ` +
+          "server's library has it, its next change or a reconciliation pass syncs it.")
+        : r.person ? sync : el("p", { class: "muted" }, "Give a person to compare their state."),
       ...r.open_changes.map((j) => el("p", { class: "warn" }, `${j.state_word}: ${j.field_word} → ${j.target_server}: ${j.last_error || ""}`)),
       ...r.recent.slice(0, 5).map((x) => el("p", { class: "muted" }, `${ago(x.at)}: ${x.username} ${change(x)} ${x.source} → ${x.target}: ${x.result_word}`)));
   } catch (err) {
