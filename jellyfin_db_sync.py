@@ -5740,6 +5740,8 @@ class Guard:
             )
         if req.method == "POST" and self.cross_site():
             raise _json_response(403, {"error": "cross-site request refused"})
+        if not open_route and req.method not in ("GET", "HEAD") and req.path != "/logout":
+            self.check_write()
         if open_route or self.authenticated():
             return
         if req.path == "/":
@@ -5751,6 +5753,18 @@ class Guard:
                 "or 'Authorization: Bearer <server.api_token>'"
             },
         )
+
+    def check_write(self) -> None:
+        """A request that changes something (every POST but the webhooks' and the sign-in's)
+        needs someone known: a signed-in session when server.auth is set, or the API token.
+        Without either configured, nobody is known, and the dashboard and API are read-only."""
+        import bottle
+
+        if self.config.auth_username:
+            return  # authenticated() decides: session, HTTP basic or the API token
+        if _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
+            return
+        raise _json_response(403, {"error": read_only_reason(self.config), "read_only": True})
 
     def cross_site(self) -> bool:
         """A write sent by another site's page in this browser (CSRF)."""
@@ -6058,6 +6072,7 @@ class Web:
             "problems": problems,
             "migration": self.store.migration(),
             "dry_run": self.config.sync.dry_run,
+            "read_only": not self.config.auth_username,  # the dashboard cannot sign in: it hides its buttons
             "reconcile": None if self.reconciler is None else self.reconciler.progress,
         }
 
@@ -6826,6 +6841,23 @@ def _default_database_path(config_path: str) -> str:
     return str(Path(config_path).absolute().parent / "jellyfin-db-sync.db")
 
 
+SECURITY_README = "the README's 'Security and safety' (#security-and-safety)"
+
+
+def read_only_reason(config: Config) -> str:
+    """Why a change was refused when no sign-in is configured, and what to set."""
+    if config.api_token:
+        return (
+            "read-only: changes need 'Authorization: Bearer <server.api_token>'; to make them from "
+            f"the dashboard, set server.auth (username and password) — see {SECURITY_README}"
+        )
+    return (
+        "read-only: no server.auth or server.api_token is set, so nobody may change anything. Set "
+        "server.auth (username and password) to sign in to the dashboard, or server.api_token for "
+        f"scripts — see {SECURITY_README}"
+    )
+
+
 def security_warnings(config: Config) -> list[str]:
     """What the dashboard warns about: the configuration's own warnings, then open doors."""
     out = [f"Configuration: {w}" for w in config.warnings]
@@ -6838,7 +6870,10 @@ def security_warnings(config: Config) -> list[str]:
             "anyone on the network can post webhooks as that server."
         )
     if not config.auth_username:
-        out.append("No server.auth set: anyone on the network can open this dashboard and retry or discard changes.")
+        out.append(
+            "No server.auth set: this dashboard is read-only (anyone on the network can look, nobody can "
+            f"change anything here). Set server.auth (username and password) to sign in — see {SECURITY_README}."
+        )
     return out
 
 
@@ -7577,6 +7612,8 @@ def serve(config: Config) -> int:
             ", ".join(open_hooks),
             config.port,
         )
+    if not config.auth_username:
+        log.warning("%s", read_only_reason(config))
 
     _stop_on_signals()
     service.start_workers()

@@ -777,6 +777,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TEST_API_TOKEN = "test-api-token-0123456789"
+
+
 def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level: str = "INFO", **sync) -> Path:
     import yaml
 
@@ -792,7 +795,8 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
         },
         "database": {"path": str(tmp / "sync.db")},
         "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
-        "server": {"host": "127.0.0.1", "port": port or 8080},
+        # Changes need the API token or a sign-in (issue 22.1): Running.call sends this token.
+        "server": {"host": "127.0.0.1", "port": port or 8080, "api_token": TEST_API_TOKEN},
         "logging": {"level": log_level},
     }
     path = tmp / "config.yaml"
@@ -805,6 +809,7 @@ class Running:
 
     def __init__(self, config: jds.Config):
         self.service = jds.Service(config)
+        self.script_token = ""  # see credentials
         self.server = self.service.make_server(host="127.0.0.1", port=0)
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
@@ -830,6 +835,7 @@ class Running:
 
     def call(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
         conn = HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers = {**self.credentials(method, path, headers or {}), **(headers or {})}
         if isinstance(body, dict):
             body = json.dumps(body)
         if isinstance(body, str):
@@ -843,6 +849,18 @@ class Running:
         except ValueError:
             parsed = data.decode()
         return resp.status, parsed
+
+    def credentials(self, method: str, path: str, headers: dict) -> dict:
+        """A change posted without a sign-in of its own carries the config's API token, as a
+        script would (without one it is refused: issue 22.1). With server.auth the sign-in
+        tests say how they sign in, unless ``script_token`` is set: then every call sends it."""
+        config = self.service.config
+        if {h.lower() for h in headers} & {"authorization", "cookie"} or path.startswith("/webhook"):
+            return {}
+        token = self.script_token
+        if not token and method not in ("GET", "HEAD") and not config.auth_username:
+            token = config.api_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def idle(self) -> bool:
         q = self.call("GET", "/api/queue")[1]
@@ -1333,7 +1351,7 @@ def test_disabled_mode_creates_accounts_without_password_and_disabled(cluster):
     dave = c["public"].users[c["public"].user("dave")]
     eventually(lambda: dave["Policy"].get("IsDisabled"), what="dave disabled")
     assert c["public"].passwords[dave["Id"]] == ""
-    assert c.svc.call("GET", "/api/users/passwords")[0] == 403  # no api_token configured
+    assert c.svc.call("GET", "/api/users/passwords")[0] == 401  # without the api_token
 
 
 def test_a_deleted_user_goes_everywhere_but_an_administrator_is_never_deleted(cluster):
@@ -3546,12 +3564,31 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
     assert "visibilityState" in app, "a hidden tab asks for nothing"
 
 
+SIGN_IN = {"auth": {"username": "admin", "password": "correct horse"}}  # the dashboard changes things
+
+
+def signed_in(c: Cluster) -> None:
+    """The dashboard's buttons need a sign-in (issue 22.1): server.auth is set, and the test's
+    own calls send the API token, as a script would."""
+    c.svc.script_token = c.config.api_token
+
+
+def sign_in(page, url: str) -> None:
+    """Open the dashboard and sign in on its page, as a person would."""
+    page.goto(url + "/")
+    page.get_by_label("User name").fill("admin")
+    page.get_by_label("Password").fill("correct horse")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(url + "/")
+
+
 @pytest.mark.browser
 def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tmp_path):
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster(max_retries=0)
+    c = cluster(max_retries=0, extra={"server": SIGN_IN})
+    signed_in(c)
     home, parents = c["home"], c["parents"]
     for f in c.fakes:  # an episode, to be named the way people know it
         show = f.add_item("Lost", "Series", "/media/tv/Lost", provider_ids={"Tvdb": "73739"})
@@ -3563,7 +3600,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(c.svc.url + "/")
+        sign_in(page, c.svc.url)
         expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
         expect(page.locator("#feed-empty")).to_contain_text("No changes synced yet")
         # A change on one server shows up in the feed without a reload.
@@ -3623,7 +3660,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         assert page.evaluate(SPLIT_WORDS) == [], "no word in the sync list is broken across lines"
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)
         phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
-        phone.goto(c.svc.url + "/")
+        sign_in(phone, c.svc.url)
         expect(phone.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "no sideways scrolling"
         assert phone.evaluate(SPLIT_WORDS) == [], "on a phone too, no word is broken across lines"
@@ -3638,12 +3675,16 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster(start=False, extra={"safety": {"brake_items": 20}, "alerts": {"urls": [f"{receiver.url}/hook"]}})
+    c = cluster(
+        start=False,
+        extra={"server": SIGN_IN, "safety": {"brake_items": 20}, "alerts": {"urls": [f"{receiver.url}/hook"]}},
+    )
     for f in c.fakes:
         f.add_library(60)
     names = [f"Film {i}" for i in range(60)]
     films_played_everywhere(c, "alice", names)
     c.start()
+    signed_in(c)
     reconcile(c)
     for n in names:  # parents comes back from an old backup: nothing played
         quietly(c["parents"], "alice", n, Played=False, PlayCount=0, LastPlayedDate=None)
@@ -3657,7 +3698,7 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 800})
         page.on("dialog", lambda dialog: dialog.accept())
-        page.goto(c.svc.url + "/")
+        sign_in(page, c.svc.url)
         held_card = page.locator("#held article")
         expect(held_card).to_contain_text("held: 60 changes from parents for alice: 60 unplayed", timeout=10000)
         expect(held_card).to_contain_text("unplayed: Film")
@@ -4550,6 +4591,112 @@ def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None
     print(f"3 dashboards open for {minutes:g} min on an idle service with 30,000 log lines:")
     print(f"  service CPU: {used:.1f} s ({used / (minutes * 60) * 100:.2f} % of one core)")
     print(f"  API requests: {requests[0]:,} ({requests[0] / refreshes:.1f} per refresh)")
+
+
+# ── Issue 22.1, 22.3, 22.6: no change without a sign-in, trimmed secrets, 400 not 500 ──────
+
+
+WRITES = [  # every route that changes something, with a body the dashboard or a script sends
+    ("/api/servers/home/setup-webhook", {"public_url": "http://203.0.113.9:9999"}),
+    ("/api/undo", {"cause": "x", "dry_run": False}),
+    ("/api/held/apply", {"source": "home", "user": "alice"}),
+    ("/api/held/discard", {"source": "home", "user": "alice"}),
+    ("/api/reconcile", {}),
+    ("/api/events/1/retry", {}),
+    ("/api/events/1/discard", {}),
+    ("/api/inspect/sync", {"item": "home:x", "person": "alice"}),
+    ("/api/alerts/test", {}),
+]
+
+
+def test_without_a_sign_in_configured_the_dashboard_is_read_only(cluster):
+    c = cluster(start=False)
+    # The older program's configs set neither server.auth nor server.api_token.
+    c.config = jds.dataclasses.replace(c.config, api_token="")
+    svc = c.start()
+    home = c["home"]
+    plugin_before = copy.deepcopy(home.plugin_config)
+    as_json = {"Content-Type": "application/json"}
+    for path, body in WRITES:
+        status, answer = svc.call("POST", path, body, as_json)
+        assert status == 403 and answer["read_only"], (path, answer)
+        assert "server.auth" in answer["error"] and "server.api_token" in answer["error"], answer
+        assert "#security-and-safety" in answer["error"]
+    assert home.plugin_config == plugin_before, "a stranger's address must never reach the plugin"
+    # Looking stays open, and the dashboard knows to hide its buttons and says what to set.
+    status = svc.call("GET", "/api/dashboard")[1]["status"]
+    assert status["read_only"] is True
+    assert any("read-only" in w and "server.auth" in w for w in status["warnings"]), status["warnings"]
+    for path in ("/api/journal", "/api/held", "/api/sync-log", "/api/alerts"):
+        assert svc.call("GET", path)[0] == 200, path
+    # Webhooks have their own token: they still sync.
+    c.settle()
+    home.webhook_url = f"{svc.url}/webhook/home"
+    home.user_marks("alice", "Dune", True)
+    eventually(lambda: c["parents"].ud("alice", "Dune")["Played"], what="a webhook to sync while read-only")
+    svc.stop()
+
+    # With server.api_token (still no sign-in), scripts change things with it, nobody without.
+    c.config = jds.dataclasses.replace(c.config, api_token=TOKEN)
+    svc = c.start()
+    nobody = {**as_json, "Authorization": ""}
+    status, answer = svc.call("POST", "/api/servers/home/setup-webhook", WRITES[0][1], nobody)
+    assert status == 403 and "Bearer <server.api_token>" in answer["error"], answer
+    wrong = {**as_json, "Authorization": "Bearer not-the-token-at-all"}
+    assert svc.call("POST", "/api/reconcile", {}, wrong)[0] == 403
+    bearer = {**as_json, "Authorization": f"Bearer {TOKEN}"}
+    status, answer = svc.call("POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, bearer)
+    assert status == 200, answer
+    assert svc.call("GET", "/api/dashboard")[1]["status"]["read_only"] is True, "a browser cannot send it"
+    svc.stop()
+
+    # With server.auth, the dashboard is not read-only and a signed-in session changes things.
+    c.config = jds.dataclasses.replace(c.config, auth_username="admin", auth_password="correct horse")
+    svc = c.start()
+    assert svc.call("POST", "/api/reconcile", {}, {**as_json, "Authorization": ""})[0] == 401
+    import base64
+
+    basic = {"Authorization": "Basic " + base64.b64encode(b"admin:correct horse").decode()}
+    assert svc.call("GET", "/api/dashboard", None, basic)[1]["status"]["read_only"] is False
+    assert svc.call("POST", "/api/reconcile", {"dry_run": True}, {**as_json, **basic})[0] in (200, 202)
+
+
+def test_the_start_up_log_says_once_that_the_dashboard_is_read_only(tmp_path, fake_servers):
+    import yaml
+
+    fakes = fake_servers("home", "parents")
+    port = free_port()
+    path = write_config(tmp_path, fakes, port=port)
+    data = yaml.safe_load(path.read_text())
+    del data["server"]["api_token"]
+    path.write_text(yaml.safe_dump(data))
+    proc = start_process(path, port)
+    shut_down(proc, [])
+    said = [line for line in process_log(proc).splitlines() if "read-only" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and "server.auth" in said[0], said
+
+
+@pytest.mark.browser
+def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(max_retries=0)  # the API token only: a browser cannot send it
+    c["parents"].status_override = 500
+    c["home"].user_favourites("bob", "Dune", True)  # a failed change: its row has Retry and Discard
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed change")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(c.svc.url + "/")
+        expect(page.locator("#warnings")).to_contain_text("read-only", timeout=10000)
+        expect(page.locator("#warnings")).to_contain_text("server.auth")
+        expect(page.locator("#problems tbody")).to_contain_text("Dune", timeout=10000)
+        for selector in ("button.setup-webhook", "#problems .actions button", "#rec-run", "#undo-form button"):
+            assert page.locator(selector).count() > 0, selector
+            expect(page.locator(selector).first).to_be_hidden()
+        expect(page.get_by_role("button", name="Look")).to_be_visible()  # looking stays open
+        browser.close()
 
 
 if __name__ == "__main__":
