@@ -609,9 +609,9 @@ EXAMPLE_API_KEYS = ("paste-an-api-key-here", "your-api-key-here")
 SERVER_ENV_FIELDS = {
     "NAME": ("name", "str"),
     "URL": ("url", "str"),
-    "API_KEY": ("api_key", "str"),
+    "API_KEY": ("api_key", "key"),
     "PASSWORDLESS": ("passwordless", "bool"),
-    "WEBHOOK_TOKEN": ("webhook_token", "str"),
+    "WEBHOOK_TOKEN": ("webhook_token", "token"),
 }
 _SERVER_ENV = re.compile(rf"^JDS_SERVER_(\d{{1,2}})_({'|'.join(SERVER_ENV_FIELDS)})(_FILE)?$")
 
@@ -800,11 +800,24 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
         if url and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ConfigError(f"{where}: {url!r}: the address browsers and Jellyfin use, like https://sync.example.com")
         return url
+    if kind in ("token", "key"):
+        # Docker and Kubernetes secret files end in a newline: whitespace around a key or token
+        # is never part of it. What is left must fit in an HTTP header (the key goes to Jellyfin
+        # in one, tokens come in one); the error names the key, never the value.
+        text = text.strip()
+        if not _HEADER_SAFE.fullmatch(text):
+            raise ConfigError(
+                f"{where}: contains a line break or another character an HTTP header cannot carry "
+                "(the value is not shown): copy it again"
+            )
     if kind == "token" and text and len(text) < MIN_TOKEN_CHARS:
         raise ConfigError(f"{where}: use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
     if kind == "password" and text and len(text) < 8:
         raise ConfigError(f"{where}: use at least 8 characters")
     return text
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]*(?:[ \t]+[\x21-\x7e]+)*")  # printable ASCII, no line breaks
 
 
 def _number(setting: Setting, value: Any, where: str) -> int | float:
@@ -934,7 +947,9 @@ def _parse_server(entry: dict, at: str, seen: set[str]) -> ServerConfig:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"{at}.url: {url!r} is not an http:// or https:// URL")
-    api_key = _coerce(text, entry["api_key"], f"{at}.api_key")
+    api_key = _coerce(Setting("", "key", "", ""), entry["api_key"], f"{at}.api_key")
+    if not api_key:
+        raise ConfigError(f"{at}.api_key: missing (only spaces or line breaks)")
     if api_key in EXAMPLE_API_KEYS:
         raise ConfigError(f"{at}.api_key: still the example value: paste the server's API key (Dashboard → API Keys)")
     passwordless = _coerce(Setting("", "bool", False, ""), entry.get("passwordless", False), f"{at}.passwordless")
@@ -6787,13 +6802,18 @@ class Setup:
     @staticmethod
     def _config_data(body: dict, path: str) -> dict:
         servers = [
-            {k: v for k, v in server.items() if k in ("name", "url", "api_key", "passwordless") and v not in (None, "")}
+            {
+                k: v.strip() if isinstance(v, str) else v  # a pasted key often ends in a line break
+                for k, v in server.items()
+                if k in ("name", "url", "api_key", "passwordless") and v not in (None, "")
+            }
             for server in body.get("servers") or []
             if isinstance(server, dict)
         ]
         server: dict[str, Any] = {}
         if body.get("webhook_token"):
-            server["webhook_token"] = body["webhook_token"]
+            token = body["webhook_token"]
+            server["webhook_token"] = token.strip() if isinstance(token, str) else token
         if body.get("auth_username") or body.get("auth_password"):
             server["auth"] = {"username": body.get("auth_username", ""), "password": body.get("auth_password", "")}
         data: dict[str, Any] = {"servers": servers, "database": {"path": _default_database_path(path)}}

@@ -4676,6 +4676,111 @@ def test_the_start_up_log_says_once_that_the_dashboard_is_read_only(tmp_path, fa
     assert len(said) == 1 and "WARNING" in said[0] and "server.auth" in said[0], said
 
 
+def secrets_shown(secrets: list[str], *texts: str) -> list[str]:
+    """The secrets (or any 8-character piece of one) that appear in ``texts``."""
+    found = []
+    for secret in secrets:
+        pieces = {secret[i : i + 8] for i in range(0, max(1, len(secret) - 7), 4)}
+        if any(piece in text for piece in pieces for text in texts):
+            found.append(secret)
+    return found
+
+
+def test_secrets_with_a_trailing_newline_are_trimmed_and_never_shown(tmp_path, fake_servers):
+    import yaml
+
+    home, parents = fakes = fake_servers("home", "parents")
+    for f in fakes:
+        f.add_user("alice")
+        f.add_item("Dune", "Movie", "/media/movies/Dune (2021)/Dune.mkv", provider_ids={"Tmdb": "438631"})
+    port = free_port()
+    path = write_config(tmp_path, fakes, port=port)
+    data = yaml.safe_load(path.read_text())
+    del data["servers"][0]["api_key"], data["server"]["api_token"]
+    path.write_text(yaml.safe_dump(data))
+    api_token, hook_token = "api-token-from-a-secret-file", "webhook-token-in-a-variable"
+    token_file = tmp_path / "api_token"
+    token_file.write_text(f"{api_token}\n")
+    env = {
+        "JDS_SERVER_1_API_KEY": f"{home.api_key}\n",  # a Kubernetes secret as a variable
+        "JDS_API_TOKEN_FILE": str(token_file),
+        "JDS_WEBHOOK_TOKEN": f"{hook_token}\r\n",
+    }
+    secrets = [home.api_key, parents.api_key, api_token, hook_token]
+    answers: list[str] = []
+
+    def call(method: str, route: str, body: dict | None = None, token: str = api_token):
+        conn = HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        conn.request(method, route, json.dumps(body) if body is not None else None, headers)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        answers.append(text)
+        return resp.status, json.loads(text) if text[:1] in ("{", "[") else text
+
+    proc = start_process(path, port, env=env)
+    eventually(lambda: call("GET", "/readyz")[0] == 200, what="ready: the key is usable")
+    status, answer = call("POST", "/api/servers/home/setup-webhook", {"public_url": f"http://127.0.0.1:{port}"})
+    assert status == 200, answer
+    ours = next(d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync")
+    assert {"Key": "X-Webhook-Token", "Value": hook_token} in ours["Headers"], "the token without its newline"
+    home.user_marks("alice", "Dune", True)
+    eventually(lambda: parents.ud("alice", "Dune")["Played"], what="a sync with the trimmed key")
+    for route in ("/api/status", "/api/dashboard", "/api/servers", "/api/sync-log", "/api/journal", "/metrics"):
+        assert call("GET", route)[0] == 200, route
+    shut_down(proc, [])
+    log_text = process_log(proc)
+    assert "Traceback" not in log_text and "Invalid header" not in log_text, log_text
+    assert secrets_shown(secrets, log_text, *answers) == []
+
+    # A key broken inside (a line break in the middle) is a configuration error naming the
+    # variable, never showing the key.
+    broken = f"{home.api_key[:16]}\r\n{home.api_key[16:]}"
+    checked = run_cli("--check-config", "--config", str(path), env={**env, "JDS_SERVER_1_API_KEY": broken})
+    said = checked.stdout + checked.stderr
+    assert checked.returncode == 2 and "JDS_SERVER_1_API_KEY" in said, said
+    assert secrets_shown([home.api_key[:16], home.api_key[16:]], said) == []
+    # The same in the file names servers[0].api_key.
+    data["servers"][0]["api_key"] = broken
+    path.write_text(yaml.safe_dump(data))
+    checked = run_cli("--check-config", "--config", str(path), env={"JDS_API_TOKEN_FILE": str(token_file)})
+    said = checked.stdout + checked.stderr
+    assert checked.returncode == 2 and "servers[0].api_key" in said, said
+    assert secrets_shown([home.api_key[:16], home.api_key[16:]], said) == []
+
+
+def test_the_setup_page_trims_a_pasted_key_and_never_answers_500(tmp_path, fake_servers):
+    home, parents = fake_servers("home", "parents")
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    proc, code = start_setup_mode(path, port)
+    answers: list[str] = []
+
+    def call(route: str, body: dict):
+        conn = HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", route, json.dumps(body), {"Content-Type": "application/json", "X-Setup-Code": code})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        answers.append(text)
+        return resp.status, json.loads(text)
+
+    pasted = {"name": "home", "url": home.url, "api_key": f"{home.api_key}\r\n"}
+    status, tested = call("/api/setup/test", pasted)
+    assert status == 200 and tested["ok"] is True, tested
+    broken = {**pasted, "api_key": f"{home.api_key[:16]}\r\n{home.api_key[16:]}"}
+    status, tested = call("/api/setup/test", broken)
+    assert status == 200 and tested["ok"] is False and "api_key" in tested["error"], tested
+    servers = [pasted, {"name": "parents", "url": parents.url, "api_key": f" {parents.api_key}\n"}]
+    status, saved = call("/api/setup/save", {"servers": servers})
+    assert status == 200 and saved["ok"], saved
+    assert [s.api_key for s in jds.load_config(path, {}).servers] == [home.api_key, parents.api_key]
+    assert f"{home.api_key}\r" not in path.read_text()
+    shut_down(proc, [])
+    assert secrets_shown([home.api_key, parents.api_key], process_log(proc), *answers) == []
+
+
 @pytest.mark.browser
 def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(cluster):
     need_chromium()
