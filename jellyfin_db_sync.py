@@ -4956,6 +4956,15 @@ class Undo:
     def scope(self, raw: dict) -> dict:
         """A scope from a request or the command line; SyncError if it says nothing to undo."""
         scope = {k: raw[k] for k in UNDO_SCOPE_KEYS if raw.get(k) not in (None, "")}
+        if "id" in scope:
+            entry_id = scope["id"]
+            if isinstance(entry_id, str) and entry_id.strip().isdigit():
+                entry_id = int(entry_id)
+            if isinstance(entry_id, bool) or not isinstance(entry_id, int) or not 1 <= entry_id <= INT64_MAX:
+                raise SyncError(f"id: a journal entry's id, a whole number from 1 to {INT64_MAX}")
+            scope["id"] = entry_id
+        if "cause" in scope:
+            scope["cause"] = str(scope["cause"])
         if scope.get("user"):
             scope["user"] = name_key(str(scope["user"]))
         unknown = [k for k in ("server", "source") if k in scope and self.config.server(scope[k]) is None]
@@ -6519,9 +6528,11 @@ def typed_time(text: str) -> float | None:
     seconds or a time of day, in UTC unless it names an offset; None if it is not one."""
     try:
         parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
+        # In UTC, as it is stored and shown: 9999-12-31T23:59-14:00 would be in the year 10000,
+        # which no date can be written as.
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC).timestamp()
+    except (ValueError, OverflowError):
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def bottle_error(status: int, message: str) -> Exception:
@@ -6548,7 +6559,10 @@ def _json_body() -> dict:
     """A request's JSON object (or {}): what the dashboard and scripts post."""
     import bottle
 
-    body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+    try:
+        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+    except RecursionError:  # json.loads of thousands of nested [ or {
+        raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object of plain values)") from None
     return body if isinstance(body, dict) else {}
 
 
@@ -6754,7 +6768,10 @@ class Setup:
                 403,
                 {"Content-Type": "application/json"},
             )
-        body = bottle.request.json
+        try:
+            body = bottle.request.json
+        except RecursionError:
+            raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object)") from None
         if not isinstance(body, dict):
             raise bottle.HTTPError(400, "expected a JSON object")
         return body

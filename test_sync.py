@@ -4781,6 +4781,26 @@ def test_the_setup_page_trims_a_pasted_key_and_never_answers_500(tmp_path, fake_
     assert secrets_shown([home.api_key, parents.api_key], process_log(proc), *answers) == []
 
 
+def test_numbers_dates_and_bodies_out_of_range_get_400_naming_the_field(cluster):
+    c = cluster()
+    svc = c.svc
+    as_json = {"Content-Type": "application/json"}
+    status, answer = svc.call("POST", "/api/undo", {"id": 10**30}, as_json)
+    assert status == 400 and answer["error"].startswith("id:"), answer
+    status, answer = svc.call("POST", "/api/undo", {"id": "-3"}, as_json)
+    assert status == 400 and answer["error"].startswith("id:"), answer
+    status, answer = svc.call("POST", "/api/undo", {"since": "9999-12-31T23:59:59-14:00"}, as_json)
+    assert status == 400 and "since" in answer["detail"], answer
+    status, answer = svc.call("GET", "/api/journal?since=9999-12-31T23:59:59-14:00")
+    assert status == 400 and "since" in answer["detail"], answer
+    deep = "[" * 50_000 + "]" * 50_000
+    for path in ("/api/undo", "/api/held/apply", "/api/inspect/sync"):
+        status, answer = svc.call("POST", path, deep, as_json)
+        assert status == 400 and "body" in answer["detail"] and "nested" in answer["detail"], (path, answer)
+    assert svc.call("GET", "/api/status")[0] == 200
+    assert svc.call("GET", "/readyz")[0] == 200
+
+
 @pytest.mark.browser
 def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(cluster):
     need_chromium()
