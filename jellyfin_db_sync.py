@@ -651,9 +651,9 @@ EXAMPLE_API_KEYS = ("paste-an-api-key-here", "your-api-key-here")
 SERVER_ENV_FIELDS = {
     "NAME": ("name", "str"),
     "URL": ("url", "str"),
-    "API_KEY": ("api_key", "str"),
+    "API_KEY": ("api_key", "key"),
     "PASSWORDLESS": ("passwordless", "bool"),
-    "WEBHOOK_TOKEN": ("webhook_token", "str"),
+    "WEBHOOK_TOKEN": ("webhook_token", "token"),
 }
 _SERVER_ENV = re.compile(rf"^JDS_SERVER_(\d{{1,2}})_({'|'.join(SERVER_ENV_FIELDS)})(_FILE)?$")
 
@@ -846,6 +846,16 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
         if url and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ConfigError(f"{where}: {url!r}: the address browsers and Jellyfin use, like https://sync.example.com")
         return url
+    if kind in ("token", "key"):
+        # Docker and Kubernetes secret files end in a newline: whitespace around a key or token
+        # is never part of it. What is left must fit in an HTTP header (the key goes to Jellyfin
+        # in one, tokens come in one); the error names the key, never the value.
+        text = text.strip()
+        if not _HEADER_SAFE.fullmatch(text):
+            raise ConfigError(
+                f"{where}: contains a line break or another character an HTTP header cannot carry "
+                "(the value is not shown): copy it again"
+            )
     if kind == "token" and text and len(text) < MIN_TOKEN_CHARS:
         raise ConfigError(f"{where}: use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
     if kind == "password" and text and len(text) < 8:
@@ -872,6 +882,9 @@ def without_url(text: str, url: str) -> str:
     for piece in sorted((p for p in pieces if len(p) > 3), key=len, reverse=True):
         text = text.replace(piece, "…")
     return text
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]*(?:[ \t]+[\x21-\x7e]+)*")  # printable ASCII, no line breaks
 
 
 def _number(setting: Setting, value: Any, where: str) -> int | float:
@@ -1001,7 +1014,9 @@ def _parse_server(entry: dict, at: str, seen: set[str]) -> ServerConfig:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"{at}.url: {url!r} is not an http:// or https:// URL")
-    api_key = _coerce(text, entry["api_key"], f"{at}.api_key")
+    api_key = _coerce(Setting("", "key", "", ""), entry["api_key"], f"{at}.api_key")
+    if not api_key:
+        raise ConfigError(f"{at}.api_key: missing (only spaces or line breaks)")
     if api_key in EXAMPLE_API_KEYS:
         raise ConfigError(f"{at}.api_key: still the example value: paste the server's API key (Dashboard → API Keys)")
     passwordless = _coerce(Setting("", "bool", False, ""), entry.get("passwordless", False), f"{at}.passwordless")
@@ -5406,6 +5421,15 @@ class Undo:
     def scope(self, raw: dict) -> dict:
         """A scope from a request or the command line; SyncError if it says nothing to undo."""
         scope = {k: raw[k] for k in UNDO_SCOPE_KEYS if raw.get(k) not in (None, "")}
+        if "id" in scope:
+            entry_id = scope["id"]
+            if isinstance(entry_id, str) and entry_id.strip().isdigit():
+                entry_id = int(entry_id)
+            if isinstance(entry_id, bool) or not isinstance(entry_id, int) or not 1 <= entry_id <= INT64_MAX:
+                raise SyncError(f"id: a journal entry's id, a whole number from 1 to {INT64_MAX}")
+            scope["id"] = entry_id
+        if "cause" in scope:
+            scope["cause"] = str(scope["cause"])
         if scope.get("user"):
             scope["user"] = name_key(str(scope["user"]))
         unknown = [k for k in ("server", "source") if k in scope and self.config.server(scope[k]) is None]
@@ -6329,6 +6353,8 @@ class Guard:
             )
         if req.method == "POST" and self.cross_site():
             raise _json_response(403, {"error": "cross-site request refused"})
+        if not open_route and req.method not in ("GET", "HEAD") and req.path != "/logout":
+            self.check_write()
         if open_route or self.authenticated():
             return
         if req.path == "/":
@@ -6340,6 +6366,18 @@ class Guard:
                 "or 'Authorization: Bearer <server.api_token>'"
             },
         )
+
+    def check_write(self) -> None:
+        """A request that changes something (every POST but the webhooks' and the sign-in's)
+        needs someone known: a signed-in session when server.auth is set, or the API token.
+        Without either configured, nobody is known, and the dashboard and API are read-only."""
+        import bottle
+
+        if self.config.auth_username:
+            return  # authenticated() decides: session, HTTP basic or the API token
+        if _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
+            return
+        raise _json_response(403, {"error": read_only_reason(self.config), "read_only": True})
 
     def cross_site(self) -> bool:
         """A write sent by another site's page in this browser (CSRF)."""
@@ -6669,6 +6707,7 @@ class Web:
             "problems": problems,
             "migration": self.store.migration(),
             "dry_run": self.config.sync.dry_run,
+            "read_only": not self.config.auth_username,  # the dashboard cannot sign in: it hides its buttons
             "reconcile": None if self.reconciler is None else self.reconciler.progress,
         }
 
@@ -7160,9 +7199,11 @@ def typed_time(text: str) -> float | None:
     seconds or a time of day, in UTC unless it names an offset; None if it is not one."""
     try:
         parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
+        # In UTC, as it is stored and shown: 9999-12-31T23:59-14:00 would be in the year 10000,
+        # which no date can be written as.
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC).timestamp()
+    except (ValueError, OverflowError):
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def bottle_error(status: int, message: str) -> Exception:
@@ -7193,7 +7234,10 @@ def _json_body() -> dict:
     """A request's JSON object (or {}): what the dashboard and scripts post."""
     import bottle
 
-    body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+    try:
+        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
+    except RecursionError:  # json.loads of thousands of nested [ or {
+        raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object of plain values)") from None
     return body if isinstance(body, dict) else {}
 
 
@@ -7413,7 +7457,10 @@ class Setup:
                 403,
                 {"Content-Type": "application/json"},
             )
-        body = bottle.request.json
+        try:
+            body = bottle.request.json
+        except RecursionError:
+            raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object)") from None
         if not isinstance(body, dict):
             raise bottle.HTTPError(400, "expected a JSON object")
         return body
@@ -7496,13 +7543,18 @@ class Setup:
     @staticmethod
     def _config_data(body: dict, path: str) -> dict:
         servers = [
-            {k: v for k, v in server.items() if k in ("name", "url", "api_key", "passwordless") and v not in (None, "")}
+            {
+                k: v.strip() if isinstance(v, str) else v  # a pasted key often ends in a line break
+                for k, v in server.items()
+                if k in ("name", "url", "api_key", "passwordless") and v not in (None, "")
+            }
             for server in body.get("servers") or []
             if isinstance(server, dict)
         ]
         server: dict[str, Any] = {}
         if body.get("webhook_token"):
-            server["webhook_token"] = body["webhook_token"]
+            token = body["webhook_token"]
+            server["webhook_token"] = token.strip() if isinstance(token, str) else token
         if body.get("auth_username") or body.get("auth_password"):
             server["auth"] = {"username": body.get("auth_username", ""), "password": body.get("auth_password", "")}
         data: dict[str, Any] = {"servers": servers, "database": {"path": _default_database_path(path)}}
@@ -7585,6 +7637,23 @@ def _default_database_path(config_path: str) -> str:
     return str(Path(config_path).absolute().parent / "jellyfin-db-sync.db")
 
 
+SECURITY_README = "the README's 'Security and safety' (#security-and-safety)"
+
+
+def read_only_reason(config: Config) -> str:
+    """Why a change was refused when no sign-in is configured, and what to set."""
+    if config.api_token:
+        return (
+            "read-only: changes need 'Authorization: Bearer <server.api_token>'; to make them from "
+            f"the dashboard, set server.auth (username and password) — see {SECURITY_README}"
+        )
+    return (
+        "read-only: no server.auth or server.api_token is set, so nobody may change anything. Set "
+        "server.auth (username and password) to sign in to the dashboard, or server.api_token for "
+        f"scripts — see {SECURITY_README}"
+    )
+
+
 def security_warnings(config: Config) -> list[str]:
     """What the dashboard warns about: the configuration's own warnings, then open doors."""
     out = [f"Configuration: {w}" for w in config.warnings]
@@ -7597,7 +7666,10 @@ def security_warnings(config: Config) -> list[str]:
             "anyone on the network can post webhooks as that server."
         )
     if not config.auth_username:
-        out.append("No server.auth set: anyone on the network can open this dashboard and retry or discard changes.")
+        out.append(
+            "No server.auth set: this dashboard is read-only (anyone on the network can look, nobody can "
+            f"change anything here). Set server.auth (username and password) to sign in — see {SECURITY_README}."
+        )
     return out
 
 
@@ -8483,6 +8555,8 @@ def serve(config: Config) -> int:
             ", ".join(open_hooks),
             config.port,
         )
+    if not config.auth_username:
+        log.warning("%s", read_only_reason(config))
 
     if config.sync.dry_run:
         log.warning(

@@ -798,6 +798,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TEST_API_TOKEN = "test-api-token-0123456789"
+
+
 def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level: str = "INFO", **sync) -> Path:
     import yaml
 
@@ -815,7 +818,8 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
         "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
         # Removals settle briefly (the brake's tests set the real settling time themselves).
         "safety": {"removal_delay_seconds": 0.3},
-        "server": {"host": "127.0.0.1", "port": port or 8080},
+        # Changes need the API token or a sign-in (issue 22.1): Running.call sends this token.
+        "server": {"host": "127.0.0.1", "port": port or 8080, "api_token": TEST_API_TOKEN},
         "logging": {"level": log_level},
     }
     path = tmp / "config.yaml"
@@ -828,6 +832,7 @@ class Running:
 
     def __init__(self, config: jds.Config):
         self.service = jds.Service(config)
+        self.script_token = ""  # see credentials
         self.server = self.service.make_server(host="127.0.0.1", port=0)
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
@@ -865,6 +870,7 @@ class Running:
 
     def call(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
         conn = HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers = {**self.credentials(method, path, headers or {}), **(headers or {})}
         if isinstance(body, dict):
             body = json.dumps(body)
         if isinstance(body, str):
@@ -878,6 +884,26 @@ class Running:
         except ValueError:
             parsed = data.decode()
         return resp.status, parsed
+
+    @classmethod
+    def of(cls, port: int, token: str = "") -> Running:
+        """Only the calls, to the service running as a process of its own on ``port``; writes
+        carry ``token`` as a script's would."""
+        running = cls.__new__(cls)
+        running.port, running.service, running.script_token = port, None, token
+        return running
+
+    def credentials(self, method: str, path: str, headers: dict) -> dict:
+        """A change posted without a sign-in of its own carries the config's API token, as a
+        script would (without one it is refused: issue 22.1). With server.auth the sign-in
+        tests say how they sign in, unless ``script_token`` is set: then every call sends it."""
+        if {h.lower() for h in headers} & {"authorization", "cookie"} or path.startswith("/webhook"):
+            return {}
+        token = self.script_token
+        config = self.service.config if self.service else None  # a process's (Running.of) has none
+        if not token and config and method not in ("GET", "HEAD") and not config.auth_username:
+            token = config.api_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def idle(self) -> bool:
         q = self.call("GET", "/api/queue")[1]
@@ -1373,7 +1399,7 @@ def test_disabled_mode_creates_accounts_without_password_and_disabled(cluster):
     dave = c["public"].users[c["public"].user("dave")]
     eventually(lambda: dave["Policy"].get("IsDisabled"), what="dave disabled")
     assert c["public"].passwords[dave["Id"]] == ""
-    assert c.svc.call("GET", "/api/users/passwords")[0] == 403  # no api_token configured
+    assert c.svc.call("GET", "/api/users/passwords")[0] == 401  # without the api_token
 
 
 def test_a_deleted_user_goes_everywhere_but_an_administrator_is_never_deleted(cluster):
@@ -2823,8 +2849,7 @@ def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))
 
     proc = start_process(config, port, preexec_fn=small_volume)
-    svc = Running.__new__(Running)  # only its call(): the service is the process
-    svc.port = port
+    svc = Running.of(port)  # the service is the process
     body = home.played_payload(home.user("alice"), home.item("Heat"))
     answers = []
     for i in range(4000):
@@ -3255,8 +3280,7 @@ def test_switching_from_the_older_program_then_played_and_unplayed_changes_trave
     assert "is the older jellyfin-db-sync's; moved over at start" in check.stdout, check.stdout
     port = jds.load_config(config, {}).port
     proc = start_process(config, port)
-    svc = Running.__new__(Running)  # only its call(): the service is the process
-    svc.port = port
+    svc = Running.of(port)  # the service is the process
     for f in (home, parents):
         f.webhook_url = f"http://127.0.0.1:{port}/webhook/{f.name}"
     # What the older program owed arrives, the removal included.
@@ -3689,8 +3713,7 @@ def test_saving_from_setup_mode_keeps_the_file_and_what_the_page_does_not_show_a
     original = yaml.safe_dump(data)
     path.write_text(original)
     proc, code = start_setup_mode(path, port)
-    svc = Running.__new__(Running)  # only its call(): the service is the process
-    svc.port = port
+    svc = Running.of(port)  # the service is the process
     headers = {"Content-Type": "application/json", "X-Setup-Code": code}
     info = svc.call("GET", "/api/setup")[1]
     assert "webhook_token" in info["problem"] and info["config_path"] == str(path)
@@ -3721,8 +3744,7 @@ def test_a_dry_run_says_so_at_start_and_in_each_pass_and_the_icon_is_served(tmp_
         f.add_user("alice")
     port = free_port()
     proc = start_process(write_config(tmp_path, fakes, port=port), port, env={"JDS_DRY_RUN": "true"})
-    svc = Running.__new__(Running)  # only its call(): the service is the process
-    svc.port = port
+    svc = Running.of(port, TEST_API_TOKEN)  # the service is the process; a script's token
     assert svc.call("POST", "/api/reconcile", {}, {"Sec-Fetch-Site": "same-origin"})[0] in (200, 202)
     eventually(lambda: "reconcile (dry run: sync.dry_run" in process_log(proc), 20, what="the pass's line")
     conn = HTTPConnection("127.0.0.1", port, timeout=10)
@@ -3933,12 +3955,31 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
     assert "visibilityState" in app, "a hidden tab asks for nothing"
 
 
+SIGN_IN = {"auth": {"username": "admin", "password": "correct horse"}}  # the dashboard changes things
+
+
+def signed_in(c: Cluster) -> None:
+    """The dashboard's buttons need a sign-in (issue 22.1): server.auth is set, and the test's
+    own calls send the API token, as a script would."""
+    c.svc.script_token = c.config.api_token
+
+
+def sign_in(page, url: str) -> None:
+    """Open the dashboard and sign in on its page, as a person would."""
+    page.goto(url + "/")
+    page.get_by_label("User name").fill("admin")
+    page.get_by_label("Password").fill("correct horse")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(url + "/")
+
+
 @pytest.mark.browser
 def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tmp_path):
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster(max_retries=0)
+    c = cluster(max_retries=0, extra={"server": SIGN_IN})
+    signed_in(c)
     home, parents = c["home"], c["parents"]
     for f in c.fakes:  # an episode, to be named the way people know it
         show = f.add_item("Lost", "Series", "/media/tv/Lost", provider_ids={"Tvdb": "73739"})
@@ -3950,7 +3991,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(c.svc.url + "/")
+        sign_in(page, c.svc.url)
         expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
         expect(page.locator("#feed-empty")).to_contain_text("No changes synced yet")
         # A change on one server shows up in the feed without a reload.
@@ -4010,7 +4051,7 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         assert page.evaluate(SPLIT_WORDS) == [], "no word in the sync list is broken across lines"
         page.screenshot(path=str(shots / "dashboard-desktop.png"), full_page=True)
         phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
-        phone.goto(c.svc.url + "/")
+        sign_in(phone, c.svc.url)
         expect(phone.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "no sideways scrolling"
         assert phone.evaluate(SPLIT_WORDS) == [], "on a phone too, no word is broken across lines"
@@ -4025,12 +4066,16 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster(start=False, extra={"safety": {"brake_items": 20}, "alerts": {"urls": [f"{receiver.url}/hook"]}})
+    c = cluster(
+        start=False,
+        extra={"server": SIGN_IN, "safety": {"brake_items": 20}, "alerts": {"urls": [f"{receiver.url}/hook"]}},
+    )
     for f in c.fakes:
         f.add_library(60)
     names = [f"Film {i}" for i in range(60)]
     films_played_everywhere(c, "alice", names)
     c.start()
+    signed_in(c)
     reconcile(c)
     for n in names:  # parents comes back from an old backup: nothing played
         quietly(c["parents"], "alice", n, Played=False, PlayCount=0, LastPlayedDate=None)
@@ -4044,7 +4089,7 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 800})
         page.on("dialog", lambda dialog: dialog.accept())
-        page.goto(c.svc.url + "/")
+        sign_in(page, c.svc.url)
         held_card = page.locator("#held article")
         expect(held_card).to_contain_text("held: 60 changes from parents for alice: 60 unplayed", timeout=10000)
         expect(held_card).to_contain_text("unplayed: Film")
@@ -5646,6 +5691,237 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
         expect(page.locator("#inspection")).to_contain_text("alice watched home → parents: written", timeout=10000)
         expect(page.locator("#inspection")).not_to_contain_text(": ok")
         assert dialogs == [], "no dialog to dismiss"
+        browser.close()
+
+
+# ── Issue 22.1, 22.3, 22.6: no change without a sign-in, trimmed secrets, 400 not 500 ──────
+
+
+WRITES = [  # every route that changes something, with a body the dashboard or a script sends
+    ("/api/servers/home/setup-webhook", {"public_url": "http://203.0.113.9:9999"}),
+    ("/api/undo", {"cause": "x", "dry_run": False}),
+    ("/api/held/apply", {"source": "home", "user": "alice"}),
+    ("/api/held/discard", {"source": "home", "user": "alice"}),
+    ("/api/reconcile", {}),
+    ("/api/events/1/retry", {}),
+    ("/api/events/1/discard", {}),
+    ("/api/inspect/sync", {"item": "home:x", "person": "alice"}),
+    ("/api/alerts/test", {}),
+]
+
+
+def test_without_a_sign_in_configured_the_dashboard_is_read_only(cluster):
+    c = cluster(start=False)
+    # The older program's configs set neither server.auth nor server.api_token.
+    c.config = jds.dataclasses.replace(c.config, api_token="")
+    svc = c.start()
+    home = c["home"]
+    plugin_before = copy.deepcopy(home.plugin_config)
+    as_json = {"Content-Type": "application/json"}
+    for path, body in WRITES:
+        status, answer = svc.call("POST", path, body, as_json)
+        assert status == 403 and answer["read_only"], (path, answer)
+        assert "server.auth" in answer["error"] and "server.api_token" in answer["error"], answer
+        assert "#security-and-safety" in answer["error"]
+    assert home.plugin_config == plugin_before, "a stranger's address must never reach the plugin"
+    # Looking stays open, and the dashboard knows to hide its buttons and says what to set.
+    status = svc.call("GET", "/api/dashboard")[1]["status"]
+    assert status["read_only"] is True
+    assert any("read-only" in w and "server.auth" in w for w in status["warnings"]), status["warnings"]
+    for path in ("/api/journal", "/api/held", "/api/sync-log", "/api/alerts"):
+        assert svc.call("GET", path)[0] == 200, path
+    # Webhooks have their own token: they still sync.
+    c.settle()
+    home.webhook_url = f"{svc.url}/webhook/home"
+    home.user_marks("alice", "Dune", True)
+    eventually(lambda: c["parents"].ud("alice", "Dune")["Played"], what="a webhook to sync while read-only")
+    svc.stop()
+
+    # With server.api_token (still no sign-in), scripts change things with it, nobody without.
+    c.config = jds.dataclasses.replace(c.config, api_token=TOKEN)
+    svc = c.start()
+    nobody = {**as_json, "Authorization": ""}
+    status, answer = svc.call("POST", "/api/servers/home/setup-webhook", WRITES[0][1], nobody)
+    assert status == 403 and "Bearer <server.api_token>" in answer["error"], answer
+    wrong = {**as_json, "Authorization": "Bearer not-the-token-at-all"}
+    assert svc.call("POST", "/api/reconcile", {}, wrong)[0] == 403
+    bearer = {**as_json, "Authorization": f"Bearer {TOKEN}"}
+    status, answer = svc.call("POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, bearer)
+    assert status == 200, answer
+    assert svc.call("GET", "/api/dashboard")[1]["status"]["read_only"] is True, "a browser cannot send it"
+    svc.stop()
+
+    # With server.auth, the dashboard is not read-only and a signed-in session changes things.
+    c.config = jds.dataclasses.replace(c.config, auth_username="admin", auth_password="correct horse")
+    svc = c.start()
+    assert svc.call("POST", "/api/reconcile", {}, {**as_json, "Authorization": ""})[0] == 401
+    import base64
+
+    basic = {"Authorization": "Basic " + base64.b64encode(b"admin:correct horse").decode()}
+    assert svc.call("GET", "/api/dashboard", None, basic)[1]["status"]["read_only"] is False
+    assert svc.call("POST", "/api/reconcile", {"dry_run": True}, {**as_json, **basic})[0] in (200, 202)
+
+
+def test_the_start_up_log_says_once_that_the_dashboard_is_read_only(tmp_path, fake_servers):
+    import yaml
+
+    fakes = fake_servers("home", "parents")
+    port = free_port()
+    path = write_config(tmp_path, fakes, port=port)
+    data = yaml.safe_load(path.read_text())
+    del data["server"]["api_token"]
+    path.write_text(yaml.safe_dump(data))
+    proc = start_process(path, port)
+    shut_down(proc, [])
+    said = [line for line in process_log(proc).splitlines() if "read-only" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and "server.auth" in said[0], said
+
+
+def secrets_shown(secrets: list[str], *texts: str) -> list[str]:
+    """The secrets (or any 8-character piece of one) that appear in ``texts``."""
+    found = []
+    for secret in secrets:
+        pieces = {secret[i : i + 8] for i in range(0, max(1, len(secret) - 7), 4)}
+        if any(piece in text for piece in pieces for text in texts):
+            found.append(secret)
+    return found
+
+
+def test_secrets_with_a_trailing_newline_are_trimmed_and_never_shown(tmp_path, fake_servers):
+    import yaml
+
+    home, parents = fakes = fake_servers("home", "parents")
+    for f in fakes:
+        f.add_user("alice")
+        f.add_item("Dune", "Movie", "/media/movies/Dune (2021)/Dune.mkv", provider_ids={"Tmdb": "438631"})
+    port = free_port()
+    path = write_config(tmp_path, fakes, port=port)
+    data = yaml.safe_load(path.read_text())
+    del data["servers"][0]["api_key"], data["server"]["api_token"]
+    path.write_text(yaml.safe_dump(data))
+    api_token, hook_token = "api-token-from-a-secret-file", "webhook-token-in-a-variable"
+    token_file = tmp_path / "api_token"
+    token_file.write_text(f"{api_token}\n")
+    env = {
+        "JDS_SERVER_1_API_KEY": f"{home.api_key}\n",  # a Kubernetes secret as a variable
+        "JDS_API_TOKEN_FILE": str(token_file),
+        "JDS_WEBHOOK_TOKEN": f"{hook_token}\r\n",
+    }
+    secrets = [home.api_key, parents.api_key, api_token, hook_token]
+    answers: list[str] = []
+
+    def call(method: str, route: str, body: dict | None = None, token: str = api_token):
+        conn = HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        conn.request(method, route, json.dumps(body) if body is not None else None, headers)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        answers.append(text)
+        return resp.status, json.loads(text) if text[:1] in ("{", "[") else text
+
+    proc = start_process(path, port, env=env)
+    eventually(lambda: call("GET", "/readyz")[0] == 200, what="ready: the key is usable")
+    status, answer = call("POST", "/api/servers/home/setup-webhook", {"public_url": f"http://127.0.0.1:{port}"})
+    assert status == 200, answer
+    ours = next(d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync")
+    assert {"Key": "X-Webhook-Token", "Value": hook_token} in ours["Headers"], "the token without its newline"
+    home.user_marks("alice", "Dune", True)
+    eventually(lambda: parents.ud("alice", "Dune")["Played"], what="a sync with the trimmed key")
+    for route in ("/api/status", "/api/dashboard", "/api/servers", "/api/sync-log", "/api/journal", "/metrics"):
+        assert call("GET", route)[0] == 200, route
+    shut_down(proc, [])
+    log_text = process_log(proc)
+    assert "Traceback" not in log_text and "Invalid header" not in log_text, log_text
+    assert secrets_shown(secrets, log_text, *answers) == []
+
+    # A key broken inside (a line break in the middle) is a configuration error naming the
+    # variable, never showing the key.
+    broken = f"{home.api_key[:16]}\r\n{home.api_key[16:]}"
+    checked = run_cli("--check-config", "--config", str(path), env={**env, "JDS_SERVER_1_API_KEY": broken})
+    said = checked.stdout + checked.stderr
+    assert checked.returncode == 2 and "JDS_SERVER_1_API_KEY" in said, said
+    assert secrets_shown([home.api_key[:16], home.api_key[16:]], said) == []
+    # The same in the file names servers[0].api_key.
+    data["servers"][0]["api_key"] = broken
+    path.write_text(yaml.safe_dump(data))
+    checked = run_cli("--check-config", "--config", str(path), env={"JDS_API_TOKEN_FILE": str(token_file)})
+    said = checked.stdout + checked.stderr
+    assert checked.returncode == 2 and "servers[0].api_key" in said, said
+    assert secrets_shown([home.api_key[:16], home.api_key[16:]], said) == []
+
+
+def test_the_setup_page_trims_a_pasted_key_and_never_answers_500(tmp_path, fake_servers):
+    home, parents = fake_servers("home", "parents")
+    port = free_port()
+    path = tmp_path / "config.yaml"
+    proc, code = start_setup_mode(path, port)
+    answers: list[str] = []
+
+    def call(route: str, body: dict):
+        conn = HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", route, json.dumps(body), {"Content-Type": "application/json", "X-Setup-Code": code})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        answers.append(text)
+        return resp.status, json.loads(text)
+
+    pasted = {"name": "home", "url": home.url, "api_key": f"{home.api_key}\r\n"}
+    status, tested = call("/api/setup/test", pasted)
+    assert status == 200 and tested["ok"] is True, tested
+    broken = {**pasted, "api_key": f"{home.api_key[:16]}\r\n{home.api_key[16:]}"}
+    status, tested = call("/api/setup/test", broken)
+    assert status == 200 and tested["ok"] is False and "api_key" in tested["error"], tested
+    servers = [pasted, {"name": "parents", "url": parents.url, "api_key": f" {parents.api_key}\n"}]
+    status, saved = call("/api/setup/save", {"servers": servers})
+    assert status == 200 and saved["ok"], saved
+    assert [s.api_key for s in jds.load_config(path, {}).servers] == [home.api_key, parents.api_key]
+    assert f"{home.api_key}\r" not in path.read_text()
+    shut_down(proc, [])
+    assert secrets_shown([home.api_key, parents.api_key], process_log(proc), *answers) == []
+
+
+def test_numbers_dates_and_bodies_out_of_range_get_400_naming_the_field(cluster):
+    c = cluster()
+    svc = c.svc
+    as_json = {"Content-Type": "application/json"}
+    status, answer = svc.call("POST", "/api/undo", {"id": 10**30}, as_json)
+    assert status == 400 and answer["error"].startswith("id:"), answer
+    status, answer = svc.call("POST", "/api/undo", {"id": "-3"}, as_json)
+    assert status == 400 and answer["error"].startswith("id:"), answer
+    status, answer = svc.call("POST", "/api/undo", {"since": "9999-12-31T23:59:59-14:00"}, as_json)
+    assert status == 400 and "since" in answer["detail"], answer
+    status, answer = svc.call("GET", "/api/journal?since=9999-12-31T23:59:59-14:00")
+    assert status == 400 and "since" in answer["detail"], answer
+    deep = "[" * 50_000 + "]" * 50_000
+    for path in ("/api/undo", "/api/held/apply", "/api/inspect/sync"):
+        status, answer = svc.call("POST", path, deep, as_json)
+        assert status == 400 and "body" in answer["detail"] and "nested" in answer["detail"], (path, answer)
+    assert svc.call("GET", "/api/status")[0] == 200
+    assert svc.call("GET", "/readyz")[0] == 200
+
+
+@pytest.mark.browser
+def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(cluster):
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    c = cluster(max_retries=0)  # the API token only: a browser cannot send it
+    c["parents"].status_override = 500
+    c["home"].user_favourites("bob", "Dune", True)  # a failed change: its row has Retry and Discard
+    eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed change")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(c.svc.url + "/")
+        expect(page.locator("#warnings")).to_contain_text("read-only", timeout=10000)
+        expect(page.locator("#warnings")).to_contain_text("server.auth")
+        expect(page.locator("#problems tbody")).to_contain_text("Dune", timeout=10000)
+        for selector in ("button.setup-webhook", "#problems .actions button", "#rec-run", "#undo-form button"):
+            assert page.locator(selector).count() > 0, selector
+            expect(page.locator(selector).first).to_be_hidden()
+        expect(page.get_by_role("button", name="Look")).to_be_visible()  # looking stays open
         browser.close()
 
 

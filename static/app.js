@@ -88,6 +88,9 @@ function renderStatus(st) {
     warnings.push(`Carried over from the older jellyfin-db-sync: ${m.owed} owed change(s) and ${m.history} ` +
       `history line(s); its file is kept as ${m.backup}.`);
   }
+  // No sign-in configured: nobody may change anything (the API answers 403), so the buttons that
+  // would are hidden (style.css); the warning says what to set.
+  document.body.classList.toggle("read-only", !!st.read_only);
   $("warnings").hidden = warnings.length === 0;
   $("warnings").replaceChildren(...warnings.map((w) => el("p", {}, w)));
 
@@ -490,7 +493,7 @@ async function inspect(e) {
     const rows = r.person ? STATE_FIELDS.map((f) => el("tr", { class: r.different.includes(f) ? "differs" : "" },
       el("th", {}, word("field", f) + (r.different.includes(f) ? " ≠" : "")),
       ...r.servers.map((s) => el("td", {}, s.state ? shown(f, s.state[f]) : (s.state_error || "–"))))) : [];
-    const sync = el("button", { type: "button", onclick: async () => {
+    const sync = el("button", { type: "button", class: "sync-now", onclick: async () => {
       try {
         const res = await postJson("/api/inspect/sync", { item: r.item.id, person: r.person });
         alert(`${res.queued} change(s) queued`);
