@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -124,6 +125,7 @@ class FakeJellyfin:
             "DiscordOptions": [],
         }
         self.plugin_saves = 0
+        self.date_played_reads = 0  # user item lists sorted by DatePlayed (the recent check)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -728,7 +730,9 @@ class FakeJellyfin:
             if q.get("isfavorite"):
                 rows = [r for r in rows if ud(r)["IsFavorite"] == (q["isfavorite"] == "true")]
             for f in (q.get("filters") or "").split(","):
-                if f == "IsResumable":
+                if f == "IsPlayed":  # ItemFilter.IsPlayed, as isPlayed=true
+                    rows = [r for r in rows if ud(r)["Played"]]
+                elif f == "IsResumable":
                     rows = [r for r in rows if ud(r)["PlaybackPositionTicks"] > 0]
                 elif f == "Likes":
                     rows = [r for r in rows if (ud(r)["Rating"] or 0) >= 6.5]
@@ -743,6 +747,12 @@ class FakeJellyfin:
         if q.get("mindatelastsavedforuser"):
             since = parse_iso(q["mindatelastsavedforuser"])
             rows = [r for r in rows if r["_saved"] >= since]
+        if uid and q.get("sortby") == "DatePlayed":
+            self.date_played_reads += 1
+            # ItemSortBy.DatePlayed orders by the user's LastPlayedDate (never played: none,
+            # first in ascending order as SQL sorts NULL, so last in descending).
+            played = lambda r: parse_iso(ud(r)["LastPlayedDate"]) if ud(r)["LastPlayedDate"] else 0.0  # noqa: E731
+            rows.sort(key=played, reverse=q.get("sortorder") == "Descending")
         fields = set((q.get("fields") or "").split(","))
         start, limit = int(q.get("startindex", 0)), int(q.get("limit", 10**9))
         out = []
@@ -811,7 +821,8 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
             **sync,
         },
         "database": {"path": str(tmp / "sync.db")},
-        "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
+        # Tests start passes themselves; the recent check only where a test turns it on.
+        "reconcile": {"on_startup": False, "interval_minutes": 0, "recent_check_seconds": 0},
         "server": {"host": "127.0.0.1", "port": port or 8080},
         "logging": {"level": log_level},
     }
@@ -4700,6 +4711,46 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site hooks (python -S);"
         " a .pth file this machine adds to site-packages accounts for the difference"
     )
+    recent_check_cost(tmp)
+
+
+def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benchmark command
+    """What the recent check costs each server: requests and bytes per minute per person and
+    server at the default reconcile.recent_check_seconds (60), on a 20,000-item library where
+    the person has played 500 items and has 10 half way; and a household of 10 people × 3
+    servers in requests per second."""
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    for f in fakes:
+        f.add_user("alice")
+        f.add_library(20_000)
+        uid = f.user("alice")
+        for i, iid in enumerate(list(f.items)[:510]):
+            when = iso(time.time() - 86400 + i)
+            ud = {"Played": True, "PlayCount": 1} if i < 500 else {"PlaybackPositionTicks": 10**10, "PlayCount": 1}
+            f.data[(uid, iid)] = dict(BLANK_USER_DATA, LastPlayedDate=when, **ud)
+    (tmp / "recent").mkdir()
+    config = jds.load_config(write_config(tmp / "recent", fakes))
+    config = dataclasses.replace(config, reconcile=jds.ReconcileConfig(recent_check_seconds=60.0))
+    service = jds.Service(config)
+    try:
+        rc = service.recent_check
+        rc.run()  # the first check of each server only records what it reads (and learns the version)
+        rc.cost = {"checks": 0, "requests": 0, "bytes": 0}  # the steady state: every minute after
+        home = fakes[0]
+        for minute in range(5):
+            home.mark_played(home.user("alice"), list(home.items)[600 + minute])  # a change each minute
+            rc.run()
+        cost = rc.cost_per_minute()
+    finally:
+        service.stop()
+        for f in fakes:
+            f.close()
+    household = cost["requests"] * 10 * 3 / 60
+    print(
+        f"recent check, per person/server: {cost['requests']:.2f} requests and {cost['bytes'] / 1024:.1f} KiB a"
+        f" minute (reconcile.recent_check_seconds: 60; a page of {jds.RECENT_PAGE} items)"
+    )
+    print(f"  10 people × 3 servers:         {household:.2f} requests/s  (target < 1)")
 
 
 def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no cover - a command
@@ -5102,6 +5153,94 @@ def test_browser_a_refused_key_and_an_outage_as_the_dashboard_shows_them(cluster
         eventually(lambda: public.ud("bob", "Heat")["Played"], what="the retried change")
         expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
         browser.close()
+
+
+# ── Issue 26.3–4: the recent check catches what no webhook brought; a silent plugin is named ──
+
+
+def recent_rounds(c: Cluster, n: int = 2) -> None:
+    """Wait until every server's people were checked ``n`` more times by the recent check."""
+    for _ in range(n):
+        before = c.svc.call("GET", "/api/status")[1]["recent_check"]["last_run"]
+
+        def later(before=before):
+            now = c.svc.call("GET", "/api/status")[1]["recent_check"]["last_run"]
+            return len(now) == len(c.fakes) and all(now[k] != before.get(k) for k in now)
+
+        eventually(later, what="a round of the recent check")
+
+
+def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster, receiver, monkeypatch):
+    monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}, "alerts": {"urls": [f"{receiver.url}/hook"]}})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    recent_rounds(c, 1)  # the first check of each person only records what is there
+    home.webhook_url = None  # home's plugin posts nothing to us (its destination points elsewhere)
+    runtime = home.items[home.item("Dune")]["RunTimeTicks"]
+    home.user_plays("alice", "Arrival", [10**10, 5 * 10**10], completed=True)  # to the end
+    home.user_plays("alice", "Dune", [10**10, runtime // 2])  # stopped half way
+    for f in (parents, public):
+        eventually(lambda f=f: f.ud("alice", "Arrival")["Played"], what=f"Arrival played on {f.name}")
+        eventually(
+            lambda f=f: f.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 2,
+            what=f"Dune's position on {f.name}",
+        )
+    assert not parents.ud("bob", "Arrival")["Played"], "another person's state must not change"
+    c.settle()
+    # In step now: more rounds read the same lists on every server and write nothing, anywhere.
+    writes = [f.writes() for f in c.fakes]
+    recent_rounds(c, 3)
+    assert [f.writes() for f in c.fakes] == writes
+    assert home.writes() == 0, "nothing is written back to where the change was made"
+    journal = c.svc.call("GET", "/api/journal?limit=20")[1]
+    causes = {e.get("cause", "") for e in journal["entries"]}
+    assert causes and all(cause.startswith("check:") for cause in causes), causes
+    # Home keeps changing and posting nothing: the third finding names the silent plugin.
+    home.user_marks("alice", "Heat", True)
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="Heat played on parents")
+    home.user_plays("bob", "Arrival", [10**10], completed=True)
+    eventually(lambda: parents.ud("bob", "Arrival")["Played"], what="bob's Arrival on parents")
+    cards = {s["name"]: s for s in eventually(lambda: silent_cards(c), what="the silent-plugin warning")}
+    said = cards["home"]["plugin_silent"]
+    assert said.startswith("the Webhook plugin on home is not posting to us"), said
+    for words in ("installed", "/webhook/home", "Send All Properties", "Playback Stop", "User Data Saved"):
+        assert words in said, words
+    assert cards["parents"]["plugin_silent"] is None and cards["public"]["plugin_silent"] is None
+    alert = eventually(lambda: receiver.bodies("/hook"), what="an alert")[0]
+    assert alert["condition"] == "silent:home" and alert["level"] == "problem", alert
+    assert alert["title"] == "the Webhook plugin on home is not posting to us"
+    # The plugin is mended: its next webhook clears the card and the alert.
+    home.webhook_url = f"{c.svc.url}/webhook/home"
+    home.user_favourites("alice", "Heat", True)
+    eventually(lambda: not silent_cards(c), what="the warning cleared")
+    eventually(lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"], what="the all-clear")
+    eventually(lambda: parents.ud("alice", "Heat")["IsFavorite"], what="the webhook's change")
+
+
+def silent_cards(c: Cluster) -> list[dict]:
+    servers = c.svc.call("GET", "/api/status")[1]["servers"]
+    return servers if any(s["plugin_silent"] for s in servers) else []
+
+
+def test_the_recent_check_is_off_at_zero_and_reads_nothing(cluster):
+    c = cluster()  # the tests' config: reconcile.recent_check_seconds: 0
+    assert c.svc.call("GET", "/api/status")[1]["recent_check"] == {"every_seconds": 0}
+    assert c.svc.service.recent_check.thread is None
+    c.settle()
+    assert [f.date_played_reads for f in c.fakes] == [0, 0, 0]
+
+
+def test_the_recent_check_reads_a_jellyfin_10_8_source_by_its_legacy_route(cluster):
+    c = cluster(versions=("10.8.13", "10.10.7", "10.11.8"), extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents = c["home"], c["parents"]
+    recent_rounds(c, 1)
+    home.webhook_url = None  # a server without the plugin (it may lag a new Jellyfin)
+    runtime = home.items[home.item("Dune")]["RunTimeTicks"]
+    home.user_plays("alice", "Heat", [10**10], completed=True)
+    home.user_plays("alice", "Dune", [runtime // 3])
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="Heat played on parents")
+    eventually(lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3, what="Dune's position")
+    assert ("GET", f"/Users/{home.user('alice')}/Items") in home.requests
 
 
 if __name__ == "__main__":

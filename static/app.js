@@ -75,6 +75,7 @@ function renderStatus(st) {
              `${s.rejected_webhooks.count} webhook(s) refused, the last ${ago(s.rejected_webhooks.last_at)}: ` +
              `${s.rejected_webhooks.last_reason}. ${s.rejected_webhooks.hint}`)
         : "",
+      s.plugin_silent ? el("p", { class: "bad", role: "status" }, s.plugin_silent) : "",
       el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name) },
          "Set up webhooks"),
       s.last_webhook_at
@@ -185,7 +186,7 @@ const isoOf = (value) => (value ? new Date(value).toISOString() : "");
 function causeName(cause) {
   const [kind, n] = cause.split(":");
   return { event: `webhook #${n}`, pass: `reconciliation pass ${n}`, undo: `undo ${n}`, import: `import ${n}`,
-    discard: `discard ${n}`, "sync-item": `“sync this item” ${n}` }[kind] || cause;
+    discard: `discard ${n}`, "sync-item": `“sync this item” ${n}`, check: `recent check ${n}` }[kind] || cause;
 }
 
 // ── The safety net: held changes, undo previews, alerts ──
