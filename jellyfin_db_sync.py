@@ -2681,7 +2681,6 @@ class JellyfinClient:
         )
         self._local = threading.local()
         self.requests = 0  # counted for /metrics and the benchmark
-        self.bytes_read = 0  # response bodies, for the recent check's cost
         self.last_latency = 0.0
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -2727,9 +2726,10 @@ class JellyfinClient:
                 raise JellyfinError(f"{what}: cannot connect ({reason})") from None
             finally:
                 self.requests += 1
+                self._local.requests = getattr(self._local, "requests", 0) + 1
                 self.last_latency = time.monotonic() - started
             break
-        self.bytes_read += len(payload)
+        self._local.read = getattr(self._local, "read", 0) + len(payload)
         log.debug("%s → %s (%d bytes)", what, resp.status, len(payload))
         if resp.status >= 400:
             # Jellyfin's error bodies say only "Error processing request.": branch on the status.
@@ -2749,6 +2749,11 @@ class JellyfinClient:
         self.version = ServerVersion.parse(str(info.get("Version")))
         self.server_id = info.get("Id")
         return info
+
+    def thread_counts(self) -> tuple[int, int]:
+        """(requests, response bytes) this thread has made to this server: what one of its
+        tasks cost (self.requests counts every thread's)."""
+        return getattr(self._local, "requests", 0), getattr(self._local, "read", 0)
 
     def forget_version(self) -> None:
         self.version = None
@@ -5347,7 +5352,7 @@ class RecentCheck:
     def check(self, server: str, person: str, user_id: str, username: str) -> int:
         """One person on one server: read, observe, plan. Returns how many observations were news."""
         client = self.clients[server]
-        requests, read = client.requests, client.bytes_read
+        requests, read = client.thread_counts()
         mark = self.store.recent_watermark(server, person)
         recent: list[dict] = []
         try:
@@ -5355,12 +5360,13 @@ class RecentCheck:
                 got = client.recently_played(user_id, page * RECENT_PAGE, RECENT_PAGE)
                 recent += got
                 oldest = min((_played_at(d) for d in got), default=0.0)
-                if len(got) < RECENT_PAGE or mark is None or oldest < mark:
-                    break  # the page reached what an earlier check saw (or the never played)
+                if len(got) < RECENT_PAGE or mark is None or oldest <= mark:
+                    break  # the page reached what an earlier check saw, or items never played
         finally:
+            now_requests, now_read = client.thread_counts()
             self.cost["checks"] += 1
-            self.cost["requests"] += client.requests - requests
-            self.cost["bytes"] += client.bytes_read - read
+            self.cost["requests"] += now_requests - requests
+            self.cost["bytes"] += now_read - read
         seen: dict[str, dict[str, Any]] = {}  # item id → {field: value, "_when", "_dto"}
         for dto in recent:
             ud, when = dto.get("UserData") or {}, _played_at(dto)

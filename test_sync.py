@@ -5172,9 +5172,16 @@ def recent_rounds(c: Cluster, n: int = 2) -> None:
 
 def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster, receiver, monkeypatch):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
-    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}, "alerts": {"urls": [f"{receiver.url}/hook"]}})
+    every = 0.2
+    c = cluster(
+        start=False,
+        extra={"reconcile": {"recent_check_seconds": every}, "alerts": {"urls": [f"{receiver.url}/hook"]}},
+    )
+    for f in c.fakes:
+        f.add_library(30)  # more than a page: bob, who never played anything, still costs one read
+    c.start()
     home, parents, public = c["home"], c["parents"], c["public"]
-    recent_rounds(c, 1)  # the first check of each person only records what is there
+    recent_rounds(c, 1)  # the first check of each person only notes where their list stands
     home.webhook_url = None  # home's plugin posts nothing to us (its destination points elsewhere)
     runtime = home.items[home.item("Dune")]["RunTimeTicks"]
     home.user_plays("alice", "Arrival", [10**10, 5 * 10**10], completed=True)  # to the end
@@ -5192,6 +5199,8 @@ def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster
     recent_rounds(c, 3)
     assert [f.writes() for f in c.fakes] == writes
     assert home.writes() == 0, "nothing is written back to where the change was made"
+    cost = c.svc.call("GET", "/api/status")[1]["recent_check"]["cost_per_minute_per_person_and_server"]
+    assert cost["requests"] == 60 / every and 0 < cost["bytes"], cost  # one request per check
     journal = c.svc.call("GET", "/api/journal?limit=20")[1]
     causes = {e.get("cause", "") for e in journal["entries"]}
     assert causes and all(cause.startswith("check:") for cause in causes), causes
