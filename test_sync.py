@@ -5252,6 +5252,23 @@ def test_the_recent_check_reads_a_jellyfin_10_8_source_by_its_legacy_route(clust
     assert ("GET", f"/Users/{home.user('alice')}/Items") in home.requests
 
 
+def test_plays_made_while_the_service_restarted_arrive_by_the_check_after_it(cluster):
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents = c["home"], c["parents"]
+    recent_rounds(c, 1)
+    c.svc.stop()  # "docker restart": the plugin's webhooks meanwhile are refused, never resent
+    runtime = home.items[home.item("Heat")]["RunTimeTicks"]
+    home.user_plays("alice", "Arrival", [10**10], completed=True)
+    home.user_plays("alice", "Heat", [runtime // 4])
+    eventually(home.quiet, what="the lost webhooks")
+    assert not parents.ud("alice", "Arrival")["Played"]
+    c.start()  # the same database: the watermark says where the last check stopped
+    eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="Arrival played on parents")
+    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 4, what="Heat's position")
+    c.settle()
+    assert home.writes() == 0
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
