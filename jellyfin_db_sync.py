@@ -5389,13 +5389,10 @@ class RecentCheck:
             # be news when it is planned.
             self.store.set_recent_watermark(server, person, newest)
             return 0
-        # What was played since the last check saw the list: an item's LastPlayedDate is set
-        # when its playback starts, so one finished since is still at or above the watermark
-        # (unless the same person started another item after it, seen by a check in between).
         batch = [
             (0, self._observations(server, person, username, iid, e))
             for iid, e in seen.items()
-            if e["_when"] >= mark and not self._known(server, person, iid, e)
+            if self._news(server, person, iid, e, mark)
         ]
         batch = [entry for entry in batch if entry[1]]
         total = sum(len(obs) for _, obs in batch)
@@ -5407,11 +5404,16 @@ class RecentCheck:
         self.news += total - dropped
         return total - dropped
 
-    def _known(self, server: str, person: str, item_id: str, entry: dict) -> bool:
-        """Is every value already what we know of that server? The Planner would drop them too;
-        read first, the usual case (the newest item is seen again each time) costs no commit."""
+    def _news(self, server: str, person: str, item_id: str, entry: dict, mark: float) -> bool:
+        """Should this item be observed? Played since the watermark, or an item we know of that
+        server (Jellyfin dates a play from its start: a film seen half way by one check and
+        finished after another item started is older than the watermark, and still news) — and
+        not already what we know there. (The Planner would drop that too; read first, the usual
+        case, the newest item seen again, costs no commit.)"""
         known = self.store.get_state(server, person, item_id)
-        return all(f in known and known[f][0] == entry[f] for f in ("played", "position") if f in entry)
+        if entry["_when"] < mark and not known:
+            return False  # played before the check began watching, and never seen since
+        return not all(f in known and known[f][0] == entry[f] for f in ("played", "position") if f in entry)
 
     def _observations(self, server: str, person: str, username: str, item_id: str, entry: dict) -> list[Observation]:
         dto, when = entry["_dto"], entry["_when"]

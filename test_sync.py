@@ -5269,6 +5269,23 @@ def test_plays_made_while_the_service_restarted_arrive_by_the_check_after_it(clu
     assert home.writes() == 0
 
 
+def test_a_film_finished_after_another_started_still_arrives_by_the_check(cluster):
+    """Jellyfin dates a play from its start: a film the check saw half way, finished once the
+    same person had started something else (seen by a check too), is older than the watermark."""
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents = c["home"], c["parents"]
+    recent_rounds(c, 1)
+    home.webhook_url = None
+    runtime = home.items[home.item("Dune")]["RunTimeTicks"]
+    home.user_plays("alice", "Dune", [runtime // 3])
+    eventually(lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3, what="Dune half way")
+    home.user_plays("alice", "Heat", [runtime // 5])  # on another device
+    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 5, what="Heat started")
+    # Dune's player reaches the end: saved with no new PlaybackStart (UserDataManager.UpdatePlayState).
+    home.save(home.user("alice"), home.item("Dune"), "PlaybackFinished", Played=True, PlaybackPositionTicks=0)
+    eventually(lambda: parents.ud("alice", "Dune")["Played"], what="Dune played on parents")
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
