@@ -749,8 +749,9 @@ class FakeJellyfin:
             rows = [r for r in rows if r["_saved"] >= since]
         if uid and q.get("sortby") == "DatePlayed":
             self.date_played_reads += 1
-            # ItemSortBy.DatePlayed orders by the user's LastPlayedDate (never played: none,
-            # first in ascending order as SQL sorts NULL, so last in descending).
+            # ItemSortBy.DatePlayed orders by the user's LastPlayedDate (OrderMapper.MapOrderByField,
+            # v10.11.8; SqliteItemRepository before 10.10). Never played: none, first in ascending
+            # order as SQL sorts NULL, so last in descending.
             played = lambda r: parse_iso(ud(r)["LastPlayedDate"]) if ud(r)["LastPlayedDate"] else 0.0  # noqa: E731
             rows.sort(key=played, reverse=q.get("sortorder") == "Descending")
         fields = set((q.get("fields") or "").split(","))
