@@ -750,7 +750,7 @@ class FakeJellyfin:
         if uid and q.get("sortby") == "DatePlayed":
             self.date_played_reads += 1
             # ItemSortBy.DatePlayed orders by the user's LastPlayedDate (OrderMapper.MapOrderByField,
-            # v10.11.8; SqliteItemRepository before 10.10). Never played: none, first in ascending
+            # v10.11.8; SqliteItemRepository before 10.11). Never played: none, first in ascending
             # order as SQL sorts NULL, so last in descending.
             played = lambda r: parse_iso(ud(r)["LastPlayedDate"]) if ud(r)["LastPlayedDate"] else 0.0  # noqa: E731
             rows.sort(key=played, reverse=q.get("sortorder") == "Descending")
