@@ -122,6 +122,11 @@ MAX_STRING_CHARS = 32 * 1024
 # A webhook dated later than this after we received it is taken as received (a clock ahead, or
 # a forged date, must not make every later real change look older); said at most this often.
 CLOCK_SKEW_ALLOWANCE = 120.0
+RECENT_PAGE = 20  # the recent check reads this many played items (a page) and resume entries
+RECENT_MAX_PAGES = 5  # …and further played pages only while they are all newer than its watermark
+# A server's plugin is taken as silent when this many checks found changes no webhook brought…
+SILENT_FINDS = 3
+SILENT_WINDOW = 1800.0  # …within this many seconds, and no webhook came from it since the first
 CLOCK_WARNING_SECONDS = 600.0
 TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
@@ -415,6 +420,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reconcile.on_startup", "bool", True, "a pass shortly after start"),
     Setting("reconcile.interval_minutes", "float", 360.0, "then every N minutes (0: on demand only)"),
     Setting(
+        "reconcile.recent_check_seconds",
+        "float",
+        60.0,
+        "look for recent plays no webhook brought this often (0: off)",
+        low=0,
+    ),
+    Setting(
         "safety.brake_items",
         "int",
         100,
@@ -538,6 +550,7 @@ class UsersConfig:
 class ReconcileConfig:
     on_startup: bool = _default("reconcile.on_startup")  # catches what happened while we were down
     interval_minutes: float = _default("reconcile.interval_minutes")
+    recent_check_seconds: float = _default("reconcile.recent_check_seconds")  # RecentCheck; 0 = off
 
 
 @dataclass(frozen=True)
@@ -1178,6 +1191,11 @@ CREATE TABLE IF NOT EXISTS playlist_state (
 -- Dashboard sign-ins, so a restart signs nobody out: the SHA-256 of each cookie, never the cookie.
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
+-- RecentCheck: per server and person, the newest LastPlayedDate its played list showed (the
+-- server's clock): reading further pages stops there.
+CREATE TABLE IF NOT EXISTS recent_watermark (
+    server TEXT NOT NULL, user_key TEXT NOT NULL, played_at REAL NOT NULL,
+    PRIMARY KEY (server, user_key)) WITHOUT ROWID;
 -- Generated passwords of accounts we created, until the operator acknowledges them.
 CREATE TABLE IF NOT EXISTS passwords (
     id INTEGER PRIMARY KEY, server TEXT NOT NULL, username TEXT NOT NULL, password TEXT NOT NULL,
@@ -1853,6 +1871,14 @@ class Store:
 
     def count_unplanned(self) -> int:
         return self._rows("SELECT count(*) FROM inbox WHERE planned = 0")[0][0]
+
+    def recent_watermark(self, server: str, user_key: str) -> float | None:
+        rows = self._rows("SELECT played_at FROM recent_watermark WHERE server=? AND user_key=?", (server, user_key))
+        return rows[0][0] if rows else None
+
+    def set_recent_watermark(self, server: str, user_key: str, played_at: float) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO recent_watermark VALUES (?, ?, ?)", (server, user_key, played_at))
 
     def last_event_at(self) -> dict[str, float]:
         rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
@@ -2840,8 +2866,10 @@ class JellyfinClient:
                 raise JellyfinError(f"{what}: cannot connect ({reason})") from None
             finally:
                 self.requests += 1
+                self._local.requests = getattr(self._local, "requests", 0) + 1
                 self.last_latency = time.monotonic() - started
             break
+        self._local.read = getattr(self._local, "read", 0) + len(payload)
         log.debug("%s → %s (%d bytes)", what, resp.status, len(payload))
         if resp.status >= 400:
             # Jellyfin's error bodies say only "Error processing request.": branch on the status.
@@ -2861,6 +2889,11 @@ class JellyfinClient:
         self.version = ServerVersion.parse(str(info.get("Version")))
         self.server_id = info.get("Id")
         return info
+
+    def thread_counts(self) -> tuple[int, int]:
+        """(requests, response bytes) this thread has made to this server: what one of its
+        tasks cost (self.requests counts every thread's)."""
+        return getattr(self._local, "requests", 0), getattr(self._local, "read", 0)
 
     def forget_version(self) -> None:
         self.version = None
@@ -2953,6 +2986,28 @@ class JellyfinClient:
             if len(items) < page:
                 return
             start += len(items)
+
+    def recently_played(self, user_id: str, start: int, limit: int) -> list[dict]:
+        """One page of the user's items, the most recently played first, with UserData
+        (ItemsController.GetItems: sortBy=DatePlayed orders by the user's LastPlayedDate; items
+        never played have none and come last). No IsPlayed filter: PlaybackStart sets
+        LastPlayedDate, so the page holds what was played to the end and what was stopped half
+        way alike — one request where the played list and the resume list would take two."""
+        legacy = self.ensure_version().legacy
+        query = {
+            "recursive": "true",
+            "includeItemTypes": LEAF_ITEM_TYPES,
+            "sortBy": "DatePlayed",
+            "sortOrder": "Descending",
+            "enableUserData": "true",
+            "enableImages": "false",
+            "enableTotalRecordCount": "false",
+            "startIndex": start,
+            "limit": limit,
+            **({} if legacy else {"userId": user_id}),
+        }
+        path = f"/Users/{user_id}/Items" if legacy else "/Items"
+        return (self.request("GET", path, query) or {}).get("Items", [])
 
     def playlists(self, user_id: str) -> list[dict]:
         """The playlists a user sees, each with ``CanDelete`` as this server's Playlist rule gives
@@ -4208,6 +4263,33 @@ class Syncer:
         self.writer = WatchStateWriter(config, store, library, clients)
         self.accounts = AccountWriter(config, store, library, clients)
         self.threads: list[SupervisedThread] = []
+        # Item 4 of the silent-plugin warning: when each server last posted any webhook we took
+        # (in memory: a restart starts the count afresh), and when RecentCheck found changes
+        # there that no webhook had brought.
+        self.webhook_seen: dict[str, float] = {}
+        self.unbrought: dict[str, collections.deque] = {
+            s.name: collections.deque(maxlen=4 * SILENT_FINDS) for s in config.servers
+        }
+
+    def silent_plugin(self, server: str) -> str | None:
+        """What to tell a person when ``server``'s Webhook plugin seems not to post to us: the
+        recent check found changes there SILENT_FINDS times within SILENT_WINDOW and no webhook
+        came from it since the first of them. None otherwise (a webhook clears it at once)."""
+        now = utcnow()
+        since = max(now - SILENT_WINDOW, self.webhook_seen.get(server, 0.0))
+        finds = [t for t in self.unbrought.get(server, ()) if t > since]
+        if len(finds) < SILENT_FINDS:
+            return None
+        base = self.config.public_url.rstrip("/") if self.config.public_url else "http://<this service>"
+        return (
+            f"the Webhook plugin on {server} is not posting to us: {len(finds)} checks in the last "
+            f"{SILENT_WINDOW / 60:.0f} minutes found changes there that no webhook brought (they were "
+            f"synced by the check, within a minute or two). On {server}, check: the Webhook plugin is "
+            f"installed (Dashboard → Plugins); its Generic destination's URL is {base}/webhook/{server}; "
+            "“Send All Properties” is ticked; the notification types Playback Progress, Playback Stop "
+            "and User Data Saved are ticked; and the destination is enabled. “Set up webhooks” on "
+            "this card does it for you"
+        )
 
     # ingest (called by Web, in the request thread)
     def accept_webhook(self, server: str, body: bytes) -> dict:
@@ -4218,6 +4300,7 @@ class Syncer:
         ntype = data["NotificationType"]
         # Only the plugin's own types become metric labels: a sender must not grow them at will.
         self.counters.count(f"webhooks|{server}|{ntype if ntype in NOTIFICATION_TYPES else 'other'}")
+        self.webhook_seen[server] = utcnow()  # the plugin posts to us (whatever the type)
         if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
             return {"status": "ignored", "reason": f"{ntype} needs no sync"}
         event_id = self.store.add_event(server, ntype, _compact_json(data))
@@ -5381,6 +5464,213 @@ class Reconciler:
         self.trigger.set()
 
 
+class RecentCheck:
+    """Catches what no webhook brought (the plugin sends each event once and never retries, and
+    a server may have no plugin at all): about once a minute, per person and server, one cheap
+    read — the person's items, most recently played first (a page of RECENT_PAGE; another only
+    while a whole page is newer than the watermark) — whose played items and resume points
+    become observations, as if a webhook had reported them. The Planner decides as for
+    webhooks: what we already know of that server (from a webhook, a pass or our own write) is
+    dropped, so an item in step costs no write; anything else goes to the other servers, newest
+    wins (the time is the item's LastPlayedDate). It never reports "unplayed", a position reset,
+    a favourite or a like (the list cannot tell them): webhooks and the periodic passes do.
+
+    The first check of a person on a server only notes where the list stands (the startup pass
+    compares everything); later ones report what was played since. Checks that keep finding news while the
+    server posts no webhook feed Syncer.silent_plugin."""
+
+    def __init__(self, config: Config, store: Store, library: Library, syncer: Syncer):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.syncer = syncer
+        self.clients = library.clients
+        self.planner = syncer.planner
+        self.stop_event = threading.Event()
+        self.thread: SupervisedThread | None = None
+        # Cost, for /api/status and the benchmark: requests and response bytes of the checks
+        # so far, and how many (server, person) checks they were.
+        self.cost = {"checks": 0, "requests": 0, "bytes": 0}
+        self.last_run: dict[str, float] = {}  # server → when its people were last checked
+        self.news = 0  # observations found that no webhook had brought, since start
+        self._cause = ""
+
+    def start(self) -> None:
+        self.thread = SupervisedThread("recent-check", self._loop)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _loop(self) -> None:
+        every = self.config.reconcile.recent_check_seconds
+        while not self.stop_event.is_set():
+            try:
+                self.run()
+            except Exception:  # a bug: said, and the next round tries again
+                log.exception("recent check: unexpected error")
+            self.stop_event.wait(every)
+
+    def run(self) -> int:
+        """One round: every synced person on every reachable server. Returns the observations
+        that were news (queued for the other servers)."""
+        people = self._people()
+        found = 0
+        self._cause = ""  # "check:<n>", numbered once this round queues something
+        for s in self.config.servers:
+            health = self.syncer.health.get(s.name) or {}
+            if health.get("reachable") is False or health.get("key_refused"):
+                continue  # ServerHealth says it is away: its changes wait for it
+            here = 0
+            for person, accounts in sorted(people.items()):
+                if s.name not in accounts or self.stop_event.is_set():
+                    continue
+                try:
+                    here += self.check(s.name, person, *accounts[s.name])
+                except JellyfinError as e:
+                    log.info("recent check: %s: %s: %s", s.name, person, e)
+                    if e.retryable:
+                        break  # the server is unwell (down, 5xx): the next round tries again
+                except SyncError as e:
+                    log.warning("recent check: %s: %s: %s", s.name, person, e)
+            self.last_run[s.name] = utcnow()
+            if here:
+                self.syncer.unbrought[s.name].append(utcnow())
+                log.info("recent check: %d change(s) on %s that no webhook brought: queued", here, s.name)
+            found += here
+        return found
+
+    def _people(self) -> dict[str, dict[str, tuple[str, str]]]:
+        """{person: {server: (user id, user name)}} of synced people with accounts on two or more
+        servers (the user index as it is: read once per server, refreshed by passes and misses)."""
+        for s in self.config.servers:
+            with suppress(JellyfinError):
+                self.library.ensure_users(s.name)
+        people: dict[str, dict[str, tuple[str, str]]] = {}
+        for row in self.store.all_users():
+            person = self.config.person(row.server, row.name)
+            if self.config.user_synced(person):
+                people.setdefault(person, {})[row.server] = (row.user_id, row.name)
+        return {p: a for p, a in people.items() if len(a) >= 2}
+
+    def check(self, server: str, person: str, user_id: str, username: str) -> int:
+        """One person on one server: read, observe, plan. Returns how many observations were news."""
+        client = self.clients[server]
+        requests, read = client.thread_counts()
+        mark = self.store.recent_watermark(server, person)
+        recent: list[dict] = []
+        try:
+            for page in range(RECENT_MAX_PAGES):
+                got = client.recently_played(user_id, page * RECENT_PAGE, RECENT_PAGE)
+                recent += got
+                oldest = min((_played_at(d) for d in got), default=0.0)
+                if len(got) < RECENT_PAGE or mark is None or oldest <= mark:
+                    break  # the page reached what an earlier check saw, or items never played
+        finally:
+            now_requests, now_read = client.thread_counts()
+            self.cost["checks"] += 1
+            self.cost["requests"] += now_requests - requests
+            self.cost["bytes"] += now_read - read
+        seen: dict[str, dict[str, Any]] = {}  # item id → {field: value, "_when", "_dto"}
+        for dto in recent:
+            ud, when = dto.get("UserData") or {}, _played_at(dto)
+            if not dto.get("Id") or not when:
+                continue  # never played: the end of what is recent
+            entry: dict[str, Any] = {"_when": when, "_dto": dto}
+            if ud.get("Played"):
+                entry.update(played=True, position=0)  # as a webhook reports a finished item
+            elif int(ud.get("PlaybackPositionTicks") or 0) > 0:
+                # A resume point. Never "unplayed" (a re-watch starts as Played=false) nor a
+                # position of 0 (stopped in the first minutes): those are left to webhooks and passes.
+                entry["position"] = int(ud["PlaybackPositionTicks"])
+            else:
+                continue
+            seen[normalise_id(dto["Id"])] = entry
+        newest = max((_played_at(d) for d in recent), default=0.0)
+        if mark is None:
+            # The first check only notes where the list stands (the pass at start compares the
+            # rest). It records no state: a webhook for a change made just before must still
+            # be news when it is planned.
+            self.store.set_recent_watermark(server, person, newest)
+            return 0
+        batch = [
+            (0, self._observations(server, person, username, iid, e))
+            for iid, e in seen.items()
+            if self._news(server, person, iid, e, mark)
+        ]
+        batch = [entry for entry in batch if entry[1]]
+        total = sum(len(obs) for _, obs in batch)
+        woken, dropped = self.planner.plan(batch) if batch else ([], 0)
+        if newest > mark:
+            self.store.set_recent_watermark(server, person, newest)
+        for target in woken:
+            self.syncer.wake_target(target)
+        self.news += total - dropped
+        return total - dropped
+
+    def _news(self, server: str, person: str, item_id: str, entry: dict, mark: float) -> bool:
+        """Should this item be observed? Played since the watermark, or an item we know of that
+        server (Jellyfin dates a play from its start: a film seen half way by one check and
+        finished after another item started is older than the watermark, and still news) — and
+        not already what we know there. (The Planner would drop that too; read first, the usual
+        case, the newest item seen again, costs no commit.)"""
+        known = self.store.get_state(server, person, item_id)
+        if entry["_when"] < mark and not known:
+            return False  # played before the check began watching, and never seen since
+        return not all(f in known and known[f][0] == entry[f] for f in ("played", "position") if f in entry)
+
+    def _observations(self, server: str, person: str, username: str, item_id: str, entry: dict) -> list[Observation]:
+        dto, when = entry["_dto"], entry["_when"]
+        if not self._cause:
+            self._cause = f"check:{self.store.next_number('check')}"
+        targets = tuple(s.name for s in self.config.servers if s.name != server)
+        ud = dto.get("UserData") or {}
+        observed = self.planner.not_ahead(server, "LastPlayedDate", when, utcnow())
+        item = self.store.get_item(server, item_id)
+        name = self.library.display_name(item) if item else str(dto.get("Name") or item_id)
+        extra = {
+            "runtime": dto.get("RunTimeTicks"),
+            "play_count": ud.get("PlayCount"),
+            "last_played": observed,
+            "item_type": dto.get("Type"),
+            "event": "recent-check",
+        }
+        return [
+            Observation(
+                server,
+                person,
+                username,
+                item_id,
+                name,
+                fld,
+                entry[fld],
+                observed,
+                targets,
+                extra,
+                cause=self._cause,
+            )
+            for fld in ("played", "position")
+            if fld in entry and self.config.sync.enabled(fld)
+        ]
+
+    def cost_per_minute(self) -> dict | None:
+        """Requests and bytes per minute per person and server at recent_check_seconds, from
+        the checks so far (None before the first)."""
+        n, every = self.cost["checks"], self.config.reconcile.recent_check_seconds
+        if not n or not every:
+            return None
+        per_minute = 60.0 / every
+        return {
+            "requests": round(self.cost["requests"] / n * per_minute, 2),
+            "bytes": round(self.cost["bytes"] / n * per_minute),
+        }
+
+
+def _played_at(dto: dict) -> float:
+    """An item's LastPlayedDate from its UserData (0.0: none)."""
+    return parse_time((dto.get("UserData") or {}).get("LastPlayedDate")) or 0.0
+
+
 # ── Safety net ───────────────────────────────────────────────────────────────
 # What stops a sync from spreading damage (issue 16): the journal (sync_log's before/after) and
 # Undo, the Brake on mass removals, Alerts, and portable export/import (Transfer).
@@ -6065,6 +6355,10 @@ class Alerts:
                 f"held: {g['changes']:,} changes from {g['source']} for {g['username']}: {kinds}. "
                 "Apply or discard them on the dashboard."
             )
+        for s in self.config.servers:
+            silent = self.syncer.silent_plugin(s.name)
+            if silent:
+                out[f"silent:{s.name}"] = silent
         stuck = [r for r in self.reasons() if "stuck" in r or "not writable" in r]
         if stuck:
             out["stuck"] = "; ".join(stuck)
@@ -6156,6 +6450,7 @@ def _alert_title(condition: str) -> str:
         "refused": f"{rest} refuses the API key",
         "held": f"changes held by the brake ({rest.replace(':', ' for ')})",
         "stuck": "syncing is stuck",
+        "silent": f"the Webhook plugin on {rest} is not posting to us",
     }.get(kind, condition)
 
 
@@ -6447,6 +6742,7 @@ class Web:
         self.store = store
         self.syncer = syncer
         self.reconciler = reconciler
+        self.recent_check: RecentCheck | None = None  # set by the Service
         self.started_at = started_at or utcnow()
         self.sign_ins = SignIns(config, store)
         self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
@@ -6660,6 +6956,8 @@ class Web:
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
                     **self._webhook_setup_json(s.name),
+                    # The recent check keeps finding changes no webhook brought (Syncer.silent_plugin).
+                    "plugin_silent": self.syncer.silent_plugin(s.name),
                 }
             )
         return out
@@ -6709,6 +7007,20 @@ class Web:
             "dry_run": self.config.sync.dry_run,
             "read_only": not self.config.auth_username,  # the dashboard cannot sign in: it hides its buttons
             "reconcile": None if self.reconciler is None else self.reconciler.progress,
+            "recent_check": self.recent_check_status(),
+        }
+
+    def recent_check_status(self) -> dict:
+        """The recent check: how often, when each server was last checked, what it found and costs."""
+        every = self.config.reconcile.recent_check_seconds
+        rc = self.recent_check
+        if rc is None or not every:
+            return {"every_seconds": 0}
+        return {
+            "every_seconds": every,
+            "last_run": {n: format_time(t) for n, t in rc.last_run.items()},
+            "changes_found": rc.news,
+            "cost_per_minute_per_person_and_server": rc.cost_per_minute(),
         }
 
     def _cached(self, key: str, compute: Any) -> Any:
@@ -7995,10 +8307,12 @@ class Service:
         self.library = Library(config, self.store, self.clients)
         self.syncer = Syncer(config, self.store, self.library, self.clients)
         self.reconciler = Reconciler(config, self.store, self.library, self.syncer)
+        self.recent_check = RecentCheck(config, self.store, self.library, self.syncer)
         self.safety = SafetyNet(config, self.store, self.syncer)
         self.reconciler.ping = self.safety.alerts.ping
         self.app = Web(config, self.store, self.syncer, self.reconciler, threads=self.threads, safety=self.safety)
         self.safety.alerts.reasons = self.app.ready.reasons
+        self.app.recent_check = self.recent_check
         self.alert_thread: SupervisedThread | None = None
         self.server = None
         self.supervisor: threading.Thread | None = None
@@ -8011,6 +8325,8 @@ class Service:
     def start_workers(self) -> None:
         self.syncer.start()
         self.reconciler.start()
+        if self.config.reconcile.recent_check_seconds:
+            self.recent_check.start()
         if self.config.alerts.urls:
             self.alert_thread = SupervisedThread("alerts", self.safety.alerts.loop)
             self.alert_thread.start()
@@ -8018,7 +8334,7 @@ class Service:
         self.supervisor.start()
 
     def threads(self) -> list[SupervisedThread]:
-        optional = [t for t in (self.reconciler.thread, self.alert_thread) if t is not None]
+        optional = [t for t in (self.reconciler.thread, self.recent_check.thread, self.alert_thread) if t is not None]
         return [*self.syncer.threads, *optional]
 
     def _supervise(self) -> None:
@@ -8035,6 +8351,7 @@ class Service:
         self.safety.alerts.stop_event.set()
         self.syncer.stop()
         self.reconciler.stop()
+        self.recent_check.stop()
         self.store.close()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -125,6 +126,7 @@ class FakeJellyfin:
             "DiscordOptions": [],
         }
         self.plugin_saves = 0
+        self.date_played_reads = 0  # user item lists sorted by DatePlayed (the recent check)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -729,7 +731,9 @@ class FakeJellyfin:
             if q.get("isfavorite"):
                 rows = [r for r in rows if ud(r)["IsFavorite"] == (q["isfavorite"] == "true")]
             for f in (q.get("filters") or "").split(","):
-                if f == "IsResumable":
+                if f == "IsPlayed":  # ItemFilter.IsPlayed, as isPlayed=true
+                    rows = [r for r in rows if ud(r)["Played"]]
+                elif f == "IsResumable":
                     rows = [r for r in rows if ud(r)["PlaybackPositionTicks"] > 0]
                 elif f == "Likes":
                     rows = [r for r in rows if (ud(r)["Rating"] or 0) >= 6.5]
@@ -744,6 +748,13 @@ class FakeJellyfin:
         if q.get("mindatelastsavedforuser"):
             since = parse_iso(q["mindatelastsavedforuser"])
             rows = [r for r in rows if r["_saved"] >= since]
+        if uid and q.get("sortby") == "DatePlayed":
+            self.date_played_reads += 1
+            # ItemSortBy.DatePlayed orders by the user's LastPlayedDate (OrderMapper.MapOrderByField,
+            # v10.11.8; SqliteItemRepository before 10.11). Never played: none, first in ascending
+            # order as SQL sorts NULL, so last in descending.
+            played = lambda r: parse_iso(ud(r)["LastPlayedDate"]) if ud(r)["LastPlayedDate"] else 0.0  # noqa: E731
+            rows.sort(key=played, reverse=q.get("sortorder") == "Descending")
         fields = set((q.get("fields") or "").split(","))
         start, limit = int(q.get("startindex", 0)), int(q.get("limit", 10**9))
         out = []
@@ -815,7 +826,8 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
             **sync,
         },
         "database": {"path": str(tmp / "sync.db")},
-        "reconcile": {"on_startup": False, "interval_minutes": 0},  # tests start passes themselves
+        # Tests start passes themselves; the recent check only where a test turns it on.
+        "reconcile": {"on_startup": False, "interval_minutes": 0, "recent_check_seconds": 0},
         # Removals settle briefly (the brake's tests set the real settling time themselves).
         "safety": {"removal_delay_seconds": 0.3},
         # Changes need the API token or a sign-in (issue 22.1): Running.call sends this token.
@@ -4772,6 +4784,46 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site hooks (python -S);"
         " a .pth file this machine adds to site-packages accounts for the difference"
     )
+    recent_check_cost(tmp)
+
+
+def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benchmark command
+    """What the recent check costs each server: requests and bytes per minute per person and
+    server at the default reconcile.recent_check_seconds (60), on a 20,000-item library where
+    the person has played 500 items and has 10 half way; and a household of 10 people × 3
+    servers in requests per second."""
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    for f in fakes:
+        f.add_user("alice")
+        f.add_library(20_000)
+        uid = f.user("alice")
+        for i, iid in enumerate(list(f.items)[:510]):
+            when = iso(time.time() - 86400 + i)
+            ud = {"Played": True, "PlayCount": 1} if i < 500 else {"PlaybackPositionTicks": 10**10, "PlayCount": 1}
+            f.data[(uid, iid)] = dict(BLANK_USER_DATA, LastPlayedDate=when, **ud)
+    (tmp / "recent").mkdir()
+    config = jds.load_config(write_config(tmp / "recent", fakes))
+    config = dataclasses.replace(config, reconcile=jds.ReconcileConfig(recent_check_seconds=60.0))
+    service = jds.Service(config)
+    try:
+        rc = service.recent_check
+        rc.run()  # the first check of each server only records what it reads (and learns the version)
+        rc.cost = {"checks": 0, "requests": 0, "bytes": 0}  # the steady state: every minute after
+        home = fakes[0]
+        for minute in range(5):
+            home.mark_played(home.user("alice"), list(home.items)[600 + minute])  # a change each minute
+            rc.run()
+        cost = rc.cost_per_minute()
+    finally:
+        service.stop()
+        for f in fakes:
+            f.close()
+    household = cost["requests"] * 10 * 3 / 60
+    print(
+        f"recent check, per person/server: {cost['requests']:.2f} requests and {cost['bytes'] / 1024:.1f} KiB a"
+        f" minute (reconcile.recent_check_seconds: 60; a page of {jds.RECENT_PAGE} items)"
+    )
+    print(f"  10 people × 3 servers:         {household:.2f} requests/s  (target < 1)")
 
 
 def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no cover - a command
@@ -5142,13 +5194,14 @@ def test_browser_a_refused_key_and_an_outage_as_the_dashboard_shows_them(cluster
     from playwright.sync_api import expect, sync_playwright
 
     monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)
-    c = cluster(start=False, max_retries=0, extra={"servers": {"parents": {"api_key": hexid()}}})
+    c = cluster(start=False, max_retries=0, extra={"servers": {"parents": {"api_key": hexid()}}, "server": SIGN_IN})
     c.start()
+    signed_in(c)
     home, parents, public = c["home"], c["parents"], c["public"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(c.svc.url + "/")
+        sign_in(page, c.svc.url)
         card = page.get_by_role("article", name="server parents")
         expect(card).to_contain_text("API key refused", timeout=10000)
         expect(card).to_contain_text("the API key was refused")
@@ -5657,7 +5710,8 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster(versions=("10.10.7", "10.11.8"))
+    c = cluster(versions=("10.10.7", "10.11.8"), extra={"server": SIGN_IN})
+    signed_in(c)
     home, parents = c["home"], c["parents"]
     home.webhook_url = None  # home's plugin was never set up by hand
     dialogs: list[str] = []
@@ -5665,7 +5719,7 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(c.svc.url + "/")
+        sign_in(page, c.svc.url)
         card = page.get_by_role("article", name="server home")
         expect(card).to_contain_text("No webhook received yet", timeout=10000)
         card.get_by_role("button", name="Set up webhooks").click()
@@ -5908,7 +5962,7 @@ def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(clus
     from playwright.sync_api import expect, sync_playwright
 
     c = cluster(max_retries=0)  # the API token only: a browser cannot send it
-    c["parents"].status_override = 500
+    c["parents"].writes_fail = True  # up, but its writes fail
     c["home"].user_favourites("bob", "Dune", True)  # a failed change: its row has Retry and Discard
     eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed change")
     with sync_playwright() as p:
@@ -5923,6 +5977,137 @@ def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(clus
             expect(page.locator(selector).first).to_be_hidden()
         expect(page.get_by_role("button", name="Look")).to_be_visible()  # looking stays open
         browser.close()
+
+
+# ── Issue 26.3–4: the recent check catches what no webhook brought; a silent plugin is named ──
+
+
+def recent_rounds(c: Cluster, n: int = 2) -> None:
+    """Wait until every server's people were checked ``n`` more times by the recent check."""
+    for _ in range(n):
+        before = c.svc.call("GET", "/api/status")[1]["recent_check"]["last_run"]
+
+        def later(before=before):
+            now = c.svc.call("GET", "/api/status")[1]["recent_check"]["last_run"]
+            return len(now) == len(c.fakes) and all(now[k] != before.get(k) for k in now)
+
+        eventually(later, what="a round of the recent check")
+
+
+def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster, receiver, monkeypatch):
+    monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
+    every = 0.2
+    c = cluster(
+        start=False,
+        extra={"reconcile": {"recent_check_seconds": every}, "alerts": {"urls": [f"{receiver.url}/hook"]}},
+    )
+    for f in c.fakes:
+        f.add_library(30)  # more than a page: bob, who never played anything, still costs one read
+    c.start()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    recent_rounds(c, 1)  # the first check of each person only notes where their list stands
+    home.webhook_url = None  # home's plugin posts nothing to us (its destination points elsewhere)
+    runtime = home.items[home.item("Dune")]["RunTimeTicks"]
+    home.user_plays("alice", "Arrival", [10**10, 5 * 10**10], completed=True)  # to the end
+    home.user_plays("alice", "Dune", [10**10, runtime // 2])  # stopped half way
+    for f in (parents, public):
+        eventually(lambda f=f: f.ud("alice", "Arrival")["Played"], what=f"Arrival played on {f.name}")
+        eventually(
+            lambda f=f: f.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 2,
+            what=f"Dune's position on {f.name}",
+        )
+    assert not parents.ud("bob", "Arrival")["Played"], "another person's state must not change"
+    c.settle()
+    # In step now: more rounds read the same lists on every server and write nothing, anywhere.
+    writes = [f.writes() for f in c.fakes]
+    recent_rounds(c, 3)
+    assert [f.writes() for f in c.fakes] == writes
+    assert home.writes() == 0, "nothing is written back to where the change was made"
+    cost = c.svc.call("GET", "/api/status")[1]["recent_check"]["cost_per_minute_per_person_and_server"]
+    assert cost["requests"] == 60 / every and 0 < cost["bytes"], cost  # one request per check
+    journal = c.svc.call("GET", "/api/journal?limit=20")[1]
+    causes = {e.get("cause", "") for e in journal["entries"]}
+    assert causes and all(cause.startswith("check:") for cause in causes), causes
+    # Home keeps changing and posting nothing: the third finding names the silent plugin.
+    home.user_marks("alice", "Heat", True)
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="Heat played on parents")
+    home.user_plays("bob", "Arrival", [10**10], completed=True)
+    eventually(lambda: parents.ud("bob", "Arrival")["Played"], what="bob's Arrival on parents")
+    cards = {s["name"]: s for s in eventually(lambda: silent_cards(c), what="the silent-plugin warning")}
+    said = cards["home"]["plugin_silent"]
+    assert said.startswith("the Webhook plugin on home is not posting to us"), said
+    for words in ("installed", "/webhook/home", "Send All Properties", "Playback Stop", "User Data Saved"):
+        assert words in said, words
+    assert cards["parents"]["plugin_silent"] is None and cards["public"]["plugin_silent"] is None
+    alert = eventually(lambda: receiver.bodies("/hook"), what="an alert")[0]
+    assert alert["condition"] == "silent:home" and alert["level"] == "problem", alert
+    assert alert["title"] == "the Webhook plugin on home is not posting to us"
+    # The plugin is mended: its next webhook clears the card and the alert.
+    home.webhook_url = f"{c.svc.url}/webhook/home"
+    home.user_favourites("alice", "Heat", True)
+    eventually(lambda: not silent_cards(c), what="the warning cleared")
+    eventually(lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"], what="the all-clear")
+    eventually(lambda: parents.ud("alice", "Heat")["IsFavorite"], what="the webhook's change")
+
+
+def silent_cards(c: Cluster) -> list[dict]:
+    servers = c.svc.call("GET", "/api/status")[1]["servers"]
+    return servers if any(s["plugin_silent"] for s in servers) else []
+
+
+def test_the_recent_check_is_off_at_zero_and_reads_nothing(cluster):
+    c = cluster()  # the tests' config: reconcile.recent_check_seconds: 0
+    assert c.svc.call("GET", "/api/status")[1]["recent_check"] == {"every_seconds": 0}
+    assert c.svc.service.recent_check.thread is None
+    c.settle()
+    assert [f.date_played_reads for f in c.fakes] == [0, 0, 0]
+
+
+def test_the_recent_check_reads_a_jellyfin_10_8_source_by_its_legacy_route(cluster):
+    c = cluster(versions=("10.8.13", "10.10.7", "10.11.8"), extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents = c["home"], c["parents"]
+    recent_rounds(c, 1)
+    home.webhook_url = None  # a server without the plugin (it may lag a new Jellyfin)
+    runtime = home.items[home.item("Dune")]["RunTimeTicks"]
+    home.user_plays("alice", "Heat", [10**10], completed=True)
+    home.user_plays("alice", "Dune", [runtime // 3])
+    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="Heat played on parents")
+    eventually(lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3, what="Dune's position")
+    assert ("GET", f"/Users/{home.user('alice')}/Items") in home.requests
+
+
+def test_plays_made_while_the_service_restarted_arrive_by_the_check_after_it(cluster):
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents = c["home"], c["parents"]
+    recent_rounds(c, 1)
+    c.svc.stop()  # "docker restart": the plugin's webhooks meanwhile are refused, never resent
+    runtime = home.items[home.item("Heat")]["RunTimeTicks"]
+    home.user_plays("alice", "Arrival", [10**10], completed=True)
+    home.user_plays("alice", "Heat", [runtime // 4])
+    eventually(home.quiet, what="the lost webhooks")
+    assert not parents.ud("alice", "Arrival")["Played"]
+    c.start()  # the same database: the watermark says where the last check stopped
+    eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="Arrival played on parents")
+    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 4, what="Heat's position")
+    c.settle()
+    assert home.writes() == 0
+
+
+def test_a_film_finished_after_another_started_still_arrives_by_the_check(cluster):
+    """Jellyfin dates a play from its start: a film the check saw half way, finished once the
+    same person had started something else (seen by a check too), is older than the watermark."""
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents = c["home"], c["parents"]
+    recent_rounds(c, 1)
+    home.webhook_url = None
+    runtime = home.items[home.item("Dune")]["RunTimeTicks"]
+    home.user_plays("alice", "Dune", [runtime // 3])
+    eventually(lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3, what="Dune half way")
+    home.user_plays("alice", "Heat", [runtime // 5])  # on another device
+    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 5, what="Heat started")
+    # Dune's player reaches the end: saved with no new PlaybackStart (UserDataManager.UpdatePlayState).
+    home.save(home.user("alice"), home.item("Dune"), "PlaybackFinished", Played=True, PlaybackPositionTicks=0)
+    eventually(lambda: parents.ud("alice", "Dune")["Played"], what="Dune played on parents")
 
 
 if __name__ == "__main__":

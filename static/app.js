@@ -117,6 +117,7 @@ function renderStatus(st) {
              // A reason may end in its own "?" ("… is this the Jellyfin Webhook plugin?").
              `${s.rejected_webhooks.last_reason.replace(/([^.?!])$/, "$1.")} ${s.rejected_webhooks.hint}`)
         : "",
+      s.plugin_silent ? el("p", { class: "bad", role: "status" }, s.plugin_silent) : "",
       el("button", { type: "button", class: "setup-webhook", onclick: () => setupWebhook(s.name),
         ...(note && note.busy ? { disabled: "" } : {}) }, "Set up webhooks"),
       note ? el("p", { class: note.cls, role: "status" }, note.text) : "",
@@ -225,7 +226,7 @@ const isoOf = (value) => (value ? new Date(value).toISOString() : "");
 function causeName(cause) {
   const [kind, n] = cause.split(":");
   return { event: `webhook #${n}`, pass: `reconciliation pass ${n}`, undo: `undo ${n}`, import: `import ${n}`,
-    discard: `discard ${n}`, "sync-item": `“sync this item” ${n}` }[kind] || cause;
+    discard: `discard ${n}`, "sync-item": `“sync this item” ${n}`, check: `recent check ${n}` }[kind] || cause;
 }
 
 // ── The safety net: held changes, undo previews, alerts ──
