@@ -26,7 +26,7 @@ Sections, in the order data flows (search for "# ── Name" to jump to one):
   Web                    the Bottle app: routes, the Guard plugin, readiness, metrics
   main                   the command line, logging, the Service that owns every thread
 
-The architecture is DESIGN.md's (one process, one module, one SQLite file, data flowing one
+The architecture is docs/design.md's (one process, one module, one SQLite file, data flowing one
 way); where this file departs from it, the section says why.
 """
 
@@ -96,7 +96,7 @@ DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3
 # A target's state read by a reconciliation pass is trusted for its writes for this long.
 STATE_FRESH_SECONDS = 300.0
 MAX_RETRY_DELAY = float(HOUR)  # a retry's pause doubles up to this
-LIKE_RATING = 6.5  # Jellyfin: Likes is true for a Rating of at least this (JELLYFIN.md §1)
+LIKE_RATING = 6.5  # Jellyfin: Likes is true for a Rating of at least this (docs/jellyfin.md §1)
 PROVIDER_PREFIX = "Provider_"  # the plugin's keys for provider ids: Provider_imdb, Provider_tmdb, …
 INDEX_OVERLAP_SECONDS = 300  # an incremental index refresh re-reads this much (the server's clock is not ours)
 ECHO_EXPECTATION_SECONDS = HOUR  # an expected echo that never came is forgotten after this
@@ -132,7 +132,7 @@ TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
 IDS_PER_REQUEST = 100  # item ids in one ?ids= query (the URL stays well under 4 KiB)
 # Item types we index: the leaf types user data lives on, plus Series so episodes can be matched
-# by their series' provider IDs (JELLYFIN.md §2 "Finding the same item").
+# by their series' provider IDs (docs/jellyfin.md §2.5).
 INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 # Fields of a user's watch state that we propagate, and the config switch for each.
@@ -178,7 +178,7 @@ DATE_KEYS = ("UtcTimestamp", "LastPlayedDate", "LastLoginDate")
 INT64_MAX = 2**63 - 1  # SQLite's INTEGER, and .NET's long
 INT32_MAX = 2**31 - 1  # .NET's int: the server's PlayCount, season, episode and year
 INT32_KEYS = frozenset(("PlayCount", "SeasonNumber", "EpisodeNumber", "Year"))
-NO_DATE = "0001-01-01"  # DateTime.MinValue: the plugin's "no date" (webhook-plugin.md, dates)
+NO_DATE = "0001-01-01"  # DateTime.MinValue: the plugin's "no date" (docs/jellyfin.md §1, dates)
 LAST_DATE = 253402300800.0  # 10000-01-01T00:00:00Z
 # Kept keys checked by kind in parse_webhook; every other kept key must be text.
 TYPED_KEYS = frozenset((*ID_KEYS, *BOOL_KEYS, *INT_KEYS, *DATE_KEYS, "Rating"))
@@ -306,7 +306,7 @@ def folder_problem(db_path: str) -> str | None:
 
 
 def format_time(epoch: float) -> str:
-    """UTC ISO with ``Z``, as Jellyfin expects (JELLYFIN.md §2 "Dates")."""
+    """UTC ISO with ``Z``, as Jellyfin expects (docs/jellyfin.md §2)."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
 
 
@@ -318,12 +318,12 @@ def timeline_start(minutes: int, bucket: int, now: float) -> float:
 
 
 def normalise_id(value: Any) -> str:
-    """Templates render GUIDs with dashes; "Send All Properties" without (JELLYFIN.md §1)."""
+    """Templates render GUIDs with dashes; "Send All Properties" without (docs/jellyfin.md §1)."""
     return str(value).replace("-", "").replace("{", "").replace("}", "").lower()
 
 
 def name_key(name: str) -> str:
-    """Jellyfin user names are case-insensitive on every version (JELLYFIN.md §2 "Users")."""
+    """Jellyfin user names are case-insensitive on every version (docs/jellyfin.md §2.6)."""
     return name.strip().casefold()
 
 
@@ -1082,7 +1082,7 @@ def _parse_map(raw: Any, servers: set[str], src: str) -> tuple[tuple[tuple[str, 
 def normalise_path(path: str) -> str:
     """Compare paths across servers: forward slashes, no trailing slash, case-folded.
 
-    Windows servers use backslashes and case-insensitive paths (JELLYFIN.md §2); folding case
+    Windows servers use backslashes and case-insensitive paths (docs/jellyfin.md §2); folding case
     on Linux paths too costs nothing in practice and saves a class of mismatches.
     """
     p = path.replace("\\", "/").rstrip("/")
@@ -1144,7 +1144,7 @@ CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
 -- The brake counts a source's removals for one person (Store.brake).
 CREATE INDEX IF NOT EXISTS jobs_removal ON jobs (source, user_key, removal, created_at);
 -- What we know of each server's state, per user and item and field: the value (from an
--- event, a read or our own write) and when it was observed (newest wins, DESIGN.md §4).
+-- event, a read or our own write) and when it was observed (newest wins, docs/design.md §4).
 CREATE TABLE IF NOT EXISTS state (
     server TEXT NOT NULL, user_key TEXT NOT NULL, item_id TEXT NOT NULL, field TEXT NOT NULL,
     value TEXT NOT NULL, observed_at REAL NOT NULL,
@@ -1204,7 +1204,7 @@ CREATE TABLE IF NOT EXISTS passwords (
 
 
 # The older jellyfin-db-sync (0.0.x) kept its data in the same file by default
-# (/data/jellyfin-db-sync.db): these tables (seed-compat.md in the project's notes).
+# (/data/jellyfin-db-sync.db): these tables (docs/older-program.md).
 OLDER_TABLES = ("user_mappings", "sync_log", "pending_events", "item_path_cache")
 # Its change kinds (pending_events.event_type) → our field and how to read the value.
 OLDER_FIELDS: dict[str, tuple[str, Any]] = {
@@ -1744,7 +1744,7 @@ class Store:
             if version and version < SCHEMA_VERSION:
                 log.info("database %s upgraded from schema %d to %d", path, version, SCHEMA_VERSION)
             # A job left 'running' by a crash or a kill is released: applying it again is
-            # harmless because jobs carry state, not deltas (DESIGN.md §2, §5).
+            # harmless because jobs carry state, not deltas (docs/design.md §2, §5).
             conn.execute("UPDATE jobs SET status = 'pending' WHERE status = 'running'")
 
     def _conn(self) -> sqlite3.Connection:
@@ -2725,17 +2725,17 @@ class ServerVersion:
 
     @property
     def legacy(self) -> bool:
-        """10.8 and older: legacy /Users/{u}/… routes, no /UserData writes (JELLYFIN.md §2)."""
+        """10.8 and older: legacy /Users/{u}/… routes, no /UserData writes (docs/jellyfin.md §2)."""
         return self.before(10, 9)
 
     @property
     def sets_positions(self) -> bool:
-        """A resume position can be written with an API key (/UserData, 10.9+; JELLYFIN.md §2)."""
+        """A resume position can be written with an API key (/UserData, 10.9+; docs/jellyfin.md §2)."""
         return not self.legacy
 
     @property
     def removes_playlist_entries(self) -> bool:
-        """DELETE /Playlists/{id}/Items accepts an API key from 10.11 on (JELLYFIN.md §2)."""
+        """DELETE /Playlists/{id}/Items accepts an API key from 10.11 on (docs/jellyfin.md §2)."""
         return not self.before(10, 11)
 
     @property
@@ -2932,7 +2932,7 @@ class JellyfinClient:
     def rename_user(self, user_id: str, new_name: str) -> None:
         if self.ensure_version().legacy:
             raise SyncError("Jellyfin 10.8 cannot rename a user with an API key; rename it by hand")
-        dto = self.get_user(user_id)  # the update takes the whole UserDto (JELLYFIN.md §2.6)
+        dto = self.get_user(user_id)  # the update takes the whole UserDto (docs/jellyfin.md §2.6)
         dto["Name"] = new_name
         self.request("POST", "/Users", {"userId": user_id}, dto)
 
@@ -2943,7 +2943,7 @@ class JellyfinClient:
 
     # items
     def items_page(self, start: int, limit: int, min_saved: str | None = None) -> list[dict]:
-        # No userId: with one, alternate versions collapse and their paths vanish (JELLYFIN.md §2).
+        # No userId: with one, alternate versions collapse and their paths vanish (docs/jellyfin.md §2).
         res = self.request(
             "GET",
             "/Items",
@@ -2966,7 +2966,7 @@ class JellyfinClient:
         self, user_id: str, query: dict, user_data: bool = True, page: int = INDEX_PAGE_SIZE
     ) -> Iterator[dict]:
         """A user's items matching a filter (isPlayed, isFavorite, filters=…), page by page
-        (JELLYFIN.md §2: filtered /Items queries, not one request per item): Id and name, with
+        (docs/jellyfin.md §2: filtered /Items queries, not one request per item): Id and name, with
         UserData if asked. No paths: the item index has them (items_by_ids for a new one)."""
         path = f"/Users/{user_id}/Items" if self.ensure_version().legacy else "/Items"
         base = {
@@ -3114,7 +3114,7 @@ class JellyfinClient:
         return self.request(method, f"/UserItems/{item_id}/Rating", {"userId": user_id, **query}) or {}
 
     def update_user_data(self, user_id: str, item_id: str, data: dict) -> dict:
-        # 10.8 has no API-key route for this at all (JELLYFIN.md §2): callers check first.
+        # 10.8 has no API-key route for this at all (docs/jellyfin.md §2): callers check first.
         return self.request("POST", f"/UserItems/{item_id}/UserData", {"userId": user_id}, data) or {}
 
 
@@ -3359,7 +3359,7 @@ class Library:
 def parse_webhook(body: bytes) -> dict:
     """Validate and normalise one plugin body. Raises WebhookError (400) for anything else.
 
-    The plugin sends ``text/plain`` whatever the body is (JELLYFIN.md §1), so the content type
+    The plugin sends ``text/plain`` whatever the body is (docs/jellyfin.md §1), so the content type
     is not looked at. Templates give dashed GUIDs and True/False; both are normalised here.
     """
     data = _json_object(body)
@@ -3518,7 +3518,7 @@ def likes_from_event(ev: dict) -> bool | None:
 
 
 def observations_from_event(ev: dict) -> dict[str, Any]:
-    """Which of our fields this event reports truthfully, by type and SaveReason (JELLYFIN.md §1).
+    """Which of our fields this event reports truthfully, by type and SaveReason (docs/jellyfin.md §1).
 
     The re-watch trap: PlaybackStart forces Played=false on a resumable video, so Played=false is
     never taken from playback (start, progress or a stop before the end) — only Played=true.
@@ -3597,7 +3597,7 @@ def describe(fld: str, value: Any) -> str:
 
 class Planner:
     """The one owner of the rules of what becomes a job, for webhooks and reconciliation passes
-    alike (DESIGN.md §3, §4): our own echoes are dropped, so is what we already know of a
+    alike (docs/design.md §3, §4): our own echoes are dropped, so is what we already know of a
     server and what is older than it (newest wins, per field); a newer desired state replaces a
     waiting one (coalescing); a webhook's date is not trusted beyond our clock; and an item a
     target lacks waits as its path_sync_policy says. The Store only runs its statements."""
@@ -4139,7 +4139,7 @@ class ServerHealth:
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
             # /System/Info/Public answers without a key: a refused key shows only on a call
-            # that needs one. GET /Users is the cheapest every version has (JELLYFIN.md §2).
+            # that needs one. GET /Users is the cheapest every version has (docs/jellyfin.md §2).
             client.users()
             state.update(healthy=True, key_refused=False, error=None, down_since=None)
         except JellyfinError as e:
@@ -4524,7 +4524,7 @@ class Syncer:
     def apply_next(self, target: str) -> bool:
         """Claim and apply the next due jobs for ``target``, and record their outcomes in one
         commit. Returns False when none was due. (Should the process die before that commit,
-        the jobs are found 'running' at start and applied again: harmless, DESIGN.md §2, §5.)"""
+        the jobs are found 'running' at start and applied again: harmless, docs/design.md §2, §5.)"""
         groups = self.store.claim_jobs(target, utcnow())
         finished: list = []
         try:
@@ -4764,7 +4764,7 @@ class Syncer:
     def _target_loop(self, target: str, lead: bool) -> None:
         # What a writer commits (claims, outcomes, the state it wrote) is safe to lose in a power
         # cut: a job found 'running' at start is applied again, and jobs carry state, not deltas
-        # (DESIGN.md §2, §5). Like the planner's, its commits need not wait for an fsync.
+        # (docs/design.md §2, §5). Like the planner's, its commits need not wait for an fsync.
         self.store.relax_durability()
         cond = self._target_wake[target]
         interval = self.config.sync.worker_interval_seconds or 5.0
@@ -4832,7 +4832,7 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
       purpose, and the field is left alone until the person changes it on any server (that
       change then wins as above, on every server, the undone one included).
     "Unplayed" counts as a change only with a play count of 0: starting a re-watch also makes
-    Jellyfin report Played=false, but keeps the count (JELLYFIN.md §1, the re-watch trap).
+    Jellyfin report Played=false, but keeps the count (docs/jellyfin.md §1, the re-watch trap).
     """
 
     def positive(v: _View) -> tuple:
@@ -8014,7 +8014,7 @@ def _secret_matches(given: str, expected: str) -> bool:
 
 
 def _token_ok(environ: dict, token: str) -> bool:
-    """The plugin can only send fixed custom headers, or a secret in the URL (JELLYFIN.md §1)."""
+    """The plugin can only send fixed custom headers, or a secret in the URL (docs/jellyfin.md §1)."""
     query = urllib.parse.parse_qs(environ.get("QUERY_STRING") or "")
     given = environ.get("HTTP_X_WEBHOOK_TOKEN") or _bearer(environ) or (query.get("token") or [""])[-1]
     return _secret_matches(given, token)

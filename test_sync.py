@@ -3,7 +3,7 @@
     pytest -q test_sync.py            # the suite
     python test_sync.py --benchmark   # the figures in the README (prints, asserts nothing on time)
 
-The fake servers behave like Jellyfin where the service depends on it (JELLYFIN.md in the project's shared notes):
+The fake servers behave like Jellyfin where the service depends on it (docs/jellyfin.md):
 per-version routes (10.8 legacy, 10.9+ ?userId=), MediaBrowser auth (12.0 refuses X-Emby-Token),
 user-data semantics (mark played resets the position, PlaybackStart forces Played=false on a
 re-watch, /UserData copies fields verbatim) and an echo webhook for every save, fired back at the
@@ -372,7 +372,7 @@ class FakeJellyfin:
     def writes(self) -> int:
         return sum(1 for m, p in self.requests if m in ("POST", "DELETE") and WRITE_ROUTES.search(p))
 
-    # the server's own behaviour (JELLYFIN.md §2 "Semantics to respect")
+    # the server's own behaviour (docs/jellyfin.md §2, semantics)
     def _dto(self, ud: dict, item_id: str) -> dict:
         out = {
             "PlaybackPositionTicks": ud["PlaybackPositionTicks"],
@@ -864,7 +864,7 @@ class Running:
         # open then (closed, its number may already be a later test's socket or database file).
         server.task_dispatcher.shutdown()
 
-        def close_all():  # runs inside Waitress' loop thread: the one safe place (deploy-and-web §4.5)
+        def close_all():  # runs inside Waitress' loop thread: the one safe place (docs/design.md, "Serving")
             trigger.del_channel()  # out of the loop's map, but open: pull_trigger has yet to write
             for ch in list(server._map.values()):
                 if ch is server:  # the listening socket: Waitress' server.close() closes the trigger too
@@ -2293,7 +2293,7 @@ def test_the_servers_no_date_and_numbers_it_cannot_hold_are_met_at_the_door(clus
     c = cluster()
     home = c["home"]
     body = home.played_payload(home.user("alice"), home.item("Heat"))
-    # DateTime.MinValue with an offset (webhook-plugin.md, dates): no date — taken, and synced.
+    # DateTime.MinValue with an offset (docs/jellyfin.md §1, dates): no date — taken, and synced.
     assert c.svc.call("POST", "/webhook/home", dict(body, LastPlayedDate="0001-01-01T00:00:00+01:00"))[0] == 202
     eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="the played mark")
     c.settle()
@@ -3113,7 +3113,7 @@ def test_damaged_newer_and_older_databases_are_handled(tmp_path, fake_servers):
     store.close()
 
 
-# The older jellyfin-db-sync's schema, exactly as it creates it (seed-compat.md).
+# The older jellyfin-db-sync's schema, exactly as it creates it (docs/older-program.md).
 OLDER_SCHEMA = """
 CREATE TABLE user_mappings (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL,
     server_name TEXT NOT NULL, jellyfin_user_id TEXT NOT NULL,
@@ -4311,7 +4311,7 @@ def test_helm_chart_uses_only_values_it_declares_and_variables_the_program_reads
     assert chart["apiVersion"] == "v2" and chart["name"] == "jellyfin-db-sync"
     assert chart["appVersion"] == jds.__version__
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    # The older chart's values are all there (seed-compat.md), so its users' values files fit.
+    # The older chart's values are all there (docs/older-program.md), so its users' values files fit.
     older = (
         "replicaCount image.repository image.tag image.pullPolicy imagePullSecrets nameOverride fullnameOverride "
         "serviceAccount podAnnotations podLabels podSecurityContext securityContext service.type service.port "
