@@ -49,6 +49,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -91,6 +92,7 @@ SIGN_IN_WINDOW = 600.0  # …seconds, and that address gets 429 until the oldest
 HOUR, DAY = 3600, 86400  # seconds
 SESSION_SECONDS = 30 * DAY  # a dashboard sign-in lasts 30 days
 SIGN_IN_SLOWDOWN = 0.5  # seconds a failed sign-in is held (in one request thread at most)
+ALERT_TEST_SECONDS = 10.0  # "Send test" on alerts: at most one this often
 # /metrics: how long a change took to reach a target (upper bounds of the buckets, seconds).
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 # A target's state read by a reconciliation pass is trusted for its writes for this long.
@@ -6527,47 +6529,39 @@ CHART_WORDS = {
 WORDS = {"result": RESULT_WORDS, "field": FIELD_WORDS, "state": STATE_WORDS, "chart": CHART_WORDS}
 
 
-class SignIns:
-    """Dashboard sign-in: sessions (kept in the database, so a restart signs nobody out; read
-    from memory) and the limit on failed attempts per address (an IPv4 address or an IPv6 /64,
-    see client_key)."""
+class Failures:
+    """Failed attempts to prove who one is (a sign-in, an API token, the setup code), per
+    address (an IPv4 address or an IPv6 /64, see client_key): after SIGN_IN_FAILURES within
+    SIGN_IN_WINDOW, that address waits (429) until the oldest of them is that old."""
 
-    def __init__(self, config: Config, store: Store):
-        self.config = config
-        self.store = store
-        self._sessions: dict[str, float] = store.sessions(utcnow())  # cookie's SHA-256 → expiry
-        self._failures: dict[str, list[float]] = {}  # client key → times of its recent failures
-        self._lock = threading.Lock()  # guards _sessions and _failures
-        self._slowing = threading.Lock()  # held while a failed sign-in is being slowed down
-
-    def credentials_ok(self, user: str, password: str) -> bool:
-        ok_user = _secret_matches(user, self.config.auth_username)
-        ok_pw = _secret_matches(password, self.config.auth_password)  # both compared, whatever the first says
-        return ok_user and ok_pw
+    def __init__(self) -> None:
+        self._times: dict[str, list[float]] = {}  # client key → times of its recent failures
+        self._lock = threading.Lock()  # guards _times
+        self._slowing = threading.Lock()  # held while a failure is being slowed down
 
     def locked_out(self, address: str) -> int:
-        """Seconds until ``address`` may try to sign in again; 0 if it may now.
+        """Seconds until ``address`` may try again; 0 if it may now.
 
         Counted per REMOTE_ADDR (Waitress drops proxy headers it cannot trust). Behind a reverse
         proxy every visitor shares its address: a guesser then locks everyone out of the sign-in
-        for a while, never out of webhooks or the API token.
+        for a while, never out of webhooks.
         """
         now = utcnow()
         with self._lock:
-            recent = [t for t in self._failures.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW]
+            recent = [t for t in self._times.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW]
             if len(recent) < SIGN_IN_FAILURES:
                 return 0
             return int(recent[-SIGN_IN_FAILURES] + SIGN_IN_WINDOW - now) + 1
 
-    def failed(self, address: str, slow_down: bool = False) -> None:
+    def failed(self, address: str, what: str, slow_down: bool = False) -> None:
         now = utcnow()
         key = client_key(address)
         with self._lock:
-            self._failures.setdefault(key, []).append(now)
-            self._failures[key] = self._failures[key][-SIGN_IN_FAILURES:]
-            for a in [a for a, times in self._failures.items() if times[-1] <= now - SIGN_IN_WINDOW]:
-                del self._failures[a]  # forget quiet addresses: the table stays small
-        log.warning("failed dashboard sign-in from %s", address)
+            self._times.setdefault(key, []).append(now)
+            self._times[key] = self._times[key][-SIGN_IN_FAILURES:]
+            for a in [a for a, times in self._times.items() if times[-1] <= now - SIGN_IN_WINDOW]:
+                del self._times[a]  # forget quiet addresses: the table stays small
+        log.warning("failed %s from %s", what, address)
         # Slow guessing down, but never with more than one request thread at a time: the same
         # threads answer Jellyfin's webhooks. A second failure meanwhile is told at once.
         if slow_down and self._slowing.acquire(blocking=False):
@@ -6576,23 +6570,44 @@ class SignIns:
             finally:
                 self._slowing.release()
 
+    def forget(self, address: str) -> None:
+        with self._lock:
+            self._times.pop(client_key(address), None)
+
+
+class SignIns(Failures):
+    """Dashboard sign-in: sessions (kept in the database, so a restart signs nobody out; read
+    from memory), and the limit on failed attempts (Failures)."""
+
+    def __init__(self, config: Config, store: Store):
+        super().__init__()
+        self.config = config
+        self.store = store
+        self._sessions: dict[str, float] = store.sessions(utcnow())  # cookie's SHA-256 → expiry
+        self._sessions_lock = threading.Lock()  # guards _sessions
+
+    def credentials_ok(self, user: str, password: str) -> bool:
+        ok_user = _secret_matches(user, self.config.auth_username)
+        ok_pw = _secret_matches(password, self.config.auth_password)  # both compared, whatever the first says
+        return ok_user and ok_pw
+
     def open_session(self, address: str) -> str:
         token = secrets.token_urlsafe(32)
         now = utcnow()
         self.store.add_session(_token_hash(token), now + SESSION_SECONDS, now)
-        with self._lock:
-            self._failures.pop(client_key(address), None)
+        self.forget(address)
+        with self._sessions_lock:
             for t in [t for t, exp in self._sessions.items() if exp <= now]:
                 del self._sessions[t]
             self._sessions[_token_hash(token)] = now + SESSION_SECONDS
         return token
 
     def valid(self, cookie: str | None) -> bool:
-        with self._lock:
+        with self._sessions_lock:
             return bool(cookie) and self._sessions.get(_token_hash(cookie or ""), 0) > utcnow()
 
     def close(self, cookie: str | None) -> None:
-        with self._lock:
+        with self._sessions_lock:
             self._sessions.pop(_token_hash(cookie or ""), None)
         self.store.drop_session(_token_hash(cookie or ""))
 
@@ -6623,6 +6638,8 @@ class Guard:
         # Where browsers may send writes from: this service's own address as the browser sees
         # it — the Host header, or server.public_url behind a reverse proxy that rewrites Host.
         self.public_netloc = urllib.parse.urlsplit(config.public_url).netloc.lower()
+        self.public_scheme = urllib.parse.urlsplit(config.public_url).scheme.lower()
+        self.token_failures = Failures()  # wrong API tokens, per address (bearer_ok)
 
     def apply(self, callback: Any, route: Any) -> Any:
         if route.config.get("webhook"):
@@ -6666,13 +6683,34 @@ class Guard:
         """A request that changes something (every POST but the webhooks' and the sign-in's)
         needs someone known: a signed-in session when server.auth is set, or the API token.
         Without either configured, nobody is known, and the dashboard and API are read-only."""
-        import bottle
-
         if self.config.auth_username:
             return  # authenticated() decides: session, HTTP basic or the API token
-        if _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
+        if self.bearer_ok():
             return
         raise _json_response(403, {"error": read_only_reason(self.config), "read_only": True})
+
+    def bearer_ok(self) -> bool:
+        """The request carries the API token. Wrong tokens are counted per address apart from
+        failed sign-ins (a password guesser does not lock scripts out): after SIGN_IN_FAILURES
+        of them the address gets 429 for a while, right token or not (a guess during the wait
+        tells nothing)."""
+        import bottle
+
+        given = _bearer(bottle.request.environ)
+        if not given:
+            return False
+        address = bottle.request.environ.get("REMOTE_ADDR", "?")
+        wait = self.token_failures.locked_out(address)
+        if wait:
+            raise _json_response(
+                429,
+                {"error": f"too many wrong API tokens from your address: try again in {wait} s"},
+                {"Retry-After": str(wait)},
+            )
+        if _secret_matches(given, self.config.api_token):
+            return True
+        self.token_failures.failed(address, "API token")
+        return False
 
     def cross_site(self) -> bool:
         """A write sent by another site's page in this browser (CSRF)."""
@@ -6688,8 +6726,15 @@ class Guard:
         origin = headers.get("Origin") or headers.get("Referer")
         if not origin:
             return False  # not a browser's cross-site form or fetch (those carry one of them)
-        netloc = urllib.parse.urlsplit(origin).netloc.lower()
-        return netloc not in ((headers.get("Host") or "").lower(), self.public_netloc)
+        if origin.strip().lower() == "null":
+            return True  # a sandboxed frame, a data: URL or a file: page: never our own page
+        parts = urllib.parse.urlsplit(origin)
+        netloc = parts.netloc.lower()
+        if self.public_netloc and netloc == self.public_netloc:
+            # Our public address, but by its scheme: a page served over plain http (on a network
+            # that can rewrite it) must not write to the https service.
+            return parts.scheme.lower() != self.public_scheme
+        return netloc != (headers.get("Host") or "").lower()
 
     def authenticated(self) -> bool:
         import bottle
@@ -6697,7 +6742,7 @@ class Guard:
         if not self.config.auth_username:
             return True
         req = bottle.request
-        if _secret_matches(_bearer(req.environ), self.config.api_token):
+        if self.bearer_ok():
             return True
         auth = req.headers.get("Authorization", "")
         if auth[:6].lower() != "basic ":
@@ -6715,7 +6760,7 @@ class Guard:
                 {"Retry-After": str(wait)},
             )
         if not self.sign_ins.credentials_ok(user, password):
-            self.sign_ins.failed(address)
+            self.sign_ins.failed(address, "sign-in (HTTP basic)")
             return False
         return True
 
@@ -6745,6 +6790,7 @@ class Web:
         self.recent_check: RecentCheck | None = None  # set by the Service
         self.started_at = started_at or utcnow()
         self.sign_ins = SignIns(config, store)
+        self._last_alert_test = -HOUR  # monotonic time of the last "Send test" (ALERT_TEST_SECONDS)
         self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
         self._history_cache: dict[str, tuple[float, Any]] = {}  # key → (monotonic expiry, value)
         self._rejections_lock = threading.Lock()
@@ -6892,7 +6938,7 @@ class Web:
             message = f"Too many failed sign-ins from your address: try again in {wait // 60 + 1} minutes."
             return LOGIN_PAGE.replace("{message}", f'<p class="bad" role="alert">{message}</p>')
         if not self.sign_ins.credentials_ok(user, password):
-            self.sign_ins.failed(address, slow_down=True)
+            self.sign_ins.failed(address, "dashboard sign-in", slow_down=True)
             bottle.response.status = 401
             return LOGIN_PAGE.replace("{message}", '<p class="bad" role="alert">Wrong user name or password.</p>')
         bottle.response.set_cookie(
@@ -7346,6 +7392,10 @@ class Web:
     def api_alerts_test(self) -> str:
         if not self.config.alerts.urls:
             return send({"error": "no alerts.urls in the config: add one (see the README's Alerts)"}, 409)
+        wait = self._last_alert_test + ALERT_TEST_SECONDS - time.monotonic()
+        if wait > 0:  # a test posts to every destination: not a way to flood someone's phone
+            return send({"error": f"a test was sent just now: try again in {math.ceil(wait)} s"}, 429)
+        self._last_alert_test = time.monotonic()
         results = self._safety().alerts.test()
         return send({"results": results}, 200 if all(r["ok"] for r in results) else 502)
 
@@ -7723,6 +7773,7 @@ class Setup:
         self._save_lock = threading.Lock()  # one save at a time; guards started
         self.started = False  # a save started the service: never a second one
         self.code = "-".join(secrets.token_hex(2) for _ in range(3))
+        self.failures = Failures()  # wrong setup codes, per address
         self.app = _json_errors_bottle()
         a = self.app
         a.route("/healthz", "GET", _healthz)
@@ -7763,12 +7814,13 @@ class Setup:
         """The request's JSON, once the setup code checks out (403 otherwise)."""
         import bottle
 
+        address = bottle.request.environ.get("REMOTE_ADDR", "?")
+        wait = self.failures.locked_out(address)
+        if wait:  # right code or not: a guess during the wait tells nothing
+            raise _json_response(429, {"error": f"too many wrong setup codes: try again in {wait} s"})
         if not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
-            raise bottle.HTTPResponse(
-                json.dumps({"error": "wrong or missing setup code: it is printed in the service's log"}),
-                403,
-                {"Content-Type": "application/json"},
-            )
+            self.failures.failed(address, "setup code")
+            raise _json_response(403, {"error": "wrong or missing setup code: it is printed in the service's log"})
         try:
             body = bottle.request.json
         except RecursionError:

@@ -2535,6 +2535,33 @@ def test_a_restart_signs_nobody_out_and_a_sign_out_lasts(cluster):
     assert c.svc.call("GET", "/api/status", headers=session)[0] == 401, "signed out stays signed out"
 
 
+def test_guessing_tokens_and_cross_site_tricks_are_refused(cluster, receiver):
+    c = cluster(
+        extra={
+            "server": {"public_url": "https://sync.example.com"},
+            "alerts": {"urls": [f"{receiver.url}/hook"]},
+        }
+    )
+    svc = c.svc
+    retry = "/api/events/1/retry"
+    token = {"Authorization": f"Bearer {TEST_API_TOKEN}"}
+    # Origin "null" (a sandboxed frame, a file: page) without Sec-Fetch-Site is never our page.
+    assert svc.call("POST", retry, headers={**token, "Origin": "null"})[0] == 403
+    # Our public address, but over plain http: refused; over https: a same-site write.
+    assert svc.call("POST", retry, headers={**token, "Origin": "http://sync.example.com"})[0] == 403
+    assert svc.call("POST", retry, headers={**token, "Origin": "https://sync.example.com"})[0] == 404
+    # "Send test" once, then a pause: not a way to flood someone's phone.
+    assert svc.call("POST", "/api/alerts/test", headers=token)[0] == 200
+    status, said = svc.call("POST", "/api/alerts/test", headers=token)
+    assert status == 429 and "try again" in said["error"] and len(receiver.bodies("/hook")) == 1
+    # Guessing the API token: ten wrong ones, then the address waits, right token or not.
+    wrong = {"Authorization": "Bearer " + "x" * 32}
+    assert [svc.call("POST", retry, headers=wrong)[0] for _ in range(10)] == [403] * 10
+    assert svc.call("POST", retry, headers=wrong)[0] == 429
+    assert svc.call("POST", retry, headers=token)[0] == 429, "a guess during the wait tells nothing"
+    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202, "webhooks go on"
+
+
 def malformed_bodies(n: int = 600) -> list[bytes]:
     """A corpus of bodies a broken or hostile sender could post: every one must get a 4xx."""
     import random
@@ -3766,6 +3793,19 @@ def test_a_dry_run_says_so_at_start_and_in_each_pass_and_the_icon_is_served(tmp_
     conn.close()
     shut_down(proc, [])
     assert "dry run (sync.dry_run / JDS_DRY_RUN)" in process_log(proc)
+
+
+def test_guessing_the_setup_code_makes_the_address_wait(tmp_path):
+    port = free_port()
+    proc, code = start_setup_mode(tmp_path / "config.yaml", port)
+    svc = Running.of(port)  # the service is the process
+    guess = {"Content-Type": "application/json", "X-Setup-Code": "0000-0000-0000"}
+    assert [svc.call("POST", "/api/setup/test", {}, guess)[0] for _ in range(10)] == [403] * 10
+    assert svc.call("POST", "/api/setup/test", {}, guess)[0] == 429
+    right = {**guess, "X-Setup-Code": code}
+    assert svc.call("POST", "/api/setup/test", {}, right)[0] == 429, "a guess during the wait tells nothing"
+    shut_down(proc, [])
+    assert code not in process_log(proc).split("the setup code is")[-1].split("\n", 1)[1]
 
 
 def test_environment_variables_configure_everything_a_template_needs(tmp_path):
