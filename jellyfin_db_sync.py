@@ -6779,10 +6779,12 @@ class Web:
         started_at: float | None = None,
         threads: Any = None,
         safety: SafetyNet | None = None,
+        settings: Setup | None = None,
     ):
         import bottle
 
         self.safety = safety
+        self.settings = settings  # the setup page, to edit the settings later (signed in)
         self.config = config
         self.store = store
         self.syncer = syncer
@@ -6863,6 +6865,11 @@ class Web:
         a.route("/static/icon.svg", "GET", _favicon, open=True)
         a.route("/favicon.ico", "GET", _favicon, open=True)  # asked for by browsers and bookmarks
         a.route("/static/<path:path>", "GET", _static)
+        if self.settings is not None:  # the setup page edits the settings later: signed in (the Guard)
+            a.route("/setup", "GET", self.settings.page)
+            a.route("/api/setup", "GET", self.settings.describe)
+            a.route("/api/setup/test", "POST", self.settings.test_server)
+            a.route("/api/setup/save", "POST", self.settings.save)
 
     # webhooks
     def webhook(self, server_name: str) -> str:
@@ -7764,12 +7771,18 @@ class Setup:
     page instead of exiting into a restart loop. Anyone on the network could reach that page
     first, so every setup call needs the one-time code printed in the log (as Jupyter does).
     Saving writes the config file atomically, readable by its owner only, and hands the new
-    Config to ``on_saved``, which starts syncing without a restart."""
+    Config to ``on_saved``, which starts syncing without a restart.
 
-    def __init__(self, path: str, on_saved: Any, problem: str = ""):
+    Given the running service's ``settings`` (a Config), the same page edits them later, on the
+    dashboard's /setup: signed in (the Guard checks the sign-in instead of a setup code), keys
+    left empty are kept, and ``on_saved`` puts a service built from the new file in place of the
+    running one (ServiceSwitch), without a restart."""
+
+    def __init__(self, path: str, on_saved: Any, problem: str = "", settings: Config | None = None):
         self.path = path
         self.on_saved = on_saved
         self.problem = problem  # why we are in setup mode, shown on the page
+        self.settings = settings
         self._save_lock = threading.Lock()  # one save at a time; guards started
         self.started = False  # a save started the service: never a second one
         self.code = "-".join(secrets.token_hex(2) for _ in range(3))
@@ -7801,24 +7814,34 @@ class Setup:
         (shown read-only: a variable wins over the file)."""
         fixed = {s.env: s.key for s in SETTINGS if s.env and os.environ.get(s.env, "").strip()}
         fixed.update({k: "servers" for k in os.environ if k.startswith("JDS_SERVER_") and os.environ[k].strip()})
-        return send(
-            {
-                "config_path": str(Path(self.path).absolute()),
-                "problem": self.problem,
-                "from_environment": sorted(fixed.items()),
-                "version": __version__,
+        answer = {
+            "config_path": str(Path(self.path).absolute()),
+            "problem": self.problem,
+            "from_environment": sorted(fixed.items()),
+            "version": __version__,
+            "mode": "settings" if self.settings else "setup",
+        }
+        if self.settings:  # what is set now: never a key, token or password, only whether it is set
+            c = self.settings
+            answer["servers"] = [{"name": x.name, "url": x.url, "passwordless": x.passwordless} for x in c.servers]
+            answer["set"] = {
+                "webhook_token": bool(c.webhook_token),
+                "auth": bool(c.auth_username),
+                "api_token": bool(c.api_token),
             }
-        )
+        return send(answer)
 
     def _body(self) -> dict:
         """The request's JSON, once the setup code checks out (403 otherwise)."""
         import bottle
 
         address = bottle.request.environ.get("REMOTE_ADDR", "?")
-        wait = self.failures.locked_out(address)
-        if wait:  # right code or not: a guess during the wait tells nothing
+        wait = 0 if self.settings else self.failures.locked_out(address)
+        if self.settings:
+            pass  # the dashboard's settings: the Guard has checked the sign-in
+        elif wait:  # right code or not: a guess during the wait tells nothing
             raise _json_response(429, {"error": f"too many wrong setup codes: try again in {wait} s"})
-        if not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
+        elif not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
             self.failures.failed(address, "setup code")
             raise _json_response(403, {"error": "wrong or missing setup code: it is printed in the service's log"})
         try:
@@ -7832,12 +7855,14 @@ class Setup:
     def test_server(self) -> str:
         """The Test button: can this URL and API key be used? Name, version and users, or why not."""
         body = self._body()
+        known = self.settings.server(str(body.get("name") or "")) if self.settings else None
         try:
             server = _parse_server(
                 {
                     "name": body.get("name") or "test",
                     "url": body.get("url") or "",
-                    "api_key": body.get("api_key") or "",
+                    # Settings: a key left empty is the one that server has now.
+                    "api_key": body.get("api_key") or (known.api_key if known else ""),
                 },
                 "server",
                 set(),
@@ -7853,11 +7878,15 @@ class Setup:
     def save(self) -> str:
         body = self._body()
         with self._save_lock:  # two saves at once would write the file twice and start twice
-            if self.started:
+            if self.started and not self.settings:
                 return send({"ok": False, "error": "already saved: syncing has started; reload the page"}, 409)
             # Settings the page does not show (api_token, auth, database.path, every section
             # of a file that was refused for one value) are kept: the page's values go over them.
-            data = self._kept(self._existing(), self._config_data(body, self.path))
+            existing = self._existing()
+            page = self._config_data(body, self.path)
+            if self.settings:
+                page["servers"] = self._keys_kept(page["servers"], existing)
+            data = self._kept(existing, page)
             try:
                 merged = copy.deepcopy(data)
                 apply_env(merged, dict(os.environ))
@@ -7868,9 +7897,11 @@ class Setup:
             _write_private(self.path, yaml_dump(data))
             config = load_config(self.path)
             log.info(
-                "setup: configuration saved to %s%s; starting to sync",
+                "%s: configuration saved to %s%s; %s",
+                "settings" if self.settings else "setup",
                 self.path,
                 f" (the file it replaced is kept as {kept})" if kept else "",
+                "applying it" if self.settings else "starting to sync",
             )
             try:
                 self.on_saved(config)
@@ -7878,7 +7909,25 @@ class Setup:
                 log.error("setup: %s", e)
                 return send({"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500)
             self.started = True
-        return send({"ok": True, "message": f"saved to {self.path}; syncing has started"})
+        done = "applied, without a restart" if self.settings else "syncing has started"
+        return send({"ok": True, "message": f"saved to {self.path}; {done}"})
+
+    def _keys_kept(self, servers: list[dict], existing: dict) -> list[dict]:
+        """Settings: a server whose key was left empty keeps the one it has (in the file, or
+        the running config: the page never sees a key)."""
+        in_file = {
+            str(x.get("name")): x.get("api_key")
+            for x in existing.get("servers") or []
+            if isinstance(x, dict) and x.get("api_key")
+        }
+        out = []
+        for server in servers:
+            if not server.get("api_key"):
+                known = self.settings.server(str(server.get("name") or "")) if self.settings else None
+                key = in_file.get(str(server.get("name"))) or (known.api_key if known else None)
+                server = {**server, "api_key": key} if key else server
+            out.append(server)
+        return out
 
     def _existing(self) -> dict:
         """The file there now, as data (a file that is not YAML mapping: nothing to keep)."""
@@ -7921,6 +7970,9 @@ class Setup:
             server["webhook_token"] = token.strip() if isinstance(token, str) else token
         if body.get("auth_username") or body.get("auth_password"):
             server["auth"] = {"username": body.get("auth_username", ""), "password": body.get("auth_password", "")}
+        if body.get("api_token"):  # for scripts and Prometheus (Authorization: Bearer …)
+            token = body["api_token"]
+            server["api_token"] = token.strip() if isinstance(token, str) else token
         data: dict[str, Any] = {"servers": servers, "database": {"path": _default_database_path(path)}}
         if server:
             data["server"] = server
@@ -8352,7 +8404,9 @@ def make_waitress(app: Any, host: str, port: int) -> Any:
 class Service:
     """Everything wired together: what main() runs and what tests start in-process."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, config_path: str | None = None, replace: Any = None):
+        """``config_path`` and ``replace`` (a ServiceSwitch's): the dashboard's /setup then edits
+        that file, and a saved one replaces this service without a restart."""
         self.config = config
         self.store = Store(config.database_path, config.journal_mode)
         self.clients = {s.name: JellyfinClient(s) for s in config.servers}
@@ -8362,7 +8416,16 @@ class Service:
         self.recent_check = RecentCheck(config, self.store, self.library, self.syncer)
         self.safety = SafetyNet(config, self.store, self.syncer)
         self.reconciler.ping = self.safety.alerts.ping
-        self.app = Web(config, self.store, self.syncer, self.reconciler, threads=self.threads, safety=self.safety)
+        settings = Setup(config_path, replace, settings=config) if config_path and replace else None
+        self.app = Web(
+            config,
+            self.store,
+            self.syncer,
+            self.reconciler,
+            threads=self.threads,
+            safety=self.safety,
+            settings=settings,
+        )
         self.safety.alerts.reasons = self.app.ready.reasons
         self.app.recent_check = self.recent_check
         self.alert_thread: SupervisedThread | None = None
@@ -8790,29 +8853,51 @@ def main(argv: list[str] | None = None) -> int:
         return safety_cli(config, args)
     if args.reconcile or args.dry_run:
         return reconcile_cli(config, args.dry_run)
-    return serve(config)
+    return serve(config, path)
+
+
+class ServiceSwitch:
+    """The WSGI app Waitress serves: each request goes to the app of the moment — the setup
+    page, then the service; after a save on the dashboard's /setup, a service built from the
+    saved file. The new service starts before the old one stops, so a webhook arriving during
+    the change always finds one to take it; one change at a time."""
+
+    def __init__(self, path: str, app: Any = None):
+        self.path = path
+        self.app = app
+        self.service: Service | None = None
+        self._lock = threading.Lock()  # guards service and app while one is replaced
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+    def run(self, config: Config) -> Service:
+        """Start a service for ``config`` and put it in place of the running one (if any)."""
+        with self._lock:
+            service = Service(config, self.path, self.run)
+            service.start_workers()
+            old, self.service, self.app = self.service, service, service.app
+        if old is not None:
+            old.stop()
+            log.info("settings applied: the service now runs with %s", config.source)
+        return service
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
 
 
 def setup_mode(path: str, problem: str) -> int:
     """No usable configuration: serve the setup page (see Setup) until one is saved, then the
     service itself, in the same process — never an exit that Docker would turn into a loop."""
     configure_logging("INFO")
-    switch: dict[str, Any] = {}
-
-    def app(environ: dict, start_response: Any) -> Any:
-        return switch["app"](environ, start_response)
-
-    def on_saved(config: Config) -> None:
-        service = Service(config)
-        service.start_workers()
-        switch["service"], switch["app"] = service, service.app
-
-    setup = Setup(path, on_saved, problem)
-    switch["app"] = setup
+    switch = ServiceSwitch(path)
+    setup = Setup(path, switch.run, problem)
+    switch.app = setup
     port = int(os.environ.get("JDS_PORT", "").strip() or SETTING["server.port"].default)
     host = os.environ.get("JDS_HOST", "").strip() or SETTING["server.host"].default
     try:
-        server = make_waitress(app, host, port)
+        server = make_waitress(switch, host, port)
     except ListenError as e:
         log.error("%s", e)
         return 2
@@ -8824,7 +8909,7 @@ def setup_mode(path: str, problem: str) -> int:
         setup.code,
     )
     _stop_on_signals()
-    return _run_until_stopped(server, lambda: switch["service"].stop() if "service" in switch else None)
+    return _run_until_stopped(server, switch.stop)
 
 
 def _run_until_stopped(server: Any, stop: Any) -> int:
@@ -8899,18 +8984,21 @@ def _reachable_host(host: str) -> str:
     return host
 
 
-def serve(config: Config) -> int:
-    """The service: threads, then Waitress until SIGTERM or SIGINT."""
+def serve(config: Config, path: str) -> int:
+    """The service: threads, then Waitress until SIGTERM or SIGINT. Behind a ServiceSwitch, so
+    settings saved on the dashboard's /setup (the file at ``path``) apply without a restart."""
     cpu = keep_to_one_cpu(config.cpu)
     if cpu is not None:
         log.info("running on CPU %d (server.cpu: %s)", cpu, config.cpu)
+    switch = ServiceSwitch(path)
     try:
-        service = Service(config)
+        service = Service(config, path, switch.run)
     except StoreError as e:
         print(f"jellyfin-db-sync: {e}", file=sys.stderr)
         return 1
+    switch.service, switch.app = service, service.app
     try:
-        server = service.make_server()
+        server = service.server = make_waitress(switch, config.host, config.port)
     except ListenError as e:
         log.error("%s", e)
         service.stop()
@@ -8942,7 +9030,7 @@ def serve(config: Config) -> int:
         server.effective_port,
         hooks,
     )
-    return _run_until_stopped(server, service.stop)
+    return _run_until_stopped(server, switch.stop)
 
 
 if __name__ == "__main__":

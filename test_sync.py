@@ -842,15 +842,23 @@ def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level:
 class Running:
     """The real service, in-process, served by Waitress on a free port."""
 
-    def __init__(self, config: jds.Config):
-        self.service = jds.Service(config)
+    def __init__(self, config: jds.Config, path: Path | None = None):
+        # As serve() runs it: behind a ServiceSwitch, so settings saved on /setup apply in place.
+        self.switch = jds.ServiceSwitch(str(path or "config.yaml"))
+        service = jds.Service(config, str(path), self.switch.run) if path else jds.Service(config)
+        self.switch.service, self.switch.app = service, service.app
         self.script_token = ""  # see credentials
-        self.server = self.service.make_server(host="127.0.0.1", port=0)
+        self.server = service.server = jds.make_waitress(self.switch, "127.0.0.1", 0)
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="waitress")
         self.thread.start()
         self.service.start_workers()
+
+    @property
+    def service(self) -> jds.Service | None:
+        """The service of the moment (another one after a settings save)."""
+        return self.switch.service
 
     @property
     def store(self) -> jds.Store:
@@ -902,7 +910,8 @@ class Running:
         """Only the calls, to the service running as a process of its own on ``port``; writes
         carry ``token`` as a script's would."""
         running = cls.__new__(cls)
-        running.port, running.service, running.script_token = port, None, token
+        running.switch = jds.ServiceSwitch("")  # no service in this process
+        running.port, running.script_token = port, token
         return running
 
     def credentials(self, method: str, path: str, headers: dict) -> dict:
@@ -970,7 +979,7 @@ class Cluster:
             self.start()
 
     def start(self) -> Running:
-        self.svc = Running(self.config)
+        self.svc = Running(self.config, self.config_path)
         for f in self.fakes:
             f.webhook_url = f"{self.svc.url}/webhook/{f.name}"
         eventually(lambda: all(h["reachable"] for h in self.svc.service.syncer.health.values()), what="servers up")
@@ -3806,6 +3815,50 @@ def test_guessing_the_setup_code_makes_the_address_wait(tmp_path):
     assert svc.call("POST", "/api/setup/test", {}, right)[0] == 429, "a guess during the wait tells nothing"
     shut_down(proc, [])
     assert code not in process_log(proc).split("the setup code is")[-1].split("\n", 1)[1]
+
+
+def test_signed_in_the_setup_page_adds_a_server_later_and_it_syncs_without_a_restart(cluster):
+    import yaml
+
+    c = cluster(start=False, extra={"server": SIGN_IN})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    data = yaml.safe_load(c.config_path.read_text())
+    data["servers"] = [s for s in data["servers"] if s["name"] != "public"]  # two servers at first
+    c.config_path.write_text(yaml.safe_dump(data))
+    c.config = jds.load_config(c.config_path)
+    c.start()
+    svc = c.svc
+    assert svc.call("GET", "/api/setup")[0] == 401, "signed in only"
+    conn = HTTPConnection("127.0.0.1", svc.port, timeout=5)
+    conn.request("POST", "/login", "username=admin&password=correct+horse", {"Content-Type": FORM})
+    resp = conn.getresponse()
+    resp.read()
+    session = {"Cookie": resp.getheader("Set-Cookie").split(";")[0], "Sec-Fetch-Site": "same-origin"}
+    info = svc.call("GET", "/api/setup", headers=session)[1]
+    assert info["mode"] == "settings" and [s["name"] for s in info["servers"]] == ["home", "parents"]
+    assert home.api_key not in json.dumps(info) and info["set"]["auth"] is True, "no key ever reaches the page"
+    json_session = {**session, "Content-Type": "application/json"}
+    # The Test button, with the key left empty: the key that server has now.
+    tested = svc.call("POST", "/api/setup/test", {"name": "home", "url": home.url}, json_session)[1]
+    assert tested["ok"] is True, tested
+    body = {
+        "servers": [
+            {"name": "home", "url": home.url},  # keys left empty: kept
+            {"name": "parents", "url": parents.url},
+            {"name": "public", "url": public.url, "api_key": public.api_key},  # the new one
+        ]
+    }
+    saved = svc.call("POST", "/api/setup/save", body, json_session)
+    assert saved[0] == 200 and "without a restart" in saved[1]["message"], saved
+    written = yaml.safe_load(c.config_path.read_text())
+    assert [s.get("api_key") for s in written["servers"]] == [home.api_key, parents.api_key, public.api_key]
+    assert written["server"]["auth"]["username"] == "admin", "what the page does not show is kept"
+    assert len(list(c.config_path.parent.glob("config.yaml.*.bak"))) == 1
+    assert svc.service.config.server("public") is not None, "the service in use has the new server"
+    assert svc.call("GET", "/api/status", headers=session)[0] == 200, "still signed in, same port"
+    public.webhook_url = f"{svc.url}/webhook/public"
+    home.user_marks("alice", "Heat", True)
+    eventually(lambda: public.ud("Alice", "Heat")["Played"], what="the new server gets the change")
 
 
 def test_environment_variables_configure_everything_a_template_needs(tmp_path):

@@ -5,7 +5,8 @@
 async function call(path, body) {
   const res = await fetch(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json", "X-Setup-Code": $("code").value.trim() },
+    // In settings mode there is no code field: the dashboard's sign-in (a cookie) stands for it.
+    headers: { "Content-Type": "application/json", "X-Setup-Code": $("code") ? $("code").value.trim() : "" },
     body: JSON.stringify(body),
   });
   const answer = await res.json().catch(() => ({}));
@@ -58,6 +59,7 @@ $("setup").addEventListener("submit", async (e) => {
       webhook_token: $("webhook-token").value.trim(),
       auth_username: $("auth-user").value.trim(),
       auth_password: $("auth-password").value,
+      api_token: $("api-token").value.trim(),
     });
     result.className = r.ok ? "ok" : "bad";
     result.textContent = r.ok ? `✓ ${r.message}` : `✗ ${r.error}`;
@@ -68,8 +70,33 @@ $("setup").addEventListener("submit", async (e) => {
   }
 });
 
+// Signed in on the dashboard's /setup, the same page edits the settings in use: the servers as
+// they are (never their keys: one left empty is kept), no setup code; saving applies them in place.
+function settingsMode(info) {
+  $("code-part").remove();
+  document.querySelector("h1").textContent = "jellyfin-db-sync: settings";
+  $("intro").textContent = "Change a server, add one, or set the tokens and sign-in. A key or token left " +
+    "empty stays as it is. Saving keeps the old file beside the new one and applies it without a restart.";
+  $("servers").replaceChildren();
+  for (const s of info.servers) {
+    addServer(s.name);
+    const row = [...document.querySelectorAll(".server")].pop();
+    row.querySelector("[name=url]").value = s.url;
+    row.querySelector("[name=passwordless]").checked = s.passwordless;
+    const key = row.querySelector("[name=api_key]");
+    key.required = false;
+    key.placeholder = "unchanged (leave empty to keep it)";
+  }
+  for (const [id, set] of [["webhook-token", info.set.webhook_token], ["api-token", info.set.api_token],
+    ["auth-password", info.set.auth]]) {
+    if (set) $(id).placeholder = "set (leave empty to keep it)";
+  }
+  $("save").textContent = "Save and apply";
+}
+
 fetch("/api/setup").then((r) => r.json()).then((info) => {
   $("version").textContent = `v${info.version} · the file will be ${info.config_path}`;
+  if (info.mode === "settings") settingsMode(info);
   const notes = [];
   if (info.problem) {
     // Started on a file that was refused: say why, and that saving keeps the rest of it.
