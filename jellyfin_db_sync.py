@@ -6728,7 +6728,11 @@ class Guard:
             return False  # not a browser's cross-site form or fetch (those carry one of them)
         if origin.strip().lower() == "null":
             return True  # a sandboxed frame, a data: URL or a file: page: never our own page
-        parts = urllib.parse.urlsplit(origin)
+        try:
+            parts = urllib.parse.urlsplit(origin)
+            parts.port  # noqa: B018 - a port that is no number is as unreadable as the rest
+        except ValueError:
+            return True  # not a URL a browser would send: not our page
         netloc = parts.netloc.lower()
         if self.public_netloc and netloc == self.public_netloc:
             # Our public address, but by its scheme: a page served over plain http (on a network
@@ -6804,15 +6808,12 @@ class Web:
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         secured = _with_security_headers(start_response)
-        try:
-            # PEP 3333: PATH_INFO arrives as latin-1. Bottle drops bytes that are not UTF-8
-            # ("/webhook/%FF" would become "/webhook/"); such a URL is refused instead.
-            environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
-        except UnicodeError:
-            body = json.dumps({"error": "400 Bad Request", "detail": "the URL is not UTF-8"}).encode()
+        problem = request_problem(environ)
+        if problem:
+            body = json.dumps({"error": "400 Bad Request", "detail": problem}).encode()
             secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
-        return self.app(environ, secured)
+        return self.app(_quiet_errors(environ), secured)
 
     def _routes(self, bottle: Any) -> None:
         a = self.app
@@ -7539,6 +7540,45 @@ class Web:
         return send({"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"})
 
 
+MAX_QUERY_CHARS = 1000  # a query parameter's value: a title or a name, never more (SQLite's LIKE has a limit)
+
+
+def request_problem(environ: dict) -> str | None:
+    """What makes a request unreadable before any route sees it, in words for a 400; None if
+    nothing. PEP 3333 hands the URL and headers over as latin-1: bytes that are not UTF-8 there
+    would make Bottle drop them silently ("/webhook/%FF" became "/webhook/") or fail."""
+    try:
+        environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return "the URL is not UTF-8"
+    for key, value in environ.items():
+        if key.startswith("HTTP_") and isinstance(value, str):
+            try:
+                value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                return f"header {key[5:].replace('_', '-').title()}: not UTF-8"
+    for name, value in urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
+        if len(value) > MAX_QUERY_CHARS:
+            return f"{_shorten(name)}: at most {MAX_QUERY_CHARS} characters"
+    return None
+
+
+class _Discard:
+    """A wsgi.errors that keeps nothing: Bottle writes each traceback there as well, while the
+    JSON error handler already logs it as one log line (one line, one event)."""
+
+    def write(self, _text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _quiet_errors(environ: dict) -> dict:
+    environ["wsgi.errors"] = _Discard()
+    return environ
+
+
 def _json_errors_bottle() -> Any:
     import bottle
 
@@ -7800,7 +7840,13 @@ class Setup:
         a.route("/api/status", "GET", lambda: send({"status": "setup", "version": __version__, "setup": True}))
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        return self.app(environ, _with_security_headers(start_response))
+        secured = _with_security_headers(start_response)
+        problem = request_problem(environ)
+        if problem:
+            body = json.dumps({"error": "400 Bad Request", "detail": problem}).encode()
+            secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self.app(_quiet_errors(environ), secured)
 
     @staticmethod
     def page() -> Any:
@@ -7884,6 +7930,8 @@ class Setup:
             # of a file that was refused for one value) are kept: the page's values go over them.
             existing = self._existing()
             page = self._config_data(body, self.path)
+            if not page["servers"]:
+                return send({"ok": False, "error": "servers: at least one server, with its URL and API key"}, 400)
             if self.settings:
                 page["servers"] = self._keys_kept(page["servers"], existing)
             data = self._kept(existing, page)

@@ -2571,6 +2571,26 @@ def test_guessing_tokens_and_cross_site_tricks_are_refused(cluster, receiver):
     assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202, "webhooks go on"
 
 
+def test_what_a_hostile_run_found_gets_400_and_one_log_line(cluster, caplog):
+    c = cluster(extra={"server": SIGN_IN})
+    svc = c.svc
+    token = {"Authorization": f"Bearer {TEST_API_TOKEN}"}
+    form = {"Content-Type": FORM}
+    # An Origin no URL parser reads: not our page.
+    for origin in ("http://[::1", "http://[x]", "http://a:port/"):
+        assert svc.call("POST", "/login", "username=a&password=b", {**form, "Origin": origin})[0] == 403, origin
+    # A header that is not UTF-8 (raw bytes through a socket: http.client would refuse them).
+    for header in (b"Authorization: Bearer \xe9", b"Origin: \xe9", b"Sec-Fetch-Site: \xe9"):
+        with socket.create_connection(("127.0.0.1", int(svc.port))) as s:
+            s.sendall(b"POST /api/reconcile HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n" + header + b"\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 400"), header
+    # A search of 50,000 characters (SQLite's LIKE refuses such a pattern).
+    for path in ("/api/sync-log?item_name=", "/api/inspect?q=", "/api/dashboard?username="):
+        status, said = svc.call("GET", path + "a" * 50_000, headers=token)
+        assert status == 400 and "at most 1000 characters" in said["detail"], (path, said)
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
+
+
 def malformed_bodies(n: int = 600) -> list[bytes]:
     """A corpus of bodies a broken or hostile sender could post: every one must get a 4xx."""
     import random
@@ -3848,6 +3868,8 @@ def test_signed_in_the_setup_page_adds_a_server_later_and_it_syncs_without_a_res
             {"name": "public", "url": public.url, "api_key": public.api_key},  # the new one
         ]
     }
+    empty = svc.call("POST", "/api/setup/save", {}, json_session)  # a save with no servers at all
+    assert empty[0] == 400 and "at least one server" in empty[1]["error"] and not list(c.tmp.glob("*.bak"))
     saved = svc.call("POST", "/api/setup/save", body, json_session)
     assert saved[0] == 200 and "without a restart" in saved[1]["message"], saved
     written = yaml.safe_load(c.config_path.read_text())
