@@ -4827,8 +4827,8 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
     - changed on one server since the last agreed state → that change wins;
     - changed on several → the newest (LastPlayedDate where Jellyfin has one); a tie, or no
       date, goes to the "positive" value (played, favourite, like, the further position);
-    - never seen before → union: played or favourite anywhere wins, the furthest resume
-      position, a like over a dislike; nothing is ever unmarked on a first sight;
+    - never seen before, on one server or all → union: played or favourite anywhere wins, the
+      furthest resume position, a like over a dislike; nothing is ever unmarked on a first sight;
     - no change but the servers disagree (a write that failed earlier) → the value recorded
       most recently — unless an undo put a value back on one of them: then they disagree on
       purpose, and the field is left alone until the person changes it on any server (that
@@ -4860,10 +4860,12 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
         return None
     if changed:
         best = max(changed, key=lambda v: (v.when, positive(v)))
-    elif all(v.prior is _UNKNOWN for v in views) or agree:
+    elif any(v.prior is _UNKNOWN for v in views) or agree:
         if agree:
             return None
-        # First sight: union.
+        # First sight — on any of them (a like made where no webhook ever told us of the item,
+        # say, while the others are known): union. Taking the known servers' value instead
+        # cleared that like where the person made it.
         if field in ("played", "favorite"):
             holders = [v for v in views if v.cur is True]
             if not holders:

@@ -1569,6 +1569,20 @@ def test_a_one_sided_change_after_the_baseline_wins_and_unplayed_propagates(clus
     assert report["users"]["alice"]["home"]["count"] >= 1
 
 
+def test_a_like_no_webhook_brought_wins_the_next_pass_where_the_item_is_known_elsewhere(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_marks("alice", "Heat", True)  # the item is known: played everywhere, by webhook
+    eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("Alice", "Heat")["Played"])
+    c.settle()
+    quietly(home, "alice", "Heat", Likes=True, Rating=10.0, IsFavorite=True)  # its webhook was lost
+    reconcile(c)
+    for fake, name in ((home, "alice"), (parents, "alice"), (public, "Alice")):
+        ud = fake.ud(name, "Heat")
+        liked = ud.get("Likes") is True or (ud.get("Rating") or 0) >= jds.LIKE_RATING  # the DTO's Likes
+        assert liked and ud["IsFavorite"] is True, (fake.name, ud)
+
+
 def test_conflicting_changes_are_resolved_by_time(cluster):
     c = cluster()
     for f in c.fakes:
