@@ -82,8 +82,8 @@ CHANNEL_TIMEOUT = 30  # seconds a connection may stay idle (Waitress' default: 1
 WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
 INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
-# Intake first (Store.yield_to_intake): this many webhooks committed within this long (500/s)
-# make a burst, which lasts until such a stretch passes without one; during it the planner and
+# Intake first (Store.yield_to_intake): this many webhooks committed within this long (500/s),
+# several at a time, make a burst, which lasts until such a stretch passes without one; during it the planner and
 # the writers wait before each batch of theirs…
 INTAKE_BURST_ROWS = 25
 INTAKE_BURST_SECONDS = 0.05
@@ -1782,7 +1782,10 @@ class Store:
                 e.done.release()
 
     def _count_burst(self, rows: int) -> None:
-        """The ingest thread's count of committed webhooks, for yield_to_intake."""
+        """The ingest thread's count of committed webhooks, for yield_to_intake. Only commits
+        of several count: one sender at a time waits for each answer, and is no burst."""
+        if rows < 2:
+            return
         now = time.monotonic()
         start, count = self._window
         if now - start > INTAKE_BURST_SECONDS:
