@@ -83,8 +83,8 @@ WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most t
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
 INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
 # Intake first (Store.yield_to_intake): this many webhooks committed within this long (500/s),
-# several at a time, make a burst, which lasts until such a stretch passes without one; during it the planner and
-# the writers wait before each batch of theirs…
+# several at a time, make a burst, which lasts until such a stretch passes without one; during
+# it the planner and the writers wait before each batch of theirs…
 INTAKE_BURST_ROWS = 25
 INTAKE_BURST_SECONDS = 0.05
 INTAKE_YIELD_SECONDS = 0.2  # …for at most this long each time, so they never stop

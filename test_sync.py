@@ -5198,7 +5198,7 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
         f" p95 {times[int(len(times) * 0.95)] * 1000:.1f} ms (target median ≤ 5 ms)"
     )
     print(
-        f"  written meanwhile:             {meanwhile:,} of {2 * changes:,} writes (intake first); all on both targets"
+        f"  written meanwhile:             {meanwhile:,} of {2 * changes:,} writes; all on both targets"
         f" {written:.1f} s after the first was sent, 0 wrong rows, {requests / changes / 2:.2f} requests"
         " per change per target"
     )
