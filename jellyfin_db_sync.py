@@ -4185,9 +4185,13 @@ class ServerHealth:
             # /System/Info/Public answers without a key: a refused key shows only on a call
             # that needs one. GET /Users is the cheapest every version has (docs/jellyfin.md §2).
             client.users()
+            if state.get("key_refused"):
+                log.warning("%s: the API key is accepted again", name)
             state.update(healthy=True, key_refused=False, error=None, down_since=None)
         except JellyfinError as e:
             refused = e.status in (401, 403)
+            if refused and not state.get("key_refused"):  # said once, when it starts: the log shows it
+                log.warning("%s: %s — nothing is written there until it is fixed", name, refused_or(e))
             state.update(healthy=False, key_refused=refused, error=refused_or(e))
             if not refused:
                 state.update(reachable=False, latency_ms=None)
@@ -6729,10 +6733,14 @@ class Guard:
         """A request that changes something (every POST but the webhooks' and the sign-in's)
         needs someone known: a signed-in session when server.auth is set, or the API token.
         Without either configured, nobody is known, and the dashboard and API are read-only."""
+        import bottle
+
         if self.config.auth_username:
             return  # authenticated() decides: session, HTTP basic or the API token
         if self.bearer_ok():
             return
+        if _bearer(bottle.request.environ) and self.config.api_token:
+            raise _json_response(403, {"error": "wrong API token: use server.api_token as 'Authorization: Bearer …'"})
         raise _json_response(403, {"error": read_only_reason(self.config), "read_only": True})
 
     def bearer_ok(self) -> bool:
@@ -6743,8 +6751,8 @@ class Guard:
         import bottle
 
         given = _bearer(bottle.request.environ)
-        if not given:
-            return False
+        if not given or not self.config.api_token:
+            return False  # no token configured: nothing to guess, nothing to count
         address = bottle.request.environ.get("REMOTE_ADDR", "?")
         wait = self.token_failures.locked_out(address)
         if wait:

@@ -5290,12 +5290,15 @@ def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_t
     assert home.ud("alice", "Dune")["IsFavorite"], "the failed write never spread back as a removal"
 
 
-def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(cluster, receiver, monkeypatch):
+def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(cluster, receiver, monkeypatch, caplog):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
+    caplog.set_level("WARNING", logger="jellyfin_db_sync")
     wrong = hexid()
     alerts = {"urls": [f"{receiver.url}/hook"]}
     c = cluster(start=False, extra={"servers": {"parents": {"api_key": wrong}}, "alerts": alerts})
     c.start()  # the first health check has run: parents answers, but not to our key
+    assert caplog.text.count("parents: the API key was refused (HTTP 401)") == 1, "said in the log, once"
+    assert wrong not in caplog.text
     status = c.svc.call("GET", "/api/status")[1]
     parents = server_status(c, "parents")
     assert parents["healthy"] is False and parents["key_refused"] is True, parents
