@@ -6861,13 +6861,7 @@ class Web:
         self._routes(bottle)
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        secured = _with_security_headers(start_response)
-        problem = request_problem(environ)
-        if problem:
-            body = json.dumps({"error": "400 Bad Request", "detail": problem}).encode()
-            secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
-        return self.app(_quiet_errors(environ), secured)
+        return checked_call(self.app, environ, start_response)
 
     def _routes(self, bottle: Any) -> None:
         a = self.app
@@ -7617,6 +7611,19 @@ def request_problem(environ: dict) -> str | None:
     return None
 
 
+def checked_call(app: Any, environ: dict, start_response: Any) -> Any:
+    """Call a Bottle ``app`` the way both of ours are called: security headers on every answer,
+    an unreadable request refused (request_problem) before any route sees it, and Bottle's raw
+    traceback copies dropped (its JSON error handler logs each error as one line)."""
+    secured = _with_security_headers(start_response)
+    problem = request_problem(environ)
+    if problem:
+        body = json.dumps({"error": "400 Bad Request", "detail": problem}).encode()
+        secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+    return app(_quiet_errors(environ), secured)
+
+
 class _Discard:
     """A wsgi.errors that keeps nothing: Bottle writes each traceback there as well, while the
     JSON error handler already logs it as one log line (one line, one event)."""
@@ -7894,13 +7901,7 @@ class Setup:
         a.route("/api/status", "GET", lambda: send({"status": "setup", "version": __version__, "setup": True}))
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        secured = _with_security_headers(start_response)
-        problem = request_problem(environ)
-        if problem:
-            body = json.dumps({"error": "400 Bad Request", "detail": problem}).encode()
-            secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
-        return self.app(_quiet_errors(environ), secured)
+        return checked_call(self.app, environ, start_response)
 
     @staticmethod
     def page() -> Any:
