@@ -100,8 +100,9 @@ fetch("/api/setup").then((r) => r.json()).then((info) => {
   const notes = [];
   if (info.problem) {
     // Started on a file that was refused: say why, and that saving keeps the rest of it.
-    notes.push(el("p", {}, `Why this page: ${info.problem}. Saving keeps the settings of that file this page ` +
-      "does not show, and keeps the file itself beside it with the time in its name."));
+    const refused = !info.problem.startsWith("no configuration");  // a file is there, but was refused
+    notes.push(el("p", {}, `Why this page: ${info.problem}.` + (refused ? " Saving keeps the settings of that " +
+      "file this page does not show, and keeps the file itself beside it with the time in its name." : "")));
   }
   if (info.from_environment.length) {
     notes.push(el("p", {}, "Set by environment variables (they win over the file; change them in your container settings):"),
