@@ -325,6 +325,24 @@ def timeline_start(minutes: int, bucket: int, now: float) -> float:
     return float((int(now // bucket) - bars + 1) * bucket)
 
 
+class Throttle:
+    """Says "now" at most once per ``seconds`` for each key: for log lines that a flood would
+    repeat (a server's clock, its refused webhooks, one host's refused connections)."""
+
+    def __init__(self) -> None:
+        self._said: dict[str, float] = {}  # key → monotonic time it was last said
+        self._lock = threading.Lock()  # guards _said (callers run in several threads)
+
+    def due(self, key: str, seconds: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._said.get(key)
+            if last is not None and now - last < seconds:
+                return False
+            self._said[key] = now
+            return True
+
+
 def normalise_id(value: Any) -> str:
     """Templates render GUIDs with dashes; "Send All Properties" without (docs/jellyfin.md §1)."""
     return str(value).replace("-", "").replace("{", "").replace("}", "").lower()
@@ -3649,7 +3667,7 @@ class Planner:
     def __init__(self, config: Config, store: Store):
         self.config = config
         self.store = store
-        self._clock_warned: dict[str, float] = {}  # server → monotonic time of its next warning
+        self._clock_warnings = Throttle()  # per server
 
     def plan(self, batch: list[tuple[int, list[Observation]]]) -> tuple[list[str], int]:
         """Queue the jobs for a batch of (inbox id, or 0 for a pass; its observations), in one
@@ -3765,9 +3783,7 @@ class Planner:
         look older. Said at most every CLOCK_WARNING_SECONDS per server."""
         if when <= received + CLOCK_SKEW_ALLOWANCE:
             return when
-        now = time.monotonic()
-        if now >= self._clock_warned.get(server, 0.0):
-            self._clock_warned[server] = now + CLOCK_WARNING_SECONDS
+        if self._clock_warnings.due(server, CLOCK_WARNING_SECONDS):
             log.warning(
                 "%s: a webhook's %s is %.0f s ahead of our clock; taken as the time it arrived "
                 "(check the clock of that server)",
@@ -6854,7 +6870,7 @@ class Web:
         self.rejections: dict[str, dict] = {}  # server → refused webhooks: count, last reason, hint
         self._history_cache: dict[str, tuple[float, Any]] = {}  # key → (monotonic expiry, value)
         self._rejections_lock = threading.Lock()
-        self._rejections_logged: dict[str, float] = {}  # server → when its last refusal was logged (monotonic)
+        self._rejections_logged = Throttle()  # per server
         self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
         self.app = _json_errors_bottle()
         self.app.install(Guard(config, self.sign_ins))
@@ -6950,18 +6966,13 @@ class Web:
         "webhooks are not arriving" can be read on the dashboard instead of in Jellyfin's log."""
         if self.config.server(server) is not None:
             hint = rejection_hint(status, reason)
-            now = time.monotonic()
             with self._rejections_lock:
                 entry = self.rejections.setdefault(server, {"count": 0})
                 entry.update(count=entry["count"] + 1, last_reason=reason, last_at=format_time(utcnow()))
                 entry["hint"] = hint
-                # The owner reads `docker logs`, not Jellyfin's: one line a minute at most per
-                # server, since a misconfigured plugin posts on every play, pause and tick.
-                last = self._rejections_logged.get(server)
-                due = last is None or now - last >= REFUSED_LOG_SECONDS
-                if due:
-                    self._rejections_logged[server] = now
-            if due:
+            # The owner reads `docker logs`, not Jellyfin's: one line a minute at most per
+            # server, since a misconfigured plugin posts on every play, pause and tick.
+            if self._rejections_logged.due(server, REFUSED_LOG_SECONDS):
                 log.warning("webhook from %s refused (%d, %s): %s", server, status, reason, hint)
         return send({"error": reason}, status)
 
@@ -8400,7 +8411,7 @@ class PerAddressListener(socket.socket):
         self.bind(address)
         self._open: collections.Counter[str] = collections.Counter()  # guarded by _open_lock
         self._open_lock = threading.Lock()
-        self._said: dict[str, float] = {}  # client → when its refusals were last logged
+        self._said = Throttle()  # per client: its refusals are logged once a minute at most
 
     def accept(self) -> tuple[socket.socket, Any]:
         conn, address = super().accept()
@@ -8411,8 +8422,7 @@ class PerAddressListener(socket.socket):
                 self._open[who] += 1
         if full:
             conn.close()
-            if time.monotonic() - self._said.get(who, -HOUR) > 60:
-                self._said[who] = time.monotonic()
+            if self._said.due(who, 60.0):
                 log.warning(
                     "connections from %s refused: it holds %d open already (at most a minute apart, this line)",
                     who,
