@@ -1121,9 +1121,10 @@ SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
 # What an older file lacks that SCHEMA cannot add by itself, per version (N-1 → N), applied
 # in order at start-up: columns added to tables it already has, and data moved to new meanings.
-# Every table and index comes from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on every start), so every
-# starting point — a new file, each of our earlier versions, the older program's file — ends
-# with exactly a new file's schema (issue 21: a moved-over file once lacked two indexes).
+# Every table and index comes from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on
+# every start), so every starting point — a new file, each of our earlier versions, the older
+# program's file — ends with exactly a new file's schema (issue 21: a moved-over file once
+# lacked two indexes).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (),  # jobs_status_updated: an index, made by SCHEMA
     3: (),  # playlist_state: a new table, made by SCHEMA
@@ -6703,8 +6704,8 @@ class Guard:
         self.sign_ins = sign_ins
         # Where browsers may send writes from: this service's own address as the browser sees
         # it — the Host header, or server.public_url behind a reverse proxy that rewrites Host.
-        self.public_netloc = urllib.parse.urlsplit(config.public_url).netloc.lower()
-        self.public_scheme = urllib.parse.urlsplit(config.public_url).scheme.lower()
+        public = urllib.parse.urlsplit(config.public_url)
+        self.public_netloc, self.public_scheme = public.netloc.lower(), public.scheme.lower()
         self.token_failures = Failures()  # wrong API tokens, per address (bearer_ok)
 
     def apply(self, callback: Any, route: Any) -> Any:
@@ -7711,14 +7712,22 @@ def rejection_hint(status: int, reason: str) -> str:
     return "A value the sync cannot use; the reason says which."
 
 
+def _request_json() -> Any:
+    """The request's body as JSON (None if it is not sent as JSON); 400 for one nested too deeply
+    to parse (json.loads of thousands of nested [ or {)."""
+    import bottle
+
+    try:
+        return bottle.request.json
+    except RecursionError:
+        raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object of plain values)") from None
+
+
 def _json_body() -> dict:
     """A request's JSON object (or {}): what the dashboard and scripts post."""
     import bottle
 
-    try:
-        body = bottle.request.json if bottle.request.content_type.startswith("application/json") else None
-    except RecursionError:  # json.loads of thousands of nested [ or {
-        raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object of plain values)") from None
+    body = _request_json() if bottle.request.content_type.startswith("application/json") else None
     return body if isinstance(body, dict) else {}
 
 
@@ -7947,22 +7956,25 @@ class Setup:
         """The request's JSON, once the setup code checks out (403 otherwise)."""
         import bottle
 
-        address = bottle.request.environ.get("REMOTE_ADDR", "?")
-        wait = 0 if self.settings else self.failures.locked_out(address)
-        if self.settings:
-            pass  # the dashboard's settings: the Guard has checked the sign-in
-        elif wait:  # right code or not: a guess during the wait tells nothing
-            raise _json_response(429, {"error": f"too many wrong setup codes: try again in {wait} s"})
-        elif not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
-            self.failures.failed(address, "setup code")
-            raise _json_response(403, {"error": "wrong or missing setup code: it is printed in the service's log"})
-        try:
-            body = bottle.request.json
-        except RecursionError:
-            raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object)") from None
+        if not self.settings:  # the dashboard's settings: the Guard has checked the sign-in
+            self._check_code()
+        body = _request_json()
         if not isinstance(body, dict):
             raise bottle.HTTPError(400, "expected a JSON object")
         return body
+
+    def _check_code(self) -> None:
+        """The setup code from the log, or 403; after SIGN_IN_FAILURES wrong ones from an address,
+        429 for a while, right code or not (a guess during the wait tells nothing)."""
+        import bottle
+
+        address = bottle.request.environ.get("REMOTE_ADDR", "?")
+        wait = self.failures.locked_out(address)
+        if wait:
+            raise _json_response(429, {"error": f"too many wrong setup codes: try again in {wait} s"})
+        if not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
+            self.failures.failed(address, "setup code")
+            raise _json_response(403, {"error": "wrong or missing setup code: it is printed in the service's log"})
 
     def test_server(self) -> str:
         """The Test button: can this URL and API key be used? Name, version and users, or why not."""
@@ -8546,10 +8558,6 @@ class Service:
         self.supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
 
-    def make_server(self, host: str | None = None, port: int | None = None):
-        self.server = make_waitress(self.app, host or self.config.host, self.config.port if port is None else port)
-        return self.server
-
     def start_workers(self) -> None:
         self.syncer.start()
         self.reconciler.start()
@@ -8793,10 +8801,11 @@ def check_config(config: Config) -> int:
         print(f"  {setting.key}: {value if not isinstance(value, tuple) else list(value)}{mark}")
     path = config.database_path
     problem, kind, version = folder_problem(path), "ours", SCHEMA_VERSION
-    try:
-        kind, version = examine_database(path) if not problem else (kind, version)
-    except StoreError as e:
-        problem = str(e)
+    if not problem:
+        try:
+            kind, version = examine_database(path)
+        except StoreError as e:
+            problem = str(e)
     if problem:
         print(f"✗ database: {problem}")
     elif not Path(path).exists():
@@ -8975,9 +8984,9 @@ class ServiceSwitch:
     saved file. The new service starts before the old one stops, so a webhook arriving during
     the change always finds one to take it; one change at a time."""
 
-    def __init__(self, path: str, app: Any = None):
+    def __init__(self, path: str):
         self.path = path
-        self.app = app
+        self.app: Any = None  # the setup page, or the service's app (run)
         self.service: Service | None = None
         self._lock = threading.Lock()  # guards service and app while one is replaced
 
