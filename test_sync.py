@@ -5699,9 +5699,8 @@ def test_browser_a_film_only_on_home_is_said_so_and_not_offered_to_sync(cluster)
         expect(page.locator("#feed tbody tr", has_text="Nope").first).to_contain_text(
             "not on that server", timeout=10000
         )
-        c.settle()
-        page.wait_for_timeout(2500)  # one more refresh, after both changes ended
-        expect(page.locator("#problems-empty")).to_be_visible()
+        c.settle()  # both changes ended: the next refresh (every 2 s) shows nothing stuck
+        expect(page.locator("#problems-empty")).to_be_visible(timeout=10000)
         expect(page.locator("#q-failed")).to_have_text("0")
         expect(page.locator("#q-waiting")).to_have_text("0")
         page.get_by_label("Title").fill("Nope")
