@@ -1893,6 +1893,19 @@ def films_played_everywhere(c: Cluster, user: str, names: list[str]) -> None:
             quietly(f, user, name, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
 
 
+def start_in_step(c: Cluster, films: int, played: int | None = None) -> list[str]:
+    """A library of ``films`` on every server, the first ``played`` of them (all, by default)
+    played by alice everywhere; the service started, and a first pass that finds them in step.
+    Returns the played films' names."""
+    for f in c.fakes:
+        f.add_library(films)
+    names = [f"Film {i}" for i in range(films if played is None else played)]
+    films_played_everywhere(c, "alice", names)
+    c.start()
+    assert reconcile(c)["changes"] == 0  # the baseline: everyone agrees
+    return names
+
+
 def held(c: Cluster) -> list[dict]:
     status, body = c.svc.call("GET", "/api/held")
     assert status == 200, body
@@ -1901,12 +1914,7 @@ def held(c: Cluster) -> list[dict]:
 
 def test_the_brake_holds_a_burst_of_unplayed_from_one_server_and_lets_played_through(cluster):
     c = cluster(start=False, extra={"safety": {"brake_items": 50}})
-    for f in c.fakes:
-        f.add_library(600)
-    gone, new = [f"Film {i}" for i in range(300)], [f"Film {i}" for i in range(300, 600)]
-    films_played_everywhere(c, "alice", gone)
-    c.start()
-    assert reconcile(c)["changes"] == 0  # the baseline: everyone agrees
+    gone, new = start_in_step(c, 600, played=300), [f"Film {i}" for i in range(300, 600)]
     home, parents, public = c["home"], c["parents"], c["public"]
     for a, b in zip(gone, new, strict=True):  # a client marks 300 unplayed and 300 played, at once
         home.user_marks("alice", a, False)
@@ -2098,12 +2106,7 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     """As a user meets it: home comes back from an old backup with nothing played."""
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
     c = cluster(start=False, extra={"alerts": {"urls": [f"{receiver.url}/hook"]}})
-    for f in c.fakes:
-        f.add_library(150)
-    names = [f"Film {i}" for i in range(150)]
-    films_played_everywhere(c, "alice", names)
-    c.start()
-    assert reconcile(c)["changes"] == 0
+    names = start_in_step(c, 150)
     for n in names:  # the restore: no webhooks, everything unplayed
         quietly(c["home"], "alice", n, Played=False, PlayCount=0, LastPlayedDate=None)
     reconcile(c)
@@ -5375,12 +5378,7 @@ def test_a_burst_of_unplayed_is_held_before_any_of_it_reaches_another_server(clu
     caplog.set_level("WARNING", logger="jellyfin_db_sync")
     # The brake as shipped: 100 items within 10 minutes, removals settling 20 s.
     c = cluster(start=False, extra={"safety": {"removal_delay_seconds": 20}})
-    for f in c.fakes:
-        f.add_library(300)
-    names = [f"Film {i}" for i in range(300)]
-    films_played_everywhere(c, "alice", names)
-    c.start()
-    assert reconcile(c)["changes"] == 0
+    names = start_in_step(c, 300)
     home, others = c["home"], (c["parents"], c["public"])
     for n in names:  # home comes back from an old backup: 300 unplayed webhooks within seconds
         home.user_marks("alice", n, False)
