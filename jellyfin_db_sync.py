@@ -143,9 +143,6 @@ IDS_PER_REQUEST = 100  # item ids in one ?ids= query (the URL stays well under 4
 # by their series' provider IDs (docs/jellyfin.md §2.5).
 INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
-# Fields of a user's watch state that we propagate, and the config switch for each.
-FIELDS = ("played", "position", "favorite", "likes")
-FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}  # a claim's jobs for one item are written in this order
 # Sync log results that are a change — what the dashboard counts everywhere (Recent syncs,
 # "changes in the last hour", the charts). "noop" (already so) and "stale" (older) changed nothing.
 CHANGE_RESULTS = ("ok", "failed", "skipped", "absent", "dry_run")
@@ -541,14 +538,6 @@ class SyncConfig:
     write_connections: int = _default("sync.write_connections")  # fast, never a stampede on a small NAS
     dry_run: bool = _default("sync.dry_run")
 
-    def enabled(self, fld: str) -> bool:
-        return {
-            "played": self.watched_status,
-            "position": self.playback_progress,
-            "favorite": self.favorites,
-            "likes": self.ratings and self.likes,
-        }[fld]
-
 
 @dataclass(frozen=True)
 class PathPolicy:
@@ -618,6 +607,10 @@ class Config:
     log_level: str = _default("logging.level")
     source: str = "<defaults>"
     warnings: tuple[str, ...] = ()  # what was accepted but should be mended (unknown keys, …)
+
+    def syncs(self, name: str) -> bool:
+        """Is this synced field switched on (its entry in REGISTRY names its switches)?"""
+        return synced(name).enabled(self)
 
     def person(self, server: str, username: str) -> str:
         """The key of the person behind ``username`` on ``server``: the case-folded name, or for
@@ -3181,21 +3174,6 @@ class JellyfinClient:
         return self.request("POST", f"/UserItems/{item_id}/UserData", {"userId": user_id}, data) or {}
 
 
-def read_fields(user_data: dict) -> dict[str, Any]:
-    """Our four fields from a UserItemDataDto (as returned by GET or by a write)."""
-    rating = user_data.get("Rating")
-    if rating is None:
-        likes = user_data.get("Likes")  # derived by the server: Rating ≥ 6.5, or null
-    else:
-        likes = bool(rating >= LIKE_RATING)
-    return {
-        "played": bool(user_data.get("Played", False)),
-        "position": int(user_data.get("PlaybackPositionTicks") or 0),
-        "favorite": bool(user_data.get("IsFavorite", False)),
-        "likes": likes,
-    }
-
-
 # ── Library ──────────────────────────────────────────────────────────────────
 
 
@@ -3416,6 +3394,377 @@ class Library:
         self._last_user_refresh.pop(server, None)
 
 
+# ── Fields ───────────────────────────────────────────────────────────────────
+# Every synced field, declared once (docs/design.md §9): its switch, how a webhook and a server
+# report it, how it is written, how values from several servers merge, whether a change takes
+# state away (the brake), and how it is said to a person. The Planner, the writers, the brake,
+# undo, the journal, export/import, the inspector and the dashboard's labels all read REGISTRY;
+# none of them names a field's rules again. Adding a field is one entry here plus its tests.
+
+MISSING = object()  # a webhook that does not report a field
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """What one field's write needs: the target, the person there, the item and the value."""
+
+    client: JellyfinClient
+    version: ServerVersion
+    user_id: str
+    item_id: str
+    job: Job
+    want: Any
+    current: dict  # the target's UserItemDataDto as read before the write
+    sync: SyncConfig
+
+
+@dataclass(frozen=True)
+class SyncedField:
+    """One synced field. ``scope``: "item" (a person's user data of one item: a job per target,
+    person, item and field), "carried" (written with another field's write: shown and exported,
+    never a job of its own) or "account" (a user on a server)."""
+
+    name: str  # the code in jobs, states, the journal and the API
+    label: str  # what a person reads for it (the dashboard's labels come from here)
+    settings: tuple[str, ...]  # config switches ("sync.favorites") that must all be on
+    scope: str = "item"
+    read: Any = None  # a server's UserItemDataDto → the value
+    from_event: Any = None  # a webhook body → the value it truly reports, or MISSING
+    say: Any = str  # a value → words ("unfavourited")
+    removed: str = ""  # a change taking state away, as the brake's summary counts it
+    takes_away: Any = None  # value → bool: does setting it take state away (the brake)?
+    merge: Any = None  # (a, b) → the value a first sight keeps (union, furthest …), commutative
+    nothing: Any = None  # the value that says nothing: a first sight never spreads it
+    dated: bool = False  # LastPlayedDate says when it was set: newest wins by that date
+    # Writing it also sets these on the server (played or unplayed → position 0); once it is
+    # True they are moot: not compared, not written, and their reset is no removal.
+    resets: tuple[tuple[str, Any], ...] = ()
+    # The re-watch trap (docs/jellyfin.md §1): False with a play count is a re-watch under way,
+    # not a change; and a server's False never outweighs another's True without a seen change.
+    rewatch_trap: bool = False
+    needs: tuple[str, str] = ("", "")  # (a ServerVersion capability its write needs, why not)
+    scaled: bool = False  # a position: scaled by the runtimes of source and target
+    debounced: bool = False  # progress reports: written once they stop coming for a moment
+    write: Any = None  # WriteRequest → the new UserItemDataDto (or {})
+    from_file: Any = None  # an export file's value (people may edit it) → a sound value
+    show: str = "value"  # how the dashboard shows a value: value, yes/no, ticks, date
+    undoable: bool = True
+
+    def enabled(self, config: Config) -> bool:
+        """Are this field's switches all on in ``config``?"""
+        return all(getattr(getattr(config, s.split(".")[0]), s.split(".")[1]) for s in self.settings)
+
+    def describe(self, value: Any) -> str:
+        return self.say(value)
+
+    def on_target(self, value: Any, src_runtime: int | None, tgt_runtime: int | None) -> Any:
+        """The value to write on a target: a position keeps its fraction where runtimes differ
+        (another cut, another encode)."""
+        if self.scaled and value and src_runtime and tgt_runtime and src_runtime != tgt_runtime:
+            return int(value * tgt_runtime / src_runtime)
+        return int(value) if self.scaled else value
+
+    def removal(self, value: Any) -> str:
+        """A change that takes state away, as the brake's summary says it ("42 unfavourited")."""
+        return self.removed if self.takes_away and self.takes_away(value) else self.say(value)
+
+    def public(self) -> dict:
+        """What the dashboard reads of it (GET /api/fields)."""
+        return {"name": self.name, "label": self.label, "scope": self.scope, "show": self.show}
+
+
+def _any_true(a: Any, b: Any) -> bool:
+    return bool(a) or bool(b)
+
+
+def _like_over_dislike(a: Any, b: Any) -> bool | None:
+    rated = [v for v in (a, b) if v is True or v is False]
+    return (True in rated) if rated else None
+
+
+def _furthest(a: Any, b: Any) -> int:
+    return max(int(a or 0), int(b or 0))
+
+
+def _likes_read(ud: dict) -> bool | None:
+    rating = ud.get("Rating")
+    if rating is None:
+        return ud.get("Likes")  # derived by the server: Rating ≥ 6.5, or null
+    return bool(rating >= LIKE_RATING)
+
+
+def likes_from_event(ev: dict) -> bool | None:
+    """The plugin sends ``Likes`` false when unset; ``Rating`` tells (0 = none, ≥ 6.5 = like)."""
+    rating = ev.get("Rating")
+    if isinstance(rating, int | float):
+        if rating == 0:
+            return None
+        return rating >= LIKE_RATING
+    return True if ev.get("Likes") else None
+
+
+# Which webhook reports a field truthfully, by type and SaveReason (docs/jellyfin.md §1). The
+# re-watch trap: PlaybackStart forces Played=false on a resumable video, so Played=false is never
+# taken from playback (start, progress or a stop before the end) — only Played=true.
+_RATING_REASONS = ("UpdateUserRating", "UpdateUserData")
+_POSITION_REASONS = ("PlaybackProgress", "PlaybackFinished", "UpdateUserData")
+
+
+def _saved(ev: dict, reasons: tuple[str, ...]) -> bool:
+    return ev["NotificationType"] == "UserDataSaved" and ev.get("SaveReason") in reasons
+
+
+def _played_from_event(ev: dict) -> Any:
+    if _saved(ev, ("TogglePlayed", "Import", "UpdateUserData")) and "Played" in ev:
+        return bool(ev["Played"])
+    if _saved(ev, ("PlaybackFinished",)) and ev.get("Played") is True:
+        # Stopping a re-watch part-way leaves Played=false (set at PlaybackStart): only
+        # "finished" is news; "unplayed" comes from a deliberate TogglePlayed alone.
+        return True
+    if ev["NotificationType"] == "PlaybackStop" and ev.get("PlayedToCompletion"):
+        return True
+    return MISSING
+
+
+def _position_from_event(ev: dict) -> Any:
+    pos = ev.get("PlaybackPositionTicks")
+    ntype = ev["NotificationType"]
+    if ntype == "PlaybackStop" and ev.get("PlayedToCompletion"):
+        return 0  # the server resets the position when it marks played
+    if _saved(ev, _POSITION_REASONS) or ntype in ("PlaybackProgress", "PlaybackStop"):
+        return pos if isinstance(pos, int) else MISSING
+    return MISSING
+
+
+def _favorite_from_event(ev: dict) -> Any:
+    return bool(ev["Favorite"]) if _saved(ev, _RATING_REASONS) and "Favorite" in ev else MISSING
+
+
+def _likes_from_event(ev: dict) -> Any:
+    return likes_from_event(ev) if _saved(ev, _RATING_REASONS) else MISSING
+
+
+def _newest(a: Any, b: Any) -> float | None:
+    return max([t for t in (a, b) if t], default=None)
+
+
+def _whole(value: Any) -> int:
+    """A count or a position from a file people may have edited: a whole number ≥ 0, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _say_position(value: Any) -> str:
+    secs = int(value or 0) // TICKS_PER_SECOND
+    return f"position {secs // HOUR}:{secs % HOUR // 60:02d}:{secs % 60:02d}"
+
+
+def _write_played(w: WriteRequest) -> dict:
+    if not w.want:
+        return w.client.set_played(w.user_id, w.item_id, False)
+    last = w.job.extra.get("last_played") if w.sync.last_played_date else None
+    if w.version.legacy:
+        # 10.8: the only API-key route. datePlayed also bumps PlayCount by one.
+        return w.client.set_played(w.user_id, w.item_id, True, last)
+    # 10.9+: one /UserData write sets the flag, the date and the count exactly. PlayCount =
+    # max(target's, source's, 1) — never a sum, because every server counts its own playback
+    # starts; LastPlayedDate = the newer of the two.
+    count = int(w.current.get("PlayCount") or 0)
+    if w.sync.play_count:
+        count = max(count, int(w.job.extra.get("play_count") or 0))
+    newest = max([t for t in (last, parse_time(w.current.get("LastPlayedDate"))) if t], default=None)
+    body = {
+        "Played": True,
+        "PlaybackPositionTicks": 0,
+        "PlayCount": max(count, 1),
+        "LastPlayedDate": format_time(newest or utcnow()),
+    }
+    return w.client.update_user_data(w.user_id, w.item_id, body)
+
+
+def _write_position(w: WriteRequest) -> dict:
+    body: dict[str, Any] = {"PlaybackPositionTicks": int(w.want)}
+    last = w.job.extra.get("last_played") if w.sync.last_played_date else None
+    tgt_last = parse_time(w.current.get("LastPlayedDate"))
+    if w.want and last and (tgt_last is None or last > tgt_last):
+        body["LastPlayedDate"] = format_time(last)  # "Continue watching" is in this order
+    return w.client.update_user_data(w.user_id, w.item_id, body)
+
+
+def _account_words(value: Any) -> str:
+    return str(value.get("name", "")) if isinstance(value, dict) else str(value)
+
+
+REGISTRY: dict[str, SyncedField] = {
+    f.name: f
+    for f in (
+        SyncedField(
+            name="played",
+            label="watched",
+            settings=("sync.watched_status",),
+            read=lambda ud: bool(ud.get("Played", False)),
+            from_event=_played_from_event,
+            say=lambda v: "played" if v else "unplayed",
+            removed="unplayed",
+            takes_away=lambda v: v is False,
+            merge=_any_true,
+            nothing=False,
+            from_file=bool,
+            dated=True,
+            resets=(("position", 0),),  # marking played or unplayed resets the position
+            rewatch_trap=True,
+            write=_write_played,
+            show="yes/no",
+        ),
+        SyncedField(
+            name="position",
+            label="position",
+            settings=("sync.playback_progress",),
+            read=lambda ud: int(ud.get("PlaybackPositionTicks") or 0),
+            from_event=_position_from_event,
+            say=_say_position,
+            removed="position reset",
+            takes_away=lambda v: not v,
+            merge=_furthest,
+            nothing=0,
+            from_file=_whole,
+            dated=True,
+            needs=("sets_positions", "Jellyfin 10.8 cannot set a resume position with an API key"),
+            scaled=True,
+            debounced=True,
+            write=_write_position,
+            show="ticks",
+        ),
+        SyncedField(
+            name="favorite",
+            label="favourite",
+            settings=("sync.favorites",),
+            read=lambda ud: bool(ud.get("IsFavorite", False)),
+            from_event=_favorite_from_event,
+            say=lambda v: "favourite" if v else "not favourite",
+            removed="unfavourited",
+            takes_away=lambda v: v is False,
+            merge=_any_true,
+            nothing=False,
+            from_file=bool,
+            write=lambda w: w.client.set_favorite(w.user_id, w.item_id, bool(w.want)),
+            show="yes/no",
+        ),
+        SyncedField(
+            name="likes",
+            label="rating",
+            settings=("sync.ratings", "sync.likes"),
+            read=_likes_read,
+            from_event=_likes_from_event,
+            say=lambda v: {True: "liked", False: "disliked", None: "rating cleared"}[v],
+            removed="rating cleared",
+            takes_away=lambda v: v is None,
+            merge=_like_over_dislike,
+            nothing=None,
+            from_file=lambda v: v if v is True or v is False else None,
+            write=lambda w: w.client.set_likes(w.user_id, w.item_id, w.want),
+            show="yes/no",
+        ),
+        # Written with "played" (the count and date of a play travel with it): shown and exported.
+        SyncedField(
+            name="play_count",
+            label="play count",
+            settings=("sync.play_count",),
+            scope="carried",
+            read=lambda ud: int(ud.get("PlayCount") or 0),
+            merge=_furthest,
+            nothing=0,
+            from_file=_whole,
+        ),
+        SyncedField(
+            name="last_played",
+            label="last played",
+            settings=("sync.last_played_date",),
+            scope="carried",
+            read=lambda ud: ud.get("LastPlayedDate"),
+            merge=_newest,
+            from_file=parse_time,
+            show="date",
+        ),
+        # Accounts: created, deleted and renamed by AccountWriter; never undone.
+        SyncedField(
+            name="user_create",
+            label="account",
+            settings=("users.create",),
+            scope="account",
+            say=lambda v: f"created {_account_words(v)}",
+            undoable=False,
+        ),
+        SyncedField(
+            name="user_delete",
+            label="account",
+            settings=("users.delete",),
+            scope="account",
+            say=lambda v: f"deleted {_account_words(v)}",
+            undoable=False,
+        ),
+        SyncedField(
+            name="user_rename",
+            label="account",
+            settings=("users.rename",),
+            scope="account",
+            say=lambda v: f"renamed to {_account_words(v)}",
+            undoable=False,
+        ),
+    )
+}
+# The fields a job carries (one per target, person, item and field), in the order a claim's
+# jobs for one item are written.
+FIELDS = tuple(f.name for f in REGISTRY.values() if f.scope == "item")
+FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}
+EXPORTED = tuple(f for f in REGISTRY.values() if f.scope in ("item", "carried"))  # export, inspector
+
+
+def synced(name: str) -> SyncedField:
+    """The registry's entry; SyncError (never a guess) for a field we do not know."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise SyncError(f"unknown field {name!r}")
+    return entry
+
+
+def read_fields(user_data: dict) -> dict[str, Any]:
+    """Our item fields from a UserItemDataDto (as returned by GET or by a write)."""
+    return {f.name: f.read(user_data) for f in REGISTRY.values() if f.scope == "item"}
+
+
+def observations_from_event(ev: dict) -> dict[str, Any]:
+    """Which of our fields this event reports truthfully (each field's ``from_event``)."""
+    out = {}
+    for f in REGISTRY.values():
+        if f.from_event is not None:
+            value = f.from_event(ev)
+            if value is not MISSING:
+                out[f.name] = value
+    return out
+
+
+def takes_state_away(fld: str, value: Any, finishing: bool = False) -> bool:
+    """What the brake counts: unplayed, unfavourited, rating cleared, or a resume position reset
+    (other than by ``finishing`` the item, which resets it too)."""
+    entry = synced(fld)
+    if entry.takes_away is None or not entry.takes_away(value):
+        return False
+    return not (finishing and any(fld == reset for f in REGISTRY.values() for reset, _ in f.resets))
+
+
+def moot_fields(values: dict[str, Any]) -> set[str]:
+    """The fields that another's True makes moot (played → its position is reset anyway)."""
+    return {other for name, v in values.items() if v is True and name in REGISTRY for other, _ in REGISTRY[name].resets}
+
+
+def removal_word(fld: str, value: Any) -> str:
+    return synced(fld).removal(value)
+
+
+def describe(fld: str, value: Any) -> str:
+    return synced(fld).describe(value)
+
+
 # ── Webhooks ─────────────────────────────────────────────────────────────────
 
 
@@ -3570,50 +3919,6 @@ def _depth(value: Any, level: int = 1) -> int:
     return level
 
 
-def likes_from_event(ev: dict) -> bool | None:
-    """The plugin sends ``Likes`` false when unset; ``Rating`` tells (0 = none, ≥ 6.5 = like)."""
-    rating = ev.get("Rating")
-    if isinstance(rating, int | float):
-        if rating == 0:
-            return None
-        return rating >= LIKE_RATING
-    return True if ev.get("Likes") else None
-
-
-def observations_from_event(ev: dict) -> dict[str, Any]:
-    """Which of our fields this event reports truthfully, by type and SaveReason (docs/jellyfin.md §1).
-
-    The re-watch trap: PlaybackStart forces Played=false on a resumable video, so Played=false is
-    never taken from playback (start, progress or a stop before the end) — only Played=true.
-    """
-    ntype = ev["NotificationType"]
-    out: dict[str, Any] = {}
-    pos = ev.get("PlaybackPositionTicks")
-    if ntype == "UserDataSaved":
-        reason = ev.get("SaveReason")
-        if reason in ("TogglePlayed", "Import", "UpdateUserData") and "Played" in ev:
-            out["played"] = bool(ev["Played"])
-        elif reason == "PlaybackFinished" and ev.get("Played") is True:
-            # Stopping a re-watch part-way leaves Played=false (set at PlaybackStart): only
-            # "finished" is news; "unplayed" comes from a deliberate TogglePlayed alone.
-            out["played"] = True
-        if reason in ("UpdateUserRating", "UpdateUserData"):
-            if "Favorite" in ev:
-                out["favorite"] = bool(ev["Favorite"])
-            out["likes"] = likes_from_event(ev)
-        if reason in ("PlaybackProgress", "PlaybackFinished", "UpdateUserData") and isinstance(pos, int):
-            out["position"] = pos
-    elif ntype == "PlaybackProgress" and isinstance(pos, int):
-        out["position"] = pos
-    elif ntype == "PlaybackStop":
-        if ev.get("PlayedToCompletion"):
-            out["played"] = True
-            out["position"] = 0  # the server resets the position when it marks played
-        elif isinstance(pos, int):
-            out["position"] = pos
-    return out
-
-
 def event_item_name(ev: dict) -> str:
     """An item as people know it: "Series — S01E04 — Title", "Film (Year)"."""
     name = ev.get("Name") or ev["ItemId"]
@@ -3626,33 +3931,6 @@ def event_item_name(ev: dict) -> str:
 
 def episode_name(series: str, season: int | None, episode: int | None, title: str) -> str:
     return f"{series} — S{season or 0:02d}E{episode or 0:02d} — {title}"
-
-
-def takes_state_away(fld: str, value: Any, finishing: bool = False) -> bool:
-    """What the brake counts: unplayed, unfavourited, rating cleared, or a resume position reset
-    (other than by ``finishing`` the item, which resets it too)."""
-    if fld in ("played", "favorite"):
-        return value is False
-    if fld == "likes":
-        return value is None
-    return fld == "position" and not value and not finishing
-
-
-def removal_word(fld: str, value: Any) -> str:
-    """A change that takes state away, as the brake's summary says it ("42 unfavourited")."""
-    words = {"played": "unplayed", "favorite": "unfavourited", "likes": "rating cleared", "position": "position reset"}
-    return words[fld] if fld in words and not value else describe(fld, value)
-
-
-def describe(fld: str, value: Any) -> str:
-    if fld == "played":
-        return "played" if value else "unplayed"
-    if fld == "favorite":
-        return "favourite" if value else "not favourite"
-    if fld == "likes":
-        return {True: "liked", False: "disliked", None: "rating cleared"}[value]
-    secs = int(value or 0) // TICKS_PER_SECOND
-    return f"position {secs // HOUR}:{secs % HOUR // 60:02d}:{secs % 60:02d}"
 
 
 # ── Planner ──────────────────────────────────────────────────────────────────
@@ -3681,7 +3959,7 @@ class Planner:
                 news = self._news(tx, observations)
                 dropped += len(observations) - len(news)
                 # Finishing an item resets its position: that is no removal (news or not).
-                finished = {(o.server, o.item_id) for o in observations if o.field == "played" and o.value is True}
+                finished = {(o.server, o.item_id) for o in observations if o.value is True and REGISTRY[o.field].resets}
                 for ob in news:
                     removal = self.removes(ob, finished)
                     if removal:
@@ -3739,7 +4017,8 @@ class Planner:
             known = tx.state(ob)
             # Finishing a play is news even where the item was played already (a re-watch): a
             # server an undo put back to unplayed is marked again, as the person's new action.
-            finished = ob.field == "played" and ob.value is True and ob.extra.get("event") == "PlaybackStop"
+            entry = REGISTRY[ob.field]
+            finished = entry.rewatch_trap and ob.value is True and ob.extra.get("event") == "PlaybackStop"
             if known is not None and ((known[0] == value_json and not finished) or known[1] > ob.observed_at):
                 # Same as what we last wrote/read there (an echo, or nothing new), or an older
                 # observation arriving late: never overwrite newer with older.
@@ -3871,8 +4150,10 @@ class WatchStateWriter:
         """One job; ``current`` is the target's UserItemDataDto, read once for the whole group."""
         client = self.clients[job.target]
         version = client.ensure_version()
-        if job.field == "position" and not version.sets_positions:
-            raise SyncError("Jellyfin 10.8 cannot set a resume position with an API key")
+        entry = synced(job.field)
+        capability, why_not = entry.needs
+        if capability and not getattr(version, capability):
+            raise SyncError(why_not)
         known = self.store.get_state(job.target, job.user_key, item.item_id)
         if job.field in known and known[job.field][1] > job.observed_at:
             return Outcome("stale", "a newer change is already there")
@@ -3881,9 +4162,7 @@ class WatchStateWriter:
             current.update(state if state is not None else client.user_data(user_id, item.item_id))
             current[_KNOWN] = True  # even a blank state is known now
         have = read_fields(current)
-        want = job.value
-        if job.field == "position":
-            want = self._scale(want, job.extra.get("runtime"), item.runtime)
+        want = entry.on_target(job.value, job.extra.get("runtime"), item.runtime)
         observed = {job.field: job.observed_at}
         if "expect" in job.extra and have[job.field] != job.extra["expect"] and have[job.field] != want:
             # An undo: only where the target still holds what we wrote. A newer change by the
@@ -3903,12 +4182,12 @@ class WatchStateWriter:
             return Outcome("dry_run", new=describe(job.field, want))
         # Record the state we are about to create *before* writing: Jellyfin fires the echo
         # webhook while it handles our request, so it can arrive before the response does.
-        expected = {**have, job.field: want}
-        if job.field == "played":
-            expected["position"] = 0  # marking played or unplayed resets the position
+        expected = {**have, job.field: want, **dict(entry.resets)}
         self.store.prepare_write(job.target, job.user_key, item.item_id, expected, observed)
         try:
-            written = self._write(client, user_id, item.item_id, job, want, current, version)
+            written = entry.write(
+                WriteRequest(client, version, user_id, item.item_id, job, want, current, self.config.sync)
+            )
         except Exception:
             # The write did not happen (as far as we know): what we recorded must not say it
             # did, or the next pass would read the target's real value as a change made there
@@ -3934,8 +4213,9 @@ class WatchStateWriter:
     def _written(job: Job, item: ItemInfo, have: dict, want: Any, rows: list | None) -> Outcome:
         """A write's outcome with its journal: each field it changed, before and after."""
         before, after = {job.field: have[job.field]}, {job.field: want}
-        if job.field == "played" and have["position"]:
-            before["position"], after["position"] = have["position"], 0  # the server reset it
+        for other, value in REGISTRY[job.field].resets:
+            if have[other] != value:
+                before[other], after[other] = have[other], value  # the server reset it
         return Outcome(
             "ok",
             old=describe(job.field, have[job.field]),
@@ -3956,62 +4236,6 @@ class WatchStateWriter:
             return None
         return state
 
-    @staticmethod
-    def _scale(position: int, src_runtime: int | None, tgt_runtime: int | None) -> int:
-        """Runtimes can differ between servers (another cut, another encode): keep the fraction."""
-        if position and src_runtime and tgt_runtime and src_runtime != tgt_runtime:
-            return int(position * tgt_runtime / src_runtime)
-        return int(position)
-
-    def _write(
-        self,
-        client: JellyfinClient,
-        user_id: str,
-        item_id: str,
-        job: Job,
-        want: Any,
-        current: dict,
-        version: ServerVersion,
-    ) -> dict:
-        """One state-based write. Each field has exactly one way in, so states cannot oscillate."""
-        fld = job.field
-        if fld == "played" and want:
-            last = job.extra.get("last_played") if self.config.sync.last_played_date else None
-            if version.legacy:
-                # 10.8: the only API-key route. datePlayed also bumps PlayCount by one.
-                return client.set_played(user_id, item_id, True, last)
-            return client.update_user_data(user_id, item_id, self._played_body(job, current, last))
-        if fld == "played":
-            return client.set_played(user_id, item_id, False)
-        if fld == "favorite":
-            return client.set_favorite(user_id, item_id, bool(want))
-        if fld == "likes":
-            return client.set_likes(user_id, item_id, want)
-        if fld == "position":
-            body: dict[str, Any] = {"PlaybackPositionTicks": int(want)}
-            last = job.extra.get("last_played") if self.config.sync.last_played_date else None
-            tgt_last = parse_time(current.get("LastPlayedDate"))
-            if want and last and (tgt_last is None or last > tgt_last):
-                body["LastPlayedDate"] = format_time(last)  # "Continue watching" is in this order
-            return client.update_user_data(user_id, item_id, body)
-        raise AssertionError(fld)
-
-    def _played_body(self, job: Job, current: dict, last: float | None) -> dict:
-        """10.9+: one /UserData write sets the flag, the date and the count exactly. PlayCount =
-        max(target's, source's, 1) — never a sum, because every server counts its own playback
-        starts; LastPlayedDate = the newer of the two."""
-        count = int(current.get("PlayCount") or 0)
-        if self.config.sync.play_count:
-            count = max(count, int(job.extra.get("play_count") or 0))
-        tgt_last = parse_time(current.get("LastPlayedDate"))
-        newest = max([t for t in (last, tgt_last) if t], default=None)
-        return {
-            "Played": True,
-            "PlaybackPositionTicks": 0,
-            "PlayCount": max(count, 1),
-            "LastPlayedDate": format_time(newest or utcnow()),
-        }
-
 
 class AccountWriter:
     """Creates, deletes and renames accounts on a target, as another server's user events say."""
@@ -4028,11 +4252,10 @@ class AccountWriter:
         row = self.library.user(job.target, key, refresh_on_miss=False)
         if self.config.sync.dry_run:
             return Outcome("dry_run", new=job.field)
-        if job.field == "user_create":
-            return self._create(job, row)
-        if job.field == "user_delete":
-            return self._delete(job, row)
-        return self._rename(job, row)
+        apply = {"user_create": self._create, "user_delete": self._delete, "user_rename": self._rename}.get(job.field)
+        if apply is None:
+            raise SyncError(f"{job.field!r} is no account change")  # never a guess (issue 24)
+        return apply(job, row)
 
     def _create(self, job: Job, row: UserRow | None) -> Outcome:
         if row is not None:
@@ -4483,11 +4706,7 @@ class Syncer:
         for its target, applied like any other (only what differs is written)."""
         key = self.config.person(server, ev["NotificationUsername"])
         target = ev["Target"]
-        if (
-            self.config.server(target) is None
-            or not self.config.user_synced(key)
-            or not self.config.sync.enabled(ev["Field"])
-        ):
+        if self.config.server(target) is None or not self.config.user_synced(key) or not self.config.syncs(ev["Field"]):
             return []
         return [
             Observation(
@@ -4537,16 +4756,16 @@ class Syncer:
                 observed,
                 others,
                 extra,
-                delay=debounce if fld == "position" and ntype != "PlaybackStop" else 0.0,
+                delay=debounce if REGISTRY[fld].debounced and ntype != "PlaybackStop" else 0.0,
                 cause=f"event:{row.id}",
             )
             for fld, value in observations_from_event(ev).items()
-            if self.config.sync.enabled(fld)
+            if self.config.syncs(fld)
         ]
 
     def _account_change(self, server: str, ev: dict) -> list[Observation]:
         """A user created, deleted or renamed on ``server``: one order per other server."""
-        ntype, username, users = ev["NotificationType"], ev["NotificationUsername"], self.config.users
+        ntype, username = ev["NotificationType"], ev["NotificationUsername"]
         value: dict[str, Any] = {"name": username}
         field = {"UserCreated": "user_create", "UserDeleted": "user_delete", "UserUpdated": "user_rename"}[ntype]
         person = self.config.person(server, username)
@@ -4560,8 +4779,7 @@ class Syncer:
             if old is not None:
                 person = self.config.person(server, old.name)
         self.library.forget_users(server)
-        enabled = {"user_create": users.create, "user_delete": users.delete, "user_rename": users.rename}
-        if not enabled[field] or not self.config.user_synced(person):
+        if not self.config.syncs(field) or not self.config.user_synced(person):
             return []
         others = tuple(s.name for s in self.config.servers if s.name != server)
         return [
@@ -4605,7 +4823,7 @@ class Syncer:
 
     def _apply_group(self, target: str, jobs: list[Job]) -> list[tuple[Job, Outcome]]:
         """The outcome of each job for one user and item on ``target``."""
-        if jobs[0].field.startswith("user_"):
+        if REGISTRY[jobs[0].field].scope == "account":
             return [(job, self._attempt(job, lambda job=job: self.accounts.apply(job))) for job in jobs]
         try:
             user_id, src_item, item = self.writer.resolve(target, jobs)
@@ -4740,9 +4958,7 @@ class Syncer:
                 return len(resolved)  # the server went away: the next check looks again
             except SyncError:
                 continue
-            want = job.value
-            if job.field == "position":
-                want = WatchStateWriter._scale(want, job.extra.get("runtime"), item.runtime)
+            want = synced(job.field).on_target(job.value, job.extra.get("runtime"), item.runtime)
             if have.get(job.field) == want:
                 resolved.append(job.id)
         if resolved:
@@ -4911,11 +5127,13 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
         )
         return (rank,)
 
+    entry = REGISTRY[field]
+
     def real(v: _View) -> bool:
         if v.prior is _UNKNOWN or v.cur == v.prior:
             return False
         # Played=false with a play count is a re-watch in progress, not "mark unplayed".
-        return not (field == "played" and v.cur is False and v.play_count > 0)
+        return not (entry.rewatch_trap and v.cur is False and v.play_count > 0)
 
     changed = [v for v in views if real(v)]
     agree = all(v.cur == views[0].cur and type(v.cur) is type(views[0].cur) for v in views)
@@ -4929,26 +5147,17 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
         if agree:
             return None
         # First sight — on any of them (a like made where no webhook ever told us of the item,
-        # say, while the others are known): union. Taking the known servers' value instead
-        # cleared that like where the person made it.
-        if field in ("played", "favorite"):
-            holders = [v for v in views if v.cur is True]
-            if not holders:
-                return None
-            best = max(holders, key=lambda v: v.when)
-        elif field == "position":
-            best = max(views, key=lambda v: (v.cur or 0, v.when))
-            if not best.cur:
-                return None
-        else:  # likes: a like, else a dislike; never "cleared" on a first sight
-            rated = [v for v in views if v.cur is not None]
-            if not rated:
-                return None
-            best = max(rated, key=positive)
+        # say, while the others are known): the field's merge (union: played or favourite
+        # anywhere, the furthest position, a like over a dislike), never its "nothing" value.
+        # Taking the known servers' value instead cleared that like where the person made it.
+        value = functools.reduce(entry.merge, [v.cur for v in views])
+        if value == entry.nothing:
+            return None
+        best = max((v for v in views if v.cur == value), key=lambda v: v.when)
     else:
         known = [v for v in views if v.prior is not _UNKNOWN]
         best = max(known, key=lambda v: (v.prior_at, positive(v)))
-        if field == "played" and best.cur is False and any(v.cur is True for v in views):
+        if entry.rewatch_trap and best.cur is False and any(v.cur is True for v in views):
             best = next(v for v in views if v.cur is True)  # never unmark without a seen change
     return best.cur, best
 
@@ -5197,7 +5406,7 @@ class Reconciler:
                 report["errors"].append(f"{person}: playlists not compared this pass: {_error_text(e)}")
                 log.warning("reconcile: %s: playlists not compared: %s", person, _error_text(e))
         self.progress["phase"] = f"comparing {person}"
-        fields = [f for f in FIELDS if self.config.sync.enabled(f)]
+        fields = [f for f in FIELDS if self.config.syncs(f)]
         for group in groups:
             report["items_compared"] += 1
             self.progress["items_compared"] += 1
@@ -5224,7 +5433,7 @@ class Reconciler:
             self._undone = self.store.undone_of(person)
             self._read_at = utcnow()
             current = {srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()}
-            fields = [f for f in FIELDS if self.config.sync.enabled(f)]
+            fields = [f for f in FIELDS if self.config.syncs(f)]
             self._reconcile_item(person, group, current, accounts, fields, report, dry_run=False)
             self._flush()
         finally:
@@ -5252,9 +5461,9 @@ class Reconciler:
             if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in ("played", "likes")):
                 current[srv] = self.clients[srv].user_data(accounts[srv], group[srv])
                 values[srv] = read_fields(current[srv])
-        played_after: bool | None = None  # the played state once this pass's jobs are applied
+        moot: set[str] = set()  # fields a field True once this pass's jobs are applied resets
         for field in fields:
-            if field == "position" and played_after:
+            if field in moot:
                 continue  # a played item has no resume position: marking it played resets it
             if any((srv, iid, field) in self._on_the_way for srv, iid in group.items()):
                 # A change of this field is still on its way (a removal settling, one held by the
@@ -5266,7 +5475,7 @@ class Reconciler:
             for srv, iid in group.items():
                 prior, prior_at = priors[srv].get(field, (_UNKNOWN, 0.0))
                 ud = current[srv]
-                when = (parse_time(ud.get("LastPlayedDate")) or 0.0) if field in ("played", "position") else 0.0
+                when = (parse_time(ud.get("LastPlayedDate")) or 0.0) if REGISTRY[field].dated else 0.0
                 cur = values[srv][field]
                 undone = self._undone.get((srv, iid, field), _UNKNOWN) == cur
                 views.append(_View(srv, iid, cur, prior, prior_at, when, int(ud.get("PlayCount") or 0), undone))
@@ -5276,8 +5485,8 @@ class Reconciler:
             ended = decision is not None or len({json.dumps(v.cur) for v in views}) == 1
             if not dry_run and ended and any(v.undone for v in views):
                 self._pending_forget += [(v.server, person, v.item_id, field) for v in views if v.undone]
-            if field == "played":
-                played_after = decision[0] if decision else all(v.cur for v in views)
+            if decision[0] if decision else all(v.cur for v in views):
+                moot.update(other for other, _ in REGISTRY[field].resets)
             if decision is None:
                 self._remember(person, views, field, None, dry_run)
                 continue
@@ -5719,7 +5928,7 @@ class RecentCheck:
                 cause=self._cause,
             )
             for fld in ("played", "position")
-            if fld in entry and self.config.sync.enabled(fld)
+            if fld in entry and self.config.syncs(fld)
         ]
 
     def cost_per_minute(self) -> dict | None:
@@ -5804,7 +6013,8 @@ class Undo:
         entries = self.store.journal(scope)
         changes: dict[tuple, dict] = {}
         for e in entries:
-            if e.field.startswith("user_") or not e.target_item_id or not e.user_key:
+            entry = REGISTRY.get(e.field)
+            if entry is None or not entry.undoable or not e.target_item_id or not e.user_key:
                 continue  # accounts and entries from before the journal cannot be undone
             for fld, after in (e.after or {}).items():
                 key = (e.target, e.user_key, e.target_item_id, fld)
@@ -5982,7 +6192,8 @@ class Undo:
 
 def _removal_change(ch: dict) -> bool:
     """An undo change whose write took state away (the brake's kind of change)."""
-    return takes_state_away(ch["field"], ch["after"], bool((ch.get("entry_after") or {}).get("played")))
+    finishing = ch["field"] in moot_fields(ch.get("entry_after") or {})
+    return takes_state_away(ch["field"], ch["after"], finishing)
 
 
 class Brake:
@@ -6253,9 +6464,9 @@ class Transfer:
         """The fields to write on one item (counted, and sampled, in the person's ``entry``)."""
         out = []
         for fld in FIELDS:
-            if not self.config.sync.enabled(fld) or have[fld] == want[fld]:
+            if not self.config.syncs(fld) or have[fld] == want[fld]:
                 continue
-            if fld == "position" and want["played"]:
+            if fld in moot_fields(want):
                 continue  # marking played resets it
             entry["changes"][fld] = entry["changes"].get(fld, 0) + 1
             if len(entry["sample"]) < UNDO_SAMPLE:
@@ -6283,14 +6494,8 @@ class Transfer:
                 entry["matched"] += 1
                 names[item.item_id] = self.library.display_name(item)
                 w = merged.setdefault(item.item_id, {})
-                w["played"] = bool(w.get("played")) or bool(e.get("played"))
-                w["favorite"] = bool(w.get("favorite")) or bool(e.get("favorite"))
-                w["position"] = max(w.get("position", 0), _whole(e.get("position")))
-                likes = [v for v in (w.get("likes"), e.get("likes")) if v is True or v is False]
-                w["likes"] = (True in likes) if likes else None
-                w["play_count"] = max(w.get("play_count", 0), _whole(e.get("play_count")))
-                dates = [t for t in (w.get("last_played"), parse_time(e.get("last_played"))) if t]
-                w["last_played"] = max(dates) if dates else None
+                for f in EXPORTED:
+                    w[f.name] = f.merge(w.get(f.name, f.nothing), f.from_file(e.get(f.name)))
         return merged, names
 
     def match(self, e: dict, target: str) -> ItemInfo | None:
@@ -6323,22 +6528,9 @@ class Transfer:
         return found
 
 
-def _whole(value: Any) -> int:
-    """A count or a position from a file people may have edited: a whole number ≥ 0, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def _user_data_entry(ud: dict) -> dict:
     """The user data an export keeps of one item (README: Export and import)."""
-    fields = read_fields(ud)
-    return {
-        "played": fields["played"],
-        "play_count": int(ud.get("PlayCount") or 0),
-        "last_played": ud.get("LastPlayedDate"),
-        "position": fields["position"],
-        "favorite": fields["favorite"],
-        "likes": fields["likes"],
-    }
+    return {f.name: f.read(ud) for f in EXPORTED}
 
 
 ALERT_FORMATS = ("json", "ntfy", "gotify", "discord", "slack")
@@ -6560,19 +6752,7 @@ RESULT_WORDS = {
     "stale": "older",
     "dry_run": "dry run",
 }
-FIELD_WORDS = {
-    "event": "webhook",
-    "played": "watched",
-    "position": "position",
-    "favorite": "favourite",
-    "likes": "rating",
-    "play_count": "play count",
-    "last_played": "last played",
-    "playlist": "playlist",
-    "user_create": "account",
-    "user_delete": "account",
-    "user_rename": "account",
-}
+FIELD_WORDS = {"event": "webhook", **{f.name: f.label for f in REGISTRY.values()}, "playlist": "playlist"}
 STATE_WORDS = {
     "pending": "pending",
     "running": "being written",
@@ -6897,6 +7077,7 @@ class Web:
         a.route("/logout", "POST", self.logout)
         a.route("/api/status", "GET", self.api_status)
         a.route("/api/dashboard", "GET", self.api_dashboard)
+        a.route("/api/fields", "GET", self.api_fields)
         a.route("/api/servers", "GET", lambda: send(self.servers_status()))
         a.route("/api/queue", "GET", lambda: send(self.queue_status()))
         for state, statuses in (
@@ -7213,7 +7394,7 @@ class Web:
             if person and match is not None:
                 entry.update(self._person_state(s.name, person, match.item_id, accounts))
             servers.append(entry)
-        fields = ("played", "position", "favorite", "likes", "play_count", "last_played")
+        fields = [f.name for f in EXPORTED]
         states = [e["state"] for e in servers if "state" in e]
         different = [f for f in fields if len({json.dumps(st.get(f)) for st in states}) > 1]
         jobs = self.store.jobs_by_status(("pending", "waiting", "unreachable", "failed", "skipped"), 200, 0)
@@ -7224,6 +7405,7 @@ class Web:
             # On one server alone: there is nothing to compare it with, nor to sync it to.
             "only_on": next(iter(group)) if len(group) == 1 and len(servers) > 1 else None,
             "different": different,
+            "fields": [f.public() for f in EXPORTED],  # the rows the inspector shows, in order
             "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
             "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
         }
@@ -7237,9 +7419,7 @@ class Web:
             ud = self.syncer.clients[server].user_data(user_id, item_id)
         except (JellyfinError, SyncError) as e:
             return {"state_error": str(e)}
-        fields = read_fields(ud)
-        fields.update(play_count=int(ud.get("PlayCount") or 0), last_played=ud.get("LastPlayedDate"))
-        return {"state": fields}
+        return {"state": _user_data_entry(ud)}
 
     def api_inspect_sync(self) -> str:
         """The inspector's "Sync this item now": reads every server, queues what differs."""
@@ -7466,6 +7646,10 @@ class Web:
         self._last_alert_test = time.monotonic()
         results = self._safety().alerts.test()
         return send({"results": results}, 200 if all(r["ok"] for r in results) else 502)
+
+    def api_fields(self) -> str:
+        """The synced fields (the registry): name, label, what they belong to, switched on?"""
+        return send({"fields": [{**f.public(), "enabled": self.config.syncs(f.name)} for f in REGISTRY.values()]})
 
     def api_dashboard(self) -> str:
         """Everything the dashboard shows, in one answer (one request per refresh, not seven):

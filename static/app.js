@@ -470,12 +470,11 @@ async function refresh() {
 
 // The item inspector: the item on every server (how it was matched, or why not) and, for a
 // person, their state side by side with the differences marked; "Sync this item now".
-const STATE_FIELDS = ["played", "position", "favorite", "likes", "play_count", "last_played"];
-
-function shown(field, value) {
+// Its rows, their labels and how each value is shown come with the answer (the field registry).
+function shown(show, value) {
   if (value === null || value === undefined) return "–";
-  if (field === "position") return value ? `${Math.round(value / 600000000)} min` : "0";
-  if (field === "last_played") return ago(value);
+  if (show === "ticks") return value ? `${Math.round(value / 600000000)} min` : "0";
+  if (show === "date") return ago(value);
   if (value === true) return "yes";
   if (value === false) return "no";
   return String(value);
@@ -491,9 +490,9 @@ async function inspect(e) {
     const head = el("tr", {}, el("th", {}, ""), ...r.servers.map((s) => el("th", {}, s.server)));
     const found = el("tr", {}, el("th", {}, "found"),
       ...r.servers.map((s) => el("td", { class: s.found ? "" : "bad" }, s.matched_by)));
-    const rows = r.person ? STATE_FIELDS.map((f) => el("tr", { class: r.different.includes(f) ? "differs" : "" },
-      el("th", {}, word("field", f) + (r.different.includes(f) ? " ≠" : "")),
-      ...r.servers.map((s) => el("td", {}, s.state ? shown(f, s.state[f]) : (s.state_error || "–"))))) : [];
+    const rows = r.person ? r.fields.map((f) => el("tr", { class: r.different.includes(f.name) ? "differs" : "" },
+      el("th", {}, f.label + (r.different.includes(f.name) ? " ≠" : "")),
+      ...r.servers.map((s) => el("td", {}, s.state ? shown(f.show, s.state[f.name]) : (s.state_error || "–"))))) : [];
     const sync = el("button", { type: "button", class: "sync-now", onclick: async () => {
       try {
         const res = await postJson("/api/inspect/sync", { item: r.item.id, person: r.person });
