@@ -1392,6 +1392,42 @@ class OlderDatabase:
 
 
 @dataclass(frozen=True)
+class Carried:
+    """What a job carries besides its value (the jobs table's ``extra``, as JSON)."""
+
+    event: str = ""  # what made it: a webhook's NotificationType, "reconcile", "import", "undo" …
+    runtime: int | None = None  # the source item's runtime: a position keeps its fraction
+    play_count: int | None = None  # the source's, written with "played"
+    last_played: float | None = None  # the source's LastPlayedDate (or when it was seen)
+    # What the target holds, as a pass read it at state_read_at ({} = in none of its lists):
+    # a write soon after needs no second read of it (WatchStateWriter._target_state).
+    target_state: dict | None = None
+    state_read_at: float = 0.0
+    undo_of: tuple[int, ...] = ()  # an undo's order: the journal entries it reverses…
+    expect: Any = None  # …and the value we wrote, which must still be there to be undone
+
+    @property
+    def is_undo(self) -> bool:
+        return bool(self.undo_of)
+
+    def to_json(self) -> str:
+        """Only what differs from the defaults (most jobs carry two or three keys)."""
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v != _CARRIED_DEFAULTS[k]})
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> Carried:
+        """Tolerant of rows written by earlier versions (keys they had that we no longer keep)."""
+        data = json.loads(raw or "{}")
+        known = {k: v for k, v in data.items() if k in _CARRIED_DEFAULTS}
+        if "undo_of" in known:
+            known["undo_of"] = tuple(known["undo_of"] or ())
+        return cls(**known)
+
+
+_CARRIED_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Carried)}
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
     target: str
@@ -1403,7 +1439,7 @@ class Job:
     field: str
     value: Any
     observed_at: float
-    extra: dict
+    extra: Carried
     attempts: int
     absent_count: int
     queued_at: float = 0.0  # when the change was first queued for this target
@@ -1488,7 +1524,7 @@ class Password:
     created_at: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Observation:
     """One field's value as a source reported it (a webhook) or a pass decided it, for the
     Planner. Built in one place per source: Syncer._observations (webhooks),
@@ -1503,7 +1539,7 @@ class Observation:
     value: Any
     observed_at: float
     targets: tuple[str, ...]
-    extra: dict = dataclasses.field(default_factory=dict)  # what the write needs besides the value
+    extra: Carried = Carried()  # what the write needs besides the value
     delay: float = 0.0  # seconds before the job is due (debounce)
     # "report": the source's state, compared with what we know of it (echo, nothing new, older);
     # "order": a change decided elsewhere (a pass, an account event), queued as it is.
@@ -1525,6 +1561,42 @@ class ItemInfo:
     season: int | None
     episode: int | None
     runtime: int | None
+
+
+@dataclass(frozen=True)
+class OpenJob:
+    """A job still waiting to be applied, as the Planner's coalescing needs it."""
+
+    id: int
+    observed_at: float
+    status: str
+    due_at: float
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """A sync log line, as a job's outcome writes it (and, with before/after, its journal entry)."""
+
+    result: str
+    old: str | None = None
+    new: str | None = None
+    detail: str | None = None
+    item_id: str | None = None
+    before: dict | None = None
+    after: dict | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One job's outcome for Store.finish_jobs: its new status, its log line, what the target
+    now holds (remember_states rows), and ("put" | "clear", item id there) for the undo marks."""
+
+    job: Job
+    status: str
+    error: str | None = None
+    log: LogRow | None = None
+    states: list | None = None
+    undo_mark: tuple[str, str] | None = None
 
 
 class _Pending:
@@ -1597,16 +1669,16 @@ class PlanTx:
             (ob.server, ob.user_key, ob.item_id, ob.field, value_json, ob.observed_at),
         )
 
-    def open_job(self, target: str, ob: Observation) -> tuple[int, float] | None:
-        """The job for the same change still waiting to be applied: (id, its observation time)."""
+    def open_job(self, target: str, ob: Observation) -> OpenJob | None:
+        """The job for the same change still waiting to be applied."""
         row = self.c.execute(
-            "SELECT id, observed_at FROM jobs WHERE target=? AND user_key=? AND source=? "
+            "SELECT id, observed_at, status, due_at FROM jobs WHERE target=? AND user_key=? AND source=? "
             "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting', 'unreachable', 'held')",
             (target, ob.user_key, ob.server, ob.item_id, ob.field),
         ).fetchone()
-        return (row[0], row[1]) if row else None
+        return OpenJob(*row) if row else None
 
-    def add_job(self, target: str, ob: Observation, removal: bool, delay: float) -> None:
+    def add_job(self, target: str, ob: Observation, removal: bool, due_at: float) -> None:
         self.c.execute(
             "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
             " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause, removal)"
@@ -1621,8 +1693,8 @@ class PlanTx:
                 ob.field,
                 json.dumps(ob.value),
                 ob.observed_at,
-                json.dumps(ob.extra),
-                self.now + delay,
+                ob.extra.to_json(),
+                due_at,
                 self.now,
                 self.now,
                 ob.cause,
@@ -1630,44 +1702,36 @@ class PlanTx:
             ),
         )
 
-    def replace_job(self, job_id: int, ob: Observation, removal: bool, delay: float) -> None:
-        """A newer desired state for a waiting job. Its due time is kept, or made earlier by an
-        addition (additions are never delayed by a removal's settling time), or later by a
-        removal (which settles in full: the brake judges it first); a job waiting for its item
-        keeps its own. A held removal that the person has since reversed is no longer held: the
-        newer state goes."""
+    def replace_job(self, job_id: int, ob: Observation, removal: bool, due_at: float, status: str) -> None:
+        """A newer desired state for a waiting job (the Planner decides its due time and status)."""
         self.c.execute(
             "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=?, removal=?,"
-            " due_at=CASE WHEN status='waiting' THEN due_at WHEN ?=1 THEN max(due_at, ?) ELSE min(due_at, ?) END,"
-            " status=CASE WHEN status='held' AND ?=0 THEN 'pending' ELSE status END WHERE id=?",
+            " due_at=?, status=? WHERE id=?",
             (
                 json.dumps(ob.value),
                 ob.observed_at,
-                json.dumps(ob.extra),
+                ob.extra.to_json(),
                 ob.item_name,
                 self.now,
                 ob.cause,
                 int(removal),
-                int(removal),
-                self.now + delay,
-                self.now + delay,
-                int(removal),
+                due_at,
+                status,
                 job_id,
             ),
         )
 
-    def brake(self, source: str, user_key: str, since: float, limit: int) -> int:
-        """The brake (issue 16): if more than ``limit`` items lost state (unplayed, unfavourited,
-        rating cleared, position reset) from ``source`` for one person since ``since``, hold
-        every such change not yet applied — with removals settling before they go (issue 21),
-        that is the whole burst. Returns how many jobs it holds (0: below the limit)."""
-        n = self.c.execute(
+    def count_removals(self, source: str, user_key: str, since: float) -> int:
+        """Items that lost state (removal jobs) from ``source`` for one person since ``since``."""
+        return self.c.execute(
             "SELECT count(DISTINCT source_item_id) FROM jobs WHERE source=? AND user_key=? "
             "AND removal=1 AND created_at>=? AND status NOT IN ('discarded', 'superseded')",
             (source, user_key, since),
         ).fetchone()[0]
-        if n <= limit:
-            return 0
+
+    def hold_removals(self, source: str, user_key: str, since: float) -> int:
+        """Hold every removal from ``source`` for one person since ``since`` not yet applied;
+        returns how many jobs that holds."""
         return self.c.execute(
             "UPDATE jobs SET status='held', updated_at=? WHERE source=? AND user_key=? AND removal=1 "
             "AND created_at>=? AND status IN ('pending', 'waiting', 'unreachable')",
@@ -2078,11 +2142,7 @@ class Store:
                 "UPDATE jobs SET status='running', updated_at=? WHERE id=?",
                 [(now, r["id"]) for group in by_item.values() for r in group],
             )
-        # Played first: marking played resets the position, which a position job may then set.
-        return [
-            sorted((self._job(r) for r in group), key=lambda j: FIELD_ORDER.get(j.field, -1))
-            for group in by_item.values()
-        ]
+        return [[self._job(r) for r in group] for group in by_item.values()]
 
     @staticmethod
     def _job(r: sqlite3.Row) -> Job:
@@ -2097,7 +2157,7 @@ class Store:
             r["field"],
             json.loads(r["value"]),
             r["observed_at"],
-            json.loads(r["extra"]),
+            Carried.from_json(r["extra"]),
             r["attempts"],
             r["absent_count"],
             r["created_at"],
@@ -2115,45 +2175,34 @@ class Store:
         )
         return row[0][0]
 
-    def finish_jobs(self, finished: list[tuple[Job, str, str | None, dict | None, list | None]]) -> None:
-        """The outcomes of the jobs one claim took, in one commit: each (job, status, error, its
-        log row, what the target now holds as remember_states rows). A writer's commits, not its
+    def finish_jobs(self, finished: list[Finished]) -> None:
+        """The outcomes of the jobs one claim took, in one commit. A writer's commits, not its
         writes, were what the other writers queued behind."""
         now = utcnow()
         with self._tx() as c:
-            for job, status, error, log_row, states in finished:
-                self._finish(c, now, job, status, error, log_row, states)
+            for f in finished:
+                self._finish(c, now, f)
 
-    def _finish(
-        self,
-        c: sqlite3.Connection,
-        now: float,
-        job: Job,
-        status: str,
-        error: str | None,
-        log_row: dict | None,
-        states: list | None,
-    ) -> None:
-        if states:
-            self._write_states(c, states)
+    def _finish(self, c: sqlite3.Connection, now: float, f: Finished) -> None:
+        job, log_row = f.job, f.log
+        if f.states:
+            self._write_states(c, f.states)
         c.execute(
             "UPDATE jobs SET status=?, last_error=?, updated_at=? WHERE id=?",
-            (status, error, now, job.id),
+            (f.status, f.error, now, job.id),
         )
-        if log_row and log_row["result"] in ("ok", "noop") and job.field in FIELDS:
-            item_id = log_row.get("item_id") or (states[0][2] if states else None)
-            if item_id and "expect" in job.extra:  # an undo's order (class Undo): remember it
-                c.execute(
-                    "INSERT OR REPLACE INTO undone VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job.target, job.user_key, item_id, job.field, json.dumps(job.value), job.cause, now),
-                )
-            elif item_id:  # a change of the person's reached that server: the undo is over there
-                c.execute(
-                    "DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?",
-                    (job.target, job.user_key, item_id, job.field),
-                )
+        if f.undo_mark and f.undo_mark[0] == "put":
+            c.execute(
+                "INSERT OR REPLACE INTO undone VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.target, job.user_key, f.undo_mark[1], job.field, json.dumps(job.value), job.cause, now),
+            )
+        elif f.undo_mark:
+            c.execute(
+                "DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?",
+                (job.target, job.user_key, f.undo_mark[1], job.field),
+            )
         if log_row:
-            before, after = log_row.get("before"), log_row.get("after")
+            before, after = log_row.before, log_row.after
             c.execute(
                 "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new,"
                 " result, detail, job_id, user_key, item_id, before, after, cause)"
@@ -2165,13 +2214,13 @@ class Store:
                     job.username,
                     job.item_name,
                     job.field,
-                    log_row.get("old"),
-                    log_row.get("new"),
-                    log_row["result"],
-                    log_row.get("detail"),
+                    log_row.old,
+                    log_row.new,
+                    log_row.result,
+                    log_row.detail,
                     job.id,
                     job.user_key,
-                    log_row.get("item_id"),
+                    log_row.item_id,
                     None if before is None else json.dumps(before),
                     None if after is None else json.dumps(after),
                     job.cause,
@@ -2598,51 +2647,28 @@ class Store:
         raw = self.get_meta(f"brake_released:{source}:{user_key}")
         return float(raw) if raw else 0.0
 
-    def held_summary(self, samples: int = HELD_SAMPLE) -> list[dict]:
-        """Held changes per source and person: counts per field and value, first and last
-        arrival, targets, and a few of them."""
-        groups: dict[tuple[str, str], dict] = {}
-        rows = self._rows(
-            "SELECT source, user_key, min(username), field, value, count(DISTINCT source_item_id), count(*),"
-            " min(created_at), max(created_at), group_concat(DISTINCT target) FROM jobs WHERE status='held'"
-            " GROUP BY source, user_key, field, value ORDER BY source, user_key"
-        )
-        for source, user_key, username, fld, value, items, jobs, first, last, targets in rows:
-            g = groups.setdefault(
-                (source, user_key),
-                {
-                    "source": source,
-                    "user": user_key,
-                    "username": username,
-                    "changes": 0,
-                    "jobs": 0,
-                    "kinds": {},
-                    "targets": set(),
-                    "first": first,
-                    "last": last,
-                },
+    def held_counts(self) -> list[tuple]:
+        """Held changes per source, person, field and value: (source, user_key, username, field,
+        value JSON, items, jobs, first and last arrival, targets comma-separated)."""
+        return [
+            tuple(r)
+            for r in self._rows(
+                "SELECT source, user_key, min(username), field, value, count(DISTINCT source_item_id), count(*),"
+                " min(created_at), max(created_at), group_concat(DISTINCT target) FROM jobs WHERE status='held'"
+                " GROUP BY source, user_key, field, value ORDER BY source, user_key"
             )
-            g["changes"] += items
-            g["jobs"] += jobs
-            kind = removal_word(fld, json.loads(value))
-            g["kinds"][kind] = g["kinds"].get(kind, 0) + items
-            g["targets"].update(targets.split(","))
-            g["first"], g["last"] = min(g["first"], first), max(g["last"], last)
-        for g in groups.values():
-            g["targets"] = sorted(g["targets"])
-            g["sample"] = (
-                []
-                if not samples
-                else [
-                    f"{removal_word(r[0], json.loads(r[1]))}: {r[2]}"
-                    for r in self._rows(
-                        "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
-                        "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
-                        (g["source"], g["user"], samples),
-                    )
-                ]
+        ]
+
+    def held_sample(self, source: str, user_key: str, limit: int) -> list[tuple[str, str, str]]:
+        """A few held changes of one group: (field, value JSON, item name), oldest first."""
+        return [
+            tuple(r)
+            for r in self._rows(
+                "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
+                "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
+                (source, user_key, limit),
             )
-        return list(groups.values())
+        ]
 
     def count_held(self) -> int:
         return self._rows("SELECT count(*) FROM jobs WHERE status='held'")[0][0]
@@ -3561,7 +3587,7 @@ def _say_position(value: Any) -> str:
 def _write_played(w: WriteRequest) -> dict:
     if not w.want:
         return w.client.set_played(w.user_id, w.item_id, False)
-    last = w.job.extra.get("last_played") if w.sync.last_played_date else None
+    last = w.job.extra.last_played if w.sync.last_played_date else None
     if w.version.legacy:
         # 10.8: the only API-key route. datePlayed also bumps PlayCount by one.
         return w.client.set_played(w.user_id, w.item_id, True, last)
@@ -3570,7 +3596,7 @@ def _write_played(w: WriteRequest) -> dict:
     # starts; LastPlayedDate = the newer of the two.
     count = int(w.current.get("PlayCount") or 0)
     if w.sync.play_count:
-        count = max(count, int(w.job.extra.get("play_count") or 0))
+        count = max(count, int(w.job.extra.play_count or 0))
     newest = max([t for t in (last, parse_time(w.current.get("LastPlayedDate"))) if t], default=None)
     body = {
         "Played": True,
@@ -3583,7 +3609,7 @@ def _write_played(w: WriteRequest) -> dict:
 
 def _write_position(w: WriteRequest) -> dict:
     body: dict[str, Any] = {"PlaybackPositionTicks": int(w.want)}
-    last = w.job.extra.get("last_played") if w.sync.last_played_date else None
+    last = w.job.extra.last_played if w.sync.last_played_date else None
     tgt_last = parse_time(w.current.get("LastPlayedDate"))
     if w.want and last and (tgt_last is None or last > tgt_last):
         body["LastPlayedDate"] = format_time(last)  # "Continue watching" is in this order
@@ -3988,7 +4014,11 @@ class Planner:
         since = tx.now - self.config.safety.brake_minutes * 60
         released = self.store.brake_released(source, user_key)  # Apply starts the count afresh
         since = max(since, released)
-        held = tx.brake(source, user_key, since, limit)
+        # More than ``limit`` items losing state: every such change not yet applied is held —
+        # with removals settling before they go (issue 21), that is the whole burst.
+        if tx.count_removals(source, user_key, since) <= limit:
+            return
+        held = tx.hold_removals(source, user_key, since)
         if not held:
             return
         # Once per burst: not again while this burst goes on (the brake held some of it within
@@ -4018,7 +4048,7 @@ class Planner:
             # Finishing a play is news even where the item was played already (a re-watch): a
             # server an undo put back to unplayed is marked again, as the person's new action.
             entry = REGISTRY[ob.field]
-            finished = entry.rewatch_trap and ob.value is True and ob.extra.get("event") == "PlaybackStop"
+            finished = entry.rewatch_trap and ob.value is True and ob.extra.event == "PlaybackStop"
             if known is not None and ((known[0] == value_json and not finished) or known[1] > ob.observed_at):
                 # Same as what we last wrote/read there (an echo, or nothing new), or an older
                 # observation arriving late: never overwrite newer with older.
@@ -4046,11 +4076,21 @@ class Planner:
         delay = ob.delay
         if removal and self.config.safety.brake_items:
             delay = max(delay, self.config.safety.removal_delay_seconds)
+        due = tx.now + delay
         waiting = tx.open_job(target, ob)
         if waiting is None:
-            tx.add_job(target, ob, removal, delay)
-        elif ob.observed_at >= waiting[1]:
-            tx.replace_job(waiting[0], ob, removal, delay)
+            tx.add_job(target, ob, removal, due)
+        elif ob.observed_at >= waiting.observed_at:
+            # Its due time is kept, or made earlier by an addition (additions are never delayed
+            # by a removal's settling time), or later by a removal (which settles in full: the
+            # brake judges it first); a job waiting for its item keeps its own. A held removal
+            # the person has since reversed is no longer held: the newer state goes.
+            if waiting.status != "waiting":
+                due = max(waiting.due_at, due) if removal else min(waiting.due_at, due)
+            else:
+                due = waiting.due_at
+            status = "pending" if waiting.status == "held" and not removal else waiting.status
+            tx.replace_job(waiting.id, ob, removal, due, status)
 
     # time
     def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
@@ -4162,15 +4202,15 @@ class WatchStateWriter:
             current.update(state if state is not None else client.user_data(user_id, item.item_id))
             current[_KNOWN] = True  # even a blank state is known now
         have = read_fields(current)
-        want = entry.on_target(job.value, job.extra.get("runtime"), item.runtime)
+        want = entry.on_target(job.value, job.extra.runtime, item.runtime)
         observed = {job.field: job.observed_at}
-        if "expect" in job.extra and have[job.field] != job.extra["expect"] and have[job.field] != want:
+        if job.extra.is_undo and have[job.field] != job.extra.expect and have[job.field] != want:
             # An undo: only where the target still holds what we wrote. A newer change by the
             # person wins, and is reported, never clobbered.
             return Outcome(
                 "skipped",
                 f"not undone: {job.target} now holds {describe(job.field, have[job.field])}, changed since "
-                f"we wrote {describe(job.field, job.extra['expect'])}",
+                f"we wrote {describe(job.field, job.extra.expect)}",
             )
         if have[job.field] == want:
             # Only this field: the group's other jobs may write the others before this outcome
@@ -4231,8 +4271,8 @@ class WatchStateWriter:
         """The target's state as a reconciliation pass read it, if that was moments ago: the
         write is then planned from it without reading it again. An older read is not trusted
         (the person may have changed something there since), and None means: read it."""
-        state = job.extra.get("target_state")
-        if state is None or utcnow() - (job.extra.get("state_read_at") or 0.0) > STATE_FRESH_SECONDS:
+        state = job.extra.target_state
+        if state is None or utcnow() - (job.extra.state_read_at or 0.0) > STATE_FRESH_SECONDS:
             return None
         return state
 
@@ -4710,16 +4750,16 @@ class Syncer:
             return []
         return [
             Observation(
-                server,
-                key,
-                ev["NotificationUsername"],
-                ev["ItemId"],
-                ev.get("Name") or ev["ItemId"],
-                ev["Field"],
-                ev["Value"],
-                observed,
-                (target,),
-                {"event": "migrated", "last_played": observed if ev["Field"] == "played" else None},
+                server=server,
+                user_key=key,
+                username=ev["NotificationUsername"],
+                item_id=ev["ItemId"],
+                item_name=ev.get("Name") or ev["ItemId"],
+                field=ev["Field"],
+                value=ev["Value"],
+                observed_at=observed,
+                targets=(target,),
+                extra=Carried(event="migrated", last_played=observed if ev["Field"] == "played" else None),
                 kind="order",
                 cause="migrated",
             )
@@ -4734,28 +4774,23 @@ class Syncer:
         last_played = parse_time(ev.get("LastPlayedDate"))
         if last_played:
             last_played = self.planner.not_ahead(server, "LastPlayedDate", last_played, row.received_at)
-        extra = {
-            "runtime": ev.get("RunTimeTicks"),
-            "play_count": ev.get("PlayCount"),
-            "last_played": last_played,
-            "item_type": ev.get("ItemType"),
-            "event": ntype,
-            "reason": ev.get("SaveReason"),
-        }
+        extra = Carried(
+            event=ntype, runtime=ev.get("RunTimeTicks"), play_count=ev.get("PlayCount"), last_played=last_played
+        )
         others = tuple(s.name for s in self.config.servers if s.name != server)
         debounce = self.config.sync.progress_debounce_seconds
         return [
             Observation(
-                server,
-                key,
-                username,
-                ev["ItemId"],
-                event_item_name(ev),
-                fld,
-                value,
-                observed,
-                others,
-                extra,
+                server=server,
+                user_key=key,
+                username=username,
+                item_id=ev["ItemId"],
+                item_name=event_item_name(ev),
+                field=fld,
+                value=value,
+                observed_at=observed,
+                targets=others,
+                extra=extra,
                 delay=debounce if REGISTRY[fld].debounced and ntype != "PlaybackStop" else 0.0,
                 cause=f"event:{row.id}",
             )
@@ -4784,16 +4819,16 @@ class Syncer:
         others = tuple(s.name for s in self.config.servers if s.name != server)
         return [
             Observation(
-                server,
-                person,
-                username,
-                "-",
-                f"user {username}",
-                field,
-                value,
-                utcnow(),
-                others,
-                {"event": ntype},
+                server=server,
+                user_key=person,
+                username=username,
+                item_id="-",
+                item_name=f"user {username}",
+                field=field,
+                value=value,
+                observed_at=utcnow(),
+                targets=others,
+                extra=Carried(event=ntype),
                 kind="order",
             )
         ]
@@ -4812,6 +4847,8 @@ class Syncer:
         finished: list = []
         try:
             for jobs in groups:
+                # Played first: marking played resets the position, which a position job may then set.
+                jobs.sort(key=lambda j: FIELD_ORDER.get(j.field, -1))
                 for job, outcome in self._apply_group(target, jobs):
                     row = self._record(job, outcome)
                     if row is not None:
@@ -4877,7 +4914,7 @@ class Syncer:
         result, due, msg = self.planner.when_absent(job, src_item.path_key)
         return Outcome(result, msg, due_at=due)
 
-    def _record(self, job: Job, o: Outcome) -> tuple | None:
+    def _record(self, job: Job, o: Outcome) -> Finished | None:
         """The one place a job's outcome is recorded: its log line and counters now; its row,
         its journal entry and what the target now holds are returned, for Store.finish_jobs to
         commit with the claim's other outcomes (None: rescheduled here)."""
@@ -4904,28 +4941,29 @@ class Syncer:
                     o.detail,
                 )
             return
-        log_row = {
-            "result": o.result,
-            "old": o.old,
-            "new": o.new,
-            "detail": o.detail,
-            "item_id": o.item_id,
-            "before": o.before,
-            "after": o.after,
-        }
+        log_row = LogRow(o.result, o.old, o.new, o.detail, o.item_id, o.before, o.after)
         self.counters.count(f"sync|{target}|{o.result}")
         if o.done:
             if o.result == "ok" and job.queued_at:
                 self.counters.record_delay(target, utcnow() - job.queued_at)
-            return (job, "done", None, log_row, o.states)
+            return Finished(job, "done", None, log_row, o.states, self._undo_mark(job, o))
         if o.result == "absent":
             # Not on that server and nobody said to wait for it: finished, and no failure (it
             # is neither listed with the waiting and failed changes nor counted with them).
             log.info("%s: %s %s", target, job.username, o.detail)
-            return (job, "absent", o.detail, log_row, None)
+            return Finished(job, "absent", o.detail, log_row)
         # skipped, failed
         log.warning("%s: %s %s %s: %s", target, job.username, job.item_name, o.result, o.detail)
-        return (job, "failed" if o.result == "failed" else "skipped", o.detail, log_row, None)
+        return Finished(job, "failed" if o.result == "failed" else "skipped", o.detail, log_row)
+
+    @staticmethod
+    def _undo_mark(job: Job, o: Outcome) -> tuple[str, str] | None:
+        """What a job that holds on its target does to the undo marks (class Undo): an undo's
+        order is remembered ("put"); a change of the person's ends the undo there ("clear")."""
+        item_id = o.item_id or (o.states[0][2] if o.states else None)
+        if o.result not in ("ok", "noop") or not item_id or REGISTRY[job.field].scope != "item":
+            return None
+        return ("put" if job.extra.is_undo else "clear", item_id)
 
     # health
     def check_server(self, name: str) -> dict:
@@ -4958,7 +4996,7 @@ class Syncer:
                 return len(resolved)  # the server went away: the next check looks again
             except SyncError:
                 continue
-            want = synced(job.field).on_target(job.value, job.extra.get("runtime"), item.runtime)
+            want = synced(job.field).on_target(job.value, job.extra.runtime, item.runtime)
             if have.get(job.field) == want:
                 resolved.append(job.id)
         if resolved:
@@ -5671,27 +5709,25 @@ class Reconciler:
         item: ItemInfo | None,
         target_state: dict,
     ) -> None:
-        extra = {
-            "event": "reconcile",
-            "runtime": item.runtime if item else None,
-            "last_played": source.when or None,
-            "play_count": source.play_count,
-            # What the target holds, read by this pass moments ago: the write needs no second
-            # read of it (Syncer._target_state; {} = in none of its lists: blank).
-            "target_state": target_state,
-            "state_read_at": self._read_at,
-        }
+        extra = Carried(
+            event="reconcile",
+            runtime=item.runtime if item else None,
+            last_played=source.when or None,
+            play_count=source.play_count,
+            target_state=target_state,  # read by this pass moments ago: no second read needed
+            state_read_at=self._read_at,
+        )
         ob = Observation(
-            source.server,
-            person,
-            person,
-            source.item_id,
-            name,
-            field,
-            desired,
-            utcnow(),
-            (target,),
-            extra,
+            server=source.server,
+            user_key=person,
+            username=person,
+            item_id=source.item_id,
+            item_name=name,
+            field=field,
+            value=desired,
+            observed_at=utcnow(),
+            targets=(target,),
+            extra=extra,
             kind="order",
             cause=self.cause,
         )
@@ -5906,25 +5942,21 @@ class RecentCheck:
         observed = self.planner.not_ahead(server, "LastPlayedDate", when, utcnow())
         item = self.store.get_item(server, item_id)
         name = self.library.display_name(item) if item else str(dto.get("Name") or item_id)
-        extra = {
-            "runtime": dto.get("RunTimeTicks"),
-            "play_count": ud.get("PlayCount"),
-            "last_played": observed,
-            "item_type": dto.get("Type"),
-            "event": "recent-check",
-        }
+        extra = Carried(
+            event="recent-check", runtime=dto.get("RunTimeTicks"), play_count=ud.get("PlayCount"), last_played=observed
+        )
         return [
             Observation(
-                server,
-                person,
-                username,
-                item_id,
-                name,
-                fld,
-                entry[fld],
-                observed,
-                targets,
-                extra,
+                server=server,
+                user_key=person,
+                username=username,
+                item_id=item_id,
+                item_name=name,
+                field=fld,
+                value=entry[fld],
+                observed_at=observed,
+                targets=targets,
+                extra=extra,
                 cause=self._cause,
             )
             for fld in ("played", "position")
@@ -5963,6 +5995,28 @@ class SafetyNet:
         self.undo = Undo(config, store, syncer.library, syncer.planner, syncer.wake_target)
         self.brake = Brake(config, store, self.undo, syncer.wake_target)
         self.alerts = Alerts(config, store, syncer, reasons)
+
+
+@dataclass
+class UndoChange:
+    """One value an undo would put back: per target, person, item and field, the earliest value
+    before and the latest after, as the journal has them; then what the target holds now."""
+
+    server: str  # the target that was written
+    user_key: str
+    username: str
+    item_id: str  # the item there
+    item_name: str
+    field: str
+    before: Any
+    source: str
+    source_item_id: str | None  # where the job came from (it may be gone: retention)
+    after: Any = None
+    entry_after: dict = dataclasses.field(default_factory=dict)  # every field that write set
+    entries: list[int] = dataclasses.field(default_factory=list)  # the journal entries
+    now: Any = _UNKNOWN  # read from the target just now
+    verdict: str = ""  # undo, already, changed_since, unknown
+    error: str = ""  # why it cannot be read now
 
 
 class Undo:
@@ -6007,35 +6061,33 @@ class Undo:
             raise SyncError("say what to undo: id, cause, user, server or source, and/or a time range from since")
         return scope
 
-    def _plan(self, scope: dict) -> tuple[list[dict], int]:
+    def _plan(self, scope: dict) -> tuple[list[UndoChange], int]:
         """(one change per target, person, item and field: the earliest value before and the
         latest after, as the journal has them; journal entries matched)."""
         entries = self.store.journal(scope)
-        changes: dict[tuple, dict] = {}
+        changes: dict[tuple, UndoChange] = {}
         for e in entries:
             entry = REGISTRY.get(e.field)
             if entry is None or not entry.undoable or not e.target_item_id or not e.user_key:
                 continue  # accounts and entries from before the journal cannot be undone
             for fld, after in (e.after or {}).items():
                 key = (e.target, e.user_key, e.target_item_id, fld)
-                change = changes.setdefault(
-                    key,
-                    {
-                        "server": e.target,
-                        "user_key": e.user_key,
-                        "username": e.username,
-                        "item_id": e.target_item_id,
-                        "item_name": e.item_name,
-                        "field": fld,
-                        "before": (e.before or {}).get(fld),
-                        "entries": [],
-                        "source": e.source,
-                        "source_item_id": e.item_id,  # where the job still exists (retention)
-                    },
-                )
-                change["after"] = after
-                change["entry_after"] = e.after  # every field that write set (a played mark resets position)
-                change["entries"].append(e.id)
+                change = changes.get(key)
+                if change is None:
+                    change = changes[key] = UndoChange(
+                        server=e.target,
+                        user_key=e.user_key,
+                        username=e.username,
+                        item_id=e.target_item_id,
+                        item_name=e.item_name,
+                        field=fld,
+                        before=(e.before or {}).get(fld),
+                        source=e.source,
+                        source_item_id=e.item_id,
+                    )
+                change.after = after
+                change.entry_after = e.after or {}
+                change.entries.append(e.id)
         return list(changes.values()), len(entries)
 
     def preview(self, raw_scope: dict) -> dict:
@@ -6046,49 +6098,49 @@ class Undo:
         self._read_now(changes)
         servers: dict[str, dict] = {}
         for ch in changes:
-            entry = servers.setdefault(ch["server"], {"undo": 0, "changed_since": 0, "already": 0, "unknown": 0})
+            entry = servers.setdefault(ch.server, {"undo": 0, "changed_since": 0, "already": 0, "unknown": 0})
             entry.setdefault("sample", [])
             entry.setdefault("refused", [])
-            if "now" not in ch:
-                ch["verdict"] = "unknown"
-            elif ch["now"] == ch["before"]:
-                ch["verdict"] = "already"
-            elif ch["now"] == ch["after"]:
-                ch["verdict"] = "undo"
+            if ch.now is _UNKNOWN:
+                ch.verdict = "unknown"
+            elif ch.now == ch.before:
+                ch.verdict = "already"
+            elif ch.now == ch.after:
+                ch.verdict = "undo"
             else:
-                ch["verdict"] = "changed_since"
-            entry[ch["verdict"]] += 1
+                ch.verdict = "changed_since"
+            entry[ch.verdict] += 1
             line = (
-                f"{ch['username']}: {ch['item_name']}: {describe(ch['field'], ch.get('now', ch['after']))}"
-                f" → {describe(ch['field'], ch['before'])}"
+                f"{ch.username}: {ch.item_name}: {describe(ch.field, ch.after if ch.now is _UNKNOWN else ch.now)}"
+                f" → {describe(ch.field, ch.before)}"
             )
-            if ch["verdict"] == "undo" and len(entry["sample"]) < UNDO_SAMPLE:
+            if ch.verdict == "undo" and len(entry["sample"]) < UNDO_SAMPLE:
                 entry["sample"].append(line)
-            elif ch["verdict"] in ("changed_since", "unknown") and len(entry["refused"]) < UNDO_SAMPLE:
-                why = ch.get("error") or f"changed since we wrote {describe(ch['field'], ch['after'])}"
-                entry["refused"].append(f"{ch['username']}: {ch['item_name']}: {why}")
+            elif ch.verdict in ("changed_since", "unknown") and len(entry["refused"]) < UNDO_SAMPLE:
+                why = ch.error or f"changed since we wrote {describe(ch.field, ch.after)}"
+                entry["refused"].append(f"{ch.username}: {ch.item_name}: {why}")
         return {
             "scope": {k: (format_time(v) if k in ("since", "until") else v) for k, v in scope.items()},
             "entries": matched,
-            "changes": sum(1 for ch in changes if ch["verdict"] == "undo"),
+            "changes": sum(1 for ch in changes if ch.verdict == "undo"),
             "servers": servers,
             "afterwards": self._afterwards(changes),
             "_changes": changes,
         }
 
-    def _afterwards(self, changes: list[dict]) -> dict[str, list[str]]:
+    def _afterwards(self, changes: list[UndoChange]) -> dict[str, list[str]]:
         """Per server, what it holds once the undo is done — and after later passes, which leave
         it so — for the first UNDO_SAMPLE items and fields the undo puts back: {server: [line]}."""
         keys: list[tuple] = []  # (person, source, its item there, field), in journal order
         for ch in changes:
-            key = (ch["user_key"], ch["source"], ch["source_item_id"], ch["field"])
-            if ch["verdict"] == "undo" and key not in keys and len(keys) < UNDO_SAMPLE:
+            key = (ch.user_key, ch.source, ch.source_item_id, ch.field)
+            if ch.verdict == "undo" and key not in keys and len(keys) < UNDO_SAMPLE:
                 keys.append(key)
         groups: dict[tuple, dict[str, dict]] = {key: {} for key in keys}  # → target → change
         for ch in changes:
-            group = groups.get((ch["user_key"], ch["source"], ch["source_item_id"], ch["field"]))
+            group = groups.get((ch.user_key, ch.source, ch.source_item_id, ch.field))
             if group is not None:
-                group[ch["server"]] = ch
+                group[ch.server] = ch
         rows: list[tuple] = []  # (server, person, item id there, field, a change of the group, put back?)
         wanted: dict[tuple[str, str], set[str]] = {}  # (server, person) → item ids to read now
         for (user_key, source, source_item_id, fld), targets in groups.items():
@@ -6102,19 +6154,19 @@ class Undo:
                 found = src if ch is None and s.name == source else None
                 if ch is None and src is not None and s.name != source:
                     found = self.library.lookup(src, s.name)
-                iid = ch["item_id"] if ch is not None else found.item_id if found is not None else None
+                iid = ch.item_id if ch is not None else found.item_id if found is not None else None
                 if iid is None:
                     continue  # not on that server (or not matched): nothing to say there
-                put_back = ch is not None and ch["verdict"] == "undo"
+                put_back = ch is not None and ch.verdict == "undo"
                 if not put_back:
                     wanted.setdefault((s.name, user_key), set()).add(iid)
                 rows.append((s.name, user_key, iid, fld, ch if put_back else first, put_back))
         now = self._read_values(wanted)
         out: dict[str, list[str]] = {}
         for server, user_key, iid, fld, ch, put_back in rows:
-            value = ch["before"] if put_back else now.get((server, user_key, iid), {}).get(fld, _UNKNOWN)
+            value = ch.before if put_back else now.get((server, user_key, iid), {}).get(fld, _UNKNOWN)
             shown = "cannot be read now" if value is _UNKNOWN else describe(fld, value)
-            line = f"{ch['username']}: {ch['item_name']}: {shown} ({'put back' if put_back else 'as now'})"
+            line = f"{ch.username}: {ch.item_name}: {shown} ({'put back' if put_back else 'as now'})"
             out.setdefault(server, []).append(line)
         return out
 
@@ -6133,33 +6185,33 @@ class Undo:
                 out[(server, user_key, iid)] = read_fields(ud)
         return out
 
-    def _read_now(self, changes: list[dict]) -> None:
+    def _read_now(self, changes: list[UndoChange]) -> None:
         """Each change's current value on its server ("now"), a hundred items per request."""
         by: dict[tuple[str, str], list[dict]] = {}
         for ch in changes:
-            by.setdefault((ch["server"], ch["user_key"]), []).append(ch)
+            by.setdefault((ch.server, ch.user_key), []).append(ch)
         for (server, user_key), group in by.items():
             try:
                 user_id = self.library.user_id(server, self.config.name_on(user_key, server))
                 if user_id is None:
                     raise SyncError(f"no user for {user_key} on {server}")
-                data = self.library.clients[server].user_data_many(user_id, sorted({c["item_id"] for c in group}))
+                data = self.library.clients[server].user_data_many(user_id, sorted({c.item_id for c in group}))
             except SyncError as e:
                 for ch in group:
-                    ch["error"] = f"cannot read it now: {e}"
+                    ch.error = f"cannot read it now: {e}"
                 continue
             for ch in group:
-                ud = data.get(ch["item_id"])
+                ud = data.get(ch.item_id)
                 if ud is None:
-                    ch["error"] = f"no longer on {server}"
+                    ch.error = f"no longer on {server}"
                 else:
-                    ch["now"] = read_fields(ud)[ch["field"]]
+                    ch.now = read_fields(ud)[ch.field]
 
     def apply(self, raw_scope: dict, only: Any = None, kind: str = "undo") -> dict:
         """Preview, then queue the changes it found (the writer checks each target once more);
         ``only``: a test of each change (the brake's Discard undoes only removals)."""
         report = self.preview(raw_scope)
-        todo = [ch for ch in report["_changes"] if ch["verdict"] == "undo" and (only is None or only(ch))]
+        todo = [ch for ch in report["_changes"] if ch.verdict == "undo" and (only is None or only(ch))]
         report["changes"] = len(todo)
         if not todo:
             report["undo"] = None
@@ -6168,16 +6220,16 @@ class Undo:
         now = utcnow()
         obs = [
             Observation(
-                ch["server"],
-                ch["user_key"],
-                ch["username"],
-                ch["item_id"],
-                ch["item_name"],
-                ch["field"],
-                ch["before"],
-                now,
-                (ch["server"],),
-                {"event": kind, "expect": ch["after"], "undo_of": ch["entries"][:20]},
+                server=ch.server,
+                user_key=ch.user_key,
+                username=ch.username,
+                item_id=ch.item_id,
+                item_name=ch.item_name,
+                field=ch.field,
+                value=ch.before,
+                observed_at=now,
+                targets=(ch.server,),
+                extra=Carried(event=kind, expect=ch.after, undo_of=tuple(ch.entries[:20])),
                 kind="order",
                 cause=f"{kind}:{number}",
             )
@@ -6190,10 +6242,58 @@ class Undo:
         return report
 
 
-def _removal_change(ch: dict) -> bool:
+def _removal_change(ch: UndoChange) -> bool:
     """An undo change whose write took state away (the brake's kind of change)."""
-    finishing = ch["field"] in moot_fields(ch.get("entry_after") or {})
-    return takes_state_away(ch["field"], ch["after"], finishing)
+    finishing = ch.field in moot_fields(ch.entry_after)
+    return takes_state_away(ch.field, ch.after, finishing)
+
+
+@dataclass
+class HeldGroup:
+    """The changes the brake holds from one source for one person."""
+
+    source: str
+    user: str  # the person's key
+    username: str
+    first: float  # when the first and the last of them arrived
+    last: float
+    changes: int = 0  # items
+    jobs: int = 0  # one per target
+    kinds: dict[str, int] = dataclasses.field(default_factory=dict)  # "unfavourited" → items
+    targets: set[str] = dataclasses.field(default_factory=set)
+    sample: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(self.kinds.items(), key=lambda kv: -kv[1]))
+        return f"held: {self.changes:,} changes from {self.source} for {self.username}: {kinds}"
+
+    def json(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "targets": sorted(self.targets),
+            "first": format_time(self.first),
+            "last": format_time(self.last),
+            "summary": self.summary,
+        }
+
+
+def held_groups(store: Store, samples: int) -> list[HeldGroup]:
+    """What the brake holds, per source and person, counted by kind of removal, in words."""
+    groups: dict[tuple[str, str], HeldGroup] = {}
+    for source, user_key, username, fld, value, items, jobs, first, last, targets in store.held_counts():
+        g = groups.setdefault((source, user_key), HeldGroup(source, user_key, username, first, last))
+        g.changes += items
+        g.jobs += jobs
+        kind = removal_word(fld, json.loads(value))
+        g.kinds[kind] = g.kinds.get(kind, 0) + items
+        g.targets.update(targets.split(","))
+        g.first, g.last = min(g.first, first), max(g.last, last)
+    for g in groups.values():
+        if samples:
+            rows = store.held_sample(g.source, g.user, samples)
+            g.sample = [f"{removal_word(fld, json.loads(value))}: {name}" for fld, value, name in rows]
+    return list(groups.values())
 
 
 class Brake:
@@ -6210,12 +6310,8 @@ class Brake:
         self.wake = wake  # target name → wake its writers
 
     def held(self) -> list[dict]:
-        groups = self.store.held_summary()
-        for g in groups:
-            kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(g["kinds"].items(), key=lambda kv: -kv[1]))
-            g["summary"] = f"held: {g['changes']:,} changes from {g['source']} for {g['username']}: {kinds}"
-            g["first"], g["last"] = format_time(g["first"]), format_time(g["last"])
-        return groups
+        """The held groups as the dashboard and /api/held show them."""
+        return [g.json() for g in held_groups(self.store, HELD_SAMPLE)]
 
     def apply(self, source: str, user: str) -> int:
         n = self.store.release_held(source, name_key(user))
@@ -6238,8 +6334,8 @@ class Brake:
                 {"source": source, "user": name_key(user), "since": since}, only=_removal_change, kind="discard"
             )
             report["undone"] = slipped["changes"]
-            undone = [ch for ch in slipped["_changes"] if ch["verdict"] == "undo" and _removal_change(ch)]
-            before = {(ch["server"], ch["item_id"], ch["field"]): ch["before"] for ch in undone}
+            undone = [ch for ch in slipped["_changes"] if ch.verdict == "undo" and _removal_change(ch)]
+            before = {(ch.server, ch.item_id, ch.field): ch.before for ch in undone}
             cause = slipped["undo"] or f"discard:{self.store.next_number('discard')}"
             obs = self._restore(source, jobs, report["errors"], before, cause)
             obs += self._restore_reached(source, undone, {(o.item_id, o.field) for o in obs}, cause)
@@ -6259,27 +6355,27 @@ class Brake:
         return report
 
     @staticmethod
-    def _restore_reached(source: str, undone: list[dict], have: set, cause: str) -> list[Observation]:
+    def _restore_reached(source: str, undone: list[UndoChange], have: set, cause: str) -> list[Observation]:
         """Items the burst reached everywhere before the brake engaged have no held change: the
         source gets back the value the journal says the others had (``have``: already done)."""
         obs = []
         for ch in undone:
-            key = (ch.get("source_item_id"), ch["field"])
-            if ch.get("source") != source or not key[0] or key in have:
+            key = (ch.source_item_id, ch.field)
+            if ch.source != source or not key[0] or key in have:
                 continue
             have.add(key)
             obs.append(
                 Observation(
-                    source,
-                    ch["user_key"],
-                    ch["username"],
-                    key[0],
-                    ch["item_name"],
-                    ch["field"],
-                    ch["before"],
-                    utcnow(),
-                    (source,),
-                    {"event": "discard"},
+                    server=source,
+                    user_key=ch.user_key,
+                    username=ch.username,
+                    item_id=key[0],
+                    item_name=ch.item_name,
+                    field=ch.field,
+                    value=ch.before,
+                    observed_at=utcnow(),
+                    targets=(source,),
+                    extra=Carried(event="discard"),
                     kind="order",
                     cause=cause,
                 )
@@ -6317,23 +6413,21 @@ class Brake:
                 if value == j.value:
                     continue
                 done.add((j.source_item_id, j.field))
-                extra = {
-                    "event": "discard",
-                    "last_played": parse_time(ud.get("LastPlayedDate")),
-                    "play_count": ud.get("PlayCount"),
-                }
+                extra = Carried(
+                    event="discard", last_played=parse_time(ud.get("LastPlayedDate")), play_count=ud.get("PlayCount")
+                )
                 obs.append(
                     Observation(
-                        source,
-                        j.user_key,
-                        j.username,
-                        j.source_item_id,
-                        j.item_name,
-                        j.field,
-                        value,
-                        utcnow(),
-                        (source,),
-                        extra,
+                        server=source,
+                        user_key=j.user_key,
+                        username=j.username,
+                        item_id=j.source_item_id,
+                        item_name=j.item_name,
+                        field=j.field,
+                        value=value,
+                        observed_at=utcnow(),
+                        targets=(source,),
+                        extra=extra,
                         kind="order",
                         cause=cause,
                     )
@@ -6437,19 +6531,19 @@ class Transfer:
             current = self.library.clients[target].user_data_many(user_id, sorted(merged))
             for iid, want in sorted(merged.items()):
                 for fld, value in self._differences(read_fields(current.get(iid) or {}), want, entry, names[iid]):
-                    extra = {"event": "import", "last_played": want["last_played"], "play_count": want["play_count"]}
+                    extra = Carried(event="import", last_played=want["last_played"], play_count=want["play_count"])
                     obs.append(
                         Observation(
-                            target,
-                            name_key(person),
-                            person,
-                            iid,
-                            names[iid],
-                            fld,
-                            value,
-                            utcnow(),
-                            (target,),
-                            extra,
+                            server=target,
+                            user_key=name_key(person),
+                            username=person,
+                            item_id=iid,
+                            item_name=names[iid],
+                            field=fld,
+                            value=value,
+                            observed_at=utcnow(),
+                            targets=(target,),
+                            extra=extra,
                             kind="order",
                             cause=f"import:{number}",
                         )
@@ -6610,12 +6704,8 @@ class Alerts:
                 out[f"unreachable:{name}"] = (
                     f"{name} has been unreachable since {format_time(h['down_since'])}: {h['error']}"
                 )
-        for g in self.store.held_summary(samples=0):
-            kinds = ", ".join(f"{n:,} {k}" for k, n in g["kinds"].items())
-            out[f"held:{g['source']}:{g['user']}"] = (
-                f"held: {g['changes']:,} changes from {g['source']} for {g['username']}: {kinds}. "
-                "Apply or discard them on the dashboard."
-            )
+        for g in held_groups(self.store, samples=0):
+            out[f"held:{g.source}:{g.user}"] = f"{g.summary}. Apply or discard them on the dashboard."
         for s in self.config.servers:
             silent = self.syncer.silent_plugin(s.name)
             if silent:
@@ -7468,7 +7558,7 @@ class Web:
         return {
             "id": job.id,
             "event_type": OLDER_EVENT_TYPES.get(job.field, job.field),
-            "event": job.extra.get("event"),
+            "event": job.extra.event,
             "field": job.field,
             "source_server": job.source,
             "target_server": job.target,
