@@ -16,6 +16,7 @@ Sections, in the order data flows (search for "# ── Name" to jump to one):
   Store                  the SQLite file: schema, migrations, every statement; returns dataclasses
   JellyfinClient         HTTP to one server; ServerVersion says what each version can do
   Library                item and user indexes, and matching an item across servers
+  Fields                 REGISTRY: every synced field declared once (read, written, merged, said)
   Webhooks               a plugin body → checked values → which fields it truly reports
   Planner                the rules: echo, newest wins, coalescing, clock clamp, path policy
   Writers                a job → an Outcome: watch state, accounts; server health; counters
