@@ -4046,6 +4046,10 @@ def test_the_inspector_says_why_an_item_is_not_synced_and_syncs_it(cluster):
     assert by["home"]["matched_by"] == "this item" and by["parents"]["matched_by"] == "same file (path)"
     assert by["home"]["state"]["played"] and not by["parents"]["state"]["played"]
     assert "played" in found["different"] and "play_count" in found["different"]
+    # Its rows and their words come with the answer, from the field registry (no second copy in app.js).
+    shown = {f["name"]: (f["label"], f["show"]) for f in found["fields"]}
+    assert shown["favorite"] == ("favourite", "yes/no") and shown["position"] == ("position", "ticks")
+    assert shown["last_played"] == ("last played", "date") and "user_create" not in shown
     status, nope = c.svc.call("GET", "/api/inspect?q=nope&person=alice")
     missing = next(e for e in nope["servers"] if e["server"] == "parents")
     assert (
@@ -6383,6 +6387,29 @@ def test_a_burst_of_webhooks_goes_first_yet_its_changes_reach_both_servers_while
         stop.set()
         for t in senders:
             t.join(10)
+
+
+# ── Issue 24.1: one registry of synced fields ────────────────────────────────
+
+
+def test_the_synced_fields_and_their_switches_come_from_one_registry(cluster):
+    """/api/fields lists what is synced and whether the config switches it on; a field switched
+    off there is not written, while the others of the same click are."""
+    c = cluster(extra={"sync": {"favorites": False}})
+    status, answer = c.svc.call("GET", "/api/fields")
+    assert status == 200
+    fields = {f["name"]: f for f in answer["fields"]}
+    assert [n for n, f in fields.items() if f["scope"] == "item"] == ["played", "position", "favorite", "likes"]
+    assert fields["favorite"]["enabled"] is False and fields["likes"]["enabled"] is True
+    assert fields["user_rename"] == {**fields["user_rename"], "scope": "account", "label": "account"}
+    words = c.svc.call("GET", "/api/dashboard")[1]["words"]["field"]
+    assert all(words[n] == f["label"] for n, f in fields.items())
+    # On home, a heart, then a like: both webhooks (UpdateUserRating) report both fields.
+    c["home"].user_favourites("alice", "Heat", True)
+    c["home"].user_rates("alice", "Heat", True)
+    eventually(lambda: c["parents"].ud("alice", "Heat")["Rating"] == 10.0, what="the like on parents")
+    # The heart came first and was not queued at all: nothing of it can still be on its way.
+    assert not c["parents"].ud("alice", "Heat")["IsFavorite"], "favourites are switched off"
 
 
 if __name__ == "__main__":
