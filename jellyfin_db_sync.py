@@ -3469,6 +3469,10 @@ class SyncedField:
     # The re-watch trap (docs/jellyfin.md §1): False with a play count is a re-watch under way,
     # not a change; and a server's False never outweighs another's True without a seen change.
     rewatch_trap: bool = False
+    # A pass reads a person's lists (played, favourite, resumable, liked): an item that left the
+    # list of such a field may hold either of two values (unplayed or a re-watch; disliked or
+    # cleared), and only reading the item tells which.
+    left_list_ambiguous: bool = False
     needs: tuple[str, str] = ("", "")  # (a ServerVersion capability its write needs, why not)
     scaled: bool = False  # a position: scaled by the runtimes of source and target
     debounced: bool = False  # progress reports: written once they stop coming for a moment
@@ -3639,6 +3643,7 @@ REGISTRY: dict[str, SyncedField] = {
             dated=True,
             resets=(("position", 0),),  # marking played or unplayed resets the position
             rewatch_trap=True,
+            left_list_ambiguous=True,
             write=_write_played,
             show="yes/no",
         ),
@@ -3687,6 +3692,7 @@ REGISTRY: dict[str, SyncedField] = {
             takes_away=lambda v: v is None,
             merge=_like_over_dislike,
             nothing=None,
+            left_list_ambiguous=True,
             from_file=lambda v: v if v is True or v is False else None,
             write=lambda w: w.client.set_likes(w.user_id, w.item_id, w.want),
             show="yes/no",
@@ -3743,6 +3749,7 @@ REGISTRY: dict[str, SyncedField] = {
 # jobs for one item are written.
 FIELDS = tuple(f.name for f in REGISTRY.values() if f.scope == "item")
 FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}
+AMBIGUOUS_OFF_LIST = tuple(f.name for f in REGISTRY.values() if f.left_list_ambiguous)
 EXPORTED = tuple(f for f in REGISTRY.values() if f.scope in ("item", "carried"))  # export, inspector
 
 
@@ -5497,7 +5504,7 @@ class Reconciler:
             # An item in none of the lists (played, favourite, resumable, liked) has no noteworthy
             # state — unless we knew it as played or liked: then it left a list (unplayed? a
             # re-watch? disliked or cleared?), and only reading it tells which (a handful at most).
-            if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in ("played", "likes")):
+            if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in AMBIGUOUS_OFF_LIST):
                 current[srv] = self.clients[srv].user_data(accounts[srv], group[srv])
                 values[srv] = read_fields(current[srv])
         moot: set[str] = set()  # fields a field True once this pass's jobs are applied resets
