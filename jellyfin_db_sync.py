@@ -3238,7 +3238,7 @@ class Library:
         self.config = config
         self.store = store
         self.clients = clients
-        self._index_locks = {s.name: threading.Lock() for s in config.servers}
+        self._index_locks = {s.name: threading.RLock() for s in config.servers}
         self._user_locks = {s.name: threading.Lock() for s in config.servers}
         self._last_refresh: dict[str, float] = {}
         self._refreshed_at: dict[str, float] = {}  # server → when (epoch) its last refresh began
@@ -3270,9 +3270,14 @@ class Library:
             return seen
 
     def ensure_index(self, server: str) -> None:
-        if self.store.get_meta(f"index_watermark:{server}") is None:
-            log.info("%s: building the item index (first run)", server)
-            self.refresh_index(server, full=True)
+        """The item index of ``server``, built in full the first time (by whichever thread needs
+        it first: the upkeep, a writer or a pass; the others wait for it, and build nothing)."""
+        if self.store.get_meta(f"index_watermark:{server}") is not None:
+            return
+        with self._index_locks[server]:  # re-entered by refresh_index
+            if self.store.get_meta(f"index_watermark:{server}") is None:
+                log.info("%s: building the item index (first run)", server)
+                self.refresh_index(server, full=True)
 
     def _refresh_if_due(self, server: str) -> bool:
         last = self._last_refresh.get(server)
@@ -5015,15 +5020,12 @@ class Syncer:
     # threads
     def start(self) -> None:
         self.stop_event.clear()
-        self.threads = [SupervisedThread("planner", self._planner_loop)]
+        self.threads = [SupervisedThread("planner", self._planner_loop), SupervisedThread("upkeep", self._upkeep_loop)]
         for s in self.config.servers:
-            # The first worker of a server also checks its health; the others only write.
-            # Each has its own connection (JellyfinClient keeps one per thread).
-            self.threads.append(SupervisedThread(f"worker-{s.name}", lambda n=s.name: self._target_loop(n, True)))
-            for i in range(2, self.config.sync.write_connections + 1):
-                self.threads.append(
-                    SupervisedThread(f"worker-{s.name}-{i}", lambda n=s.name: self._target_loop(n, False))
-                )
+            # Each writer has its own connection (JellyfinClient keeps one per thread).
+            for i in range(1, self.config.sync.write_connections + 1):
+                name = f"worker-{s.name}" + (f"-{i}" if i > 1 else "")
+                self.threads.append(SupervisedThread(name, functools.partial(self._target_loop, s.name)))
         for t in self.threads:
             t.start()
 
@@ -5053,15 +5055,8 @@ class Syncer:
         # and the webhooks' own fsyncs do not queue behind the planner's.
         self.store.relax_durability()
         interval = self.config.sync.worker_interval_seconds or 5.0
-        next_prune = 0.0
         pause = 1.0  # after a database error: doubled each time it fails again, up to a minute
         while not self.stop_event.is_set():
-            if time.monotonic() >= next_prune:
-                self.store.prune(utcnow() - ECHO_EXPECTATION_SECONDS)
-                pruned = self.store.prune_history(utcnow() - self.config.retention_days * DAY)
-                if pruned:
-                    log.debug("retention: %d old rows removed", pruned)
-                next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
             try:
                 self.store.yield_to_intake()
                 planned = self.plan_pending()
@@ -5089,7 +5084,42 @@ class Syncer:
                     self._wake.wait(interval)
                 self._planner_may_sleep = False
 
-    def _target_loop(self, target: str, lead: bool) -> None:
+    def _upkeep_loop(self) -> None:
+        """What no webhook drives: old history pruned (retention), and each server checked on
+        its own schedule — every HEALTH_CHECK_SECONDS while it answers, sooner while it does not
+        (counted from the last check, whoever made it: a failed write that found the server
+        down brings the next one near). The check that finds a server back wakes what waited for
+        it; a healthy one gets its users and item index ready and its resolved failures marked."""
+        self.store.relax_durability()
+        interval = self.config.sync.worker_interval_seconds or 5.0
+        recheck = min(interval, HEALTH_RECHECK_SECONDS)
+        next_prune = 0.0
+        while not self.stop_event.is_set():
+            if time.monotonic() >= next_prune:
+                self.store.prune(utcnow() - ECHO_EXPECTATION_SECONDS)
+                pruned = self.store.prune_history(utcnow() - self.config.retention_days * DAY)
+                if pruned:
+                    log.debug("retention: %d old rows removed", pruned)
+                next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+            for s in self.config.servers:
+                health = self.health[s.name]
+                every = HEALTH_CHECK_SECONDS if health["healthy"] else recheck
+                if not self.stop_event.is_set() and time.monotonic() >= health["checked_mono"] + every:
+                    self._check_and_prepare(s.name)
+            # A writer's check may bring a server's next one nearer: look again at least this often.
+            self.stop_event.wait(recheck)
+
+    def _check_and_prepare(self, target: str) -> None:
+        if not self.check_server(target)["healthy"]:
+            return
+        try:
+            self.library.ensure_users(target)
+            self.library.ensure_index(target)
+            self.resolve_failed(target)
+        except JellyfinError as e:
+            log.warning("%s: cannot build the item index yet: %s", target, e)
+
+    def _target_loop(self, target: str) -> None:
         # What a writer commits (claims, outcomes, the state it wrote) is safe to lose in a power
         # cut: a job found 'running' at start is applied again, and jobs carry state, not deltas
         # (docs/design.md §2, §5). Like the planner's, its commits need not wait for an fsync.
@@ -5098,19 +5128,6 @@ class Syncer:
         interval = self.config.sync.worker_interval_seconds or 5.0
         pause = 1.0  # after an error outside any one job: doubled each time, up to a minute
         while not self.stop_event.is_set():
-            # From the last check, whoever made it: a failed write that found the server down
-            # brings the next check near, and the check that finds it back wakes what waited.
-            health = self.health[target]
-            every = HEALTH_CHECK_SECONDS if health["healthy"] else min(interval, HEALTH_RECHECK_SECONDS)
-            if lead and time.monotonic() >= health["checked_mono"] + every:
-                state = self.check_server(target)
-                if state["healthy"]:
-                    try:
-                        self.library.ensure_users(target)
-                        self.library.ensure_index(target)
-                        self.resolve_failed(target)
-                    except JellyfinError as e:
-                        log.warning("%s: cannot build the item index yet: %s", target, e)
             try:
                 self.store.yield_to_intake()
                 if self.apply_next(target):
