@@ -1119,6 +1119,7 @@ def normalise_path(path: str) -> str:
 
 SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
+BUSY_MESSAGE = "database is busy (locked by another writer)"  # our write lock, waited for too long
 # What an older file lacks that SCHEMA cannot add by itself, per version (N-1 → N), applied
 # in order at start-up: columns added to tables it already has, and data moved to new meanings.
 # Every table and index comes from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on
@@ -1874,7 +1875,7 @@ class Store:
                 # Another thread may hold the write lock while SQLite waits on a locked file:
                 # wait at most as long as SQLite itself would, then answer 503.
                 if not self._write_lock.acquire(timeout=2.0):
-                    raise sqlite3.OperationalError("database is busy (locked by another writer)")
+                    raise sqlite3.OperationalError(BUSY_MESSAGE)
                 try:
                     last = conn.execute(
                         f"INSERT INTO inbox (server, event, received_at, body) VALUES {values}", args
@@ -2741,7 +2742,7 @@ class Store:
         threads that webhooks need. It takes the write lock SQLite would, and writes nothing.
         """
         if not self._write_lock.acquire(timeout=timeout):
-            raise sqlite3.OperationalError("database is busy (locked by another writer)")
+            raise sqlite3.OperationalError(BUSY_MESSAGE)
         conn = self._conn()
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -3050,6 +3051,25 @@ class JellyfinClient:
                 return
             start += len(items)
 
+    def user_lists(self, user_id: str, full: bool = False, dislikes: bool = False) -> Iterator:
+        """(flag, item) for each item of a user's played, favourite, liked (and, if asked,
+        disliked) and resume lists: together, every item whose user data is not blank. ``flag``
+        is the UserData flag being in that list means ("Played", "IsFavorite", "Likes"; None for
+        the resume list, read last and always with UserData, so its positions replace what the
+        others said); the other lists carry UserData only if ``full``."""
+        lists: list[tuple[dict, str | None]] = [
+            ({"isPlayed": "true"}, "Played"),
+            ({"isFavorite": "true"}, "IsFavorite"),
+            ({"filters": "Likes"}, "Likes"),
+        ]
+        if dislikes:
+            lists.append(({"filters": "Dislikes"}, "Likes"))  # Likes: false
+        lists.append(({"filters": "IsResumable"}, None))
+        for query, flag in lists:
+            for dto in self.user_items(user_id, query, user_data=full or flag is None):
+                if dto.get("Id"):
+                    yield flag, dto
+
     def recently_played(self, user_id: str, start: int, limit: int) -> list[dict]:
         """One page of the user's items, the most recently played first, with UserData
         (ItemsController.GetItems: sortBy=DatePlayed orders by the user's LastPlayedDate; items
@@ -3309,16 +3329,24 @@ class Library:
             # An episode carries only its own IDs; match its series by provider ID, then S/E.
             series = self.source_item(src.server, src.series_id)
             if series:
-                for column in ("tvdb", "tmdb", "imdb"):
-                    value = getattr(series, column)
-                    if not value:
-                        continue
-                    for tseries in self.store.find_items(target, column, value):
-                        if tseries.type != "Series":
-                            continue
-                        hits = self.store.find_episode(target, tseries.item_id, src.season, src.episode)
-                        if len(hits) == 1:
-                            return hits[0]
+                ids = {c: getattr(series, c) for c in ("tvdb", "tmdb", "imdb")}
+                return self.episode_of(target, ids, src.season, src.episode)
+        return None
+
+    def episode_of(self, target: str, ids: dict, season: int, episode: int) -> ItemInfo | None:
+        """Season ``season`` episode ``episode`` of the series on ``target`` that has one of
+        the provider ``ids`` ({"tvdb": …}; tvdb tried first, then tmdb, imdb): the first that
+        is one item."""
+        for column in ("tvdb", "tmdb", "imdb"):
+            value = ids.get(column)
+            if not value:
+                continue
+            for tseries in self.store.find_items(target, column, value):
+                if tseries.type != "Series":
+                    continue
+                hits = self.store.find_episode(target, tseries.item_id, season, episode)
+                if len(hits) == 1:
+                    return hits[0]
         return None
 
     def explain_match(self, src: ItemInfo, target: str) -> tuple[ItemInfo | None, str]:
@@ -3408,12 +3436,29 @@ class Library:
             raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped, fix by hand")
         return rows[0] if rows else None
 
-    def user_id(self, server: str, key: str) -> str | None:
-        row = self.user(server, key)
+    def user_id(self, server: str, person: str) -> str | None:
+        """The id of ``person``'s account on ``server`` (under the name users.map gives them
+        there); None if they have none. Raises SyncError as ``user`` does."""
+        row = self.user(server, self.config.name_on(person, server))
         return row.user_id if row is not None else None
 
     def forget_users(self, server: str) -> None:
         self._last_user_refresh.pop(server, None)
+
+    def synced_accounts(self) -> Iterator[tuple[str, UserRow]]:
+        """(person, account) for each account of a synced person (users.include/exclude) in the
+        user index as it is, by person and server: whom a pass, the recent check and an export
+        read."""
+        for row in self.store.all_users():
+            person = self.config.person(row.server, row.name)
+            if self.config.user_synced(person):
+                yield person, row
+
+    def refresh_users_and_index(self, server: str) -> None:
+        """Where a pass, an export and an import start on ``server``: its users read again, and
+        its item index there (built in full the first time)."""
+        self.refresh_users(server)
+        self.ensure_index(server)
 
 
 # ── Webhooks ─────────────────────────────────────────────────────────────────
@@ -3859,7 +3904,7 @@ class WatchStateWriter:
         """(the person's user id on target, the source item, the same item on target or None).
         Raises SyncError (skipped) or JellyfinError (retried)."""
         first = jobs[0]
-        user_id = self.library.user_id(target, self.config.name_on(first.user_key, target))
+        user_id = self.library.user_id(target, first.user_key)
         if user_id is None:
             raise SyncError(f"no user named {first.username!r} on {target}")
         src_item = self.library.source_item(first.source, first.source_item_id)
@@ -4157,6 +4202,13 @@ class PluginSetup:
             "Headers": [{"Key": "X-Webhook-Token", "Value": token}] if token else [],
             "Fields": [],
         }
+
+
+def refused_hint(e: Exception) -> str:
+    """What --check-config and the setup page's "Test" add to a server's error when the API key
+    is the cause."""
+    refused = isinstance(e, JellyfinError) and e.status == 401
+    return " — the API key was refused" if refused else ""
 
 
 def refused_or(e: JellyfinError) -> str:
@@ -4730,7 +4782,7 @@ class Syncer:
         resolved = []
         for job in self.store.failed_jobs(target, RESOLVE_BATCH):
             try:
-                user_id = self.library.user_id(target, self.config.name_on(job.user_key, target))
+                user_id = self.library.user_id(target, job.user_key)
                 src = self.store.get_item(job.source, job.source_item_id)
                 item = self.library.lookup(src, target) if user_id and src else None
                 if item is None:
@@ -5084,16 +5136,12 @@ class Reconciler:
         people: dict[str, dict[str, str]] = {}
         for s in self.config.servers:
             try:
-                self.library.refresh_users(s.name)
-                self.library.ensure_index(s.name)
+                self.library.refresh_users_and_index(s.name)
             except JellyfinError as e:
                 report["errors"].append(f"{s.name}: {refused_or(e)}")
                 continue
         duplicated: dict[str, str] = {}  # person → a server where they have several accounts
-        for row in self.store.all_users():
-            person = self.config.person(row.server, row.name)
-            if not self.config.user_synced(person):
-                continue
+        for person, row in self.library.synced_accounts():
             accounts = people.setdefault(person, {})
             if row.server in accounts:  # case-variant duplicates: reported, never guessed
                 duplicated[person] = row.server
@@ -5115,22 +5163,14 @@ class Reconciler:
         known = self._known_items(server)
         found: dict[str, dict] = {}
         missing: list[str] = []
-        for query, flag in (
-            ({"isPlayed": "true"}, "Played"),
-            ({"isFavorite": "true"}, "IsFavorite"),
-            ({"filters": "Likes"}, "Likes"),
-            ({"filters": "IsResumable"}, None),  # last: its full UserData replaces the partial ones
-        ):
-            for dto in client.user_items(user_id, query, user_data=flag is None):
-                if not dto.get("Id"):
-                    continue
-                iid = normalise_id(dto["Id"])
-                if iid not in known and iid not in found:
-                    missing.append(iid)
-                if flag is None:
-                    found[iid] = dto.get("UserData") or {}
-                else:
-                    found.setdefault(iid, {_PARTIAL: True})[flag] = True
+        for flag, dto in client.user_lists(user_id):  # the resume list last: its full UserData
+            iid = normalise_id(dto["Id"])
+            if iid not in known and iid not in found:
+                missing.append(iid)
+            if flag is None:
+                found[iid] = dto.get("UserData") or {}
+            else:
+                found.setdefault(iid, {_PARTIAL: True})[flag] = True
         for i in range(0, len(missing), IDS_PER_REQUEST):
             rows = [item_info(client.server, d) for d in client.items_by_ids(missing[i : i + IDS_PER_REQUEST])]
             if rows:
@@ -5616,10 +5656,8 @@ class RecentCheck:
             with suppress(JellyfinError):
                 self.library.ensure_users(s.name)
         people: dict[str, dict[str, tuple[str, str]]] = {}
-        for row in self.store.all_users():
-            person = self.config.person(row.server, row.name)
-            if self.config.user_synced(person):
-                people.setdefault(person, {})[row.server] = (row.user_id, row.name)
+        for person, row in self.library.synced_accounts():
+            people.setdefault(person, {})[row.server] = (row.user_id, row.name)
         return {p: a for p, a in people.items() if len(a) >= 2}
 
     def check(self, server: str, person: str, user_id: str, username: str) -> int:
@@ -5913,7 +5951,7 @@ class Undo:
         out: dict[tuple[str, str, str], dict] = {}
         for (server, user_key), ids in wanted.items():
             try:
-                user_id = self.library.user_id(server, self.config.name_on(user_key, server))
+                user_id = self.library.user_id(server, user_key)
                 if user_id is None:
                     continue
                 data = self.library.clients[server].user_data_many(user_id, sorted(ids))
@@ -5930,7 +5968,7 @@ class Undo:
             by.setdefault((ch["server"], ch["user_key"]), []).append(ch)
         for (server, user_key), group in by.items():
             try:
-                user_id = self.library.user_id(server, self.config.name_on(user_key, server))
+                user_id = self.library.user_id(server, user_key)
                 if user_id is None:
                     raise SyncError(f"no user for {user_key} on {server}")
                 data = self.library.clients[server].user_data_many(user_id, sorted({c["item_id"] for c in group}))
@@ -6085,7 +6123,7 @@ class Brake:
         done: set[tuple[str, str]] = set()
         for target, group in sorted(by_target.items()):
             try:
-                user_id = self.library.user_id(target, self.config.name_on(group[0].user_key, target))
+                user_id = self.library.user_id(target, group[0].user_key)
                 matches = {}
                 for j in group:
                     src = self.library.source_item(source, j.source_item_id)
@@ -6150,13 +6188,11 @@ class Transfer:
         out: dict[str, Any] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": format_time(utcnow())}
         out["people"] = persons = {}
         for s in self.config.servers:
-            self.library.refresh_users(s.name)
-            self.library.ensure_index(s.name)
+            self.library.refresh_users_and_index(s.name)
             self.library.refresh_index(s.name)
-        for row in self.store.all_users():
-            person = self.config.person(row.server, row.name)
-            if self.config.server(row.server) is None or not self.config.user_synced(person):
-                continue  # a server no longer configured; a person not synced
+        for person, row in self.library.synced_accounts():
+            if self.config.server(row.server) is None:
+                continue  # a server no longer configured
             if people and person not in people:
                 continue
             persons.setdefault(person, {})[row.server] = self._entries(row.server, row.user_id)
@@ -6166,11 +6202,8 @@ class Transfer:
         """Every item of one user on one server whose user data is not blank."""
         client = self.library.clients[server]
         found: dict[str, dict] = {}
-        lists = ({"isPlayed": "true"}, {"isFavorite": "true"}, {"filters": "Likes"}, {"filters": "Dislikes"})
-        for query in (*lists, {"filters": "IsResumable"}):
-            for dto in client.user_items(user_id, query):
-                if dto.get("Id"):
-                    found[normalise_id(dto["Id"])] = dto
+        for _flag, dto in client.user_lists(user_id, full=True, dislikes=True):
+            found[normalise_id(dto["Id"])] = dto
         entries = []
         for iid, dto in sorted(found.items()):
             item = self.library.source_item(server, iid)
@@ -6207,8 +6240,7 @@ class Transfer:
             raise SyncError(f'not an export of this program (its "format" must be {EXPORT_FORMAT!r})')
         if data.get("version") != EXPORT_VERSION:
             raise SyncError(f"export version {data.get('version')!r}: this program reads version {EXPORT_VERSION}")
-        self.library.refresh_users(target)
-        self.library.ensure_index(target)
+        self.library.refresh_users_and_index(target)
         self.library.refresh_index(target)
         number = 0 if dry_run else self.store.next_number("import")
         report: dict[str, Any] = {"target": target, "people": {}, "dry_run": dry_run, "cause": f"import:{number}"}
@@ -6218,7 +6250,7 @@ class Transfer:
             if wanted and name_key(person) != wanted:
                 continue
             entry = report["people"][person] = {"matched": 0, "not_found": 0, "changes": {}, "sample": []}
-            user_id = self.library.user_id(target, self.config.name_on(name_key(person), target))
+            user_id = self.library.user_id(target, name_key(person))
             if user_id is None:
                 entry["error"] = f"no account for {person} on {target}"
                 continue
@@ -6312,14 +6344,8 @@ class Transfer:
         series = e.get("series") if isinstance(e.get("series"), dict) else None
         if found is None and series and isinstance(e.get("season"), int) and isinstance(e.get("episode"), int):
             sids = series.get("ids") if isinstance(series.get("ids"), dict) else {}
-            for column in ("tvdb", "tmdb", "imdb"):
-                if not sids.get(column):
-                    continue
-                for tseries in self.store.find_items(target, column, str(sids[column])):
-                    if tseries.type == "Series":
-                        hits = self.store.find_episode(target, tseries.item_id, e["season"], e["episode"])
-                        if len(hits) == 1:
-                            return hits[0]
+            ids = {c: str(sids[c]) for c in ("tvdb", "tmdb", "imdb") if sids.get(c)}
+            return self.library.episode_of(target, ids, e["season"], e["episode"])
         return found
 
 
@@ -6548,6 +6574,8 @@ OLDER_STATUSES = {
     "done": "completed",
     "resolved": "completed",
 }
+NO_SUCH_JOB = "no failed, skipped or waiting job with that id"  # retry and discard
+NOT_RECONCILING = "reconciliation is not running in this process"  # its status and its start
 DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
 # The words a person reads for our codes, here once: the API sends them (beside each code, and
 # as "words" in /api/dashboard) and the dashboard shows only these — feed, inspector, legend.
@@ -7230,7 +7258,7 @@ class Web:
 
     def _person_state(self, server: str, person: str, item_id: str, accounts: dict) -> dict:
         try:
-            user_id = self.syncer.library.user_id(server, self.config.name_on(person, server))
+            user_id = self.syncer.library.user_id(server, person)
             if user_id is None:
                 return {"state_error": f"no user {person!r} on {server}"}
             accounts[server] = user_id
@@ -7252,7 +7280,7 @@ class Web:
         group, accounts, holders = {}, {}, []
         for s in self.config.servers:
             match, _ = self.syncer.library.explain_match(item, s.name)
-            user_id = self.syncer.library.user_id(s.name, self.config.name_on(person, s.name))
+            user_id = self.syncer.library.user_id(s.name, person)
             if match is not None:
                 holders.append(s.name)
             if match is not None and user_id is not None:
@@ -7313,7 +7341,7 @@ class Web:
         if ok:
             self.syncer.wake_target(self.store.job_target(job_id))
             self.syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
-        message = "queued for retry" if ok else "no failed, skipped or waiting job with that id"
+        message = "queued for retry" if ok else NO_SUCH_JOB
         return send({"success": ok, "message": message}, 200 if ok else 404)
 
     def api_retry_all(self) -> str:
@@ -7342,13 +7370,13 @@ class Web:
 
     def api_discard(self, job_id: int) -> str:
         if job_id > INT64_MAX or not self.store.discard_job(job_id):
-            return send({"success": False, "message": "no failed, skipped or waiting job with that id"}, 404)
+            return send({"success": False, "message": NO_SUCH_JOB}, 404)
         return send({"success": True, "message": "discarded"})
 
     # reconciliation
     def api_reconcile_status(self) -> str:
         if self.reconciler is None:
-            return send({"error": "reconciliation is not running in this process"}, 404)
+            return send({"error": NOT_RECONCILING}, 404)
         return send(self.reconcile_json())
 
     def reconcile_json(self) -> dict | None:
@@ -7363,7 +7391,7 @@ class Web:
         import bottle
 
         if self.reconciler is None:
-            return send({"error": "reconciliation is not running in this process"}, 404)
+            return send({"error": NOT_RECONCILING}, 404)
         if self.reconciler.progress.get("running"):
             return send({"error": "a pass is already running", "progress": self.reconciler.progress}, 409)
         dry = bottle.request.query.get("dry_run", "") in ("1", "true", "yes")
@@ -7668,11 +7696,15 @@ def _json_errors_bottle() -> Any:
     return JsonErrorsBottle(catchall=True)
 
 
+# How a typed time must look, said by the API and the command line alike (typed_time).
+TIME_FORMAT = "a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00"
+
+
 def _query_time(text: str, key: str) -> float:
     """A time a person typed in a query or a form: ISO 8601, in UTC unless it says otherwise."""
     when = typed_time(text)
     if when is None:
-        raise bottle_error(400, f"{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+        raise bottle_error(400, f"{key}: {TIME_FORMAT}")
     return when
 
 
@@ -7995,8 +8027,7 @@ class Setup:
             info = client.info()
             users = client.users()
         except (ConfigError, JellyfinError) as e:
-            hint = " — the API key was refused" if isinstance(e, JellyfinError) and e.status == 401 else ""
-            return send({"ok": False, "error": f"{e}{hint}"})
+            return send({"ok": False, "error": f"{e}{refused_hint(e)}"})
         return send({"ok": True, "name": info.get("ServerName"), "version": info.get("Version"), "users": len(users)})
 
     def save(self) -> str:
@@ -8591,13 +8622,22 @@ class Service:
         self.store.close()
 
 
+def open_service(config: Config, path: str | None = None, replace: Any = None) -> Service | None:
+    """A Service for the command line and serve(); None once why it cannot be built (its
+    database: a folder it cannot write, a damaged or newer file) is said on stderr. The setup
+    page builds its own through ServiceSwitch.run, and says that on the page instead."""
+    try:
+        return Service(config, path, replace)
+    except StoreError as e:
+        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+        return None
+
+
 def reconcile_cli(config: Config, dry_run: bool) -> int:
     """--reconcile [--dry-run]: one pass from the command line, with a progress line."""
     configure_logging(config.log_level)
-    try:
-        service = Service(config)
-    except StoreError as e:
-        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+    service = open_service(config)
+    if service is None:
         return 1
 
     def show(p: dict) -> None:
@@ -8615,13 +8655,7 @@ def reconcile_cli(config: Config, dry_run: bool) -> int:
         report = service.reconciler.run(dry_run=dry_run, on_progress=show)
         print(file=sys.stderr)
         if not dry_run and report["changes"]:
-            service.syncer.start()  # apply the queued changes, then stop
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                counts = service.store.job_counts()
-                if not counts.get("pending") and not counts.get("running"):
-                    break
-                time.sleep(0.5)
+            _drain(service)  # apply the queued changes, then stop
     finally:
         service.stop()
     verb = "would change" if dry_run else "changed"
@@ -8650,10 +8684,8 @@ def _drain(service: Service, timeout: float = 600) -> None:
 def safety_cli(config: Config, args: argparse.Namespace) -> int:
     """--undo, --export FILE, --import FILE --to SERVER: the safety net from the command line.
     Safe while the service runs (the queue is the database's); what is queued is applied here."""
-    try:
-        service = Service(config)
-    except StoreError as e:
-        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+    service = open_service(config)
+    if service is None:
         return 1
     try:
         for s in config.servers:
@@ -8737,7 +8769,7 @@ def _undo_cli(service: Service, args: argparse.Namespace) -> int:
         if text:
             when = typed_time(text)
             if when is None:
-                raise SyncError(f"--{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+                raise SyncError(f"--{key}: {TIME_FORMAT}")
             scope[key] = when
     undo = service.safety.undo
     report = undo.preview(scope) if args.dry_run else undo.apply(scope)
@@ -8825,8 +8857,7 @@ def check_config(config: Config) -> int:
             print(f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted ({len(users)} users)")
         except JellyfinError as e:
             failures += 1
-            hint = " — the API key was refused" if e.status == 401 else ""
-            print(f"✗ {s.name}: {e}{hint}")
+            print(f"✗ {s.name}: {e}{refused_hint(e)}")
     return 1 if failures or config.warnings else 0
 
 
@@ -9113,10 +9144,8 @@ def serve(config: Config, path: str) -> int:
     if cpu is not None:
         log.info("running on CPU %d (server.cpu: %s)", cpu, config.cpu)
     switch = ServiceSwitch(path)
-    try:
-        service = Service(config, path, switch.run)
-    except StoreError as e:
-        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+    service = open_service(config, path, switch.run)
+    if service is None:
         return 1
     switch.service, switch.app = service, service.app
     try:
