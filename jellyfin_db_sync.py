@@ -135,6 +135,7 @@ RECENT_MAX_PAGES = 5  # …and further played pages only while they are all newe
 # A server's plugin is taken as silent when this many checks found changes no webhook brought…
 SILENT_FINDS = 3
 SILENT_WINDOW = 1800.0  # …within this many seconds, and no webhook came from it since the first
+SILENT_WORDS = "the Webhook plugin on {server} is not posting to us"  # the card's and the alert's
 CLOCK_WARNING_SECONDS = 600.0
 TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
@@ -4399,7 +4400,7 @@ class Syncer:
             return None
         base = self.config.public_url.rstrip("/") if self.config.public_url else "http://<this service>"
         return (
-            f"the Webhook plugin on {server} is not posting to us: {len(finds)} checks in the last "
+            f"{SILENT_WORDS.format(server=server)}: {len(finds)} checks in the last "
             f"{SILENT_WINDOW / 60:.0f} minutes found changes there that no webhook brought (they were "
             f"synced by the check, within a minute or two). On {server}, check: the Webhook plugin is "
             f"installed (Dashboard → Plugins); its Generic destination's URL is {base}/webhook/{server}; "
@@ -6545,7 +6546,7 @@ def _alert_title(condition: str) -> str:
         "refused": f"{rest} refuses the API key",
         "held": f"changes held by the brake ({rest.replace(':', ' for ')})",
         "stuck": "syncing is stuck",
-        "silent": f"the Webhook plugin on {rest} is not posting to us",
+        "silent": SILENT_WORDS.format(server=rest),
     }.get(kind, condition)
 
 
