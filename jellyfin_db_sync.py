@@ -23,6 +23,7 @@ Sections, in the order data flows (search for "# ── Name" to jump to one):
   Syncer                 ingest → inbox → Planner → jobs → writers, and its threads
   Reconciler             full comparison passes (and playlists), through the same Planner
   Safety net             undo from the journal, the brake on mass removals, alerts, export/import
+  Older program          what people switching from the older jellyfin-db-sync keep (all of 1.x)
   Web                    the Bottle app: routes, the Guard plugin, readiness, metrics
   main                   the command line, logging, the Service that owns every thread
 
@@ -410,11 +411,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync.watched_status", "bool", True, "sync played / unplayed"),
     Setting("sync.favorites", "bool", True, "sync favourites"),
     Setting("sync.ratings", "bool", True, "sync likes and dislikes"),
-    Setting("sync.likes", "bool", True, "same as ratings (older program's name)"),
+    Setting("sync.likes", "bool", True, "same as ratings (older program's name)"),  # Older program
     Setting("sync.playlists", "bool", True, "mirror playlists"),
     Setting("sync.play_count", "bool", True, "carry play counts when marking played"),
     Setting("sync.last_played_date", "bool", True, "carry last-played dates"),
-    # Accepted for the older program's configs; off by default: no version lets an API key write
+    # Older program: accepted for its configs; off by default: no version lets an API key write
     # them (ServerVersion.writes_stream_choices), and switched on they only bring a warning.
     Setting("sync.audio_stream", "bool", False, "accepted for compatibility; cannot be synced"),
     Setting("sync.subtitle_stream", "bool", False, "accepted for compatibility; cannot be synced"),
@@ -487,7 +488,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alerts.unreachable_minutes", "float", 10.0, "alert when a server is unreachable this long"),
 )
 SETTING = {s.key: s for s in SETTINGS}
-# Other names the older jellyfin-db-sync accepted for a choice: Python's level names, and journal
+# Older program: other names it accepted for a choice: Python's level names, and journal
 # modes SQLite has but a durable queue must not use (MEMORY, OFF: WAL is kept, with a warning).
 CHOICE_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "NOTSET": "DEBUG", "MEMORY": "WAL", "OFF": "WAL"}
 SECTIONS = (
@@ -528,12 +529,12 @@ class SyncConfig:
     watched_status: bool = _default("sync.watched_status")
     favorites: bool = _default("sync.favorites")
     ratings: bool = _default("sync.ratings")
-    likes: bool = _default("sync.likes")
+    likes: bool = _default("sync.likes")  # Older program
     playlists: bool = _default("sync.playlists")
     play_count: bool = _default("sync.play_count")
     last_played_date: bool = _default("sync.last_played_date")
-    audio_stream: bool = _default("sync.audio_stream")
-    subtitle_stream: bool = _default("sync.subtitle_stream")
+    audio_stream: bool = _default("sync.audio_stream")  # Older program
+    subtitle_stream: bool = _default("sync.subtitle_stream")  # Older program
     progress_debounce_seconds: float = _default("sync.progress_debounce_seconds")
     worker_interval_seconds: float = _default("sync.worker_interval_seconds")
     max_retries: int = _default("sync.max_retries")
@@ -547,7 +548,7 @@ class SyncConfig:
             "played": self.watched_status,
             "position": self.playback_progress,
             "favorite": self.favorites,
-            "likes": self.ratings and self.likes,
+            "likes": self.ratings and self.likes,  # Older program: and self.likes
         }[fld]
 
 
@@ -1232,20 +1233,6 @@ CREATE TABLE IF NOT EXISTS passwords (
 """
 
 
-# The older jellyfin-db-sync (0.0.x) kept its data in the same file by default
-# (/data/jellyfin-db-sync.db): these tables (docs/older-program.md).
-OLDER_TABLES = ("user_mappings", "sync_log", "pending_events", "item_path_cache")
-# Its change kinds (pending_events.event_type) → our field and how to read the value.
-OLDER_FIELDS: dict[str, tuple[str, Any]] = {
-    "watched": ("played", lambda d: bool(d.get("is_played"))),
-    "progress": ("position", lambda d: int(d.get("position_ticks") or 0)),
-    "favorite": ("favorite", lambda d: bool(d.get("is_favorite"))),
-    "likes": ("likes", lambda d: d.get("likes") if d.get("likes") in (True, False) else None),
-    "rating": ("likes", lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING),
-}
-MIGRATED_EVENT = "Migrated"  # the inbox event type of a change the older program still owed
-
-
 def _statements(script: str) -> list[str]:
     """An SQL script's statements, one by one (SQLite's own tokenizer says where each ends)."""
     out, buf = [], ""
@@ -1282,7 +1269,7 @@ def examine_database(path: str) -> tuple[str, int]:
         raise StoreError(f"{path} is not a usable SQLite database ({e}). {redo}") from None
     if check != "ok":
         raise StoreError(f"{path} is damaged (integrity check: {check}). {redo}")
-    if "meta" not in names and "pending_events" in names:
+    if "meta" not in names and "pending_events" in names:  # Older program
         return "older", 0
     if "meta" not in names and {n for n in names if not n.startswith("sqlite_")}:
         raise StoreError(
@@ -1297,107 +1284,6 @@ def examine_database(path: str) -> tuple[str, int]:
             f"{SCHEMA_VERSION}): upgrade the program, or use a backup."
         )
     return "ours", version
-
-
-class OlderDatabase:
-    """Moves the older program's file over to this schema, once: the file is first copied
-    beside itself (a dated backup that is never deleted), then what still means something is
-    carried over — every change it still owed (pending_events) as an inbox row the Planner turns
-    into jobs like any webhook, and its sync history — and its tables make way for ours, all in
-    one transaction: a crash half-way leaves the file as it was."""
-
-    def __init__(self, path: str, conn: sqlite3.Connection):
-        self.path = path
-        self.conn = conn
-
-    def migrate(self) -> None:
-        backup = f"{self.path}.older-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.bak"
-        copy = sqlite3.connect(backup)
-        try:
-            self.conn.backup(copy)
-        finally:
-            copy.close()
-        owed, skipped = self._owed()
-        history = self._history()
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            for table in OLDER_TABLES:
-                c.execute(f"DROP TABLE IF EXISTS {table}")
-            for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
-                c.execute(statement)
-            c.executemany("INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed)
-            c.executemany(
-                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, result, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                history,
-            )
-            summary = {"backup": backup, "owed": len(owed), "skipped": skipped, "history": len(history), "at": utcnow()}
-            c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            c.execute("INSERT INTO meta VALUES ('migrated_from_older', ?)", (json.dumps(summary),))
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
-        log.info(
-            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed change(s) "
-            "(%d of kinds this program does not sync: %s) and %d history line(s)",
-            self.path,
-            backup,
-            len(owed),
-            sum(skipped.values()),
-            ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) or "none",
-            len(history),
-        )
-
-    def _owed(self) -> tuple[list[tuple], dict[str, int]]:
-        """Its unfinished queue, as inbox rows (server, event, received_at, body)."""
-        rows = self.conn.execute(
-            "SELECT event_type, source_server, target_server, username, item_id, item_name, event_data, created_at"
-            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', 'waiting_for_item') ORDER BY id"
-        ).fetchall()
-        owed, skipped = [], {}
-        for kind, source, target, username, item_id, item_name, data, created in rows:
-            try:
-                field, read = OLDER_FIELDS[kind]
-                value = read(json.loads(data or "{}"))
-            except (KeyError, ValueError, TypeError):
-                skipped[kind] = skipped.get(kind, 0) + 1
-                continue
-            when = parse_time(str(created)) or utcnow()
-            body = {
-                "NotificationType": MIGRATED_EVENT,
-                "UtcTimestamp": format_time(when),
-                "Target": target,
-                "NotificationUsername": username,
-                "ItemId": normalise_id(item_id),
-                "Name": item_name,
-                "Field": field,
-                "Value": value,
-            }
-            owed.append((source, MIGRATED_EVENT, when, json.dumps(body)))
-        return owed, skipped
-
-    def _history(self) -> list[tuple]:
-        """Its sync log, in our columns (its event kinds and success flag as our field and result)."""
-        rows = self.conn.execute(
-            "SELECT created_at, source_server, target_server, username, item_name, event_type, synced_value, success,"
-            " message FROM sync_log ORDER BY id"
-        ).fetchall()
-        return [
-            (
-                parse_time(str(created)) or 0.0,
-                source,
-                target,
-                username,
-                item_name or "",
-                OLDER_FIELDS.get(kind, (kind,))[0],
-                value,
-                "ok" if success else "failed",
-                message,
-            )
-            for created, source, target, username, item_name, kind, value, success, message in rows
-        ]
 
 
 @dataclass(frozen=True)
@@ -1747,7 +1633,7 @@ class Store:
                         os.chmod(name, 0o600)
         conn = self._conn()
         with self._write_lock:
-            if kind == "older":
+            if kind == "older":  # Older program
                 OlderDatabase(path, conn).migrate()
                 return
             conn.execute("BEGIN IMMEDIATE")
@@ -2531,7 +2417,8 @@ class Store:
         return rows[0][0] if rows else None
 
     def migration(self) -> dict | None:
-        """What was carried over from the older program's file, if it was (OlderDatabase)."""
+        """What was carried over from the older program's file, if it was (OlderDatabase).
+        Older program: /api/status's "migration", the dashboard's "Carried over" line."""
         raw = self.get_meta("migrated_from_older")
         return json.loads(raw) if raw else None
 
@@ -2817,6 +2704,7 @@ class ServerVersion:
         """What this version cannot do with an API key of what ``sync`` asks, in words for the
         dashboard."""
         out = []
+        # Older program: its sync.audio_stream and sync.subtitle_stream
         if (sync.audio_stream or sync.subtitle_stream) and not self.writes_stream_choices:
             out.append(
                 "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream, switched on) "
@@ -4528,36 +4416,8 @@ class Syncer:
         if ntype in USER_EVENTS:
             return [dataclasses.replace(o, cause=f"event:{row.id}") for o in self._account_change(server, ev)], []
         if ntype == MIGRATED_EVENT:
-            return self._owed_by_older_program(server, ev, observed), []
+            return older_owed(self.config, server, ev, observed), []  # Older program
         return self._observations(row, ev, observed), []
-
-    def _owed_by_older_program(self, server: str, ev: dict, observed: float) -> list[Observation]:
-        """A change the older program acknowledged and still owed (see OlderDatabase): an order
-        for its target, applied like any other (only what differs is written)."""
-        key = self.config.person(server, ev["NotificationUsername"])
-        target = ev["Target"]
-        if (
-            self.config.server(target) is None
-            or not self.config.user_synced(key)
-            or not self.config.sync.enabled(ev["Field"])
-        ):
-            return []
-        return [
-            Observation(
-                server,
-                key,
-                ev["NotificationUsername"],
-                ev["ItemId"],
-                ev.get("Name") or ev["ItemId"],
-                ev["Field"],
-                ev["Value"],
-                observed,
-                (target,),
-                {"event": "migrated", "last_played": observed if ev["Field"] == "played" else None},
-                kind="order",
-                cause="migrated",
-            )
-        ]
 
     def _observations(self, row: InboxRow, ev: dict, observed: float) -> list[Observation]:
         """What a watch-state webhook reports, one Observation per field we sync."""
@@ -6561,7 +6421,161 @@ def _post(url: str, body: bytes, headers: dict) -> None:
         resp.read(1024)
 
 
-# ── Web ──────────────────────────────────────────────────────────────────────
+# ── Older program ────────────────────────────────────────────────────────────
+#
+# Everything kept only for people switching from the older jellyfin-db-sync (0.0.x), so that
+# their set-up works unchanged (docs/older-program.md): its database moved over once
+# (OlderDatabase), the changes it still owed planned like webhooks (older_owed), and its words
+# in our API — the doubled keys of its queue and sync log, and its log filters. Kept through
+# the 1.x series, removed no earlier than 2.0 (README, "Moving from the older jellyfin-db-sync").
+# To drop it: delete this section and every line marked "Older program" elsewhere — its config
+# keys (SETTINGS, SyncConfig, CHOICE_ALIASES, ServerVersion.limits), examine_database,
+# Store._open and Store.migration, Syncer._plan_one, Web (job_json, _log_filters, _log_json,
+# and in _routes the trailing-slash webhook URL and /webhook/queue), check_config, and
+# private_folders. The keys of /api/status, /api/queue and /api/servers it had are ours too
+# (the dashboard reads them) and stay; fixtures/older-api-shapes.json lists every key it had.
+
+
+# The older jellyfin-db-sync (0.0.x) kept its data in the same file by default
+# (/data/jellyfin-db-sync.db): these tables (docs/older-program.md).
+OLDER_TABLES = ("user_mappings", "sync_log", "pending_events", "item_path_cache")
+# Its change kinds (pending_events.event_type) → our field and how to read the value.
+OLDER_FIELDS: dict[str, tuple[str, Any]] = {
+    "watched": ("played", lambda d: bool(d.get("is_played"))),
+    "progress": ("position", lambda d: int(d.get("position_ticks") or 0)),
+    "favorite": ("favorite", lambda d: bool(d.get("is_favorite"))),
+    "likes": ("likes", lambda d: d.get("likes") if d.get("likes") in (True, False) else None),
+    "rating": ("likes", lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING),
+}
+MIGRATED_EVENT = "Migrated"  # the inbox event type of a change the older program still owed
+
+
+class OlderDatabase:
+    """Moves the older program's file over to this schema, once: the file is first copied
+    beside itself (a dated backup that is never deleted), then what still means something is
+    carried over — every change it still owed (pending_events) as an inbox row the Planner turns
+    into jobs like any webhook, and its sync history — and its tables make way for ours, all in
+    one transaction: a crash half-way leaves the file as it was."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection):
+        self.path = path
+        self.conn = conn
+
+    def migrate(self) -> None:
+        backup = f"{self.path}.older-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.bak"
+        copy = sqlite3.connect(backup)
+        try:
+            self.conn.backup(copy)
+        finally:
+            copy.close()
+        owed, skipped = self._owed()
+        history = self._history()
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for table in OLDER_TABLES:
+                c.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
+                c.execute(statement)
+            c.executemany("INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed)
+            c.executemany(
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, result, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                history,
+            )
+            summary = {"backup": backup, "owed": len(owed), "skipped": skipped, "history": len(history), "at": utcnow()}
+            c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            c.execute("INSERT INTO meta VALUES ('migrated_from_older', ?)", (json.dumps(summary),))
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        log.info(
+            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed change(s) "
+            "(%d of kinds this program does not sync: %s) and %d history line(s)",
+            self.path,
+            backup,
+            len(owed),
+            sum(skipped.values()),
+            ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) or "none",
+            len(history),
+        )
+
+    def _owed(self) -> tuple[list[tuple], dict[str, int]]:
+        """Its unfinished queue, as inbox rows (server, event, received_at, body)."""
+        rows = self.conn.execute(
+            "SELECT event_type, source_server, target_server, username, item_id, item_name, event_data, created_at"
+            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', 'waiting_for_item') ORDER BY id"
+        ).fetchall()
+        owed, skipped = [], {}
+        for kind, source, target, username, item_id, item_name, data, created in rows:
+            try:
+                field, read = OLDER_FIELDS[kind]
+                value = read(json.loads(data or "{}"))
+            except (KeyError, ValueError, TypeError):
+                skipped[kind] = skipped.get(kind, 0) + 1
+                continue
+            when = parse_time(str(created)) or utcnow()
+            body = {
+                "NotificationType": MIGRATED_EVENT,
+                "UtcTimestamp": format_time(when),
+                "Target": target,
+                "NotificationUsername": username,
+                "ItemId": normalise_id(item_id),
+                "Name": item_name,
+                "Field": field,
+                "Value": value,
+            }
+            owed.append((source, MIGRATED_EVENT, when, json.dumps(body)))
+        return owed, skipped
+
+    def _history(self) -> list[tuple]:
+        """Its sync log, in our columns (its event kinds and success flag as our field and result)."""
+        rows = self.conn.execute(
+            "SELECT created_at, source_server, target_server, username, item_name, event_type, synced_value, success,"
+            " message FROM sync_log ORDER BY id"
+        ).fetchall()
+        return [
+            (
+                parse_time(str(created)) or 0.0,
+                source,
+                target,
+                username,
+                item_name or "",
+                OLDER_FIELDS.get(kind, (kind,))[0],
+                value,
+                "ok" if success else "failed",
+                message,
+            )
+            for created, source, target, username, item_name, kind, value, success, message in rows
+        ]
+
+
+def older_owed(config: Config, server: str, ev: dict, observed: float) -> list[Observation]:
+    """A change the older program acknowledged and still owed (see OlderDatabase): an order
+    for its target, applied like any other (only what differs is written)."""
+    key = config.person(server, ev["NotificationUsername"])
+    target = ev["Target"]
+    if config.server(target) is None or not config.user_synced(key):
+        return []
+    if not config.sync.enabled(ev["Field"]):
+        return []
+    return [
+        Observation(
+            server,
+            key,
+            ev["NotificationUsername"],
+            ev["ItemId"],
+            ev.get("Name") or ev["ItemId"],
+            ev["Field"],
+            ev["Value"],
+            observed,
+            (target,),
+            {"event": "migrated", "last_played": observed if ev["Field"] == "played" else None},
+            kind="order",
+            cause="migrated",
+        )
+    ]
 
 
 # The older jellyfin-db-sync's words, kept in the keys it had (its API is a subset of ours):
@@ -6575,6 +6589,49 @@ OLDER_STATUSES = {
     "done": "completed",
     "resolved": "completed",
 }
+
+
+def older_job_keys(job: Job) -> dict:
+    """A queued change's kind and status in the older program's words (/api/events/…), beside
+    ours (field, state)."""
+    return {
+        "event_type": OLDER_EVENT_TYPES.get(job.field, job.field),
+        "status": OLDER_STATUSES.get(job.status, job.status),
+    }
+
+
+def older_log_keys(r: LogEntry) -> dict:
+    """A sync log line in the older program's keys (/api/sync-log), beside ours (at, field,
+    source, target, new, result, detail)."""
+    return {
+        "created_at": format_time(r.at),
+        "event_type": OLDER_EVENT_TYPES.get(r.field, r.field),
+        "source_server": r.source,
+        "target_server": r.target,
+        "synced_value": r.new,
+        "success": r.result in DONE_RESULTS,
+        "message": r.detail,
+    }
+
+
+def older_log_filters(q: Any, filters: dict) -> None:
+    """The sync log's filters by the older program's names (source_server, target_server,
+    event_type, since_minutes), put into ``filters`` as ours where ours are not given."""
+    fields = {v: k for k, v in OLDER_EVENT_TYPES.items()}
+    filters["source"] = filters["source"] or q.get("source_server")
+    filters["target"] = filters["target"] or q.get("target_server")
+    if q.get("event_type"):
+        filters["field"] = fields.get(q.get("event_type"), q.get("event_type"))
+    if q.get("since_minutes"):
+        try:
+            filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
+        except ValueError:
+            raise bottle_error(400, "since_minutes must be a number") from None
+
+
+# ── Web ──────────────────────────────────────────────────────────────────────
+
+
 NO_SUCH_JOB = "no failed, skipped or waiting job with that id"  # retry and discard
 NOT_RECONCILING = "reconciliation is not running in this process"  # its status and its start
 DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
@@ -7316,7 +7373,6 @@ class Web:
         path = item.path_key if item else None
         return {
             "id": job.id,
-            "event_type": OLDER_EVENT_TYPES.get(job.field, job.field),
             "event": job.extra.get("event"),
             "field": job.field,
             "source_server": job.source,
@@ -7325,7 +7381,6 @@ class Web:
             "item_name": job.item_name,
             "item_path": path,
             "value": job.value,
-            "status": OLDER_STATUSES.get(job.status, job.status),
             "state": job.status,
             "state_word": STATE_WORDS.get(job.status, job.status).format(target=job.target),
             "field_word": FIELD_WORDS.get(job.field, job.field),
@@ -7335,6 +7390,7 @@ class Web:
             "last_error": job.last_error,
             "created_at": format_time(job.queued_at),
             "next_retry_at": format_time(job.due_at),
+            **older_job_keys(job),  # Older program
         }
 
     def api_retry(self, job_id: int) -> str:
@@ -7519,19 +7575,10 @@ class Web:
     @staticmethod
     def _log_filters(q: Any) -> dict:
         """Our filters, and the older program's names for them (source_server, event_type, …)."""
-        fields = {v: k for k, v in OLDER_EVENT_TYPES.items()}
         filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field", "item_name")}
-        filters["source"] = filters["source"] or q.get("source_server")
-        filters["target"] = filters["target"] or q.get("target_server")
-        if q.get("event_type"):
-            filters["field"] = fields.get(q.get("event_type"), q.get("event_type"))
+        older_log_filters(q, filters)  # Older program
         if q.get("success") in ("true", "false", "1", "0"):
             filters["success"] = q.get("success") in ("true", "1")
-        if q.get("since_minutes"):
-            try:
-                filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
-            except ValueError:
-                raise bottle_error(400, "since_minutes must be a number") from None
         for key in ("since", "until"):  # a time range: ISO dates ("2026-11-30T18:00", Z or an offset)
             if q.get(key):
                 filters[key] = _query_time(q.get(key), key)
@@ -7543,15 +7590,9 @@ class Web:
         return {
             **dataclasses.asdict(r),
             "at": format_time(r.at),
-            "created_at": format_time(r.at),
-            "event_type": OLDER_EVENT_TYPES.get(r.field, r.field),
-            "source_server": r.source,
-            "target_server": r.target,
-            "synced_value": r.new,
-            "success": r.result in DONE_RESULTS,
-            "message": r.detail,
             "result_word": RESULT_WORDS.get(r.result, r.result),
             "field_word": FIELD_WORDS.get(r.field, r.field),
+            **older_log_keys(r),  # Older program
         }
 
     def metrics(self) -> str:
@@ -8843,7 +8884,7 @@ def check_config(config: Config) -> int:
         print(f"✗ database: {problem}")
     elif not Path(path).exists():
         print(f"✓ database: {path} is created at start")
-    elif kind == "older":
+    elif kind == "older":  # Older program
         print(f"✓ database: {path} is the older jellyfin-db-sync's; moved over at start (copied beside itself first)")
     elif version < SCHEMA_VERSION:
         print(f"✓ database: {path} (schema {version}) is upgraded to schema {SCHEMA_VERSION} at start")
@@ -8936,7 +8977,7 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
     with suppress(ConfigError):  # no usable config yet: setup mode writes one, with the default path
         databases = {Path(load_config(path).database_path).absolute()}
     ours = {config_file, *(Path(f"{db}{end}") for db in databases for end in ("", "-wal", "-shm"))}
-    for db in databases:  # the older program's file, kept beside ours when we moved it over
+    for db in databases:  # Older program: its file, kept beside ours when we moved it over
         ours |= set(db.parent.glob(f"{glob.escape(db.name)}.older-*.bak"))
     ours |= set(config_file.parent.glob(f"{glob.escape(config_file.name)}.*.bak"))  # setup's saves
     given: list[Path] = []
