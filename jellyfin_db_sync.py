@@ -4415,7 +4415,7 @@ class Syncer:
             return [], [server] if woke else []
         if ntype in USER_EVENTS:
             return [dataclasses.replace(o, cause=f"event:{row.id}") for o in self._account_change(server, ev)], []
-        if ntype == MIGRATED_EVENT:
+        if ntype == MIGRATED_EVENT:  # Older program
             return older_owed(self.config, server, ev, observed), []  # Older program
         return self._observations(row, ev, observed), []
 
