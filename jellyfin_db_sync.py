@@ -24,6 +24,7 @@ Sections, in the order data flows (search for "# ── Name" to jump to one):
   Syncer                 ingest → inbox → Planner → jobs → writers, and its threads
   Reconciler             full comparison passes (and playlists), through the same Planner
   Safety net             undo from the journal, the brake on mass removals, alerts, export/import
+  Older program          what people switching from the older jellyfin-db-sync keep (all of 1.x)
   Web                    the Bottle app: routes, the Guard plugin, readiness, metrics
   main                   the command line, logging, the Service that owns every thread
 
@@ -136,6 +137,7 @@ RECENT_MAX_PAGES = 5  # …and further played pages only while they are all newe
 # A server's plugin is taken as silent when this many checks found changes no webhook brought…
 SILENT_FINDS = 3
 SILENT_WINDOW = 1800.0  # …within this many seconds, and no webhook came from it since the first
+SILENT_WORDS = "the Webhook plugin on {server} is not posting to us"  # the card's and the alert's
 CLOCK_WARNING_SECONDS = 600.0
 TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
@@ -407,11 +409,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync.watched_status", "bool", True, "sync played / unplayed"),
     Setting("sync.favorites", "bool", True, "sync favourites"),
     Setting("sync.ratings", "bool", True, "sync likes and dislikes"),
-    Setting("sync.likes", "bool", True, "same as ratings (older program's name)"),
+    Setting("sync.likes", "bool", True, "same as ratings (older program's name)"),  # Older program
     Setting("sync.playlists", "bool", True, "mirror playlists"),
     Setting("sync.play_count", "bool", True, "carry play counts when marking played"),
     Setting("sync.last_played_date", "bool", True, "carry last-played dates"),
-    # Accepted for the older program's configs; off by default: no version lets an API key write
+    # Older program: accepted for its configs; off by default: no version lets an API key write
     # them (ServerVersion.writes_stream_choices), and switched on they only bring a warning.
     Setting("sync.audio_stream", "bool", False, "accepted for compatibility; cannot be synced"),
     Setting("sync.subtitle_stream", "bool", False, "accepted for compatibility; cannot be synced"),
@@ -484,7 +486,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alerts.unreachable_minutes", "float", 10.0, "alert when a server is unreachable this long"),
 )
 SETTING = {s.key: s for s in SETTINGS}
-# Other names the older jellyfin-db-sync accepted for a choice: Python's level names, and journal
+# Older program: other names it accepted for a choice: Python's level names, and journal
 # modes SQLite has but a durable queue must not use (MEMORY, OFF: WAL is kept, with a warning).
 CHOICE_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "NOTSET": "DEBUG", "MEMORY": "WAL", "OFF": "WAL"}
 SECTIONS = (
@@ -525,12 +527,12 @@ class SyncConfig:
     watched_status: bool = _default("sync.watched_status")
     favorites: bool = _default("sync.favorites")
     ratings: bool = _default("sync.ratings")
-    likes: bool = _default("sync.likes")
+    likes: bool = _default("sync.likes")  # Older program
     playlists: bool = _default("sync.playlists")
     play_count: bool = _default("sync.play_count")
     last_played_date: bool = _default("sync.last_played_date")
-    audio_stream: bool = _default("sync.audio_stream")
-    subtitle_stream: bool = _default("sync.subtitle_stream")
+    audio_stream: bool = _default("sync.audio_stream")  # Older program
+    subtitle_stream: bool = _default("sync.subtitle_stream")  # Older program
     progress_debounce_seconds: float = _default("sync.progress_debounce_seconds")
     worker_interval_seconds: float = _default("sync.worker_interval_seconds")
     max_retries: int = _default("sync.max_retries")
@@ -1113,6 +1115,7 @@ def normalise_path(path: str) -> str:
 
 SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
+BUSY_MESSAGE = "database is busy (locked by another writer)"  # our write lock, waited for too long
 # What an older file lacks that SCHEMA cannot add by itself, per version (N-1 → N), applied
 # in order at start-up: columns added to tables it already has, and data moved to new meanings.
 # Every table and index comes from SCHEMA alone (all CREATE … IF NOT EXISTS, run after these on
@@ -1224,20 +1227,6 @@ CREATE TABLE IF NOT EXISTS passwords (
 """
 
 
-# The older jellyfin-db-sync (0.0.x) kept its data in the same file by default
-# (/data/jellyfin-db-sync.db): these tables (docs/older-program.md).
-OLDER_TABLES = ("user_mappings", "sync_log", "pending_events", "item_path_cache")
-# Its change kinds (pending_events.event_type) → our field and how to read the value.
-OLDER_FIELDS: dict[str, tuple[str, Any]] = {
-    "watched": ("played", lambda d: bool(d.get("is_played"))),
-    "progress": ("position", lambda d: int(d.get("position_ticks") or 0)),
-    "favorite": ("favorite", lambda d: bool(d.get("is_favorite"))),
-    "likes": ("likes", lambda d: d.get("likes") if d.get("likes") in (True, False) else None),
-    "rating": ("likes", lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING),
-}
-MIGRATED_EVENT = "Migrated"  # the inbox event type of a change the older program still owed
-
-
 def _statements(script: str) -> list[str]:
     """An SQL script's statements, one by one (SQLite's own tokenizer says where each ends)."""
     out, buf = [], ""
@@ -1274,7 +1263,7 @@ def examine_database(path: str) -> tuple[str, int]:
         raise StoreError(f"{path} is not a usable SQLite database ({e}). {redo}") from None
     if check != "ok":
         raise StoreError(f"{path} is damaged (integrity check: {check}). {redo}")
-    if "meta" not in names and "pending_events" in names:
+    if "meta" not in names and "pending_events" in names:  # Older program
         return "older", 0
     if "meta" not in names and {n for n in names if not n.startswith("sqlite_")}:
         raise StoreError(
@@ -1289,107 +1278,6 @@ def examine_database(path: str) -> tuple[str, int]:
             f"{SCHEMA_VERSION}): upgrade the program, or use a backup."
         )
     return "ours", version
-
-
-class OlderDatabase:
-    """Moves the older program's file over to this schema, once: the file is first copied
-    beside itself (a dated backup that is never deleted), then what still means something is
-    carried over — every change it still owed (pending_events) as an inbox row the Planner turns
-    into jobs like any webhook, and its sync history — and its tables make way for ours, all in
-    one transaction: a crash half-way leaves the file as it was."""
-
-    def __init__(self, path: str, conn: sqlite3.Connection):
-        self.path = path
-        self.conn = conn
-
-    def migrate(self) -> None:
-        backup = f"{self.path}.older-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.bak"
-        copy = sqlite3.connect(backup)
-        try:
-            self.conn.backup(copy)
-        finally:
-            copy.close()
-        owed, skipped = self._owed()
-        history = self._history()
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            for table in OLDER_TABLES:
-                c.execute(f"DROP TABLE IF EXISTS {table}")
-            for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
-                c.execute(statement)
-            c.executemany("INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed)
-            c.executemany(
-                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, result, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                history,
-            )
-            summary = {"backup": backup, "owed": len(owed), "skipped": skipped, "history": len(history), "at": utcnow()}
-            c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            c.execute("INSERT INTO meta VALUES ('migrated_from_older', ?)", (json.dumps(summary),))
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
-        log.info(
-            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed change(s) "
-            "(%d of kinds this program does not sync: %s) and %d history line(s)",
-            self.path,
-            backup,
-            len(owed),
-            sum(skipped.values()),
-            ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) or "none",
-            len(history),
-        )
-
-    def _owed(self) -> tuple[list[tuple], dict[str, int]]:
-        """Its unfinished queue, as inbox rows (server, event, received_at, body)."""
-        rows = self.conn.execute(
-            "SELECT event_type, source_server, target_server, username, item_id, item_name, event_data, created_at"
-            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', 'waiting_for_item') ORDER BY id"
-        ).fetchall()
-        owed, skipped = [], {}
-        for kind, source, target, username, item_id, item_name, data, created in rows:
-            try:
-                field, read = OLDER_FIELDS[kind]
-                value = read(json.loads(data or "{}"))
-            except (KeyError, ValueError, TypeError):
-                skipped[kind] = skipped.get(kind, 0) + 1
-                continue
-            when = parse_time(str(created)) or utcnow()
-            body = {
-                "NotificationType": MIGRATED_EVENT,
-                "UtcTimestamp": format_time(when),
-                "Target": target,
-                "NotificationUsername": username,
-                "ItemId": normalise_id(item_id),
-                "Name": item_name,
-                "Field": field,
-                "Value": value,
-            }
-            owed.append((source, MIGRATED_EVENT, when, json.dumps(body)))
-        return owed, skipped
-
-    def _history(self) -> list[tuple]:
-        """Its sync log, in our columns (its event kinds and success flag as our field and result)."""
-        rows = self.conn.execute(
-            "SELECT created_at, source_server, target_server, username, item_name, event_type, synced_value, success,"
-            " message FROM sync_log ORDER BY id"
-        ).fetchall()
-        return [
-            (
-                parse_time(str(created)) or 0.0,
-                source,
-                target,
-                username,
-                item_name or "",
-                OLDER_FIELDS.get(kind, (kind,))[0],
-                value,
-                "ok" if success else "failed",
-                message,
-            )
-            for created, source, target, username, item_name, kind, value, success, message in rows
-        ]
 
 
 @dataclass(frozen=True)
@@ -1803,7 +1691,7 @@ class Store:
                         os.chmod(name, 0o600)
         conn = self._conn()
         with self._write_lock:
-            if kind == "older":
+            if kind == "older":  # Older program
                 OlderDatabase(path, conn).migrate()
                 return
             conn.execute("BEGIN IMMEDIATE")
@@ -1932,7 +1820,7 @@ class Store:
                 # Another thread may hold the write lock while SQLite waits on a locked file:
                 # wait at most as long as SQLite itself would, then answer 503.
                 if not self._write_lock.acquire(timeout=2.0):
-                    raise sqlite3.OperationalError("database is busy (locked by another writer)")
+                    raise sqlite3.OperationalError(BUSY_MESSAGE)
                 try:
                     last = conn.execute(
                         f"INSERT INTO inbox (server, event, received_at, body) VALUES {values}", args
@@ -2572,7 +2460,8 @@ class Store:
         return rows[0][0] if rows else None
 
     def migration(self) -> dict | None:
-        """What was carried over from the older program's file, if it was (OlderDatabase)."""
+        """What was carried over from the older program's file, if it was (OlderDatabase).
+        Older program: /api/status's "migration", the dashboard's "Carried over" line."""
         raw = self.get_meta("migrated_from_older")
         return json.loads(raw) if raw else None
 
@@ -2761,7 +2650,7 @@ class Store:
         threads that webhooks need. It takes the write lock SQLite would, and writes nothing.
         """
         if not self._write_lock.acquire(timeout=timeout):
-            raise sqlite3.OperationalError("database is busy (locked by another writer)")
+            raise sqlite3.OperationalError(BUSY_MESSAGE)
         conn = self._conn()
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -2835,6 +2724,7 @@ class ServerVersion:
         """What this version cannot do with an API key of what ``sync`` asks, in words for the
         dashboard."""
         out = []
+        # Older program: its sync.audio_stream and sync.subtitle_stream
         if (sync.audio_stream or sync.subtitle_stream) and not self.writes_stream_choices:
             out.append(
                 "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream, switched on) "
@@ -3069,6 +2959,25 @@ class JellyfinClient:
             if len(items) < page:
                 return
             start += len(items)
+
+    def user_lists(self, user_id: str, full: bool = False, dislikes: bool = False) -> Iterator:
+        """(flag, item) for each item of a user's played, favourite, liked (and, if asked,
+        disliked) and resume lists: together, every item whose user data is not blank. ``flag``
+        is the UserData flag being in that list means ("Played", "IsFavorite", "Likes"; None for
+        the resume list, read last and always with UserData, so its positions replace what the
+        others said); the other lists carry UserData only if ``full``."""
+        lists: list[tuple[dict, str | None]] = [
+            ({"isPlayed": "true"}, "Played"),
+            ({"isFavorite": "true"}, "IsFavorite"),
+            ({"filters": "Likes"}, "Likes"),
+        ]
+        if dislikes:
+            lists.append(({"filters": "Dislikes"}, "Likes"))  # Likes: false
+        lists.append(({"filters": "IsResumable"}, None))
+        for query, flag in lists:
+            for dto in self.user_items(user_id, query, user_data=full or flag is None):
+                if dto.get("Id"):
+                    yield flag, dto
 
     def recently_played(self, user_id: str, start: int, limit: int) -> list[dict]:
         """One page of the user's items, the most recently played first, with UserData
@@ -3319,16 +3228,24 @@ class Library:
             # An episode carries only its own IDs; match its series by provider ID, then S/E.
             series = self.source_item(src.server, src.series_id)
             if series:
-                for column in ("tvdb", "tmdb", "imdb"):
-                    value = getattr(series, column)
-                    if not value:
-                        continue
-                    for tseries in self.store.find_items(target, column, value):
-                        if tseries.type != "Series":
-                            continue
-                        hits = self.store.find_episode(target, tseries.item_id, src.season, src.episode)
-                        if len(hits) == 1:
-                            return hits[0]
+                ids = {c: getattr(series, c) for c in ("tvdb", "tmdb", "imdb")}
+                return self.episode_of(target, ids, src.season, src.episode)
+        return None
+
+    def episode_of(self, target: str, ids: dict, season: int, episode: int) -> ItemInfo | None:
+        """Season ``season`` episode ``episode`` of the series on ``target`` that has one of
+        the provider ``ids`` ({"tvdb": …}; tvdb tried first, then tmdb, imdb): the first that
+        is one item."""
+        for column in ("tvdb", "tmdb", "imdb"):
+            value = ids.get(column)
+            if not value:
+                continue
+            for tseries in self.store.find_items(target, column, value):
+                if tseries.type != "Series":
+                    continue
+                hits = self.store.find_episode(target, tseries.item_id, season, episode)
+                if len(hits) == 1:
+                    return hits[0]
         return None
 
     def explain_match(self, src: ItemInfo, target: str) -> tuple[ItemInfo | None, str]:
@@ -3418,12 +3335,29 @@ class Library:
             raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped, fix by hand")
         return rows[0] if rows else None
 
-    def user_id(self, server: str, key: str) -> str | None:
-        row = self.user(server, key)
+    def user_id(self, server: str, person: str) -> str | None:
+        """The id of ``person``'s account on ``server`` (under the name users.map gives them
+        there); None if they have none. Raises SyncError as ``user`` does."""
+        row = self.user(server, self.config.name_on(person, server))
         return row.user_id if row is not None else None
 
     def forget_users(self, server: str) -> None:
         self._last_user_refresh.pop(server, None)
+
+    def synced_accounts(self) -> Iterator[tuple[str, UserRow]]:
+        """(person, account) for each account of a synced person (users.include/exclude) in the
+        user index as it is, by person and server: whom a pass, the recent check and an export
+        read."""
+        for row in self.store.all_users():
+            person = self.config.person(row.server, row.name)
+            if self.config.user_synced(person):
+                yield person, row
+
+    def refresh_users_and_index(self, server: str) -> None:
+        """Where a pass, an export and an import start on ``server``: its users read again, and
+        its item index there (built in full the first time)."""
+        self.refresh_users(server)
+        self.ensure_index(server)
 
 
 # ── Fields ───────────────────────────────────────────────────────────────────
@@ -4191,7 +4125,7 @@ class WatchStateWriter:
         """(the person's user id on target, the source item, the same item on target or None).
         Raises SyncError (skipped) or JellyfinError (retried)."""
         first = jobs[0]
-        user_id = self.library.user_id(target, self.config.name_on(first.user_key, target))
+        user_id = self.library.user_id(target, first.user_key)
         if user_id is None:
             raise SyncError(f"no user named {first.username!r} on {target}")
         src_item = self.library.source_item(first.source, first.source_item_id)
@@ -4435,6 +4369,13 @@ class PluginSetup:
         }
 
 
+def refused_hint(e: Exception) -> str:
+    """What --check-config and the setup page's "Test" add to a server's error when the API key
+    is the cause."""
+    refused = isinstance(e, JellyfinError) and e.status == 401
+    return " — the API key was refused" if refused else ""
+
+
 def refused_or(e: JellyfinError) -> str:
     """A server's error as people should read it: 401/403 means our API key, nothing else."""
     if e.status in (401, 403):
@@ -4623,7 +4564,7 @@ class Syncer:
             return None
         base = self.config.public_url.rstrip("/") if self.config.public_url else "http://<this service>"
         return (
-            f"the Webhook plugin on {server} is not posting to us: {len(finds)} checks in the last "
+            f"{SILENT_WORDS.format(server=server)}: {len(finds)} checks in the last "
             f"{SILENT_WINDOW / 60:.0f} minutes found changes there that no webhook brought (they were "
             f"synced by the check, within a minute or two). On {server}, check: the Webhook plugin is "
             f"installed (Dashboard → Plugins); its Generic destination's URL is {base}/webhook/{server}; "
@@ -4750,33 +4691,9 @@ class Syncer:
             return [], [server] if woke else []
         if ntype in USER_EVENTS:
             return [dataclasses.replace(o, cause=f"event:{row.id}") for o in self._account_change(server, ev)], []
-        if ntype == MIGRATED_EVENT:
-            return self._owed_by_older_program(server, ev, observed), []
+        if ntype == MIGRATED_EVENT:  # Older program
+            return older_owed(self.config, server, ev, observed), []  # Older program
         return self._observations(row, ev, observed), []
-
-    def _owed_by_older_program(self, server: str, ev: dict, observed: float) -> list[Observation]:
-        """A change the older program acknowledged and still owed (see OlderDatabase): an order
-        for its target, applied like any other (only what differs is written)."""
-        key = self.config.person(server, ev["NotificationUsername"])
-        target = ev["Target"]
-        if self.config.server(target) is None or not self.config.user_synced(key) or not self.config.syncs(ev["Field"]):
-            return []
-        return [
-            Observation(
-                server=server,
-                user_key=key,
-                username=ev["NotificationUsername"],
-                item_id=ev["ItemId"],
-                item_name=ev.get("Name") or ev["ItemId"],
-                field=ev["Field"],
-                value=ev["Value"],
-                observed_at=observed,
-                targets=(target,),
-                extra=Carried(event="migrated", last_played=observed if ev["Field"] == "played" else None),
-                kind="order",
-                cause="migrated",
-            )
-        ]
 
     def _observations(self, row: InboxRow, ev: dict, observed: float) -> list[Observation]:
         """What a watch-state webhook reports, one Observation per field we sync."""
@@ -4999,7 +4916,7 @@ class Syncer:
         resolved = []
         for job in self.store.failed_jobs(target, RESOLVE_BATCH):
             try:
-                user_id = self.library.user_id(target, self.config.name_on(job.user_key, target))
+                user_id = self.library.user_id(target, job.user_key)
                 src = self.store.get_item(job.source, job.source_item_id)
                 item = self.library.lookup(src, target) if user_id and src else None
                 if item is None:
@@ -5356,16 +5273,12 @@ class Reconciler:
         people: dict[str, dict[str, str]] = {}
         for s in self.config.servers:
             try:
-                self.library.refresh_users(s.name)
-                self.library.ensure_index(s.name)
+                self.library.refresh_users_and_index(s.name)
             except JellyfinError as e:
                 report["errors"].append(f"{s.name}: {refused_or(e)}")
                 continue
         duplicated: dict[str, str] = {}  # person → a server where they have several accounts
-        for row in self.store.all_users():
-            person = self.config.person(row.server, row.name)
-            if not self.config.user_synced(person):
-                continue
+        for person, row in self.library.synced_accounts():
             accounts = people.setdefault(person, {})
             if row.server in accounts:  # case-variant duplicates: reported, never guessed
                 duplicated[person] = row.server
@@ -5387,22 +5300,14 @@ class Reconciler:
         known = self._known_items(server)
         found: dict[str, dict] = {}
         missing: list[str] = []
-        for query, flag in (
-            ({"isPlayed": "true"}, "Played"),
-            ({"isFavorite": "true"}, "IsFavorite"),
-            ({"filters": "Likes"}, "Likes"),
-            ({"filters": "IsResumable"}, None),  # last: its full UserData replaces the partial ones
-        ):
-            for dto in client.user_items(user_id, query, user_data=flag is None):
-                if not dto.get("Id"):
-                    continue
-                iid = normalise_id(dto["Id"])
-                if iid not in known and iid not in found:
-                    missing.append(iid)
-                if flag is None:
-                    found[iid] = dto.get("UserData") or {}
-                else:
-                    found.setdefault(iid, {_PARTIAL: True})[flag] = True
+        for flag, dto in client.user_lists(user_id):  # the resume list last: its full UserData
+            iid = normalise_id(dto["Id"])
+            if iid not in known and iid not in found:
+                missing.append(iid)
+            if flag is None:
+                found[iid] = dto.get("UserData") or {}
+            else:
+                found.setdefault(iid, {_PARTIAL: True})[flag] = True
         for i in range(0, len(missing), IDS_PER_REQUEST):
             rows = [item_info(client.server, d) for d in client.items_by_ids(missing[i : i + IDS_PER_REQUEST])]
             if rows:
@@ -5886,10 +5791,8 @@ class RecentCheck:
             with suppress(JellyfinError):
                 self.library.ensure_users(s.name)
         people: dict[str, dict[str, tuple[str, str]]] = {}
-        for row in self.store.all_users():
-            person = self.config.person(row.server, row.name)
-            if self.config.user_synced(person):
-                people.setdefault(person, {})[row.server] = (row.user_id, row.name)
+        for person, row in self.library.synced_accounts():
+            people.setdefault(person, {})[row.server] = (row.user_id, row.name)
         return {p: a for p, a in people.items() if len(a) >= 2}
 
     def check(self, server: str, person: str, user_id: str, username: str) -> int:
@@ -6200,7 +6103,7 @@ class Undo:
         out: dict[tuple[str, str, str], dict] = {}
         for (server, user_key), ids in wanted.items():
             try:
-                user_id = self.library.user_id(server, self.config.name_on(user_key, server))
+                user_id = self.library.user_id(server, user_key)
                 if user_id is None:
                     continue
                 data = self.library.clients[server].user_data_many(user_id, sorted(ids))
@@ -6217,7 +6120,7 @@ class Undo:
             by.setdefault((ch.server, ch.user_key), []).append(ch)
         for (server, user_key), group in by.items():
             try:
-                user_id = self.library.user_id(server, self.config.name_on(user_key, server))
+                user_id = self.library.user_id(server, user_key)
                 if user_id is None:
                     raise SyncError(f"no user for {user_key} on {server}")
                 data = self.library.clients[server].user_data_many(user_id, sorted({c.item_id for c in group}))
@@ -6417,7 +6320,7 @@ class Brake:
         done: set[tuple[str, str]] = set()
         for target, group in sorted(by_target.items()):
             try:
-                user_id = self.library.user_id(target, self.config.name_on(group[0].user_key, target))
+                user_id = self.library.user_id(target, group[0].user_key)
                 matches = {}
                 for j in group:
                     src = self.library.source_item(source, j.source_item_id)
@@ -6480,13 +6383,11 @@ class Transfer:
         out: dict[str, Any] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": format_time(utcnow())}
         out["people"] = persons = {}
         for s in self.config.servers:
-            self.library.refresh_users(s.name)
-            self.library.ensure_index(s.name)
+            self.library.refresh_users_and_index(s.name)
             self.library.refresh_index(s.name)
-        for row in self.store.all_users():
-            person = self.config.person(row.server, row.name)
-            if self.config.server(row.server) is None or not self.config.user_synced(person):
-                continue  # a server no longer configured; a person not synced
+        for person, row in self.library.synced_accounts():
+            if self.config.server(row.server) is None:
+                continue  # a server no longer configured
             if people and person not in people:
                 continue
             persons.setdefault(person, {})[row.server] = self._entries(row.server, row.user_id)
@@ -6496,11 +6397,8 @@ class Transfer:
         """Every item of one user on one server whose user data is not blank."""
         client = self.library.clients[server]
         found: dict[str, dict] = {}
-        lists = ({"isPlayed": "true"}, {"isFavorite": "true"}, {"filters": "Likes"}, {"filters": "Dislikes"})
-        for query in (*lists, {"filters": "IsResumable"}):
-            for dto in client.user_items(user_id, query):
-                if dto.get("Id"):
-                    found[normalise_id(dto["Id"])] = dto
+        for _flag, dto in client.user_lists(user_id, full=True, dislikes=True):
+            found[normalise_id(dto["Id"])] = dto
         entries = []
         for iid, dto in sorted(found.items()):
             item = self.library.source_item(server, iid)
@@ -6537,8 +6435,7 @@ class Transfer:
             raise SyncError(f'not an export of this program (its "format" must be {EXPORT_FORMAT!r})')
         if data.get("version") != EXPORT_VERSION:
             raise SyncError(f"export version {data.get('version')!r}: this program reads version {EXPORT_VERSION}")
-        self.library.refresh_users(target)
-        self.library.ensure_index(target)
+        self.library.refresh_users_and_index(target)
         self.library.refresh_index(target)
         number = 0 if dry_run else self.store.next_number("import")
         report: dict[str, Any] = {"target": target, "people": {}, "dry_run": dry_run, "cause": f"import:{number}"}
@@ -6548,7 +6445,7 @@ class Transfer:
             if wanted and name_key(person) != wanted:
                 continue
             entry = report["people"][person] = {"matched": 0, "not_found": 0, "changes": {}, "sample": []}
-            user_id = self.library.user_id(target, self.config.name_on(name_key(person), target))
+            user_id = self.library.user_id(target, name_key(person))
             if user_id is None:
                 entry["error"] = f"no account for {person} on {target}"
                 continue
@@ -6636,14 +6533,8 @@ class Transfer:
         series = e.get("series") if isinstance(e.get("series"), dict) else None
         if found is None and series and isinstance(e.get("season"), int) and isinstance(e.get("episode"), int):
             sids = series.get("ids") if isinstance(series.get("ids"), dict) else {}
-            for column in ("tvdb", "tmdb", "imdb"):
-                if not sids.get(column):
-                    continue
-                for tseries in self.store.find_items(target, column, str(sids[column])):
-                    if tseries.type == "Series":
-                        hits = self.store.find_episode(target, tseries.item_id, e["season"], e["episode"])
-                        if len(hits) == 1:
-                            return hits[0]
+            ids = {c: str(sids[c]) for c in ("tvdb", "tmdb", "imdb") if sids.get(c)}
+            return self.library.episode_of(target, ids, e["season"], e["episode"])
         return found
 
 
@@ -6826,7 +6717,7 @@ def _alert_title(condition: str) -> str:
         "refused": f"{rest} refuses the API key",
         "held": f"changes held by the brake ({rest.replace(':', ' for ')})",
         "stuck": "syncing is stuck",
-        "silent": f"the Webhook plugin on {rest} is not posting to us",
+        "silent": SILENT_WORDS.format(server=rest),
     }.get(kind, condition)
 
 
@@ -6841,7 +6732,159 @@ def _post(url: str, body: bytes, headers: dict) -> None:
         resp.read(1024)
 
 
-# ── Web ──────────────────────────────────────────────────────────────────────
+# ── Older program ────────────────────────────────────────────────────────────
+#
+# Everything kept only for people switching from the older jellyfin-db-sync (0.0.x), so that
+# their set-up works unchanged (docs/older-program.md): its database moved over once
+# (OlderDatabase), the changes it still owed planned like webhooks (older_owed), and its words
+# in our API — the doubled keys of its queue and sync log, and its log filters. Kept through
+# the 1.x series, removed no earlier than 2.0 (README, "Moving from the older jellyfin-db-sync").
+# To drop it: delete this section and every line marked "Older program" elsewhere — its config
+# keys (SETTINGS, SyncConfig, CHOICE_ALIASES, ServerVersion.limits), examine_database,
+# Store._open and Store.migration, Syncer._plan_one, Web (job_json, _log_filters, _log_json,
+# and in _routes the trailing-slash webhook URL and /webhook/queue), check_config, and
+# private_folders. The keys of /api/status, /api/queue and /api/servers it had are ours too
+# (the dashboard reads them) and stay; fixtures/older-api-shapes.json lists every key it had.
+
+
+# The older jellyfin-db-sync (0.0.x) kept its data in the same file by default
+# (/data/jellyfin-db-sync.db): these tables (docs/older-program.md).
+OLDER_TABLES = ("user_mappings", "sync_log", "pending_events", "item_path_cache")
+# Its change kinds (pending_events.event_type) → our field and how to read the value.
+OLDER_FIELDS: dict[str, tuple[str, Any]] = {
+    "watched": ("played", lambda d: bool(d.get("is_played"))),
+    "progress": ("position", lambda d: int(d.get("position_ticks") or 0)),
+    "favorite": ("favorite", lambda d: bool(d.get("is_favorite"))),
+    "likes": ("likes", lambda d: d.get("likes") if d.get("likes") in (True, False) else None),
+    "rating": ("likes", lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING),
+}
+MIGRATED_EVENT = "Migrated"  # the inbox event type of a change the older program still owed
+
+
+class OlderDatabase:
+    """Moves the older program's file over to this schema, once: the file is first copied
+    beside itself (a dated backup that is never deleted), then what still means something is
+    carried over — every change it still owed (pending_events) as an inbox row the Planner turns
+    into jobs like any webhook, and its sync history — and its tables make way for ours, all in
+    one transaction: a crash half-way leaves the file as it was."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection):
+        self.path = path
+        self.conn = conn
+
+    def migrate(self) -> None:
+        backup = f"{self.path}.older-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.bak"
+        copy = sqlite3.connect(backup)
+        try:
+            self.conn.backup(copy)
+        finally:
+            copy.close()
+        owed, skipped = self._owed()
+        history = self._history()
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for table in OLDER_TABLES:
+                c.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
+                c.execute(statement)
+            c.executemany("INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed)
+            c.executemany(
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, result, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                history,
+            )
+            summary = {"backup": backup, "owed": len(owed), "skipped": skipped, "history": len(history), "at": utcnow()}
+            c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            c.execute("INSERT INTO meta VALUES ('migrated_from_older', ?)", (json.dumps(summary),))
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        log.info(
+            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed change(s) "
+            "(%d of kinds this program does not sync: %s) and %d history line(s)",
+            self.path,
+            backup,
+            len(owed),
+            sum(skipped.values()),
+            ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) or "none",
+            len(history),
+        )
+
+    def _owed(self) -> tuple[list[tuple], dict[str, int]]:
+        """Its unfinished queue, as inbox rows (server, event, received_at, body)."""
+        rows = self.conn.execute(
+            "SELECT event_type, source_server, target_server, username, item_id, item_name, event_data, created_at"
+            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', 'waiting_for_item') ORDER BY id"
+        ).fetchall()
+        owed, skipped = [], {}
+        for kind, source, target, username, item_id, item_name, data, created in rows:
+            try:
+                field, read = OLDER_FIELDS[kind]
+                value = read(json.loads(data or "{}"))
+            except (KeyError, ValueError, TypeError):
+                skipped[kind] = skipped.get(kind, 0) + 1
+                continue
+            when = parse_time(str(created)) or utcnow()
+            body = {
+                "NotificationType": MIGRATED_EVENT,
+                "UtcTimestamp": format_time(when),
+                "Target": target,
+                "NotificationUsername": username,
+                "ItemId": normalise_id(item_id),
+                "Name": item_name,
+                "Field": field,
+                "Value": value,
+            }
+            owed.append((source, MIGRATED_EVENT, when, json.dumps(body)))
+        return owed, skipped
+
+    def _history(self) -> list[tuple]:
+        """Its sync log, in our columns (its event kinds and success flag as our field and result)."""
+        rows = self.conn.execute(
+            "SELECT created_at, source_server, target_server, username, item_name, event_type, synced_value, success,"
+            " message FROM sync_log ORDER BY id"
+        ).fetchall()
+        return [
+            (
+                parse_time(str(created)) or 0.0,
+                source,
+                target,
+                username,
+                item_name or "",
+                OLDER_FIELDS.get(kind, (kind,))[0],
+                value,
+                "ok" if success else "failed",
+                message,
+            )
+            for created, source, target, username, item_name, kind, value, success, message in rows
+        ]
+
+
+def older_owed(config: Config, server: str, ev: dict, observed: float) -> list[Observation]:
+    """A change the older program acknowledged and still owed (see OlderDatabase): an order
+    for its target, applied like any other (only what differs is written)."""
+    key = config.person(server, ev["NotificationUsername"])
+    target = ev["Target"]
+    if config.server(target) is None or not config.user_synced(key) or not config.syncs(ev["Field"]):
+        return []
+    return [
+        Observation(
+            server=server,
+            user_key=key,
+            username=ev["NotificationUsername"],
+            item_id=ev["ItemId"],
+            item_name=ev.get("Name") or ev["ItemId"],
+            field=ev["Field"],
+            value=ev["Value"],
+            observed_at=observed,
+            targets=(target,),
+            extra=Carried(event="migrated", last_played=observed if ev["Field"] == "played" else None),
+            kind="order",
+            cause="migrated",
+        )
+    ]
 
 
 # The older jellyfin-db-sync's words, kept in the keys it had (its API is a subset of ours):
@@ -6855,6 +6898,51 @@ OLDER_STATUSES = {
     "done": "completed",
     "resolved": "completed",
 }
+
+
+def older_job_keys(job: Job) -> dict:
+    """A queued change's kind and status in the older program's words (/api/events/…), beside
+    ours (field, state)."""
+    return {
+        "event_type": OLDER_EVENT_TYPES.get(job.field, job.field),
+        "status": OLDER_STATUSES.get(job.status, job.status),
+    }
+
+
+def older_log_keys(r: LogEntry) -> dict:
+    """A sync log line in the older program's keys (/api/sync-log), beside ours (at, field,
+    source, target, new, result, detail)."""
+    return {
+        "created_at": format_time(r.at),
+        "event_type": OLDER_EVENT_TYPES.get(r.field, r.field),
+        "source_server": r.source,
+        "target_server": r.target,
+        "synced_value": r.new,
+        "success": r.result in DONE_RESULTS,
+        "message": r.detail,
+    }
+
+
+def older_log_filters(q: Any, filters: dict) -> None:
+    """The sync log's filters by the older program's names (source_server, target_server,
+    event_type, since_minutes), put into ``filters`` as ours where ours are not given."""
+    fields = {v: k for k, v in OLDER_EVENT_TYPES.items()}
+    filters["source"] = filters["source"] or q.get("source_server")
+    filters["target"] = filters["target"] or q.get("target_server")
+    if q.get("event_type"):
+        filters["field"] = fields.get(q.get("event_type"), q.get("event_type"))
+    if q.get("since_minutes"):
+        try:
+            filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
+        except ValueError:
+            raise bottle_error(400, "since_minutes must be a number") from None
+
+
+# ── Web ──────────────────────────────────────────────────────────────────────
+
+
+NO_SUCH_JOB = "no failed, skipped or waiting job with that id"  # retry and discard
+NOT_RECONCILING = "reconciliation is not running in this process"  # its status and its start
 DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
 # The words a person reads for our codes, here once: the API sends them (beside each code, and
 # as "words" in /api/dashboard) and the dashboard shows only these — feed, inspector, legend.
@@ -7527,7 +7615,7 @@ class Web:
 
     def _person_state(self, server: str, person: str, item_id: str, accounts: dict) -> dict:
         try:
-            user_id = self.syncer.library.user_id(server, self.config.name_on(person, server))
+            user_id = self.syncer.library.user_id(server, person)
             if user_id is None:
                 return {"state_error": f"no user {person!r} on {server}"}
             accounts[server] = user_id
@@ -7547,7 +7635,7 @@ class Web:
         group, accounts, holders = {}, {}, []
         for s in self.config.servers:
             match, _ = self.syncer.library.explain_match(item, s.name)
-            user_id = self.syncer.library.user_id(s.name, self.config.name_on(person, s.name))
+            user_id = self.syncer.library.user_id(s.name, person)
             if match is not None:
                 holders.append(s.name)
             if match is not None and user_id is not None:
@@ -7582,7 +7670,6 @@ class Web:
         path = item.path_key if item else None
         return {
             "id": job.id,
-            "event_type": OLDER_EVENT_TYPES.get(job.field, job.field),
             "event": job.extra.event,
             "field": job.field,
             "source_server": job.source,
@@ -7591,7 +7678,6 @@ class Web:
             "item_name": job.item_name,
             "item_path": path,
             "value": job.value,
-            "status": OLDER_STATUSES.get(job.status, job.status),
             "state": job.status,
             "state_word": STATE_WORDS.get(job.status, job.status).format(target=job.target),
             "field_word": FIELD_WORDS.get(job.field, job.field),
@@ -7601,6 +7687,7 @@ class Web:
             "last_error": job.last_error,
             "created_at": format_time(job.queued_at),
             "next_retry_at": format_time(job.due_at),
+            **older_job_keys(job),  # Older program
         }
 
     def api_retry(self, job_id: int) -> str:
@@ -7608,7 +7695,7 @@ class Web:
         if ok:
             self.syncer.wake_target(self.store.job_target(job_id))
             self.syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
-        message = "queued for retry" if ok else "no failed, skipped or waiting job with that id"
+        message = "queued for retry" if ok else NO_SUCH_JOB
         return send({"success": ok, "message": message}, 200 if ok else 404)
 
     def api_retry_all(self) -> str:
@@ -7637,13 +7724,13 @@ class Web:
 
     def api_discard(self, job_id: int) -> str:
         if job_id > INT64_MAX or not self.store.discard_job(job_id):
-            return send({"success": False, "message": "no failed, skipped or waiting job with that id"}, 404)
+            return send({"success": False, "message": NO_SUCH_JOB}, 404)
         return send({"success": True, "message": "discarded"})
 
     # reconciliation
     def api_reconcile_status(self) -> str:
         if self.reconciler is None:
-            return send({"error": "reconciliation is not running in this process"}, 404)
+            return send({"error": NOT_RECONCILING}, 404)
         return send(self.reconcile_json())
 
     def reconcile_json(self) -> dict | None:
@@ -7658,7 +7745,7 @@ class Web:
         import bottle
 
         if self.reconciler is None:
-            return send({"error": "reconciliation is not running in this process"}, 404)
+            return send({"error": NOT_RECONCILING}, 404)
         if self.reconciler.progress.get("running"):
             return send({"error": "a pass is already running", "progress": self.reconciler.progress}, 409)
         dry = bottle.request.query.get("dry_run", "") in ("1", "true", "yes")
@@ -7789,19 +7876,10 @@ class Web:
     @staticmethod
     def _log_filters(q: Any) -> dict:
         """Our filters, and the older program's names for them (source_server, event_type, …)."""
-        fields = {v: k for k, v in OLDER_EVENT_TYPES.items()}
         filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field", "item_name")}
-        filters["source"] = filters["source"] or q.get("source_server")
-        filters["target"] = filters["target"] or q.get("target_server")
-        if q.get("event_type"):
-            filters["field"] = fields.get(q.get("event_type"), q.get("event_type"))
+        older_log_filters(q, filters)  # Older program
         if q.get("success") in ("true", "false", "1", "0"):
             filters["success"] = q.get("success") in ("true", "1")
-        if q.get("since_minutes"):
-            try:
-                filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
-            except ValueError:
-                raise bottle_error(400, "since_minutes must be a number") from None
         for key in ("since", "until"):  # a time range: ISO dates ("2026-11-30T18:00", Z or an offset)
             if q.get(key):
                 filters[key] = _query_time(q.get(key), key)
@@ -7813,15 +7891,9 @@ class Web:
         return {
             **dataclasses.asdict(r),
             "at": format_time(r.at),
-            "created_at": format_time(r.at),
-            "event_type": OLDER_EVENT_TYPES.get(r.field, r.field),
-            "source_server": r.source,
-            "target_server": r.target,
-            "synced_value": r.new,
-            "success": r.result in DONE_RESULTS,
-            "message": r.detail,
             "result_word": RESULT_WORDS.get(r.result, r.result),
             "field_word": FIELD_WORDS.get(r.field, r.field),
+            **older_log_keys(r),  # Older program
         }
 
     def metrics(self) -> str:
@@ -7967,11 +8039,15 @@ def _json_errors_bottle() -> Any:
     return JsonErrorsBottle(catchall=True)
 
 
+# How a typed time must look, said by the API and the command line alike (typed_time).
+TIME_FORMAT = "a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00"
+
+
 def _query_time(text: str, key: str) -> float:
     """A time a person typed in a query or a form: ISO 8601, in UTC unless it says otherwise."""
     when = typed_time(text)
     if when is None:
-        raise bottle_error(400, f"{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+        raise bottle_error(400, f"{key}: {TIME_FORMAT}")
     return when
 
 
@@ -8294,8 +8370,7 @@ class Setup:
             info = client.info()
             users = client.users()
         except (ConfigError, JellyfinError) as e:
-            hint = " — the API key was refused" if isinstance(e, JellyfinError) and e.status == 401 else ""
-            return send({"ok": False, "error": f"{e}{hint}"})
+            return send({"ok": False, "error": f"{e}{refused_hint(e)}"})
         return send({"ok": True, "name": info.get("ServerName"), "version": info.get("Version"), "users": len(users)})
 
     def save(self) -> str:
@@ -8890,13 +8965,22 @@ class Service:
         self.store.close()
 
 
+def open_service(config: Config, path: str | None = None, replace: Any = None) -> Service | None:
+    """A Service for the command line and serve(); None once why it cannot be built (its
+    database: a folder it cannot write, a damaged or newer file) is said on stderr. The setup
+    page builds its own through ServiceSwitch.run, and says that on the page instead."""
+    try:
+        return Service(config, path, replace)
+    except StoreError as e:
+        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+        return None
+
+
 def reconcile_cli(config: Config, dry_run: bool) -> int:
     """--reconcile [--dry-run]: one pass from the command line, with a progress line."""
     configure_logging(config.log_level)
-    try:
-        service = Service(config)
-    except StoreError as e:
-        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+    service = open_service(config)
+    if service is None:
         return 1
 
     def show(p: dict) -> None:
@@ -8914,13 +8998,7 @@ def reconcile_cli(config: Config, dry_run: bool) -> int:
         report = service.reconciler.run(dry_run=dry_run, on_progress=show)
         print(file=sys.stderr)
         if not dry_run and report["changes"]:
-            service.syncer.start()  # apply the queued changes, then stop
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                counts = service.store.job_counts()
-                if not counts.get("pending") and not counts.get("running"):
-                    break
-                time.sleep(0.5)
+            _drain(service)  # apply the queued changes, then stop
     finally:
         service.stop()
     verb = "would change" if dry_run else "changed"
@@ -8949,10 +9027,8 @@ def _drain(service: Service, timeout: float = 600) -> None:
 def safety_cli(config: Config, args: argparse.Namespace) -> int:
     """--undo, --export FILE, --import FILE --to SERVER: the safety net from the command line.
     Safe while the service runs (the queue is the database's); what is queued is applied here."""
-    try:
-        service = Service(config)
-    except StoreError as e:
-        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+    service = open_service(config)
+    if service is None:
         return 1
     try:
         for s in config.servers:
@@ -9036,7 +9112,7 @@ def _undo_cli(service: Service, args: argparse.Namespace) -> int:
         if text:
             when = typed_time(text)
             if when is None:
-                raise SyncError(f"--{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+                raise SyncError(f"--{key}: {TIME_FORMAT}")
             scope[key] = when
     undo = service.safety.undo
     report = undo.preview(scope) if args.dry_run else undo.apply(scope)
@@ -9109,7 +9185,7 @@ def check_config(config: Config) -> int:
         print(f"✗ database: {problem}")
     elif not Path(path).exists():
         print(f"✓ database: {path} is created at start")
-    elif kind == "older":
+    elif kind == "older":  # Older program
         print(f"✓ database: {path} is the older jellyfin-db-sync's; moved over at start (copied beside itself first)")
     elif version < SCHEMA_VERSION:
         print(f"✓ database: {path} (schema {version}) is upgraded to schema {SCHEMA_VERSION} at start")
@@ -9124,8 +9200,7 @@ def check_config(config: Config) -> int:
             print(f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted ({len(users)} users)")
         except JellyfinError as e:
             failures += 1
-            hint = " — the API key was refused" if e.status == 401 else ""
-            print(f"✗ {s.name}: {e}{hint}")
+            print(f"✗ {s.name}: {e}{refused_hint(e)}")
     return 1 if failures or config.warnings else 0
 
 
@@ -9203,7 +9278,7 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
     with suppress(ConfigError):  # no usable config yet: setup mode writes one, with the default path
         databases = {Path(load_config(path).database_path).absolute()}
     ours = {config_file, *(Path(f"{db}{end}") for db in databases for end in ("", "-wal", "-shm"))}
-    for db in databases:  # the older program's file, kept beside ours when we moved it over
+    for db in databases:  # Older program: its file, kept beside ours when we moved it over
         ours |= set(db.parent.glob(f"{glob.escape(db.name)}.older-*.bak"))
     ours |= set(config_file.parent.glob(f"{glob.escape(config_file.name)}.*.bak"))  # setup's saves
     given: list[Path] = []
@@ -9412,10 +9487,8 @@ def serve(config: Config, path: str) -> int:
     if cpu is not None:
         log.info("running on CPU %d (server.cpu: %s)", cpu, config.cpu)
     switch = ServiceSwitch(path)
-    try:
-        service = Service(config, path, switch.run)
-    except StoreError as e:
-        print(f"jellyfin-db-sync: {e}", file=sys.stderr)
+    service = open_service(config, path, switch.run)
+    if service is None:
         return 1
     switch.service, switch.app = service, service.app
     try:

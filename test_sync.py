@@ -6412,6 +6412,33 @@ def test_the_synced_fields_and_their_switches_come_from_one_registry(cluster):
     assert not c["parents"].ud("alice", "Heat")["IsFavorite"], "favourites are switched off"
 
 
+# ── Issue 24.9: the older program's layer in one section ─────────────────────
+
+
+def test_the_older_programs_layer_has_one_section_and_marked_lines_elsewhere():
+    """2.0 may drop the older program's layer by deleting its section and the lines marked
+    "Older program" (README, "Moving from the older jellyfin-db-sync"): nothing else may use
+    it. And the module's list of sections is the code's."""
+    source = Path(jds.__file__).read_text(encoding="utf-8")
+    headers = re.findall(r"^# ── (.+?) ─", source, re.M)
+    section_list = jds.__doc__.split("Sections,")[1].split("\n\n")[1]
+    listed = re.findall(r"^  (\S.*?)\s{2,}\S", section_list, re.M)
+    assert listed == headers
+    lines = source.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("# ── Older program ")))
+    end = lines.index(next(line for line in lines[start + 1 :] if line.startswith("# ── ")))
+    uses = r"\b(OLDER_\w+|OlderDatabase|MIGRATED_EVENT|older_(owed|job_keys|log_\w+))\b"
+    names = re.compile(uses + r'|kind == "older"')
+    unmarked = [
+        f"{n + 1}: {line.strip()}"
+        for n, line in enumerate(lines)
+        if not start <= n < end
+        and names.search(line)
+        and not any("Older program" in near for near in lines[max(0, n - 1) : n + 2])
+    ]
+    assert not unmarked, "used outside its section, unmarked:\n" + "\n".join(unmarked)
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
