@@ -123,6 +123,9 @@ STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the 
 READY_CACHE_SECONDS = 3.0  # /readyz answers from its last check for this long
 REFUSED_LOG_SECONDS = 60.0  # a server's refused webhooks: one WARNING this often at most
 HISTORY_CACHE_SECONDS = 30.0  # whole-table counts on the dashboard (history, index) are this fresh
+# SQLite's page cache per connection (its default: 2,000 KiB): there is one connection per
+# thread, a NAS has little RAM, and the operating system caches the file's pages anyway.
+SQLITE_PAGE_CACHE_KIB = 128
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
@@ -1786,9 +1789,7 @@ class Store:
             # acknowledged event survives a power cut, not only a crash (NORMAL would not).
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            # A small page cache per connection (128 KiB): there is one per thread, a NAS has
-            # little RAM, and the operating system caches the file's pages anyway.
-            conn.execute("PRAGMA cache_size = -128")
+            conn.execute(f"PRAGMA cache_size = -{SQLITE_PAGE_CACHE_KIB}")  # negative: in KiB
             conn.execute("PRAGMA secure_delete = ON")  # deleted rows (generated passwords) are zeroed
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
