@@ -68,6 +68,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
+import bottle
+
 __version__ = "1.0.0"
 
 log = logging.getLogger("jellyfin_db_sync")
@@ -6686,8 +6688,6 @@ def _token_hash(token: str) -> str:
 
 
 def _json_response(status: int, data: dict, headers: dict | None = None) -> Any:
-    import bottle
-
     return bottle.HTTPResponse(json.dumps(data), status, {"Content-Type": "application/json", **(headers or {})})
 
 
@@ -6720,8 +6720,6 @@ class Guard:
         return guarded
 
     def check(self, open_route: bool) -> None:
-        import bottle
-
         req = bottle.request
         if not self.config.auth_username and not host_allowed(req.headers.get("Host") or "", self.config):
             # DNS rebinding: without a sign-in, a page on another site could reach this dashboard
@@ -6751,8 +6749,6 @@ class Guard:
         """A request that changes something (every POST but the webhooks' and the sign-in's)
         needs someone known: a signed-in session when server.auth is set, or the API token.
         Without either configured, nobody is known, and the dashboard and API are read-only."""
-        import bottle
-
         if self.config.auth_username:
             return  # authenticated() decides: session, HTTP basic or the API token
         if self.bearer_ok():
@@ -6766,8 +6762,6 @@ class Guard:
         failed sign-ins (a password guesser does not lock scripts out): after SIGN_IN_FAILURES
         of them the address gets 429 for a while, right token or not (a guess during the wait
         tells nothing)."""
-        import bottle
-
         given = _bearer(bottle.request.environ)
         if not given or not self.config.api_token:
             return False  # no token configured: nothing to guess, nothing to count
@@ -6786,8 +6780,6 @@ class Guard:
 
     def cross_site(self) -> bool:
         """A write sent by another site's page in this browser (CSRF)."""
-        import bottle
-
         headers = bottle.request.headers
         site = headers.get("Sec-Fetch-Site")
         if site in ("same-origin", "none"):  # set by the browser; a page cannot forge it
@@ -6813,8 +6805,6 @@ class Guard:
         return netloc != (headers.get("Host") or "").lower()
 
     def authenticated(self) -> bool:
-        import bottle
-
         if not self.config.auth_username:
             return True
         req = bottle.request
@@ -6857,8 +6847,6 @@ class Web:
         safety: SafetyNet | None = None,
         settings: Setup | None = None,
     ):
-        import bottle
-
         self.safety = safety
         self.settings = settings  # the setup page, to edit the settings later (signed in)
         self.config = config
@@ -6874,14 +6862,14 @@ class Web:
         self._rejections_lock = threading.Lock()
         self._rejections_logged = Throttle()  # per server
         self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
-        self.app = _json_errors_bottle()
+        self.app = JsonErrorsBottle()
         self.app.install(Guard(config, self.sign_ins))
-        self._routes(bottle)
+        self._routes()
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         return checked_call(self.app, environ, start_response)
 
-    def _routes(self, bottle: Any) -> None:
+    def _routes(self) -> None:
         a = self.app
         a.route("/webhook/<server_name>", "POST", self.webhook, webhook=True)
         a.route("/webhook/<server_name>/", "POST", self.webhook, webhook=True)  # as the older program took it
@@ -6941,8 +6929,6 @@ class Web:
     # webhooks
     def webhook(self, server_name: str) -> str:
         """POST /webhook/<server_name>: 202 once the event is committed, 200 if it needs no sync."""
-        import bottle
-
         environ = bottle.request.environ
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -6993,8 +6979,6 @@ class Web:
         return LOGIN_PAGE.replace("{message}", "")
 
     def login(self) -> str:
-        import bottle
-
         form = bottle.request.forms
         user, password = form.getunicode("username") or "", form.getunicode("password") or ""
         if not self.config.auth_username:
@@ -7024,8 +7008,6 @@ class Web:
         return ""
 
     def logout(self) -> str:
-        import bottle
-
         self.sign_ins.close(bottle.request.get_cookie("jds_session"))
         bottle.response.delete_cookie("jds_session", path="/")
         return send({"success": True})
@@ -7181,8 +7163,6 @@ class Web:
         """An item, by title, on every server: whether it is there and how it was matched (or
         why not), and for ?person= their state on each server side by side, differences marked;
         the last writes concerning it and anything waiting or failed."""
-        import bottle
-
         q = bottle.request.query
         text = (q.getunicode("q") or "").strip()
         if not text:
@@ -7361,8 +7341,6 @@ class Web:
         )
 
     def api_reconcile(self) -> str:
-        import bottle
-
         if self.reconciler is None:
             return send({"error": "reconciliation is not running in this process"}, 404)
         if self.reconciler.progress.get("running"):
@@ -7376,8 +7354,6 @@ class Web:
         return send(self.timeline_json())
 
     def timeline_json(self) -> dict:
-        import bottle
-
         try:
             minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
         except ValueError:
@@ -7402,8 +7378,6 @@ class Web:
 
     def log_page_json(self, **fixed: Any) -> dict:
         """A page of the sync log, filtered as the query asks (and by ``fixed``)."""
-        import bottle
-
         limit, offset = _limit_offset()
         filters = {**self._log_filters(bottle.request.query), **fixed}
         rows, total = self.store.sync_log(limit, offset, **filters)
@@ -7412,7 +7386,7 @@ class Web:
     # the safety net
     def _safety(self) -> SafetyNet:
         if self.safety is None:
-            raise bottle_error(503, "not available in this mode")
+            raise bottle.HTTPError(503, "not available in this mode")
         return self.safety
 
     def api_journal(self) -> str:
@@ -7503,7 +7477,7 @@ class Web:
             try:
                 filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
             except ValueError:
-                raise bottle_error(400, "since_minutes must be a number") from None
+                raise bottle.HTTPError(400, "since_minutes must be a number") from None
         for key in ("since", "until"):  # a time range: ISO dates ("2026-11-30T18:00", Z or an offset)
             if q.get(key):
                 filters[key] = _query_time(q.get(key), key)
@@ -7528,8 +7502,6 @@ class Web:
 
     def metrics(self) -> str:
         """Prometheus text format, written by hand (no client library on a NAS)."""
-        import bottle
-
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return "\n".join(Metrics(self.store, self.syncer, self.ready).lines()) + "\n"
 
@@ -7561,16 +7533,12 @@ class Web:
 
     def _require_api_token(self) -> None:
         """Generated passwords are shown only to a caller holding server.api_token."""
-        import bottle
-
         if not self.config.api_token:
             raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
         if not _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
             raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
 
     def api_passwords(self) -> str:
-        import bottle
-
         self._require_api_token()
         bottle.response.set_header("Cache-Control", "no-store")
         return send(
@@ -7594,8 +7562,6 @@ class Web:
 
     # the dashboard
     def index(self) -> Any:
-        import bottle
-
         if (STATIC_ROOT / "index.html").exists():
             return bottle.static_file("index.html", root=str(STATIC_ROOT))
         return send({"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"})
@@ -7653,27 +7619,27 @@ def _quiet_errors(environ: dict) -> dict:
     return environ
 
 
-def _json_errors_bottle() -> Any:
-    import bottle
+class JsonErrorsBottle(bottle.Bottle):
+    """Our Bottle app: every error, ours or Bottle's (404, 405, 413, 500), is JSON for scripts
+    and the page, and an unexpected one is logged as one line with its traceback."""
 
-    class JsonErrorsBottle(bottle.Bottle):
-        def default_error_handler(self, res: bottle.HTTPError) -> str:
-            # Every error, ours or Bottle's (404, 405, 413, 500), is JSON for scripts and the page.
-            bottle.response.content_type = "application/json"
-            if res.status_code >= 500 and res.traceback:
-                log.error("%s %s: unexpected error\n%s", bottle.request.method, bottle.request.path, res.traceback)
-                return json.dumps({"error": res.status_line, "detail": "see the service's log"})
-            detail = res.body if isinstance(res.body, str) else None
-            return json.dumps({"error": res.status_line, "detail": detail})
+    def __init__(self) -> None:
+        super().__init__(catchall=True)
 
-    return JsonErrorsBottle(catchall=True)
+    def default_error_handler(self, res: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        if res.status_code >= 500 and res.traceback:
+            log.error("%s %s: unexpected error\n%s", bottle.request.method, bottle.request.path, res.traceback)
+            return json.dumps({"error": res.status_line, "detail": "see the service's log"})
+        detail = res.body if isinstance(res.body, str) else None
+        return json.dumps({"error": res.status_line, "detail": detail})
 
 
 def _query_time(text: str, key: str) -> float:
     """A time a person typed in a query or a form: ISO 8601, in UTC unless it says otherwise."""
     when = typed_time(text)
     if when is None:
-        raise bottle_error(400, f"{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
+        raise bottle.HTTPError(400, f"{key}: a date and time like 2026-11-30T18:00 (UTC) or 2026-11-30T18:00+01:00")
     return when
 
 
@@ -7687,12 +7653,6 @@ def typed_time(text: str) -> float | None:
         return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC).timestamp()
     except (ValueError, OverflowError):
         return None
-
-
-def bottle_error(status: int, message: str) -> Exception:
-    import bottle
-
-    return bottle.HTTPError(status, message)
 
 
 def rejection_hint(status: int, reason: str) -> str:
@@ -7716,8 +7676,6 @@ def rejection_hint(status: int, reason: str) -> str:
 def _request_json() -> Any:
     """The request's body as JSON (None if it is not sent as JSON); 400 for one nested too deeply
     to parse (json.loads of thousands of nested [ or {)."""
-    import bottle
-
     try:
         return bottle.request.json
     except RecursionError:
@@ -7726,16 +7684,12 @@ def _request_json() -> Any:
 
 def _json_body() -> dict:
     """A request's JSON object (or {}): what the dashboard and scripts post."""
-    import bottle
-
     body = _request_json() if bottle.request.content_type.startswith("application/json") else None
     return body if isinstance(body, dict) else {}
 
 
 def send(data: Any, status: int = 200) -> str:
     """A JSON answer from a route."""
-    import bottle
-
     bottle.response.status = status
     bottle.response.content_type = "application/json"
     return json.dumps(data, default=str)
@@ -7743,8 +7697,6 @@ def send(data: Any, status: int = 200) -> str:
 
 def _limit_offset() -> tuple[int, int]:
     """?limit= (1–500, default 50) and ?offset= of the list endpoints."""
-    import bottle
-
     try:
         limit = max(1, min(500, int(bottle.request.query.get("limit", 50))))
         offset = max(0, int(bottle.request.query.get("offset", 0)))
@@ -7909,7 +7861,7 @@ class Setup:
         self.started = False  # a save started the service: never a second one
         self.code = "-".join(secrets.token_hex(2) for _ in range(3))
         self.failures = Failures()  # wrong setup codes, per address
-        self.app = _json_errors_bottle()
+        self.app = JsonErrorsBottle()
         a = self.app
         a.route("/healthz", "GET", _healthz)
         a.route("/favicon.ico", "GET", _favicon)
@@ -7955,8 +7907,6 @@ class Setup:
 
     def _body(self) -> dict:
         """The request's JSON, once the setup code checks out (403 otherwise)."""
-        import bottle
-
         if not self.settings:  # the dashboard's settings: the Guard has checked the sign-in
             self._check_code()
         body = _request_json()
@@ -7967,8 +7917,6 @@ class Setup:
     def _check_code(self) -> None:
         """The setup code from the log, or 403; after SIGN_IN_FAILURES wrong ones from an address,
         429 for a while, right code or not (a guess during the wait tells nothing)."""
-        import bottle
-
         address = bottle.request.environ.get("REMOTE_ADDR", "?")
         wait = self.failures.locked_out(address)
         if wait:
@@ -8107,22 +8055,16 @@ class Setup:
 
 
 def _static(path: str) -> Any:
-    import bottle
-
     return bottle.static_file(path, root=str(STATIC_ROOT))
 
 
 def _favicon() -> Any:
     """The icon (also the unRAID template's): an SVG, which every current browser shows."""
-    import bottle
-
     return bottle.static_file("icon.svg", root=str(STATIC_ROOT), mimetype="image/svg+xml")
 
 
 def _healthz() -> str:
     """Liveness: the process answers (as text, like the service's own /healthz)."""
-    import bottle
-
     bottle.response.content_type = "text/plain; charset=utf-8"
     return "ok"
 
@@ -8922,7 +8864,6 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
             os.lchown(entry, uid, gid)
             changed.append(str(entry))
     # Everything the service imports later, imported while its files can still be read.
-    import bottle  # noqa: F401
     import waitress  # noqa: F401
     import yaml  # noqa: F401
 
