@@ -8225,7 +8225,10 @@ LOCAL_NAME_SUFFIXES = (".localhost", ".local", ".lan", ".home.arpa", ".internal"
 
 
 def _with_security_headers(start_response: Any) -> Any:
-    """A WSGI start_response that adds SECURITY_HEADERS to every answer, errors included."""
+    """A WSGI start_response that adds SECURITY_HEADERS to every answer, errors included: the
+    one place they are set, for both apps (checked_call). Not a Bottle "after_request" hook:
+    Bottle runs that before it builds the 500 page of an unexpected error, whose headers then
+    replace the response's, and never for the 400 that checked_call gives before Bottle."""
 
     def secured(status: str, headers: list, exc_info: Any = None) -> Any:
         return start_response(status, headers + SECURITY_HEADERS, exc_info)
