@@ -7440,13 +7440,14 @@ class Web:
     def api_dashboard(self) -> Answer:
         """Everything the dashboard shows, in one answer (one request per refresh, not seven):
         the sync log takes the same query parameters as /api/sync-log, the chart ?minutes=."""
+        resolved = self.problem_rows(("resolved",), since=utcnow() - DAY)  # shown for a day
         return {
             "status": self.status_json(),
             "timeline": self.timeline_json(),
             "hourly": self.chart_json(24 * 60, HOUR),
             "log": self.log_page_json(),
             "waiting": self.problem_rows(("waiting", "unreachable")),
-            "failed": self.problem_rows(("failed", "skipped")) + self.problem_rows(("resolved",), since=utcnow() - DAY),
+            "failed": self.problem_rows(("failed", "skipped")) + resolved,
             "users": self.users_json(),
             "reconcile": self.reconcile_json(),
             "held": self.safety.brake.held() if self.safety else [],
