@@ -70,6 +70,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
+import bottle
+
 __version__ = "1.0.0"
 
 log = logging.getLogger("jellyfin_db_sync")
@@ -125,6 +127,9 @@ STUCK_SECONDS = 60.0  # /readyz: an unplanned webhook older than this means the 
 READY_CACHE_SECONDS = 3.0  # /readyz answers from its last check for this long
 REFUSED_LOG_SECONDS = 60.0  # a server's refused webhooks: one WARNING this often at most
 HISTORY_CACHE_SECONDS = 30.0  # whole-table counts on the dashboard (history, index) are this fresh
+# SQLite's page cache per connection (its default: 2,000 KiB): there is one connection per
+# thread, a NAS has little RAM, and the operating system caches the file's pages anyway.
+SQLITE_PAGE_CACHE_KIB = 128
 PLANNER_BURST_ROWS = 8  # a planner batch this big means webhooks are arriving in a burst
 PLANNER_BURST_PAUSE = 0.02  # seconds the planner then waits, so its next batch is bigger
 MAX_JSON_DEPTH = 8  # "Send All Properties" bodies are flat; nesting means garbage
@@ -1732,9 +1737,7 @@ class Store:
             # acknowledged event survives a power cut, not only a crash (NORMAL would not).
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            # A small page cache per connection (128 KiB): there is one per thread, a NAS has
-            # little RAM, and the operating system caches the file's pages anyway.
-            conn.execute("PRAGMA cache_size = -128")
+            conn.execute(f"PRAGMA cache_size = -{SQLITE_PAGE_CACHE_KIB}")  # negative: in KiB
             conn.execute("PRAGMA secure_delete = ON")  # deleted rows (generated passwords) are zeroed
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
@@ -6935,7 +6938,7 @@ def older_log_filters(q: Any, filters: dict) -> None:
         try:
             filters["since"] = utcnow() - float(q.get("since_minutes")) * 60
         except ValueError:
-            raise bottle_error(400, "since_minutes must be a number") from None
+            raise bottle.HTTPError(400, "since_minutes must be a number") from None
 
 
 # ── Web ──────────────────────────────────────────────────────────────────────
@@ -6944,6 +6947,15 @@ def older_log_filters(q: Any, filters: dict) -> None:
 NO_SUCH_JOB = "no failed, skipped or waiting job with that id"  # retry and discard
 NOT_RECONCILING = "reconciliation is not running in this process"  # its status and its start
 DONE_RESULTS = ("ok", "noop", "stale", "dry_run")  # a sync log result that counts as a success
+# GET /api/events/<list>: the job states each list holds.
+EVENT_LISTS = {
+    "pending": ("pending", "running"),
+    "waiting": ("waiting", "unreachable"),
+    "failed": ("failed", "skipped"),
+}
+# What a route returns for a JSON answer: its data, or (data, status) when that is not 200.
+# JsonAnswers makes the response of it.
+Answer = dict | list | tuple[dict | list, int]
 # The words a person reads for our codes, here once: the API sends them (beside each code, and
 # as "words" in /api/dashboard) and the dashboard shows only these — feed, inspector, legend.
 RESULT_WORDS = {
@@ -7068,8 +7080,6 @@ def _token_hash(token: str) -> str:
 
 
 def _json_response(status: int, data: dict, headers: dict | None = None) -> Any:
-    import bottle
-
     return bottle.HTTPResponse(json.dumps(data), status, {"Content-Type": "application/json", **(headers or {})})
 
 
@@ -7102,8 +7112,6 @@ class Guard:
         return guarded
 
     def check(self, open_route: bool) -> None:
-        import bottle
-
         req = bottle.request
         if not self.config.auth_username and not host_allowed(req.headers.get("Host") or "", self.config):
             # DNS rebinding: without a sign-in, a page on another site could reach this dashboard
@@ -7133,8 +7141,6 @@ class Guard:
         """A request that changes something (every POST but the webhooks' and the sign-in's)
         needs someone known: a signed-in session when server.auth is set, or the API token.
         Without either configured, nobody is known, and the dashboard and API are read-only."""
-        import bottle
-
         if self.config.auth_username:
             return  # authenticated() decides: session, HTTP basic or the API token
         if self.bearer_ok():
@@ -7148,8 +7154,6 @@ class Guard:
         failed sign-ins (a password guesser does not lock scripts out): after SIGN_IN_FAILURES
         of them the address gets 429 for a while, right token or not (a guess during the wait
         tells nothing)."""
-        import bottle
-
         given = _bearer(bottle.request.environ)
         if not given or not self.config.api_token:
             return False  # no token configured: nothing to guess, nothing to count
@@ -7168,8 +7172,6 @@ class Guard:
 
     def cross_site(self) -> bool:
         """A write sent by another site's page in this browser (CSRF)."""
-        import bottle
-
         headers = bottle.request.headers
         site = headers.get("Sec-Fetch-Site")
         if site in ("same-origin", "none"):  # set by the browser; a page cannot forge it
@@ -7195,8 +7197,6 @@ class Guard:
         return netloc != (headers.get("Host") or "").lower()
 
     def authenticated(self) -> bool:
-        import bottle
-
         if not self.config.auth_username:
             return True
         req = bottle.request
@@ -7224,9 +7224,10 @@ class Guard:
 
 
 class Web:
-    """The HTTP surface, as Bottle intends: an app built from the route methods below, with the
-    Guard plugin for sign-in, Host and CSRF checks, JSON error pages, and security headers on
-    every answer. It reads the other parts through their public methods only."""
+    """The HTTP surface, as Bottle intends: an app built from the route methods below (no
+    lambdas), which return their answer's data; the JsonAnswers plugin makes the JSON response
+    of it, the Guard plugin checks sign-in, Host and CSRF; JSON error pages, and security headers
+    on every answer (checked_call). It reads the other parts through their public methods only."""
 
     def __init__(
         self,
@@ -7239,8 +7240,6 @@ class Web:
         safety: SafetyNet | None = None,
         settings: Setup | None = None,
     ):
-        import bottle
-
         self.safety = safety
         self.settings = settings  # the setup page, to edit the settings later (signed in)
         self.config = config
@@ -7256,39 +7255,30 @@ class Web:
         self._rejections_lock = threading.Lock()
         self._rejections_logged = Throttle()  # per server
         self.ready = Readiness(store, syncer, threads or (lambda: list(syncer.threads)))
-        self.app = _json_errors_bottle()
+        self.app = JsonBottle()
         self.app.install(Guard(config, self.sign_ins))
-        self._routes(bottle)
+        self._routes()
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         return checked_call(self.app, environ, start_response)
 
-    def _routes(self, bottle: Any) -> None:
+    def _routes(self) -> None:
         a = self.app
         a.route("/webhook/<server_name>", "POST", self.webhook, webhook=True)
         a.route("/webhook/<server_name>/", "POST", self.webhook, webhook=True)  # as the older program took it
         a.route("/webhook/test", "GET", self.webhook_test)
-        a.route(
-            "/webhook/queue",
-            "GET",
-            lambda: send({k: self.queue_status()[k] for k in ("pending_events", "worker_running")}),
-        )
+        a.route("/webhook/queue", "GET", self.webhook_queue)
         a.route("/healthz", "GET", _healthz, open=True)
         a.route("/readyz", "GET", self.readyz, open=True)
         a.route("/login", "GET", self.login_page, open=True)
         a.route("/login", "POST", self.login, open=True)
         a.route("/logout", "POST", self.logout)
-        a.route("/api/status", "GET", self.api_status)
+        a.route("/api/status", "GET", self.status_json)
         a.route("/api/dashboard", "GET", self.api_dashboard)
         a.route("/api/fields", "GET", self.api_fields)
-        a.route("/api/servers", "GET", lambda: send(self.servers_status()))
-        a.route("/api/queue", "GET", lambda: send(self.queue_status()))
-        for state, statuses in (
-            ("pending", ("pending", "running")),
-            ("waiting", ("waiting", "unreachable")),
-            ("failed", ("failed", "skipped")),
-        ):
-            a.route(f"/api/events/{state}", "GET", lambda statuses=statuses: self.api_jobs(statuses))
+        a.route("/api/servers", "GET", self.servers_status)
+        a.route("/api/queue", "GET", self.queue_status)
+        a.route(f"/api/events/<state:re:{'|'.join(EVENT_LISTS)}>", "GET", self.api_jobs)
         a.route("/api/servers/<name>/setup-webhook", "POST", self.api_setup_webhook)
         a.route("/api/inspect", "GET", self.api_inspect)
         a.route("/api/inspect/sync", "POST", self.api_inspect_sync)
@@ -7297,21 +7287,20 @@ class Web:
         a.route("/api/events/<job_id:int>/discard", "POST", self.api_discard)
         a.route("/api/reconcile", "GET", self.api_reconcile_status)
         a.route("/api/reconcile", "POST", self.api_reconcile)
-        a.route("/api/timeline", "GET", self.api_timeline)
+        a.route("/api/timeline", "GET", self.timeline_json)
         a.route("/metrics", "GET", self.metrics)
-        a.route("/api/sync-log", "GET", self.api_sync_log)
+        a.route("/api/sync-log", "GET", self.log_page_json)
         a.route("/api/journal", "GET", self.api_journal)
         a.route("/api/undo", "POST", self.api_undo)
-        a.route("/api/held", "GET", lambda: send({"held": self._safety().brake.held()}))
-        a.route("/api/held/apply", "POST", lambda: self.api_held("apply"))
-        a.route("/api/held/discard", "POST", lambda: self.api_held("discard"))
-        a.route("/api/alerts", "GET", lambda: send(self.alerts_json()))
+        a.route("/api/held", "GET", self.api_held_list)
+        a.route("/api/held/<action:re:apply|discard>", "POST", self.api_held)
+        a.route("/api/alerts", "GET", self.alerts_json)
         a.route("/api/alerts/test", "POST", self.api_alerts_test)
-        a.route("/api/users", "GET", self.api_users)
+        a.route("/api/users", "GET", self.users_json)
         a.route("/api/users/passwords", "GET", self.api_passwords)
         a.route("/api/users/passwords/<password_id:int>/ack", "POST", self.api_ack_password)
         a.route("/", "GET", self.index)
-        a.route("/static/style.css", "GET", lambda: _static("style.css"), open=True)
+        a.route("/static/style.css", "GET", _stylesheet, open=True)  # the sign-in page's
         a.route("/static/icon.svg", "GET", _favicon, open=True)
         a.route("/favicon.ico", "GET", _favicon, open=True)  # asked for by browsers and bookmarks
         a.route("/static/<path:path>", "GET", _static)
@@ -7322,10 +7311,8 @@ class Web:
             a.route("/api/setup/save", "POST", self.settings.save)
 
     # webhooks
-    def webhook(self, server_name: str) -> str:
+    def webhook(self, server_name: str) -> Answer:
         """POST /webhook/<server_name>: 202 once the event is committed, 200 if it needs no sync."""
-        import bottle
-
         environ = bottle.request.environ
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -7343,10 +7330,10 @@ class Web:
         except StoreError as e:
             # Disk full, database locked…: say so, so it shows in Jellyfin's log.
             log.error("webhook from %s not stored: %s", server_name, e)
-            return send({"error": f"cannot store the event: {e}"}, 503)
-        return send(result, 202 if result["status"] == "queued" else 200)
+            return {"error": f"cannot store the event: {e}"}, 503
+        return result, (202 if result["status"] == "queued" else 200)
 
-    def _refuse(self, server: str, status: int, reason: str) -> str:
+    def _refuse(self, server: str, status: int, reason: str) -> Answer:
         """A refused webhook: answered with why, and counted per server with the last reason, so
         "webhooks are not arriving" can be read on the dashboard instead of in Jellyfin's log."""
         if self.config.server(server) is not None:
@@ -7359,25 +7346,28 @@ class Web:
             # server, since a misconfigured plugin posts on every play, pause and tick.
             if self._rejections_logged.due(server, REFUSED_LOG_SECONDS):
                 log.warning("webhook from %s refused (%d, %s): %s", server, status, reason, hint)
-        return send({"error": reason}, status)
+        return {"error": reason}, status
 
-    def webhook_test(self) -> str:
-        return send({"status": "ok", "message": "Webhook receiver is running"})
+    def webhook_queue(self) -> dict:
+        """The older program's GET /webhook/queue: its two keys of /api/queue."""
+        queue = self.queue_status()
+        return {k: queue[k] for k in ("pending_events", "worker_running")}
+
+    def webhook_test(self) -> Answer:
+        return {"status": "ok", "message": "Webhook receiver is running"}
 
     # probes
-    def readyz(self) -> str:
+    def readyz(self) -> Answer:
         reasons = self.ready.reasons()
         if reasons:
-            return send({"status": "not ready", "reasons": reasons}, 503)
-        return send({"status": "ready"})
+            return {"status": "not ready", "reasons": reasons}, 503
+        return {"status": "ready"}
 
     # sign-in
     def login_page(self) -> str:
         return LOGIN_PAGE.replace("{message}", "")
 
     def login(self) -> str:
-        import bottle
-
         form = bottle.request.forms
         user, password = form.getunicode("username") or "", form.getunicode("password") or ""
         if not self.config.auth_username:
@@ -7406,12 +7396,10 @@ class Web:
         bottle.response.set_header("Location", "/")
         return ""
 
-    def logout(self) -> str:
-        import bottle
-
+    def logout(self) -> Answer:
         self.sign_ins.close(bottle.request.get_cookie("jds_session"))
         bottle.response.delete_cookie("jds_session", path="/")
-        return send({"success": True})
+        return {"success": True}
 
     # status
     def queue_status(self) -> dict:
@@ -7469,9 +7457,6 @@ class Web:
             "first_webhook_at": format_time(setup["first"]) if setup and setup["first"] else None,
             "awaiting_first_webhook": bool(setup) and setup["first"] is None,
         }
-
-    def api_status(self) -> str:
-        return send(self.status_json())
 
     def status_json(self) -> dict:
         queue = self.queue_status()
@@ -7542,48 +7527,42 @@ class Web:
             "database_size_bytes": _db_size(self.store.path),
         }
 
-    def api_setup_webhook(self, name: str) -> str:
+    def api_setup_webhook(self, name: str) -> Answer:
         """Add or update our destination in that server's Webhook plugin. The address Jellyfin
         should post to: {"public_url": …} (the dashboard sends the address it was opened at),
         else server.public_url."""
         if self.config.server(name) is None:
-            return send({"error": f"unknown server {name!r}"}, 404)
+            return {"error": f"unknown server {name!r}"}, 404
         base = self.config.public_url or _json_body().get("public_url")
         if not base or not str(base).startswith(("http://", "https://")):
-            return send(
-                {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
-            )
+            return {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
         result, message = PluginSetup(self.config, self.syncer.clients).run(name, str(base))
         if result == "error":
-            return send({"result": result, "message": message}, 502)
+            return {"result": result, "message": message}, 502
         self.store.mark_webhook_setup(name)  # "unchanged" too: the person now waits for a first webhook
-        return send({"result": result, "message": message, **self._webhook_setup_json(name)})
+        return {"result": result, "message": message, **self._webhook_setup_json(name)}
 
     # "why isn't this synced?"
-    def api_inspect(self) -> str:
+    def api_inspect(self) -> Answer:
         """An item, by title, on every server: whether it is there and how it was matched (or
         why not), and for ?person= their state on each server side by side, differences marked;
         the last writes concerning it and anything waiting or failed."""
-        import bottle
-
         q = bottle.request.query
         text = (q.getunicode("q") or "").strip()
         if not text:
-            return send({"error": "say what to look for: ?q=<part of a title>"}, 400)
+            return {"error": "say what to look for: ?q=<part of a title>"}, 400
         found = self.store.search_items(text)
         if not found:
-            return send({"query": text, "item": None, "candidates": []})
+            return {"query": text, "item": None, "candidates": []}
         chosen = next((i for i in found if q.get("item") == f"{i.server}:{i.item_id}"), found[0])
         person = name_key(q.getunicode("person") or "") or None
-        return send(
-            {
-                "query": text,
-                "candidates": [
-                    {"id": f"{i.server}:{i.item_id}", "name": self.syncer.library.display_name(i)} for i in found
-                ],
-                **self.inspection(chosen, person),
-            }
-        )
+        return {
+            "query": text,
+            "candidates": [
+                {"id": f"{i.server}:{i.item_id}", "name": self.syncer.library.display_name(i)} for i in found
+            ],
+            **self.inspection(chosen, person),
+        }
 
     def inspection(self, item: ItemInfo, person: str | None) -> dict:
         library = self.syncer.library
@@ -7624,14 +7603,14 @@ class Web:
             return {"state_error": str(e)}
         return {"state": _user_data_entry(ud)}
 
-    def api_inspect_sync(self) -> str:
+    def api_inspect_sync(self) -> Answer:
         """The inspector's "Sync this item now": reads every server, queues what differs."""
         body = _json_body()
         server, _, item_id = str(body.get("item") or "").partition(":")
         person = name_key(str(body.get("person") or ""))
         item = self.store.get_item(server, item_id) if server and item_id else None
         if item is None or not person or self.reconciler is None:
-            return send({"error": "give item (server:id, from /api/inspect) and person"}, 400)
+            return {"error": "give item (server:id, from /api/inspect) and person"}, 400
         group, accounts, holders = {}, {}, []
         for s in self.config.servers:
             match, _ = self.syncer.library.explain_match(item, s.name)
@@ -7642,27 +7621,26 @@ class Web:
                 group[s.name], accounts[s.name] = match.item_id, user_id
         if len(holders) == 1:  # the inspector does not offer it then; a script may still ask
             name = self.syncer.library.display_name(item)
-            return send(
-                {
-                    "error": f"{name} is only on {holders[0]}: there is no other server to sync it to "
-                    "(once it is added to another server's library, changes and passes sync it)",
-                    "only_on": holders[0],
-                },
-                409,
-            )
+            return {
+                "error": f"{name} is only on {holders[0]}: there is no other server to sync it to "
+                "(once it is added to another server's library, changes and passes sync it)",
+                "only_on": holders[0],
+            }, 409
         if len(group) < 2:
-            return send({"error": "the item and the person are on fewer than two servers: nothing to compare"}, 409)
+            return {"error": "the item and the person are on fewer than two servers: nothing to compare"}, 409
         try:
             report = self.reconciler.sync_item(person, group, accounts)
         except (JellyfinError, SyncError) as e:
-            return send({"error": str(e)}, 409)
+            return {"error": str(e)}, 409
         changes = sum(e["count"] for per in report["users"].values() for e in per.values())
-        return send({"queued": changes, "servers": sorted(group)})
+        return {"queued": changes, "servers": sorted(group)}
 
     # queue
-    def api_jobs(self, statuses: tuple[str, ...]) -> str:
+    def api_jobs(self, state: str) -> Answer:
+        """GET /api/events/<state>: a page of the jobs in that list (EVENT_LISTS)."""
         limit, offset = _limit_offset()
-        return send([self.job_json(job) for job in self.store.jobs_by_status(statuses, limit, offset)])
+        jobs = self.store.jobs_by_status(EVENT_LISTS[state], limit, offset)
+        return [self.job_json(job) for job in jobs]
 
     def job_json(self, job: Job) -> dict:
         """A queued change: the older program's keys and words, and ours beside them."""
@@ -7690,21 +7668,21 @@ class Web:
             **older_job_keys(job),  # Older program
         }
 
-    def api_retry(self, job_id: int) -> str:
+    def api_retry(self, job_id: int) -> Answer:
         ok = job_id <= INT64_MAX and self.store.retry_job(job_id)
         if ok:
             self.syncer.wake_target(self.store.job_target(job_id))
             self.syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
         message = "queued for retry" if ok else NO_SUCH_JOB
-        return send({"success": ok, "message": message}, 200 if ok else 404)
+        return {"success": ok, "message": message}, (200 if ok else 404)
 
-    def api_retry_all(self) -> str:
+    def api_retry_all(self) -> Answer:
         """Every failed change (and webhook) tried again now; resolved ones are not failed."""
         n, targets = self.store.retry_all()
         for target in targets:
             self.syncer.wake_target(target)
         self.syncer.wake_planner()
-        return send({"success": True, "retried": n, "message": f"{n} failed change(s) queued for retry"})
+        return {"success": True, "retried": n, "message": f"{n} failed change(s) queued for retry"}
 
     def problem_rows(self, statuses: tuple[str, ...], since: float = 0.0) -> list[dict]:
         """The dashboard's "Waiting and failed": one row per action — the jobs of one webhook
@@ -7722,16 +7700,16 @@ class Web:
             row["fields"].sort(key=lambda f: FIELD_ORDER.get(f, -1))
         return list(rows.values())
 
-    def api_discard(self, job_id: int) -> str:
+    def api_discard(self, job_id: int) -> Answer:
         if job_id > INT64_MAX or not self.store.discard_job(job_id):
-            return send({"success": False, "message": NO_SUCH_JOB}, 404)
-        return send({"success": True, "message": "discarded"})
+            return {"success": False, "message": NO_SUCH_JOB}, 404
+        return {"success": True, "message": "discarded"}
 
     # reconciliation
-    def api_reconcile_status(self) -> str:
+    def api_reconcile_status(self) -> Answer:
         if self.reconciler is None:
-            return send({"error": NOT_RECONCILING}, 404)
-        return send(self.reconcile_json())
+            return {"error": NOT_RECONCILING}, 404
+        return self.reconcile_json()
 
     def reconcile_json(self) -> dict | None:
         r = self.reconciler
@@ -7741,24 +7719,17 @@ class Web:
             else {"progress": r.progress, "last_report": r.last_report(), "last_dry_run": r.last_dry_run}
         )
 
-    def api_reconcile(self) -> str:
-        import bottle
-
+    def api_reconcile(self) -> Answer:
         if self.reconciler is None:
-            return send({"error": NOT_RECONCILING}, 404)
+            return {"error": NOT_RECONCILING}, 404
         if self.reconciler.progress.get("running"):
-            return send({"error": "a pass is already running", "progress": self.reconciler.progress}, 409)
+            return {"error": "a pass is already running", "progress": self.reconciler.progress}, 409
         dry = bottle.request.query.get("dry_run", "") in ("1", "true", "yes")
         self.reconciler.request(dry)
-        return send({"status": "started", "dry_run": dry, "progress": "/api/reconcile"}, 202)
+        return {"status": "started", "dry_run": dry, "progress": "/api/reconcile"}, 202
 
     # history
-    def api_timeline(self) -> str:
-        return send(self.timeline_json())
-
     def timeline_json(self) -> dict:
-        import bottle
-
         try:
             minutes = max(1, min(24 * 60, int(bottle.request.query.get("minutes", 180))))
         except ValueError:
@@ -7778,13 +7749,8 @@ class Web:
             "total": sum(p["ok"] + p["failed"] + p["other"] for p in points),
         }
 
-    def api_sync_log(self) -> str:
-        return send(self.log_page_json())
-
     def log_page_json(self, **fixed: Any) -> dict:
         """A page of the sync log, filtered as the query asks (and by ``fixed``)."""
-        import bottle
-
         limit, offset = _limit_offset()
         filters = {**self._log_filters(bottle.request.query), **fixed}
         rows, total = self.store.sync_log(limit, offset, **filters)
@@ -7793,15 +7759,15 @@ class Web:
     # the safety net
     def _safety(self) -> SafetyNet:
         if self.safety is None:
-            raise bottle_error(503, "not available in this mode")
+            raise bottle.HTTPError(503, "not available in this mode")
         return self.safety
 
-    def api_journal(self) -> str:
+    def api_journal(self) -> Answer:
         """The journal: the sync log's writes, with their values before and after, searchable
         as /api/sync-log is (username, item_name, server, source, target, field, since, until, cause)."""
-        return send(self.log_page_json(result="ok"))
+        return self.log_page_json(result="ok")
 
-    def api_undo(self) -> str:
+    def api_undo(self) -> Answer:
         """POST /api/undo {id | cause | user, server, source, since, until; dry_run}: a preview
         per server (dry_run, the default) or the undo itself, queued."""
         body = _json_body()
@@ -7814,21 +7780,25 @@ class Web:
         try:
             report = undo.preview(scope) if dry_run else undo.apply(scope)
         except SyncError as e:
-            return send({"error": str(e)}, 400)
+            return {"error": str(e)}, 400
         report.pop("_changes", None)
         report["dry_run"] = dry_run
-        return send(report, 200 if dry_run else 202)
+        return report, (200 if dry_run else 202)
 
-    def api_held(self, action: str) -> str:
+    def api_held_list(self) -> Answer:
+        return {"held": self._safety().brake.held()}
+
+    def api_held(self, action: str) -> Answer:
+        """POST /api/held/apply or /api/held/discard {source, user[, restore]}: one held group."""
         body = _json_body()
         source, user = str(body.get("source") or ""), str(body.get("user") or "")
         if self.config.server(source) is None or not user:
-            return send({"error": "give source (a server name) and user, as /api/held lists them"}, 400)
+            return {"error": "give source (a server name) and user, as /api/held lists them"}, 400
         brake = self._safety().brake
         if action == "apply":
-            return send({"applied": brake.apply(source, user)})
+            return {"applied": brake.apply(source, user)}
         restore = body.get("restore", True) not in (False, "false", "0", 0)
-        return send(brake.discard(source, user, restore))
+        return brake.discard(source, user, restore)
 
     def alerts_json(self) -> dict:
         alerts = self._safety().alerts
@@ -7839,39 +7809,37 @@ class Web:
             "recent": list(alerts.recent),
         }
 
-    def api_alerts_test(self) -> str:
+    def api_alerts_test(self) -> Answer:
         if not self.config.alerts.urls:
-            return send({"error": "no alerts.urls in the config: add one (see the README's Alerts)"}, 409)
+            return {"error": "no alerts.urls in the config: add one (see the README's Alerts)"}, 409
         wait = self._last_alert_test + ALERT_TEST_SECONDS - time.monotonic()
         if wait > 0:  # a test posts to every destination: not a way to flood someone's phone
-            return send({"error": f"a test was sent just now: try again in {math.ceil(wait)} s"}, 429)
+            return {"error": f"a test was sent just now: try again in {math.ceil(wait)} s"}, 429
         self._last_alert_test = time.monotonic()
         results = self._safety().alerts.test()
-        return send({"results": results}, 200 if all(r["ok"] for r in results) else 502)
+        return {"results": results}, (200 if all(r["ok"] for r in results) else 502)
 
-    def api_fields(self) -> str:
+    def api_fields(self) -> Answer:
         """The synced fields (the registry): name, label, what they belong to, switched on?"""
-        return send({"fields": [{**f.public(), "enabled": self.config.syncs(f.name)} for f in REGISTRY.values()]})
+        return {"fields": [{**f.public(), "enabled": self.config.syncs(f.name)} for f in REGISTRY.values()]}
 
-    def api_dashboard(self) -> str:
+    def api_dashboard(self) -> Answer:
         """Everything the dashboard shows, in one answer (one request per refresh, not seven):
         the sync log takes the same query parameters as /api/sync-log, the chart ?minutes=."""
-        return send(
-            {
-                "status": self.status_json(),
-                "timeline": self.timeline_json(),
-                "hourly": self.chart_json(24 * 60, HOUR),
-                "log": self.log_page_json(),
-                "waiting": self.problem_rows(("waiting", "unreachable")),
-                "failed": self.problem_rows(("failed", "skipped"))
-                + self.problem_rows(("resolved",), since=utcnow() - DAY),
-                "users": self.users_json(),
-                "reconcile": self.reconcile_json(),
-                "held": self.safety.brake.held() if self.safety else [],
-                "alerts": self.alerts_json() if self.safety else None,
-                "words": WORDS,
-            }
-        )
+        resolved = self.problem_rows(("resolved",), since=utcnow() - DAY)  # shown for a day
+        return {
+            "status": self.status_json(),
+            "timeline": self.timeline_json(),
+            "hourly": self.chart_json(24 * 60, HOUR),
+            "log": self.log_page_json(),
+            "waiting": self.problem_rows(("waiting", "unreachable")),
+            "failed": self.problem_rows(("failed", "skipped")) + resolved,
+            "users": self.users_json(),
+            "reconcile": self.reconcile_json(),
+            "held": self.safety.brake.held() if self.safety else [],
+            "alerts": self.alerts_json() if self.safety else None,
+            "words": WORDS,
+        }
 
     @staticmethod
     def _log_filters(q: Any) -> dict:
@@ -7898,15 +7866,10 @@ class Web:
 
     def metrics(self) -> str:
         """Prometheus text format, written by hand (no client library on a NAS)."""
-        import bottle
-
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return "\n".join(Metrics(self.store, self.syncer, self.ready).lines()) + "\n"
 
     # users
-    def api_users(self) -> str:
-        return send(self.users_json())
-
     def users_json(self) -> dict:
         """Which user exists on which server (from the cached user index)."""
         names = [s.name for s in self.config.servers]
@@ -7931,44 +7894,36 @@ class Web:
 
     def _require_api_token(self) -> None:
         """Generated passwords are shown only to a caller holding server.api_token."""
-        import bottle
-
         if not self.config.api_token:
             raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
         if not _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
             raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
 
-    def api_passwords(self) -> str:
-        import bottle
-
+    def api_passwords(self) -> Answer:
         self._require_api_token()
         bottle.response.set_header("Cache-Control", "no-store")
-        return send(
-            [
-                {
-                    "id": r.id,
-                    "server": r.server,
-                    "username": r.username,
-                    "password": r.password,
-                    "created_at": format_time(r.created_at),
-                }
-                for r in self.store.passwords()
-            ]
-        )
+        return [
+            {
+                "id": r.id,
+                "server": r.server,
+                "username": r.username,
+                "password": r.password,
+                "created_at": format_time(r.created_at),
+            }
+            for r in self.store.passwords()
+        ]
 
-    def api_ack_password(self, password_id: int) -> str:
+    def api_ack_password(self, password_id: int) -> Answer:
         self._require_api_token()
         if password_id > INT64_MAX or not self.store.ack_password(password_id):
-            return send({"error": "no pending password with that id"}, 404)
-        return send({"success": True, "message": "password erased"})
+            return {"error": "no pending password with that id"}, 404
+        return {"success": True, "message": "password erased"}
 
     # the dashboard
     def index(self) -> Any:
-        import bottle
-
         if (STATIC_ROOT / "index.html").exists():
             return bottle.static_file("index.html", root=str(STATIC_ROOT))
-        return send({"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"})
+        return {"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"}
 
 
 MAX_QUERY_CHARS = 1000  # a query parameter's value: a title or a name, never more (SQLite's LIKE has a limit)
@@ -8023,20 +7978,23 @@ def _quiet_errors(environ: dict) -> dict:
     return environ
 
 
-def _json_errors_bottle() -> Any:
-    import bottle
+class JsonBottle(bottle.Bottle):
+    """Our Bottle app: routes answer JSON through JsonAnswers; every error, ours or Bottle's
+    (404, 405, 413, 500), is JSON for scripts and the page, and an unexpected one is logged as
+    one line with its traceback."""
 
-    class JsonErrorsBottle(bottle.Bottle):
-        def default_error_handler(self, res: bottle.HTTPError) -> str:
-            # Every error, ours or Bottle's (404, 405, 413, 500), is JSON for scripts and the page.
-            bottle.response.content_type = "application/json"
-            if res.status_code >= 500 and res.traceback:
-                log.error("%s %s: unexpected error\n%s", bottle.request.method, bottle.request.path, res.traceback)
-                return json.dumps({"error": res.status_line, "detail": "see the service's log"})
-            detail = res.body if isinstance(res.body, str) else None
-            return json.dumps({"error": res.status_line, "detail": detail})
+    def __init__(self) -> None:
+        super().__init__(catchall=True)
+        self.uninstall(bottle.JSONPlugin)
+        self.install(JsonAnswers())
 
-    return JsonErrorsBottle(catchall=True)
+    def default_error_handler(self, res: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        if res.status_code >= 500 and res.traceback:
+            log.error("%s %s: unexpected error\n%s", bottle.request.method, bottle.request.path, res.traceback)
+            return json.dumps({"error": res.status_line, "detail": "see the service's log"})
+        detail = res.body if isinstance(res.body, str) else None
+        return json.dumps({"error": res.status_line, "detail": detail})
 
 
 # How a typed time must look, said by the API and the command line alike (typed_time).
@@ -8047,7 +8005,7 @@ def _query_time(text: str, key: str) -> float:
     """A time a person typed in a query or a form: ISO 8601, in UTC unless it says otherwise."""
     when = typed_time(text)
     if when is None:
-        raise bottle_error(400, f"{key}: {TIME_FORMAT}")
+        raise bottle.HTTPError(400, f"{key}: {TIME_FORMAT}")
     return when
 
 
@@ -8061,12 +8019,6 @@ def typed_time(text: str) -> float | None:
         return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC).timestamp()
     except (ValueError, OverflowError):
         return None
-
-
-def bottle_error(status: int, message: str) -> Exception:
-    import bottle
-
-    return bottle.HTTPError(status, message)
 
 
 def rejection_hint(status: int, reason: str) -> str:
@@ -8090,8 +8042,6 @@ def rejection_hint(status: int, reason: str) -> str:
 def _request_json() -> Any:
     """The request's body as JSON (None if it is not sent as JSON); 400 for one nested too deeply
     to parse (json.loads of thousands of nested [ or {)."""
-    import bottle
-
     try:
         return bottle.request.json
     except RecursionError:
@@ -8100,25 +8050,33 @@ def _request_json() -> Any:
 
 def _json_body() -> dict:
     """A request's JSON object (or {}): what the dashboard and scripts post."""
-    import bottle
-
     body = _request_json() if bottle.request.content_type.startswith("application/json") else None
     return body if isinstance(body, dict) else {}
 
 
-def send(data: Any, status: int = 200) -> str:
-    """A JSON answer from a route."""
-    import bottle
+class JsonAnswers:
+    """Bottle plugin: a route returns its answer's data (an Answer), and here, once, it becomes
+    the JSON response; anything else a route returns (a page, a file, text) is passed on as it
+    is. It takes the place of Bottle's own JSONPlugin, which knows neither lists nor statuses."""
 
-    bottle.response.status = status
-    bottle.response.content_type = "application/json"
-    return json.dumps(data, default=str)
+    name = "json_answers"
+    api = 2
+
+    def apply(self, callback: Any, route: Any) -> Any:
+        def answered(*args: Any, **kwargs: Any) -> Any:
+            out = callback(*args, **kwargs)
+            data, status = out if isinstance(out, tuple) else (out, 200)
+            if not isinstance(data, dict | list):
+                return out
+            bottle.response.status = status
+            bottle.response.content_type = "application/json"
+            return json.dumps(data, default=str)
+
+        return answered
 
 
 def _limit_offset() -> tuple[int, int]:
     """?limit= (1–500, default 50) and ?offset= of the list endpoints."""
-    import bottle
-
     try:
         limit = max(1, min(500, int(bottle.request.query.get("limit", 50))))
         offset = max(0, int(bottle.request.query.get("offset", 0)))
@@ -8283,20 +8241,28 @@ class Setup:
         self.started = False  # a save started the service: never a second one
         self.code = "-".join(secrets.token_hex(2) for _ in range(3))
         self.failures = Failures()  # wrong setup codes, per address
-        self.app = _json_errors_bottle()
+        self.app = JsonBottle()
         a = self.app
         a.route("/healthz", "GET", _healthz)
         a.route("/favicon.ico", "GET", _favicon)
-        a.route("/readyz", "GET", lambda: send({"status": "not ready", "reasons": ["not configured"]}, 503))
+        a.route("/readyz", "GET", self.readyz)
         a.route("/", "GET", self.page)
         a.route("/static/<path:path>", "GET", _static)
         a.route("/api/setup", "GET", self.describe)
         a.route("/api/setup/test", "POST", self.test_server)
         a.route("/api/setup/save", "POST", self.save)
-        a.route("/api/status", "GET", lambda: send({"status": "setup", "version": __version__, "setup": True}))
+        a.route("/api/status", "GET", self.status)
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         return checked_call(self.app, environ, start_response)
+
+    @staticmethod
+    def readyz() -> Answer:
+        return {"status": "not ready", "reasons": ["not configured"]}, 503
+
+    @staticmethod
+    def status() -> Answer:
+        return {"status": "setup", "version": __version__, "setup": True}
 
     @staticmethod
     def page() -> Any:
@@ -8305,7 +8271,7 @@ class Setup:
         response.set_header("Cache-Control", "no-store")
         return response
 
-    def describe(self) -> str:
+    def describe(self) -> Answer:
         """What the page needs: where the file goes, and the settings variables already make
         (shown read-only: a variable wins over the file)."""
         fixed = {s.env: s.key for s in SETTINGS if s.env and os.environ.get(s.env, "").strip()}
@@ -8325,12 +8291,10 @@ class Setup:
                 "auth": bool(c.auth_username),
                 "api_token": bool(c.api_token),
             }
-        return send(answer)
+        return answer
 
     def _body(self) -> dict:
         """The request's JSON, once the setup code checks out (403 otherwise)."""
-        import bottle
-
         if not self.settings:  # the dashboard's settings: the Guard has checked the sign-in
             self._check_code()
         body = _request_json()
@@ -8341,8 +8305,6 @@ class Setup:
     def _check_code(self) -> None:
         """The setup code from the log, or 403; after SIGN_IN_FAILURES wrong ones from an address,
         429 for a while, right code or not (a guess during the wait tells nothing)."""
-        import bottle
-
         address = bottle.request.environ.get("REMOTE_ADDR", "?")
         wait = self.failures.locked_out(address)
         if wait:
@@ -8351,7 +8313,7 @@ class Setup:
             self.failures.failed(address, "setup code")
             raise _json_response(403, {"error": "wrong or missing setup code: it is printed in the service's log"})
 
-    def test_server(self) -> str:
+    def test_server(self) -> Answer:
         """The Test button: can this URL and API key be used? Name, version and users, or why not."""
         body = self._body()
         known = self.settings.server(str(body.get("name") or "")) if self.settings else None
@@ -8370,20 +8332,20 @@ class Setup:
             info = client.info()
             users = client.users()
         except (ConfigError, JellyfinError) as e:
-            return send({"ok": False, "error": f"{e}{refused_hint(e)}"})
-        return send({"ok": True, "name": info.get("ServerName"), "version": info.get("Version"), "users": len(users)})
+            return {"ok": False, "error": f"{e}{refused_hint(e)}"}
+        return {"ok": True, "name": info.get("ServerName"), "version": info.get("Version"), "users": len(users)}
 
-    def save(self) -> str:
+    def save(self) -> Answer:
         body = self._body()
         with self._save_lock:  # two saves at once would write the file twice and start twice
             if self.started and not self.settings:
-                return send({"ok": False, "error": "already saved: syncing has started; reload the page"}, 409)
+                return {"ok": False, "error": "already saved: syncing has started; reload the page"}, 409
             # Settings the page does not show (api_token, auth, database.path, every section
             # of a file that was refused for one value) are kept: the page's values go over them.
             existing = self._existing()
             page = self._config_data(body, self.path)
             if not page["servers"]:
-                return send({"ok": False, "error": "servers: at least one server, with its URL and API key"}, 400)
+                return {"ok": False, "error": "servers: at least one server, with its URL and API key"}, 400
             if self.settings:
                 page["servers"] = self._keys_kept(page["servers"], existing)
             data = self._kept(existing, page)
@@ -8392,7 +8354,7 @@ class Setup:
                 apply_env(merged, dict(os.environ))
                 parse_config(merged, self.path)  # the same checks as at start-up, before writing
             except ConfigError as e:
-                return send({"ok": False, "error": f"{e} (in {self.path} or on this page)"}, 400)
+                return {"ok": False, "error": f"{e} (in {self.path} or on this page)"}, 400
             kept = keep_beside(self.path)
             _write_private(self.path, yaml_dump(data))
             config = load_config(self.path)
@@ -8407,10 +8369,10 @@ class Setup:
                 self.on_saved(config)
             except StoreError as e:  # the database folder cannot be written, say: said, with the fix
                 log.error("setup: %s", e)
-                return send({"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500)
+                return {"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500
             self.started = True
         done = "applied, without a restart" if self.settings else "syncing has started"
-        return send({"ok": True, "message": f"saved to {self.path}; {done}"})
+        return {"ok": True, "message": f"saved to {self.path}; {done}"}
 
     def _keys_kept(self, servers: list[dict], existing: dict) -> list[dict]:
         """Settings: a server whose key was left empty keeps the one it has (in the file, or
@@ -8480,22 +8442,20 @@ class Setup:
 
 
 def _static(path: str) -> Any:
-    import bottle
-
     return bottle.static_file(path, root=str(STATIC_ROOT))
+
+
+def _stylesheet() -> Any:
+    return _static("style.css")
 
 
 def _favicon() -> Any:
     """The icon (also the unRAID template's): an SVG, which every current browser shows."""
-    import bottle
-
     return bottle.static_file("icon.svg", root=str(STATIC_ROOT), mimetype="image/svg+xml")
 
 
 def _healthz() -> str:
     """Liveness: the process answers (as text, like the service's own /healthz)."""
-    import bottle
-
     bottle.response.content_type = "text/plain; charset=utf-8"
     return "ok"
 
@@ -8640,7 +8600,10 @@ LOCAL_NAME_SUFFIXES = (".localhost", ".local", ".lan", ".home.arpa", ".internal"
 
 
 def _with_security_headers(start_response: Any) -> Any:
-    """A WSGI start_response that adds SECURITY_HEADERS to every answer, errors included."""
+    """A WSGI start_response that adds SECURITY_HEADERS to every answer, errors included: the
+    one place they are set, for both apps (checked_call). Not a Bottle "after_request" hook:
+    Bottle runs that before it builds the 500 page of an unexpected error, whose headers then
+    replace the response's, and never for the 400 that checked_call gives before Bottle."""
 
     def secured(status: str, headers: list, exc_info: Any = None) -> Any:
         return start_response(status, headers + SECURITY_HEADERS, exc_info)
@@ -9295,7 +9258,6 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
             os.lchown(entry, uid, gid)
             changed.append(str(entry))
     # Everything the service imports later, imported while its files can still be read.
-    import bottle  # noqa: F401
     import waitress  # noqa: F401
     import yaml  # noqa: F401
 

@@ -6439,6 +6439,68 @@ def test_the_older_programs_layer_has_one_section_and_marked_lines_elsewhere():
     assert not unmarked, "used outside its section, unmarked:\n" + "\n".join(unmarked)
 
 
+# ── Issue 24.5: the web layer — JSON answers in one place, security headers on all ──
+
+
+def test_security_headers_even_on_a_bug_of_ours_and_an_unreadable_request(cluster):
+    """The headers are set by the WSGI call around Bottle, not by a Bottle hook: a hook misses
+    the 500 page Bottle builds for an unexpected error and the 400 given before Bottle."""
+    svc = cluster().svc
+    played = json.dumps(fixture("UserDataSaved-played.json"))
+
+    def answer(method: str, path: str, body: str | None = None) -> tuple[int, dict]:
+        conn = HTTPConnection("127.0.0.1", svc.port, timeout=10)
+        conn.request(method, path, body)
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+
+    syncer = svc.service.syncer
+    real, syncer.accept_webhook = syncer.accept_webhook, lambda *a: 1 / 0
+    try:
+        answers = {"a bug of ours": answer("POST", "/webhook/home", played)}
+    finally:
+        syncer.accept_webhook = real
+    answers["a request Bottle never sees"] = answer("GET", "/api/sync-log?item_name=" + "a" * 2000)
+    answers["a method not allowed"] = answer("PUT", "/api/status")
+    answers["an event list"] = answer("GET", "/api/events/failed")
+    answers["no such list"] = answer("GET", "/api/events/retry-all")
+    answers["the style sheet"] = answer("GET", "/static/style.css")
+    answers["HEAD"] = answer("HEAD", "/api/status")
+    statuses = {what: status for what, (status, _) in answers.items()}
+    assert statuses == {
+        "a bug of ours": 500,
+        "a request Bottle never sees": 400,
+        "a method not allowed": 405,
+        "an event list": 200,
+        "no such list": 405,
+        "the style sheet": 200,
+        "HEAD": 200,
+    }
+    for what, (_, headers) in answers.items():
+        assert "frame-ancestors 'none'" in headers.get("content-security-policy", ""), what
+        assert headers.get("x-frame-options") == "DENY", what
+        assert headers.get("x-content-type-options") == "nosniff", what
+        assert headers.get("referrer-policy") == "same-origin", what
+
+
+def test_routes_answer_json_with_their_status_lists_included(cluster):
+    """A route returns its data, or (data, status): one place makes it JSON, lists too."""
+    c = cluster(extra={"server": {"api_token": TOKEN}})
+    svc, bearer = c.svc, {"Authorization": f"Bearer {TOKEN}"}
+    for state in ("pending", "waiting", "failed"):
+        assert svc.call("GET", f"/api/events/{state}") == (200, []), state
+    assert svc.call("GET", "/api/held") == (200, {"held": []})
+    status, said = svc.call("POST", "/api/events/12345/retry", headers=bearer)
+    assert status == 404 and said["success"] is False
+    as_json = {**bearer, "Content-Type": "application/json"}
+    status, said = svc.call("POST", "/api/held/apply", {}, as_json)
+    assert status == 400 and "give source" in said["error"]
+    assert svc.call("POST", "/api/held/forget", {}, bearer)[0] == 404
+    assert svc.call("GET", "/webhook/queue") == (200, {"pending_events": 0, "worker_running": True})
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
