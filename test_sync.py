@@ -654,6 +654,10 @@ class FakeJellyfin:
             self.plugin_config = copy.deepcopy(body)
             self.plugin_saves += 1
             return 204, None
+        if seg == ["Artists"] and method == "GET":
+            # ArtistsController.GetArtists (v10.11.8, and 10.8 alike): the artists "by name", with
+            # the user's data and filters (isFavorite, filters=Likes) for ?userId=.
+            return 200, self._items({**q, "includeitemtypes": "MusicArtist"}, q.get("userid"), artists=True)
         if seg == ["Items"] and method == "GET":
             return 200, self._items(q, q.get("userid"))
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and method == "GET":
@@ -719,8 +723,13 @@ class FakeJellyfin:
             return 200, self.save(uid, iid, "UpdateUserRating", Rating=rating)
         return 404, None
 
-    def _items(self, q: dict, uid: str | None = None) -> dict:
+    def _items(self, q: dict, uid: str | None = None, artists: bool = False) -> dict:
         rows = list(self.items.values())
+        if uid and not artists:
+            # An artist is an item "by name", outside every library: with a user, /Items looks only
+            # in their libraries (LibraryManager.AddUserToQuery: TopParentIds = the user's views,
+            # v10.11.8), so it lists no artist; /Artists does. Without a user, or by ids, it does.
+            rows = [r for r in rows if r["Type"] != "MusicArtist"]
         if uid:  # a user's view: filters on their user data (several filters are ANDed)
             self.users[uid]  # noqa: B018
             with self.lock:
