@@ -89,6 +89,9 @@ BLANK_USER_DATA = {
     "LastPlayedDate": None,
     "Played": False,
 }  # an item the user never touched
+# The only item types the Webhook plugin sends events for (its item-type checkboxes;
+# reference/webhook-plugin.md §0.6): nothing for BoxSet, MusicArtist, Playlist, MusicVideo…
+PLUGIN_ITEM_TYPES = ("Movie", "Episode", "Season", "Series", "MusicAlbum", "Audio", "Video")
 WRITE_ROUTES = re.compile(r"(PlayedItems|FavoriteItems|/Rating|/UserData)", re.I)
 
 
@@ -519,6 +522,8 @@ class FakeJellyfin:
         """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed. To
         webhook_url (set by a test, as a person would by hand), and to every enabled Generic
         destination with Send All Properties that takes this type (as set up by the service)."""
+        if self.items[iid]["Type"] not in PLUGIN_ITEM_TYPES:
+            return  # the plugin drops events of other item types silently
         body = json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode()
         if self.webhook_url:
             self._send_later(body)
@@ -6392,6 +6397,193 @@ def test_a_burst_of_webhooks_goes_first_yet_its_changes_reach_both_servers_while
         stop.set()
         for t in senders:
             t.join(10)
+
+
+# ── Issue 26.1/26.5: hearts on shows and albums, music ───────────────────────
+
+EVERY_VERSION = ("10.8.13", "10.9.11", "10.10.7", "10.11.8", "12.0.0")  # each one the fake offers
+
+
+def pair(version: str) -> tuple[str, str]:
+    """``version`` on home, and another version on parents."""
+    return version, "12.0.0" if version != "12.0.0" else "10.10.7"
+
+
+def shows_and_music(c: Cluster) -> None:
+    """On every server, as each one names its own things: a show with a season (no folder of
+    its own) and an episode, an artist with an album and a song, another album, a collection.
+    Shows sit in other folders (found by their TVDB id); artists and collections live in each
+    server's data folder (found by name and year); the music folder is shared (found by path)."""
+    for n, f in enumerate(c.fakes):
+        data = f"/var/lib/jellyfin-{f.name}"
+        show = f.add_item("Lost", "Series", f"/tv{n}/Lost", provider_ids={"Tvdb": "73739"}, year=2004)
+        f.add_item("Season 1", "Season", None, series_id=show, episode=1)
+        f.add_item("Pilot", "Episode", f"/tv{n}/Lost/S01E01.mkv", series_id=show, season=1, episode=1)
+        f.add_item("Miles Davis", "MusicArtist", f"{data}/metadata/artists/Miles Davis")
+        f.add_item("Kind of Blue", "MusicAlbum", "/music/Miles Davis/Kind of Blue", year=1959)
+        for number, song in ((1, "So What"), (2, "Freddie Freeloader")):
+            path = f"/music/Miles Davis/Kind of Blue/0{number} {song}.flac"
+            f.add_item(song, "Audio", path, runtime=9 * MIN, year=1959)
+        f.add_item("Blue Train", "MusicAlbum", f"/music{n}/John Coltrane/Blue Train", year=1957)
+        boxset_ids = {"Tmdb": "8091"} if n == 0 else {}  # only home's has found its TMDb id
+        f.add_item(
+            "Alien Collection", "BoxSet", f"{data}/data/collections/Alien Collection [boxset]", provider_ids=boxset_ids
+        )
+
+
+def while_down(c: Cluster) -> None:
+    """The service stops; what people do meanwhile reaches it by no webhook."""
+    c.svc.stop()
+    for f in c.fakes:
+        f.webhook_url = None
+
+
+def journal_fields(c: Cluster, item: str) -> set[str]:
+    """The fields written on the item called exactly ``item`` (the search finds parts of names)."""
+    return {e["field"] for e in journal(c, item_name=item) if e["item_name"] == item}
+
+
+@pytest.mark.parametrize("version", EVERY_VERSION)
+def test_a_heart_on_a_show_made_while_the_service_was_down_reaches_the_other_server_at_the_next_pass(cluster, version):
+    c = cluster(versions=pair(version), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    c.start()
+    assert reconcile(c)["changes"] == 0
+    while_down(c)
+    home.user_favourites("alice", "Lost", True)
+    home.user_marks("alice", "Pilot", True)  # every episode watched: home says the show is played
+    parents.user_favourites("alice", "Season 1", True)
+    parents.user_rates("alice", "Lost", True)
+    c.start()
+    report = reconcile(c)
+    assert not report["errors"], report
+    for f in c.fakes:
+        assert f.ud("alice", "Lost")["IsFavorite"] and f.ud("alice", "Season 1")["IsFavorite"], f.name
+        assert f.ud("alice", "Lost")["Rating"] == 10.0, f.name
+        assert f.ud("alice", "Pilot")["Played"], f.name
+    # Only what a person sets on a folder travels: its heart and rating, never "played" (which
+    # Jellyfin sums from the episodes, and writing it would mark every episode).
+    assert journal_fields(c, "Lost") == {"favorite", "likes"}
+    assert journal_fields(c, "Season 1") == {"favorite"}
+    assert reconcile(c)["changes"] == 0, "in step"
+
+
+@pytest.mark.parametrize("version", EVERY_VERSION)
+def test_hearts_on_albums_artists_and_collections_reach_the_other_server_at_the_next_pass(cluster, version):
+    c = cluster(versions=pair(version), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    c.start()
+    reconcile(c)
+    while_down(c)
+    home.user_favourites("alice", "Miles Davis", True)  # an artist: found on parents by name
+    home.user_favourites("alice", "Blue Train", True)  # an album in another folder: name and year
+    home.user_rates("alice", "Kind of Blue", True)  # an album in the same folder: its path
+    parents.user_favourites("alice", "Alien Collection", True)  # a collection: name (and year)
+    c.start()
+    report = reconcile(c)
+    assert not report["errors"] and report["changes"] == 4, report
+    for f in c.fakes:
+        assert f.ud("alice", "Miles Davis")["IsFavorite"] and f.ud("alice", "Blue Train")["IsFavorite"], f.name
+        assert f.ud("alice", "Alien Collection")["IsFavorite"], f.name
+        assert f.ud("alice", "Kind of Blue")["Rating"] == 10.0, f.name
+    # The inspector says how each was found.
+    status, found = c.svc.call("GET", "/api/inspect?" + urllib.parse.urlencode({"q": "Miles Davis"}))
+    assert status == 200 and found["item"]["type"] == "MusicArtist", found
+    assert [s["matched_by"] for s in found["servers"]] == ["this item", "same name and year"], found
+    # A heart taken away travels too, through the brake like any removal.
+    while_down(c)
+    parents.user_favourites("alice", "Miles Davis", False)
+    c.start()
+    assert reconcile(c)["changes"] == 1
+    assert not home.ud("alice", "Miles Davis")["IsFavorite"]
+
+
+def test_export_then_import_carries_a_shows_heart(cluster):
+    c = cluster(versions=("10.10.7", "10.8.13"), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    quietly(home, "alice", "Lost", IsFavorite=True, Played=True, PlayCount=1)
+    quietly(home, "alice", "Season 1", Rating=10.0)
+    quietly(home, "alice", "Miles Davis", IsFavorite=True)
+    out = c.tmp / "history.json"
+    assert run_cli("--config", str(c.config_path), "--export", str(out)).returncode == 0
+    items = {e["name"]: e for e in json.loads(out.read_text())["people"]["alice"]["home"]}
+    assert items["Lost"] == {
+        "name": "Lost",
+        "type": "Series",
+        "year": 2004,
+        "path": "/tv0/lost",
+        "ids": {"tvdb": "73739"},
+        "favorite": True,
+        "likes": None,
+    }, "a show keeps its heart and rating, not the played state Jellyfin sums from its episodes"
+    assert items["Season 1"]["series"]["ids"] == {"tvdb": "73739"} and items["Season 1"]["season"] == 1
+    assert items["Miles Davis"]["type"] == "MusicArtist" and items["Miles Davis"]["favorite"]
+    args = ["--config", str(c.config_path), "--import", str(out), "--to", "parents"]
+    code, said = said_by(*args)
+    assert code == 0 and "alice: 3 items found on parents, 0 not" in said, said
+    assert parents.ud("alice", "Lost")["IsFavorite"] and parents.ud("alice", "Season 1")["Rating"] == 10.0
+    assert parents.ud("alice", "Miles Davis")["IsFavorite"]
+    assert not parents.ud("alice", "Lost")["Played"] and not parents.ud("alice", "Pilot")["Played"]
+
+
+def test_an_undone_heart_on_a_show_stays_undone_and_a_pass_does_not_spread_the_undo(cluster):
+    c = cluster(versions=("10.11.8", "10.8.13"), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    c.start()
+    home.user_favourites("alice", "Lost", True)  # a show: the plugin sends this one
+    eventually(lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the show hearted on parents")
+    c.settle()
+    entry = journal(c, target="parents", field="favorite", item_name="Lost")[0]
+    status, done = undo(c, dry_run=False, id=entry["id"])
+    assert status == 202, done
+    eventually(lambda: not parents.ud("alice", "Lost")["IsFavorite"], what="the undo on parents")
+    c.settle()
+    before = snapshot(c)
+    report = reconcile(c)
+    assert report["changes"] == 0 and not report["errors"], report
+    assert snapshot(c) == before
+    assert home.ud("alice", "Lost")["IsFavorite"] and not parents.ud("alice", "Lost")["IsFavorite"]
+    # Her next heart on it, anywhere, travels as usual.
+    home.user_favourites("alice", "Lost", False)
+    c.settle()
+    home.user_favourites("alice", "Lost", True)
+    eventually(lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the new heart on parents")
+
+
+@pytest.mark.parametrize("version", EVERY_VERSION)
+def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_next_pass(cluster, version):
+    c = cluster(versions=pair(version), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    c.start()
+    # A song played to the end on home: its webhooks carry played, the count and the date.
+    home.user_plays("alice", "So What", [1 * MIN, 4 * MIN], completed=True)
+    home.user_favourites("alice", "Kind of Blue", True)  # an album: the plugin sends this one
+    home.user_favourites("alice", "Miles Davis", True)  # an artist: the plugin sends nothing
+    eventually(lambda: parents.ud("alice", "So What")["Played"], what="the song played on parents")
+    eventually(lambda: parents.ud("alice", "Kind of Blue")["IsFavorite"], what="the album hearted on parents")
+    c.settle()
+    played, there = home.ud("alice", "So What"), parents.ud("alice", "So What")
+    assert there["PlayCount"] == played["PlayCount"] == 1
+    assert abs(parse_iso(there["LastPlayedDate"]) - parse_iso(played["LastPlayedDate"])) < 1
+    assert not parents.ud("alice", "Miles Davis")["IsFavorite"], "no webhook: waits for a pass"
+    report = reconcile(c)
+    assert parents.ud("alice", "Miles Davis")["IsFavorite"] and report["changes"] == 1, report
+    # Another song played twice on parents while the service was down: the next pass brings
+    # played, the count and the date to home, as for a film.
+    while_down(c)
+    when = iso(time.time() - 3600)
+    quietly(parents, "alice", "Freddie Freeloader", Played=True, PlayCount=2, LastPlayedDate=when)
+    c.start()
+    assert reconcile(c)["changes"] == 1
+    song = home.ud("alice", "Freddie Freeloader")
+    assert song["Played"] and abs(parse_iso(song["LastPlayedDate"]) - parse_iso(when)) < 1, song
+    # 10.8 cannot set a count with an API key: marking played with a date adds one there.
+    assert song["PlayCount"] == (1 if home.legacy else 2), song
 
 
 if __name__ == "__main__":
