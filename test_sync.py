@@ -245,8 +245,19 @@ class FakeJellyfin:
             "OpenAccess": public,
             "shares": [self.user(u) for u in shared_with],
             "entries": [(hexid(), self.item(i)) for i in items],
+            "_saved": time.time(),
         }
         return pid
+
+    def _row(self, iid: str) -> dict:
+        """An item as /Items lists it: one of the library's, or a playlist — an item of its own
+        (Playlist.cs) that a person can heart, kept in the server's data folder
+        (PlaylistManager.CreatePlaylist: <data>/playlists/<name>). KeyError: neither (→ 404)."""
+        if iid in self.items:
+            return self.items[iid]
+        p = self.playlists[iid]
+        path = f"/var/lib/jellyfin-{self.name}/data/playlists/{p['Name']}"
+        return {"Name": p["Name"], "Id": iid, "Type": "Playlist", "Path": path, "_saved": p.get("_saved", 0.0)}
 
     def playlist(self, user: str, name: str) -> list[str] | None:
         """Item names of the user's playlist called ``name``, in order (None: no such playlist)."""
@@ -293,6 +304,7 @@ class FakeJellyfin:
                 "OpenAccess": public,
                 "shares": [],
                 "entries": [(hexid(), i) for i in body.get("Ids") or []],
+                "_saved": time.time(),
             }
             return 200, {"Id": pid}
         p = self.playlists[seg[1]]
@@ -368,7 +380,8 @@ class FakeJellyfin:
 
     def ud(self, user: str, item: str) -> dict:
         """The raw user data row (creating the default one, as Jellyfin does)."""
-        key = (user if user in self.users else self.user(user), item if item in self.items else self.item(item))
+        known = item in self.items or item in self.playlists
+        key = (user if user in self.users else self.user(user), item if known else self.item(item))
         with self.lock:
             return self.data.setdefault(key, dict(BLANK_USER_DATA))
 
@@ -522,7 +535,7 @@ class FakeJellyfin:
         """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed. To
         webhook_url (set by a test, as a person would by hand), and to every enabled Generic
         destination with Send All Properties that takes this type (as set up by the service)."""
-        if self.items[iid]["Type"] not in PLUGIN_ITEM_TYPES:
+        if self._row(iid)["Type"] not in PLUGIN_ITEM_TYPES:
             return  # the plugin drops events of other item types silently
         body = json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode()
         if self.webhook_url:
@@ -677,7 +690,7 @@ class FakeJellyfin:
             if not q.get("userid"):
                 return 400, None
             uid, iid = q["userid"], seg[1]
-            self.items[iid], self.users[uid]  # noqa: B018 — KeyError → 404
+            self._row(iid), self.users[uid]  # noqa: B018 — KeyError → 404
             if seg[2] == "UserData" and method == "GET":
                 return 200, self._dto(self.ud(uid, iid), iid)
             if seg[2] == "UserData" and method == "POST":
@@ -699,7 +712,7 @@ class FakeJellyfin:
             if seg[2] in ("PlayedItems", "FavoriteItems") and len(seg) == 4:
                 return self._toggle("User" + seg[2], method, uid, seg[3], q)
             if seg[2] == "Items" and len(seg) == 4 and method == "GET":
-                item = dict(self.items[seg[3]])
+                item = dict(self._row(seg[3]))
                 item.pop("_saved")
                 item["UserData"] = self._dto(self.ud(uid, seg[3]), seg[3])
                 return 200, item
@@ -708,7 +721,7 @@ class FakeJellyfin:
         return 404, None
 
     def _toggle(self, kind: str, method: str, uid: str, iid: str, q: dict):
-        self.items[iid], self.users[uid]  # noqa: B018
+        self._row(iid), self.users[uid]  # noqa: B018
         if kind == "UserPlayedItems":
             if method == "POST":
                 date = q.get("dateplayed")
@@ -729,7 +742,9 @@ class FakeJellyfin:
         return 404, None
 
     def _items(self, q: dict, uid: str | None = None, artists: bool = False) -> dict:
-        rows = list(self.items.values())
+        rows = list(self.items.values()) + [self._row(p) for p in self.playlists]
+        if uid:  # a playlist is listed to those it is visible to (Playlist.IsVisible)
+            rows = [r for r in rows if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])]
         if uid and not artists:
             # An artist is an item "by name", outside every library: with a user, /Items looks only
             # in their libraries (LibraryManager.AddUserToQuery: TopParentIds = the user's views,
@@ -755,7 +770,7 @@ class FakeJellyfin:
                     rows = [r for r in rows if ud(r)["Rating"] is not None and ud(r)["Rating"] < 6.5]
         if q.get("ids"):
             wanted = [i.replace("-", "").lower() for i in q["ids"].split(",")]
-            rows = [self.items[i] for i in wanted if i in self.items]
+            rows = [self._row(i) for i in wanted if i in self.items or i in self.playlists]
         if q.get("includeitemtypes"):
             types = set(q["includeitemtypes"].split(","))
             rows = [r for r in rows if r["Type"] in types]
@@ -6584,6 +6599,23 @@ def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_nex
     assert song["Played"] and abs(parse_iso(song["LastPlayedDate"]) - parse_iso(when)) < 1, song
     # 10.8 cannot set a count with an API key: marking played with a date adds one there.
     assert song["PlayCount"] == (1 if home.legacy else 2), song
+
+
+@pytest.mark.parametrize("version", EVERY_VERSION)
+def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other_server(cluster, version):
+    c = cluster(versions=pair(version), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    mine = home.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
+    theirs = parents.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
+    c.start()
+    reconcile(c)
+    while_down(c)
+    quietly(home, "alice", mine, IsFavorite=True)  # the plugin sends nothing for a playlist
+    c.start()
+    report = reconcile(c)
+    assert report["changes"] == 1 and not report["errors"], report
+    assert parents.ud("alice", theirs)["IsFavorite"]
+    assert journal_fields(c, "Road trip") == {"favorite"}
 
 
 if __name__ == "__main__":
