@@ -2499,9 +2499,7 @@ class Store:
     def search_items(self, text: str, limit: int = 10) -> list[ItemInfo]:
         """Items whose name contains ``text`` (any case), on any server: the inspector's search."""
         pattern = "%" + text.replace("%", "").replace("_", "") + "%"
-        rows = self._rows(
-            "SELECT * FROM items WHERE name LIKE ? AND type != 'Series' ORDER BY name, server LIMIT ?", (pattern, limit)
-        )
+        rows = self._rows("SELECT * FROM items WHERE name LIKE ? ORDER BY name, server LIMIT ?", (pattern, limit))
         return [ItemInfo(*r) for r in rows]
 
     def find_items(self, server: str, column: str, value: Any) -> list[ItemInfo]:
@@ -3428,8 +3426,12 @@ class Library:
         return found, "same series, season and episode"
 
     def display_name(self, item: ItemInfo) -> str:
-        """An item as people know it: an episode with its series ("Show — S01E04 — Title")."""
-        series = self.store.get_item(item.server, item.series_id) if item.type == "Episode" and item.series_id else None
+        """An item as people know it: an episode or a season with its series ("Show — S01E04 —
+        Title", "Show — Season 1")."""
+        kind = item.type if item.series_id else ""
+        series = self.store.get_item(item.server, item.series_id) if kind in ("Episode", "Season") else None
+        if series and kind == "Season":
+            return f"{series.name} — {item.name}"
         return episode_name(series.name, item.season, item.episode, item.name) if series else item.name
 
     def match(self, src: ItemInfo, target: str, waiting_since: float = 0.0) -> ItemInfo | None:
@@ -6736,7 +6738,7 @@ class Transfer:
         return found
 
 
-def _user_data_entry(ud: dict, item_type: str = "") -> dict:
+def _user_data_entry(ud: dict, item_type: str) -> dict:
     """The user data an export keeps of one item (README: Export and import): of a show or an
     album, its heart and rating only (SyncedField.folders)."""
     return {f.name: f.read(ud) for f in EXPORTED if f.applies_to(item_type)}
@@ -7597,9 +7599,10 @@ class Web:
                 group[s.name] = match.item_id
                 entry["item_id"] = match.item_id
             if person and match is not None:
-                entry.update(self._person_state(s.name, person, match.item_id, accounts))
+                entry.update(self._person_state(s.name, person, match.item_id, accounts, item.type))
             servers.append(entry)
-        fields = [f.name for f in EXPORTED]
+        shown = [f for f in EXPORTED if f.applies_to(item.type)]  # a show: its heart and rating
+        fields = [f.name for f in shown]
         states = [e["state"] for e in servers if "state" in e]
         different = [f for f in fields if len({json.dumps(st.get(f)) for st in states}) > 1]
         jobs = self.store.jobs_by_status(("pending", "waiting", "unreachable", "failed", "skipped"), 200, 0)
@@ -7610,12 +7613,12 @@ class Web:
             # On one server alone: there is nothing to compare it with, nor to sync it to.
             "only_on": next(iter(group)) if len(group) == 1 and len(servers) > 1 else None,
             "different": different,
-            "fields": [f.public() for f in EXPORTED],  # the rows the inspector shows, in order
+            "fields": [f.public() for f in shown],  # the rows the inspector shows, in order
             "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
             "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
         }
 
-    def _person_state(self, server: str, person: str, item_id: str, accounts: dict) -> dict:
+    def _person_state(self, server: str, person: str, item_id: str, accounts: dict, kind: str) -> dict:
         try:
             user_id = self.syncer.library.user_id(server, self.config.name_on(person, server))
             if user_id is None:
@@ -7624,7 +7627,7 @@ class Web:
             ud = self.syncer.clients[server].user_data(user_id, item_id)
         except (JellyfinError, SyncError) as e:
             return {"state_error": str(e)}
-        return {"state": _user_data_entry(ud)}
+        return {"state": _user_data_entry(ud, kind)}
 
     def api_inspect_sync(self) -> str:
         """The inspector's "Sync this item now": reads every server, queues what differs."""

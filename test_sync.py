@@ -6455,7 +6455,7 @@ def while_down(c: Cluster) -> None:
 
 def journal_fields(c: Cluster, item: str) -> set[str]:
     """The fields written on the item called exactly ``item`` (the search finds parts of names)."""
-    return {e["field"] for e in journal(c, item_name=item) if e["item_name"] == item}
+    return {e["field"] for e in journal(c) if e["item_name"] == item}
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
@@ -6480,8 +6480,12 @@ def test_a_heart_on_a_show_made_while_the_service_was_down_reaches_the_other_ser
     # Only what a person sets on a folder travels: its heart and rating, never "played" (which
     # Jellyfin sums from the episodes, and writing it would mark every episode).
     assert journal_fields(c, "Lost") == {"favorite", "likes"}
-    assert journal_fields(c, "Season 1") == {"favorite"}
+    assert journal_fields(c, "Lost — Season 1") == {"favorite"}
     assert reconcile(c)["changes"] == 0, "in step"
+    # The inspector finds the show and shows what travels for it, the same on both servers.
+    status, found = c.svc.call("GET", "/api/inspect?q=lost&person=alice")
+    assert status == 200 and found["item"]["type"] == "Series", found
+    assert [f["name"] for f in found["fields"]] == ["favorite", "likes"] and found["different"] == [], found
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
