@@ -145,6 +145,10 @@ IDS_PER_REQUEST = 100  # item ids in one ?ids= query (the URL stays well under 4
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
 FOLDER_ITEM_TYPES = ("Series", "Season", "MusicAlbum", "MusicArtist", "BoxSet", "Playlist")
 INDEX_ITEM_TYPES = ",".join((LEAF_ITEM_TYPES, *FOLDER_ITEM_TYPES))
+# Kept in the server's own data folder under their name (metadata/artists/<name>,
+# data/collections/<name> [boxset], data/playlists/<name>, a number added to a taken one): their
+# path says no more than the name, and may be another person's playlist of that name elsewhere.
+NAMED_ITEM_TYPES = ("MusicArtist", "BoxSet", "Playlist")
 # A person's folders are listed by /Items, except artists: an artist is an item "by name" kept
 # outside every library, and /Items with a userId looks only inside the person's libraries
 # (LibraryManager.AddUserToQuery sets TopParentIds to their views); /Artists lists them
@@ -3358,7 +3362,7 @@ class Library:
         """The same item in ``target``'s index as it is now (no refresh, no request)."""
         if src.server == target:
             return src  # an undo, an import or a discard writes on the server the item is from
-        if src.path_key:
+        if src.path_key and src.type not in NAMED_ITEM_TYPES:
             hits = self.store.find_items(target, "path_key", src.path_key)
             if len(hits) == 1:
                 return hits[0]
@@ -3392,9 +3396,9 @@ class Library:
                 if len(hits) == 1:
                     return hits[0]
         if src.type in FOLDER_ITEM_TYPES and src.type != "Season" and src.name:
-            # An artist, a collection or a playlist lives in the server's own data folder (a path
-            # no other server shares) and often has no provider id: the name and year, if only
-            # one item of that type has them.
+            # A show or an album in another folder, or an artist, a collection or a playlist
+            # (NAMED_ITEM_TYPES), often without a provider id: the name and year, if only one
+            # item of that type has them — never a guess between several.
             hits = self.store.find_named(target, src.type, src.name, src.year)
             if len(hits) == 1:
                 return hits[0]
@@ -3408,13 +3412,16 @@ class Library:
         found = self.lookup(src, target)
         if found is None:
             # Said as a person reads it: "path /media/…", not our column's name.
-            tried = ", ".join(
+            looked = [
                 f"{'path' if c == 'path_key' else c} {getattr(src, c)}"
                 for c in ("path_key", "imdb", "tmdb", "tvdb")
-                if getattr(src, c)
-            )
+                if getattr(src, c) and not (c == "path_key" and src.type in NAMED_ITEM_TYPES)
+            ]
+            if src.type in FOLDER_ITEM_TYPES and src.type != "Season":
+                looked.append(f"the one {src.type} named {src.name!r}" + (f" of {src.year}" if src.year else ""))
+            tried = ", ".join(looked)
             return None, f"not found on {target} (looked for {tried or 'nothing: the item has no path or provider id'})"
-        if src.path_key and found.path_key == src.path_key:
+        if src.path_key and found.path_key == src.path_key and src.type not in NAMED_ITEM_TYPES:
             return found, "same file (path)"
         for column in ("imdb", "tmdb", "tvdb"):
             if getattr(src, column) and getattr(src, column) == getattr(found, column):

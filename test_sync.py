@@ -246,8 +246,17 @@ class FakeJellyfin:
             "shares": [self.user(u) for u in shared_with],
             "entries": [(hexid(), self.item(i)) for i in items],
             "_saved": time.time(),
+            "_path": self._playlist_path(name),
         }
         return pid
+
+    def _playlist_path(self, name: str) -> str:
+        """Where Jellyfin keeps a new playlist: <data>/playlists/<name>, "1" added while that is
+        taken (PlaylistManager.CreatePlaylist and GetTargetPath, v10.11.8): whoever came first."""
+        path = f"/config/data/playlists/{name}"
+        while any(p.get("_path") == path for p in self.playlists.values()):
+            path += "1"
+        return path
 
     def _row(self, iid: str) -> dict:
         """An item as /Items lists it: one of the library's, or a playlist — an item of its own
@@ -256,7 +265,7 @@ class FakeJellyfin:
         if iid in self.items:
             return self.items[iid]
         p = self.playlists[iid]
-        path = f"/var/lib/jellyfin-{self.name}/data/playlists/{p['Name']}"
+        path = p.get("_path") or f"/config/data/playlists/{p['Name']}"
         return {"Name": p["Name"], "Id": iid, "Type": "Playlist", "Path": path, "_saved": p.get("_saved", 0.0)}
 
     def playlist(self, user: str, name: str) -> list[str] | None:
@@ -305,6 +314,7 @@ class FakeJellyfin:
                 "shares": [],
                 "entries": [(hexid(), i) for i in body.get("Ids") or []],
                 "_saved": time.time(),
+                "_path": self._playlist_path(body["Name"]),
             }
             return 200, {"Id": pid}
         p = self.playlists[seg[1]]
@@ -6607,19 +6617,26 @@ def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_nex
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
 def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other_server(cluster, version):
-    c = cluster(versions=pair(version), users=("alice",), start=False)
+    c = cluster(versions=pair(version), users=("alice", "bob"), start=False, extra={"sync": {"playlists": False}})
     home, parents = c["home"], c["parents"]
     mine = home.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
     theirs = parents.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
+    # Two people's "Mix" on parents: bob's came first and has the path alice's has on home.
+    mix = home.add_playlist("alice", "Mix", ["Dune"])
+    bobs = parents.add_playlist("bob", "Mix", ["Heat"])
+    alices = parents.add_playlist("alice", "Mix", ["Dune"])
     c.start()
     reconcile(c)
     while_down(c)
     quietly(home, "alice", mine, IsFavorite=True)  # the plugin sends nothing for a playlist
+    quietly(home, "alice", mix, IsFavorite=True)
     c.start()
     report = reconcile(c)
     assert report["changes"] == 1 and not report["errors"], report
     assert parents.ud("alice", theirs)["IsFavorite"]
     assert journal_fields(c, "Road trip") == {"favorite"}
+    # Which "Mix" is hers cannot be told by name, and the path is bob's: left alone, not guessed.
+    assert not parents.ud("alice", bobs)["IsFavorite"] and not parents.ud("alice", alices)["IsFavorite"]
 
 
 if __name__ == "__main__":
