@@ -6639,6 +6639,33 @@ def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other
     assert not parents.ud("alice", bobs)["IsFavorite"] and not parents.ud("alice", alices)["IsFavorite"]
 
 
+def test_a_file_of_the_release_before_learns_the_albums_at_its_first_start(cluster, tmp_path):
+    """Upgrading: the release before indexed playable items and shows only, and its index was
+    up to date; the first start reads each server's whole index again, so an album hearted
+    before the upgrade is found on the other server at the next pass."""
+    c = cluster(versions=("10.10.7", "12.0.0"), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    for f in c.fakes:
+        for row in f.items.values():
+            row["_saved"] = time.time() - 86400  # scanned yesterday: no incremental read brings it
+    db = c.config.database_path
+    conn = jds.sqlite3.connect(str(db))
+    conn.executescript((HERE / "fixtures" / "schemas" / "v5.sql").read_text())
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '5')")
+    for f in c.fakes:
+        conn.execute("INSERT INTO meta VALUES (?, ?)", (f"index_watermark:{f.name}", iso()))
+    conn.commit()
+    conn.close()
+    quietly(home, "alice", "Blue Train", IsFavorite=True)
+    c.start()
+    report = reconcile(c)
+    assert not report["errors"] and parents.ud("alice", "Blue Train")["IsFavorite"], report
+    fresh = tmp_path / "fresh.db"
+    jds.Store(str(fresh)).close()
+    assert schema_of(db) == schema_of(fresh)
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
