@@ -4047,8 +4047,10 @@ def _depth(value: Any, level: int = 1) -> int:
 
 
 def event_item_name(ev: dict) -> str:
-    """An item as people know it: "Series — S01E04 — Title", "Film (Year)"."""
+    """An item as people know it: "Series — S01E04 — Title", "Series — Season 1", "Film (Year)"."""
     name = ev.get("Name") or ev["ItemId"]
+    if ev.get("SeriesName") and ev.get("ItemType") == "Season":
+        return f"{ev['SeriesName']} — {name}"
     if ev.get("SeriesName"):
         return episode_name(ev["SeriesName"], ev.get("SeasonNumber"), ev.get("EpisodeNumber"), name)
     if ev.get("Year"):

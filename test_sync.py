@@ -519,6 +519,10 @@ class FakeJellyfin:
             base.update(SeriesName="Show", SeasonNumber=item["ParentIndexNumber"], EpisodeNumber=item["IndexNumber"])
             if not self.legacy:
                 base["SeriesId"] = item["SeriesId"]
+        if item["Type"] == "Season":  # its show and number (reference/webhook-plugin.md §1, Season)
+            base.update(SeriesName=self.items[item["SeriesId"]]["Name"], SeasonNumber=item["IndexNumber"])
+            if not self.legacy:
+                base["SeriesId"] = item["SeriesId"]
         if ntype == "UserDataSaved":
             rating = ud["Rating"]
             base.update(
@@ -6637,6 +6641,19 @@ def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other
     assert journal_fields(c, "Road trip") == {"favorite"}
     # Which "Mix" is hers cannot be told by name, and the path is bob's: left alone, not guessed.
     assert not parents.ud("alice", bobs)["IsFavorite"] and not parents.ud("alice", alices)["IsFavorite"]
+
+
+@pytest.mark.parametrize("version", EVERY_VERSION)
+def test_a_heart_on_a_season_travels_by_its_webhook_to_that_season_of_the_show(cluster, version):
+    c = cluster(versions=pair(version), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    c.start()
+    home.user_favourites("alice", "Season 1", True)  # a season: the plugin sends this one
+    eventually(lambda: parents.ud("alice", "Season 1")["IsFavorite"], what="the season hearted on parents")
+    c.settle()
+    assert journal_fields(c, "Lost — Season 1") == {"favorite"}
+    assert not parents.ud("alice", "Lost")["IsFavorite"], "the season, not its show"
 
 
 def test_a_file_of_the_release_before_learns_the_albums_at_its_first_start(cluster, tmp_path):
