@@ -4509,9 +4509,11 @@ class PluginSetup:
             "NotificationTypes": list(WEBHOOK_NOTIFICATIONS),
             "EnableMovies": True,
             "EnableEpisodes": True,
-            "EnableSeries": False,
-            "EnableSeasons": False,
-            "EnableAlbums": False,
+            # Hearts and ratings on shows, seasons and albums travel too (issue 26); marking one
+            # played sends an event per episode or song, none for itself (Folder.MarkPlayed).
+            "EnableSeries": True,
+            "EnableSeasons": True,
+            "EnableAlbums": True,
             "EnableSongs": True,
             "EnableVideos": True,
             "SendAllProperties": True,

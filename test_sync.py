@@ -92,6 +92,16 @@ BLANK_USER_DATA = {
 # The only item types the Webhook plugin sends events for (its item-type checkboxes;
 # reference/webhook-plugin.md §0.6): nothing for BoxSet, MusicArtist, Playlist, MusicVideo…
 PLUGIN_ITEM_TYPES = ("Movie", "Episode", "Season", "Series", "MusicAlbum", "Audio", "Video")
+# …each only to a destination with its checkbox ticked (the plugin's GenericOption).
+PLUGIN_ITEM_BOXES = {
+    "Movie": "EnableMovies",
+    "Episode": "EnableEpisodes",
+    "Season": "EnableSeasons",
+    "Series": "EnableSeries",
+    "MusicAlbum": "EnableAlbums",
+    "Audio": "EnableSongs",
+    "Video": "EnableVideos",
+}
 WRITE_ROUTES = re.compile(r"(PlayedItems|FavoriteItems|/Rating|/UserData)", re.I)
 
 
@@ -549,13 +559,15 @@ class FakeJellyfin:
         """Fire-and-forget, concurrently, like the plugin: no retry, order not guaranteed. To
         webhook_url (set by a test, as a person would by hand), and to every enabled Generic
         destination with Send All Properties that takes this type (as set up by the service)."""
-        if self._row(iid)["Type"] not in PLUGIN_ITEM_TYPES:
+        kind = self._row(iid)["Type"]
+        if kind not in PLUGIN_ITEM_TYPES:
             return  # the plugin drops events of other item types silently
         body = json.dumps(self.payload(ntype, uid, iid, ud, **extra)).encode()
         if self.webhook_url:
             self._send_later(body)
         for d in self.plugin_config.get("GenericOptions") or []:
-            if d.get("EnableWebhook") and d.get("SendAllProperties") and ntype in (d.get("NotificationTypes") or []):
+            takes = d.get("EnableWebhook") and d.get("SendAllProperties") and d.get(PLUGIN_ITEM_BOXES[kind])
+            if takes and ntype in (d.get("NotificationTypes") or []):
                 headers = {h["Key"]: h["Value"] for h in d.get("Headers") or []}
                 self._send_later(body, d["WebhookUri"], headers)
 
@@ -6654,6 +6666,34 @@ def test_a_heart_on_a_season_travels_by_its_webhook_to_that_season_of_the_show(c
     c.settle()
     assert journal_fields(c, "Lost — Season 1") == {"favorite"}
     assert not parents.ud("alice", "Lost")["IsFavorite"], "the season, not its show"
+
+
+def test_the_set_up_webhooks_carry_hearts_on_shows_seasons_and_albums(cluster):
+    """With the plugin set up by the service (nothing by hand), the plugin sends shows, seasons
+    and albums too: their hearts travel at once, not only at the next pass."""
+    c = cluster(versions=("10.9.11", "10.11.8"), users=("alice",), start=False)
+    home, parents = c["home"], c["parents"]
+    shows_and_music(c)
+    svc = c.start()
+    for f in c.fakes:
+        f.webhook_url = None  # nobody has configured the plugin by hand
+        status, answer = svc.call(
+            "POST",
+            f"/api/servers/{f.name}/setup-webhook",
+            {"public_url": svc.url},
+            {"Content-Type": "application/json"},
+        )
+        assert status == 200 and answer["result"] == "added", answer
+    home.user_favourites("alice", "Lost", True)
+    home.user_favourites("alice", "Season 1", True)
+    home.user_rates("alice", "Kind of Blue", True)
+    parents.user_favourites("alice", "Blue Train", True)
+    eventually(lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the show hearted on parents")
+    eventually(lambda: parents.ud("alice", "Season 1")["IsFavorite"], what="the season hearted on parents")
+    eventually(lambda: parents.ud("alice", "Kind of Blue")["Rating"] == 10.0, what="the album liked on parents")
+    eventually(lambda: home.ud("alice", "Blue Train")["IsFavorite"], what="the album hearted on home")
+    c.settle()
+    assert {e["cause"].split(":")[0] for e in journal(c)} == {"event"}, "by webhook, no pass"
 
 
 def test_a_file_of_the_release_before_learns_the_albums_at_its_first_start(cluster, tmp_path):
