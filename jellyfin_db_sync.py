@@ -147,10 +147,21 @@ CLOCK_WARNING_SECONDS = 600.0
 TICKS_PER_SECOND = 10_000_000
 INDEX_PAGE_SIZE = 500
 IDS_PER_REQUEST = 100  # item ids in one ?ids= query (the URL stays well under 4 KiB)
-# Item types we index: the leaf types user data lives on, plus Series so episodes can be matched
-# by their series' provider IDs (docs/jellyfin.md §2.5).
-INDEX_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook,Series"
+# Item types we index: the leaf types played state lives on, plus the folders a person can heart
+# or rate (issue 26) — shows (also to match episodes by their series' provider IDs,
+# docs/jellyfin.md §2.5), seasons, albums, artists, collections and playlists.
 LEAF_ITEM_TYPES = "Movie,Episode,Video,MusicVideo,Audio,AudioBook"
+FOLDER_ITEM_TYPES = ("Series", "Season", "MusicAlbum", "MusicArtist", "BoxSet", "Playlist")
+INDEX_ITEM_TYPES = ",".join((LEAF_ITEM_TYPES, *FOLDER_ITEM_TYPES))
+# Kept in the server's own data folder under their name (metadata/artists/<name>,
+# data/collections/<name> [boxset], data/playlists/<name>, a number added to a taken one): their
+# path says no more than the name, and may be another person's playlist of that name elsewhere.
+NAMED_ITEM_TYPES = ("MusicArtist", "BoxSet", "Playlist")
+# A person's folders are listed by /Items, except artists: an artist is an item "by name" kept
+# outside every library, and /Items with a userId looks only inside the person's libraries
+# (LibraryManager.AddUserToQuery sets TopParentIds to their views); /Artists lists them
+# (ArtistsController.GetArtists → LibraryManager.GetArtists, v10.11.8; the same on 10.8).
+USER_FOLDER_TYPES = ",".join(t for t in FOLDER_ITEM_TYPES if t != "MusicArtist")
 # Sync log results that are a change — what the dashboard counts everywhere (Recent syncs,
 # "changes in the last hour", the charts). "noop" (already so) and "stale" (older) changed nothing.
 CHANGE_RESULTS = ("ok", "failed", "skipped", "absent", "dry_run")
@@ -1118,7 +1129,7 @@ def normalise_path(path: str) -> str:
 
 # ── Store ────────────────────────────────────────────────────────────────────
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 30000  # how long a statement waits for another process's lock on the file
 BUSY_MESSAGE = "database is busy (locked by another writer)"  # our write lock, waited for too long
 # What an older file lacks that SCHEMA cannot add by itself, per version (N-1 → N), applied
@@ -1147,6 +1158,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: (
         "UPDATE jobs SET status='absent' WHERE status='skipped' AND absent_count=0"
         " AND id IN (SELECT job_id FROM sync_log WHERE result='absent')",
+    ),
+    # Issue 26: shows, seasons, albums, artists, collections and playlists are indexed too, with
+    # their year (name + year matches a folder that has neither a path nor a provider id in
+    # common): the next start reads each server's whole index again, not only what changed.
+    6: (
+        "ALTER TABLE items ADD COLUMN year INTEGER",
+        "DELETE FROM meta WHERE key LIKE 'index_watermark:%'",
     ),
 }
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1187,7 +1205,7 @@ CREATE INDEX IF NOT EXISTS expected_echo_key ON expected_echo (server, user_key,
 CREATE TABLE IF NOT EXISTS items (
     server TEXT NOT NULL, item_id TEXT NOT NULL, type TEXT NOT NULL, name TEXT NOT NULL,
     path_key TEXT, imdb TEXT, tmdb TEXT, tvdb TEXT, series_id TEXT, season INTEGER,
-    episode INTEGER, runtime INTEGER, PRIMARY KEY (server, item_id)) WITHOUT ROWID;
+    episode INTEGER, runtime INTEGER, year INTEGER, PRIMARY KEY (server, item_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_path ON items (server, path_key);
 CREATE INDEX IF NOT EXISTS items_imdb ON items (server, imdb);
 CREATE INDEX IF NOT EXISTS items_tmdb ON items (server, tmdb);
@@ -1455,6 +1473,7 @@ class ItemInfo:
     season: int | None
     episode: int | None
     runtime: int | None
+    year: int | None = None  # ProductionYear: with the name, matches a folder nothing else does
 
 
 @dataclass(frozen=True)
@@ -2361,7 +2380,7 @@ class Store:
     def upsert_items(self, rows: list[ItemInfo]) -> None:
         with self._tx() as c:
             c.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [tuple(r.__dict__.values()) for r in rows],  # astuple() deep-copies: slow
             )
 
@@ -2376,9 +2395,7 @@ class Store:
     def search_items(self, text: str, limit: int = 10) -> list[ItemInfo]:
         """Items whose name contains ``text`` (any case), on any server: the inspector's search."""
         pattern = "%" + text.replace("%", "").replace("_", "") + "%"
-        rows = self._rows(
-            "SELECT * FROM items WHERE name LIKE ? AND type != 'Series' ORDER BY name, server LIMIT ?", (pattern, limit)
-        )
+        rows = self._rows("SELECT * FROM items WHERE name LIKE ? ORDER BY name, server LIMIT ?", (pattern, limit))
         return [ItemInfo(*r) for r in rows]
 
     def find_items(self, server: str, column: str, value: Any) -> list[ItemInfo]:
@@ -2392,6 +2409,23 @@ class Store:
         rows = self._rows(
             "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND season=? AND episode=?",
             (server, series_id, season, episode),
+        )
+        return [ItemInfo(*r) for r in rows]
+
+    def find_season(self, server: str, series_id: str, number: int) -> list[ItemInfo]:
+        """A show's season by its number (a Season's IndexNumber, kept in the episode column)."""
+        rows = self._rows(
+            "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND season IS NULL"
+            " AND episode=? AND type='Season'",
+            (server, series_id, number),
+        )
+        return [ItemInfo(*r) for r in rows]
+
+    def find_named(self, server: str, type_: str, name: str, year: int | None) -> list[ItemInfo]:
+        """Items of one type whose name is ``name`` in any case, of that year (or of none)."""
+        rows = self._rows(
+            "SELECT * FROM items WHERE server=? AND type=? AND name=? COLLATE NOCASE AND year IS ?",
+            (server, type_, name, year),
         )
         return [ItemInfo(*r) for r in rows]
 
@@ -2939,7 +2973,12 @@ class JellyfinClient:
         return (res or {}).get("Items", [])
 
     def user_items(
-        self, user_id: str, query: dict, user_data: bool = True, page: int = INDEX_PAGE_SIZE
+        self,
+        user_id: str,
+        query: dict,
+        user_data: bool = True,
+        page: int = INDEX_PAGE_SIZE,
+        types: str = LEAF_ITEM_TYPES,
     ) -> Iterator[dict]:
         """A user's items matching a filter (isPlayed, isFavorite, filters=…), page by page
         (docs/jellyfin.md §2: filtered /Items queries, not one request per item): Id and name, with
@@ -2947,7 +2986,7 @@ class JellyfinClient:
         path = f"/Users/{user_id}/Items" if self.ensure_version().legacy else "/Items"
         base = {
             "recursive": "true",
-            "includeItemTypes": LEAF_ITEM_TYPES,
+            "includeItemTypes": types,
             "enableImages": "false",
             "enableTotalRecordCount": "false",
             "enableUserData": "true" if user_data else "false",
@@ -2964,23 +3003,50 @@ class JellyfinClient:
             start += len(items)
 
     def user_lists(self, user_id: str, full: bool = False, dislikes: bool = False) -> Iterator:
-        """(flag, item) for each item of a user's played, favourite, liked (and, if asked,
-        disliked) and resume lists: together, every item whose user data is not blank. ``flag``
-        is the UserData flag being in that list means ("Played", "IsFavorite", "Likes"; None for
-        the resume list, read last and always with UserData, so its positions replace what the
-        others said); the other lists carry UserData only if ``full``."""
-        lists: list[tuple[dict, str | None]] = [
-            ({"isPlayed": "true"}, "Played"),
-            ({"isFavorite": "true"}, "IsFavorite"),
-            ({"filters": "Likes"}, "Likes"),
+        """(flag, item) for each item (and folder: show, album, artist …) of a user's played,
+        favourite, liked (and, if asked, disliked) and resume lists: together, every item whose
+        user data is not blank. ``flag`` is the UserData flag being in that list means ("Played",
+        "IsFavorite", "Likes"; None for the resume list, read last and always with UserData, so
+        its positions replace what the others said); the other lists carry UserData only if
+        ``full``."""
+        items, folders = self.user_items, self.user_folders  # folders: shows, albums… (issue 26)
+        lists: list[tuple[Any, dict, str | None]] = [
+            (items, {"isPlayed": "true"}, "Played"),
+            (items, {"isFavorite": "true"}, "IsFavorite"),
+            (folders, {"isFavorite": "true"}, "IsFavorite"),
+            (items, {"filters": "Likes"}, "Likes"),
+            (folders, {"filters": "Likes"}, "Likes"),
         ]
-        if dislikes:
-            lists.append(({"filters": "Dislikes"}, "Likes"))  # Likes: false
-        lists.append(({"filters": "IsResumable"}, None))
-        for query, flag in lists:
-            for dto in self.user_items(user_id, query, user_data=full or flag is None):
+        if dislikes:  # Likes: false
+            lists += [(items, {"filters": "Dislikes"}, "Likes"), (folders, {"filters": "Dislikes"}, "Likes")]
+        lists.append((items, {"filters": "IsResumable"}, None))
+        for reader, query, flag in lists:
+            for dto in reader(user_id, query, user_data=full or flag is None):
                 if dto.get("Id"):
                     yield flag, dto
+
+    def user_folders(self, user_id: str, query: dict, user_data: bool = True) -> Iterator[dict]:
+        """A user's shows, seasons, albums, collections and playlists, then artists, matching a
+        filter (isFavorite, filters=Likes/Dislikes): what a person hearts or rates besides what
+        they play (issue 26). Artists come from /Artists, which takes userId on every version
+        (USER_FOLDER_TYPES says why)."""
+        yield from self.user_items(user_id, query, user_data, types=USER_FOLDER_TYPES)
+        base = {
+            "userId": user_id,
+            "enableImages": "false",
+            "enableTotalRecordCount": "false",
+            "enableUserData": "true" if user_data else "false",
+            **query,
+        }
+        start = 0
+        while True:
+            page = {**base, "startIndex": start, "limit": INDEX_PAGE_SIZE}
+            items = (self.request("GET", "/Artists", page) or {}).get("Items", [])
+            for dto in items:
+                yield {**dto, "Type": dto.get("Type") or "MusicArtist"}
+            if len(items) < INDEX_PAGE_SIZE:
+                return
+            start += len(items)
 
     def recently_played(self, user_id: str, start: int, limit: int) -> list[dict]:
         """One page of the user's items, the most recently played first, with UserData
@@ -3140,6 +3206,7 @@ def item_info(server: ServerConfig, dto: dict) -> ItemInfo:
         dto.get("ParentIndexNumber"),
         dto.get("IndexNumber"),
         dto.get("RunTimeTicks"),
+        dto.get("ProductionYear") if isinstance(dto.get("ProductionYear"), int) else None,
     )
 
 
@@ -3217,7 +3284,7 @@ class Library:
         """The same item in ``target``'s index as it is now (no refresh, no request)."""
         if src.server == target:
             return src  # an undo, an import or a discard writes on the server the item is from
-        if src.path_key:
+        if src.path_key and src.type not in NAMED_ITEM_TYPES:
             hits = self.store.find_items(target, "path_key", src.path_key)
             if len(hits) == 1:
                 return hits[0]
@@ -3233,6 +3300,22 @@ class Library:
             if series:
                 ids = {c: getattr(series, c) for c in ("tvdb", "tmdb", "imdb")}
                 return self.episode_of(target, ids, src.season, src.episode)
+        if src.type == "Season" and src.series_id and src.episode is not None:
+            # A season seldom has ids of its own, nor a path where the show's seasons are not
+            # folders: its show, by the same rules, then its number.
+            series = self.source_item(src.server, src.series_id)
+            tseries = self.lookup(series, target) if series and series.type == "Series" else None
+            if tseries is not None:
+                hits = self.store.find_season(target, tseries.item_id, src.episode)
+                if len(hits) == 1:
+                    return hits[0]
+        if src.type in FOLDER_ITEM_TYPES and src.type != "Season" and src.name:
+            # A show or an album in another folder, or an artist, a collection or a playlist
+            # (NAMED_ITEM_TYPES), often without a provider id: the name and year, if only one
+            # item of that type has them — never a guess between several.
+            hits = self.store.find_named(target, src.type, src.name, src.year)
+            if len(hits) == 1:
+                return hits[0]
         return None
 
     def episode_of(self, target: str, ids: dict, season: int, episode: int) -> ItemInfo | None:
@@ -3259,22 +3342,33 @@ class Library:
         found = self.lookup(src, target)
         if found is None:
             # Said as a person reads it: "path /media/…", not our column's name.
-            tried = ", ".join(
+            looked = [
                 f"{'path' if c == 'path_key' else c} {getattr(src, c)}"
                 for c in ("path_key", "imdb", "tmdb", "tvdb")
-                if getattr(src, c)
-            )
+                if getattr(src, c) and not (c == "path_key" and src.type in NAMED_ITEM_TYPES)
+            ]
+            if src.type in FOLDER_ITEM_TYPES and src.type != "Season":
+                looked.append(f"the one {src.type} named {src.name!r}" + (f" of {src.year}" if src.year else ""))
+            tried = ", ".join(looked)
             return None, f"not found on {target} (looked for {tried or 'nothing: the item has no path or provider id'})"
-        if src.path_key and found.path_key == src.path_key:
+        if src.path_key and found.path_key == src.path_key and src.type not in NAMED_ITEM_TYPES:
             return found, "same file (path)"
         for column in ("imdb", "tmdb", "tvdb"):
             if getattr(src, column) and getattr(src, column) == getattr(found, column):
                 return found, f"same {column} id"
+        if src.type == "Season":
+            return found, "same show and season number"
+        if src.type in FOLDER_ITEM_TYPES:
+            return found, "same name and year"
         return found, "same series, season and episode"
 
     def display_name(self, item: ItemInfo) -> str:
-        """An item as people know it: an episode with its series ("Show — S01E04 — Title")."""
-        series = self.store.get_item(item.server, item.series_id) if item.type == "Episode" and item.series_id else None
+        """An item as people know it: an episode or a season with its series ("Show — S01E04 —
+        Title", "Show — Season 1")."""
+        kind = item.type if item.series_id else ""
+        series = self.store.get_item(item.server, item.series_id) if kind in ("Episode", "Season") else None
+        if series and kind == "Season":
+            return f"{series.name} — {item.name}"
         return episode_name(series.name, item.season, item.episode, item.name) if series else item.name
 
     def match(self, src: ItemInfo, target: str, waiting_since: float = 0.0) -> ItemInfo | None:
@@ -3422,6 +3516,14 @@ class SyncedField:
     from_file: Any = None  # an export file's value (people may edit it) → a sound value
     show: str = "value"  # how the dashboard shows a value: value, yes/no, ticks, date
     undoable: bool = True
+    # Also on folders (FOLDER_ITEM_TYPES: shows, seasons, albums, artists, collections,
+    # playlists; issue 26)? A folder's played state, count and position are the server's sum of
+    # its contents, not something set on it: writing "played" on a show marks every episode.
+    folders: bool = False
+
+    def applies_to(self, item_type: str) -> bool:
+        """Does this field travel for an item of ``item_type``?"""
+        return self.folders or item_type not in FOLDER_ITEM_TYPES
 
     def enabled(self, config: Config) -> bool:
         """Are this field's switches all on in ``config``?"""
@@ -3622,6 +3724,7 @@ REGISTRY: dict[str, SyncedField] = {
             from_file=bool,
             write=lambda w: w.client.set_favorite(w.user_id, w.item_id, bool(w.want)),
             show="yes/no",
+            folders=True,
         ),
         SyncedField(
             name="likes",
@@ -3638,6 +3741,7 @@ REGISTRY: dict[str, SyncedField] = {
             from_file=lambda v: v if v is True or v is False else None,
             write=lambda w: w.client.set_likes(w.user_id, w.item_id, w.want),
             show="yes/no",
+            folders=True,
         ),
         # Written with "played" (the count and date of a play travel with it): shown and exported.
         SyncedField(
@@ -3711,8 +3815,9 @@ def read_fields(user_data: dict) -> dict[str, Any]:
 def observations_from_event(ev: dict) -> dict[str, Any]:
     """Which of our fields this event reports truthfully (each field's ``from_event``)."""
     out = {}
+    kind = str(ev.get("ItemType") or "")
     for f in REGISTRY.values():
-        if f.from_event is not None:
+        if f.from_event is not None and f.applies_to(kind):  # a show's heart, not its "played"
             value = f.from_event(ev)
             if value is not MISSING:
                 out[f.name] = value
@@ -3896,8 +4001,10 @@ def _depth(value: Any, level: int = 1) -> int:
 
 
 def event_item_name(ev: dict) -> str:
-    """An item as people know it: "Series — S01E04 — Title", "Film (Year)"."""
+    """An item as people know it: "Series — S01E04 — Title", "Series — Season 1", "Film (Year)"."""
     name = ev.get("Name") or ev["ItemId"]
+    if ev.get("SeriesName") and ev.get("ItemType") == "Season":
+        return f"{ev['SeriesName']} — {name}"
     if ev.get("SeriesName"):
         return episode_name(ev["SeriesName"], ev.get("SeasonNumber"), ev.get("EpisodeNumber"), name)
     if ev.get("Year"):
@@ -4356,9 +4463,11 @@ class PluginSetup:
             "NotificationTypes": list(WEBHOOK_NOTIFICATIONS),
             "EnableMovies": True,
             "EnableEpisodes": True,
-            "EnableSeries": False,
-            "EnableSeasons": False,
-            "EnableAlbums": False,
+            # Hearts and ratings on shows, seasons and albums travel too (issue 26); marking one
+            # played sends an event per episode or song, none for itself (Folder.MarkPlayed).
+            "EnableSeries": True,
+            "EnableSeasons": True,
+            "EnableAlbums": True,
             "EnableSongs": True,
             "EnableVideos": True,
             "SendAllProperties": True,
@@ -5425,6 +5534,8 @@ class Reconciler:
     ) -> None:
         priors = {srv: self._states[srv].get(iid, {}) for srv, iid in group.items()}
         values = {srv: read_fields(ud) for srv, ud in current.items()}
+        kind = next((i.type for srv, iid in group.items() if (i := self.store.get_item(srv, iid))), "")
+        fields = [f for f in fields if REGISTRY[f].applies_to(kind)]  # a show: its heart, not "played"
         for srv, ud in current.items():
             # An item in none of the lists (played, favourite, resumable, liked) has no noteworthy
             # state — unless we knew it as played or liked: then it left a list (unplayed? a
@@ -6407,7 +6518,8 @@ class Transfer:
             item = self.library.source_item(server, iid)
             if item is None:
                 continue
-            entries.append({**self._identity(item, dto), **_user_data_entry(dto.get("UserData") or {})})
+            ud = _user_data_entry(dto.get("UserData") or {}, item.type)
+            entries.append({**self._identity(item, dto), **ud})
         return entries
 
     def _identity(self, item: ItemInfo, dto: dict) -> dict:
@@ -6425,6 +6537,11 @@ class Transfer:
                 sids = {c: getattr(series, c) for c in ("imdb", "tmdb", "tvdb") if getattr(series, c)}
                 ident["series"] = {"name": series.name, **({"ids": sids} if sids else {})}
             ident["season"], ident["episode"] = item.season, item.episode
+        if item.type == "Season" and item.series_id:
+            series = self.library.source_item(item.server, item.series_id)
+            if series:
+                ident["series"] = self._identity(series, {"ProductionYear": series.year})
+            ident["season"] = item.episode  # a Season's IndexNumber
         return ident
 
     # import
@@ -6455,7 +6572,9 @@ class Transfer:
             merged, names = self._merge(per_server, target, entry)
             current = self.library.clients[target].user_data_many(user_id, sorted(merged))
             for iid, want in sorted(merged.items()):
-                for fld, value in self._differences(read_fields(current.get(iid) or {}), want, entry, names[iid]):
+                item = self.store.get_item(target, iid)
+                have = read_fields(current.get(iid) or {})
+                for fld, value in self._differences(have, want, entry, names[iid], item.type if item else ""):
                     extra = Carried(event="import", last_played=want["last_played"], play_count=want["play_count"])
                     obs.append(
                         Observation(
@@ -6479,11 +6598,12 @@ class Transfer:
             log.info("import %d: %d change(s) queued for %s", number, len(obs), target)
         return report
 
-    def _differences(self, have: dict, want: dict, entry: dict, name: str) -> list[tuple[str, Any]]:
-        """The fields to write on one item (counted, and sampled, in the person's ``entry``)."""
+    def _differences(self, have: dict, want: dict, entry: dict, name: str, kind: str) -> list[tuple[str, Any]]:
+        """The fields to write on one item of type ``kind`` (counted, and sampled, in the
+        person's ``entry``)."""
         out = []
         for fld in FIELDS:
-            if not self.config.syncs(fld) or have[fld] == want[fld]:
+            if not self.config.syncs(fld) or not REGISTRY[fld].applies_to(kind) or have[fld] == want[fld]:
                 continue
             if fld in moot_fields(want):
                 continue  # marking played resets it
@@ -6531,9 +6651,14 @@ class Transfer:
             None,
             None,
             None,
+            e.get("year") if isinstance(e.get("year"), int) and not isinstance(e.get("year"), bool) else None,
         )
         found = self.library.lookup(probe, target)
         series = e.get("series") if isinstance(e.get("series"), dict) else None
+        if found is None and series and probe.type == "Season" and isinstance(e.get("season"), int):
+            tseries = self.match({**series, "type": "Series"}, target)  # the show, then its season
+            hits = self.store.find_season(target, tseries.item_id, e["season"]) if tseries else []
+            return hits[0] if len(hits) == 1 else None
         if found is None and series and isinstance(e.get("season"), int) and isinstance(e.get("episode"), int):
             sids = series.get("ids") if isinstance(series.get("ids"), dict) else {}
             ids = {c: str(sids[c]) for c in ("tvdb", "tmdb", "imdb") if sids.get(c)}
@@ -6541,9 +6666,10 @@ class Transfer:
         return found
 
 
-def _user_data_entry(ud: dict) -> dict:
-    """The user data an export keeps of one item (README: Export and import)."""
-    return {f.name: f.read(ud) for f in EXPORTED}
+def _user_data_entry(ud: dict, item_type: str) -> dict:
+    """The user data an export keeps of one item (README: Export and import): of a show or an
+    album, its heart and rating only (SyncedField.folders)."""
+    return {f.name: f.read(ud) for f in EXPORTED if f.applies_to(item_type)}
 
 
 ALERT_FORMATS = ("json", "ntfy", "gotify", "discord", "slack")
@@ -7574,9 +7700,10 @@ class Web:
                 group[s.name] = match.item_id
                 entry["item_id"] = match.item_id
             if person and match is not None:
-                entry.update(self._person_state(s.name, person, match.item_id, accounts))
+                entry.update(self._person_state(s.name, person, match.item_id, accounts, item.type))
             servers.append(entry)
-        fields = [f.name for f in EXPORTED]
+        shown = [f for f in EXPORTED if f.applies_to(item.type)]  # a show: its heart and rating
+        fields = [f.name for f in shown]
         states = [e["state"] for e in servers if "state" in e]
         different = [f for f in fields if len({json.dumps(st.get(f)) for st in states}) > 1]
         jobs = self.store.jobs_by_status(("pending", "waiting", "unreachable", "failed", "skipped"), 200, 0)
@@ -7587,12 +7714,12 @@ class Web:
             # On one server alone: there is nothing to compare it with, nor to sync it to.
             "only_on": next(iter(group)) if len(group) == 1 and len(servers) > 1 else None,
             "different": different,
-            "fields": [f.public() for f in EXPORTED],  # the rows the inspector shows, in order
+            "fields": [f.public() for f in shown],  # the rows the inspector shows, in order
             "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
             "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
         }
 
-    def _person_state(self, server: str, person: str, item_id: str, accounts: dict) -> dict:
+    def _person_state(self, server: str, person: str, item_id: str, accounts: dict, kind: str) -> dict:
         try:
             user_id = self.syncer.library.user_id(server, person)
             if user_id is None:
@@ -7601,7 +7728,7 @@ class Web:
             ud = self.syncer.clients[server].user_data(user_id, item_id)
         except (JellyfinError, SyncError) as e:
             return {"state_error": str(e)}
-        return {"state": _user_data_entry(ud)}
+        return {"state": _user_data_entry(ud, kind)}
 
     def api_inspect_sync(self) -> Answer:
         """The inspector's "Sync this item now": reads every server, queues what differs."""
