@@ -6214,7 +6214,9 @@ def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster
     assert [f.writes() for f in c.fakes] == writes
     assert home.writes() == 0, "nothing is written back to where the change was made"
     cost = c.svc.call("GET", "/api/status")[1]["recent_check"]["cost_per_minute_per_person_and_server"]
-    assert cost["requests"] == 60 / every and 0 < cost["bytes"], cost  # one request per check
+    # One request per check; a check that ran while the plays were arriving may have read a
+    # second page (its list moved under it), so the average is a little over one, never two.
+    assert 60 / every <= cost["requests"] < 1.5 * 60 / every and 0 < cost["bytes"], cost
     journal = c.svc.call("GET", "/api/journal?limit=20")[1]
     causes = {e.get("cause", "") for e in journal["entries"]}
     assert causes and all(cause.startswith("check:") for cause in causes), causes
