@@ -7879,7 +7879,9 @@ class Web:
     def log_page_json(self, **fixed: Any) -> dict:
         """A page of the sync log, filtered as the query asks (and by ``fixed``)."""
         limit, offset = _limit_offset()
-        filters = {**self._log_filters(bottle.request.query), **fixed}
+        # decode(): Bottle's query values are the URL's bytes read as Latin-1; a title searched
+        # for ("Amélie") must be the text the person typed.
+        filters = {**self._log_filters(bottle.request.query.decode()), **fixed}
         rows, total = self.store.sync_log(limit, offset, **filters)
         return {"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset}
 

@@ -6841,6 +6841,22 @@ def test_a_file_of_the_release_before_learns_the_albums_at_its_first_start(clust
     assert schema_of(db) == schema_of(fresh)
 
 
+# ── A title with accents, searched for in the journal and the sync log ───────
+
+
+def test_a_title_with_accents_is_found_in_the_journal_and_the_sync_log(cluster):
+    c = cluster()
+    for f in (c["home"], c["parents"]):
+        f.add_item("Amélie — le film", "Movie", "/media/movies/Amelie.mkv")
+        c.svc.service.library.refresh_index(f.name, full=True)
+    c["home"].user_marks("alice", "Amélie — le film", True)
+    eventually(lambda: c["parents"].ud("alice", "Amélie — le film")["Played"], what="played on parents")
+    query = urllib.parse.urlencode({"item_name": "Amélie", "target": "parents"})
+    for path in (f"/api/journal?{query}", f"/api/sync-log?{query}"):
+        status, page = c.svc.call("GET", path)
+        assert status == 200 and [e["item_name"] for e in page["entries"]] == ["Amélie — le film"], (path, page)
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
