@@ -127,6 +127,7 @@ class FakeJellyfin:
         }
         self.plugin_saves = 0
         self.date_played_reads = 0  # user item lists sorted by DatePlayed (the recent check)
+        self.configuration_writes = 0  # POSTs of a user's Configuration
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -184,8 +185,53 @@ class FakeJellyfin:
     # data set-up
     def add_user(self, name: str, admin: bool = False) -> str:
         uid = hexid()
-        self.users[uid] = {"Name": name, "Id": uid, "Policy": {"IsAdministrator": admin}}
+        self.users[uid] = {
+            "Name": name,
+            "Id": uid,
+            "Policy": {"IsAdministrator": admin},
+            "Configuration": self._user_configuration({}),
+        }
         return uid
+
+    def _user_configuration(self, sent: dict) -> dict:
+        """A UserConfiguration as UserManager.UpdateConfigurationAsync stores it and GetUserDto
+        returns it: every field not sent falls back to the DTO's default (the UserConfiguration
+        constructor), so a write replaces the whole object. A null AudioLanguagePreference is
+        left out of the answer (JsonDefaults: WhenWritingNull); SubtitleLanguagePreference comes
+        back "" (GetUserDto: ``?? string.Empty``). The four library-id lists hold this server's
+        own ids: a person's home screen order and exclusions, meaningless on another server."""
+        views = [hexid(), hexid()]  # what a new user gets here: this server's libraries
+        out = {
+            "PlayDefaultAudioTrack": sent.get("PlayDefaultAudioTrack", True),
+            "SubtitleLanguagePreference": sent.get("SubtitleLanguagePreference") or "",
+            "DisplayMissingEpisodes": sent.get("DisplayMissingEpisodes", False),
+            "GroupedFolders": sent.get("GroupedFolders", []),
+            "SubtitleMode": sent.get("SubtitleMode", "Default"),
+            "DisplayCollectionsView": sent.get("DisplayCollectionsView", False),
+            "EnableLocalPassword": sent.get("EnableLocalPassword", False),
+            "OrderedViews": sent.get("OrderedViews", views if not sent else []),
+            "LatestItemsExcludes": sent.get("LatestItemsExcludes", []),
+            "MyMediaExcludes": sent.get("MyMediaExcludes", views[1:] if not sent else []),
+            "HidePlayedInLatest": sent.get("HidePlayedInLatest", True),
+            "RememberAudioSelections": sent.get("RememberAudioSelections", True),
+            "RememberSubtitleSelections": sent.get("RememberSubtitleSelections", True),
+            "EnableNextEpisodeAutoPlay": sent.get("EnableNextEpisodeAutoPlay", True),
+        }
+        if sent.get("AudioLanguagePreference") is not None:
+            out["AudioLanguagePreference"] = sent["AudioLanguagePreference"]
+        return out
+
+    def user_sets(self, user: str, **settings) -> None:
+        """A person changes their own settings in a client (Settings → Playback / Subtitles):
+        the client sends its whole Configuration back with these changed. No webhook fires."""
+        with self.lock:
+            uid = self.user(user)
+            self.users[uid]["Configuration"] = self._user_configuration(
+                {**self.users[uid]["Configuration"], **settings}
+            )
+
+    def configuration(self, user: str) -> dict:
+        return copy.deepcopy(self.users[self.user(user)]["Configuration"])
 
     def add_item(
         self,
@@ -334,6 +380,16 @@ class FakeJellyfin:
     def delete_user(self, uid: str) -> None:
         self.fire_user("UserDeleted", uid)
         del self.users[uid]
+
+    def _update_configuration(self, uid: str, body: dict):
+        """UserManager.UpdateConfigurationAsync: the whole object is replaced by what was sent
+        (no webhook fires: the plugin has no notification for it)."""
+        if uid not in self.users:
+            return 404, None  # v10.11.8: GetUserById → null → NotFound
+        with self.lock:
+            self.users[uid]["Configuration"] = self._user_configuration(body or {})
+            self.configuration_writes += 1
+        return 204, None
 
     def _rename_user(self, uid: str, name: str):
         self.users[uid]["Name"] = name
@@ -630,6 +686,21 @@ class FakeJellyfin:
                 return (500 if self.legacy else 404), None
             self.delete_user(uid)
             return 204, None
+        if seg == ["Users", "Configuration"] and method == "POST":
+            # UserController.UpdateUserConfiguration (10.9+, v10.11.8): ``userId ?? User.GetUserId()``;
+            # an API key has no user, so without userId GetUserById(Guid.Empty) fails (400).
+            if self.legacy:
+                return 404, None  # no such route on 10.8
+            if not q.get("userid"):
+                return 400, None
+            return self._update_configuration(q["userid"], body)
+        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Configuration" and method == "POST":
+            # 10.8: the only route, and RequestHelpers.AssertCanUpdateUser @v10.8.13 dereferences
+            # auth.User, null for an API key: 500 (jellyfin#8287, fixed in 10.9). 10.9+: still
+            # routed (UpdateUserConfigurationLegacy → UpdateUserConfiguration).
+            if self.legacy:
+                return 500, None
+            return self._update_configuration(seg[1], body)
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Policy" and method == "POST":
             self.users[seg[1]]["Policy"] = body
             return 204, None
