@@ -6472,3 +6472,154 @@ if __name__ == "__main__":
         load_test(float(rest[0]) if rest else 60.0)
     else:
         sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# ── Issue 26.2: preferences follow the person ───────────────────────────────
+
+# The library-id lists and the display choices a UserConfiguration also holds: never copied.
+NOT_OURS = (
+    "OrderedViews",
+    "GroupedFolders",
+    "MyMediaExcludes",
+    "LatestItemsExcludes",
+    "DisplayMissingEpisodes",
+    "HidePlayedInLatest",
+)
+
+
+def settings_of(c: Cluster, user: str = "alice") -> dict[str, dict]:
+    return {f.name: f.configuration(user) for f in c.fakes}
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [
+        ("10.8.13", "10.9.11", "10.10.7"),  # a 10.8 source: read there, written on the others
+        ("10.9.11", "10.10.7", "10.11.8"),
+        ("10.11.8", "12.0.0", "10.9.11"),
+    ],
+)
+def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(cluster, versions):
+    c = cluster(versions=versions)
+    home, parents, public = c["home"], c["parents"], c["public"]
+    parents.user_sets("alice", DisplayMissingEpisodes=True, HidePlayedInLatest=False)  # theirs alone
+    reconcile(c)  # first sight: everyone's defaults agree, nothing to write
+    assert [f.configuration_writes for f in c.fakes] == [0, 0, 0]
+    before = settings_of(c)
+    home.user_sets("alice", SubtitleLanguagePreference="fre")
+    report = reconcile(c)
+    assert report["changes"] == 2, report
+    for f in (parents, public):
+        now = f.configuration("alice")
+        assert now["SubtitleLanguagePreference"] == "fre", f.name
+        assert now == {**before[f.name], "SubtitleLanguagePreference": "fre"}, f"only that field on {f.name}"
+        assert [now[k] for k in NOT_OURS] == [before[f.name][k] for k in NOT_OURS]
+        assert f.configuration("bob")["SubtitleLanguagePreference"] == "", "another person's settings"
+    assert home.configuration_writes == 0, "nothing written back where it was made"
+    entry = journal(c, target="parents", field="subtitle_language")[0]
+    assert (entry["item_name"], entry["old"], entry["new"]) == ("subtitle language", "none", "fre"), entry
+    assert entry["before"] == {"subtitle_language": ""} and entry["after"] == {"subtitle_language": "fre"}
+    feed = c.svc.call("GET", "/api/sync-log?target=parents&result=ok")[1]["entries"][0]
+    assert feed["field_word"] == "subtitle language" and (feed["old"], feed["new"]) == ("none", "fre")
+    # Undo that one entry: parents gets its old value back; the others keep French.
+    status, preview = undo(c, id=entry["id"])
+    assert status == 200 and preview["servers"]["parents"]["undo"] == 1, preview
+    assert preview["servers"]["parents"]["sample"] == ["alice: subtitle language: fre → none"], preview
+    status, done = undo(c, dry_run=False, id=entry["id"])
+    assert status == 202, done
+    eventually(lambda: parents.configuration("alice")["SubtitleLanguagePreference"] == "", what="the undo")
+    c.settle()
+    assert parents.configuration("alice") == before["parents"], "the undo, too, changes only that field"
+    reconcile(c)  # a later pass does not spread French back to parents, nor the undo to the others
+    assert parents.configuration("alice")["SubtitleLanguagePreference"] == ""
+    assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    assert public.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    # The person changes it again on home: that change goes everywhere, parents included.
+    home.user_sets("alice", SubtitleLanguagePreference="ger")
+    reconcile(c)
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["ger"] * 3
+
+
+def test_a_preference_changed_on_home_arrives_within_the_recent_check_and_then_costs_nothing(cluster):
+    c = cluster(versions=("10.10.7", "10.9.11", "12.0.0"), extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    recent_rounds(c, 1)
+    before = settings_of(c)
+    home.user_sets("alice", AudioLanguagePreference="jpn", SubtitleMode="Always", EnableNextEpisodeAutoPlay=False)
+    wanted = {"AudioLanguagePreference": "jpn", "SubtitleMode": "Always", "EnableNextEpisodeAutoPlay": False}
+    for f in (parents, public):
+        eventually(lambda f=f: f.configuration("alice") == {**before[f.name], **wanted}, what=f"on {f.name}")
+    c.settle()
+    entries = journal(c, target="public")
+    assert {(e["item_name"], e["old"], e["new"]) for e in entries} == {
+        ("audio language", "none", "jpn"),
+        ("subtitle mode", "default", "always"),
+        ("play next episode automatically", "on", "off"),
+    }, entries
+    assert all(e["cause"].startswith("check:") for e in entries), entries
+    # In step: later rounds read each server's users once and write nothing.
+    writes = [f.configuration_writes for f in c.fakes]
+    reads = [f.requests.count(("GET", "/Users")) for f in c.fakes]
+    recent_rounds(c, 2)
+    assert [f.configuration_writes for f in c.fakes] == writes
+    assert all(f.requests.count(("GET", "/Users")) - n <= 3 for f, n in zip(c.fakes, reads, strict=True))
+
+
+def test_a_jellyfin_10_8_server_is_read_but_never_written(cluster):
+    c = cluster(versions=("10.11.8", "10.8.13", "12.0.0"))
+    home, parents, public = c["home"], c["parents"], c["public"]
+    reconcile(c)
+    home.user_sets("alice", AudioLanguagePreference="eng")
+    report = reconcile(c)
+    assert public.configuration("alice")["AudioLanguagePreference"] == "eng"
+    assert "AudioLanguagePreference" not in parents.configuration("alice")
+    assert parents.configuration_writes == 0 and list(report["users"]["alice"]) == ["public"], report
+    card = next(s for s in c.svc.call("GET", "/api/status")[1]["servers"] if s["name"] == "parents")
+    assert any("preferences cannot be written" in line for line in card["limits"]), card
+    # A change made on the 10.8 server still goes to the others.
+    parents.user_sets("alice", PlayDefaultAudioTrack=False)
+    reconcile(c)
+    assert not home.configuration("alice")["PlayDefaultAudioTrack"]
+    assert not public.configuration("alice")["PlayDefaultAudioTrack"]
+
+
+def test_first_sight_a_set_preference_wins_different_ones_are_left_alone_and_said(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_sets("alice", AudioLanguagePreference="fre", SubtitleLanguagePreference="eng")
+    parents.user_sets("alice", AudioLanguagePreference="ger")
+    report = reconcile(c)
+    # Subtitles: set on home only → everywhere. Audio: French and German → nobody's is chosen.
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["eng"] * 3
+    assert [f.configuration("alice").get("AudioLanguagePreference") for f in c.fakes] == ["fre", "ger", None]
+    assert any("audio language differs" in note for note in report["notes"]), report
+    reconcile(c)
+    assert public.configuration("alice").get("AudioLanguagePreference") is None, "still left alone"
+    # The person chooses on one server: that choice follows everywhere.
+    parents.user_sets("alice", AudioLanguagePreference="spa")
+    reconcile(c)
+    assert [f.configuration("alice")["AudioLanguagePreference"] for f in c.fakes] == ["spa"] * 3
+    # Changed on two servers between two passes: the first in the config's order wins.
+    public.user_sets("alice", SubtitleLanguagePreference="ita")
+    home.user_sets("alice", SubtitleLanguagePreference="por")
+    reconcile(c)
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["por"] * 3
+
+
+def test_with_preferences_switched_off_nothing_is_written(cluster):
+    c = cluster(preferences=False, extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home = c["home"]
+    recent_rounds(c, 1)
+    home.user_sets("alice", SubtitleLanguagePreference="fre", RememberAudioSelections=False)
+    recent_rounds(c, 2)
+    reconcile(c)
+    assert [f.configuration_writes for f in c.fakes] == [0, 0, 0]
+    assert c["parents"].configuration("alice")["SubtitleLanguagePreference"] == ""
+    fields = {f["name"]: f for f in c.svc.call("GET", "/api/fields")[1]["fields"]}
+    assert fields["subtitle_language"] == {
+        "name": "subtitle_language",
+        "label": "subtitle language",
+        "scope": "person",
+        "show": "value",
+        "enabled": False,
+    }
