@@ -5449,13 +5449,24 @@ class Preferences:
         return {normalise_id(u["Id"]): dict(u.get("Configuration") or {}) for u in users if u.get("Id")}
 
     def compare(
-        self, person: str, configs: dict[str, dict], cause: Any, report: dict | None = None, dry_run: bool = False
+        self,
+        person: str,
+        configs: dict[str, dict],
+        cause: Any,
+        report: dict | None = None,
+        dry_run: bool = False,
+        elsewhere: tuple[str, ...] = (),
+        only_news: bool = False,
     ) -> list[str]:
         """Compare one person's preferences; ``configs``: {server: their UserConfiguration},
         in the config's order. Queues what differs (``cause()`` names why) unless ``dry_run``;
-        returns the targets that got jobs."""
+        returns the targets that got jobs. ``elsewhere``: servers the person has an account on
+        that could not be read now (away): a change goes to them too, and waits for them.
+        ``only_news`` (RecentCheck, every minute): act on changes and first sights only; a
+        disagreement with no change (a write that failed or was a dry run) is left to passes,
+        so it is not queued again every minute."""
         fields = self.fields()
-        if not fields or len(configs) < 2:
+        if not fields or not configs or len(configs) + len(elsewhere) < 2:
             return []
         states = {srv: self.store.get_state(srv, person, PERSON_ITEM) for srv in configs}
         on_the_way = self.store.changes_on_the_way(person)
@@ -5476,6 +5487,9 @@ class Preferences:
                 views.append(_View(srv, PERSON_ITEM, cur, prior, prior_at, 0.0, 0, was_undone))
             decision = decide(field, views)
             differ = len({json.dumps(v.cur) for v in views}) > 1
+            news = any(v.prior is _UNKNOWN or v.prior != v.cur for v in views)
+            if only_news and decision is not None and not news:
+                continue
             if not dry_run and (decision is not None or not differ) and any(v.undone for v in views):
                 forget += [(v.server, person, PERSON_ITEM, field) for v in views if v.undone]
             if decision is None:
@@ -5488,14 +5502,16 @@ class Preferences:
                 continue
             desired, source = decision
             remember += self._baseline(person, field, views, source)
-            for v in views:
-                if v.cur == desired:
-                    continue
-                if not self.clients[v.server].ensure_version().writes_user_settings:
+            targets = [v.server for v in views if v.cur != desired]
+            if any(v.prior is not _UNKNOWN and v.prior != v.cur for v in views):
+                targets += elsewhere  # a change: owed to the servers away too (the writer compares)
+            for target in targets:
+                version = self.clients[target].version
+                if version is not None and not version.writes_user_settings:
                     continue  # 10.8: read, never written (ServerVersion.limits says so on its card)
                 if report is not None:
                     sample = f"{entry.label}: {entry.describe(desired)} (from {source.server})"
-                    _report_changes(report, person, v.server, 1, sample)
+                    _report_changes(report, person, target, 1, sample)
                 jobs.append(
                     Observation(
                         server=source.server,
@@ -5506,7 +5522,7 @@ class Preferences:
                         field=field,
                         value=desired,
                         observed_at=utcnow(),
-                        targets=(v.server,),
+                        targets=(target,),
                         extra=Carried(event="reconcile"),
                         kind="order",
                         cause="",
@@ -5787,7 +5803,8 @@ class Reconciler:
             for s in self.config.servers
             if accounts.get(s.name) in self._configs.get(s.name, {})
         }
-        self.preferences.compare(person, configs, lambda: self.cause, report, dry_run)
+        away = tuple(s for s in accounts if s not in configs)
+        self.preferences.compare(person, configs, lambda: self.cause, report, dry_run, away)
         fields = [f for f in FIELDS if self.config.syncs(f)]
         for group in groups:
             report["items_compared"] += 1
@@ -6228,8 +6245,9 @@ class RecentCheck:
                 for srv in configs
                 if srv in accounts and accounts[srv][0] in configs[srv]
             }
+            away = tuple(srv for srv in accounts if srv not in mine)
             try:
-                woken = self.preferences.compare(person, mine, self._numbered)
+                woken = self.preferences.compare(person, mine, self._numbered, elsewhere=away, only_news=True)
             except SyncError as e:
                 log.warning("recent check: %s: preferences: %s", person, e)
                 continue

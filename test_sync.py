@@ -6623,3 +6623,31 @@ def test_with_preferences_switched_off_nothing_is_written(cluster):
         "show": "value",
         "enabled": False,
     }
+
+
+def test_a_preference_owed_to_a_server_that_is_away_goes_when_it_answers_and_dry_run_writes_nothing(cluster):
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    recent_rounds(c, 1)
+    parents.go_away()
+    home.user_sets("alice", RememberSubtitleSelections=False)
+    eventually(lambda: not public.configuration("alice")["RememberSubtitleSelections"], what="on public")
+    parents.come_back()
+    eventually(lambda: not parents.configuration("alice")["RememberSubtitleSelections"], 30, what="on parents")
+    c.settle()
+    # sync.dry_run: decided and logged once, written nowhere — not again at every round.
+    c.svc.stop()
+    c.config = dataclasses.replace(c.config, sync=dataclasses.replace(c.config.sync, dry_run=True))
+    c.start()
+    recent_rounds(c, 1)
+    home.user_sets("alice", SubtitleMode="OnlyForced")
+    dry = lambda: journal_rows(c, "dry_run")  # noqa: E731
+    eventually(lambda: len(dry()) == 2, what="the dry run's two decisions")
+    recent_rounds(c, 3)
+    assert len(dry()) == 2, dry()
+    assert parents.configuration("alice")["SubtitleMode"] == public.configuration("alice")["SubtitleMode"] == "Default"
+
+
+def journal_rows(c: Cluster, result: str) -> list[dict]:
+    entries = c.svc.call("GET", f"/api/sync-log?result={result}&limit=100")[1]["entries"]
+    return [e for e in entries if e["field"] in jds.PREFERENCES]
