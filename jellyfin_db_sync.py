@@ -2289,10 +2289,12 @@ class Store:
         return n + events, targets
 
     def failed_jobs(self, target: str, limit: int) -> list[Job]:
-        """Failed watch-state changes for ``target``, newest first."""
+        """Failed watch-state and preference changes for ``target``, newest first."""
+        fields = (*FIELDS, *PREFERENCES)
         rows = self._rows(
-            "SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?",
-            (target, *FIELDS, limit),
+            f"SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN ({', '.join('?' * len(fields))})"
+            " ORDER BY id DESC LIMIT ?",
+            (target, *fields, limit),
         )
         return [self._job(r) for r in rows]
 
@@ -5183,6 +5185,12 @@ class Syncer:
         for job in self.store.failed_jobs(target, RESOLVE_BATCH):
             try:
                 user_id = self.library.user_id(target, self.config.name_on(job.user_key, target))
+                if job.source_item_id == PERSON_ITEM:  # a preference (accounts are not looked at)
+                    entry = synced(job.field)
+                    mine = entry.scope == "person" and user_id
+                    if mine and entry.read(self.clients[target].user_configuration(user_id)) == job.value:
+                        resolved.append(job.id)
+                    continue
                 src = self.store.get_item(job.source, job.source_item_id)
                 item = self.library.lookup(src, target) if user_id and src else None
                 if item is None:
@@ -6151,7 +6159,9 @@ class RecentCheck:
     a favourite or a like (the list cannot tell them): webhooks and the periodic passes do.
 
     The first check of a person on a server only notes where the list stands (the startup pass
-    compares everything); later ones report what was played since. Checks that keep finding news while the
+    compares everything); later ones report what was played since. Each round also reads every
+    server's users once (GET /Users holds everyone's UserConfiguration) and compares each
+    person's language and playback preferences (class Preferences). Checks that keep finding news while the
     server posts no webhook feed Syncer.silent_plugin."""
 
     def __init__(self, config: Config, store: Store, library: Library, syncer: Syncer):

@@ -6651,3 +6651,21 @@ def test_a_preference_owed_to_a_server_that_is_away_goes_when_it_answers_and_dry
 def journal_rows(c: Cluster, result: str) -> list[dict]:
     entries = c.svc.call("GET", f"/api/sync-log?result={result}&limit=100")[1]["entries"]
     return [e for e in entries if e["field"] in jds.PREFERENCES]
+
+
+def test_a_failed_preference_write_is_retried_by_the_next_pass_and_then_shown_resolved(cluster, monkeypatch):
+    monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)  # each check also looks at what failed
+    c = cluster(max_retries=0)
+    home, parents = c["home"], c["parents"]
+    reconcile(c)
+    parents.writes_fail_items = {"/Users/Configuration"}  # parents answers, but refuses this write
+    home.user_sets("alice", SubtitleLanguagePreference="fre")
+    reconcile(c)
+    failed = eventually(lambda: [r for r in problem_rows(c)[1] if r["state"] == "failed"], what="a failed write")
+    assert failed[0]["fields"] == ["subtitle_language"], failed
+    assert c["public"].configuration("alice")["SubtitleLanguagePreference"] == "fre", "the others are not held up"
+    parents.writes_fail_items = set()
+    reconcile(c)  # no change since, but the servers disagree: the value recorded last (home's) goes
+    assert parents.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    eventually(lambda: {r["state"] for r in problem_rows(c)[1]} == {"resolved"}, what="shown resolved")
+    assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre", "never spread back"
