@@ -6525,6 +6525,11 @@ def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(clu
     status, preview = undo(c, id=entry["id"])
     assert status == 200 and preview["servers"]["parents"]["undo"] == 1, preview
     assert preview["servers"]["parents"]["sample"] == ["alice: subtitle language: fre → none"], preview
+    assert preview["afterwards"] == {
+        "home": ["alice: subtitle language: fre (as now)"],
+        "parents": ["alice: subtitle language: none (put back)"],
+        "public": ["alice: subtitle language: fre (as now)"],
+    }, preview
     status, done = undo(c, dry_run=False, id=entry["id"])
     assert status == 202, done
     eventually(lambda: parents.configuration("alice")["SubtitleLanguagePreference"] == "", what="the undo")
