@@ -6674,3 +6674,18 @@ def test_a_failed_preference_write_is_retried_by_the_next_pass_and_then_shown_re
     assert parents.configuration("alice")["SubtitleLanguagePreference"] == "fre"
     eventually(lambda: {r["state"] for r in problem_rows(c)[1]} == {"resolved"}, what="shown resolved")
     assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre", "never spread back"
+
+
+def test_switching_preferences_off_or_clearing_a_language_is_no_removal_for_the_brake(cluster):
+    # Removals settle for a minute here and the brake holds a second one: neither may apply.
+    c = cluster(extra={"safety": {"brake_items": 1, "removal_delay_seconds": 60}})
+    home, parents = c["home"], c["parents"]
+    home.user_sets("alice", AudioLanguagePreference="fre")
+    reconcile(c)  # reconcile() waits for an empty queue: a minute's settling would time it out
+    off = dict(PlayDefaultAudioTrack=False, RememberAudioSelections=False, EnableNextEpisodeAutoPlay=False)
+    home.user_sets("alice", AudioLanguagePreference=None, **off)
+    reconcile(c)
+    now = parents.configuration("alice")
+    assert "AudioLanguagePreference" not in now or now["AudioLanguagePreference"] in ("", None), now
+    assert [now[k] for k in off] == [False] * 3, now
+    assert c.svc.call("GET", "/api/held")[1]["held"] == [], "nothing held by the brake"
