@@ -5509,14 +5509,13 @@ class Preferences:
                 remember += self._baseline(person, field, views, None)
                 continue
             desired, source = decision
-            remember += self._baseline(person, field, views, source)
             targets = [v.server for v in views if v.cur != desired]
             if any(v.prior is not _UNKNOWN and v.prior != v.cur for v in views):
                 targets += elsewhere  # a change: owed to the servers away too (the writer compares)
+            # 10.8: read, never written (ServerVersion.limits says so on its card).
+            targets = [t for t in targets if self._writable(t)]
+            remember += self._baseline(person, field, views, source, set(targets))
             for target in targets:
-                version = self.clients[target].version
-                if version is not None and not version.writes_user_settings:
-                    continue  # 10.8: read, never written (ServerVersion.limits says so on its card)
                 if report is not None:
                     sample = f"{entry.label}: {entry.describe(desired)} (from {source.server})"
                     _report_changes(report, person, target, 1, sample)
@@ -5549,13 +5548,20 @@ class Preferences:
         why = cause()
         return self.planner.plan([(0, [dataclasses.replace(ob, cause=why) for ob in jobs])])[0]
 
+    def _writable(self, server: str) -> bool:
+        version = self.clients[server].version  # unknown (away since start): the writer will see
+        return version is None or version.writes_user_settings
+
     @staticmethod
-    def _baseline(person: str, field: str, views: list[_View], source: _View | None) -> list[tuple]:
-        """What each server holds now, as the agreed state for the next look (a server about
-        to be written records its own, with the job's outcome)."""
+    def _baseline(
+        person: str, field: str, views: list[_View], source: _View | None, written: set[str] = frozenset()
+    ) -> list[tuple]:
+        """What each server holds now, as the state the next look compares with. A server
+        about to be ``written`` records its own with the job's outcome; one that cannot be
+        written (10.8) records what it holds, so that a change made there later is seen."""
         rows = []
         for v in views:
-            if (v.prior is not _UNKNOWN and v.prior == v.cur) or (source is not None and v.cur != source.cur):
+            if (v.prior is not _UNKNOWN and v.prior == v.cur) or v.server in written:
                 continue
             rows.append((v.server, person, PERSON_ITEM, field, v.cur, utcnow() if v is source else v.prior_at))
         return rows

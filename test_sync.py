@@ -6573,7 +6573,9 @@ def test_a_preference_changed_on_home_arrives_within_the_recent_check_and_then_c
 def test_a_jellyfin_10_8_server_is_read_but_never_written(cluster):
     c = cluster(versions=("10.11.8", "10.8.13", "12.0.0"))
     home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_sets("alice", SubtitleLanguagePreference="fre")  # set before we first look
     reconcile(c)
+    assert public.configuration("alice")["SubtitleLanguagePreference"] == "fre"
     home.user_sets("alice", AudioLanguagePreference="eng")
     report = reconcile(c)
     assert public.configuration("alice")["AudioLanguagePreference"] == "eng"
@@ -6581,11 +6583,16 @@ def test_a_jellyfin_10_8_server_is_read_but_never_written(cluster):
     assert parents.configuration_writes == 0 and list(report["users"]["alice"]) == ["public"], report
     card = next(s for s in c.svc.call("GET", "/api/status")[1]["servers"] if s["name"] == "parents")
     assert any("preferences cannot be written" in line for line in card["limits"]), card
-    # A change made on the 10.8 server still goes to the others.
-    parents.user_sets("alice", PlayDefaultAudioTrack=False)
+    # A change made on the 10.8 server still goes to the others — the audio language too,
+    # which it never took from home.
+    parents.user_sets("alice", PlayDefaultAudioTrack=False, AudioLanguagePreference="spa")
+    parents.user_sets("alice", SubtitleLanguagePreference="ita")
     reconcile(c)
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["ita"] * 3
     assert not home.configuration("alice")["PlayDefaultAudioTrack"]
     assert not public.configuration("alice")["PlayDefaultAudioTrack"]
+    assert home.configuration("alice")["AudioLanguagePreference"] == "spa"
+    assert public.configuration("alice")["AudioLanguagePreference"] == "spa"
 
 
 def test_first_sight_a_set_preference_wins_different_ones_are_left_alone_and_said(cluster):
