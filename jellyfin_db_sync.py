@@ -429,6 +429,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync.playlists", "bool", True, "mirror playlists"),
     Setting("sync.play_count", "bool", True, "carry play counts when marking played"),
     Setting("sync.last_played_date", "bool", True, "carry last-played dates"),
+    Setting("sync.preferences", "bool", True, "a person's language and playback preferences"),
     # Older program: accepted for its configs; off by default: no version lets an API key write
     # them (ServerVersion.writes_stream_choices), and switched on they only bring a warning.
     Setting("sync.audio_stream", "bool", False, "accepted for compatibility; cannot be synced"),
@@ -547,6 +548,7 @@ class SyncConfig:
     playlists: bool = _default("sync.playlists")
     play_count: bool = _default("sync.play_count")
     last_played_date: bool = _default("sync.last_played_date")
+    preferences: bool = _default("sync.preferences")
     audio_stream: bool = _default("sync.audio_stream")  # Older program
     subtitle_stream: bool = _default("sync.subtitle_stream")  # Older program
     progress_debounce_seconds: float = _default("sync.progress_debounce_seconds")
@@ -2198,10 +2200,12 @@ class Store:
         return n + events, targets
 
     def failed_jobs(self, target: str, limit: int) -> list[Job]:
-        """Failed watch-state changes for ``target``, newest first."""
+        """Failed watch-state and preference changes for ``target``, newest first."""
+        fields = (*FIELDS, *PREFERENCES)
         rows = self._rows(
-            "SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?",
-            (target, *FIELDS, limit),
+            f"SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN ({', '.join('?' * len(fields))})"
+            " ORDER BY id DESC LIMIT ?",
+            (target, *fields, limit),
         )
         return [self._job(r) for r in rows]
 
@@ -2341,6 +2345,15 @@ class Store:
         """(server, user, item, field) rows: the servers agree again, or the person changed it."""
         with self._tx() as c:
             c.executemany("DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?", rows)
+
+    def keep_apart(self, rows: list[tuple[str, str, str, str, Any]], cause: str) -> None:
+        """(server, user, item, field, value) rows the servers hold differently on purpose (as
+        an undo leaves them): a pass leaves the field alone until the person changes it."""
+        with self._tx() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO undone VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(s, u, i, f, json.dumps(v), cause, utcnow()) for s, u, i, f, v in rows],
+            )
 
     def remember_states(self, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
         """Many (server, user, item, field, value, observed at or None = keep) in one transaction."""
@@ -2743,6 +2756,14 @@ class ServerVersion:
         return not self.legacy
 
     @property
+    def writes_user_settings(self) -> bool:
+        """A person's UserConfiguration can be written with an API key: 10.9+ (POST
+        /Users/Configuration?userId=). On 10.8 UserController.UpdateUserConfiguration calls
+        RequestHelpers.AssertCanUpdateUser, which dereferences auth.User — null for an API key —
+        and answers 500 (jellyfin#8287, fixed in 10.9; read at v10.8.13)."""
+        return not self.legacy
+
+    @property
     def removes_playlist_entries(self) -> bool:
         """DELETE /Playlists/{id}/Items accepts an API key from 10.11 on (docs/jellyfin.md §2)."""
         return not self.before(10, 11)
@@ -2774,6 +2795,11 @@ class ServerVersion:
                 "marking played also adds one to the play count"
             )
             out.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
+            if sync.preferences:
+                out.append(
+                    "Jellyfin 10.8: language and playback preferences cannot be written with an API "
+                    "key: they are read here and carried to the others, never written here"
+                )
             out.append(
                 "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a user "
                 "sees counts as theirs"
@@ -2938,6 +2964,19 @@ class JellyfinClient:
 
     def get_user(self, user_id: str) -> dict:
         return self.request("GET", f"/Users/{user_id}") or {}
+
+    def user_configuration(self, user_id: str) -> dict:
+        """The person's UserConfiguration (GET /Users/{id} → Configuration, every version)."""
+        return dict(self.get_user(user_id).get("Configuration") or {})
+
+    def save_user_configuration(self, user_id: str, configuration: dict) -> None:
+        """The POST replaces the whole object (UserManager.UpdateConfigurationAsync: a field
+        left out falls back to its default): send back everything read, changed only where we
+        mean to. 10.9+: POST /Users/Configuration?userId= (UserController.UpdateUserConfiguration);
+        10.8 has only POST /Users/{id}/Configuration, which answers 500 to an API key."""
+        if not self.ensure_version().writes_user_settings:
+            raise SyncError("Jellyfin 10.8 cannot change a person's settings with an API key")
+        self.request("POST", "/Users/Configuration", {"userId": user_id}, configuration)
 
     def rename_user(self, user_id: str, new_name: str) -> None:
         if self.ensure_version().legacy:
@@ -3394,7 +3433,9 @@ class Library:
         return found
 
     # users
-    def refresh_users(self, server: str) -> None:
+    def refresh_users(self, server: str) -> list[dict]:
+        """Re-read ``server``'s users into the index; returns them as read (UserDto, with each
+        one's Configuration: a pass compares preferences from this same request)."""
         with self._user_locks[server]:
             users = self.clients[server].users()
             self.store.replace_users(
@@ -3410,6 +3451,7 @@ class Library:
                 ],
             )
             self._last_user_refresh[server] = time.monotonic()
+        return users
 
     def ensure_users(self, server: str) -> None:
         if server not in self._last_user_refresh:
@@ -3450,11 +3492,13 @@ class Library:
             if self.config.user_synced(person):
                 yield person, row
 
-    def refresh_users_and_index(self, server: str) -> None:
-        """Where a pass, an export and an import start on ``server``: its users read again, and
-        its item index there (built in full the first time)."""
-        self.refresh_users(server)
+    def refresh_users_and_index(self, server: str) -> list[dict]:
+        """Where a pass, an export and an import start on ``server``: its users read again (and
+        returned: each holds the person's preferences), and its item index there (built in full
+        the first time)."""
+        users = self.refresh_users(server)
         self.ensure_index(server)
+        return users
 
 
 # ── Fields ───────────────────────────────────────────────────────────────────
@@ -3485,7 +3529,10 @@ class WriteRequest:
 class SyncedField:
     """One synced field. ``scope``: "item" (a person's user data of one item: a job per target,
     person, item and field), "carried" (written with another field's write: shown and exported,
-    never a job of its own) or "account" (a user on a server)."""
+    never a job of its own), "account" (a user on a server) or "person" (one value per person
+    and server, no item: a setting in their UserConfiguration; jobs, states and the journal use
+    the item id PERSON_ITEM). For "person", ``read`` takes the UserConfiguration and ``write``
+    is (UserConfiguration, value) → the UserConfiguration to send back."""
 
     name: str  # the code in jobs, states, the journal and the API
     label: str  # what a person reads for it (the dashboard's labels come from here)
@@ -3516,6 +3563,9 @@ class SyncedField:
     from_file: Any = None  # an export file's value (people may edit it) → a sound value
     show: str = "value"  # how the dashboard shows a value: value, yes/no, ticks, date
     undoable: bool = True
+    # Changed on several servers at once with no date to tell: True → the "positive" value wins
+    # (played, favourite, the further position); False → the first server in the config's order.
+    ranked: bool = True
     # Also on folders (FOLDER_ITEM_TYPES: shows, seasons, albums, artists, collections,
     # playlists; issue 26)? A folder's played state, count and position are the server's sum of
     # its contents, not something set on it: writing "played" on a show marks every episode.
@@ -3669,6 +3719,60 @@ def _account_words(value: Any) -> str:
     return str(value.get("name", "")) if isinstance(value, dict) else str(value)
 
 
+PERSON_ITEM = "-"  # the item id of a "person" field (and of an account change) in jobs and states
+_CLASH = object()  # a first sight where servers hold different set values: none of them wins
+
+
+def _set_over_unset(unset: Any) -> Any:
+    """The first-sight merge of a preference: a value that is set beats the unset/default one;
+    two different set values clash (nobody's choice is taken over another's: left alone)."""
+
+    def merge(a: Any, b: Any) -> Any:
+        if a is _CLASH or b is _CLASH:
+            return _CLASH
+        if a in (unset, b):
+            return b
+        return a if b == unset else _CLASH
+
+    return merge
+
+
+# SubtitlePlaybackMode, as the dashboard and the journal say it
+_SUBTITLE_MODES = {
+    "Default": "default",
+    "Always": "always",
+    "OnlyForced": "only forced",
+    "None": "none",
+    "Smart": "smart",
+}
+
+
+def _preference(name: str, label: str, key: str, unset: Any, say: Any = None) -> SyncedField:
+    """One of a person's language and playback preferences (UserConfiguration ``key``; its
+    default there is ``unset``). Read from GET /Users, written by PreferenceWriter; no webhook
+    reports them, so passes and RecentCheck compare them."""
+    if isinstance(unset, bool):
+        read = lambda cfg: bool(cfg.get(key, unset))  # noqa: E731
+        say = say or (lambda v: "on" if v else "off")
+    else:  # a language: null (left out) and "" both mean "none chosen"
+        read = lambda cfg: str(cfg.get(key) or unset)  # noqa: E731
+        say = say or (lambda v: v or "none")
+    return SyncedField(
+        name=name,
+        label=label,
+        settings=("sync.preferences",),
+        scope="person",
+        read=read,
+        say=say,
+        merge=_set_over_unset(unset),
+        nothing=unset,
+        needs=("writes_user_settings", "Jellyfin 10.8 cannot change a person's settings with an API key"),
+        write=lambda cfg, want: {**cfg, key: want},
+        show="yes/no" if isinstance(unset, bool) else "value",
+        ranked=False,
+    )
+
+
 REGISTRY: dict[str, SyncedField] = {
     f.name: f
     for f in (
@@ -3789,6 +3893,18 @@ REGISTRY: dict[str, SyncedField] = {
             say=lambda v: f"renamed to {_account_words(v)}",
             undoable=False,
         ),
+        # A person's language and playback preferences (issue 26.2). Never OrderedViews,
+        # GroupedFolders, MyMediaExcludes or LatestItemsExcludes: they hold one server's library
+        # ids. Nor DisplayMissingEpisodes and the like: display choices may differ on purpose.
+        _preference("audio_language", "audio language", "AudioLanguagePreference", ""),
+        _preference("subtitle_language", "subtitle language", "SubtitleLanguagePreference", ""),
+        _preference(
+            "subtitle_mode", "subtitle mode", "SubtitleMode", "Default", lambda v: _SUBTITLE_MODES.get(v, str(v))
+        ),
+        _preference("play_default_audio", "play default audio track", "PlayDefaultAudioTrack", True),
+        _preference("remember_audio", "remember audio selections", "RememberAudioSelections", True),
+        _preference("remember_subtitles", "remember subtitle selections", "RememberSubtitleSelections", True),
+        _preference("next_episode", "play next episode automatically", "EnableNextEpisodeAutoPlay", True),
     )
 }
 # The fields a job carries (one per target, person, item and field), in the order a claim's
@@ -3797,6 +3913,7 @@ FIELDS = tuple(f.name for f in REGISTRY.values() if f.scope == "item")
 FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}
 AMBIGUOUS_OFF_LIST = tuple(f.name for f in REGISTRY.values() if f.left_list_ambiguous)
 EXPORTED = tuple(f for f in REGISTRY.values() if f.scope in ("item", "carried"))  # export, inspector
+PREFERENCES = tuple(f.name for f in REGISTRY.values() if f.scope == "person")
 
 
 def synced(name: str) -> SyncedField:
@@ -3810,6 +3927,11 @@ def synced(name: str) -> SyncedField:
 def read_fields(user_data: dict) -> dict[str, Any]:
     """Our item fields from a UserItemDataDto (as returned by GET or by a write)."""
     return {f.name: f.read(user_data) for f in REGISTRY.values() if f.scope == "item"}
+
+
+def read_preferences(configuration: dict) -> dict[str, Any]:
+    """Our "person" fields from a UserConfiguration (GET /Users → Configuration)."""
+    return {f.name: f.read(configuration) for f in REGISTRY.values() if f.scope == "person"}
 
 
 def observations_from_event(ev: dict) -> dict[str, Any]:
@@ -4334,6 +4456,75 @@ class WatchStateWriter:
         return state
 
 
+class PreferenceWriter:
+    """Writes one of a person's preferences (a "person" field) on a target: reads their
+    UserConfiguration there, changes only that field, and sends the whole object back — the
+    POST replaces it, so a field left out would fall back to its default, and OrderedViews,
+    GroupedFolders, MyMediaExcludes and LatestItemsExcludes hold that server's own library ids:
+    they are sent back exactly as read. State-based: only what differs is written, and the same
+    write twice is harmless. No webhook reports it, so there is no echo to expect."""
+
+    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.clients = clients
+
+    def apply(self, job: Job, current: dict) -> Outcome:
+        """One job; ``current`` is the target's UserConfiguration, read once for the group."""
+        client = self.clients[job.target]
+        entry = synced(job.field)
+        capability, why_not = entry.needs
+        if capability and not getattr(client.ensure_version(), capability):
+            raise SyncError(why_not)
+        user_id = self.library.user_id(job.target, job.user_key)
+        if user_id is None:
+            raise SyncError(f"no user named {job.username!r} on {job.target}")
+        known = self.store.get_state(job.target, job.user_key, PERSON_ITEM)
+        if job.field in known and known[job.field][1] > job.observed_at:
+            return Outcome("stale", "a newer change is already there")
+        if not current:
+            current.update(client.user_configuration(user_id))
+        have, want = entry.read(current), job.value
+        observed = {job.field: job.observed_at}
+        if job.extra.is_undo and have != job.extra.expect and have != want:
+            return Outcome(
+                "skipped",
+                f"not undone: {job.target} now holds {entry.label} {describe(job.field, have)}, changed "
+                f"since we wrote {describe(job.field, job.extra.expect)}",
+            )
+        if have == want:
+            rows = self.store.state_rows(job.target, job.user_key, PERSON_ITEM, {job.field: have}, observed)
+            return Outcome("noop", old=describe(job.field, have), states=rows)
+        if self.config.sync.dry_run:
+            return Outcome("dry_run", new=describe(job.field, want))
+        body = entry.write(current, want)
+        client.save_user_configuration(user_id, body)
+        current.clear()
+        current.update(body)  # what the target holds now, for the group's next job
+        # Recorded with the outcome, after the write: a comparison in between sees the job
+        # running (Store.changes_on_the_way) and leaves this field alone.
+        rows = self.store.state_rows(job.target, job.user_key, PERSON_ITEM, {job.field: want}, observed)
+        log.info(
+            "%s: %s ✓ %s: %s → %s (from %s)",
+            job.target,
+            job.username,
+            entry.label,
+            describe(job.field, have),
+            describe(job.field, want),
+            job.source,
+        )
+        return Outcome(
+            "ok",
+            old=describe(job.field, have),
+            new=describe(job.field, want),
+            states=rows,
+            item_id=PERSON_ITEM,
+            before={job.field: have},
+            after={job.field: want},
+        )
+
+
 class AccountWriter:
     """Creates, deletes and renames accounts on a target, as another server's user events say."""
 
@@ -4656,6 +4847,7 @@ class Syncer:
         self.counters = Counters()
         self.writer = WatchStateWriter(config, store, library, clients)
         self.accounts = AccountWriter(config, store, library, clients)
+        self.preferences = PreferenceWriter(config, store, library, clients)
         self.threads: list[SupervisedThread] = []
         # Item 4 of the silent-plugin warning: when each server last posted any webhook we took
         # (in memory: a restart starts the count afresh), and when RecentCheck found changes
@@ -4902,8 +5094,11 @@ class Syncer:
 
     def _apply_group(self, target: str, jobs: list[Job]) -> list[tuple[Job, Outcome]]:
         """The outcome of each job for one user and item on ``target``."""
-        if REGISTRY[jobs[0].field].scope == "account":
-            return [(job, self._attempt(job, lambda job=job: self.accounts.apply(job))) for job in jobs]
+        if jobs[0].source_item_id == PERSON_ITEM:
+            # Accounts and preferences (no item): one person's, from one source. Each job by its
+            # own scope: a claim groups them by person and item, and both use PERSON_ITEM.
+            current: dict = {}  # the target's UserConfiguration, read once for the preferences
+            return [(job, self._attempt(job, lambda job=job: self._apply_personal(job, current))) for job in jobs]
         try:
             user_id, src_item, item = self.writer.resolve(target, jobs)
         except Exception as e:
@@ -4914,6 +5109,11 @@ class Syncer:
         return [
             (job, self._attempt(job, lambda job=job: self.writer.apply(job, user_id, item, current))) for job in jobs
         ]
+
+    def _apply_personal(self, job: Job, current: dict) -> Outcome:
+        if synced(job.field).scope == "person":
+            return self.preferences.apply(job, current)
+        return self.accounts.apply(job)
 
     def _attempt(self, job: Job, apply: Any) -> Outcome:
         try:
@@ -5003,7 +5203,7 @@ class Syncer:
         """What a job that holds on its target does to the undo marks (class Undo): an undo's
         order is remembered ("put"); a change of the person's ends the undo there ("clear")."""
         item_id = o.item_id or (o.states[0][2] if o.states else None)
-        if o.result not in ("ok", "noop") or not item_id or REGISTRY[job.field].scope != "item":
+        if o.result not in ("ok", "noop") or not item_id or REGISTRY[job.field].scope not in ("item", "person"):
             return None
         return ("put" if job.extra.is_undo else "clear", item_id)
 
@@ -5029,6 +5229,12 @@ class Syncer:
         for job in self.store.failed_jobs(target, RESOLVE_BATCH):
             try:
                 user_id = self.library.user_id(target, job.user_key)
+                if job.source_item_id == PERSON_ITEM:  # a preference (accounts are not looked at)
+                    entry = synced(job.field)
+                    mine = entry.scope == "person" and user_id
+                    if mine and entry.read(self.clients[target].user_configuration(user_id)) == job.value:
+                        resolved.append(job.id)
+                    continue
                 src = self.store.get_item(job.source, job.source_item_id)
                 item = self.library.lookup(src, target) if user_id and src else None
                 if item is None:
@@ -5199,9 +5405,11 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
 
     - changed on one server since the last agreed state → that change wins;
     - changed on several → the newest (LastPlayedDate where Jellyfin has one); a tie, or no
-      date, goes to the "positive" value (played, favourite, like, the further position);
+      date, goes to the "positive" value (played, favourite, like, the further position) — for
+      a preference (not ``ranked``), to the first of them in the config's order of servers;
     - never seen before, on one server or all → union: played or favourite anywhere wins, the
       furthest resume position, a like over a dislike; nothing is ever unmarked on a first sight;
+      a preference that is set beats an unset one, and different set ones are left alone;
     - no change but the servers disagree (a write that failed earlier) → the value recorded
       most recently — unless an undo put a value back on one of them: then they disagree on
       purpose, and the field is left alone until the person changes it on any server (that
@@ -5211,6 +5419,8 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
     """
 
     def positive(v: _View) -> tuple:
+        if not entry.ranked:
+            return ()  # a preference: no value is "better"; max() keeps the first (config order)
         value = v.cur
         rank = (
             value
@@ -5243,8 +5453,8 @@ def decide(field: str, views: list[_View]) -> tuple[Any, _View] | None:
         # anywhere, the furthest position, a like over a dislike), never its "nothing" value.
         # Taking the known servers' value instead cleared that like where the person made it.
         value = functools.reduce(entry.merge, [v.cur for v in views])
-        if value == entry.nothing:
-            return None
+        if value is _CLASH or value == entry.nothing:
+            return None  # nothing to spread, or (a preference) different choices: left alone
         best = max((v for v in views if v.cur == value), key=lambda v: v.when)
     else:
         known = [v for v in views if v.prior is not _UNKNOWN]
@@ -5265,6 +5475,162 @@ def _report_changes(report: dict, person: str, server: str, n: int, sample: str)
     report["changes"] += n
     if len(entry["sample"]) < 10:
         entry["sample"].append(sample)
+
+
+class Preferences:
+    """A person's language and playback preferences (the registry's "person" fields), compared
+    across servers by decide() as an item's fields are: no webhook carries a settings change, so
+    each pass and each RecentCheck round read every server's users (GET /Users: everyone's
+    UserConfiguration in one request per server) and queue what differs as ordinary jobs.
+
+    - changed on one server since the last agreed state → that change goes everywhere;
+    - changed on several between two looks → the first of them in the config's order of servers
+      (Jellyfin keeps no date for a setting; RecentCheck looks every minute, so this is rare);
+    - first sight: a value that is set beats an unset or default one; where servers hold
+      different set values, nothing is chosen for the person: left alone, and said once;
+    - a server whose version cannot take the write (10.8) is read, never written: a change
+      made there still goes to the others.
+    The last agreed state is the ``state`` table's, under the item id PERSON_ITEM."""
+
+    def __init__(self, config: Config, store: Store, library: Library, planner: Planner):
+        self.config = config
+        self.store = store
+        self.library = library
+        self.clients = library.clients
+        self.planner = planner
+
+    def fields(self) -> list[str]:
+        return [f for f in PREFERENCES if self.config.syncs(f)]
+
+    def read(self, server: str) -> dict[str, dict]:
+        """{user id: UserConfiguration} of everyone on ``server``: one GET /Users. (The user
+        index is not touched: a rename's old name is read from it when its webhook is planned.)"""
+        return self.of_users(self.clients[server].users())
+
+    @staticmethod
+    def of_users(users: list[dict]) -> dict[str, dict]:
+        """{user id: UserConfiguration} from a GET /Users answer already read."""
+        return {normalise_id(u["Id"]): dict(u.get("Configuration") or {}) for u in users if u.get("Id")}
+
+    def compare(
+        self,
+        person: str,
+        configs: dict[str, dict],
+        cause: Any,
+        report: dict | None = None,
+        dry_run: bool = False,
+        elsewhere: tuple[str, ...] = (),
+        only_news: bool = False,
+    ) -> list[str]:
+        """Compare one person's preferences; ``configs``: {server: their UserConfiguration},
+        in the config's order. Queues what differs (``cause()`` names why) unless ``dry_run``;
+        returns the targets that got jobs. ``elsewhere``: servers the person has an account on
+        that could not be read now (away): a change goes to them too, and waits for them.
+        ``only_news`` (RecentCheck, every minute): act on changes and first sights only; a
+        disagreement with no change (a write that failed or was a dry run) is left to passes,
+        so it is not queued again every minute."""
+        fields = self.fields()
+        if not fields or not configs or len(configs) + len(elsewhere) < 2:
+            return []
+        states = {srv: self.store.get_state(srv, person, PERSON_ITEM) for srv in configs}
+        on_the_way = self.store.changes_on_the_way(person)
+        undone = self.store.undone_of(person)
+        remember: list[tuple] = []
+        forget: list[tuple] = []
+        apart: list[tuple] = []
+        jobs: list[Observation] = []
+        for field in fields:
+            if any((srv, PERSON_ITEM, field) in on_the_way for srv in configs):
+                continue  # a change of it is still being written: newer than what we read
+            entry = REGISTRY[field]
+            views = []
+            for srv, cfg in configs.items():
+                prior, prior_at = states[srv].get(field, (_UNKNOWN, 0.0))
+                cur = entry.read(cfg)
+                was_undone = undone.get((srv, PERSON_ITEM, field), _UNKNOWN) == cur
+                views.append(_View(srv, PERSON_ITEM, cur, prior, prior_at, 0.0, 0, was_undone))
+            decision = decide(field, views)
+            differ = len({json.dumps(v.cur) for v in views}) > 1
+            news = any(v.prior is _UNKNOWN or v.prior != v.cur for v in views)
+            if only_news and decision is not None and not news:
+                continue
+            if not dry_run and (decision is not None or not differ) and any(v.undone for v in views):
+                forget += [(v.server, person, PERSON_ITEM, field) for v in views if v.undone]
+            if decision is None:
+                if differ and not any(v.undone for v in views):
+                    # A first sight with different choices: none is picked for the person. The
+                    # servers then differ on purpose (as after an undo) until they change one.
+                    self._clash(person, entry, views, report)
+                    apart += [(v.server, person, PERSON_ITEM, field, v.cur) for v in views]
+                remember += self._baseline(person, field, views, None)
+                continue
+            desired, source = decision
+            targets = [v.server for v in views if v.cur != desired]
+            if any(v.prior is not _UNKNOWN and v.prior != v.cur for v in views):
+                targets += elsewhere  # a change: owed to the servers away too (the writer compares)
+            # 10.8: read, never written (ServerVersion.limits says so on its card).
+            targets = [t for t in targets if self._writable(t)]
+            remember += self._baseline(person, field, views, source, set(targets))
+            for target in targets:
+                if report is not None:
+                    sample = f"{entry.label}: {entry.describe(desired)} (from {source.server})"
+                    _report_changes(report, person, target, 1, sample)
+                jobs.append(
+                    Observation(
+                        server=source.server,
+                        user_key=person,
+                        username=person,
+                        item_id=PERSON_ITEM,
+                        item_name=entry.label,
+                        field=field,
+                        value=desired,
+                        observed_at=utcnow(),
+                        targets=(target,),
+                        extra=Carried(event="reconcile"),
+                        kind="order",
+                        cause="",
+                    )
+                )
+        if dry_run:
+            return []
+        if remember:
+            self.store.remember_states(remember)
+        if forget:
+            self.store.forget_undone(forget)
+        if apart:
+            self.store.keep_apart(apart, "clash")
+        if not jobs:
+            return []
+        why = cause()
+        return self.planner.plan([(0, [dataclasses.replace(ob, cause=why) for ob in jobs])])[0]
+
+    def _writable(self, server: str) -> bool:
+        version = self.clients[server].version  # unknown (away since start): the writer will see
+        return version is None or version.writes_user_settings
+
+    @staticmethod
+    def _baseline(
+        person: str, field: str, views: list[_View], source: _View | None, written: set[str] = frozenset()
+    ) -> list[tuple]:
+        """What each server holds now, as the state the next look compares with. A server
+        about to be ``written`` records its own with the job's outcome; one that cannot be
+        written (10.8) records what it holds, so that a change made there later is seen."""
+        rows = []
+        for v in views:
+            if (v.prior is not _UNKNOWN and v.prior == v.cur) or v.server in written:
+                continue
+            rows.append((v.server, person, PERSON_ITEM, field, v.cur, utcnow() if v is source else v.prior_at))
+        return rows
+
+    @staticmethod
+    def _clash(person: str, entry: SyncedField, views: list[_View], report: dict | None) -> None:
+        """Different choices on a first sight: we never pick one for the person. Said once
+        (the field is then kept apart until they change it)."""
+        held = ", ".join(f"{entry.describe(v.cur)} on {v.server}" for v in views)
+        text = f"{person}: {entry.label} differs ({held}): left alone; change it on one server and it follows"
+        if report is not None:
+            report.setdefault("notes", []).append(text)
+        log.info("preferences: %s", text)
 
 
 class Reconciler:
@@ -5292,6 +5658,8 @@ class Reconciler:
         self._read_at = 0.0  # when the person being compared was read
         self.cause = ""  # of the jobs being queued: "pass:<n>" (the journal says why)
         self._known: dict[str, set[str]] = {}  # server → ids in its item index; one pass
+        self.preferences = Preferences(config, store, library, self.planner)
+        self._configs: dict[str, dict[str, dict]] = {}  # server → user id → Configuration; one pass
         self.trigger = threading.Event()
         self.thread: SupervisedThread | None = None
         self.ping: Any = lambda what, body="": None  # healthchecks-style: start, success, fail (Alerts.ping)
@@ -5383,9 +5751,11 @@ class Reconciler:
     def _people(self, report: dict) -> dict[str, dict[str, str]]:
         """Persons present on two or more servers: {person: {server: user id}}."""
         people: dict[str, dict[str, str]] = {}
+        self._configs = {}
         for s in self.config.servers:
             try:
-                self.library.refresh_users_and_index(s.name)
+                # Everyone's preferences come with the users: no request of their own.
+                self._configs[s.name] = Preferences.of_users(self.library.refresh_users_and_index(s.name))
             except JellyfinError as e:
                 report["errors"].append(f"{s.name}: {refused_or(e)}")
                 continue
@@ -5486,6 +5856,13 @@ class Reconciler:
                 report["errors"].append(f"{person}: playlists not compared this pass: {_error_text(e)}")
                 log.warning("reconcile: %s: playlists not compared: %s", person, _error_text(e))
         self.progress["phase"] = f"comparing {person}"
+        configs = {
+            s.name: self._configs[s.name][accounts[s.name]]
+            for s in self.config.servers
+            if accounts.get(s.name) in self._configs.get(s.name, {})
+        }
+        away = tuple(s for s in accounts if s not in configs)
+        self.preferences.compare(person, configs, lambda: self.cause, report, dry_run, away)
         fields = [f for f in FIELDS if self.config.syncs(f)]
         for group in groups:
             report["items_compared"] += 1
@@ -5834,7 +6211,9 @@ class RecentCheck:
     a favourite or a like (the list cannot tell them): webhooks and the periodic passes do.
 
     The first check of a person on a server only notes where the list stands (the startup pass
-    compares everything); later ones report what was played since. Checks that keep finding news while the
+    compares everything); later ones report what was played since. Each round also reads every
+    server's users once (GET /Users holds everyone's UserConfiguration) and compares each
+    person's language and playback preferences (class Preferences). Checks that keep finding news while the
     server posts no webhook feed Syncer.silent_plugin."""
 
     def __init__(self, config: Config, store: Store, library: Library, syncer: Syncer):
@@ -5847,11 +6226,13 @@ class RecentCheck:
         self.stop_event = threading.Event()
         self.thread: SupervisedThread | None = None
         # Cost, for /api/status and the benchmark: requests and response bytes of the checks
-        # so far, and how many (server, person) checks they were.
-        self.cost = {"checks": 0, "requests": 0, "bytes": 0}
+        # so far, and how many (server, person) checks they were; apart, the GET /Users per server
+        # and round that reads everyone's preferences.
+        self.cost = {"checks": 0, "requests": 0, "bytes": 0, "settings_requests": 0, "settings_bytes": 0}
         self.last_run: dict[str, float] = {}  # server → when its people were last checked
         self.news = 0  # observations found that no webhook had brought, since start
         self._cause = ""
+        self.preferences = Preferences(config, store, library, self.planner)
 
     def start(self) -> None:
         self.thread = SupervisedThread("recent-check", self._loop)
@@ -5896,7 +6277,54 @@ class RecentCheck:
                 self.syncer.unbrought[s.name].append(utcnow())
                 log.info("recent check: %d change(s) on %s that no webhook brought: queued", here, s.name)
             found += here
+        if self.preferences.fields() and not self.stop_event.is_set():
+            self._preferences(people)
         return found
+
+    def _preferences(self, people: dict[str, dict[str, tuple[str, str]]]) -> int:
+        """Everyone's language and playback preferences: one GET /Users per reachable server
+        (every person's Configuration is in it), compared by Preferences. Returns the jobs queued."""
+        configs: dict[str, dict[str, dict]] = {}
+        for s in self.config.servers:
+            health = self.syncer.health.get(s.name) or {}
+            if health.get("reachable") is False or health.get("key_refused"):
+                continue
+            client = self.clients[s.name]
+            requests, read = client.thread_counts()
+            try:
+                configs[s.name] = self.preferences.read(s.name)
+            except JellyfinError as e:
+                log.info("recent check: %s: preferences not read: %s", s.name, e)
+            finally:
+                now_requests, now_read = client.thread_counts()
+                # Per server, not per person: counted apart from the checks' per-person cost.
+                self.cost["settings_requests"] += now_requests - requests
+                self.cost["settings_bytes"] += now_read - read
+        queued = 0
+        for person, accounts in sorted(people.items()):
+            mine = {
+                srv: configs[srv][accounts[srv][0]]
+                for srv in configs
+                if srv in accounts and accounts[srv][0] in configs[srv]
+            }
+            away = tuple(srv for srv in accounts if srv not in mine)
+            try:
+                woken = self.preferences.compare(person, mine, self._numbered, elsewhere=away, only_news=True)
+            except SyncError as e:
+                log.warning("recent check: %s: preferences: %s", person, e)
+                continue
+            queued += len(woken)
+            for target in woken:
+                self.syncer.wake_target(target)
+        if queued:
+            log.info("recent check: preferences changed: %d server(s) to update", queued)
+        return queued
+
+    def _numbered(self) -> str:
+        """This round's cause ("check:<n>"), numbered once it queues something."""
+        if not self._cause:
+            self._cause = f"check:{self.store.next_number('check')}"
+        return self._cause
 
     def _people(self) -> dict[str, dict[str, tuple[str, str]]]:
         """{person: {server: (user id, user name)}} of synced people with accounts on two or more
@@ -5977,8 +6405,7 @@ class RecentCheck:
 
     def _observations(self, server: str, person: str, username: str, item_id: str, entry: dict) -> list[Observation]:
         dto, when = entry["_dto"], entry["_when"]
-        if not self._cause:
-            self._cause = f"check:{self.store.next_number('check')}"
+        self._numbered()
         targets = tuple(s.name for s in self.config.servers if s.name != server)
         ud = dto.get("UserData") or {}
         observed = self.planner.not_ahead(server, "LastPlayedDate", when, utcnow())
@@ -6188,7 +6615,11 @@ class Undo:
         for (user_key, source, source_item_id, fld), targets in groups.items():
             first = next(iter(targets.values()))
             try:
-                src = self.library.source_item(source, source_item_id) if source_item_id else None
+                src = (
+                    self.library.source_item(source, source_item_id)
+                    if source_item_id not in (None, PERSON_ITEM)
+                    else None
+                )
             except SyncError:
                 src = None
             for s in self.config.servers:
@@ -6197,6 +6628,8 @@ class Undo:
                 if ch is None and src is not None and s.name != source:
                     found = self.library.lookup(src, s.name)
                 iid = ch.item_id if ch is not None else found.item_id if found is not None else None
+                if source_item_id == PERSON_ITEM and iid is None and self._has_account(s.name, user_key):
+                    iid = PERSON_ITEM  # a preference: every server the person has an account on
                 if iid is None:
                     continue  # not on that server (or not matched): nothing to say there
                 put_back = ch is not None and ch.verdict == "undo"
@@ -6212,6 +6645,12 @@ class Undo:
             out.setdefault(server, []).append(line)
         return out
 
+    def _has_account(self, server: str, user_key: str) -> bool:
+        try:
+            return self.library.user(server, self.config.name_on(user_key, server), refresh_on_miss=False) is not None
+        except SyncError:
+            return False
+
     def _read_values(self, wanted: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str, str], dict]:
         """{(server, person, item id): its fields now}; what cannot be read is left out."""
         out: dict[tuple[str, str, str], dict] = {}
@@ -6220,11 +6659,21 @@ class Undo:
                 user_id = self.library.user_id(server, user_key)
                 if user_id is None:
                     continue
-                data = self.library.clients[server].user_data_many(user_id, sorted(ids))
+                data = self._fields_now(server, user_id, ids)
             except SyncError:
                 continue
-            for iid, ud in data.items():
-                out[(server, user_key, iid)] = read_fields(ud)
+            for iid, fields in data.items():
+                out[(server, user_key, iid)] = fields
+        return out
+
+    def _fields_now(self, server: str, user_id: str, ids: set[str]) -> dict[str, dict]:
+        """{item id: its fields now} of one person on ``server``, a hundred items per request;
+        PERSON_ITEM: their preferences (their UserConfiguration)."""
+        client = self.library.clients[server]
+        items = sorted(i for i in ids if i != PERSON_ITEM)
+        out = {iid: read_fields(ud) for iid, ud in (client.user_data_many(user_id, items) if items else {}).items()}
+        if PERSON_ITEM in ids:
+            out[PERSON_ITEM] = read_preferences(client.user_configuration(user_id))
         return out
 
     def _read_now(self, changes: list[UndoChange]) -> None:
@@ -6237,17 +6686,17 @@ class Undo:
                 user_id = self.library.user_id(server, user_key)
                 if user_id is None:
                     raise SyncError(f"no user for {user_key} on {server}")
-                data = self.library.clients[server].user_data_many(user_id, sorted({c.item_id for c in group}))
+                data = self._fields_now(server, user_id, {c.item_id for c in group})
             except SyncError as e:
                 for ch in group:
                     ch.error = f"cannot read it now: {e}"
                 continue
             for ch in group:
-                ud = data.get(ch.item_id)
-                if ud is None:
+                fields = data.get(ch.item_id)
+                if fields is None:
                     ch.error = f"no longer on {server}"
                 else:
-                    ch.now = read_fields(ud)[ch.field]
+                    ch.now = fields[ch.field]
 
     def apply(self, raw_scope: dict, only: Any = None, kind: str = "undo") -> dict:
         """Preview, then queue the changes it found (the writer checks each target once more);

@@ -140,6 +140,7 @@ class FakeJellyfin:
         }
         self.plugin_saves = 0
         self.date_played_reads = 0  # user item lists sorted by DatePlayed (the recent check)
+        self.configuration_writes = 0  # POSTs of a user's Configuration
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -197,8 +198,53 @@ class FakeJellyfin:
     # data set-up
     def add_user(self, name: str, admin: bool = False) -> str:
         uid = hexid()
-        self.users[uid] = {"Name": name, "Id": uid, "Policy": {"IsAdministrator": admin}}
+        self.users[uid] = {
+            "Name": name,
+            "Id": uid,
+            "Policy": {"IsAdministrator": admin},
+            "Configuration": self._user_configuration({}),
+        }
         return uid
+
+    def _user_configuration(self, sent: dict) -> dict:
+        """A UserConfiguration as UserManager.UpdateConfigurationAsync stores it and GetUserDto
+        returns it: every field not sent falls back to the DTO's default (the UserConfiguration
+        constructor), so a write replaces the whole object. A null AudioLanguagePreference is
+        left out of the answer (JsonDefaults: WhenWritingNull); SubtitleLanguagePreference comes
+        back "" (GetUserDto: ``?? string.Empty``). The four library-id lists hold this server's
+        own ids: a person's home screen order and exclusions, meaningless on another server."""
+        views = [hexid(), hexid()]  # what a new user gets here: this server's libraries
+        out = {
+            "PlayDefaultAudioTrack": sent.get("PlayDefaultAudioTrack", True),
+            "SubtitleLanguagePreference": sent.get("SubtitleLanguagePreference") or "",
+            "DisplayMissingEpisodes": sent.get("DisplayMissingEpisodes", False),
+            "GroupedFolders": sent.get("GroupedFolders", []),
+            "SubtitleMode": sent.get("SubtitleMode", "Default"),
+            "DisplayCollectionsView": sent.get("DisplayCollectionsView", False),
+            "EnableLocalPassword": sent.get("EnableLocalPassword", False),
+            "OrderedViews": sent.get("OrderedViews", views if not sent else []),
+            "LatestItemsExcludes": sent.get("LatestItemsExcludes", []),
+            "MyMediaExcludes": sent.get("MyMediaExcludes", views[1:] if not sent else []),
+            "HidePlayedInLatest": sent.get("HidePlayedInLatest", True),
+            "RememberAudioSelections": sent.get("RememberAudioSelections", True),
+            "RememberSubtitleSelections": sent.get("RememberSubtitleSelections", True),
+            "EnableNextEpisodeAutoPlay": sent.get("EnableNextEpisodeAutoPlay", True),
+        }
+        if sent.get("AudioLanguagePreference") is not None:
+            out["AudioLanguagePreference"] = sent["AudioLanguagePreference"]
+        return out
+
+    def user_sets(self, user: str, **settings) -> None:
+        """A person changes their own settings in a client (Settings → Playback / Subtitles):
+        the client sends its whole Configuration back with these changed. No webhook fires."""
+        with self.lock:
+            uid = self.user(user)
+            self.users[uid]["Configuration"] = self._user_configuration(
+                {**self.users[uid]["Configuration"], **settings}
+            )
+
+    def configuration(self, user: str) -> dict:
+        return copy.deepcopy(self.users[self.user(user)]["Configuration"])
 
     def add_item(
         self,
@@ -369,6 +415,16 @@ class FakeJellyfin:
     def delete_user(self, uid: str) -> None:
         self.fire_user("UserDeleted", uid)
         del self.users[uid]
+
+    def _update_configuration(self, uid: str, body: dict):
+        """UserManager.UpdateConfigurationAsync: the whole object is replaced by what was sent
+        (no webhook fires: the plugin has no notification for it)."""
+        if uid not in self.users:
+            return 404, None  # v10.11.8: GetUserById → null → NotFound
+        with self.lock:
+            self.users[uid]["Configuration"] = self._user_configuration(body or {})
+            self.configuration_writes += 1
+        return 204, None
 
     def _rename_user(self, uid: str, name: str):
         self.users[uid]["Name"] = name
@@ -674,6 +730,21 @@ class FakeJellyfin:
                 return (500 if self.legacy else 404), None
             self.delete_user(uid)
             return 204, None
+        if seg == ["Users", "Configuration"] and method == "POST":
+            # UserController.UpdateUserConfiguration (10.9+, v10.11.8): ``userId ?? User.GetUserId()``;
+            # an API key has no user, so without userId GetUserById(Guid.Empty) fails (400).
+            if self.legacy:
+                return 404, None  # no such route on 10.8
+            if not q.get("userid"):
+                return 400, None
+            return self._update_configuration(q["userid"], body)
+        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Configuration" and method == "POST":
+            # 10.8: the only route, and RequestHelpers.AssertCanUpdateUser @v10.8.13 dereferences
+            # auth.User, null for an API key: 500 (jellyfin#8287, fixed in 10.9). 10.9+: still
+            # routed (UpdateUserConfigurationLegacy → UpdateUserConfiguration).
+            if self.legacy:
+                return 500, None
+            return self._update_configuration(seg[1], body)
         if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Policy" and method == "POST":
             self.users[seg[1]]["Policy"] = body
             return 204, None
@@ -6873,3 +6944,227 @@ if __name__ == "__main__":
         load_test(float(rest[0]) if rest else 60.0)
     else:
         sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# ── Issue 26.2: preferences follow the person ───────────────────────────────
+
+# The library-id lists and the display choices a UserConfiguration also holds: never copied.
+NOT_OURS = (
+    "OrderedViews",
+    "GroupedFolders",
+    "MyMediaExcludes",
+    "LatestItemsExcludes",
+    "DisplayMissingEpisodes",
+    "HidePlayedInLatest",
+)
+
+
+def settings_of(c: Cluster, user: str = "alice") -> dict[str, dict]:
+    return {f.name: f.configuration(user) for f in c.fakes}
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [
+        ("10.8.13", "10.9.11", "10.10.7"),  # a 10.8 source: read there, written on the others
+        ("10.9.11", "10.10.7", "10.11.8"),
+        ("10.11.8", "12.0.0", "10.9.11"),
+    ],
+)
+def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(cluster, versions):
+    c = cluster(versions=versions)
+    home, parents, public = c["home"], c["parents"], c["public"]
+    parents.user_sets("alice", DisplayMissingEpisodes=True, HidePlayedInLatest=False)  # theirs alone
+    reconcile(c)  # first sight: everyone's defaults agree, nothing to write
+    assert [f.configuration_writes for f in c.fakes] == [0, 0, 0]
+    before = settings_of(c)
+    home.user_sets("alice", SubtitleLanguagePreference="fre")
+    report = reconcile(c)
+    assert report["changes"] == 2, report
+    for f in (parents, public):
+        now = f.configuration("alice")
+        assert now["SubtitleLanguagePreference"] == "fre", f.name
+        assert now == {**before[f.name], "SubtitleLanguagePreference": "fre"}, f"only that field on {f.name}"
+        assert [now[k] for k in NOT_OURS] == [before[f.name][k] for k in NOT_OURS]
+        assert f.configuration("bob")["SubtitleLanguagePreference"] == "", "another person's settings"
+    assert home.configuration_writes == 0, "nothing written back where it was made"
+    entry = journal(c, target="parents", field="subtitle_language")[0]
+    assert (entry["item_name"], entry["old"], entry["new"]) == ("subtitle language", "none", "fre"), entry
+    assert entry["before"] == {"subtitle_language": ""} and entry["after"] == {"subtitle_language": "fre"}
+    feed = c.svc.call("GET", "/api/sync-log?target=parents&result=ok")[1]["entries"][0]
+    assert feed["field_word"] == "subtitle language" and (feed["old"], feed["new"]) == ("none", "fre")
+    # Undo that one entry: parents gets its old value back; the others keep French.
+    status, preview = undo(c, id=entry["id"])
+    assert status == 200 and preview["servers"]["parents"]["undo"] == 1, preview
+    assert preview["servers"]["parents"]["sample"] == ["alice: subtitle language: fre → none"], preview
+    assert preview["afterwards"] == {
+        "home": ["alice: subtitle language: fre (as now)"],
+        "parents": ["alice: subtitle language: none (put back)"],
+        "public": ["alice: subtitle language: fre (as now)"],
+    }, preview
+    status, done = undo(c, dry_run=False, id=entry["id"])
+    assert status == 202, done
+    eventually(lambda: parents.configuration("alice")["SubtitleLanguagePreference"] == "", what="the undo")
+    c.settle()
+    assert parents.configuration("alice") == before["parents"], "the undo, too, changes only that field"
+    reconcile(c)  # a later pass does not spread French back to parents, nor the undo to the others
+    assert parents.configuration("alice")["SubtitleLanguagePreference"] == ""
+    assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    assert public.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    # The person changes it again on home: that change goes everywhere, parents included.
+    home.user_sets("alice", SubtitleLanguagePreference="ger")
+    reconcile(c)
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["ger"] * 3
+
+
+def test_a_preference_changed_on_home_arrives_within_the_recent_check_and_then_costs_nothing(cluster):
+    c = cluster(versions=("10.10.7", "10.9.11", "12.0.0"), extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    recent_rounds(c, 1)
+    before = settings_of(c)
+    home.user_sets("alice", AudioLanguagePreference="jpn", SubtitleMode="Always", EnableNextEpisodeAutoPlay=False)
+    wanted = {"AudioLanguagePreference": "jpn", "SubtitleMode": "Always", "EnableNextEpisodeAutoPlay": False}
+    for f in (parents, public):
+        eventually(lambda f=f: f.configuration("alice") == {**before[f.name], **wanted}, what=f"on {f.name}")
+    c.settle()
+    entries = journal(c, target="public")
+    assert {(e["item_name"], e["old"], e["new"]) for e in entries} == {
+        ("audio language", "none", "jpn"),
+        ("subtitle mode", "default", "always"),
+        ("play next episode automatically", "on", "off"),
+    }, entries
+    assert all(e["cause"].startswith("check:") for e in entries), entries
+    # In step: later rounds read each server's users once and write nothing.
+    writes = [f.configuration_writes for f in c.fakes]
+    reads = [f.requests.count(("GET", "/Users")) for f in c.fakes]
+    recent_rounds(c, 2)
+    assert [f.configuration_writes for f in c.fakes] == writes
+    assert all(f.requests.count(("GET", "/Users")) - n <= 3 for f, n in zip(c.fakes, reads, strict=True))
+
+
+def test_a_jellyfin_10_8_server_is_read_but_never_written(cluster):
+    c = cluster(versions=("10.11.8", "10.8.13", "12.0.0"))
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_sets("alice", SubtitleLanguagePreference="fre")  # set before we first look
+    reconcile(c)
+    assert public.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    home.user_sets("alice", AudioLanguagePreference="eng")
+    report = reconcile(c)
+    assert public.configuration("alice")["AudioLanguagePreference"] == "eng"
+    assert "AudioLanguagePreference" not in parents.configuration("alice")
+    assert parents.configuration_writes == 0 and list(report["users"]["alice"]) == ["public"], report
+    card = next(s for s in c.svc.call("GET", "/api/status")[1]["servers"] if s["name"] == "parents")
+    assert any("preferences cannot be written" in line for line in card["limits"]), card
+    # A change made on the 10.8 server still goes to the others — the audio language too,
+    # which it never took from home.
+    parents.user_sets("alice", PlayDefaultAudioTrack=False, AudioLanguagePreference="spa")
+    parents.user_sets("alice", SubtitleLanguagePreference="ita")
+    reconcile(c)
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["ita"] * 3
+    assert not home.configuration("alice")["PlayDefaultAudioTrack"]
+    assert not public.configuration("alice")["PlayDefaultAudioTrack"]
+    assert home.configuration("alice")["AudioLanguagePreference"] == "spa"
+    assert public.configuration("alice")["AudioLanguagePreference"] == "spa"
+
+
+def test_first_sight_a_set_preference_wins_different_ones_are_left_alone_and_said(cluster):
+    c = cluster()
+    home, parents, public = c["home"], c["parents"], c["public"]
+    home.user_sets("alice", AudioLanguagePreference="fre", SubtitleLanguagePreference="eng")
+    parents.user_sets("alice", AudioLanguagePreference="ger")
+    report = reconcile(c)
+    # Subtitles: set on home only → everywhere. Audio: French and German → nobody's is chosen.
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["eng"] * 3
+    assert [f.configuration("alice").get("AudioLanguagePreference") for f in c.fakes] == ["fre", "ger", None]
+    assert any("audio language differs" in note for note in report["notes"]), report
+    reconcile(c)
+    assert public.configuration("alice").get("AudioLanguagePreference") is None, "still left alone"
+    # The person chooses on one server: that choice follows everywhere.
+    parents.user_sets("alice", AudioLanguagePreference="spa")
+    reconcile(c)
+    assert [f.configuration("alice")["AudioLanguagePreference"] for f in c.fakes] == ["spa"] * 3
+    # Changed on two servers between two passes: the first in the config's order wins.
+    public.user_sets("alice", SubtitleLanguagePreference="ita")
+    home.user_sets("alice", SubtitleLanguagePreference="por")
+    reconcile(c)
+    assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["por"] * 3
+
+
+def test_with_preferences_switched_off_nothing_is_written(cluster):
+    c = cluster(preferences=False, extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home = c["home"]
+    recent_rounds(c, 1)
+    home.user_sets("alice", SubtitleLanguagePreference="fre", RememberAudioSelections=False)
+    recent_rounds(c, 2)
+    reconcile(c)
+    assert [f.configuration_writes for f in c.fakes] == [0, 0, 0]
+    assert c["parents"].configuration("alice")["SubtitleLanguagePreference"] == ""
+    fields = {f["name"]: f for f in c.svc.call("GET", "/api/fields")[1]["fields"]}
+    assert fields["subtitle_language"] == {
+        "name": "subtitle_language",
+        "label": "subtitle language",
+        "scope": "person",
+        "show": "value",
+        "enabled": False,
+    }
+
+
+def test_a_preference_owed_to_a_server_that_is_away_goes_when_it_answers_and_dry_run_writes_nothing(cluster):
+    c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
+    home, parents, public = c["home"], c["parents"], c["public"]
+    recent_rounds(c, 1)
+    parents.go_away()
+    home.user_sets("alice", RememberSubtitleSelections=False)
+    eventually(lambda: not public.configuration("alice")["RememberSubtitleSelections"], what="on public")
+    parents.come_back()
+    eventually(lambda: not parents.configuration("alice")["RememberSubtitleSelections"], 30, what="on parents")
+    c.settle()
+    # sync.dry_run: decided and logged once, written nowhere — not again at every round.
+    c.svc.stop()
+    c.config = dataclasses.replace(c.config, sync=dataclasses.replace(c.config.sync, dry_run=True))
+    c.start()
+    recent_rounds(c, 1)
+    home.user_sets("alice", SubtitleMode="OnlyForced")
+    dry = lambda: journal_rows(c, "dry_run")  # noqa: E731
+    eventually(lambda: len(dry()) == 2, what="the dry run's two decisions")
+    recent_rounds(c, 3)
+    assert len(dry()) == 2, dry()
+    assert parents.configuration("alice")["SubtitleMode"] == public.configuration("alice")["SubtitleMode"] == "Default"
+
+
+def journal_rows(c: Cluster, result: str) -> list[dict]:
+    entries = c.svc.call("GET", f"/api/sync-log?result={result}&limit=100")[1]["entries"]
+    return [e for e in entries if e["field"] in jds.PREFERENCES]
+
+
+def test_a_failed_preference_write_is_retried_by_the_next_pass_and_then_shown_resolved(cluster, monkeypatch):
+    monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)  # each check also looks at what failed
+    c = cluster(max_retries=0)
+    home, parents = c["home"], c["parents"]
+    reconcile(c)
+    parents.writes_fail_items = {"/Users/Configuration"}  # parents answers, but refuses this write
+    home.user_sets("alice", SubtitleLanguagePreference="fre")
+    reconcile(c)
+    failed = eventually(lambda: [r for r in problem_rows(c)[1] if r["state"] == "failed"], what="a failed write")
+    assert failed[0]["fields"] == ["subtitle_language"], failed
+    assert c["public"].configuration("alice")["SubtitleLanguagePreference"] == "fre", "the others are not held up"
+    parents.writes_fail_items = set()
+    reconcile(c)  # no change since, but the servers disagree: the value recorded last (home's) goes
+    assert parents.configuration("alice")["SubtitleLanguagePreference"] == "fre"
+    eventually(lambda: {r["state"] for r in problem_rows(c)[1]} == {"resolved"}, what="shown resolved")
+    assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre", "never spread back"
+
+
+def test_switching_preferences_off_or_clearing_a_language_is_no_removal_for_the_brake(cluster):
+    # Removals settle for a minute here and the brake holds a second one: neither may apply.
+    c = cluster(extra={"safety": {"brake_items": 1, "removal_delay_seconds": 60}})
+    home, parents = c["home"], c["parents"]
+    home.user_sets("alice", AudioLanguagePreference="fre")
+    reconcile(c)  # reconcile() waits for an empty queue: a minute's settling would time it out
+    off = dict(PlayDefaultAudioTrack=False, RememberAudioSelections=False, EnableNextEpisodeAutoPlay=False)
+    home.user_sets("alice", AudioLanguagePreference=None, **off)
+    reconcile(c)
+    now = parents.configuration("alice")
+    assert "AudioLanguagePreference" not in now or now["AudioLanguagePreference"] in ("", None), now
+    assert [now[k] for k in off] == [False] * 3, now
+    assert c.svc.call("GET", "/api/held")[1]["held"] == [], "nothing held by the brake"
