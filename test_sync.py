@@ -129,7 +129,9 @@ class FakeJellyfin:
         self.echo_threads: list[threading.Thread] = []
         self.webhooks_sent = 0
         self.bytes_sent = 0  # response bodies (for the benchmarks' "MB read")
-        self.in_flight = self.max_in_flight = 0  # requests being answered at once, and the most seen
+        # Writes being answered at once, and the most seen (reads — a pass's lists, a health
+        # check — may overlap them from other threads: only the writers' connections are counted).
+        self.in_flight = self.max_in_flight = 0
         self.closed = False
         # The Webhook plugin: installed, with someone's own destination already in it.
         self.plugin_installed = True
@@ -685,9 +687,10 @@ class FakeJellyfin:
             return self._reply(h, 503, None)
         if not self._authorised(h, query):
             return self._reply(h, 401, None)
+        writing = h.command == "POST" and bool(WRITE_ROUTES.search(path))
         with self.lock:
             self.requests.append((h.command, path))
-            self.in_flight += 1
+            self.in_flight += writing
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if self.delay:
@@ -697,7 +700,7 @@ class FakeJellyfin:
             status, out = (500, None) if self.legacy else (404, None)
         finally:
             with self.lock:
-                self.in_flight -= 1
+                self.in_flight -= writing
         self._reply(h, status, out)
 
     def _reply(self, h, status: int, out) -> None:
@@ -6928,24 +6931,6 @@ def test_a_title_with_accents_is_found_in_the_journal_and_the_sync_log(cluster):
         assert status == 200 and [e["item_name"] for e in page["entries"]] == ["Amélie — le film"], (path, page)
 
 
-if __name__ == "__main__":
-    if "--benchmark" in sys.argv:
-        benchmark()
-    elif "--intake-benchmark" in sys.argv:
-        distinct_intake_benchmark()
-    elif "--reconcile-benchmark" in sys.argv:
-        rest = sys.argv[sys.argv.index("--reconcile-benchmark") + 1 :]
-        reconcile_benchmark(items=int(rest[0]) if rest else 20_000)
-    elif "--dashboard-cpu" in sys.argv:
-        rest = sys.argv[sys.argv.index("--dashboard-cpu") + 1 :]
-        dashboard_cpu(float(rest[0]) if rest else 10.0, rest[1] if len(rest) > 1 else None)
-    elif "--load" in sys.argv:
-        rest = sys.argv[sys.argv.index("--load") + 1 :]
-        load_test(float(rest[0]) if rest else 60.0)
-    else:
-        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
-
-
 # ── Issue 26.2: preferences follow the person ───────────────────────────────
 
 # The library-id lists and the display choices a UserConfiguration also holds: never copied.
@@ -7168,3 +7153,21 @@ def test_switching_preferences_off_or_clearing_a_language_is_no_removal_for_the_
     assert "AudioLanguagePreference" not in now or now["AudioLanguagePreference"] in ("", None), now
     assert [now[k] for k in off] == [False] * 3, now
     assert c.svc.call("GET", "/api/held")[1]["held"] == [], "nothing held by the brake"
+
+
+if __name__ == "__main__":
+    if "--benchmark" in sys.argv:
+        benchmark()
+    elif "--intake-benchmark" in sys.argv:
+        distinct_intake_benchmark()
+    elif "--reconcile-benchmark" in sys.argv:
+        rest = sys.argv[sys.argv.index("--reconcile-benchmark") + 1 :]
+        reconcile_benchmark(items=int(rest[0]) if rest else 20_000)
+    elif "--dashboard-cpu" in sys.argv:
+        rest = sys.argv[sys.argv.index("--dashboard-cpu") + 1 :]
+        dashboard_cpu(float(rest[0]) if rest else 10.0, rest[1] if len(rest) > 1 else None)
+    elif "--load" in sys.argv:
+        rest = sys.argv[sys.argv.index("--load") + 1 :]
+        load_test(float(rest[0]) if rest else 60.0)
+    else:
+        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
