@@ -4712,6 +4712,7 @@ class ServerHealth:
         client = self.clients[name]
         started = time.monotonic()
         state = self.state[name]
+        was = state["reachable"]
         try:
             info = client.info()
             state.update(
@@ -4719,6 +4720,8 @@ class ServerHealth:
                 version=info.get("Version"),
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
+            if was is False:
+                log.info("%s: answers again", name)
             # /System/Info/Public answers without a key: a refused key shows only on a call
             # that needs one. GET /Users is the cheapest every version has (docs/jellyfin.md §2).
             client.users()
@@ -4731,6 +4734,8 @@ class ServerHealth:
                 log.warning("%s: %s — nothing is written there until it is fixed", name, refused_or(e))
             state.update(healthy=False, key_refused=refused, error=refused_or(e))
             if not refused:
+                if was is not False:  # said once, when it starts (and at start): the card keeps it
+                    log.warning("%s: cannot be reached: %s — what is owed to it waits until it answers", name, e)
                 state.update(reachable=False, latency_ms=None)
                 client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
             state["down_since"] = state["down_since"] or utcnow()
@@ -5213,7 +5218,7 @@ class Syncer:
         however long it was away."""
         state = self.server_health.check(name)
         if state["healthy"] and self.store.wake_unreachable(name):
-            log.info("%s: answers again: the changes that waited for it go now", name)
+            log.info("%s: the changes that waited for it go now", name)
             self.wake_target(name)
         return state
 
@@ -5746,6 +5751,8 @@ class Reconciler:
             "found" if dry_run else "queued",
             report["seconds"],
         )
+        for error in report["errors"]:  # said where people look: a pass that read nothing is no success
+            log.warning("reconcile: %s", error)
         return report
 
     def _people(self, report: dict) -> dict[str, dict[str, str]]:
@@ -8383,7 +8390,8 @@ class Web:
         return {
             "destinations": [{"to": url_shown(u), "format": alert_format(u)[0]} for u in self.config.alerts.urls],
             "healthchecks": url_shown(self.config.alerts.healthchecks_url),
-            "active": [{"condition": k, "message": v} for k, v in sorted(alerts.active.items())],
+            # The conditions now (also without destinations, when nobody is told of them).
+            "active": [{"condition": k, "message": v} for k, v in sorted(alerts.conditions().items())],
             "recent": list(alerts.recent),
         }
 

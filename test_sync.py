@@ -5359,8 +5359,10 @@ def server_status(c: Cluster, name: str) -> dict:
     return next(s for s in c.svc.call("GET", "/api/status")[1]["servers"] if s["name"] == name)
 
 
-def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers(cluster):
-    c = cluster(max_retries=2)  # every retry together lasts 0.2 + 0.4 s
+def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers(cluster, caplog):
+    # Every retry together lasts 0.2 + 0.4 s; the alert condition comes after 1.2 s away.
+    c = cluster(max_retries=2, extra={"alerts": {"unreachable_minutes": 0.02}})
+    caplog.set_level(logging.INFO, logger="jellyfin_db_sync")
     home, parents = c["home"], c["parents"]
     parents.go_away()
     home.user_favourites("alice", "Dune", True)  # reports the rating too: two jobs, one action
@@ -5381,6 +5383,12 @@ def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers
     health = c.svc.service.syncer.health["parents"]
     eventually(lambda: health["checked_at"] > away_since + 3, what="parents away for a while")
     assert problem_rows(c)[1] == [], "nothing failed while parents was away"
+    # Said where a person looks: once in the log (not at every check), and as an alert condition
+    # on /api/alerts even with no alert destination configured.
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("parents: cannot be reached")]
+    assert len(said) == 1 and "what is owed to it waits" in said[0], said
+    active = c.svc.call("GET", "/api/alerts")[1]["active"]
+    assert [a["condition"] for a in active] == ["unreachable:parents"], active
     parents.come_back()  # no "Run now", no Retry: it arrives by itself
     eventually(
         lambda: parents.ud("alice", "Dune")["IsFavorite"] and parents.ud("bob", "Heat")["Played"],
@@ -5389,6 +5397,7 @@ def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers
     c.settle()
     assert problem_rows(c) == ([], [])
     assert server_status(c, "parents")["healthy"] is True
+    assert "parents: answers again" in caplog.text and c.svc.call("GET", "/api/alerts")[1]["active"] == []
 
 
 def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_the_rest(cluster, monkeypatch):
