@@ -3561,7 +3561,7 @@ class SyncedField:
     debounced: bool = False  # progress reports: written once they stop coming for a moment
     write: Any = None  # WriteRequest → the new UserItemDataDto (or {})
     from_file: Any = None  # an export file's value (people may edit it) → a sound value
-    show: str = "value"  # how the dashboard shows a value: value, yes/no, ticks, date
+    show: str = "value"  # how the dashboard shows a value: value, yes/no, like, ticks, date
     undoable: bool = True
     # Changed on several servers at once with no date to tell: True → the "positive" value wins
     # (played, favourite, the further position); False → the first server in the config's order.
@@ -3844,7 +3844,7 @@ REGISTRY: dict[str, SyncedField] = {
             left_list_ambiguous=True,
             from_file=lambda v: v if v is True or v is False else None,
             write=lambda w: w.client.set_likes(w.user_id, w.item_id, w.want),
-            show="yes/no",
+            show="like",  # three states: liked, disliked, none
             folders=True,
         ),
         # Written with "played" (the count and date of a play travel with it): shown and exported.

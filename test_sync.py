@@ -4178,6 +4178,7 @@ def test_the_inspector_says_why_an_item_is_not_synced_and_syncs_it(cluster):
     # Its rows and their words come with the answer, from the field registry (no second copy in app.js).
     shown = {f["name"]: (f["label"], f["show"]) for f in found["fields"]}
     assert shown["favorite"] == ("favourite", "yes/no") and shown["position"] == ("position", "ticks")
+    assert shown["likes"] == ("rating", "like")  # three states: the page says liked or disliked
     assert shown["last_played"] == ("last played", "date") and "user_create" not in shown
     status, nope = c.svc.call("GET", "/api/inspect?q=nope&person=alice")
     missing = next(e for e in nope["servers"] if e["server"] == "parents")

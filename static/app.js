@@ -475,6 +475,7 @@ function shown(show, value) {
   if (value === null || value === undefined) return "–";
   if (show === "ticks") return value ? `${Math.round(value / 600000000)} min` : "0";
   if (show === "date") return ago(value);
+  if (show === "like") return value ? "liked" : "disliked";
   if (value === true) return "yes";
   if (value === false) return "no";
   return String(value);
