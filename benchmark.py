@@ -1,0 +1,589 @@
+"""The figures in the README, measured against the fake Jellyfin servers of test_sync.py.
+
+    python benchmark.py                    # the README's figures (prints, asserts nothing on time)
+    python benchmark.py --intake           # distinct changes posted while they are written
+    python benchmark.py --reconcile [N]    # a full pass over N items (20,000 unless told)
+    python benchmark.py --load [S]         # S seconds of webhooks from 20 senders (60 unless told)
+    python benchmark.py --dashboard-cpu [M [DIR]]  # CPU with 3 dashboards open for M minutes
+
+The old spellings (--benchmark, --intake-benchmark, --reconcile-benchmark) still work. These are
+commands, not tests: they live apart so the test file holds tests only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
+from pathlib import Path
+
+import jellyfin_db_sync as jds
+from test_sync import (
+    BLANK_USER_DATA,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    HERE,
+    FakeJellyfin,
+    LeanClient,
+    eventually,
+    free_port,
+    iso,
+    memory_mb,
+    shut_down,
+    start_process,
+    write_config,
+)
+
+
+def benchmark() -> None:  # pragma: no cover - a command, not a test
+    """Print the figures the README promises; asserts nothing about time."""
+    tmp = Path(tempfile.mkdtemp(prefix="jds-bench-"))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    home, parents = fakes
+    for f in fakes:
+        f.add_user("alice")
+        f.add_library(20_000)
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=2)
+    proc = start_process(cfg, port)
+    try:
+        uid = home.user("alice")
+        items = list(home.items)
+        # Warm up: build both item indexes.
+        warm = home.payload(
+            "UserDataSaved",
+            uid,
+            items[0],
+            dict(home.ud(uid, items[0]), Played=True, PlayCount=1),
+            SaveReason="TogglePlayed",
+        )
+        home.webhook_url = f"http://127.0.0.1:{port}/webhook/home"
+        parents.webhook_url = f"http://127.0.0.1:{port}/webhook/parents"
+        _post(port, "/webhook/home", warm)
+        eventually(lambda: parents.ud("alice", "Film 0")["Played"], 120, what="index build")
+        time.sleep(1)
+
+        # 1. latency: webhook → target write, for single played changes
+        lat = []
+        for i in range(1, 41):
+            iid = items[i]
+            body = home.played_payload(uid, iid)
+            t0 = time.perf_counter()
+            _post(port, "/webhook/home", body)
+            eventually(lambda n=f"Film {i}": parents.ud("alice", n)["Played"], 10, 0.001)
+            lat.append(time.perf_counter() - t0)
+        time.sleep(0.5)
+
+        # 2. REST requests per synced change per target, warm caches
+        before = len(parents.requests)
+        n = 50
+        for i in range(100, 100 + n):
+            iid = items[i]
+            _post(
+                port,
+                "/webhook/home",
+                home.payload(
+                    "UserDataSaved",
+                    uid,
+                    iid,
+                    dict(home.ud(uid, iid), IsFavorite=True),
+                    SaveReason="UpdateUserRating",
+                    Favorite=True,
+                ),
+            )
+        eventually(lambda: all(parents.ud("alice", f"Film {i}")["IsFavorite"] for i in range(100, 100 + n)), 60)
+        time.sleep(0.5)
+        per_change = (len(parents.requests) - before) / n
+
+        # 3. requests to resolve a miss on a 20,000-item library (a new item on both servers)
+        for f in fakes:
+            f.add_item("Brand New", "Movie", "/media/movies/Brand New/film.mkv")
+        time.sleep(2.5)  # past index_refresh_seconds, so the miss may refresh the target's index
+        before_h, before_p = len(home.requests), len(parents.requests)
+        iid = home.item("Brand New")
+        _post(
+            port,
+            "/webhook/home",
+            home.played_payload(uid, iid),
+        )
+        eventually(lambda: parents.ud("alice", "Brand New")["Played"], 30)
+        time.sleep(0.3)
+        miss_reqs = (len(home.requests) - before_h) + (len(parents.requests) - before_p)
+        miss_reqs -= 2  # the GET of the target's current state and the write itself are not lookup
+
+        # 4. durable ingest rate, 8 concurrent senders, keep-alive connections
+        home.webhook_url = parents.webhook_url = None  # no echoes during the flood
+        body = json.dumps(
+            home.payload("PlaybackProgress", uid, items[500], home.ud(uid, items[500]), PlaybackPositionTicks=10**9)
+        ).encode()
+        per_sender = 1000
+
+        def sender(_):
+            client = LeanClient(port)
+            ok = sum(client.post("/webhook/home", body) == 202 for _i in range(per_sender))
+            client.close()
+            return ok
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            accepted = sum(pool.map(sender, range(8)))
+        rate = accepted / (time.perf_counter() - t0)
+        peak = memory_mb(proc.pid, "VmHWM")
+        cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1)
+    finally:
+        shut_down(proc, fakes)
+    # For comparison: the same service started as a script, at rest (no load at all).
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING")
+    proc = start_process(cfg, port, [sys.executable, str(HERE / "jellyfin_db_sync.py")])
+    time.sleep(3)
+    as_script = memory_mb(proc.pid, "VmHWM")
+    shut_down(proc, fakes)
+    lat.sort()
+    print(
+        f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, one progress body {accepted} times, which"
+        f" plan to almost nothing; target ≥ 1,000/s;"
+        f" service on CPUs {cpus} of {os.cpu_count()}, server.cpu: any)"
+    )
+    print(
+        f"webhook → target write, median:  {lat[len(lat) // 2] * 1000:.1f} ms  "
+        f"(p90 {lat[int(len(lat) * 0.9)] * 1000:.1f} ms; target ≤ 20 ms)"
+    )
+    print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
+    print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
+    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 48 MB; python -m jellyfin_db_sync)")
+    print(
+        f"  started as a script instead:   {as_script:.1f} MB at rest (python jellyfin_db_sync.py: Python keeps a"
+        " script's parse tree while it runs)"
+    )
+    probe = "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
+    bare = [
+        int(subprocess.run([sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True).stdout)
+        / 1024
+        for flag in ([], ["-S"])
+    ]
+    print(
+        f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site hooks (python -S);"
+        " a .pth file this machine adds to site-packages accounts for the difference"
+    )
+    recent_check_cost(tmp)
+    distinct_intake_benchmark()  # the real case: distinct changes, planned and written meanwhile
+
+
+def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benchmark command
+    """What the recent check costs each server: requests and bytes per minute per person and
+    server at the default reconcile.recent_check_seconds (60), on a 20,000-item library where
+    the person has played 500 items and has 10 half way; and a household of 10 people × 3
+    servers in requests per second."""
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    for f in fakes:
+        f.add_user("alice")
+        f.add_library(20_000)
+        uid = f.user("alice")
+        for i, iid in enumerate(list(f.items)[:510]):
+            when = iso(time.time() - 86400 + i)
+            ud = {"Played": True, "PlayCount": 1} if i < 500 else {"PlaybackPositionTicks": 10**10, "PlayCount": 1}
+            f.data[(uid, iid)] = dict(BLANK_USER_DATA, LastPlayedDate=when, **ud)
+    (tmp / "recent").mkdir()
+    config = jds.load_config(write_config(tmp / "recent", fakes))
+    config = dataclasses.replace(config, reconcile=jds.ReconcileConfig(recent_check_seconds=60.0))
+    service = jds.Service(config)
+    try:
+        rc = service.recent_check
+        rc.run()  # the first check of each server only records what it reads (and learns the version)
+        rc.cost = {"checks": 0, "requests": 0, "bytes": 0}  # the steady state: every minute after
+        home = fakes[0]
+        for minute in range(5):
+            home.mark_played(home.user("alice"), list(home.items)[600 + minute])  # a change each minute
+            rc.run()
+        cost = rc.cost_per_minute()
+    finally:
+        service.stop()
+        for f in fakes:
+            f.close()
+    household = cost["requests"] * 10 * 3 / 60
+    print(
+        f"recent check, per person/server: {cost['requests']:.2f} requests and {cost['bytes'] / 1024:.1f} KiB a"
+        f" minute (reconcile.recent_check_seconds: 60; a page of {jds.RECENT_PAGE} items)"
+    )
+    print(f"  10 people × 3 servers:         {household:.2f} requests/s  (target < 1)")
+
+
+def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no cover - a command
+    """20 senders for 60 s against a slow target: latency, refusals, memory, queue drain."""
+    tmp = Path(tempfile.mkdtemp(prefix="jds-load-"))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    home, parents = fakes
+    for f in fakes:
+        for u in range(senders):
+            f.add_user(f"user{u}")
+        for i in range(senders * 10):
+            f.add_item(f"Film {i}", "Movie", f"/media/movies/Film {i}.mkv", saved=time.time() - 86400)
+    parents.delay = 0.05  # every REST call to the target takes 50 ms
+    port = free_port()
+    cfg = write_config(
+        tmp, fakes, port=port, log_level="WARNING", progress_debounce_seconds=10.0, index_refresh_seconds=60
+    )
+    proc = start_process(cfg, port)
+
+    def rss() -> float:
+        return memory_mb(proc.pid)
+
+    items = list(home.items)
+    bodies = []
+    for u in range(senders):
+        uid = home.user(f"user{u}")
+        mine = items[u * 10 : (u + 1) * 10]
+        for n, iid in enumerate(mine * 10):
+            if n % 10 == 9:
+                b = home.played_payload(uid, iid)
+            else:
+                b = home.payload("PlaybackProgress", uid, iid, home.ud(uid, iid), PlaybackPositionTicks=n * 10**8)
+            bodies.append(json.dumps(b).encode())
+    latencies: list[float] = []
+    refused = [0]
+    stop_at = time.monotonic() + seconds
+    memory = [rss()]
+
+    def sender(k: int) -> None:
+        client = LeanClient(port)
+        mine = bodies[k * 100 : (k + 1) * 100]
+        n = 0
+        while time.monotonic() < stop_at:
+            body = mine[n % len(mine)]
+            n += 1
+            t0 = time.perf_counter()
+            status = client.post("/webhook/home", body)
+            latencies.append(time.perf_counter() - t0)
+            if status not in (200, 202):
+                refused[0] += 1
+            time.sleep(0.01)  # a player reports about every second; 20 fast ones here
+        client.close()
+
+    try:
+        with ThreadPoolExecutor(senders) as pool:
+            futures = [pool.submit(sender, k) for k in range(senders)]
+            while not all(f.done() for f in futures):
+                time.sleep(5)
+                memory.append(rss())
+            for f in futures:
+                f.result()
+        t0 = time.monotonic()
+
+        def drained():
+            q = _json_call(port, "GET", "/api/queue")
+            return q["pending_events"] == 0 and q["processing_events"] == 0
+
+        eventually(drained, 600, 0.2, "the queue to drain")
+        drain = time.monotonic() - t0
+        memory.append(rss())
+    finally:
+        shut_down(proc, fakes)
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1000  # noqa: E731
+    print(f"webhooks sent:        {len(latencies):,} by {senders} senders in {seconds:.0f} s, {refused[0]} refused")
+    print(
+        f"webhook latency:      p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms "
+        "(target p99 ≤ 50 ms)"
+    )
+    print(f"service memory (RSS): {' → '.join(f'{m:.1f}' for m in memory)} MB")
+    print(f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per call)")
+
+
+def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma: no cover - a command
+    """A catch-up pass over 5 users × 20,000 items × 3 servers that differ in ~10,700 rows (the
+    state after months without sync), then a second pass right after (servers in step): time to
+    compare, time to apply, requests per change applied, MB read from the servers, peak memory."""
+    import random
+
+    tmp = Path(tempfile.mkdtemp(prefix="jds-rbench-"))
+    fakes = [FakeJellyfin(n, v) for n, v in (("home", "10.11.8"), ("parents", "10.10.7"), ("public", "12.0.0"))]
+    # Each user watched the same 15 % of the library everywhere; each server also holds 357 rows
+    # per user the others lack (played, some favourite or liked): 3 × 5 × 357 rows, each owed to
+    # two servers, make ~10,700 changes.
+    watched = {u: random.Random(u).sample(range(items), items * 3 // 20) for u in range(users)}
+    for n, f in enumerate(fakes):
+        for u in range(users):
+            f.add_user(f"user{u}")
+        f.add_library(items)
+        names = {d["Name"]: i for i, d in f.items.items()}
+        only_here = random.Random(100 + n)
+        for u in range(users):
+            uid = f.user(f"user{u}")
+            common = set(watched[u])
+            extra = [i for i in only_here.sample(range(items), 2000) if i not in common][:357]
+            for i in watched[u] + extra:
+                f.data[(uid, names[f"Film {i}"])] = {
+                    **BLANK_USER_DATA,
+                    "PlayCount": 1,
+                    "IsFavorite": i % 17 == 0,
+                    "Rating": 10.0 if i % 23 == 0 else None,
+                    "LastPlayedDate": iso(time.time() - 86400 - i),
+                    "Played": True,
+                }
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=600)
+    proc = start_process(cfg, port)
+
+    def call(method: str, path: str) -> dict:
+        return _json_call(port, method, path)
+
+    def counts() -> tuple[int, int, list[int]]:
+        return (
+            sum(len(f.requests) for f in fakes),
+            sum(f.bytes_sent for f in fakes),
+            [f.bytes_sent for f in fakes],
+        )
+
+    try:
+        eventually(
+            lambda: all(
+                call("GET", "/api/status")["database"]["item_cache_by_server"].get(f.name, 0) >= items for f in fakes
+            ),
+            300,
+            0.5,
+            "the item indexes (the first full download)",
+        )
+        figures = []
+        for label in ("first pass (catch-up)", "second pass (in step)"):
+            req0, bytes0, per0 = counts()
+            last = call("GET", "/api/reconcile")["last_report"]
+            t0 = time.perf_counter()
+            call("POST", "/api/reconcile")
+            report = eventually(
+                lambda last=last: (
+                    (r := call("GET", "/api/reconcile"))["last_report"] != last
+                    and not r["progress"].get("running")
+                    and r["last_report"]
+                ),
+                600,
+                0.05,
+                label,
+            )
+            compare = time.perf_counter() - t0
+            req1, _, _ = counts()
+            eventually(
+                lambda: (q := call("GET", "/api/queue"))["pending_events"] == 0 and not q["processing_events"],
+                900,
+                0.05,
+                "the queued changes to be applied",
+            )
+            apply = time.perf_counter() - t0 - compare
+            req2, bytes2, per2 = counts()
+            figures.append((label, compare, apply, report, req1 - req0, req2 - req1, bytes2 - bytes0, per0, per2))
+        rss = memory_mb(proc.pid, "VmHWM")
+    finally:
+        shut_down(proc, fakes)
+    for label, compare, apply, report, compare_reqs, apply_reqs, read, per0, per2 in figures:
+        changes = report["changes"]
+        # Every request of the pass (its reads included) per change it applied.
+        per_change = f"{(compare_reqs + apply_reqs) / changes:.2f}" if changes else "–"
+        per_server = ", ".join(f"{f.name} {(b - a) / 1e6:.1f}" for f, a, b in zip(fakes, per0, per2, strict=True))
+        print(f"{label}: {report['items_compared']:,} items compared, {changes:,} changes")
+        print(
+            f"  compare {compare:6.1f} s ({compare_reqs:,} requests)   apply {apply:6.1f} s ({apply_reqs:,} requests)"
+        )
+        print(
+            f"  compare + apply {compare + apply:6.1f} s   requests per change applied (reads included): {per_change}"
+        )
+        print(f"  MB read from the servers: {read / 1e6:.1f} ({per_server})")
+    print(f"peak RSS of the service: {rss:.1f} MB ({users} users × {items:,} items × 3 servers)")
+
+
+def _json_call(port: int, method: str, path: str) -> dict:
+    """The service's JSON answer to a request without a body (for the benchmark commands)."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path)
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
+
+
+def _post(port: int, path: str, body: dict) -> int:
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "text/plain; charset=utf-8"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None:  # pragma: no cover - a command
+    """The service's CPU while 3 dashboards stay open on an idle system (a month of history in
+    the log), and how many requests they made. ``program_dir``: another copy of the program
+    (jellyfin_db_sync.py and static/) to measure instead, e.g. an older version."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="jds-dash-"))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents")]
+    for f in fakes:
+        f.add_user("alice")
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING")
+    # A month of history, as a NAS that has synced for a while has it.
+    store = jds.Store(str(tmp / "sync.db"))
+    now = time.time()
+    rows = [
+        (now - i * 60, "home", "parents", "alice", f"Film {i}", "played", None, "played", "ok", None)
+        for i in range(30_000)
+    ]
+    with store._tx() as conn:
+        conn.executemany(
+            "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, result, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    store.close()
+    program = [sys.executable, str(Path(program_dir or HERE) / "jellyfin_db_sync.py")]
+    proc = start_process(cfg, port, program)
+    ticks = lambda: sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[11:13])  # noqa: E731
+    requests = [0]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pages = [browser.new_page() for _ in range(3)]
+            for page in pages:
+                page.on(
+                    "request",
+                    lambda r: requests.__setitem__(0, requests[0] + (r.url.startswith(f"http://127.0.0.1:{port}/api"))),
+                )
+                page.goto(f"http://127.0.0.1:{port}/")
+            time.sleep(5)
+            requests[0], start = 0, ticks()
+            pages[0].wait_for_timeout(minutes * 60 * 1000)
+            used = (ticks() - start) / os.sysconf("SC_CLK_TCK")
+            browser.close()
+    finally:
+        shut_down(proc, fakes)
+    refreshes = minutes * 60 / 2 * 3
+    print(f"3 dashboards open for {minutes:g} min on an idle service with 30,000 log lines:")
+    print(f"  service CPU: {used:.1f} s ({used / (minutes * 60) * 100:.2f} % of one core)")
+    print(f"  API requests: {requests[0]:,} ({requests[0] / refreshes:.1f} per refresh)")
+
+
+def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  # pragma: no cover - a command
+    """The real case the flood of one progress body hides (issue 25): ``changes`` distinct
+    UserDataSaved webhooks, one per real item, alternately marking played and unplayed, posted
+    by ``senders`` at once while the service plans each and writes it to two other servers.
+    Prints accepted/s, the response's median and p95, how many changes were written while the
+    senders sent, and how long until every change was on both targets."""
+    tmp = Path(tempfile.mkdtemp(prefix="jds-intake-"))
+    fakes = [FakeJellyfin("home"), FakeJellyfin("parents"), FakeJellyfin("public")]
+    home = fakes[0]
+    for f in fakes:
+        f.add_user("alice")
+        f.add_library(changes)
+        uid = f.user("alice")
+        for name, iid in [(d["Name"], i) for i, d in f.items.items()]:
+            if int(name.split()[1]) % 2:  # odd films start played everywhere: their webhook unplays them
+                f.data[(uid, iid)] = dict(
+                    BLANK_USER_DATA, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400)
+                )
+    port = free_port()
+    cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=600)
+    # The brake would hold the 1,000 unplays after its 100th (that is its job); this measures
+    # the writing of them, so it is off here.
+    cfg.write_text(cfg.read_text() + "safety:\n  brake_items: 0\n", encoding="utf-8")
+    proc = start_process(cfg, port)
+    try:
+        eventually(
+            lambda: all(
+                _json_call(port, "GET", "/api/status")["database"]["item_cache_by_server"].get(f.name, 0) >= changes
+                for f in fakes
+            ),
+            300,
+            0.2,
+            "the item indexes",
+        )
+        uid = home.user("alice")
+        names = {d["Name"]: i for i, d in home.items.items()}
+        bodies = []
+        for n in range(changes):
+            iid = names[f"Film {n}"]
+            played = n % 2 == 0
+            ud = dict(home.ud(uid, iid), Played=played, PlayCount=1 if played else 0, PlaybackPositionTicks=0)
+            bodies.append(json.dumps(home.payload("UserDataSaved", uid, iid, ud, SaveReason="TogglePlayed")).encode())
+        writes0 = [f.writes() for f in fakes[1:]]
+        requests0 = sum(len(f.requests) for f in fakes[1:])
+        times: list[float] = []
+
+        def sender(k: int) -> int:
+            client = LeanClient(port)
+            ok = 0
+            for body in bodies[k::senders]:
+                t = time.perf_counter()
+                ok += client.post("/webhook/home", body) == 202
+                times.append(time.perf_counter() - t)
+            client.close()
+            return ok
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(senders) as pool:
+            accepted = sum(pool.map(sender, range(senders)))
+        took = time.perf_counter() - t0
+        meanwhile = sum(f.writes() - w for f, w in zip(fakes[1:], writes0, strict=True))
+
+        def wrong() -> int:
+            return sum(
+                f.ud(uid_of[f.name], f"Film {n}")["Played"] != (n % 2 == 0) for f in fakes[1:] for n in range(changes)
+            )
+
+        uid_of = {f.name: f.user("alice") for f in fakes}
+        eventually(
+            lambda: all(f.writes() - w >= changes for f, w in zip(fakes[1:], writes0, strict=True)),
+            300,
+            0.05,
+            "a write per change on each target",
+        )
+        eventually(lambda: wrong() == 0, 30, 0.05, "every change written to both targets")
+        written = time.perf_counter() - t0
+        requests = sum(len(f.requests) for f in fakes[1:]) - requests0
+    finally:
+        shut_down(proc, fakes)
+    times.sort()
+    print(
+        f"distinct changes, ingest:        {accepted / took:,.0f}/s  ({senders} senders, {accepted:,} of"
+        f" {changes:,} accepted in {took:.1f} s, each to be written to 2 targets; target ≥ 1,500/s)"
+    )
+    print(
+        f"  response:                      median {times[len(times) // 2] * 1000:.1f} ms,"
+        f" p95 {times[int(len(times) * 0.95)] * 1000:.1f} ms (target median ≤ 5 ms)"
+    )
+    print(
+        f"  written meanwhile:             {meanwhile:,} of {2 * changes:,} writes; all on both targets"
+        f" {written:.1f} s after the first was sent, 0 wrong rows, {requests / changes / 2:.2f} requests"
+        " per change per target"
+    )
+
+
+def main(argv: list[str]) -> None:
+    """Run the command the flags name; no flag runs the README's figures."""
+
+    def rest(*flags: str) -> list[str] | None:
+        for flag in flags:
+            if flag in argv:
+                return argv[argv.index(flag) + 1 :]
+        return None
+
+    if (r := rest("--intake", "--intake-benchmark")) is not None:
+        distinct_intake_benchmark()
+    elif (r := rest("--reconcile", "--reconcile-benchmark")) is not None:
+        reconcile_benchmark(items=int(r[0]) if r else 20_000)
+    elif (r := rest("--dashboard-cpu")) is not None:
+        dashboard_cpu(float(r[0]) if r else 10.0, r[1] if len(r) > 1 else None)
+    elif (r := rest("--load")) is not None:
+        load_test(float(r[0]) if r else 60.0)
+    else:
+        benchmark()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
