@@ -5144,7 +5144,8 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
 def _json_call(port: int, method: str, path: str) -> dict:
     """The service's JSON answer to a request without a body (for the benchmark commands)."""
     conn = HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request(method, path)
+    # write_config sets an api_token: changes (POST /api/reconcile) need it (issue 22.1).
+    conn.request(method, path, headers={"Authorization": f"Bearer {TEST_API_TOKEN}"})
     answer = json.loads(conn.getresponse().read())
     conn.close()
     return answer
