@@ -726,11 +726,19 @@ class FakeJellyfin:
             with self.lock:
                 data = {i: dict(d) for (u, i), d in self.data.items() if u == uid}
             ud = lambda r: data.get(r["Id"], BLANK_USER_DATA)  # noqa: E731
+            filters = (q.get("filters") or "").split(",")
+            needs_data = {"IsPlayed", "IsResumable", "Likes", "Dislikes"} & set(filters)
+            if q.get("isplayed") == "true" or q.get("isfavorite") == "true" or needs_data:
+                # Each of these filters needs user data a blank never has (played, favourite, a
+                # position, a rating): only the user's items with data can match. Filtering those,
+                # in the library's order, gives the same answer without a pass over every item
+                # per page (the reconcile benchmark's 100,000 items made the fake the bottleneck).
+                rows = [r for iid, r in self.items.items() if iid in data]
             if q.get("isplayed"):
                 rows = [r for r in rows if ud(r)["Played"] == (q["isplayed"] == "true")]
             if q.get("isfavorite"):
                 rows = [r for r in rows if ud(r)["IsFavorite"] == (q["isfavorite"] == "true")]
-            for f in (q.get("filters") or "").split(","):
+            for f in filters:
                 if f == "IsPlayed":  # ItemFilter.IsPlayed, as isPlayed=true
                     rows = [r for r in rows if ud(r)["Played"]]
                 elif f == "IsResumable":
