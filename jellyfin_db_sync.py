@@ -2390,11 +2390,13 @@ class Store:
         )
         return {tuple(r) for r in rows}
 
-    def states_of(self, server: str, user_key: str, item_ids: list[str]) -> dict[str, dict[str, tuple[Any, float]]]:
+    def states_of(self, server: str, user_key: str, item_ids: list[str]) -> dict[str, dict[str, tuple]]:
         """What is known of one person on one server for these items (a page of a pass, at most
         a few hundred): {item id: {field: (value, observed)}}. Not all of them at once: after a
         pass that is four rows for every item the person has state on (issue 25)."""
         out: dict[str, dict[str, tuple[Any, float]]] = {}
+        if not item_ids:
+            return out
         marks = ",".join("?" * len(item_ids))
         for item_id, fld, value, at in self._rows(
             "SELECT item_id, field, value, observed_at FROM state"
@@ -2562,6 +2564,8 @@ class Store:
 
     def pass_seen_of(self, server: str, item_ids: list[str]) -> dict[str, dict]:
         """{item id: UserData} of those of ``item_ids`` in the person's lists on ``server``."""
+        if not item_ids:
+            return {}
         marks = ",".join("?" * len(item_ids))
         rows = self._rows(
             "SELECT item_id, played, favorite, likes, full FROM temp.pass_seen"
@@ -5250,7 +5254,8 @@ class Reconciler:
             for dto in client.user_items(user_id, query, user_data=flag is None):
                 if dto.get("Id"):
                     ud = (dto.get("UserData") or {}) if flag is None else None
-                    page.append((normalise_id(dto["Id"]), flag == "Played", flag == "IsFavorite", flag == "Likes", ud))
+                    iid = normalise_id(dto["Id"])
+                    page.append((iid, flag == "Played", flag == "IsFavorite", flag == "Likes", ud))
                 if len(page) >= INDEX_PAGE_SIZE:
                     self.store.pass_seen_add(server, page)
                     page = []
@@ -5333,8 +5338,8 @@ class Reconciler:
         """Compare a page of groups made from ``start``'s items (``own``: their UserData): the
         other members' UserData and what we know of them all are read for this page only."""
         ids = {srv: [g[srv] for g in groups if srv in g] for srv in accounts}
-        seen = {srv: own if srv == start else self.store.pass_seen_of(srv, ids[srv]) if ids[srv] else {} for srv in ids}
-        self._states = {srv: self.store.states_of(srv, person, ids[srv]) if ids[srv] else {} for srv in ids}
+        seen = {srv: own if srv == start else self.store.pass_seen_of(srv, ids[srv]) for srv in ids}
+        self._states = {srv: self.store.states_of(srv, person, ids[srv]) for srv in ids}
         self._complete(accounts, groups, seen)
         for group in groups:
             report["items_compared"] += 1
@@ -5364,7 +5369,9 @@ class Reconciler:
                 return False
             for srv, iid in group.items():
                 known = (self._states[srv].get(iid) or {}).get(field)
-                if known is None or known[0] != values[srv][field] or (srv, iid, field) in self._undone:
+                if known is None or known[0] != values[srv][field]:
+                    return False
+                if (srv, iid, field) in self._undone:
                     return False
         return True
 
