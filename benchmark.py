@@ -30,6 +30,7 @@ from test_sync import (
     CHROMIUM,
     CHROMIUM_ARGS,
     HERE,
+    TEST_API_TOKEN,
     FakeJellyfin,
     LeanClient,
     eventually,
@@ -297,10 +298,22 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
     print(f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per call)")
 
 
+# Issue 25's targets for the reconcile benchmark, by library size (items per server): what each
+# figure it prints should be at most. Sizes not listed print their figures without targets.
+RECONCILE_TARGETS: dict[int, dict[str, float]] = {
+    20_000: {"catch_up_s": 16, "catch_up_mb": 48, "in_step_s": 3, "in_step_mb_per_server": 3, "in_step_peak_mb": 48},
+    100_000: {"catch_up_s": 100, "catch_up_mb": 64, "in_step_s": 15, "in_step_peak_mb": 64},
+}
+REST_TARGET_MB = 32  # the service at rest (issue 25)
+PER_CHANGE_TARGET = 1.1  # requests per change a catch-up applies, its reads included
+
+
 def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma: no cover - a command
-    """A catch-up pass over 5 users × 20,000 items × 3 servers that differ in ~10,700 rows (the
-    state after months without sync), then a second pass right after (servers in step): time to
-    compare, time to apply, requests per change applied, MB read from the servers, peak memory."""
+    """A catch-up pass over 5 users × 20,000 items × 3 servers that differ in ~11,400 rows (the
+    state after months without sync), then a second pass right after (servers in step). Prints
+    each figure beside its target (RECONCILE_TARGETS): the catch-up's time and peak memory; the
+    pass in step's time, requests, MB read from each server and peak memory; the service's
+    memory at rest; and the rows that differ from what the servers should hold (0)."""
     import random
 
     tmp = Path(tempfile.mkdtemp(prefix="jds-rbench-"))
@@ -309,6 +322,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
     # per user the others lack (played, some favourite or liked): 3 × 5 × 357 rows, each owed to
     # two servers, make ~10,700 changes.
     watched = {u: random.Random(u).sample(range(items), items * 3 // 20) for u in range(users)}
+    played: dict[int, set[int]] = {u: set(watched[u]) for u in range(users)}  # on every server, after
     for n, f in enumerate(fakes):
         for u in range(users):
             f.add_user(f"user{u}")
@@ -319,6 +333,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             uid = f.user(f"user{u}")
             common = set(watched[u])
             extra = [i for i in only_here.sample(range(items), 2000) if i not in common][:357]
+            played[u].update(extra)
             for i in watched[u] + extra:
                 f.data[(uid, names[f"Film {i}"])] = {
                     **BLANK_USER_DATA,
@@ -330,17 +345,35 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
                 }
     port = free_port()
     cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=600)
+    # Compiled first, as the image is (its Dockerfile runs compileall) and as Python leaves it
+    # after a first start: with PYTHONDONTWRITEBYTECODE set and no .pyc, every start compiles
+    # the module again, and what that leaves behind is 15 MB more at rest.
+    import py_compile
+
+    py_compile.compile(str(HERE / "jellyfin_db_sync.py"), doraise=True)
     proc = start_process(cfg, port)
 
     def call(method: str, path: str) -> dict:
         return _json_call(port, method, path)
 
-    def counts() -> tuple[int, int, list[int]]:
-        return (
-            sum(len(f.requests) for f in fakes),
-            sum(f.bytes_sent for f in fakes),
-            [f.bytes_sent for f in fakes],
-        )
+    def sent() -> list[tuple[int, int]]:
+        return [(len(f.requests), f.bytes_sent) for f in fakes]
+
+    def cpu() -> float:
+        ticks = Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[11:13]
+        return sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+
+    def reset_peak() -> bool:
+        """Start the peak (VmHWM) again from now, so each pass has its own (Linux 4.0+)."""
+        try:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def at_rest() -> float:
+        time.sleep(3)  # what a pass or the start left to free is freed by then
+        return memory_mb(proc.pid)
 
     try:
         eventually(
@@ -351,9 +384,11 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             0.5,
             "the item indexes (the first full download)",
         )
+        rest_before = at_rest()
         figures = []
         for label in ("first pass (catch-up)", "second pass (in step)"):
-            req0, bytes0, per0 = counts()
+            own_peak = reset_peak()
+            before, cpu0 = sent(), cpu()
             last = call("GET", "/api/reconcile")["last_report"]
             t0 = time.perf_counter()
             call("POST", "/api/reconcile")
@@ -368,7 +403,7 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
                 label,
             )
             compare = time.perf_counter() - t0
-            req1, _, _ = counts()
+            compared = sent()
             eventually(
                 lambda: (q := call("GET", "/api/queue"))["pending_events"] == 0 and not q["processing_events"],
                 900,
@@ -376,31 +411,69 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
                 "the queued changes to be applied",
             )
             apply = time.perf_counter() - t0 - compare
-            req2, bytes2, per2 = counts()
-            figures.append((label, compare, apply, report, req1 - req0, req2 - req1, bytes2 - bytes0, per0, per2))
-        rss = memory_mb(proc.pid, "VmHWM")
+            after = sent()
+            peak = memory_mb(proc.pid, "VmHWM")
+            figures.append((label, compare, apply, report, before, compared, after, peak, own_peak, cpu() - cpu0))
+        rest_after = at_rest()
     finally:
         shut_down(proc, fakes)
-    for label, compare, apply, report, compare_reqs, apply_reqs, read, per0, per2 in figures:
+    # What every server should hold now: each user's played items from all three, favourites
+    # and likes with them (first sight is a union), nothing else.
+    wrong = 0
+    for f in fakes:
+        ids = {d["Name"]: iid for iid, d in f.items.items()}
+        for u in range(users):
+            uid = f.user(f"user{u}")
+            for i in range(items):
+                ud = f.data.get((uid, ids[f"Film {i}"]), BLANK_USER_DATA)
+                seen = i in played[u]
+                wrong += (bool(ud["Played"]), bool(ud["IsFavorite"]), (ud["Rating"] or 0) >= 6.5) != (
+                    seen,
+                    seen and i % 17 == 0,
+                    seen and i % 23 == 0,
+                )
+    targets = RECONCILE_TARGETS.get(items, {})
+
+    def line(what: str, value: float, unit: str, key: str | None = None, target: float | None = None) -> None:
+        target = targets.get(key) if key else target
+        aim = "" if target is None else f"target ≤ {target:g} {unit}".rstrip()
+        mark = "" if target is None else ("  ok" if value <= target else "  MISSED")
+        print(f"  {what:<34}{value:>9,.{1 if unit else 2}f} {unit:<4} {aim}{mark}")
+
+    print(f"{users} users × {items:,} items × 3 servers (10.11.8, 10.10.7, 12.0.0), the service a process of its own:")
+    line("service at rest, index built", rest_before, "MB", target=REST_TARGET_MB)
+    for label, compare, apply, report, before, compared, after, peak, own_peak, used in figures:
         changes = report["changes"]
-        # Every request of the pass (its reads included) per change it applied.
-        per_change = f"{(compare_reqs + apply_reqs) / changes:.2f}" if changes else "–"
-        per_server = ", ".join(f"{f.name} {(b - a) / 1e6:.1f}" for f, a, b in zip(fakes, per0, per2, strict=True))
+        reqs = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+        read = [(a[1] - b[1]) / 1e6 for a, b in zip(after, before, strict=True)]
+        compare_reqs = sum(c[0] - b[0] for c, b in zip(compared, before, strict=True))
+        in_step = label.startswith("second")
         print(f"{label}: {report['items_compared']:,} items compared, {changes:,} changes")
         print(
-            f"  compare {compare:6.1f} s ({compare_reqs:,} requests)   apply {apply:6.1f} s ({apply_reqs:,} requests)"
+            f"  compare {compare:.1f} s ({compare_reqs:,} requests), apply {apply:.1f} s"
+            f" ({sum(reqs) - compare_reqs:,} requests); the service's CPU {used:.1f} s"
         )
-        print(
-            f"  compare + apply {compare + apply:6.1f} s   requests per change applied (reads included): {per_change}"
+        line("time (compare + apply)", compare + apply, "s", "in_step_s" if in_step else "catch_up_s")
+        line(
+            "peak memory" + ("" if own_peak else " (of the whole run)"),
+            peak,
+            "MB",
+            "in_step_peak_mb" if in_step else "catch_up_mb",
         )
-        print(f"  MB read from the servers: {read / 1e6:.1f} ({per_server})")
-    print(f"peak RSS of the service: {rss:.1f} MB ({users} users × {items:,} items × 3 servers)")
+        if changes:
+            line("requests per change (reads included)", sum(reqs) / changes, "", target=PER_CHANGE_TARGET)
+        print(f"  requests: {sum(reqs):,} ({', '.join(f'{f.name} {r:,}' for f, r in zip(fakes, reqs, strict=True))})")
+        for f, mb in zip(fakes, read, strict=True):
+            line(f"MB read from {f.name}", mb, "MB", "in_step_mb_per_server" if in_step else None)
+    line("service at rest, after the passes", rest_after, "MB", target=REST_TARGET_MB)
+    print(f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; target 0)")
 
 
 def _json_call(port: int, method: str, path: str) -> dict:
     """The service's JSON answer to a request without a body (for the benchmark commands)."""
     conn = HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request(method, path)
+    # write_config sets an api_token: changes (POST /api/reconcile) need it (issue 22.1).
+    conn.request(method, path, headers={"Authorization": f"Bearer {TEST_API_TOKEN}"})
     answer = json.loads(conn.getresponse().read())
     conn.close()
     return answer
