@@ -3492,11 +3492,11 @@ class Library:
         """{source item id: its id on ``target``} for those of ``srcs`` (a page of one server's
         items) found there, as ``lookup`` finds each: their paths in one query, and ``lookup``
         itself only for the few no path names once (provider IDs, series and episode next)."""
-        paths = [src.path_key for src in srcs if src.path_key]
-        hits = self.store.path_matches(target, paths) if paths else {}
+        by_path = [src for src in srcs if src.path_key and src.type not in NAMED_ITEM_TYPES]  # as lookup
+        hits = self.store.path_matches(target, [src.path_key for src in by_path]) if by_path else {}
         found: dict[str, str] = {}
         for src in srcs:
-            same = hits.get(src.path_key, []) if src.path_key else []
+            same = hits.get(src.path_key, []) if src.path_key and src.type not in NAMED_ITEM_TYPES else []
             if len(same) == 1:
                 found[src.item_id] = same[0]
             elif (match := self.lookup(src, target)) is not None:
