@@ -9749,7 +9749,7 @@ def check_config(config: Config) -> int:
             print(f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted ({len(users)} users)")
         except JellyfinError as e:
             failures += 1
-            print(f"✗ {s.name}: {e}{refused_hint(e)}")
+            print(f"✗ {e}{refused_hint(e)}")  # a JellyfinError already starts with the server's name
     return 1 if failures or config.warnings else 0
 
 
@@ -9765,7 +9765,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration, print it with secrets masked, test each server, and exit",
+        help="validate the configuration, print it with secrets masked, test each server, and exit: "
+        "0 all is well, 1 something is marked ✗ (a warning, the database, a server), 2 no usable config",
     )
     parser.add_argument("--backup", metavar="FILE", help="copy the database to FILE (safe while the service runs)")
     parser.add_argument(

@@ -7164,6 +7164,29 @@ def test_switching_preferences_off_or_clearing_a_language_is_no_removal_for_the_
     assert c.svc.call("GET", "/api/held")[1]["held"] == [], "nothing held by the brake"
 
 
+# ── Docs walk: --check-config names a server once ─────────────────────────────
+
+
+def test_check_config_names_a_failing_server_once(tmp_path, fake_servers):
+    # A fresh-clone walk read "✗ wan: wan: GET …": the error text already starts with the name.
+    import yaml
+
+    fakes = fake_servers(("home", "10.11.8"), ("parents", "10.11.8"))
+    cfg = write_config(tmp_path, fakes)
+    fakes[1].api_key = "rotated"  # the configured key is refused
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "✗ parents: GET /Users: HTTP 401 — the API key was refused" in res.stdout, res.stdout
+    assert "parents: parents" not in res.stdout, res.stdout
+    data = yaml.safe_load(cfg.read_text())
+    data["servers"][1]["url"] = "http://127.0.0.1:1"  # nothing listens there
+    cfg.write_text(yaml.safe_dump(data))
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "✗ parents: GET /System/Info/Public: cannot connect" in res.stdout, res.stdout
+    assert "parents: parents" not in res.stdout, res.stdout
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
