@@ -5764,7 +5764,9 @@ class Reconciler:
                 # Everyone's preferences come with the users: no request of their own.
                 self._configs[s.name] = Preferences.of_users(self.library.refresh_users_and_index(s.name))
             except JellyfinError as e:
-                report["errors"].append(f"{s.name}: {refused_or(e)}")
+                # Once the server's name: a JellyfinError's own text starts with it.
+                refused = e.status in (401, 403)
+                report["errors"].append(f"{s.name}: {refused_or(e)}" if refused else str(e))
                 continue
         duplicated: dict[str, str] = {}  # person → a server where they have several accounts
         for person, row in self.library.synced_accounts():

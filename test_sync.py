@@ -7187,6 +7187,16 @@ def test_check_config_names_a_failing_server_once(tmp_path, fake_servers):
     assert "parents: parents" not in res.stdout, res.stdout
 
 
+def test_a_pass_names_a_server_that_is_away_once(cluster):
+    # The same doubling in a pass's report ("parents: parents: GET /Users: cannot connect").
+    c = cluster()
+    c["parents"].go_away()
+    report = reconcile(c)
+    assert any(e.startswith("parents: GET /Users: cannot connect") for e in report["errors"]), report
+    assert not any("parents: parents" in e for e in report["errors"]), report["errors"]
+    c["parents"].come_back()
+
+
 if __name__ == "__main__":
     if "--benchmark" in sys.argv:
         benchmark()
