@@ -4864,7 +4864,8 @@ class ServerHealth:
             state.update(healthy=False, key_refused=refused, error=refused_or(e))
             if not refused:
                 if was is not False:  # said once, when it starts (and at start): the card keeps it
-                    log.warning("%s: cannot be reached: %s — what is owed to it waits until it answers", name, e)
+                    # The error's own text starts with the server's name: "home: GET …: cannot connect".
+                    log.warning("%s — what is owed to it waits until it answers", e)
                 state.update(reachable=False, latency_ms=None)
                 client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
             state["down_since"] = state["down_since"] or utcnow()
@@ -5895,7 +5896,9 @@ class Reconciler:
                 # Everyone's preferences come with the users: no request of their own.
                 self._configs[s.name] = Preferences.of_users(self.library.refresh_users_and_index(s.name))
             except JellyfinError as e:
-                report["errors"].append(f"{s.name}: {refused_or(e)}")
+                # Once the server's name: a JellyfinError's own text starts with it.
+                refused = e.status in (401, 403)
+                report["errors"].append(f"{s.name}: {refused_or(e)}" if refused else str(e))
                 continue
         duplicated: dict[str, str] = {}  # person → a server where they have several accounts
         for person, row in self.library.synced_accounts():
@@ -6465,7 +6468,7 @@ class RecentCheck:
             try:
                 configs[s.name] = self.preferences.read(s.name)
             except JellyfinError as e:
-                log.info("recent check: %s: preferences not read: %s", s.name, e)
+                log.info("recent check: preferences not read: %s", e)  # e names the server
             finally:
                 now_requests, now_read = client.thread_counts()
                 # Per server, not per person: counted apart from the checks' per-person cost.
@@ -9913,7 +9916,7 @@ def check_config(config: Config) -> int:
             print(f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted ({len(users)} users)")
         except JellyfinError as e:
             failures += 1
-            print(f"✗ {s.name}: {e}{refused_hint(e)}")
+            print(f"✗ {e}{refused_hint(e)}")  # a JellyfinError already starts with the server's name
     return 1 if failures or config.warnings else 0
 
 
@@ -9929,7 +9932,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration, print it with secrets masked, test each server, and exit",
+        help="validate the configuration, print it with secrets masked, test each server, and exit: "
+        "0 all is well, 1 something is marked ✗ (a warning, the database, a server), 2 no usable config",
     )
     parser.add_argument("--backup", metavar="FILE", help="copy the database to FILE (safe while the service runs)")
     parser.add_argument(

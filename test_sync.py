@@ -4995,8 +4995,8 @@ def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers
     assert problem_rows(c)[1] == [], "nothing failed while parents was away"
     # Said where a person looks: once in the log (not at every check), and as an alert condition
     # on /api/alerts even with no alert destination configured.
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("parents: cannot be reached")]
-    assert len(said) == 1 and "what is owed to it waits" in said[0], said
+    said = [r.getMessage() for r in caplog.records if "what is owed to it waits" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("parents: GET ") and "cannot connect" in said[0], said
     active = c.svc.call("GET", "/api/alerts")[1]["active"]
     assert [a["condition"] for a in active] == ["unreachable:parents"], active
     parents.come_back()  # no "Run now", no Retry: it arrives by itself
@@ -6729,6 +6729,39 @@ def test_a_pass_over_more_items_than_a_page_syncs_each_once_and_then_finds_them_
     assert third["changes"] == 4, third
     for f in c.fakes:
         assert f.ud("alice", "Film 101")["Played"] and f.ud("alice", "Film 2")["IsFavorite"], f.name
+
+
+# ── Docs walk: --check-config names a server once ─────────────────────────────
+
+
+def test_check_config_names_a_failing_server_once(tmp_path, fake_servers):
+    # A fresh-clone walk read "✗ wan: wan: GET …": the error text already starts with the name.
+    import yaml
+
+    fakes = fake_servers(("home", "10.11.8"), ("parents", "10.11.8"))
+    cfg = write_config(tmp_path, fakes)
+    fakes[1].api_key = "rotated"  # the configured key is refused
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "✗ parents: GET /Users: HTTP 401 — the API key was refused" in res.stdout, res.stdout
+    assert "parents: parents" not in res.stdout, res.stdout
+    data = yaml.safe_load(cfg.read_text())
+    data["servers"][1]["url"] = "http://127.0.0.1:1"  # nothing listens there
+    cfg.write_text(yaml.safe_dump(data))
+    res = run_cli("--check-config", "--config", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "✗ parents: GET /System/Info/Public: cannot connect" in res.stdout, res.stdout
+    assert "parents: parents" not in res.stdout, res.stdout
+
+
+def test_a_pass_names_a_server_that_is_away_once(cluster):
+    # The same doubling in a pass's report ("parents: parents: GET /Users: cannot connect").
+    c = cluster()
+    c["parents"].go_away()
+    report = reconcile(c)
+    assert any(e.startswith("parents: GET /Users: cannot connect") for e in report["errors"]), report
+    assert not any("parents: parents" in e for e in report["errors"]), report["errors"]
+    c["parents"].come_back()
 
 
 if __name__ == "__main__":
