@@ -3849,6 +3849,15 @@ def _account_words(value: Any) -> str:
     return str(value.get("name", "")) if isinstance(value, dict) else str(value)
 
 
+def _account(name: str, setting: str, verb: str) -> SyncedField:
+    """An account change (a user created, deleted or renamed on a server): never undone."""
+
+    def say(value: Any) -> str:
+        return f"{verb} {_account_words(value)}"
+
+    return SyncedField(name=name, label="account", settings=(setting,), scope="account", say=say, undoable=False)
+
+
 PERSON_ITEM = "-"  # the item id of a "person" field (and of an account change) in jobs and states
 _CLASH = object()  # a first sight where servers hold different set values: none of them wins
 
@@ -3999,30 +4008,9 @@ REGISTRY: dict[str, SyncedField] = {
             show="date",
         ),
         # Accounts: created, deleted and renamed by AccountWriter; never undone.
-        SyncedField(
-            name="user_create",
-            label="account",
-            settings=("users.create",),
-            scope="account",
-            say=lambda v: f"created {_account_words(v)}",
-            undoable=False,
-        ),
-        SyncedField(
-            name="user_delete",
-            label="account",
-            settings=("users.delete",),
-            scope="account",
-            say=lambda v: f"deleted {_account_words(v)}",
-            undoable=False,
-        ),
-        SyncedField(
-            name="user_rename",
-            label="account",
-            settings=("users.rename",),
-            scope="account",
-            say=lambda v: f"renamed to {_account_words(v)}",
-            undoable=False,
-        ),
+        _account("user_create", "users.create", "created"),
+        _account("user_delete", "users.delete", "deleted"),
+        _account("user_rename", "users.rename", "renamed to"),
         # A person's language and playback preferences (issue 26.2). Never OrderedViews,
         # GroupedFolders, MyMediaExcludes or LatestItemsExcludes: they hold one server's library
         # ids. Nor DisplayMissingEpisodes and the like: display choices may differ on purpose.
