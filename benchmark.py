@@ -99,7 +99,12 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
                     Favorite=True,
                 ),
             )
-        eventually(lambda: all(parents.ud("alice", f"Film {i}")["IsFavorite"] for i in range(100, 100 + n)), 60)
+        eventually(
+            lambda: all(
+                parents.ud("alice", f"Film {i}")["IsFavorite"] for i in range(100, 100 + n)
+            ),
+            60,
+        )
         time.sleep(0.5)
         per_change = (len(parents.requests) - before) / n
 
@@ -122,7 +127,13 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         # 4. durable ingest rate, 8 concurrent senders, keep-alive connections
         home.webhook_url = parents.webhook_url = None  # no echoes during the flood
         body = json.dumps(
-            home.payload("PlaybackProgress", uid, items[500], home.ud(uid, items[500]), PlaybackPositionTicks=10**9)
+            home.payload(
+                "PlaybackProgress",
+                uid,
+                items[500],
+                home.ud(uid, items[500]),
+                PlaybackPositionTicks=10**9,
+            )
         ).encode()
         per_sender = 1000
 
@@ -137,7 +148,9 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
             accepted = sum(pool.map(sender, range(8)))
         rate = accepted / (time.perf_counter() - t0)
         peak = memory_mb(proc.pid, "VmHWM")
-        cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1)
+        cpus = re.search(
+            r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{proc.pid}/status").read_text()
+        ).group(1)
     finally:
         shut_down(proc, fakes)
     # For comparison: the same service started as a script, at rest (no load at all).
@@ -149,7 +162,8 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     shut_down(proc, fakes)
     lat.sort()
     print(
-        f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, one progress body {accepted} times, which"
+        f"durable webhook ingest:          {rate:,.0f}/s  (8 senders, one progress body {accepted} "
+        "times, which"
         f" plan to almost nothing; target ≥ 1,000/s;"
         f" service on CPUs {cpus} of {os.cpu_count()}, server.cpu: any)"
     )
@@ -159,19 +173,28 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     )
     print(f"REST requests per change/target: {per_change:.2f}  (warm caches; target ≤ 2)")
     print(f"requests to resolve a miss:      {miss_reqs}  (20,000-item library; target ≤ 3)")
-    print(f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 48 MB; python -m jellyfin_db_sync)")
     print(
-        f"  started as a script instead:   {as_script:.1f} MB at rest (python jellyfin_db_sync.py: Python keeps a"
+        f"peak RSS of the service:         {peak:.1f} MB  (target ≤ 48 MB; python -m "
+        "jellyfin_db_sync)"
+    )
+    print(
+        f"  started as a script instead:   {as_script:.1f} MB at rest (python jellyfin_db_sync.py: "
+        "Python keeps a"
         " script's parse tree while it runs)"
     )
     probe = "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
     bare = [
-        int(subprocess.run([sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True).stdout)
+        int(
+            subprocess.run(
+                [sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True
+            ).stdout
+        )
         / 1024
         for flag in ([], ["-S"])
     ]
     print(
-        f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site hooks (python -S);"
+        f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site "
+        "hooks (python -S);"
         " a .pth file this machine adds to site-packages accounts for the difference"
     )
     recent_check_cost(tmp)
@@ -190,7 +213,11 @@ def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benc
         uid = f.user("alice")
         for i, iid in enumerate(list(f.items)[:510]):
             when = iso(time.time() - 86400 + i)
-            ud = {"Played": True, "PlayCount": 1} if i < 500 else {"PlaybackPositionTicks": 10**10, "PlayCount": 1}
+            ud = (
+                {"Played": True, "PlayCount": 1}
+                if i < 500
+                else {"PlaybackPositionTicks": 10**10, "PlayCount": 1}
+            )
             f.data[(uid, iid)] = dict(BLANK_USER_DATA, LastPlayedDate=when, **ud)
     (tmp / "recent").mkdir()
     config = jds.load_config(write_config(tmp / "recent", fakes))
@@ -198,11 +225,14 @@ def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benc
     service = jds.Service(config)
     try:
         rc = service.recent_check
-        rc.run()  # the first check of each server only records what it reads (and learns the version)
+        # the first check of each server only records what it reads (and learns the version)
+        rc.run()
         rc.cost = {"checks": 0, "requests": 0, "bytes": 0}  # the steady state: every minute after
         home = fakes[0]
         for minute in range(5):
-            home.mark_played(home.user("alice"), list(home.items)[600 + minute])  # a change each minute
+            home.mark_played(
+                home.user("alice"), list(home.items)[600 + minute]
+            )  # a change each minute
             rc.run()
         cost = rc.cost_per_minute()
     finally:
@@ -211,7 +241,8 @@ def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benc
             f.close()
     household = cost["requests"] * 10 * 3 / 60
     print(
-        f"recent check, per person/server: {cost['requests']:.2f} requests and {cost['bytes'] / 1024:.1f} KiB a"
+        f"recent check, per person/server: {cost['requests']:.2f} requests and "
+        f"{cost['bytes'] / 1024:.1f} KiB a"
         f" minute (reconcile.recent_check_seconds: 60; a page of {jds.RECENT_PAGE} items)"
     )
     print(f"  10 people × 3 servers:         {household:.2f} requests/s  (target < 1)")
@@ -226,11 +257,18 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         for u in range(senders):
             f.add_user(f"user{u}")
         for i in range(senders * 10):
-            f.add_item(f"Film {i}", "Movie", f"/media/movies/Film {i}.mkv", saved=time.time() - 86400)
+            f.add_item(
+                f"Film {i}", "Movie", f"/media/movies/Film {i}.mkv", saved=time.time() - 86400
+            )
     parents.delay = 0.05  # every REST call to the target takes 50 ms
     port = free_port()
     cfg = write_config(
-        tmp, fakes, port=port, log_level="WARNING", progress_debounce_seconds=10.0, index_refresh_seconds=60
+        tmp,
+        fakes,
+        port=port,
+        log_level="WARNING",
+        progress_debounce_seconds=10.0,
+        index_refresh_seconds=60,
     )
     proc = start_process(cfg, port)
 
@@ -246,7 +284,9 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
             if n % 10 == 9:
                 b = home.played_payload(uid, iid)
             else:
-                b = home.payload("PlaybackProgress", uid, iid, home.ud(uid, iid), PlaybackPositionTicks=n * 10**8)
+                b = home.payload(
+                    "PlaybackProgress", uid, iid, home.ud(uid, iid), PlaybackPositionTicks=n * 10**8
+                )
             bodies.append(json.dumps(b).encode())
     latencies: list[float] = []
     refused = [0]
@@ -289,26 +329,41 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         shut_down(proc, fakes)
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1000  # noqa: E731
-    print(f"webhooks sent:        {len(latencies):,} by {senders} senders in {seconds:.0f} s, {refused[0]} refused")
     print(
-        f"webhook latency:      p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms "
+        f"webhooks sent:        {len(latencies):,} by {senders} senders in {seconds:.0f} s, "
+        f"{refused[0]} refused"
+    )
+    print(
+        f"webhook latency:      p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms, max "
+        f"{latencies[-1] * 1000:.1f} ms "
         "(target p99 ≤ 50 ms)"
     )
     print(f"service memory (RSS): {' → '.join(f'{m:.1f}' for m in memory)} MB")
-    print(f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per call)")
+    print(
+        f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per "
+        "call)"
+    )
 
 
 # Issue 25's targets for the reconcile benchmark, by library size (items per server): what each
 # figure it prints should be at most. Sizes not listed print their figures without targets.
 RECONCILE_TARGETS: dict[int, dict[str, float]] = {
-    20_000: {"catch_up_s": 16, "catch_up_mb": 48, "in_step_s": 3, "in_step_mb_per_server": 3, "in_step_peak_mb": 48},
+    20_000: {
+        "catch_up_s": 16,
+        "catch_up_mb": 48,
+        "in_step_s": 3,
+        "in_step_mb_per_server": 3,
+        "in_step_peak_mb": 48,
+    },
     100_000: {"catch_up_s": 100, "catch_up_mb": 64, "in_step_s": 15, "in_step_peak_mb": 64},
 }
 REST_TARGET_MB = 32  # the service at rest (issue 25)
 PER_CHANGE_TARGET = 1.1  # requests per change a catch-up applies, its reads included
 
 
-def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma: no cover - a command
+def reconcile_benchmark(
+    users: int = 5, items: int = 20_000
+) -> None:  # pragma: no cover - a command
     """A catch-up pass over 5 users × 20,000 items × 3 servers that differ in ~11,400 rows (the
     state after months without sync), then a second pass right after (servers in step). Prints
     each figure beside its target (RECONCILE_TARGETS): the catch-up's time and peak memory; the
@@ -317,12 +372,17 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
     import random
 
     tmp = Path(tempfile.mkdtemp(prefix="jds-rbench-"))
-    fakes = [FakeJellyfin(n, v) for n, v in (("home", "10.11.8"), ("parents", "10.10.7"), ("public", "12.0.0"))]
+    fakes = [
+        FakeJellyfin(n, v)
+        for n, v in (("home", "10.11.8"), ("parents", "10.10.7"), ("public", "12.0.0"))
+    ]
     # Each user watched the same 15 % of the library everywhere; each server also holds 357 rows
     # per user the others lack (played, some favourite or liked): 3 × 5 × 357 rows, each owed to
     # two servers, make ~10,700 changes.
     watched = {u: random.Random(u).sample(range(items), items * 3 // 20) for u in range(users)}
-    played: dict[int, set[int]] = {u: set(watched[u]) for u in range(users)}  # on every server, after
+    played: dict[int, set[int]] = {
+        u: set(watched[u]) for u in range(users)
+    }  # on every server, after
     for n, f in enumerate(fakes):
         for u in range(users):
             f.add_user(f"user{u}")
@@ -378,7 +438,9 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
     try:
         eventually(
             lambda: all(
-                call("GET", "/api/status")["database"]["item_cache_by_server"].get(f.name, 0) >= items for f in fakes
+                call("GET", "/api/status")["database"]["item_cache_by_server"].get(f.name, 0)
+                >= items
+                for f in fakes
             ),
             300,
             0.5,
@@ -405,7 +467,10 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             compare = time.perf_counter() - t0
             compared = sent()
             eventually(
-                lambda: (q := call("GET", "/api/queue"))["pending_events"] == 0 and not q["processing_events"],
+                lambda: (
+                    (q := call("GET", "/api/queue"))["pending_events"] == 0
+                    and not q["processing_events"]
+                ),
                 900,
                 0.05,
                 "the queued changes to be applied",
@@ -413,7 +478,20 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             apply = time.perf_counter() - t0 - compare
             after = sent()
             peak = memory_mb(proc.pid, "VmHWM")
-            figures.append((label, compare, apply, report, before, compared, after, peak, own_peak, cpu() - cpu0))
+            figures.append(
+                (
+                    label,
+                    compare,
+                    apply,
+                    report,
+                    before,
+                    compared,
+                    after,
+                    peak,
+                    own_peak,
+                    cpu() - cpu0,
+                )
+            )
         rest_after = at_rest()
     finally:
         shut_down(proc, fakes)
@@ -427,20 +505,29 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             for i in range(items):
                 ud = f.data.get((uid, ids[f"Film {i}"]), BLANK_USER_DATA)
                 seen = i in played[u]
-                wrong += (bool(ud["Played"]), bool(ud["IsFavorite"]), (ud["Rating"] or 0) >= 6.5) != (
+                wrong += (
+                    bool(ud["Played"]),
+                    bool(ud["IsFavorite"]),
+                    (ud["Rating"] or 0) >= 6.5,
+                ) != (
                     seen,
                     seen and i % 17 == 0,
                     seen and i % 23 == 0,
                 )
     targets = RECONCILE_TARGETS.get(items, {})
 
-    def line(what: str, value: float, unit: str, key: str | None = None, target: float | None = None) -> None:
+    def line(
+        what: str, value: float, unit: str, key: str | None = None, target: float | None = None
+    ) -> None:
         target = targets.get(key) if key else target
         aim = "" if target is None else f"target ≤ {target:g} {unit}".rstrip()
         mark = "" if target is None else ("  ok" if value <= target else "  MISSED")
         print(f"  {what:<34}{value:>9,.{1 if unit else 2}f} {unit:<4} {aim}{mark}")
 
-    print(f"{users} users × {items:,} items × 3 servers (10.11.8, 10.10.7, 12.0.0), the service a process of its own:")
+    print(
+        f"{users} users × {items:,} items × 3 servers (10.11.8, 10.10.7, 12.0.0), the service a "
+        "process of its own:"
+    )
     line("service at rest, index built", rest_before, "MB", target=REST_TARGET_MB)
     for label, compare, apply, report, before, compared, after, peak, own_peak, used in figures:
         changes = report["changes"]
@@ -453,7 +540,9 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             f"  compare {compare:.1f} s ({compare_reqs:,} requests), apply {apply:.1f} s"
             f" ({sum(reqs) - compare_reqs:,} requests); the service's CPU {used:.1f} s"
         )
-        line("time (compare + apply)", compare + apply, "s", "in_step_s" if in_step else "catch_up_s")
+        line(
+            "time (compare + apply)", compare + apply, "s", "in_step_s" if in_step else "catch_up_s"
+        )
         line(
             "peak memory" + ("" if own_peak else " (of the whole run)"),
             peak,
@@ -461,12 +550,23 @@ def reconcile_benchmark(users: int = 5, items: int = 20_000) -> None:  # pragma:
             "in_step_peak_mb" if in_step else "catch_up_mb",
         )
         if changes:
-            line("requests per change (reads included)", sum(reqs) / changes, "", target=PER_CHANGE_TARGET)
-        print(f"  requests: {sum(reqs):,} ({', '.join(f'{f.name} {r:,}' for f, r in zip(fakes, reqs, strict=True))})")
+            line(
+                "requests per change (reads included)",
+                sum(reqs) / changes,
+                "",
+                target=PER_CHANGE_TARGET,
+            )
+        print(
+            f"  requests: {sum(reqs):,} "
+            f"({', '.join(f'{f.name} {r:,}' for f, r in zip(fakes, reqs, strict=True))})"
+        )
         for f, mb in zip(fakes, read, strict=True):
             line(f"MB read from {f.name}", mb, "MB", "in_step_mb_per_server" if in_step else None)
     line("service at rest, after the passes", rest_after, "MB", target=REST_TARGET_MB)
-    print(f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; target 0)")
+    print(
+        f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; "
+        "target 0)"
+    )
 
 
 def _json_call(port: int, method: str, path: str) -> dict:
@@ -487,7 +587,9 @@ def _post(port: int, path: str, body: dict) -> int:
     return status
 
 
-def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None:  # pragma: no cover - a command
+def dashboard_cpu(
+    minutes: float = 10.0, program_dir: str | None = None
+) -> None:  # pragma: no cover - a command
     """The service's CPU while 3 dashboards stay open on an idle system (a month of history in
     the log), and how many requests they made. ``program_dir``: another copy of the program
     (jellyfin_db_sync.py and static/) to measure instead, e.g. an older version."""
@@ -505,19 +607,33 @@ def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None
     store = jds.Store(str(tmp / "sync.db"))
     now = time.time()
     rows = [
-        (now - i * 60, "home", "parents", "alice", f"Film {i}", "played", None, "played", "ok", None)
+        (
+            now - i * 60,
+            "home",
+            "parents",
+            "alice",
+            f"Film {i}",
+            "played",
+            None,
+            "played",
+            "ok",
+            None,
+        )
         for i in range(30_000)
     ]
     with store._tx() as conn:
         conn.executemany(
-            "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, result, detail)"
+            "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, "
+            "result, detail)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
     store.close()
     program = [sys.executable, str(Path(program_dir or HERE) / "jellyfin_db_sync.py")]
     proc = start_process(cfg, port, program)
-    ticks = lambda: sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[11:13])  # noqa: E731
+    ticks = lambda: sum(
+        int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[11:13]
+    )  # noqa: E731
     requests = [0]
     try:
         with sync_playwright() as p:
@@ -526,7 +642,9 @@ def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None
             for page in pages:
                 page.on(
                     "request",
-                    lambda r: requests.__setitem__(0, requests[0] + (r.url.startswith(f"http://127.0.0.1:{port}/api"))),
+                    lambda r: requests.__setitem__(
+                        0, requests[0] + (r.url.startswith(f"http://127.0.0.1:{port}/api"))
+                    ),
                 )
                 page.goto(f"http://127.0.0.1:{port}/")
             time.sleep(5)
@@ -542,7 +660,9 @@ def dashboard_cpu(minutes: float = 10.0, program_dir: str | None = None) -> None
     print(f"  API requests: {requests[0]:,} ({requests[0] / refreshes:.1f} per refresh)")
 
 
-def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  # pragma: no cover - a command
+def distinct_intake_benchmark(
+    changes: int = 2000, senders: int = 8
+) -> None:  # pragma: no cover - a command
     """The real case the flood of one progress body hides (issue 25): ``changes`` distinct
     UserDataSaved webhooks, one per real item, alternately marking played and unplayed, posted
     by ``senders`` at once while the service plans each and writes it to two other servers.
@@ -556,9 +676,14 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
         f.add_library(changes)
         uid = f.user("alice")
         for name, iid in [(d["Name"], i) for i, d in f.items.items()]:
-            if int(name.split()[1]) % 2:  # odd films start played everywhere: their webhook unplays them
+            if (
+                int(name.split()[1]) % 2
+            ):  # odd films start played everywhere: their webhook unplays them
                 f.data[(uid, iid)] = dict(
-                    BLANK_USER_DATA, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400)
+                    BLANK_USER_DATA,
+                    Played=True,
+                    PlayCount=1,
+                    LastPlayedDate=iso(time.time() - 86400),
                 )
     port = free_port()
     cfg = write_config(tmp, fakes, port=port, log_level="WARNING", index_refresh_seconds=600)
@@ -569,7 +694,10 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
     try:
         eventually(
             lambda: all(
-                _json_call(port, "GET", "/api/status")["database"]["item_cache_by_server"].get(f.name, 0) >= changes
+                _json_call(port, "GET", "/api/status")["database"]["item_cache_by_server"].get(
+                    f.name, 0
+                )
+                >= changes
                 for f in fakes
             ),
             300,
@@ -582,8 +710,17 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
         for n in range(changes):
             iid = names[f"Film {n}"]
             played = n % 2 == 0
-            ud = dict(home.ud(uid, iid), Played=played, PlayCount=1 if played else 0, PlaybackPositionTicks=0)
-            bodies.append(json.dumps(home.payload("UserDataSaved", uid, iid, ud, SaveReason="TogglePlayed")).encode())
+            ud = dict(
+                home.ud(uid, iid),
+                Played=played,
+                PlayCount=1 if played else 0,
+                PlaybackPositionTicks=0,
+            )
+            bodies.append(
+                json.dumps(
+                    home.payload("UserDataSaved", uid, iid, ud, SaveReason="TogglePlayed")
+                ).encode()
+            )
         writes0 = [f.writes() for f in fakes[1:]]
         requests0 = sum(len(f.requests) for f in fakes[1:])
         times: list[float] = []
@@ -606,7 +743,9 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
 
         def wrong() -> int:
             return sum(
-                f.ud(uid_of[f.name], f"Film {n}")["Played"] != (n % 2 == 0) for f in fakes[1:] for n in range(changes)
+                f.ud(uid_of[f.name], f"Film {n}")["Played"] != (n % 2 == 0)
+                for f in fakes[1:]
+                for n in range(changes)
             )
 
         uid_of = {f.name: f.user("alice") for f in fakes}
@@ -623,7 +762,8 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
         shut_down(proc, fakes)
     times.sort()
     print(
-        f"distinct changes, ingest:        {accepted / took:,.0f}/s  ({senders} senders, {accepted:,} of"
+        f"distinct changes, ingest:        {accepted / took:,.0f}/s  ({senders} senders, "
+        f"{accepted:,} of"
         f" {changes:,} accepted in {took:.1f} s, each to be written to 2 targets; target ≥ 1,500/s)"
     )
     print(
@@ -631,8 +771,10 @@ def distinct_intake_benchmark(changes: int = 2000, senders: int = 8) -> None:  #
         f" p95 {times[int(len(times) * 0.95)] * 1000:.1f} ms (target median ≤ 5 ms)"
     )
     print(
-        f"  written meanwhile:             {meanwhile:,} of {2 * changes:,} writes; all on both targets"
-        f" {written:.1f} s after the first was sent, 0 wrong rows, {requests / changes / 2:.2f} requests"
+        f"  written meanwhile:             {meanwhile:,} of {2 * changes:,} writes; all on both "
+        "targets"
+        f" {written:.1f} s after the first was sent, 0 wrong rows, {requests / changes / 2:.2f} "
+        "requests"
         " per change per target"
     )
 

@@ -12,7 +12,7 @@ every config key (see also ``config.example.yaml``).
 Sections, in the order data flows (search for "# ── Name" to jump to one):
 
   Constants and errors   limits, timings and the few errors we explain to people
-  Config                 SETTINGS, the one table of settings; the YAML file and JDS_* variables → Config
+  Config                 SETTINGS, the one table of settings; YAML file and JDS_* variables → Config
   Store                  the SQLite file: schema, migrations, every statement; returns dataclasses
   JellyfinClient         HTTP to one server; ServerVersion says what each version can do
   Library                item and user indexes, and matching an item across servers
@@ -87,7 +87,9 @@ MAX_BODY_BYTES = 1024 * 1024  # the plugin's largest bodies are a few KiB
 # connection per concurrent event, and a connection refused is a webhook lost), and never all.
 CONNECTION_LIMIT = 2048
 CHANNEL_TIMEOUT = 30  # seconds a connection may stay idle (Waitress' default: 120)
-WEBHOOK_THREADS = 8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
+WEBHOOK_THREADS = (
+    8  # Waitress threads: webhooks answered at once, so at most this many rows per commit
+)
 INGEST_GATHER_ROWS = WEBHOOK_THREADS  # during a burst, a commit waits for this many rows…
 INGEST_GATHER_SECONDS = 0.002  # …or this long, whichever comes first
 # Intake first (Store.yield_to_intake): this many webhooks committed within this long (500/s),
@@ -110,7 +112,9 @@ STATE_FRESH_SECONDS = 300.0
 MAX_RETRY_DELAY = float(HOUR)  # a retry's pause doubles up to this
 LIKE_RATING = 6.5  # Jellyfin: Likes is true for a Rating of at least this (docs/jellyfin.md §1)
 PROVIDER_PREFIX = "Provider_"  # the plugin's keys for provider ids: Provider_imdb, Provider_tmdb, …
-INDEX_OVERLAP_SECONDS = 300  # an incremental index refresh re-reads this much (the server's clock is not ours)
+INDEX_OVERLAP_SECONDS = (
+    300  # an incremental index refresh re-reads this much (the server's clock is not ours)
+)
 ECHO_EXPECTATION_SECONDS = HOUR  # an expected echo that never came is forgotten after this
 PRUNE_EVERY_SECONDS = 600  # how often old history is pruned
 HEALTH_CHECK_SECONDS = 30.0  # a reachable server is checked this often…
@@ -188,7 +192,8 @@ WEBHOOK_NOTIFICATIONS = (
     "UserDeleted",
     "UserUpdated",
 )
-# Every NotificationType the Webhook plugin sends (its NotificationType.cs); others count as "other".
+# Every NotificationType the Webhook plugin sends (its NotificationType.cs); others count as
+# "other".
 NOTIFICATION_TYPES = frozenset(
     """ItemAdded Generic PlaybackStart PlaybackProgress PlaybackStop SubtitleDownloadFailure
     AuthenticationFailure AuthenticationSuccess SessionStart PendingRestart TaskCompleted
@@ -202,7 +207,14 @@ ACTED_ON = ITEM_EVENTS + USER_EVENTS + ("ItemAdded", "ItemDeleted")
 ID_KEYS = ("ItemId", "UserId", "ServerId", "SeriesId", "SeasonId")
 BOOL_KEYS = ("Played", "Favorite", "Likes", "IsPaused", "IsAutomated", "PlayedToCompletion")
 # Whole numbers: ticks, counts, season, episode and year are never negative.
-INT_KEYS = ("PlaybackPositionTicks", "RunTimeTicks", "PlayCount", "SeasonNumber", "EpisodeNumber", "Year")
+INT_KEYS = (
+    "PlaybackPositionTicks",
+    "RunTimeTicks",
+    "PlayCount",
+    "SeasonNumber",
+    "EpisodeNumber",
+    "Year",
+)
 DATE_KEYS = ("UtcTimestamp", "LastPlayedDate", "LastLoginDate")
 INT64_MAX = 2**63 - 1  # SQLite's INTEGER, and .NET's long
 INT32_MAX = 2**31 - 1  # .NET's int: the server's PlayCount, season, episode and year
@@ -291,7 +303,9 @@ def utcnow() -> float:
     return time.time()
 
 
-_ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$")
+_ISO = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$"
+)
 
 
 def parse_time(value: Any) -> float | None:
@@ -330,7 +344,8 @@ def folder_problem(db_path: str) -> str | None:
     uid, gid = (os.getuid(), os.getgid()) if hasattr(os, "getuid") else (0, 0)
     return (
         f"{where} cannot be written by the user this program runs as (uid {uid}, gid {gid}). "
-        f"Fix it with: sudo chown -R {uid}:{gid} {where}  (in Docker: or set PUID/PGID to its owner)"
+        f"Fix it with: sudo chown -R {uid}:{gid} {where}  (in Docker: or set PUID/PGID to its "
+        "owner)"
     )
 
 
@@ -398,16 +413,58 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("server.host", "str", "0.0.0.0", "address to listen on", "JDS_HOST", "host"),
     Setting("server.port", "int", 8080, "port to listen on", "JDS_PORT", "port", low=1, high=65535),
-    Setting("server.webhook_token", "token", "", "token the plugin must send", "JDS_WEBHOOK_TOKEN", "webhook_token"),
-    Setting("server.api_token", "token", "", "token for scripts (Bearer)", "JDS_API_TOKEN", "api_token"),
-    Setting("server.auth.username", "str", "", "dashboard sign-in: user name", "JDS_AUTH_USERNAME", "auth_username"),
     Setting(
-        "server.auth.password", "password", "", "dashboard sign-in: password", "JDS_AUTH_PASSWORD", "auth_password"
+        "server.webhook_token",
+        "token",
+        "",
+        "token the plugin must send",
+        "JDS_WEBHOOK_TOKEN",
+        "webhook_token",
+    ),
+    Setting(
+        "server.api_token", "token", "", "token for scripts (Bearer)", "JDS_API_TOKEN", "api_token"
+    ),
+    Setting(
+        "server.auth.username",
+        "str",
+        "",
+        "dashboard sign-in: user name",
+        "JDS_AUTH_USERNAME",
+        "auth_username",
+    ),
+    Setting(
+        "server.auth.password",
+        "password",
+        "",
+        "dashboard sign-in: password",
+        "JDS_AUTH_PASSWORD",
+        "auth_password",
     ),
     Setting("server.cpu", "cpu", "any", "any, auto or a CPU number", "JDS_CPU", "cpu"),
-    Setting("server.public_url", "url", "", "address browsers use (reverse proxy)", "JDS_PUBLIC_URL", "public_url"),
-    Setting("server.allowed_hosts", "list", (), "more Host names to answer", "JDS_ALLOWED_HOSTS", "allowed_hosts"),
-    Setting("database.path", "str", "/data/jellyfin-db-sync.db", "SQLite file", "JDS_DATABASE_PATH", "database_path"),
+    Setting(
+        "server.public_url",
+        "url",
+        "",
+        "address browsers use (reverse proxy)",
+        "JDS_PUBLIC_URL",
+        "public_url",
+    ),
+    Setting(
+        "server.allowed_hosts",
+        "list",
+        (),
+        "more Host names to answer",
+        "JDS_ALLOWED_HOSTS",
+        "allowed_hosts",
+    ),
+    Setting(
+        "database.path",
+        "str",
+        "/data/jellyfin-db-sync.db",
+        "SQLite file",
+        "JDS_DATABASE_PATH",
+        "database_path",
+    ),
     Setting(
         "database.journal_mode",
         "choice",
@@ -416,7 +473,14 @@ SETTINGS: tuple[Setting, ...] = (
         attr="journal_mode",
         choices=("WAL", "DELETE", "TRUNCATE"),
     ),
-    Setting("database.retention_days", "float", 30.0, "days history is kept", "JDS_RETENTION_DAYS", "retention_days"),
+    Setting(
+        "database.retention_days",
+        "float",
+        30.0,
+        "days history is kept",
+        "JDS_RETENTION_DAYS",
+        "retention_days",
+    ),
     Setting(
         "logging.level",
         "choice",
@@ -447,10 +511,19 @@ SETTINGS: tuple[Setting, ...] = (
         "JDS_PROGRESS_DEBOUNCE_SECONDS",
     ),
     Setting("sync.worker_interval_seconds", "float", 5.0, "longest sleep between checks"),
-    Setting("sync.max_retries", "int", 5, "retries before a change fails", "JDS_MAX_RETRIES", low=0),
+    Setting(
+        "sync.max_retries", "int", 5, "retries before a change fails", "JDS_MAX_RETRIES", low=0
+    ),
     Setting("sync.retry_base_seconds", "float", 5.0, "first retry delay (then doubled)"),
     Setting("sync.index_refresh_seconds", "float", 60.0, "item index refreshed at most this often"),
-    Setting("sync.write_connections", "int", 2, "writes to one server at once", low=1, high=MAX_WRITE_CONNECTIONS),
+    Setting(
+        "sync.write_connections",
+        "int",
+        2,
+        "writes to one server at once",
+        low=1,
+        high=MAX_WRITE_CONNECTIONS,
+    ),
     Setting("sync.dry_run", "bool", False, "decide and log, write nothing", "JDS_DRY_RUN"),
     Setting("users.create", "bool", True, "create accounts on the others"),
     Setting("users.delete", "bool", True, "delete accounts on the others", "JDS_DELETE_USERS"),
@@ -466,7 +539,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("users.include", "names", (), "only these people (empty: everyone)"),
     Setting("users.exclude", "names", (), "never these people"),
     Setting("reconcile.on_startup", "bool", True, "a pass shortly after start"),
-    Setting("reconcile.interval_minutes", "float", 360.0, "then every N minutes (0: on demand only)"),
+    Setting(
+        "reconcile.interval_minutes", "float", 360.0, "then every N minutes (0: on demand only)"
+    ),
     Setting(
         "reconcile.recent_check_seconds",
         "float",
@@ -482,7 +557,9 @@ SETTINGS: tuple[Setting, ...] = (
         "JDS_BRAKE_ITEMS",
         low=0,
     ),
-    Setting("safety.brake_minutes", "float", 10.0, "… within this many minutes", "JDS_BRAKE_MINUTES"),
+    Setting(
+        "safety.brake_minutes", "float", 10.0, "… within this many minutes", "JDS_BRAKE_MINUTES"
+    ),
     Setting(
         "safety.removal_delay_seconds",
         "float",
@@ -505,12 +582,20 @@ SETTINGS: tuple[Setting, ...] = (
         "pinged at each pass's start, success or failure",
         "JDS_HEALTHCHECKS_URL",
     ),
-    Setting("alerts.unreachable_minutes", "float", 10.0, "alert when a server is unreachable this long"),
+    Setting(
+        "alerts.unreachable_minutes", "float", 10.0, "alert when a server is unreachable this long"
+    ),
 )
 SETTING = {s.key: s for s in SETTINGS}
 # Older program: other names it accepted for a choice: Python's level names, and journal
 # modes SQLite has but a durable queue must not use (MEMORY, OFF: WAL is kept, with a warning).
-CHOICE_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "NOTSET": "DEBUG", "MEMORY": "WAL", "OFF": "WAL"}
+CHOICE_ALIASES = {
+    "WARN": "WARNING",
+    "FATAL": "CRITICAL",
+    "NOTSET": "DEBUG",
+    "MEMORY": "WAL",
+    "OFF": "WAL",
+}
 SECTIONS = (
     "servers",
     "sync",
@@ -561,7 +646,9 @@ class SyncConfig:
     max_retries: int = _default("sync.max_retries")
     retry_base_seconds: float = _default("sync.retry_base_seconds")
     index_refresh_seconds: float = _default("sync.index_refresh_seconds")
-    write_connections: int = _default("sync.write_connections")  # fast, never a stampede on a small NAS
+    write_connections: int = _default(
+        "sync.write_connections"
+    )  # fast, never a stampede on a small NAS
     dry_run: bool = _default("sync.dry_run")
 
 
@@ -604,8 +691,12 @@ class SafetyConfig:
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    urls: tuple[str, ...] = dataclasses.field(default=_default("alerts.urls"), repr=False)  # they hold tokens
-    healthchecks_url: str = dataclasses.field(default=_default("alerts.healthchecks_url"), repr=False)
+    urls: tuple[str, ...] = dataclasses.field(
+        default=_default("alerts.urls"), repr=False
+    )  # they hold tokens
+    healthchecks_url: str = dataclasses.field(
+        default=_default("alerts.healthchecks_url"), repr=False
+    )
     unreachable_minutes: float = _default("alerts.unreachable_minutes")
 
 
@@ -778,7 +869,9 @@ def apply_env(data: dict, env: dict[str, str], warnings: list[str] | None = None
             while len(servers) <= index:
                 servers.append({})
             key, kind = SERVER_ENV_FIELDS[m.group(2)]
-            servers[index][key] = _env_value(var, value, Setting(key, kind, None, ""), bool(m.group(3)))
+            servers[index][key] = _env_value(
+                var, value, Setting(key, kind, None, ""), bool(m.group(3))
+            )
             used = True
     if "servers" in data and isinstance(data["servers"], list):
         data["servers"] = [s for s in data["servers"] if s != {}]
@@ -812,7 +905,11 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> C
     if isinstance(data, dict) and apply_env(data, env, env_warnings) and src != "environment":
         src = f"{src} + environment"
     config = parse_config(data, src)
-    return dataclasses.replace(config, warnings=(*env_warnings, *config.warnings)) if env_warnings else config
+    return (
+        dataclasses.replace(config, warnings=(*env_warnings, *config.warnings))
+        if env_warnings
+        else config
+    )
 
 
 def _mask(secret: str) -> str:
@@ -840,7 +937,8 @@ def url_shown(url: str) -> str:
         return ""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.rpartition("+")[2] not in ("http", "https"):
-        return f"{parts.scheme}://…"  # Apprise URLs carry tokens where a host would be (tgram://<token>/…)
+        # Apprise URLs carry tokens where a host would be (tgram://<token>/…)
+        return f"{parts.scheme}://…"
     return f"{parts.scheme}://{parts.hostname or ''}/…"
 
 
@@ -860,8 +958,12 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     if kind == "urls":
         if isinstance(value, str):  # an environment variable: separated by spaces or commas
             value = value.replace(",", " ").split()
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and "://" in v for v in value):
-            raise ConfigError(f"{where}: expected a list of URLs (https://…, or an Apprise URL like tgram://…)")
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and "://" in v for v in value
+        ):
+            raise ConfigError(
+                f"{where}: expected a list of URLs (https://…, or an Apprise URL like tgram://…)"
+            )
         urls = tuple(v.strip() for v in value)
         for n, url in enumerate(urls):
             _check_secret_url(f"{where}[{n}]", url)
@@ -869,7 +971,9 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     if kind == "secret_url":
         url = str(value or "").strip()
         if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError(f"{where}: an http:// or https:// URL, like https://hc-ping.com/<uuid>")
+            raise ConfigError(
+                f"{where}: an http:// or https:// URL, like https://hc-ping.com/<uuid>"
+            )
         _check_secret_url(where, url)
         return url
     if kind in ("list", "names"):
@@ -896,13 +1000,19 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     if kind == "cpu":
         cpu = text.strip().lower()
         if cpu not in ("auto", "any") and not (cpu.isdigit() and int(cpu) < 4096):
-            raise ConfigError(f"{where}: any (default: let the threads move), auto (the last CPU), or a CPU number")
+            raise ConfigError(
+                f"{where}: any (default: let the threads move), auto (the last CPU), or a CPU "
+                "number"
+            )
         return cpu
     if kind == "url":
         url = text.strip().rstrip("/")
         parts = urllib.parse.urlsplit(url)
         if url and (parts.scheme not in ("http", "https") or not parts.hostname):
-            raise ConfigError(f"{where}: {url!r}: the address browsers and Jellyfin use, like https://sync.example.com")
+            raise ConfigError(
+                f"{where}: {url!r}: the address browsers and Jellyfin use, like "
+                "https://sync.example.com"
+            )
         return url
     if kind in ("token", "key"):
         # Docker and Kubernetes secret files end in a newline: whitespace around a key or token
@@ -915,7 +1025,9 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
                 "(the value is not shown): copy it again"
             )
     if kind == "token" and text and len(text) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"{where}: use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)")
+        raise ConfigError(
+            f"{where}: use at least {MIN_TOKEN_CHARS} characters (a short token can be guessed)"
+        )
     if kind == "password" and text and len(text) < 8:
         raise ConfigError(f"{where}: use at least 8 characters")
     return text
@@ -954,8 +1066,14 @@ def _number(setting: Setting, value: Any, where: str) -> int | float:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if isinstance(value, float) and whole and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
-        raise ConfigError(f"{where}: expected a {'whole number' if whole else 'number'}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (whole and not isinstance(value, int))
+    ):
+        raise ConfigError(
+            f"{where}: expected a {'whole number' if whole else 'number'}, got {value!r}"
+        )
     low = setting.low if setting.low is not None else (None if whole else 0.0)
     if (low is not None and value < low) or (setting.high is not None and value > setting.high):
         if setting.high is not None:
@@ -969,7 +1087,16 @@ def _settings_in(data: dict, src: str, warnings: list[str]) -> dict[str, Any]:
     is ignored with a warning naming it (the older program ignored them silently; --check-config
     calls them errors, so a typo is still caught where people look)."""
     found: dict[str, Any] = {}
-    for section in ("sync", "users", "reconcile", "database", "server", "logging", "safety", "alerts"):
+    for section in (
+        "sync",
+        "users",
+        "reconcile",
+        "database",
+        "server",
+        "logging",
+        "safety",
+        "alerts",
+    ):
         raw = data.get(section) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{src}: {section}: expected a mapping")
@@ -981,7 +1108,11 @@ def _settings_in(data: dict, src: str, warnings: list[str]) -> dict[str, Any]:
                 found.update(_auth_values(value, src))
                 continue
             if path not in SETTING:
-                warnings.append(_unknown_key(src, path, [s.key for s in SETTINGS if s.key.startswith(section + ".")]))
+                warnings.append(
+                    _unknown_key(
+                        src, path, [s.key for s in SETTINGS if s.key.startswith(section + ".")]
+                    )
+                )
                 continue
             found[path] = value
     return found
@@ -990,7 +1121,11 @@ def _settings_in(data: dict, src: str, warnings: list[str]) -> dict[str, Any]:
 def _unknown_key(src: str, key: str, known: list[str]) -> str:
     """The warning for a key we do not know, with the closest one we do ("did you mean …")."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else f"known here: {', '.join(k.rsplit('.', 1)[-1] for k in known)}"
+    hint = (
+        f"did you mean {close[0]}?"
+        if close
+        else f"known here: {', '.join(k.rsplit('.', 1)[-1] for k in known)}"
+    )
     return f"{src}: {key}: unknown key, ignored — {hint}"
 
 
@@ -998,25 +1133,33 @@ def _auth_values(value: Any, src: str) -> dict[str, Any]:
     if value in (None, "", {}):
         return {}
     if not isinstance(value, dict) or set(value) - {"username", "password"}:
-        raise ConfigError(f"{src}: server.auth: expected username: and password: (the dashboard's sign-in)")
+        raise ConfigError(
+            f"{src}: server.auth: expected username: and password: (the dashboard's sign-in)"
+        )
     return {f"server.auth.{k}": v for k, v in value.items()}
 
 
 def parse_config(data: Any, src: str = "<config>") -> Config:
     """A Config from the file's (and the environment's) data; every error names the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{src}: the top level must be a mapping of sections (servers:, sync:, …)")
+        raise ConfigError(
+            f"{src}: the top level must be a mapping of sections (servers:, sync:, …)"
+        )
     warnings = [_unknown_key(src, str(key), list(SECTIONS)) for key in data if key not in SECTIONS]
     values = {s.key: s.default for s in SETTINGS}
     for key, raw in _settings_in(data, src, warnings).items():
         values[key] = _coerce(SETTING[key], raw, f"{src}: {key}")
         if SETTING[key].kind == "choice" and str(raw).strip().upper() in ("MEMORY", "OFF"):
-            warnings.append(f"{src}: {key}: {raw} would lose acknowledged webhooks in a crash; WAL is used")
+            warnings.append(
+                f"{src}: {key}: {raw} would lose acknowledged webhooks in a crash; WAL is used"
+            )
     if bool(values["server.auth.username"]) != bool(values["server.auth.password"]):
         raise ConfigError(f"{src}: server.auth: set both username and password, or leave auth out")
     servers = _parse_servers(data.get("servers"), src, warnings)
     if len(servers) < 2:
-        warnings.append(f"{src}: servers: {len(servers)} server(s): nothing to sync until there are two or more")
+        warnings.append(
+            f"{src}: servers: {len(servers)} server(s): nothing to sync until there are two or more"
+        )
     nested = {
         name: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})
         for name, cls in (
@@ -1056,7 +1199,9 @@ def _parse_servers(raw: Any, src: str, warnings: list[str]) -> tuple[ServerConfi
         for key in ("name", "url", "api_key"):
             if entry.get(key) in (None, ""):
                 variable = f"JDS_SERVER_{i + 1}_{key.upper()}"
-                raise ConfigError(f"{at}.{key}: missing (in the file, or as the variable {variable})")
+                raise ConfigError(
+                    f"{at}.{key}: missing (in the file, or as the variable {variable})"
+                )
         servers.append(_parse_server(entry, at, {s.name for s in servers}))
     return tuple(servers)
 
@@ -1065,7 +1210,10 @@ def _parse_server(entry: dict, at: str, seen: set[str]) -> ServerConfig:
     text = Setting("", "str", "", "")
     name = _coerce(text, entry["name"], f"{at}.name")
     if not _SERVER_NAME.match(name):
-        raise ConfigError(f"{at}.name: {name!r}: use letters, digits, '.', '_' or '-' (it is part of the webhook URL)")
+        raise ConfigError(
+            f"{at}.name: {name!r}: use letters, digits, '.', '_' or '-' (it is part of the webhook "
+            "URL)"
+        )
     if name in seen:
         raise ConfigError(f"{at}.name: duplicate server name {name!r}")
     url = _coerce(text, entry["url"], f"{at}.url").rstrip("/")
@@ -1076,13 +1224,20 @@ def _parse_server(entry: dict, at: str, seen: set[str]) -> ServerConfig:
     if not api_key:
         raise ConfigError(f"{at}.api_key: missing (only spaces or line breaks)")
     if api_key in EXAMPLE_API_KEYS:
-        raise ConfigError(f"{at}.api_key: still the example value: paste the server's API key (Dashboard → API Keys)")
-    passwordless = _coerce(Setting("", "bool", False, ""), entry.get("passwordless", False), f"{at}.passwordless")
+        raise ConfigError(
+            f"{at}.api_key: still the example value: paste the server's API key (Dashboard → API "
+            "Keys)"
+        )
+    passwordless = _coerce(
+        Setting("", "bool", False, ""), entry.get("passwordless", False), f"{at}.passwordless"
+    )
     pmap = entry.get("path_map") or {}
     if not isinstance(pmap, dict):
         raise ConfigError(f"{at}.path_map: expected a mapping of 'server prefix: shared prefix'")
     path_map = tuple((normalise_path(str(k)), normalise_path(str(v))) for k, v in pmap.items())
-    token = _coerce(Setting("", "token", "", ""), entry.get("webhook_token") or "", f"{at}.webhook_token")
+    token = _coerce(
+        Setting("", "token", "", ""), entry.get("webhook_token") or "", f"{at}.webhook_token"
+    )
     return ServerConfig(name, url, api_key, passwordless, path_map, token)
 
 
@@ -1094,12 +1249,22 @@ def _parse_policies(raw: Any, src: str, warnings: list[str]) -> tuple[PathPolicy
             raise ConfigError(f"{at}: each policy needs a prefix")
         for key in entry:
             if key not in _POLICY_KEYS:
-                warnings.append(_unknown_key(src, f"path_sync_policy[{i}].{key}", sorted(_POLICY_KEYS)))
-        count = _coerce(Setting("", "int", 0, ""), entry.get("absent_retry_count", 0), f"{at}.absent_retry_count")
+                warnings.append(
+                    _unknown_key(src, f"path_sync_policy[{i}].{key}", sorted(_POLICY_KEYS))
+                )
+        count = _coerce(
+            Setting("", "int", 0, ""),
+            entry.get("absent_retry_count", 0),
+            f"{at}.absent_retry_count",
+        )
         if count < -1:
-            raise ConfigError(f"{at}.absent_retry_count: -1 (forever), 0 (no retry) or a positive count")
+            raise ConfigError(
+                f"{at}.absent_retry_count: -1 (forever), 0 (no retry) or a positive count"
+            )
         delay = _coerce(
-            Setting("", "float", 300.0, ""), entry.get("retry_delay_seconds", 300), f"{at}.retry_delay_seconds"
+            Setting("", "float", 300.0, ""),
+            entry.get("retry_delay_seconds", 300),
+            f"{at}.retry_delay_seconds",
         )
         policies.append(PathPolicy(normalise_path(str(entry["prefix"])), count, delay))
     return tuple(policies)
@@ -1110,11 +1275,15 @@ def _parse_map(raw: Any, servers: set[str], src: str) -> tuple[tuple[tuple[str, 
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ConfigError(f"{src}: users.map: expected a list of {{server name: user name}} mappings")
+        raise ConfigError(
+            f"{src}: users.map: expected a list of {{server name: user name}} mappings"
+        )
     groups = []
     for i, group in enumerate(raw):
         if not isinstance(group, dict) or len(group) < 2:
-            raise ConfigError(f"{src}: users.map[{i}]: map at least two servers to a user name each")
+            raise ConfigError(
+                f"{src}: users.map[{i}]: map at least two servers to a user name each"
+            )
         for srv, name in group.items():
             if srv not in servers:
                 raise ConfigError(f"{src}: users.map[{i}].{srv}: not a server name from servers:")
@@ -1193,7 +1362,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
     cause TEXT NOT NULL DEFAULT '', removal INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (target, status, due_at);
-CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field, status);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs (target, user_key, source, source_item_id, field,
+status);
 CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
 -- The brake counts a source's removals for one person (Store.brake).
 CREATE INDEX IF NOT EXISTS jobs_removal ON jobs (source, user_key, removal, created_at);
@@ -1281,7 +1451,9 @@ def examine_database(path: str) -> tuple[str, int]:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            names = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
             found = (
                 conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if "meta" in names
@@ -1331,7 +1503,9 @@ class Carried:
 
     def to_json(self) -> str:
         """Only what differs from the defaults (most jobs carry two or three keys)."""
-        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v != _CARRIED_DEFAULTS[k]})
+        return json.dumps(
+            {k: v for k, v in dataclasses.asdict(self).items() if v != _CARRIED_DEFAULTS[k]}
+        )
 
     @classmethod
     def from_json(cls, raw: str | None) -> Carried:
@@ -1419,7 +1593,8 @@ class LogEntry:
 _JSON_WORDS = {"true": True, "false": False, "null": None, "0": 0}
 
 _LOG_COLUMNS = (
-    "l.id, l.at, l.source, l.target, l.username, l.item_name, l.field, l.old, l.new, l.result, l.detail,"
+    "l.id, l.at, l.source, l.target, l.username, l.item_name, l.field, l.old, l.new, l.result, "
+    "l.detail,"
     " l.job_id, l.user_key, l.item_id, l.before, l.after, l.cause"
 )
 
@@ -1567,7 +1742,8 @@ class PlanTx:
 
     def expected_echoes(self, server: str, user_key: str, item_id: str) -> list[tuple[int, dict]]:
         rows = self.c.execute(
-            "SELECT id, snapshot FROM expected_echo WHERE server=? AND user_key=? AND item_id=? ORDER BY id",
+            "SELECT id, snapshot FROM expected_echo WHERE server=? AND user_key=? AND item_id=? "
+            "ORDER BY id",
             (server, user_key, item_id),
         ).fetchall()
         return [(r[0], json.loads(r[1])) for r in rows]
@@ -1578,7 +1754,8 @@ class PlanTx:
     def state(self, ob: Observation) -> tuple[str, float] | None:
         """What we last knew of this field on the observation's server: (value as JSON, when)."""
         row = self.c.execute(
-            "SELECT value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND field=?",
+            "SELECT value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=? AND "
+            "field=?",
             (ob.server, ob.user_key, ob.item_id, ob.field),
         ).fetchone()
         return (row[0], row[1]) if row else None
@@ -1592,8 +1769,10 @@ class PlanTx:
     def open_job(self, target: str, ob: Observation) -> OpenJob | None:
         """The job for the same change still waiting to be applied."""
         row = self.c.execute(
-            "SELECT id, observed_at, status, due_at FROM jobs WHERE target=? AND user_key=? AND source=? "
-            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting', 'unreachable', 'held')",
+            "SELECT id, observed_at, status, due_at FROM jobs WHERE target=? AND user_key=? AND "
+            "source=? "
+            "AND source_item_id=? AND field=? AND status IN ('pending', 'waiting', 'unreachable', "
+            "'held')",
             (target, ob.user_key, ob.server, ob.item_id, ob.field),
         ).fetchone()
         return OpenJob(*row) if row else None
@@ -1601,7 +1780,8 @@ class PlanTx:
     def add_job(self, target: str, ob: Observation, removal: bool, due_at: float) -> None:
         self.c.execute(
             "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name,"
-            " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause, removal)"
+            " field, value, observed_at, extra, status, due_at, created_at, updated_at, cause, "
+            "removal)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
             (
                 target,
@@ -1622,10 +1802,13 @@ class PlanTx:
             ),
         )
 
-    def replace_job(self, job_id: int, ob: Observation, removal: bool, due_at: float, status: str) -> None:
+    def replace_job(
+        self, job_id: int, ob: Observation, removal: bool, due_at: float, status: str
+    ) -> None:
         """A newer desired state for a waiting job (the Planner decides its due time and status)."""
         self.c.execute(
-            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=?, removal=?,"
+            "UPDATE jobs SET value=?, observed_at=?, extra=?, item_name=?, updated_at=?, cause=?, "
+            "removal=?,"
             " due_at=?, status=? WHERE id=?",
             (
                 json.dumps(ob.value),
@@ -1653,7 +1836,8 @@ class PlanTx:
         """Hold every removal from ``source`` for one person since ``since`` not yet applied;
         returns how many jobs that holds."""
         return self.c.execute(
-            "UPDATE jobs SET status='held', updated_at=? WHERE source=? AND user_key=? AND removal=1 "
+            "UPDATE jobs SET status='held', updated_at=? WHERE source=? AND user_key=? AND "
+            "removal=1 "
             "AND created_at>=? AND status IN ('pending', 'waiting', 'unreachable')",
             (self.now, source, user_key, since),
         ).rowcount
@@ -1664,7 +1848,9 @@ class PlanTx:
         key = f"brake_held:{source}:{user_key}"
         row = self.c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         if held:
-            self.c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, self.now))
+            self.c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, self.now)
+            )
         return float(row[0]) if row else 0.0
 
     def mark_planned(self, inbox_ids: list[int]) -> None:
@@ -1751,12 +1937,17 @@ class Store:
                             conn.execute(statement)  # data: its tables are there since schema 1
                             continue
                         columns = {r[1] for r in conn.execute(f"PRAGMA table_info({added[1]})")}
-                        if columns and added[2] not in columns:  # no table yet: SCHEMA makes it whole
+                        if (
+                            columns and added[2] not in columns
+                        ):  # no table yet: SCHEMA makes it whole
                             conn.execute(statement)
-                for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
+                for statement in _statements(
+                    SCHEMA
+                ):  # in this transaction (executescript would commit)
                     conn.execute(statement)
                 conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
                 )
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -1779,7 +1970,9 @@ class Store:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute(f"PRAGMA cache_size = -{SQLITE_PAGE_CACHE_KIB}")  # negative: in KiB
-            conn.execute("PRAGMA secure_delete = ON")  # deleted rows (generated passwords) are zeroed
+            conn.execute(
+                "PRAGMA secure_delete = ON"
+            )  # deleted rows (generated passwords) are zeroed
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
             with self._conns_lock:
@@ -1824,10 +2017,16 @@ class Store:
         entry = _Pending((server, event, utcnow(), body))
         with self._ingest_cond:
             if self._ingest_thread is None:
-                self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+                self._ingest_thread = threading.Thread(
+                    target=self._ingest_loop, name="ingest", daemon=True
+                )
                 self._ingest_thread.start()
             self._ingest_queue.append(entry)
-            if self._ingest_idle or self._ingest_gathering and len(self._ingest_queue) >= INGEST_GATHER_ROWS:
+            if (
+                self._ingest_idle
+                or self._ingest_gathering
+                and len(self._ingest_queue) >= INGEST_GATHER_ROWS
+            ):
                 self._ingest_cond.notify()
         entry.done.acquire()
         if entry.error is not None:
@@ -1867,7 +2066,8 @@ class Store:
                     raise sqlite3.OperationalError(BUSY_MESSAGE)
                 try:
                     last = conn.execute(
-                        f"INSERT INTO inbox (server, event, received_at, body) VALUES {values}", args
+                        f"INSERT INTO inbox (server, event, received_at, body) VALUES {values}",
+                        args,
                     ).lastrowid
                 finally:
                     self._write_lock.release()
@@ -1918,7 +2118,9 @@ class Store:
 
     def unplanned_events(self, limit: int = 200) -> list[InboxRow]:
         rows = self._rows(
-            "SELECT id, server, event, received_at, body FROM inbox WHERE planned = 0 ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, server, event, received_at, body FROM inbox WHERE planned = 0 ORDER BY id "
+            "LIMIT ?",
+            (limit,),
         )
         return [InboxRow(*r) for r in rows]
 
@@ -1926,12 +2128,18 @@ class Store:
         return self._rows("SELECT count(*) FROM inbox WHERE planned = 0")[0][0]
 
     def recent_watermark(self, server: str, user_key: str) -> float | None:
-        rows = self._rows("SELECT played_at FROM recent_watermark WHERE server=? AND user_key=?", (server, user_key))
+        rows = self._rows(
+            "SELECT played_at FROM recent_watermark WHERE server=? AND user_key=?",
+            (server, user_key),
+        )
         return rows[0][0] if rows else None
 
     def set_recent_watermark(self, server: str, user_key: str, played_at: float) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO recent_watermark VALUES (?, ?, ?)", (server, user_key, played_at))
+            c.execute(
+                "INSERT OR REPLACE INTO recent_watermark VALUES (?, ?, ?)",
+                (server, user_key, played_at),
+            )
 
     def last_event_at(self) -> dict[str, float]:
         rows = self._rows("SELECT server, max(received_at) FROM inbox GROUP BY server")
@@ -1943,7 +2151,10 @@ class Store:
         with self._tx() as c:
             after = c.execute("SELECT coalesce(max(id), 0) FROM inbox").fetchone()[0]
             setup = {"at": utcnow(), "after": after, "first": None}
-            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"webhook_setup:{server}", json.dumps(setup)))
+            c.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                (f"webhook_setup:{server}", json.dumps(setup)),
+            )
 
     def webhook_setup(self, server: str) -> dict | None:
         """When the Webhook plugin was set up for ``server`` ("at") and when the first webhook
@@ -1991,8 +2202,10 @@ class Store:
                 c.execute("UPDATE inbox SET planned = 2 WHERE id = ?", (row.id,))
                 what = f"webhook #{row.id} ({row.event})"
                 cur = c.execute(
-                    "INSERT INTO jobs (target, source, user_key, username, source_item_id, item_name, field,"
-                    " value, observed_at, extra, status, due_at, last_error, created_at, updated_at)"
+                    "INSERT INTO jobs (target, source, user_key, username, source_item_id, "
+                    "item_name, field,"
+                    " value, observed_at, extra, status, due_at, last_error, created_at, "
+                    "updated_at)"
                     " VALUES (?, ?, '', '', ?, ?, 'event', 'null', ?, ?, 'failed', ?, ?, ?, ?)",
                     (
                         row.server,
@@ -2008,7 +2221,8 @@ class Store:
                     ),
                 )
                 c.execute(
-                    "INSERT INTO sync_log (at, source, target, username, item_name, field, result, detail, job_id)"
+                    "INSERT INTO sync_log (at, source, target, username, item_name, field, result, "
+                    "detail, job_id)"
                     " VALUES (?, ?, ?, '', ?, 'event', 'failed', ?, ?)",
                     (now, row.server, row.server, what, error, cur.lastrowid),
                 )
@@ -2016,7 +2230,9 @@ class Store:
     def prune(self, older_than: float) -> int:
         """Forget echo expectations that never came back (the plugin may not send every type)."""
         with self._tx() as c:
-            return c.execute("DELETE FROM expected_echo WHERE created_at < ?", (older_than,)).rowcount
+            return c.execute(
+                "DELETE FROM expected_echo WHERE created_at < ?", (older_than,)
+            ).rowcount
 
     def prune_history(self, before: float) -> int:
         """Retention: finished jobs, planned webhooks and log lines older than ``before`` go, so
@@ -2024,14 +2240,16 @@ class Store:
         with self._tx() as c:
             n = c.execute("DELETE FROM sync_log WHERE at < ?", (before,)).rowcount
             n += c.execute(
-                "DELETE FROM jobs WHERE status IN ('done', 'absent', 'superseded', 'discarded', 'resolved') "
+                "DELETE FROM jobs WHERE status IN ('done', 'absent', 'superseded', 'discarded', "
+                "'resolved') "
                 "AND updated_at < ?",
                 (before,),
             ).rowcount
             # Failed webhooks stay while their failed change is shown (retry needs the body).
             n += c.execute(
                 "DELETE FROM inbox WHERE planned != 0 AND received_at < ? AND id NOT IN"
-                " (SELECT CAST(source_item_id AS INTEGER) FROM jobs WHERE field='event' AND status='failed')",
+                " (SELECT CAST(source_item_id AS INTEGER) FROM jobs WHERE field='event' AND "
+                "status='failed')",
                 (before,),
             ).rowcount
             return n
@@ -2042,7 +2260,9 @@ class Store:
         try:
             os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
-            raise StoreError(f"{dest} exists already: give the backup a new name, or remove it first") from None
+            raise StoreError(
+                f"{dest} exists already: give the backup a new name, or remove it first"
+            ) from None
         target = sqlite3.connect(dest)
         try:
             self._conn().backup(target)
@@ -2060,9 +2280,12 @@ class Store:
             # Not an item another writer of this target is working on: writes to one item
             # stay in order (sync.write_connections writers share a target).
             rows = c.execute(
-                "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND due_at<=? "
-                "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND r.user_key=j.user_key "
-                "AND r.source=j.source AND r.source_item_id=j.source_item_id AND r.status='running') "
+                "SELECT * FROM jobs j WHERE target=? AND status IN ('pending', 'waiting') AND "
+                "due_at<=? "
+                "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target=j.target AND "
+                "r.user_key=j.user_key "
+                "AND r.source=j.source AND r.source_item_id=j.source_item_id AND "
+                "r.status='running') "
                 "ORDER BY due_at, id LIMIT ?",
                 (target, now, groups * CLAIM_ROWS_PER_GROUP),
             ).fetchall()
@@ -2127,7 +2350,15 @@ class Store:
         if f.undo_mark and f.undo_mark[0] == "put":
             c.execute(
                 "INSERT OR REPLACE INTO undone VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job.target, job.user_key, f.undo_mark[1], job.field, json.dumps(job.value), job.cause, now),
+                (
+                    job.target,
+                    job.user_key,
+                    f.undo_mark[1],
+                    job.field,
+                    json.dumps(job.value),
+                    job.cause,
+                    now,
+                ),
             )
         elif f.undo_mark:
             c.execute(
@@ -2161,24 +2392,43 @@ class Store:
             )
 
     def reschedule_job(
-        self, job: Job, status: str, due_at: float, error: str, *, absent: bool = False, attempt: bool = True
+        self,
+        job: Job,
+        status: str,
+        due_at: float,
+        error: str,
+        *,
+        absent: bool = False,
+        attempt: bool = True,
     ) -> None:
         """Put a job back: 'pending' for a retry after an error, 'waiting' for an absent item,
         'unreachable' until its server answers again (no attempt counted: ``attempt``)."""
         with self._tx() as c:
             # If a newer job for the same key was queued while this one ran, it supersedes us.
             newer = c.execute(
-                "SELECT 1 FROM jobs WHERE target=? AND user_key=? AND source=? AND source_item_id=? "
+                "SELECT 1 FROM jobs WHERE target=? AND user_key=? AND source=? AND "
+                "source_item_id=? "
                 "AND field=? AND status IN ('pending', 'waiting', 'unreachable') AND id != ?",
                 (job.target, job.user_key, job.source, job.source_item_id, job.field, job.id),
             ).fetchone()
             if newer:
-                c.execute("UPDATE jobs SET status='superseded', updated_at=? WHERE id=?", (utcnow(), job.id))
+                c.execute(
+                    "UPDATE jobs SET status='superseded', updated_at=? WHERE id=?",
+                    (utcnow(), job.id),
+                )
                 return
             c.execute(
                 "UPDATE jobs SET status=?, due_at=?, last_error=?, updated_at=?,"
                 " attempts = attempts + ?, absent_count = absent_count + ? WHERE id=?",
-                (status, due_at, error, utcnow(), int(attempt and not absent), 1 if absent else 0, job.id),
+                (
+                    status,
+                    due_at,
+                    error,
+                    utcnow(),
+                    int(attempt and not absent),
+                    1 if absent else 0,
+                    job.id,
+                ),
             )
 
     def retry_job(self, job_id: int) -> bool:
@@ -2186,14 +2436,21 @@ class Store:
         could not be planned goes back to the planner."""
         with self._tx() as c:
             event = c.execute(
-                "SELECT source_item_id FROM jobs WHERE id=? AND field='event' AND status='failed'", (job_id,)
+                "SELECT source_item_id FROM jobs WHERE id=? AND field='event' AND status='failed'",
+                (job_id,),
             ).fetchone()
             if event is not None:
-                c.execute("UPDATE inbox SET planned = 0 WHERE id = ? AND planned = 2", (int(event[0]),))
-                c.execute("UPDATE jobs SET status='superseded', updated_at=? WHERE id=?", (utcnow(), job_id))
+                c.execute(
+                    "UPDATE inbox SET planned = 0 WHERE id = ? AND planned = 2", (int(event[0]),)
+                )
+                c.execute(
+                    "UPDATE jobs SET status='superseded', updated_at=? WHERE id=?",
+                    (utcnow(), job_id),
+                )
                 return True
             cur = c.execute(
-                "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, updated_at=?"
+                "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, "
+                "updated_at=?"
                 " WHERE id=? AND status IN ('failed', 'waiting', 'unreachable', 'skipped')",
                 (utcnow(), utcnow(), job_id),
             )
@@ -2206,14 +2463,20 @@ class Store:
         with self._tx() as c:
             events = c.execute(
                 "UPDATE inbox SET planned = 0 WHERE planned = 2 AND id IN "
-                "(SELECT CAST(source_item_id AS INTEGER) FROM jobs WHERE field='event' AND status='failed')"
+                "(SELECT CAST(source_item_id AS INTEGER) FROM jobs WHERE field='event' AND "
+                "status='failed')"
             ).rowcount
             c.execute(
-                "UPDATE jobs SET status='superseded', updated_at=? WHERE field='event' AND status='failed'", (now,)
+                "UPDATE jobs SET status='superseded', updated_at=? WHERE field='event' AND "
+                "status='failed'",
+                (now,),
             )
-            targets = [r[0] for r in c.execute("SELECT DISTINCT target FROM jobs WHERE status='failed'")]
+            targets = [
+                r[0] for r in c.execute("SELECT DISTINCT target FROM jobs WHERE status='failed'")
+            ]
             n = c.execute(
-                "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, updated_at=?"
+                "UPDATE jobs SET status='pending', due_at=?, attempts=0, absent_count=0, "
+                "updated_at=?"
                 " WHERE status='failed'",
                 (now, now),
             ).rowcount
@@ -2223,7 +2486,8 @@ class Store:
         """Failed watch-state and preference changes for ``target``, newest first."""
         fields = (*FIELDS, *PREFERENCES)
         rows = self._rows(
-            f"SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN ({', '.join('?' * len(fields))})"
+            "SELECT * FROM jobs WHERE target=? AND status='failed' AND field IN "
+            f"({', '.join('?' * len(fields))})"
             " ORDER BY id DESC LIMIT ?",
             (target, *fields, limit),
         )
@@ -2241,7 +2505,8 @@ class Store:
         """``target`` answers again: what waited for it is due now."""
         with self._tx() as c:
             return c.execute(
-                "UPDATE jobs SET status='pending', due_at=?, updated_at=? WHERE target=? AND status='unreachable'",
+                "UPDATE jobs SET status='pending', due_at=?, updated_at=? WHERE target=? AND "
+                "status='unreachable'",
                 (utcnow(), utcnow(), target),
             ).rowcount
 
@@ -2250,7 +2515,8 @@ class Store:
         with self._tx() as c:
             cur = c.execute(
                 "UPDATE jobs SET status='discarded', updated_at=? "
-                "WHERE id=? AND status IN ('failed', 'waiting', 'unreachable', 'skipped', 'resolved')",
+                "WHERE id=? AND status IN ('failed', 'waiting', 'unreachable', 'skipped', "
+                "'resolved')",
                 (utcnow(), job_id),
             )
             return cur.rowcount == 1
@@ -2267,18 +2533,23 @@ class Store:
         since = timeline_start(minutes, bucket, utcnow() if now is None else now)
         rows = self._rows(
             "SELECT CAST(at / ? AS INTEGER) AS slot, result, count(*) FROM sync_log WHERE at >= ? "
-            f"AND result IN ({','.join('?' * len(CHANGE_RESULTS))}) GROUP BY slot, result ORDER BY slot",
+            f"AND result IN ({','.join('?' * len(CHANGE_RESULTS))}) GROUP BY slot, result ORDER BY "
+            "slot",
             (bucket, since, *CHANGE_RESULTS),
         )
         out: dict[int, dict] = {}
         for slot, result, n in rows:
-            out.setdefault(slot, {"minute": format_time(slot * bucket), "ok": 0, "failed": 0, "other": 0})
+            out.setdefault(
+                slot, {"minute": format_time(slot * bucket), "ok": 0, "failed": 0, "other": 0}
+            )
             key = result if result in ("ok", "failed") else "other"
             out[slot][key] += n
         return list(out.values())
 
     def done_since(self, since: float) -> int:
-        return self._rows("SELECT count(*) FROM jobs WHERE status='done' AND updated_at >= ?", (since,))[0][0]
+        return self._rows(
+            "SELECT count(*) FROM jobs WHERE status='done' AND updated_at >= ?", (since,)
+        )[0][0]
 
     def wake_waiting(self, target: str) -> int:
         """An item was added on ``target``: jobs waiting for an item there are due now."""
@@ -2294,7 +2565,8 @@ class Store:
     def open_job_counts(self) -> dict[str, int]:
         """Counts of the jobs not finished: a range of the status index, not the whole history."""
         rows = self._rows(
-            "SELECT status, count(*) FROM jobs WHERE status IN ('pending', 'running', 'waiting', 'failed', 'skipped', "
+            "SELECT status, count(*) FROM jobs WHERE status IN ('pending', 'running', 'waiting', "
+            "'failed', 'skipped', "
             "'held', 'unreachable')"
             " GROUP BY status"
         )
@@ -2309,7 +2581,8 @@ class Store:
         """Newest first; ``since``: only those changed since then."""
         marks = ",".join("?" * len(statuses))
         rows = self._rows(
-            f"SELECT * FROM jobs WHERE status IN ({marks}) AND updated_at >= ? ORDER BY id DESC LIMIT ? OFFSET ?",
+            f"SELECT * FROM jobs WHERE status IN ({marks}) AND updated_at >= ? ORDER BY id DESC "
+            "LIMIT ? OFFSET ?",
             (*statuses, since, limit, offset),
         )
         return [self._job(r) for r in rows]
@@ -2321,13 +2594,17 @@ class Store:
     # state
     def get_state(self, server: str, user_key: str, item_id: str) -> dict[str, tuple[Any, float]]:
         rows = self._rows(
-            "SELECT field, value, observed_at FROM state WHERE server=? AND user_key=? AND item_id=?",
+            "SELECT field, value, observed_at FROM state WHERE server=? AND user_key=? AND "
+            "item_id=?",
             (server, user_key, item_id),
         )
         return {r[0]: (json.loads(r[1]), r[2]) for r in rows}
 
     def playlist_members(self, user_key: str, name_key_: str) -> list[str] | None:
-        rows = self._rows("SELECT members FROM playlist_state WHERE user_key=? AND name_key=?", (user_key, name_key_))
+        rows = self._rows(
+            "SELECT members FROM playlist_state WHERE user_key=? AND name_key=?",
+            (user_key, name_key_),
+        )
         return json.loads(rows[0][0]) if rows else None
 
     def set_playlist_members(self, user_key: str, name_key_: str, members: list[str]) -> None:
@@ -2347,7 +2624,9 @@ class Store:
         )
         return {tuple(r) for r in rows}
 
-    def states_of(self, server: str, user_key: str, item_ids: list[str]) -> dict[str, dict[str, tuple]]:
+    def states_of(
+        self, server: str, user_key: str, item_ids: list[str]
+    ) -> dict[str, dict[str, tuple]]:
         """What is known of one person on one server for these items (a page of a pass, at most
         a few hundred): {item id: {field: (value, observed)}}. Not all of them at once: after a
         pass that is four rows for every item the person has state on (issue 25)."""
@@ -2360,18 +2639,25 @@ class Store:
             f" WHERE server=? AND user_key=? AND item_id IN ({marks})",
             (server, user_key, *item_ids),
         ):
-            out.setdefault(item_id, {})[fld] = (_JSON_WORDS[value] if value in _JSON_WORDS else json.loads(value), at)
+            out.setdefault(item_id, {})[fld] = (
+                _JSON_WORDS[value] if value in _JSON_WORDS else json.loads(value),
+                at,
+            )
         return out
 
     def undone_of(self, user_key: str) -> dict[tuple[str, str, str], Any]:
         """The values undos put back for one person: {(server, item id, field): value}."""
-        rows = self._rows("SELECT server, item_id, field, value FROM undone WHERE user_key=?", (user_key,))
+        rows = self._rows(
+            "SELECT server, item_id, field, value FROM undone WHERE user_key=?", (user_key,)
+        )
         return {(srv, iid, fld): json.loads(value) for srv, iid, fld, value in rows}
 
     def forget_undone(self, rows: list[tuple[str, str, str, str]]) -> None:
         """(server, user, item, field) rows: the servers agree again, or the person changed it."""
         with self._tx() as c:
-            c.executemany("DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?", rows)
+            c.executemany(
+                "DELETE FROM undone WHERE server=? AND user_key=? AND item_id=? AND field=?", rows
+            )
 
     def keep_apart(self, rows: list[tuple[str, str, str, str, Any]], cause: str) -> None:
         """(server, user, item, field, value) rows the servers hold differently on purpose (as
@@ -2383,12 +2669,15 @@ class Store:
             )
 
     def remember_states(self, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
-        """Many (server, user, item, field, value, observed at or None = keep) in one transaction."""
+        """Many (server, user, item, field, value, observed at or None = keep) in one
+        transaction."""
         with self._tx() as c:
             self._write_states(c, rows)
 
     @staticmethod
-    def _write_states(c: sqlite3.Connection, rows: list[tuple[str, str, str, str, Any, float | None]]) -> None:
+    def _write_states(
+        c: sqlite3.Connection, rows: list[tuple[str, str, str, str, Any, float | None]]
+    ) -> None:
         moved = [(s, u, i, f, json.dumps(v), at) for s, u, i, f, v, at in rows if at is not None]
         kept = [(s, u, i, f, json.dumps(v)) for s, u, i, f, v, at in rows if at is None]
         if moved:
@@ -2396,7 +2685,8 @@ class Store:
         if kept:  # a read says nothing about when: the value changes, its time stays
             c.executemany(
                 "INSERT INTO state VALUES (?, ?, ?, ?, ?, 0.0) "
-                "ON CONFLICT (server, user_key, item_id, field) DO UPDATE SET value = excluded.value",
+                "ON CONFLICT (server, user_key, item_id, field) DO UPDATE SET value = "
+                "excluded.value",
                 kept,
             )
 
@@ -2405,14 +2695,20 @@ class Store:
         server: str, user_key: str, item_id: str, values: dict[str, Any], observed: dict[str, float]
     ) -> list[tuple[str, str, str, str, Any, float | None]]:
         """remember_states rows for one item: only fields in ``observed`` move their time."""
-        return [(server, user_key, item_id, fld, value, observed.get(fld)) for fld, value in values.items()]
+        return [
+            (server, user_key, item_id, fld, value, observed.get(fld))
+            for fld, value in values.items()
+        ]
 
-    def prepare_write(self, server: str, user_key: str, item_id: str, expected: dict, observed: dict) -> None:
+    def prepare_write(
+        self, server: str, user_key: str, item_id: str, expected: dict, observed: dict
+    ) -> None:
         """Before a write: record the state it will create, and expect its echo (one commit)."""
         with self._tx() as c:
             self._write_states(c, self.state_rows(server, user_key, item_id, expected, observed))
             c.execute(
-                "INSERT INTO expected_echo (server, user_key, item_id, snapshot, created_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO expected_echo (server, user_key, item_id, snapshot, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (server, user_key, item_id, json.dumps(expected), utcnow()),
             )
 
@@ -2435,19 +2731,31 @@ class Store:
     def search_items(self, text: str, limit: int = 10) -> list[ItemInfo]:
         """Items whose name contains ``text`` (any case), on any server: the inspector's search."""
         pattern = "%" + text.replace("%", "").replace("_", "") + "%"
-        rows = self._rows("SELECT * FROM items WHERE name LIKE ? ORDER BY name, server LIMIT ?", (pattern, limit))
+        rows = self._rows(
+            "SELECT * FROM items WHERE name LIKE ? ORDER BY name, server LIMIT ?", (pattern, limit)
+        )
         return [ItemInfo(*r) for r in rows]
 
     def find_items(self, server: str, column: str, value: Any) -> list[ItemInfo]:
-        index = {"path_key": "items_path", "imdb": "items_imdb", "tmdb": "items_tmdb", "tvdb": "items_tvdb"}[column]
+        index = {
+            "path_key": "items_path",
+            "imdb": "items_imdb",
+            "tmdb": "items_tmdb",
+            "tvdb": "items_tvdb",
+        }[column]
         # INDEXED BY: without ANALYZE statistics SQLite prefers the primary key's "server" prefix
         # and scans a whole library per lookup (measured: 0.5 ms at 2,000 items, linear beyond).
-        rows = self._rows(f"SELECT * FROM items INDEXED BY {index} WHERE server=? AND {column}=?", (server, value))
+        rows = self._rows(
+            f"SELECT * FROM items INDEXED BY {index} WHERE server=? AND {column}=?", (server, value)
+        )
         return [ItemInfo(*r) for r in rows]
 
-    def find_episode(self, server: str, series_id: str, season: int, episode: int) -> list[ItemInfo]:
+    def find_episode(
+        self, server: str, series_id: str, season: int, episode: int
+    ) -> list[ItemInfo]:
         rows = self._rows(
-            "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND season=? AND episode=?",
+            "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND "
+            "season=? AND episode=?",
             (server, series_id, season, episode),
         )
         return [ItemInfo(*r) for r in rows]
@@ -2455,7 +2763,8 @@ class Store:
     def find_season(self, server: str, series_id: str, number: int) -> list[ItemInfo]:
         """A show's season by its number (a Season's IndexNumber, kept in the episode column)."""
         rows = self._rows(
-            "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND season IS NULL"
+            "SELECT * FROM items INDEXED BY items_episode WHERE server=? AND series_id=? AND "
+            "season IS NULL"
             " AND episode=? AND type='Season'",
             (server, series_id, number),
         )
@@ -2475,7 +2784,8 @@ class Store:
         marks = ",".join("?" * len(path_keys))
         out: dict[str, list[str]] = {}
         for path_key, item_id in self._rows(
-            f"SELECT path_key, item_id FROM items INDEXED BY items_path WHERE server=? AND path_key IN ({marks})",
+            "SELECT path_key, item_id FROM items INDEXED BY items_path WHERE server=? AND "
+            f"path_key IN ({marks})",
             (server, *path_keys),
         ):
             out.setdefault(path_key, []).append(item_id)
@@ -2511,16 +2821,22 @@ class Store:
             raise
         conn.execute("COMMIT")
 
-    def pass_seen_add(self, server: str, rows: list[tuple[str, bool, bool, bool, dict | None]]) -> None:
+    def pass_seen_add(
+        self, server: str, rows: list[tuple[str, bool, bool, bool, dict | None]]
+    ) -> None:
         """(item id, played, favourite, liked, UserData or None) rows from one page of a list: the
         flags add to what earlier lists said of the item, and a UserData replaces them."""
         with self._temp_tx() as conn:
             conn.executemany(
                 "INSERT INTO temp.pass_seen (server, item_id, played, favorite, likes, full)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (server, item_id) DO UPDATE SET"
-                " played = max(played, excluded.played), favorite = max(favorite, excluded.favorite),"
+                " played = max(played, excluded.played), favorite = max(favorite, "
+                "excluded.favorite),"
                 " likes = max(likes, excluded.likes), full = coalesce(excluded.full, full)",
-                [(server, i, p, f, lk, None if ud is None else json.dumps(ud)) for i, p, f, lk, ud in rows],
+                [
+                    (server, i, p, f, lk, None if ud is None else json.dumps(ud))
+                    for i, p, f, lk, ud in rows
+                ],
             )
 
     def pass_seen_unindexed(self, server: str) -> list[str]:
@@ -2558,10 +2874,14 @@ class Store:
     def pass_seen_grouped(self, members: list[tuple[str, str]]) -> None:
         """(server, item id) members of groups made: their own turn is not to come."""
         with self._temp_tx() as conn:
-            conn.executemany("UPDATE temp.pass_seen SET grouped=1 WHERE server=? AND item_id=?", members)
+            conn.executemany(
+                "UPDATE temp.pass_seen SET grouped=1 WHERE server=? AND item_id=?", members
+            )
 
     def count_items(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self._rows("SELECT server, count(*) FROM items GROUP BY server")}
+        return {
+            r[0]: r[1] for r in self._rows("SELECT server, count(*) FROM items GROUP BY server")
+        }
 
     # users
     def replace_users(self, server: str, users: list[tuple[str, str, bool]]) -> None:
@@ -2575,7 +2895,10 @@ class Store:
     _USER = "SELECT server, user_id, name, is_admin FROM users"
 
     def find_users(self, server: str, key: str) -> list[UserRow]:
-        return [UserRow(*r) for r in self._rows(f"{self._USER} WHERE server=? AND name_key=?", (server, key))]
+        return [
+            UserRow(*r)
+            for r in self._rows(f"{self._USER} WHERE server=? AND name_key=?", (server, key))
+        ]
 
     def rename_user(self, server: str, user_id: str, name: str) -> None:
         with self._tx() as c:
@@ -2595,14 +2918,17 @@ class Store:
     def add_password(self, server: str, username: str, password: str) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT INTO passwords (server, username, password, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO passwords (server, username, password, created_at) VALUES (?, ?, ?, "
+                "?)",
                 (server, username, password, utcnow()),
             )
 
     def passwords(self) -> list[Password]:
         return [
             Password(*r)
-            for r in self._rows("SELECT id, server, username, password, created_at FROM passwords ORDER BY id")
+            for r in self._rows(
+                "SELECT id, server, username, password, created_at FROM passwords ORDER BY id"
+            )
         ]
 
     def count_passwords(self) -> int:
@@ -2635,7 +2961,10 @@ class Store:
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key=?", (f"counter:{name}",)).fetchone()
             n = int(row[0]) + 1 if row else 1
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"counter:{name}", str(n)))
+            c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"counter:{name}", str(n)),
+            )
             return n
 
     def set_meta(self, key: str, value: str) -> None:
@@ -2645,7 +2974,9 @@ class Store:
     # dashboard sign-ins
     def sessions(self, now: float) -> dict[str, float]:
         """Sign-ins still valid: cookie hash → expiry."""
-        return dict(self._rows("SELECT token_hash, expires_at FROM sessions WHERE expires_at > ?", (now,)))
+        return dict(
+            self._rows("SELECT token_hash, expires_at FROM sessions WHERE expires_at > ?", (now,))
+        )
 
     def add_session(self, token_hash: str, expires_at: float, now: float) -> None:
         with self._tx() as c:
@@ -2657,7 +2988,9 @@ class Store:
             c.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
 
     # sync log and stats
-    def sync_log(self, limit: int = 50, offset: int = 0, **filters: Any) -> tuple[list[LogEntry], int]:
+    def sync_log(
+        self, limit: int = 50, offset: int = 0, **filters: Any
+    ) -> tuple[list[LogEntry], int]:
         """The log, newest first, filtered (username and item_name: a part, any case)."""
         where, args = [], []
         for col in ("username", "item_name"):
@@ -2673,7 +3006,10 @@ class Store:
                 where.append(f"l.{col} = ?")
                 args.append(filters[col])
         if filters.get("success") is not None:
-            where.append(("" if filters["success"] else "NOT ") + "l.result IN ('ok', 'noop', 'stale', 'dry_run')")
+            where.append(
+                ("" if filters["success"] else "NOT ")
+                + "l.result IN ('ok', 'noop', 'stale', 'dry_run')"
+            )
         if filters.get("server"):
             where.append("(l.source = ? OR l.target = ?)")
             args += [filters["server"], filters["server"]]
@@ -2689,7 +3025,8 @@ class Store:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         total = self._rows(f"SELECT count(*) FROM sync_log l {clause}", tuple(args))[0][0]
         rows = self._rows(
-            f"SELECT {_LOG_COLUMNS}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = l.job_id "
+            f"SELECT {_LOG_COLUMNS}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = "
+            "l.job_id "
             f"{clause} ORDER BY l.id DESC LIMIT ? OFFSET ?",
             (*args, limit, offset),
         )
@@ -2708,8 +3045,10 @@ class Store:
         return [
             tuple(r)
             for r in self._rows(
-                "SELECT source, user_key, min(username), field, value, count(DISTINCT source_item_id), count(*),"
-                " min(created_at), max(created_at), group_concat(DISTINCT target) FROM jobs WHERE status='held'"
+                "SELECT source, user_key, min(username), field, value, count(DISTINCT "
+                "source_item_id), count(*),"
+                " min(created_at), max(created_at), group_concat(DISTINCT target) FROM jobs WHERE "
+                "status='held'"
                 " GROUP BY source, user_key, field, value ORDER BY source, user_key"
             )
         ]
@@ -2719,7 +3058,8 @@ class Store:
         return [
             tuple(r)
             for r in self._rows(
-                "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND user_key=? "
+                "SELECT field, value, item_name FROM jobs WHERE status='held' AND source=? AND "
+                "user_key=? "
                 "GROUP BY source_item_id, field ORDER BY min(id) LIMIT ?",
                 (source, user_key, limit),
             )
@@ -2733,7 +3073,8 @@ class Store:
         now = utcnow()
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"brake_released:{source}:{user_key}", now)
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"brake_released:{source}:{user_key}", now),
             )
             return c.execute(
                 "UPDATE jobs SET status='pending', due_at=?, updated_at=? "
@@ -2742,17 +3083,21 @@ class Store:
             ).rowcount
 
     def discard_held(self, source: str, user_key: str) -> list[Job]:
-        """Discard: the held changes are dropped (kept as 'discarded' until retention). Returns them."""
+        """Discard: the held changes are dropped (kept as 'discarded' until retention). Returns
+        them."""
         with self._tx() as c:
             rows = c.execute(
-                "SELECT * FROM jobs WHERE status='held' AND source=? AND user_key=?", (source, user_key)
+                "SELECT * FROM jobs WHERE status='held' AND source=? AND user_key=?",
+                (source, user_key),
             ).fetchall()
             c.execute(
                 "UPDATE jobs SET status='discarded', last_error='discarded (brake)', updated_at=? "
                 "WHERE status='held' AND source=? AND user_key=?",
                 (utcnow(), source, user_key),
             )
-            c.execute("DELETE FROM meta WHERE key=?", (f"brake_held:{source}:{user_key}",))  # a new burst warns anew
+            c.execute(
+                "DELETE FROM meta WHERE key=?", (f"brake_held:{source}:{user_key}",)
+            )  # a new burst warns anew
         return [self._job(r) for r in rows]
 
     def journal(self, scope: dict, limit: int = JOURNAL_SCOPE_LIMIT) -> list[LogEntry]:
@@ -2773,7 +3118,8 @@ class Store:
                 where.append(sql)
                 args.append(scope[key])
         rows = self._rows(
-            f"SELECT {_LOG_COLUMNS}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = l.job_id "
+            f"SELECT {_LOG_COLUMNS}, j.source_item_id FROM sync_log l LEFT JOIN jobs j ON j.id = "
+            "l.job_id "
             f"WHERE {' AND '.join(where)} ORDER BY l.id LIMIT ?",
             (*args, limit),
         )
@@ -2783,7 +3129,8 @@ class Store:
         """A journal line for a write made outside the job queue (a pass's playlist changes)."""
         with self._tx() as c:
             c.execute(
-                "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, result, user_key,"
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, old, new, "
+                "result, user_key,"
                 " cause) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
                 (
                     utcnow(),
@@ -2828,7 +3175,8 @@ class Store:
             # row is deleted in the same transaction: nothing of it stays.
             try:
                 cur = conn.execute(
-                    "INSERT INTO inbox (server, event, received_at, body, planned) VALUES ('', 'probe', 0, ?, 2)",
+                    "INSERT INTO inbox (server, event, received_at, body, planned) VALUES ('', "
+                    "'probe', 0, ?, 2)",
                     ("x" * 4096,),
                 )
                 conn.execute("DELETE FROM inbox WHERE id = ?", (cur.lastrowid,))
@@ -2867,7 +3215,8 @@ class ServerVersion:
 
     @property
     def sets_positions(self) -> bool:
-        """A resume position can be written with an API key (/UserData, 10.9+; docs/jellyfin.md §2)."""
+        """A resume position can be written with an API key (/UserData, 10.9+; docs/jellyfin.md
+        §2)."""
         return not self.legacy
 
     @property
@@ -2900,7 +3249,8 @@ class ServerVersion:
         # Older program: its sync.audio_stream and sync.subtitle_stream
         if (sync.audio_stream or sync.subtitle_stream) and not self.writes_stream_choices:
             out.append(
-                "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream, switched on) "
+                "Audio and subtitle track choices (sync.audio_stream, sync.subtitle_stream, "
+                "switched on) "
                 "cannot be written with an API key on any Jellyfin version: not synced. Played, "
                 "positions, favourites and likes are; turn these two off to hide this line"
             )
@@ -2912,11 +3262,13 @@ class ServerVersion:
             out.append("Jellyfin 10.8: users cannot be renamed with an API key (rename by hand)")
             if sync.preferences:
                 out.append(
-                    "Jellyfin 10.8: language and playback preferences cannot be written with an API "
+                    "Jellyfin 10.8: language and playback preferences cannot be written with an "
+                    "API "
                     "key: they are read here and carried to the others, never written here"
                 )
             out.append(
-                "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a user "
+                "Jellyfin 10.8: playlist owners cannot be told with an API key: every playlist a "
+                "user "
                 "sees counts as theirs"
             )
         if not self.removes_playlist_entries:
@@ -3024,7 +3376,9 @@ class JellyfinClient:
         log.debug("%s → %s (%d bytes)", what, resp.status, len(payload))
         if resp.status >= 400:
             # Jellyfin's error bodies say only "Error processing request.": branch on the status.
-            raise JellyfinError(f"{what}: HTTP {resp.status}", resp.status, retryable=resp.status >= 500)
+            raise JellyfinError(
+                f"{what}: HTTP {resp.status}", resp.status, retryable=resp.status >= 500
+            )
         if not payload:
             return None
         try:
@@ -3036,7 +3390,9 @@ class JellyfinClient:
     def info(self) -> dict:
         info = self.request("GET", "/System/Info/Public")
         if not isinstance(info, dict) or "Version" not in info:
-            raise JellyfinError(f"{self.name}: /System/Info/Public did not answer like Jellyfin", 0, False)
+            raise JellyfinError(
+                f"{self.name}: /System/Info/Public did not answer like Jellyfin", 0, False
+            )
         self.version = ServerVersion.parse(str(info.get("Version")))
         self.server_id = info.get("Id")
         return info
@@ -3055,7 +3411,8 @@ class JellyfinClient:
         assert self.version is not None
         return self.version
 
-    # the Webhook plugin's own configuration (PluginsController: GET/POST /Plugins/{id}/Configuration)
+    # the Webhook plugin's own configuration (PluginsController: GET/POST
+    # /Plugins/{id}/Configuration)
     def webhook_plugin_config(self) -> dict:
         """The Webhook plugin's whole configuration; JellyfinError 404 if it is not installed."""
         return self.request("GET", f"/Plugins/{WEBHOOK_PLUGIN_ID}/Configuration") or {}
@@ -3072,7 +3429,10 @@ class JellyfinClient:
     def create_user(self, name: str, password: str | None) -> dict:
         # "" means no password; a non-empty one is set at creation (works on 10.8 too, where
         # changing a password later needs an admin's user token).
-        return self.request("POST", "/Users/New", body={"Name": name, "Password": password or ""}) or {}
+        return (
+            self.request("POST", "/Users/New", body={"Name": name, "Password": password or ""})
+            or {}
+        )
 
     def delete_user(self, user_id: str) -> None:
         self.request("DELETE", f"/Users/{user_id}")
@@ -3101,13 +3461,16 @@ class JellyfinClient:
         self.request("POST", "/Users", {"userId": user_id}, dto)
 
     def disable_user(self, user_dto: dict) -> None:
-        policy = dict(user_dto.get("Policy") or {})  # a full replacement: start from the current one
+        policy = dict(
+            user_dto.get("Policy") or {}
+        )  # a full replacement: start from the current one
         policy["IsDisabled"] = True
         self.request("POST", f"/Users/{user_dto['Id']}/Policy", body=policy)
 
     # items
     def items_page(self, start: int, limit: int, min_saved: str | None = None) -> list[dict]:
-        # No userId: with one, alternate versions collapse and their paths vanish (docs/jellyfin.md §2).
+        # No userId: with one, alternate versions collapse and their paths vanish (docs/jellyfin.md
+        # §2).
         res = self.request(
             "GET",
             "/Items",
@@ -3150,7 +3513,9 @@ class JellyfinClient:
             base["userId"] = user_id
         start = 0
         while True:
-            items = (self.request("GET", path, {**base, "startIndex": start, "limit": page}) or {}).get("Items", [])
+            items = (
+                self.request("GET", path, {**base, "startIndex": start, "limit": page}) or {}
+            ).get("Items", [])
             yield from items
             if len(items) < page:
                 return
@@ -3172,7 +3537,10 @@ class JellyfinClient:
             (folders, {"filters": "Likes"}, "Likes"),
         ]
         if dislikes:  # Likes: false
-            lists += [(items, {"filters": "Dislikes"}, "Likes"), (folders, {"filters": "Dislikes"}, "Likes")]
+            lists += [
+                (items, {"filters": "Dislikes"}, "Likes"),
+                (folders, {"filters": "Dislikes"}, "Likes"),
+            ]
         lists.append((items, {"filters": "IsResumable"}, None))
         for reader, query, flag in lists:
             for dto in reader(user_id, query, user_data=full or flag is None):
@@ -3239,7 +3607,12 @@ class JellyfinClient:
         found = (self.request("GET", path, query) or {}).get("Items", [])
         if version.playlist_owner_rule == "item":
             for p in found:
-                dto = self.request("GET", f"/Items/{p['Id']}", {"userId": user_id, "fields": "CanDelete"}) or {}
+                dto = (
+                    self.request(
+                        "GET", f"/Items/{p['Id']}", {"userId": user_id, "fields": "CanDelete"}
+                    )
+                    or {}
+                )
                 p["CanDelete"] = bool(dto.get("CanDelete"))
         if version.playlist_owner_rule == "none":
             for p in found:
@@ -3248,7 +3621,9 @@ class JellyfinClient:
 
     def playlist_items(self, playlist_id: str, user_id: str) -> list[dict]:
         query = {"userId": user_id, "fields": "Path,ProviderIds", "enableImages": "false"}
-        return (self.request("GET", f"/Playlists/{playlist_id}/Items", query) or {}).get("Items", [])
+        return (self.request("GET", f"/Playlists/{playlist_id}/Items", query) or {}).get(
+            "Items", []
+        )
 
     def create_playlist(self, name: str, user_id: str, ids: list[str]) -> str:
         body: dict[str, Any] = {"Name": name, "Ids": ids, "UserId": user_id}
@@ -3259,7 +3634,9 @@ class JellyfinClient:
         return normalise_id((self.request("POST", "/Playlists", body=body) or {}).get("Id", ""))
 
     def add_to_playlist(self, playlist_id: str, user_id: str, ids: list[str]) -> None:
-        self.request("POST", f"/Playlists/{playlist_id}/Items", {"ids": ",".join(ids), "userId": user_id})
+        self.request(
+            "POST", f"/Playlists/{playlist_id}/Items", {"ids": ",".join(ids), "userId": user_id}
+        )
 
     def remove_from_playlist(self, playlist_id: str, entry_ids: list[str]) -> None:
         if not self.ensure_version().removes_playlist_entries:
@@ -3305,7 +3682,9 @@ class JellyfinClient:
             return (item or {}).get("UserData") or {}
         return self.request("GET", f"/UserItems/{item_id}/UserData", {"userId": user_id}) or {}
 
-    def set_played(self, user_id: str, item_id: str, played: bool, date: float | None = None) -> dict:
+    def set_played(
+        self, user_id: str, item_id: str, played: bool, date: float | None = None
+    ) -> dict:
         legacy = self.ensure_version().legacy
         method = "POST" if played else "DELETE"
         query: dict[str, Any] = {}
@@ -3313,7 +3692,9 @@ class JellyfinClient:
             query["datePlayed"] = datetime.fromtimestamp(date, UTC).strftime("%Y%m%d%H%M%S")
         if legacy:
             return self.request(method, f"/Users/{user_id}/PlayedItems/{item_id}", query) or {}
-        return self.request(method, f"/UserPlayedItems/{item_id}", {"userId": user_id, **query}) or {}
+        return (
+            self.request(method, f"/UserPlayedItems/{item_id}", {"userId": user_id, **query}) or {}
+        )
 
     def set_favorite(self, user_id: str, item_id: str, on: bool) -> dict:
         method = "POST" if on else "DELETE"
@@ -3326,11 +3707,15 @@ class JellyfinClient:
         query = {} if likes is None else {"likes": "true" if likes else "false"}
         if self.ensure_version().legacy:
             return self.request(method, f"/Users/{user_id}/Items/{item_id}/Rating", query) or {}
-        return self.request(method, f"/UserItems/{item_id}/Rating", {"userId": user_id, **query}) or {}
+        return (
+            self.request(method, f"/UserItems/{item_id}/Rating", {"userId": user_id, **query}) or {}
+        )
 
     def update_user_data(self, user_id: str, item_id: str, data: dict) -> dict:
         # 10.8 has no API-key route for this at all (docs/jellyfin.md §2): callers check first.
-        return self.request("POST", f"/UserItems/{item_id}/UserData", {"userId": user_id}, data) or {}
+        return (
+            self.request("POST", f"/UserItems/{item_id}/UserData", {"userId": user_id}, data) or {}
+        )
 
 
 # ── Library ──────────────────────────────────────────────────────────────────
@@ -3396,10 +3781,17 @@ class Library:
                 start += len(page)
             # Overlap by a few minutes: the server's clock is not ours, and re-reading a few
             # items is cheaper than missing one.
-            self.store.set_meta(f"index_watermark:{server}", format_time(started - INDEX_OVERLAP_SECONDS))
+            self.store.set_meta(
+                f"index_watermark:{server}", format_time(started - INDEX_OVERLAP_SECONDS)
+            )
             self._last_refresh[server] = time.monotonic()
             self._refreshed_at[server] = started
-            log.debug("%s: item index %s: %d rows", server, "rebuilt" if mark is None else "refreshed", seen)
+            log.debug(
+                "%s: item index %s: %d rows",
+                server,
+                "rebuilt" if mark is None else "refreshed",
+                seen,
+            )
             return seen
 
     def ensure_index(self, server: str) -> None:
@@ -3445,10 +3837,17 @@ class Library:
         for column in ("imdb", "tmdb", "tvdb"):
             value = getattr(src, column)
             if value:
-                hits = [h for h in self.store.find_items(target, column, value) if h.type == src.type]
+                hits = [
+                    h for h in self.store.find_items(target, column, value) if h.type == src.type
+                ]
                 if len(hits) == 1:
                     return hits[0]
-        if src.type == "Episode" and src.series_id and src.season is not None and src.episode is not None:
+        if (
+            src.type == "Episode"
+            and src.series_id
+            and src.season is not None
+            and src.episode is not None
+        ):
             # An episode carries only its own IDs; match its series by provider ID, then S/E.
             series = self.source_item(src.server, src.series_id)
             if series:
@@ -3492,11 +3891,17 @@ class Library:
         """{source item id: its id on ``target``} for those of ``srcs`` (a page of one server's
         items) found there, as ``lookup`` finds each: their paths in one query, and ``lookup``
         itself only for the few no path names once (provider IDs, series and episode next)."""
-        by_path = [src for src in srcs if src.path_key and src.type not in NAMED_ITEM_TYPES]  # as lookup
+        by_path = [
+            src for src in srcs if src.path_key and src.type not in NAMED_ITEM_TYPES
+        ]  # as lookup
         hits = self.store.path_matches(target, [src.path_key for src in by_path]) if by_path else {}
         found: dict[str, str] = {}
         for src in srcs:
-            same = hits.get(src.path_key, []) if src.path_key and src.type not in NAMED_ITEM_TYPES else []
+            same = (
+                hits.get(src.path_key, [])
+                if src.path_key and src.type not in NAMED_ITEM_TYPES
+                else []
+            )
             if len(same) == 1:
                 found[src.item_id] = same[0]
             elif (match := self.lookup(src, target)) is not None:
@@ -3517,9 +3922,16 @@ class Library:
                 if getattr(src, c) and not (c == "path_key" and src.type in NAMED_ITEM_TYPES)
             ]
             if src.type in FOLDER_ITEM_TYPES and src.type != "Season":
-                looked.append(f"the one {src.type} named {src.name!r}" + (f" of {src.year}" if src.year else ""))
+                looked.append(
+                    f"the one {src.type} named {src.name!r}"
+                    + (f" of {src.year}" if src.year else "")
+                )
             tried = ", ".join(looked)
-            return None, f"not found on {target} (looked for {tried or 'nothing: the item has no path or provider id'})"
+            return (
+                None,
+                f"not found on {target} (looked for "
+                f"{tried or 'nothing: the item has no path or provider id'})",
+            )
         if src.path_key and found.path_key == src.path_key and src.type not in NAMED_ITEM_TYPES:
             return found, "same file (path)"
         for column in ("imdb", "tmdb", "tvdb"):
@@ -3535,10 +3947,16 @@ class Library:
         """An item as people know it: an episode or a season with its series ("Show — S01E04 —
         Title", "Show — Season 1")."""
         kind = item.type if item.series_id else ""
-        series = self.store.get_item(item.server, item.series_id) if kind in ("Episode", "Season") else None
+        series = (
+            self.store.get_item(item.server, item.series_id)
+            if kind in ("Episode", "Season")
+            else None
+        )
         if series and kind == "Season":
             return f"{series.name} — {item.name}"
-        return episode_name(series.name, item.season, item.episode, item.name) if series else item.name
+        return (
+            episode_name(series.name, item.season, item.episode, item.name) if series else item.name
+        )
 
     def match(self, src: ItemInfo, target: str, waiting_since: float = 0.0) -> ItemInfo | None:
         """The same item on ``target``: by path, then provider IDs, then series + S/E.
@@ -3601,7 +4019,9 @@ class Library:
                 rows = self.store.find_users(server, key)
         if len(rows) > 1:
             names = ", ".join(sorted(r.name for r in rows))
-            raise SyncError(f"{server} has several users named like {key!r} ({names}); skipped, fix by hand")
+            raise SyncError(
+                f"{server} has several users named like {key!r} ({names}); skipped, fix by hand"
+            )
         return rows[0] if rows else None
 
     def user_id(self, server: str, person: str) -> str | None:
@@ -3707,7 +4127,9 @@ class SyncedField:
 
     def enabled(self, config: Config) -> bool:
         """Are this field's switches all on in ``config``?"""
-        return all(getattr(getattr(config, s.split(".")[0]), s.split(".")[1]) for s in self.settings)
+        return all(
+            getattr(getattr(config, s.split(".")[0]), s.split(".")[1]) for s in self.settings
+        )
 
     def describe(self, value: Any) -> str:
         return self.say(value)
@@ -3826,7 +4248,9 @@ def _write_played(w: WriteRequest) -> dict:
     count = int(w.current.get("PlayCount") or 0)
     if w.sync.play_count:
         count = max(count, int(w.job.extra.play_count or 0))
-    newest = max([t for t in (last, parse_time(w.current.get("LastPlayedDate"))) if t], default=None)
+    newest = max(
+        [t for t in (last, parse_time(w.current.get("LastPlayedDate"))) if t], default=None
+    )
     body = {
         "Played": True,
         "PlaybackPositionTicks": 0,
@@ -3855,7 +4279,9 @@ def _account(name: str, setting: str, verb: str) -> SyncedField:
     def say(value: Any) -> str:
         return f"{verb} {_account_words(value)}"
 
-    return SyncedField(name=name, label="account", settings=(setting,), scope="account", say=say, undoable=False)
+    return SyncedField(
+        name=name, label="account", settings=(setting,), scope="account", say=say, undoable=False
+    )
 
 
 PERSON_ITEM = "-"  # the item id of a "person" field (and of an account change) in jobs and states
@@ -3905,7 +4331,10 @@ def _preference(name: str, label: str, key: str, unset: Any, say: Any = None) ->
         say=say,
         merge=_set_over_unset(unset),
         nothing=unset,
-        needs=("writes_user_settings", "Jellyfin 10.8 cannot change a person's settings with an API key"),
+        needs=(
+            "writes_user_settings",
+            "Jellyfin 10.8 cannot change a person's settings with an API key",
+        ),
         write=lambda cfg, want: {**cfg, key: want},
         show="yes/no" if isinstance(unset, bool) else "value",
         ranked=False,
@@ -4017,12 +4446,22 @@ REGISTRY: dict[str, SyncedField] = {
         _preference("audio_language", "audio language", "AudioLanguagePreference", ""),
         _preference("subtitle_language", "subtitle language", "SubtitleLanguagePreference", ""),
         _preference(
-            "subtitle_mode", "subtitle mode", "SubtitleMode", "Default", lambda v: _SUBTITLE_MODES.get(v, str(v))
+            "subtitle_mode",
+            "subtitle mode",
+            "SubtitleMode",
+            "Default",
+            lambda v: _SUBTITLE_MODES.get(v, str(v)),
         ),
-        _preference("play_default_audio", "play default audio track", "PlayDefaultAudioTrack", True),
+        _preference(
+            "play_default_audio", "play default audio track", "PlayDefaultAudioTrack", True
+        ),
         _preference("remember_audio", "remember audio selections", "RememberAudioSelections", True),
-        _preference("remember_subtitles", "remember subtitle selections", "RememberSubtitleSelections", True),
-        _preference("next_episode", "play next episode automatically", "EnableNextEpisodeAutoPlay", True),
+        _preference(
+            "remember_subtitles", "remember subtitle selections", "RememberSubtitleSelections", True
+        ),
+        _preference(
+            "next_episode", "play next episode automatically", "EnableNextEpisodeAutoPlay", True
+        ),
     )
 }
 # The fields a job carries (one per target, person, item and field), in the order a claim's
@@ -4030,7 +4469,9 @@ REGISTRY: dict[str, SyncedField] = {
 FIELDS = tuple(f.name for f in REGISTRY.values() if f.scope == "item")
 FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}
 AMBIGUOUS_OFF_LIST = tuple(f.name for f in REGISTRY.values() if f.left_list_ambiguous)
-EXPORTED = tuple(f for f in REGISTRY.values() if f.scope in ("item", "carried"))  # export, inspector
+EXPORTED = tuple(
+    f for f in REGISTRY.values() if f.scope in ("item", "carried")
+)  # export, inspector
 PREFERENCES = tuple(f.name for f in REGISTRY.values() if f.scope == "person")
 
 
@@ -4075,7 +4516,12 @@ def takes_state_away(fld: str, value: Any, finishing: bool = False) -> bool:
 
 def moot_fields(values: dict[str, Any]) -> set[str]:
     """The fields that another's True makes moot (played → its position is reset anyway)."""
-    return {other for name, v in values.items() if v is True and name in REGISTRY for other, _ in REGISTRY[name].resets}
+    return {
+        other
+        for name, v in values.items()
+        if v is True and name in REGISTRY
+        for other, _ in REGISTRY[name].resets
+    }
 
 
 def removal_word(fld: str, value: Any) -> str:
@@ -4166,7 +4612,12 @@ def _kept_values(data: dict) -> dict:
             continue
         if v is None:
             continue
-        if isinstance(v, str) and re.fullmatch(r"\d{1,19}", v) or isinstance(v, float) and v.is_integer():
+        if (
+            isinstance(v, str)
+            and re.fullmatch(r"\d{1,19}", v)
+            or isinstance(v, float)
+            and v.is_integer()
+        ):
             v = int(v)
         elif type(v) is not int:
             raise WebhookError(f"{k}: expected a whole number")
@@ -4282,7 +4733,11 @@ class Planner:
                 news = self._news(tx, observations)
                 dropped += len(observations) - len(news)
                 # Finishing an item resets its position: that is no removal (news or not).
-                finished = {(o.server, o.item_id) for o in observations if o.value is True and REGISTRY[o.field].resets}
+                finished = {
+                    (o.server, o.item_id)
+                    for o in observations
+                    if o.value is True and REGISTRY[o.field].resets
+                }
                 for ob in news:
                     removal = self.removes(ob, finished)
                     if removal:
@@ -4324,8 +4779,10 @@ class Planner:
             log.debug("brake: %d more change(s) from %s for %s held", held, source, user_key)
             return
         log.warning(
-            "brake: changes from %s for %s held: more than %d items would lose state within %g minutes; "
-            "the rest of this burst is held too (the dashboard counts them); apply or discard them there",
+            "brake: changes from %s for %s held: more than %d items would lose state within %g "
+            "minutes; "
+            "the rest of this burst is held too (the dashboard counts them); apply or discard them "
+            "there",
             source,
             user_key,
             limit,
@@ -4346,7 +4803,9 @@ class Planner:
             # server an undo put back to unplayed is marked again, as the person's new action.
             entry = REGISTRY[ob.field]
             finished = entry.rewatch_trap and ob.value is True and ob.extra.event == "PlaybackStop"
-            if known is not None and ((known[0] == value_json and not finished) or known[1] > ob.observed_at):
+            if known is not None and (
+                (known[0] == value_json and not finished) or known[1] > ob.observed_at
+            ):
                 # Same as what we last wrote/read there (an echo, or nothing new), or an older
                 # observation arriving late: never overwrite newer with older.
                 continue
@@ -4392,7 +4851,9 @@ class Planner:
     # time
     def observed_at(self, server: str, utc_timestamp: Any, received: float) -> float:
         """When the source saw the change (the plugin's UtcTimestamp), else when we received it."""
-        return self.not_ahead(server, "UtcTimestamp", parse_time(utc_timestamp) or received, received)
+        return self.not_ahead(
+            server, "UtcTimestamp", parse_time(utc_timestamp) or received, received
+        )
 
     def not_ahead(self, server: str, key: str, when: float, received: float) -> float:
         """``when``, but never later than CLOCK_SKEW_ALLOWANCE after we received it: a server
@@ -4464,7 +4925,9 @@ class WatchStateWriter:
     """Writes one person's watch state for one item on a target: state-based, only what
     differs, each field through exactly one route so states cannot oscillate between servers."""
 
-    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+    def __init__(
+        self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]
+    ):
         self.config = config
         self.store = store
         self.library = library
@@ -4480,7 +4943,11 @@ class WatchStateWriter:
         src_item = self.library.source_item(first.source, first.source_item_id)
         if src_item is None:
             raise SyncError(f"item {first.source_item_id} no longer exists on {first.source}")
-        return user_id, src_item, self.library.match(src_item, target, max(j.waiting_since for j in jobs))
+        return (
+            user_id,
+            src_item,
+            self.library.match(src_item, target, max(j.waiting_since for j in jobs)),
+        )
 
     def apply(self, job: Job, user_id: str, item: ItemInfo, current: dict) -> Outcome:
         """One job; ``current`` is the target's UserItemDataDto, read once for the whole group."""
@@ -4505,14 +4972,17 @@ class WatchStateWriter:
             # person wins, and is reported, never clobbered.
             return Outcome(
                 "skipped",
-                f"not undone: {job.target} now holds {describe(job.field, have[job.field])}, changed since "
+                f"not undone: {job.target} now holds {describe(job.field, have[job.field])}, "
+                "changed since "
                 f"we wrote {describe(job.field, job.extra.expect)}",
             )
         if have[job.field] == want:
             # Only this field: the group's other jobs may write the others before this outcome
             # is committed (with theirs, after their writes), and ``have`` is from before them.
             confirmed = {job.field: have[job.field]}
-            rows = self.store.state_rows(job.target, job.user_key, item.item_id, confirmed, observed)
+            rows = self.store.state_rows(
+                job.target, job.user_key, item.item_id, confirmed, observed
+            )
             return Outcome("noop", old=describe(job.field, have[job.field]), states=rows)
         if self.config.sync.dry_run:
             return Outcome("dry_run", new=describe(job.field, want))
@@ -4522,7 +4992,9 @@ class WatchStateWriter:
         self.store.prepare_write(job.target, job.user_key, item.item_id, expected, observed)
         try:
             written = entry.write(
-                WriteRequest(client, version, user_id, item.item_id, job, want, current, self.config.sync)
+                WriteRequest(
+                    client, version, user_id, item.item_id, job, want, current, self.config.sync
+                )
             )
         except Exception:
             # The write did not happen (as far as we know): what we recorded must not say it
@@ -4530,7 +5002,9 @@ class WatchStateWriter:
             # and spread it back over the source — losing the very change being written.
             was = {f: have[f] for f in expected if f in have}
             times = {f: known[f][1] if f in known else 0.0 for f in was}
-            self.store.remember_states(self.store.state_rows(job.target, job.user_key, item.item_id, was, times))
+            self.store.remember_states(
+                self.store.state_rows(job.target, job.user_key, item.item_id, was, times)
+            )
             raise
         current.clear()
         rows = None
@@ -4541,7 +5015,12 @@ class WatchStateWriter:
             surprise = {f: v for f, v in read_fields(written).items() if expected.get(f) != v}
             rows = self.store.state_rows(job.target, job.user_key, item.item_id, surprise, observed)
         log.info(
-            '%s: %s ✓ %s "%s" (from %s)', job.target, job.username, describe(job.field, want), job.item_name, job.source
+            '%s: %s ✓ %s "%s" (from %s)',
+            job.target,
+            job.username,
+            describe(job.field, want),
+            job.item_name,
+            job.source,
         )
         return self._written(job, item, have, want, rows)
 
@@ -4581,7 +5060,9 @@ class PreferenceWriter:
     they are sent back exactly as read. State-based: only what differs is written, and the same
     write twice is harmless. No webhook reports it, so there is no echo to expect."""
 
-    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+    def __init__(
+        self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]
+    ):
         self.config = config
         self.store = store
         self.library = library
@@ -4607,11 +5088,14 @@ class PreferenceWriter:
         if job.extra.is_undo and have != job.extra.expect and have != want:
             return Outcome(
                 "skipped",
-                f"not undone: {job.target} now holds {entry.label} {describe(job.field, have)}, changed "
+                f"not undone: {job.target} now holds {entry.label} {describe(job.field, have)}, "
+                "changed "
                 f"since we wrote {describe(job.field, job.extra.expect)}",
             )
         if have == want:
-            rows = self.store.state_rows(job.target, job.user_key, PERSON_ITEM, {job.field: have}, observed)
+            rows = self.store.state_rows(
+                job.target, job.user_key, PERSON_ITEM, {job.field: have}, observed
+            )
             return Outcome("noop", old=describe(job.field, have), states=rows)
         if self.config.sync.dry_run:
             return Outcome("dry_run", new=describe(job.field, want))
@@ -4621,7 +5105,9 @@ class PreferenceWriter:
         current.update(body)  # what the target holds now, for the group's next job
         # Recorded with the outcome, after the write: a comparison in between sees the job
         # running (Store.changes_on_the_way) and leaves this field alone.
-        rows = self.store.state_rows(job.target, job.user_key, PERSON_ITEM, {job.field: want}, observed)
+        rows = self.store.state_rows(
+            job.target, job.user_key, PERSON_ITEM, {job.field: want}, observed
+        )
         log.info(
             "%s: %s ✓ %s: %s → %s (from %s)",
             job.target,
@@ -4645,7 +5131,9 @@ class PreferenceWriter:
 class AccountWriter:
     """Creates, deletes and renames accounts on a target, as another server's user events say."""
 
-    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+    def __init__(
+        self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]
+    ):
         self.config = config
         self.store = store
         self.library = library
@@ -4657,7 +5145,11 @@ class AccountWriter:
         row = self.library.user(job.target, key, refresh_on_miss=False)
         if self.config.sync.dry_run:
             return Outcome("dry_run", new=job.field)
-        apply = {"user_create": self._create, "user_delete": self._delete, "user_rename": self._rename}.get(job.field)
+        apply = {
+            "user_create": self._create,
+            "user_delete": self._delete,
+            "user_rename": self._rename,
+        }.get(job.field)
         if apply is None:
             raise SyncError(f"{job.field!r} is no account change")  # never a guess (issue 24)
         return apply(job, row)
@@ -4687,7 +5179,9 @@ class AccountWriter:
         if row is None:
             return Outcome("noop", "already gone")
         if row.is_admin:
-            raise SyncError(f"{row.name} is an administrator on {job.target}: never deleted automatically")
+            raise SyncError(
+                f"{row.name} is an administrator on {job.target}: never deleted automatically"
+            )
         try:
             self.clients[job.target].delete_user(row.user_id)
         except JellyfinError as e:
@@ -4701,7 +5195,8 @@ class AccountWriter:
         value = job.value
         if not value.get("old"):
             raise SyncError(
-                f"renamed to {value['name']!r} on {job.source}, but the old name is unknown; rename by hand"
+                f"renamed to {value['name']!r} on {job.source}, but the old name is unknown; "
+                "rename by hand"
             )
         if row is None:
             raise SyncError(f"no user named {value['old']!r} on {job.target}")
@@ -4710,7 +5205,9 @@ class AccountWriter:
         # Our own rename comes back as UserUpdated from the target: record the new name first.
         self.store.rename_user(job.target, row.user_id, value["name"])
         self.clients[job.target].rename_user(row.user_id, value["name"])
-        log.info("%s: renamed user %s to %s (from %s)", job.target, row.name, value["name"], job.source)
+        log.info(
+            "%s: renamed user %s to %s (from %s)", job.target, row.name, value["name"], job.source
+        )
         return Outcome("ok", old=row.name, new=value["name"])
 
 
@@ -4732,12 +5229,14 @@ class PluginSetup:
         except JellyfinError as e:
             if e.status == 404:
                 return "error", (
-                    f"{server}: the Webhook plugin is not installed. In Jellyfin: Dashboard → Plugins → "
+                    f"{server}: the Webhook plugin is not installed. In Jellyfin: Dashboard → "
+                    "Plugins → "
                     "Catalog → Webhook → Install, restart Jellyfin, then try again."
                 )
             return (
                 "error",
-                f"{server}: cannot read the Webhook plugin's settings ({e}); is the API key an administrator's?",
+                f"{server}: cannot read the Webhook plugin's settings ({e}); is the API key an "
+                "administrator's?",
             )
         destinations = list(plugin.get("GenericOptions") or [])
         ours = self.destination(server, url)
@@ -4847,15 +5346,21 @@ class ServerHealth:
             state.update(healthy=True, key_refused=False, error=None, down_since=None)
         except JellyfinError as e:
             refused = e.status in (401, 403)
-            if refused and not state.get("key_refused"):  # said once, when it starts: the log shows it
-                log.warning("%s: %s — nothing is written there until it is fixed", name, refused_or(e))
+            if refused and not state.get(
+                "key_refused"
+            ):  # said once, when it starts: the log shows it
+                log.warning(
+                    "%s: %s — nothing is written there until it is fixed", name, refused_or(e)
+                )
             state.update(healthy=False, key_refused=refused, error=refused_or(e))
             if not refused:
                 if was is not False:  # said once, when it starts (and at start): the card keeps it
-                    # The error's own text starts with the server's name: "home: GET …: cannot connect".
+                    # The error's own text starts with the server's name: "home: GET …: cannot
+                    # connect".
                     log.warning("%s — what is owed to it waits until it answers", e)
                 state.update(reachable=False, latency_ms=None)
-                client.forget_version()  # re-detect it when the server comes back (it may be upgraded)
+                # re-detect it when the server comes back (it may be upgraded)
+                client.forget_version()
             state["down_since"] = state["down_since"] or utcnow()
         state["checked_at"] = utcnow()
         state["checked_mono"] = time.monotonic()
@@ -4948,7 +5453,9 @@ class Syncer:
     hands them to the Planner, and gives each target's jobs to the writers (WatchStateWriter,
     AccountWriter), recording each outcome in one place (_record)."""
 
-    def __init__(self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]):
+    def __init__(
+        self, config: Config, store: Store, library: Library, clients: dict[str, JellyfinClient]
+    ):
         self.config = config
         self.store = store
         self.library = library
@@ -4989,13 +5496,21 @@ class Syncer:
         finds = [t for t in self.unbrought.get(server, ()) if t > since]
         if len(finds) < SILENT_FINDS:
             return None
-        base = self.config.public_url.rstrip("/") if self.config.public_url else "http://<this service>"
+        base = (
+            self.config.public_url.rstrip("/")
+            if self.config.public_url
+            else "http://<this service>"
+        )
         return (
             f"{SILENT_WORDS.format(server=server)}: {len(finds)} checks in the last "
-            f"{SILENT_WINDOW / 60:.0f} minutes found changes there that no webhook brought (they were "
-            f"synced by the check, within a minute or two). On {server}, check: the Webhook plugin is "
-            f"installed (Dashboard → Plugins); its Generic destination's URL is {base}/webhook/{server}; "
-            "“Send All Properties” is ticked; the notification types Playback Progress, Playback Stop "
+            f"{SILENT_WINDOW / 60:.0f} minutes found changes there that no webhook brought (they "
+            "were "
+            f"synced by the check, within a minute or two). On {server}, check: the Webhook plugin "
+            "is "
+            "installed (Dashboard → Plugins); its Generic destination's URL is "
+            f"{base}/webhook/{server}; "
+            "“Send All Properties” is ticked; the notification types Playback Progress, Playback "
+            "Stop "
             "and User Data Saved are ticked; and the destination is enabled. “Set up webhooks” on "
             "this card does it for you"
         )
@@ -5004,11 +5519,15 @@ class Syncer:
     def accept_webhook(self, server: str, body: bytes) -> dict:
         """Validate, commit one row, and wake the planner. No network call happens here."""
         if self.config.server(server) is None:
-            raise WebhookError(f"unknown server {server!r}: the URL must be /webhook/<name from config>", 404)
+            raise WebhookError(
+                f"unknown server {server!r}: the URL must be /webhook/<name from config>", 404
+            )
         data = parse_webhook(body)
         ntype = data["NotificationType"]
         # Only the plugin's own types become metric labels: a sender must not grow them at will.
-        self.counters.count(f"webhooks|{server}|{ntype if ntype in NOTIFICATION_TYPES else 'other'}")
+        self.counters.count(
+            f"webhooks|{server}|{ntype if ntype in NOTIFICATION_TYPES else 'other'}"
+        )
         self.webhook_seen[server] = utcnow()  # the plugin posts to us (whatever the type)
         if ntype not in ACTED_ON or (ntype == "PlaybackStart"):
             return {"status": "ignored", "reason": f"{ntype} needs no sync"}
@@ -5051,19 +5570,30 @@ class Syncer:
         if failures:
             self.store.fail_events(failures)
             for row, error in failures:
-                log.error("webhook #%d from %s (%s) cannot be planned: %s", row.id, row.server, row.event, error)
+                log.error(
+                    "webhook #%d from %s (%s) cannot be planned: %s",
+                    row.id,
+                    row.server,
+                    row.event,
+                    error,
+                )
             self.counters.count("events_failed", len(failures))
         for t in woken.union(jobs_for):
             self.wake_target(t)
         return len(rows)
 
-    def _parse_rows(self, rows: list[InboxRow], failures: list) -> list[tuple[InboxRow, dict, float]]:
-        """(row, its body, when its change was observed); a row that cannot be read goes to failures."""
+    def _parse_rows(
+        self, rows: list[InboxRow], failures: list
+    ) -> list[tuple[InboxRow, dict, float]]:
+        """(row, its body, when its change was observed); a row that cannot be read goes to
+        failures."""
         parsed = []
         for row in rows:
             try:
                 ev = json.loads(row.body)
-                observed = self.planner.observed_at(row.server, ev.get("UtcTimestamp"), row.received_at)
+                observed = self.planner.observed_at(
+                    row.server, ev.get("UtcTimestamp"), row.received_at
+                )
             except Exception as e:  # stored before the checks at the door existed, say
                 failures.append((row, _error_text(e)))
                 continue
@@ -5083,7 +5613,9 @@ class Syncer:
                     newest[key] = i
         return set(newest.values())
 
-    def _queue_planned(self, planned: list[tuple[int, list[Observation]]], rows: dict, failures: list) -> list[str]:
+    def _queue_planned(
+        self, planned: list[tuple[int, list[Observation]]], rows: dict, failures: list
+    ) -> list[str]:
         """Hand the batch to the Planner in one transaction; if something in it cannot be stored,
         row by row, so only that row fails. Returns the targets that got jobs."""
         try:
@@ -5105,7 +5637,9 @@ class Syncer:
         self.counters.count("observations_dropped", dropped)
         return jobs_for
 
-    def _plan_one(self, row: InboxRow, ev: dict, observed: float) -> tuple[list[Observation], list[str]]:
+    def _plan_one(
+        self, row: InboxRow, ev: dict, observed: float
+    ) -> tuple[list[Observation], list[str]]:
         """(observations, targets to wake for other reasons) for one inbox row, its parsed body
         and the time its change was observed."""
         server = row.server
@@ -5117,7 +5651,10 @@ class Syncer:
             woke = self.store.wake_waiting(server) if ntype == "ItemAdded" else 0
             return [], [server] if woke else []
         if ntype in USER_EVENTS:
-            return [dataclasses.replace(o, cause=f"event:{row.id}") for o in self._account_change(server, ev)], []
+            return [
+                dataclasses.replace(o, cause=f"event:{row.id}")
+                for o in self._account_change(server, ev)
+            ], []
         if ntype == MIGRATED_EVENT:  # Older program
             return older_owed(self.config, server, ev, observed), []  # Older program
         return self._observations(row, ev, observed), []
@@ -5130,9 +5667,14 @@ class Syncer:
             return []
         last_played = parse_time(ev.get("LastPlayedDate"))
         if last_played:
-            last_played = self.planner.not_ahead(server, "LastPlayedDate", last_played, row.received_at)
+            last_played = self.planner.not_ahead(
+                server, "LastPlayedDate", last_played, row.received_at
+            )
         extra = Carried(
-            event=ntype, runtime=ev.get("RunTimeTicks"), play_count=ev.get("PlayCount"), last_played=last_played
+            event=ntype,
+            runtime=ev.get("RunTimeTicks"),
+            play_count=ev.get("PlayCount"),
+            last_played=last_played,
         )
         others = tuple(s.name for s in self.config.servers if s.name != server)
         debounce = self.config.sync.progress_debounce_seconds
@@ -5159,7 +5701,11 @@ class Syncer:
         """A user created, deleted or renamed on ``server``: one order per other server."""
         ntype, username = ev["NotificationType"], ev["NotificationUsername"]
         value: dict[str, Any] = {"name": username}
-        field = {"UserCreated": "user_create", "UserDeleted": "user_delete", "UserUpdated": "user_rename"}[ntype]
+        field = {
+            "UserCreated": "user_create",
+            "UserDeleted": "user_delete",
+            "UserUpdated": "user_rename",
+        }[ntype]
         person = self.config.person(server, username)
         if ntype == "UserUpdated":
             # The webhook carries only the new name: the old one comes from our index, read
@@ -5199,12 +5745,14 @@ class Syncer:
     def apply_next(self, target: str) -> bool:
         """Claim and apply the next due jobs for ``target``, and record their outcomes in one
         commit. Returns False when none was due. (Should the process die before that commit,
-        the jobs are found 'running' at start and applied again: harmless, docs/design.md §2, §5.)"""
+        the jobs are found 'running' at start and applied again: harmless, docs/design.md §2,
+        §5.)"""
         groups = self.store.claim_jobs(target, utcnow())
         finished: list = []
         try:
             for jobs in groups:
-                # Played first: marking played resets the position, which a position job may then set.
+                # Played first: marking played resets the position, which a position job may then
+                # set.
                 jobs.sort(key=lambda j: FIELD_ORDER.get(j.field, -1))
                 for job, outcome in self._apply_group(target, jobs):
                     row = self._record(job, outcome)
@@ -5221,16 +5769,24 @@ class Syncer:
             # Accounts and preferences (no item): one person's, from one source. Each job by its
             # own scope: a claim groups them by person and item, and both use PERSON_ITEM.
             current: dict = {}  # the target's UserConfiguration, read once for the preferences
-            return [(job, self._attempt(job, lambda job=job: self._apply_personal(job, current))) for job in jobs]
+            return [
+                (job, self._attempt(job, lambda job=job: self._apply_personal(job, current)))
+                for job in jobs
+            ]
         try:
             user_id, src_item, item = self.writer.resolve(target, jobs)
         except Exception as e:
             return [(job, self._error(job, e)) for job in jobs]
         if item is None:
             return [(job, self._absent(job, src_item)) for job in jobs]
-        current: dict = {}  # the target's UserItemDataDto, read once for the whole group (see _KNOWN)
+        # the target's UserItemDataDto, read once for the whole group (see _KNOWN)
+        current: dict = {}
         return [
-            (job, self._attempt(job, lambda job=job: self.writer.apply(job, user_id, item, current))) for job in jobs
+            (
+                job,
+                self._attempt(job, lambda job=job: self.writer.apply(job, user_id, item, current)),
+            )
+            for job in jobs
         ]
 
     def _apply_personal(self, job: Job, current: dict) -> Outcome:
@@ -5270,7 +5826,10 @@ class Syncer:
         check that found it down is trusted (during an outage every job of a claim fails alike:
         one check serves them); one that found it well is older than the failure: checked again."""
         state = self.health[target]
-        if state["healthy"] is not False or time.monotonic() - state["checked_mono"] > SERVER_CONFIRM_SECONDS:
+        if (
+            state["healthy"] is not False
+            or time.monotonic() - state["checked_mono"] > SERVER_CONFIRM_SECONDS
+        ):
             state = self.check_server(target)
         return bool(state["healthy"])
 
@@ -5326,7 +5885,11 @@ class Syncer:
         """What a job that holds on its target does to the undo marks (class Undo): an undo's
         order is remembered ("put"); a change of the person's ends the undo there ("clear")."""
         item_id = o.item_id or (o.states[0][2] if o.states else None)
-        if o.result not in ("ok", "noop") or not item_id or REGISTRY[job.field].scope not in ("item", "person"):
+        if (
+            o.result not in ("ok", "noop")
+            or not item_id
+            or REGISTRY[job.field].scope not in ("item", "person")
+        ):
             return None
         return ("put" if job.extra.is_undo else "clear", item_id)
 
@@ -5355,7 +5918,11 @@ class Syncer:
                 if job.source_item_id == PERSON_ITEM:  # a preference (accounts are not looked at)
                     entry = synced(job.field)
                     mine = entry.scope == "person" and user_id
-                    if mine and entry.read(self.clients[target].user_configuration(user_id)) == job.value:
+                    if (
+                        mine
+                        and entry.read(self.clients[target].user_configuration(user_id))
+                        == job.value
+                    ):
                         resolved.append(job.id)
                     continue
                 src = self.store.get_item(job.source, job.source_item_id)
@@ -5378,12 +5945,17 @@ class Syncer:
     # threads
     def start(self) -> None:
         self.stop_event.clear()
-        self.threads = [SupervisedThread("planner", self._planner_loop), SupervisedThread("upkeep", self._upkeep_loop)]
+        self.threads = [
+            SupervisedThread("planner", self._planner_loop),
+            SupervisedThread("upkeep", self._upkeep_loop),
+        ]
         for s in self.config.servers:
             # Each writer has its own connection (JellyfinClient keeps one per thread).
             for i in range(1, self.config.sync.write_connections + 1):
                 name = f"worker-{s.name}" + (f"-{i}" if i > 1 else "")
-                self.threads.append(SupervisedThread(name, functools.partial(self._target_loop, s.name)))
+                self.threads.append(
+                    SupervisedThread(name, functools.partial(self._target_loop, s.name))
+                )
         for t in self.threads:
             t.start()
 
@@ -5430,7 +6002,8 @@ class Syncer:
                     continue
             except Exception as e:
                 # Rows that cannot be planned are marked failed by plan_pending; what gets here
-                # is the database itself (locked, full, read-only), which a later try may find mended.
+                # is the database itself (locked, full, read-only), which a later try may find
+                # mended.
                 self.planner_error = _error_text(e)
                 log.error("planner: %s; trying again in %.0f s", self.planner_error, pause)
                 self.stop_event.wait(pause)
@@ -5462,7 +6035,10 @@ class Syncer:
             for s in self.config.servers:
                 health = self.health[s.name]
                 every = HEALTH_CHECK_SECONDS if health["healthy"] else recheck
-                if not self.stop_event.is_set() and time.monotonic() >= health["checked_mono"] + every:
+                if (
+                    not self.stop_event.is_set()
+                    and time.monotonic() >= health["checked_mono"] + every
+                ):
                     self._check_and_prepare(s.name)
             # A writer's check may bring a server's next one nearer: look again at least this often.
             self.stop_event.wait(recheck)
@@ -5633,7 +6209,9 @@ class Preferences:
     @staticmethod
     def of_users(users: list[dict]) -> dict[str, dict]:
         """{user id: UserConfiguration} from a GET /Users answer already read."""
-        return {normalise_id(u["Id"]): dict(u.get("Configuration") or {}) for u in users if u.get("Id")}
+        return {
+            normalise_id(u["Id"]): dict(u.get("Configuration") or {}) for u in users if u.get("Id")
+        }
 
     def compare(
         self,
@@ -5677,7 +6255,11 @@ class Preferences:
             news = any(v.prior is _UNKNOWN or v.prior != v.cur for v in views)
             if only_news and decision is not None and not news:
                 continue
-            if not dry_run and (decision is not None or not differ) and any(v.undone for v in views):
+            if (
+                not dry_run
+                and (decision is not None or not differ)
+                and any(v.undone for v in views)
+            ):
                 forget += [(v.server, person, PERSON_ITEM, field) for v in views if v.undone]
             if decision is None:
                 if differ and not any(v.undone for v in views):
@@ -5733,7 +6315,11 @@ class Preferences:
 
     @staticmethod
     def _baseline(
-        person: str, field: str, views: list[_View], source: _View | None, written: set[str] = frozenset()
+        person: str,
+        field: str,
+        views: list[_View],
+        source: _View | None,
+        written: set[str] = frozenset(),
     ) -> list[tuple]:
         """What each server holds now, as the state the next look compares with. A server
         about to be ``written`` records its own with the job's outcome; one that cannot be
@@ -5742,7 +6328,16 @@ class Preferences:
         for v in views:
             if (v.prior is not _UNKNOWN and v.prior == v.cur) or v.server in written:
                 continue
-            rows.append((v.server, person, PERSON_ITEM, field, v.cur, utcnow() if v is source else v.prior_at))
+            rows.append(
+                (
+                    v.server,
+                    person,
+                    PERSON_ITEM,
+                    field,
+                    v.cur,
+                    utcnow() if v is source else v.prior_at,
+                )
+            )
         return rows
 
     @staticmethod
@@ -5750,7 +6345,10 @@ class Preferences:
         """Different choices on a first sight: we never pick one for the person. Said once
         (the field is then kept apart until they change it)."""
         held = ", ".join(f"{entry.describe(v.cur)} on {v.server}" for v in views)
-        text = f"{person}: {entry.label} differs ({held}): left alone; change it on one server and it follows"
+        text = (
+            f"{person}: {entry.label} differs ({held}): left alone; "
+            "change it on one server and it follows"
+        )
         if report is not None:
             report.setdefault("notes", []).append(text)
         log.info("preferences: %s", text)
@@ -5774,20 +6372,28 @@ class Reconciler:
         self._run_lock = threading.Lock()  # one pass at a time
         self.progress: dict[str, Any] = {"running": False}
         self._pending_state: list[tuple] = []  # filled while comparing one person, then flushed
-        self._states: dict[str, dict] = {}  # the known state of the items being compared, per server
+        self._states: dict[
+            str, dict
+        ] = {}  # the known state of the items being compared, per server
         self._on_the_way: set[tuple[str, str, str]] = set()  # the person's changes still queued
         self._undone: dict[tuple, Any] = {}  # the person's values put back by an undo (class Undo)
         self._pending_forget: list[tuple] = []  # undone rows whose field is in step again
-        self.last_dry_run: dict | None = None  # kept in memory: a dry run changes nothing, not even this file
+        self.last_dry_run: dict | None = (
+            None  # kept in memory: a dry run changes nothing, not even this file
+        )
         self._pending_jobs: list[Observation] = []
-        self._playlist_cache: dict[tuple[str, str], dict[str, dict]] = {}  # (server, user) → seen; one pass
+        self._playlist_cache: dict[
+            tuple[str, str], dict[str, dict]
+        ] = {}  # (server, user) → seen; one pass
         self._read_at = 0.0  # when the person being compared was read
         self.cause = ""  # of the jobs being queued: "pass:<n>" (the journal says why)
         self.preferences = Preferences(config, store, library, self.planner)
         self._configs: dict[str, dict[str, dict]] = {}  # server → user id → Configuration; one pass
         self.trigger = threading.Event()
         self.thread: SupervisedThread | None = None
-        self.ping: Any = lambda what, body="": None  # healthchecks-style: start, success, fail (Alerts.ping)
+        self.ping: Any = lambda what, body="": (
+            None
+        )  # healthchecks-style: start, success, fail (Alerts.ping)
 
     def last_report(self) -> dict | None:
         raw = self.store.get_meta("last_reconcile_report")
@@ -5855,7 +6461,9 @@ class Reconciler:
         if not dry_run:
             self.store.set_meta("last_reconcile_report", json.dumps(report))
             summary = f"{report['changes']} changes queued in {report['seconds']} s"
-            self.ping("fail" if report["errors"] else "success", "\n".join([summary, *report["errors"]]))
+            self.ping(
+                "fail" if report["errors"] else "success", "\n".join([summary, *report["errors"]])
+            )
             for target in {s.name for s in self.config.servers}:
                 self.syncer.wake_target(target)
         log.info(
@@ -5871,7 +6479,9 @@ class Reconciler:
             "found" if dry_run else "queued",
             report["seconds"],
         )
-        for error in report["errors"]:  # said where people look: a pass that read nothing is no success
+        for error in report[
+            "errors"
+        ]:  # said where people look: a pass that read nothing is no success
             log.warning("reconcile: %s", error)
         return report
 
@@ -5882,7 +6492,9 @@ class Reconciler:
         for s in self.config.servers:
             try:
                 # Everyone's preferences come with the users: no request of their own.
-                self._configs[s.name] = Preferences.of_users(self.library.refresh_users_and_index(s.name))
+                self._configs[s.name] = Preferences.of_users(
+                    self.library.refresh_users_and_index(s.name)
+                )
             except JellyfinError as e:
                 # Once the server's name: a JellyfinError's own text starts with it.
                 refused = e.status in (401, 403)
@@ -5896,7 +6508,11 @@ class Reconciler:
             accounts[row.server] = row.user_id
         for person, server in sorted(duplicated.items()):
             report["errors"].append(f"{person}: several accounts on {server}; skipped")
-        return {p: accounts for p, accounts in people.items() if p not in duplicated and len(accounts) >= 2}
+        return {
+            p: accounts
+            for p, accounts in people.items()
+            if p not in duplicated and len(accounts) >= 2
+        }
 
     def _read(self, server: str, user_id: str) -> None:
         """The person's interesting items on one server, into the Store's pass_seen table (a page
@@ -5912,7 +6528,15 @@ class Reconciler:
         page: list[tuple[str, bool, bool, bool, dict | None]] = []
         for flag, dto in client.user_lists(user_id):  # the resume list last: its full UserData
             ud = (dto.get("UserData") or {}) if flag is None else None
-            page.append((normalise_id(dto["Id"]), flag == "Played", flag == "IsFavorite", flag == "Likes", ud))
+            page.append(
+                (
+                    normalise_id(dto["Id"]),
+                    flag == "Played",
+                    flag == "IsFavorite",
+                    flag == "Likes",
+                    ud,
+                )
+            )
             if len(page) >= INDEX_PAGE_SIZE:
                 self.store.pass_seen_add(server, page)
                 page = []
@@ -5920,7 +6544,10 @@ class Reconciler:
             self.store.pass_seen_add(server, page)
         missing = self.store.pass_seen_unindexed(server)
         for i in range(0, len(missing), IDS_PER_REQUEST):
-            rows = [item_info(client.server, d) for d in client.items_by_ids(missing[i : i + IDS_PER_REQUEST])]
+            rows = [
+                item_info(client.server, d)
+                for d in client.items_by_ids(missing[i : i + IDS_PER_REQUEST])
+            ]
             if rows:
                 self.store.upsert_items(rows)
 
@@ -5940,7 +6567,9 @@ class Reconciler:
             for iid in ids:
                 seen[srv][iid] = full.get(iid) or seen[srv][iid]
 
-    def _reconcile_person(self, person: str, accounts: dict[str, str], report: dict, dry_run: bool) -> None:
+    def _reconcile_person(
+        self, person: str, accounts: dict[str, str], report: dict, dry_run: bool
+    ) -> None:
         servers = [s for s in accounts]
         self._read_at = utcnow()
         self.store.pass_seen_clear()
@@ -5954,7 +6583,9 @@ class Reconciler:
             except Exception as e:
                 # Their playlists wait for the next pass (mirroring from a partial read could
                 # create duplicates); their watch state below does not.
-                report["errors"].append(f"{person}: playlists not compared this pass: {_error_text(e)}")
+                report["errors"].append(
+                    f"{person}: playlists not compared this pass: {_error_text(e)}"
+                )
                 log.warning("reconcile: %s: playlists not compared: %s", person, _error_text(e))
         self.progress["phase"] = f"comparing {person}"
         configs = {
@@ -6014,12 +6645,15 @@ class Reconciler:
             for srv, iid in group.items():
                 ud = seen[srv].get(iid)
                 if ud is None:
-                    ud = {}  # nothing noteworthy there: not played, no favourite, no position, no like
+                    # nothing noteworthy there: not played, no favourite, no position, no like
+                    ud = {}
                 current[srv] = ud
             if not self._as_agreed(group, current, fields):
                 self._reconcile_item(person, group, current, accounts, fields, report, dry_run)
 
-    def _as_agreed(self, group: dict[str, str], current: dict[str, dict], fields: list[str]) -> bool:
+    def _as_agreed(
+        self, group: dict[str, str], current: dict[str, dict], fields: list[str]
+    ) -> bool:
         """Does every server hold, in every field compared, the value we last knew there, the
         same value everywhere (and no undo's value)? Then decide() finds no change and no
         disagreement, and there is nothing to record: the routine pass over servers in step ends
@@ -6041,17 +6675,22 @@ class Reconciler:
 
     def sync_item(self, person: str, group: dict[str, str], accounts: dict[str, str]) -> dict:
         """ "Sync this item now": read the person's state of one item on every server and queue
-        what differs, by the same rules as a pass (first sight = union; later, the newest change)."""
+        what differs, by the same rules as a pass (first sight = union; later, the newest
+        change)."""
         if not self._run_lock.acquire(blocking=False):
             raise SyncError("a reconciliation pass is running: try again when it has finished")
         report: dict[str, Any] = {"users": {}, "changes": 0, "items_compared": 0, "errors": []}
         try:
             self.cause = f"sync-item:{self.store.next_number('sync-item')}"
-            self._states = {srv: self.store.states_of(srv, person, [iid]) for srv, iid in group.items()}
+            self._states = {
+                srv: self.store.states_of(srv, person, [iid]) for srv, iid in group.items()
+            }
             self._on_the_way = self.store.changes_on_the_way(person)
             self._undone = self.store.undone_of(person)
             self._read_at = utcnow()
-            current = {srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()}
+            current = {
+                srv: self.clients[srv].user_data(accounts[srv], iid) for srv, iid in group.items()
+            }
             fields = [f for f in FIELDS if self.config.syncs(f)]
             self._reconcile_item(person, group, current, accounts, fields, report, dry_run=False)
             self._flush()
@@ -6073,13 +6712,19 @@ class Reconciler:
     ) -> None:
         priors = {srv: self._states[srv].get(iid, {}) for srv, iid in group.items()}
         values = {srv: read_fields(ud) for srv, ud in current.items()}
-        kind = next((i.type for srv, iid in group.items() if (i := self.store.get_item(srv, iid))), "")
-        fields = [f for f in fields if REGISTRY[f].applies_to(kind)]  # a show: its heart, not "played"
+        kind = next(
+            (i.type for srv, iid in group.items() if (i := self.store.get_item(srv, iid))), ""
+        )
+        fields = [
+            f for f in fields if REGISTRY[f].applies_to(kind)
+        ]  # a show: its heart, not "played"
         for srv, ud in current.items():
             # An item in none of the lists (played, favourite, resumable, liked) has no noteworthy
             # state — unless we knew it as played or liked: then it left a list (unplayed? a
             # re-watch? disliked or cleared?), and only reading it tells which (a handful at most).
-            if not ud and any(priors[srv].get(f, (None,))[0] not in (None, False) for f in AMBIGUOUS_OFF_LIST):
+            if not ud and any(
+                priors[srv].get(f, (None,))[0] not in (None, False) for f in AMBIGUOUS_OFF_LIST
+            ):
                 current[srv] = self.clients[srv].user_data(accounts[srv], group[srv])
                 values[srv] = read_fields(current[srv])
         moot: set[str] = set()  # fields a field True once this pass's jobs are applied resets
@@ -6096,16 +6741,24 @@ class Reconciler:
             for srv, iid in group.items():
                 prior, prior_at = priors[srv].get(field, (_UNKNOWN, 0.0))
                 ud = current[srv]
-                when = (parse_time(ud.get("LastPlayedDate")) or 0.0) if REGISTRY[field].dated else 0.0
+                when = (
+                    (parse_time(ud.get("LastPlayedDate")) or 0.0) if REGISTRY[field].dated else 0.0
+                )
                 cur = values[srv][field]
                 undone = self._undone.get((srv, iid, field), _UNKNOWN) == cur
-                views.append(_View(srv, iid, cur, prior, prior_at, when, int(ud.get("PlayCount") or 0), undone))
+                views.append(
+                    _View(
+                        srv, iid, cur, prior, prior_at, when, int(ud.get("PlayCount") or 0), undone
+                    )
+                )
             decision = decide(field, views)
             # An undo's divergence ends once the person changed the field (the decision) or the
             # servers agree again; until then decide() leaves the field alone.
             ended = decision is not None or len({json.dumps(v.cur) for v in views}) == 1
             if not dry_run and ended and any(v.undone for v in views):
-                self._pending_forget += [(v.server, person, v.item_id, field) for v in views if v.undone]
+                self._pending_forget += [
+                    (v.server, person, v.item_id, field) for v in views if v.undone
+                ]
             if decision[0] if decision else all(v.cur for v in views):
                 moot.update(other for other, _ in REGISTRY[field].resets)
             if decision is None:
@@ -6121,7 +6774,9 @@ class Reconciler:
                 _report_changes(report, person, v.server, 1, sample)
                 if not dry_run:
                     self.progress["changes_queued"] = self.progress.get("changes_queued", 0) + 1
-                    self._queue(person, field, desired, source, v.server, name, item, current[v.server])
+                    self._queue(
+                        person, field, desired, source, v.server, name, item, current[v.server]
+                    )
 
     @staticmethod
     def _item_key(item: ItemInfo) -> str | None:
@@ -6133,11 +6788,15 @@ class Reconciler:
                 return f"{column}:{getattr(item, column)}"
         return None
 
-    def _reconcile_playlists(self, person: str, accounts: dict[str, str], report: dict, dry_run: bool) -> None:
+    def _reconcile_playlists(
+        self, person: str, accounts: dict[str, str], report: dict, dry_run: bool
+    ) -> None:
         """Mirror a person's own playlists by name: created private where missing; additions
         and removals since the last agreed members applied everywhere; first sight = union.
         Written directly (no webhook reports playlists, so there is no echo to suppress)."""
-        lists: dict[str, dict[str, tuple[str, str, list[tuple[str, str, str]]]]] = {}  # name → srv → …
+        lists: dict[
+            str, dict[str, tuple[str, str, list[tuple[str, str, str]]]]
+        ] = {}  # name → srv → …
         for srv, uid in accounts.items():
             client = self.clients[srv]
             for p in self._own_playlists(person, srv, uid, report):
@@ -6146,11 +6805,19 @@ class Reconciler:
                     item = item_info(client.server, dto)
                     key = self._item_key(item)
                     if key:
-                        entries.append((key, item.item_id, str(dto.get("PlaylistItemId") or item.item_id)))
-                lists.setdefault(name_key(p["Name"]), {})[srv] = (normalise_id(p["Id"]), p["Name"], entries)
+                        entries.append(
+                            (key, item.item_id, str(dto.get("PlaylistItemId") or item.item_id))
+                        )
+                lists.setdefault(name_key(p["Name"]), {})[srv] = (
+                    normalise_id(p["Id"]),
+                    p["Name"],
+                    entries,
+                )
         for nkey, per_server in sorted(lists.items()):
             baseline = self.store.playlist_members(person, nkey)
-            current = {srv: [k for k, _, _ in entries] for srv, (_, _, entries) in per_server.items()}
+            current = {
+                srv: [k for k, _, _ in entries] for srv, (_, _, entries) in per_server.items()
+            }
             if baseline is None:  # first sight: union, in the order of the longest list
                 desired: list[str] = []
                 for srv in sorted(current, key=lambda x: -len(current[x])):
@@ -6163,16 +6830,28 @@ class Reconciler:
             title = next(iter(per_server.values()))[1]
             for srv, uid in accounts.items():
                 try:
-                    changes = self._sync_playlist(srv, uid, title, per_server.get(srv), desired, dry_run)
+                    changes = self._sync_playlist(
+                        srv, uid, title, per_server.get(srv), desired, dry_run
+                    )
                     if changes and not dry_run:
                         self._journal_playlist(person, srv, title, per_server.get(srv), changes)
                 except Exception as e:  # one playlist on one server: the others go on
-                    report["errors"].append(f"{person}: playlist {title!r} on {srv}: {_error_text(e)}")
+                    report["errors"].append(
+                        f"{person}: playlist {title!r} on {srv}: {_error_text(e)}"
+                    )
                     if not isinstance(e, SyncError):
-                        log.warning("reconcile: %s: playlist %r on %s: %s", person, title, srv, _error_text(e))
+                        log.warning(
+                            "reconcile: %s: playlist %r on %s: %s",
+                            person,
+                            title,
+                            srv,
+                            _error_text(e),
+                        )
                     continue
                 if changes:
-                    _report_changes(report, person, srv, changes, f"playlist {title!r}: {changes} change(s)")
+                    _report_changes(
+                        report, person, srv, changes, f"playlist {title!r}: {changes} change(s)"
+                    )
             if not dry_run:
                 self.store.set_playlist_members(person, nkey, desired)
 
@@ -6213,15 +6892,19 @@ class Reconciler:
                 continue
             if admins:
                 report["errors"].append(
-                    f"{person}: playlist {p['Name']!r} on {srv}: administrators {', '.join(sorted(admins))} see it "
-                    "too, and an API key cannot tell whose it is: not mirrored (copy it by hand, or make it "
+                    f"{person}: playlist {p['Name']!r} on {srv}: administrators "
+                    f"{', '.join(sorted(admins))} see it "
+                    "too, and an API key cannot tell whose it is: not mirrored (copy it by hand, "
+                    "or make it "
                     "private to its owner)"
                 )
                 continue
             own.append(p)
         return own
 
-    def _journal_playlist(self, person: str, srv: str, title: str, had: tuple | None, changes: int) -> None:
+    def _journal_playlist(
+        self, person: str, srv: str, title: str, had: tuple | None, changes: int
+    ) -> None:
         """A playlist write in the journal, so Recent syncs shows every write we make. (Not
         undoable: its members are not a value a write can put back.)"""
         self.store.log_write(
@@ -6266,10 +6949,14 @@ class Reconciler:
             if to_remove:
                 client.remove_from_playlist(playlist_id, to_remove)
             if to_add or to_remove:
-                log.info("%s: playlist %r: %d added, %d removed", srv, title, len(to_add), len(to_remove))
+                log.info(
+                    "%s: playlist %r: %d added, %d removed", srv, title, len(to_add), len(to_remove)
+                )
         return len(to_add) + len(to_remove)
 
-    def _remember(self, person: str, views: list[_View], field: str, source: _View | None, dry_run: bool) -> None:
+    def _remember(
+        self, person: str, views: list[_View], field: str, source: _View | None, dry_run: bool
+    ) -> None:
         """Record what each server holds now, as the agreed baseline for the next pass."""
         if dry_run:
             return
@@ -6375,7 +7062,8 @@ class RecentCheck:
     The first check of a person on a server only notes where the list stands (the startup pass
     compares everything); later ones report what was played since. Each round also reads every
     server's users once (GET /Users holds everyone's UserConfiguration) and compares each
-    person's language and playback preferences (class Preferences). Checks that keep finding news while the
+    person's language and playback preferences (class Preferences). Checks that keep finding news
+    while the
     server posts no webhook feed Syncer.silent_plugin."""
 
     def __init__(self, config: Config, store: Store, library: Library, syncer: Syncer):
@@ -6390,7 +7078,13 @@ class RecentCheck:
         # Cost, for /api/status and the benchmark: requests and response bytes of the checks
         # so far, and how many (server, person) checks they were; apart, the GET /Users per server
         # and round that reads everyone's preferences.
-        self.cost = {"checks": 0, "requests": 0, "bytes": 0, "settings_requests": 0, "settings_bytes": 0}
+        self.cost = {
+            "checks": 0,
+            "requests": 0,
+            "bytes": 0,
+            "settings_requests": 0,
+            "settings_bytes": 0,
+        }
         self.last_run: dict[str, float] = {}  # server → when its people were last checked
         self.news = 0  # observations found that no webhook had brought, since start
         self._cause = ""
@@ -6437,7 +7131,9 @@ class RecentCheck:
             self.last_run[s.name] = utcnow()
             if here:
                 self.syncer.unbrought[s.name].append(utcnow())
-                log.info("recent check: %d change(s) on %s that no webhook brought: queued", here, s.name)
+                log.info(
+                    "recent check: %d change(s) on %s that no webhook brought: queued", here, s.name
+                )
             found += here
         if self.preferences.fields() and not self.stop_event.is_set():
             self._preferences(people)
@@ -6445,7 +7141,8 @@ class RecentCheck:
 
     def _preferences(self, people: dict[str, dict[str, tuple[str, str]]]) -> int:
         """Everyone's language and playback preferences: one GET /Users per reachable server
-        (every person's Configuration is in it), compared by Preferences. Returns the jobs queued."""
+        (every person's Configuration is in it), compared by Preferences. Returns the jobs
+        queued."""
         configs: dict[str, dict[str, dict]] = {}
         for s in self.config.servers:
             health = self.syncer.health.get(s.name) or {}
@@ -6471,7 +7168,9 @@ class RecentCheck:
             }
             away = tuple(srv for srv in accounts if srv not in mine)
             try:
-                woken = self.preferences.compare(person, mine, self._numbered, elsewhere=away, only_news=True)
+                woken = self.preferences.compare(
+                    person, mine, self._numbered, elsewhere=away, only_news=True
+                )
             except SyncError as e:
                 log.warning("recent check: %s: preferences: %s", person, e)
                 continue
@@ -6500,7 +7199,8 @@ class RecentCheck:
         return {p: a for p, a in people.items() if len(a) >= 2}
 
     def check(self, server: str, person: str, user_id: str, username: str) -> int:
-        """One person on one server: read, observe, plan. Returns how many observations were news."""
+        """One person on one server: read, observe, plan. Returns how many observations were
+        news."""
         client = self.clients[server]
         requests, read = client.thread_counts()
         mark = self.store.recent_watermark(server, person)
@@ -6527,7 +7227,8 @@ class RecentCheck:
                 entry.update(played=True, position=0)  # as a webhook reports a finished item
             elif int(ud.get("PlaybackPositionTicks") or 0) > 0:
                 # A resume point. Never "unplayed" (a re-watch starts as Played=false) nor a
-                # position of 0 (stopped in the first minutes): those are left to webhooks and passes.
+                # position of 0 (stopped in the first minutes): those are left to webhooks and
+                # passes.
                 entry["position"] = int(ud["PlaybackPositionTicks"])
             else:
                 continue
@@ -6563,9 +7264,13 @@ class RecentCheck:
         known = self.store.get_state(server, person, item_id)
         if entry["_when"] < mark and not known:
             return False  # played before the check began watching, and never seen since
-        return not all(f in known and known[f][0] == entry[f] for f in ("played", "position") if f in entry)
+        return not all(
+            f in known and known[f][0] == entry[f] for f in ("played", "position") if f in entry
+        )
 
-    def _observations(self, server: str, person: str, username: str, item_id: str, entry: dict) -> list[Observation]:
+    def _observations(
+        self, server: str, person: str, username: str, item_id: str, entry: dict
+    ) -> list[Observation]:
         dto, when = entry["_dto"], entry["_when"]
         self._numbered()
         targets = tuple(s.name for s in self.config.servers if s.name != server)
@@ -6574,7 +7279,10 @@ class RecentCheck:
         item = self.store.get_item(server, item_id)
         name = self.library.display_name(item) if item else str(dto.get("Name") or item_id)
         extra = Carried(
-            event="recent-check", runtime=dto.get("RunTimeTicks"), play_count=ud.get("PlayCount"), last_played=observed
+            event="recent-check",
+            runtime=dto.get("RunTimeTicks"),
+            play_count=ud.get("PlayCount"),
+            last_played=observed,
         )
         return [
             Observation(
@@ -6664,7 +7372,9 @@ class Undo:
     did not touch (decide()) — until the person changes that field on any server: that change
     travels as usual, to the undone server too, and the mark is gone."""
 
-    def __init__(self, config: Config, store: Store, library: Library, planner: Planner, wake: Any = None):
+    def __init__(
+        self, config: Config, store: Store, library: Library, planner: Planner, wake: Any = None
+    ):
         self.config = config
         self.store = store
         self.library = library
@@ -6678,18 +7388,27 @@ class Undo:
             entry_id = scope["id"]
             if isinstance(entry_id, str) and entry_id.strip().isdigit():
                 entry_id = int(entry_id)
-            if isinstance(entry_id, bool) or not isinstance(entry_id, int) or not 1 <= entry_id <= INT64_MAX:
+            if (
+                isinstance(entry_id, bool)
+                or not isinstance(entry_id, int)
+                or not 1 <= entry_id <= INT64_MAX
+            ):
                 raise SyncError(f"id: a journal entry's id, a whole number from 1 to {INT64_MAX}")
             scope["id"] = entry_id
         if "cause" in scope:
             scope["cause"] = str(scope["cause"])
         if scope.get("user"):
             scope["user"] = name_key(str(scope["user"]))
-        unknown = [k for k in ("server", "source") if k in scope and self.config.server(scope[k]) is None]
+        unknown = [
+            k for k in ("server", "source") if k in scope and self.config.server(scope[k]) is None
+        ]
         if unknown:
             raise SyncError(f"{unknown[0]}: {scope[unknown[0]]!r} is not a server from the config")
         if not set(scope) - {"since", "until"} and "since" not in scope:
-            raise SyncError("say what to undo: id, cause, user, server or source, and/or a time range from since")
+            raise SyncError(
+                "say what to undo: id, cause, user, server or source, and/or a time range from "
+                "since"
+            )
         return scope
 
     def _plan(self, scope: dict) -> tuple[list[UndoChange], int]:
@@ -6729,7 +7448,9 @@ class Undo:
         self._read_now(changes)
         servers: dict[str, dict] = {}
         for ch in changes:
-            entry = servers.setdefault(ch.server, {"undo": 0, "changed_since": 0, "already": 0, "unknown": 0})
+            entry = servers.setdefault(
+                ch.server, {"undo": 0, "changed_since": 0, "already": 0, "unknown": 0}
+            )
             entry.setdefault("sample", [])
             entry.setdefault("refused", [])
             if ch.now is _UNKNOWN:
@@ -6742,7 +7463,8 @@ class Undo:
                 ch.verdict = "changed_since"
             entry[ch.verdict] += 1
             line = (
-                f"{ch.username}: {ch.item_name}: {describe(ch.field, ch.after if ch.now is _UNKNOWN else ch.now)}"
+                f"{ch.username}: {ch.item_name}: "
+                f"{describe(ch.field, ch.after if ch.now is _UNKNOWN else ch.now)}"
                 f" → {describe(ch.field, ch.before)}"
             )
             if ch.verdict == "undo" and len(entry["sample"]) < UNDO_SAMPLE:
@@ -6751,7 +7473,9 @@ class Undo:
                 why = ch.error or f"changed since we wrote {describe(ch.field, ch.after)}"
                 entry["refused"].append(f"{ch.username}: {ch.item_name}: {why}")
         return {
-            "scope": {k: (format_time(v) if k in ("since", "until") else v) for k, v in scope.items()},
+            "scope": {
+                k: (format_time(v) if k in ("since", "until") else v) for k, v in scope.items()
+            },
             "entries": matched,
             "changes": sum(1 for ch in changes if ch.verdict == "undo"),
             "servers": servers,
@@ -6772,7 +7496,9 @@ class Undo:
             group = groups.get((ch.user_key, ch.source, ch.source_item_id, ch.field))
             if group is not None:
                 group[ch.server] = ch
-        rows: list[tuple] = []  # (server, person, item id there, field, a change of the group, put back?)
+        rows: list[
+            tuple
+        ] = []  # (server, person, item id there, field, a change of the group, put back?)
         wanted: dict[tuple[str, str], set[str]] = {}  # (server, person) → item ids to read now
         for (user_key, source, source_item_id, fld), targets in groups.items():
             first = next(iter(targets.values()))
@@ -6790,7 +7516,11 @@ class Undo:
                 if ch is None and src is not None and s.name != source:
                     found = self.library.lookup(src, s.name)
                 iid = ch.item_id if ch is not None else found.item_id if found is not None else None
-                if source_item_id == PERSON_ITEM and iid is None and self._has_account(s.name, user_key):
+                if (
+                    source_item_id == PERSON_ITEM
+                    and iid is None
+                    and self._has_account(s.name, user_key)
+                ):
                     iid = PERSON_ITEM  # a preference: every server the person has an account on
                 if iid is None:
                     continue  # not on that server (or not matched): nothing to say there
@@ -6801,19 +7531,30 @@ class Undo:
         now = self._read_values(wanted)
         out: dict[str, list[str]] = {}
         for server, user_key, iid, fld, ch, put_back in rows:
-            value = ch.before if put_back else now.get((server, user_key, iid), {}).get(fld, _UNKNOWN)
+            value = (
+                ch.before if put_back else now.get((server, user_key, iid), {}).get(fld, _UNKNOWN)
+            )
             shown = "cannot be read now" if value is _UNKNOWN else describe(fld, value)
-            line = f"{ch.username}: {ch.item_name}: {shown} ({'put back' if put_back else 'as now'})"
+            line = (
+                f"{ch.username}: {ch.item_name}: {shown} ({'put back' if put_back else 'as now'})"
+            )
             out.setdefault(server, []).append(line)
         return out
 
     def _has_account(self, server: str, user_key: str) -> bool:
         try:
-            return self.library.user(server, self.config.name_on(user_key, server), refresh_on_miss=False) is not None
+            return (
+                self.library.user(
+                    server, self.config.name_on(user_key, server), refresh_on_miss=False
+                )
+                is not None
+            )
         except SyncError:
             return False
 
-    def _read_values(self, wanted: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str, str], dict]:
+    def _read_values(
+        self, wanted: dict[tuple[str, str], set[str]]
+    ) -> dict[tuple[str, str, str], dict]:
         """{(server, person, item id): its fields now}; what cannot be read is left out."""
         out: dict[tuple[str, str, str], dict] = {}
         for (server, user_key), ids in wanted.items():
@@ -6833,7 +7574,10 @@ class Undo:
         PERSON_ITEM: their preferences (their UserConfiguration)."""
         client = self.library.clients[server]
         items = sorted(i for i in ids if i != PERSON_ITEM)
-        out = {iid: read_fields(ud) for iid, ud in (client.user_data_many(user_id, items) if items else {}).items()}
+        out = {
+            iid: read_fields(ud)
+            for iid, ud in (client.user_data_many(user_id, items) if items else {}).items()
+        }
         if PERSON_ITEM in ids:
             out[PERSON_ITEM] = read_preferences(client.user_configuration(user_id))
         return out
@@ -6864,7 +7608,9 @@ class Undo:
         """Preview, then queue the changes it found (the writer checks each target once more);
         ``only``: a test of each change (the brake's Discard undoes only removals)."""
         report = self.preview(raw_scope)
-        todo = [ch for ch in report["_changes"] if ch.verdict == "undo" and (only is None or only(ch))]
+        todo = [
+            ch for ch in report["_changes"] if ch.verdict == "undo" and (only is None or only(ch))
+        ]
         report["changes"] = len(todo)
         if not todo:
             report["undo"] = None
@@ -6918,7 +7664,9 @@ class HeldGroup:
 
     @property
     def summary(self) -> str:
-        kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(self.kinds.items(), key=lambda kv: -kv[1]))
+        kinds = ", ".join(
+            f"{n:,} {kind}" for kind, n in sorted(self.kinds.items(), key=lambda kv: -kv[1])
+        )
         return f"held: {self.changes:,} changes from {self.source} for {self.username}: {kinds}"
 
     def json(self) -> dict:
@@ -6934,8 +7682,21 @@ class HeldGroup:
 def held_groups(store: Store, samples: int) -> list[HeldGroup]:
     """What the brake holds, per source and person, counted by kind of removal, in words."""
     groups: dict[tuple[str, str], HeldGroup] = {}
-    for source, user_key, username, fld, value, items, jobs, first, last, targets in store.held_counts():
-        g = groups.setdefault((source, user_key), HeldGroup(source, user_key, username, first, last))
+    for (
+        source,
+        user_key,
+        username,
+        fld,
+        value,
+        items,
+        jobs,
+        first,
+        last,
+        targets,
+    ) in store.held_counts():
+        g = groups.setdefault(
+            (source, user_key), HeldGroup(source, user_key, username, first, last)
+        )
         g.changes += items
         g.jobs += jobs
         kind = removal_word(fld, json.loads(value))
@@ -6945,7 +7706,9 @@ def held_groups(store: Store, samples: int) -> list[HeldGroup]:
     for g in groups.values():
         if samples:
             rows = store.held_sample(g.source, g.user, samples)
-            g.sample = [f"{removal_word(fld, json.loads(value))}: {name}" for fld, value, name in rows]
+            g.sample = [
+                f"{removal_word(fld, json.loads(value))}: {name}" for fld, value, name in rows
+            ]
     return list(groups.values())
 
 
@@ -6979,15 +7742,23 @@ class Brake:
         before the brake engaged (removals from ``source`` for this person within the window,
         where the target still holds them), and give ``source`` back what the others hold."""
         jobs = self.store.discard_held(source, name_key(user))
-        report = {"discarded": len({(j.source_item_id, j.field) for j in jobs}), "restored": 0, "errors": []}
+        report = {
+            "discarded": len({(j.source_item_id, j.field) for j in jobs}),
+            "restored": 0,
+            "errors": [],
+        }
         report["undone"] = 0
         if jobs and restore:
             since = min(j.queued_at for j in jobs) - self.config.safety.brake_minutes * 60
             slipped = self.undo.apply(
-                {"source": source, "user": name_key(user), "since": since}, only=_removal_change, kind="discard"
+                {"source": source, "user": name_key(user), "since": since},
+                only=_removal_change,
+                kind="discard",
             )
             report["undone"] = slipped["changes"]
-            undone = [ch for ch in slipped["_changes"] if ch.verdict == "undo" and _removal_change(ch)]
+            undone = [
+                ch for ch in slipped["_changes"] if ch.verdict == "undo" and _removal_change(ch)
+            ]
             before = {(ch.server, ch.item_id, ch.field): ch.before for ch in undone}
             cause = slipped["undo"] or f"discard:{self.store.next_number('discard')}"
             obs = self._restore(source, jobs, report["errors"], before, cause)
@@ -7008,7 +7779,9 @@ class Brake:
         return report
 
     @staticmethod
-    def _restore_reached(source: str, undone: list[UndoChange], have: set, cause: str) -> list[Observation]:
+    def _restore_reached(
+        source: str, undone: list[UndoChange], have: set, cause: str
+    ) -> list[Observation]:
         """Items the burst reached everywhere before the brake engaged have no held change: the
         source gets back the value the journal says the others had (``have``: already done)."""
         obs = []
@@ -7035,7 +7808,9 @@ class Brake:
             )
         return obs
 
-    def _restore(self, source: str, jobs: list[Job], errors: list[str], undone: dict, cause: str) -> list[Observation]:
+    def _restore(
+        self, source: str, jobs: list[Job], errors: list[str], undone: dict, cause: str
+    ) -> list[Observation]:
         """Orders that give ``source`` back what the other servers hold (read now, or, where
         the burst reached them before the brake engaged, what ``undone`` puts back there)."""
         by_target: dict[str, list[Job]] = {}
@@ -7054,7 +7829,9 @@ class Brake:
                         matches[j.id] = found.item_id
                 if user_id is None or not matches:
                     continue
-                data = self.library.clients[target].user_data_many(user_id, sorted(set(matches.values())))
+                data = self.library.clients[target].user_data_many(
+                    user_id, sorted(set(matches.values()))
+                )
             except SyncError as e:
                 errors.append(f"{target}: {e}")
                 continue
@@ -7067,7 +7844,9 @@ class Brake:
                     continue
                 done.add((j.source_item_id, j.field))
                 extra = Carried(
-                    event="discard", last_played=parse_time(ud.get("LastPlayedDate")), play_count=ud.get("PlayCount")
+                    event="discard",
+                    last_played=parse_time(ud.get("LastPlayedDate")),
+                    play_count=ud.get("PlayCount"),
                 )
                 obs.append(
                     Observation(
@@ -7105,7 +7884,11 @@ class Transfer:
 
     # export
     def export(self, people: set[str] | None = None) -> dict:
-        out: dict[str, Any] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": format_time(utcnow())}
+        out: dict[str, Any] = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "exported_at": format_time(utcnow()),
+        }
         out["people"] = persons = {}
         for s in self.config.servers:
             self.library.refresh_users_and_index(s.name)
@@ -7145,7 +7928,9 @@ class Transfer:
         if item.type == "Episode" and item.series_id:
             series = self.library.source_item(item.server, item.series_id)
             if series:
-                sids = {c: getattr(series, c) for c in ("imdb", "tmdb", "tvdb") if getattr(series, c)}
+                sids = {
+                    c: getattr(series, c) for c in ("imdb", "tmdb", "tvdb") if getattr(series, c)
+                }
                 ident["series"] = {"name": series.name, **({"ids": sids} if sids else {})}
             ident["season"], ident["episode"] = item.season, item.episode
         if item.type == "Season" and item.series_id:
@@ -7163,19 +7948,34 @@ class Transfer:
             or data.get("format") != EXPORT_FORMAT
             or not isinstance(data.get("people"), dict)
         ):
-            raise SyncError(f'not an export of this program (its "format" must be {EXPORT_FORMAT!r})')
+            raise SyncError(
+                f'not an export of this program (its "format" must be {EXPORT_FORMAT!r})'
+            )
         if data.get("version") != EXPORT_VERSION:
-            raise SyncError(f"export version {data.get('version')!r}: this program reads version {EXPORT_VERSION}")
+            raise SyncError(
+                f"export version {data.get('version')!r}: this program reads version "
+                f"{EXPORT_VERSION}"
+            )
         self.library.refresh_users_and_index(target)
         self.library.refresh_index(target)
         number = 0 if dry_run else self.store.next_number("import")
-        report: dict[str, Any] = {"target": target, "people": {}, "dry_run": dry_run, "cause": f"import:{number}"}
+        report: dict[str, Any] = {
+            "target": target,
+            "people": {},
+            "dry_run": dry_run,
+            "cause": f"import:{number}",
+        }
         obs: list[Observation] = []
         wanted = name_key(user) if user else None
         for person, per_server in sorted(data["people"].items()):
             if wanted and name_key(person) != wanted:
                 continue
-            entry = report["people"][person] = {"matched": 0, "not_found": 0, "changes": {}, "sample": []}
+            entry = report["people"][person] = {
+                "matched": 0,
+                "not_found": 0,
+                "changes": {},
+                "sample": [],
+            }
             user_id = self.library.user_id(target, name_key(person))
             if user_id is None:
                 entry["error"] = f"no account for {person} on {target}"
@@ -7185,8 +7985,14 @@ class Transfer:
             for iid, want in sorted(merged.items()):
                 item = self.store.get_item(target, iid)
                 have = read_fields(current.get(iid) or {})
-                for fld, value in self._differences(have, want, entry, names[iid], item.type if item else ""):
-                    extra = Carried(event="import", last_played=want["last_played"], play_count=want["play_count"])
+                for fld, value in self._differences(
+                    have, want, entry, names[iid], item.type if item else ""
+                ):
+                    extra = Carried(
+                        event="import",
+                        last_played=want["last_played"],
+                        play_count=want["play_count"],
+                    )
                     obs.append(
                         Observation(
                             server=target,
@@ -7209,22 +8015,32 @@ class Transfer:
             log.info("import %d: %d change(s) queued for %s", number, len(obs), target)
         return report
 
-    def _differences(self, have: dict, want: dict, entry: dict, name: str, kind: str) -> list[tuple[str, Any]]:
+    def _differences(
+        self, have: dict, want: dict, entry: dict, name: str, kind: str
+    ) -> list[tuple[str, Any]]:
         """The fields to write on one item of type ``kind`` (counted, and sampled, in the
         person's ``entry``)."""
         out = []
         for fld in FIELDS:
-            if not self.config.syncs(fld) or not REGISTRY[fld].applies_to(kind) or have[fld] == want[fld]:
+            if (
+                not self.config.syncs(fld)
+                or not REGISTRY[fld].applies_to(kind)
+                or have[fld] == want[fld]
+            ):
                 continue
             if fld in moot_fields(want):
                 continue  # marking played resets it
             entry["changes"][fld] = entry["changes"].get(fld, 0) + 1
             if len(entry["sample"]) < UNDO_SAMPLE:
-                entry["sample"].append(f"{name}: {describe(fld, have[fld])} → {describe(fld, want[fld])}")
+                entry["sample"].append(
+                    f"{name}: {describe(fld, have[fld])} → {describe(fld, want[fld])}"
+                )
             out.append((fld, want[fld]))
         return out
 
-    def _merge(self, per_server: Any, target: str, entry: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    def _merge(
+        self, per_server: Any, target: str, entry: dict
+    ) -> tuple[dict[str, dict], dict[str, str]]:
         """{target item id: the wanted fields}, from every server's entries in the file; where
         several entries meet on one item, as a first reconciliation does: played or favourite
         anywhere wins, the furthest position, a like over a dislike, the largest count, the
@@ -7262,7 +8078,9 @@ class Transfer:
             None,
             None,
             None,
-            e.get("year") if isinstance(e.get("year"), int) and not isinstance(e.get("year"), bool) else None,
+            e.get("year")
+            if isinstance(e.get("year"), int) and not isinstance(e.get("year"), bool)
+            else None,
         )
         found = self.library.lookup(probe, target)
         series = e.get("series") if isinstance(e.get("series"), dict) else None
@@ -7270,7 +8088,12 @@ class Transfer:
             tseries = self.match({**series, "type": "Series"}, target)  # the show, then its season
             hits = self.store.find_season(target, tseries.item_id, e["season"]) if tseries else []
             return hits[0] if len(hits) == 1 else None
-        if found is None and series and isinstance(e.get("season"), int) and isinstance(e.get("episode"), int):
+        if (
+            found is None
+            and series
+            and isinstance(e.get("season"), int)
+            and isinstance(e.get("episode"), int)
+        ):
             sids = series.get("ids") if isinstance(series.get("ids"), dict) else {}
             ids = {c: str(sids[c]) for c in ("tvdb", "tmdb", "imdb") if sids.get(c)}
             return self.library.episode_of(target, ids, e["season"], e["episode"])
@@ -7320,9 +8143,19 @@ def alert_request(fmt: str, url: str, alert: dict) -> tuple[str, dict]:
         root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
         priority = 4 if alert["level"] == "problem" else 3
         tags = ["warning"] if alert["level"] == "problem" else ["white_check_mark"]
-        return root, {"topic": topic, "title": title, "message": message, "priority": priority, "tags": tags}
+        return root, {
+            "topic": topic,
+            "title": title,
+            "message": message,
+            "priority": priority,
+            "tags": tags,
+        }
     if fmt == "gotify":
-        return url, {"title": title, "message": message, "priority": 8 if alert["level"] == "problem" else 4}
+        return url, {
+            "title": title,
+            "message": message,
+            "priority": 8 if alert["level"] == "problem" else 4,
+        }
     if fmt == "discord":
         return url, {"content": f"**{title}**\n{message}"[:2000]}
     if fmt == "slack":
@@ -7343,14 +8176,19 @@ class Alerts:
         self.syncer = syncer
         self.reasons = reasons  # () → why the pipeline is not ready (Readiness.reasons)
         self.active: dict[str, str] = {}  # condition → its message, while it lasts
-        self.recent: collections.deque = collections.deque(maxlen=20)  # what was sent, for the dashboard
+        self.recent: collections.deque = collections.deque(
+            maxlen=20
+        )  # what was sent, for the dashboard
         self.stop_event = threading.Event()
 
     def conditions(self) -> dict[str, str]:
         out: dict[str, str] = {}
         failed = self.store.open_job_counts().get("failed", 0)
         if failed:
-            out["failed"] = f"{failed:,} change(s) failed after their retries: retry or discard them on the dashboard"
+            out["failed"] = (
+                f"{failed:,} change(s) failed after their retries: retry or discard them on the "
+                "dashboard"
+            )
         limit = self.config.alerts.unreachable_minutes * 60
         for name, h in self.syncer.health.items():
             if h.get("key_refused"):
@@ -7358,10 +8196,13 @@ class Alerts:
                 out[f"refused:{name}"] = f"{name}: {h['error']}"
             elif h.get("down_since") and utcnow() - h["down_since"] >= limit:
                 out[f"unreachable:{name}"] = (
-                    f"{name} has been unreachable since {format_time(h['down_since'])}: {h['error']}"
+                    f"{name} has been unreachable since {format_time(h['down_since'])}: "
+                    f"{h['error']}"
                 )
         for g in held_groups(self.store, samples=0):
-            out[f"held:{g.source}:{g.user}"] = f"{g.summary}. Apply or discard them on the dashboard."
+            out[f"held:{g.source}:{g.user}"] = (
+                f"{g.summary}. Apply or discard them on the dashboard."
+            )
         for s in self.config.servers:
             silent = self.syncer.silent_plugin(s.name)
             if silent:
@@ -7374,7 +8215,14 @@ class Alerts:
     def check(self) -> None:
         now = self.conditions()
         for key in sorted(set(now) - set(self.active)):
-            self.send({"condition": key, "level": "problem", "title": _alert_title(key), "message": now[key]})
+            self.send(
+                {
+                    "condition": key,
+                    "level": "problem",
+                    "title": _alert_title(key),
+                    "message": now[key],
+                }
+            )
         for key in sorted(set(self.active) - set(now)):
             self.send(
                 {
@@ -7396,10 +8244,14 @@ class Alerts:
                 self._deliver(url, alert)
                 results.append({"to": shown, "ok": True})
             except Exception as e:  # a destination's failure never stops the others, nor syncing
-                error = without_url(_error_text(e), url)  # an error may quote the URL, token and all
+                error = without_url(
+                    _error_text(e), url
+                )  # an error may quote the URL, token and all
                 log.warning("alert to %s not delivered: %s", shown, error)
                 results.append({"to": shown, "ok": False, "error": error})
-        self.recent.appendleft({**alert, "delivered": sum(r["ok"] for r in results), "destinations": len(results)})
+        self.recent.appendleft(
+            {**alert, "delivered": sum(r["ok"] for r in results), "destinations": len(results)}
+        )
         log.info("alert: %s: %s", alert["title"], alert["message"])
         return results
 
@@ -7424,7 +8276,9 @@ class Alerts:
                     "Apprise URLs need Apprise (pip install apprise); http(s) URLs work without it"
                 ) from None
             sender = apprise.Apprise()
-            if not sender.add(url) or not sender.notify(title=alert["title"], body=alert["message"]):
+            if not sender.add(url) or not sender.notify(
+                title=alert["title"], body=alert["message"]
+            ):
                 raise SyncError("Apprise could not deliver it")
             return
         post_url, body = alert_request(fmt, real, alert)
@@ -7439,7 +8293,11 @@ class Alerts:
         try:
             _post(url, body.encode()[:10_000], {"Content-Type": "text/plain; charset=utf-8"})
         except Exception as e:
-            log.warning("healthchecks ping to %s not delivered: %s", url_shown(base), without_url(_error_text(e), url))
+            log.warning(
+                "healthchecks ping to %s not delivered: %s",
+                url_shown(base),
+                without_url(_error_text(e), url),
+            )
 
     def loop(self) -> None:
         while not self.stop_event.wait(ALERT_CHECK_SECONDS):
@@ -7468,7 +8326,8 @@ def _post(url: str, body: bytes, headers: dict) -> None:
     request = urllib.request.Request(
         url, data=body, headers={"User-Agent": f"jellyfin-db-sync/{__version__}", **headers}
     )
-    with urllib.request.urlopen(request, timeout=ALERT_TIMEOUT) as resp:  # noqa: S310 - the user's own URL
+    # noqa: S310 - the user's own URL
+    with urllib.request.urlopen(request, timeout=ALERT_TIMEOUT) as resp:
         resp.read(1024)
 
 
@@ -7496,7 +8355,10 @@ OLDER_FIELDS: dict[str, tuple[str, Any]] = {
     "progress": ("position", lambda d: int(d.get("position_ticks") or 0)),
     "favorite": ("favorite", lambda d: bool(d.get("is_favorite"))),
     "likes": ("likes", lambda d: d.get("likes") if d.get("likes") in (True, False) else None),
-    "rating": ("likes", lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING),
+    "rating": (
+        "likes",
+        lambda d: None if not d.get("rating") else float(d["rating"]) >= LIKE_RATING,
+    ),
 }
 MIGRATED_EVENT = "Migrated"  # the inbox event type of a change the older program still owed
 
@@ -7526,15 +8388,26 @@ class OlderDatabase:
         try:
             for table in OLDER_TABLES:
                 c.execute(f"DROP TABLE IF EXISTS {table}")
-            for statement in _statements(SCHEMA):  # in this transaction (executescript would commit)
+            for statement in _statements(
+                SCHEMA
+            ):  # in this transaction (executescript would commit)
                 c.execute(statement)
-            c.executemany("INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed)
             c.executemany(
-                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, result, detail)"
+                "INSERT INTO inbox (server, event, received_at, body) VALUES (?, ?, ?, ?)", owed
+            )
+            c.executemany(
+                "INSERT INTO sync_log (at, source, target, username, item_name, field, new, "
+                "result, detail)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 history,
             )
-            summary = {"backup": backup, "owed": len(owed), "skipped": skipped, "history": len(history), "at": utcnow()}
+            summary = {
+                "backup": backup,
+                "owed": len(owed),
+                "skipped": skipped,
+                "history": len(history),
+                "at": utcnow(),
+            }
             c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             c.execute("INSERT INTO meta VALUES ('migrated_from_older', ?)", (json.dumps(summary),))
         except BaseException:
@@ -7542,7 +8415,8 @@ class OlderDatabase:
             raise
         c.execute("COMMIT")
         log.info(
-            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed change(s) "
+            "database %s was the older jellyfin-db-sync's: copied to %s; carried over %d owed "
+            "change(s) "
             "(%d of kinds this program does not sync: %s) and %d history line(s)",
             self.path,
             backup,
@@ -7555,8 +8429,10 @@ class OlderDatabase:
     def _owed(self) -> tuple[list[tuple], dict[str, int]]:
         """Its unfinished queue, as inbox rows (server, event, received_at, body)."""
         rows = self.conn.execute(
-            "SELECT event_type, source_server, target_server, username, item_id, item_name, event_data, created_at"
-            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', 'waiting_for_item') ORDER BY id"
+            "SELECT event_type, source_server, target_server, username, item_id, item_name, "
+            "event_data, created_at"
+            " FROM pending_events WHERE status IN ('pending', 'processing', 'failed', "
+            "'waiting_for_item') ORDER BY id"
         ).fetchall()
         owed, skipped = [], {}
         for kind, source, target, username, item_id, item_name, data, created in rows:
@@ -7581,9 +8457,11 @@ class OlderDatabase:
         return owed, skipped
 
     def _history(self) -> list[tuple]:
-        """Its sync log, in our columns (its event kinds and success flag as our field and result)."""
+        """Its sync log, in our columns (its event kinds and success flag as our field and
+        result)."""
         rows = self.conn.execute(
-            "SELECT created_at, source_server, target_server, username, item_name, event_type, synced_value, success,"
+            "SELECT created_at, source_server, target_server, username, item_name, event_type, "
+            "synced_value, success,"
             " message FROM sync_log ORDER BY id"
         ).fetchall()
         return [
@@ -7607,7 +8485,11 @@ def older_owed(config: Config, server: str, ev: dict, observed: float) -> list[O
     for its target, applied like any other (only what differs is written)."""
     key = config.person(server, ev["NotificationUsername"])
     target = ev["Target"]
-    if config.server(target) is None or not config.user_synced(key) or not config.syncs(ev["Field"]):
+    if (
+        config.server(target) is None
+        or not config.user_synced(key)
+        or not config.syncs(ev["Field"])
+    ):
         return []
     return [
         Observation(
@@ -7620,7 +8502,9 @@ def older_owed(config: Config, server: str, ev: dict, observed: float) -> list[O
             value=ev["Value"],
             observed_at=observed,
             targets=(target,),
-            extra=Carried(event="migrated", last_played=observed if ev["Field"] == "played" else None),
+            extra=Carried(
+                event="migrated", last_played=observed if ev["Field"] == "played" else None
+            ),
             kind="order",
             cause="migrated",
         )
@@ -7629,7 +8513,12 @@ def older_owed(config: Config, server: str, ev: dict, observed: float) -> list[O
 
 # The older jellyfin-db-sync's words, kept in the keys it had (its API is a subset of ours):
 # its event types for our fields, and its queue statuses for our job states.
-OLDER_EVENT_TYPES = {"played": "watched", "position": "progress", "favorite": "favorite", "likes": "likes"}
+OLDER_EVENT_TYPES = {
+    "played": "watched",
+    "position": "progress",
+    "favorite": "favorite",
+    "likes": "likes",
+}
 OLDER_STATUSES = {
     "running": "processing",
     "waiting": "waiting_for_item",
@@ -7704,7 +8593,11 @@ RESULT_WORDS = {
     "stale": "older",
     "dry_run": "dry run",
 }
-FIELD_WORDS = {"event": "webhook", **{f.name: f.label for f in REGISTRY.values()}, "playlist": "playlist"}
+FIELD_WORDS = {
+    "event": "webhook",
+    **{f.name: f.label for f in REGISTRY.values()},
+    "playlist": "playlist",
+}
 STATE_WORDS = {
     "pending": "pending",
     "running": "being written",
@@ -7718,7 +8611,8 @@ STATE_WORDS = {
     "discarded": "discarded",
     "absent": "not on that server",
 }
-# The charts' three colours: written, failed, and the other changes ("skipped, not on that server or dry run").
+# The charts' three colours: written, failed, and the other changes ("skipped, not on that server or
+# dry run").
 _OTHER_WORDS = [RESULT_WORDS[r] for r in CHANGE_RESULTS if r not in ("ok", "failed")]
 CHART_WORDS = {
     "ok": RESULT_WORDS["ok"],
@@ -7747,7 +8641,9 @@ class Failures:
         """
         now = utcnow()
         with self._lock:
-            recent = [t for t in self._times.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW]
+            recent = [
+                t for t in self._times.get(client_key(address), ()) if t > now - SIGN_IN_WINDOW
+            ]
             if len(recent) < SIGN_IN_FAILURES:
                 return 0
             return int(recent[-SIGN_IN_FAILURES] + SIGN_IN_WINDOW - now) + 1
@@ -7787,7 +8683,9 @@ class SignIns(Failures):
 
     def credentials_ok(self, user: str, password: str) -> bool:
         ok_user = _secret_matches(user, self.config.auth_username)
-        ok_pw = _secret_matches(password, self.config.auth_password)  # both compared, whatever the first says
+        ok_pw = _secret_matches(
+            password, self.config.auth_password
+        )  # both compared, whatever the first says
         return ok_user and ok_pw
 
     def open_session(self, address: str) -> str:
@@ -7812,12 +8710,15 @@ class SignIns(Failures):
 
 
 def _token_hash(token: str) -> str:
-    """What is kept of a sign-in cookie: enough to recognise it, useless to whoever reads the file."""
+    """What is kept of a sign-in cookie: enough to recognise it, useless to whoever reads the
+    file."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _json_response(status: int, data: dict, headers: dict | None = None) -> Any:
-    return bottle.HTTPResponse(json.dumps(data), status, {"Content-Type": "application/json", **(headers or {})})
+    return bottle.HTTPResponse(
+        json.dumps(data), status, {"Content-Type": "application/json", **(headers or {})}
+    )
 
 
 class Guard:
@@ -7850,13 +8751,18 @@ class Guard:
 
     def check(self, open_route: bool) -> None:
         req = bottle.request
-        if not self.config.auth_username and not host_allowed(req.headers.get("Host") or "", self.config):
+        if not self.config.auth_username and not host_allowed(
+            req.headers.get("Host") or "", self.config
+        ):
             # DNS rebinding: without a sign-in, a page on another site could reach this dashboard
             # through a name of its own that resolves here; such a name is never ours.
             host = _shorten(req.headers.get("Host") or "")
             raise _json_response(
                 403,
-                {"error": f"Host {host!r} is not allowed: add it to server.allowed_hosts (or set server.public_url)"},
+                {
+                    "error": f"Host {host!r} is not allowed: add it to server.allowed_hosts "
+                    "(or set server.public_url)"
+                },
             )
         if req.method == "POST" and self.cross_site():
             raise _json_response(403, {"error": "cross-site request refused"})
@@ -7883,7 +8789,9 @@ class Guard:
         if self.bearer_ok():
             return
         if _bearer(bottle.request.environ) and self.config.api_token:
-            raise _json_response(403, {"error": "wrong API token: use server.api_token as 'Authorization: Bearer …'"})
+            raise _json_response(
+                403, {"error": "wrong API token: use server.api_token as 'Authorization: Bearer …'"}
+            )
         raise _json_response(403, {"error": read_only_reason(self.config), "read_only": True})
 
     def bearer_ok(self) -> bool:
@@ -8002,7 +8910,9 @@ class Web:
     def _routes(self) -> None:
         a = self.app
         a.route("/webhook/<server_name>", "POST", self.webhook, webhook=True)
-        a.route("/webhook/<server_name>/", "POST", self.webhook, webhook=True)  # as the older program took it
+        a.route(
+            "/webhook/<server_name>/", "POST", self.webhook, webhook=True
+        )  # as the older program took it
         a.route("/webhook/test", "GET", self.webhook_test)
         a.route("/webhook/queue", "GET", self.webhook_queue)
         a.route("/healthz", "GET", _healthz, open=True)
@@ -8041,7 +8951,9 @@ class Web:
         a.route("/static/icon.svg", "GET", _favicon, open=True)
         a.route("/favicon.ico", "GET", _favicon, open=True)  # asked for by browsers and bookmarks
         a.route("/static/<path:path>", "GET", _static)
-        if self.settings is not None:  # the setup page edits the settings later: signed in (the Guard)
+        if (
+            self.settings is not None
+        ):  # the setup page edits the settings later: signed in (the Guard)
             a.route("/setup", "GET", self.settings.page)
             a.route("/api/setup", "GET", self.settings.describe)
             a.route("/api/setup/test", "POST", self.settings.test_server)
@@ -8077,7 +8989,9 @@ class Web:
             hint = rejection_hint(status, reason)
             with self._rejections_lock:
                 entry = self.rejections.setdefault(server, {"count": 0})
-                entry.update(count=entry["count"] + 1, last_reason=reason, last_at=format_time(utcnow()))
+                entry.update(
+                    count=entry["count"] + 1, last_reason=reason, last_at=format_time(utcnow())
+                )
                 entry["hint"] = hint
             # The owner reads `docker logs`, not Jellyfin's: one line a minute at most per
             # server, since a misconfigured plugin posts on every play, pause and tick.
@@ -8114,12 +9028,15 @@ class Web:
         if wait:
             bottle.response.status = 429
             bottle.response.set_header("Retry-After", str(wait))
-            message = f"Too many failed sign-ins from your address: try again in {wait // 60 + 1} minutes."
+            minutes = wait // 60 + 1
+            message = f"Too many failed sign-ins from your address: try again in {minutes} minutes."
             return LOGIN_PAGE.replace("{message}", f'<p class="bad" role="alert">{message}</p>')
         if not self.sign_ins.credentials_ok(user, password):
             self.sign_ins.failed(address, "dashboard sign-in", slow_down=True)
             bottle.response.status = 401
-            return LOGIN_PAGE.replace("{message}", '<p class="bad" role="alert">Wrong user name or password.</p>')
+            return LOGIN_PAGE.replace(
+                "{message}", '<p class="bad" role="alert">Wrong user name or password.</p>'
+            )
         bottle.response.set_cookie(
             "jds_session",
             self.sign_ins.open_session(address),
@@ -8127,7 +9044,9 @@ class Web:
             samesite="strict",
             path="/",
             max_age=SESSION_SECONDS,
-            secure=self.config.public_url.startswith("https://"),  # behind an https proxy: never sent in clear
+            secure=self.config.public_url.startswith(
+                "https://"
+            ),  # behind an https proxy: never sent in clear
         )
         bottle.response.status = 303
         bottle.response.set_header("Location", "/")
@@ -8140,18 +9059,26 @@ class Web:
 
     # status
     def queue_status(self) -> dict:
-        counts = {**self.store.open_job_counts(), "done": self._cached("count_done", self.store.count_done)}
+        counts = {
+            **self.store.open_job_counts(),
+            "done": self._cached("count_done", self.store.count_done),
+        }
         return {
             "pending_events": counts.get("pending", 0) + self.store.count_unplanned(),
             "processing_events": counts.get("running", 0),
             "waiting_for_item_events": counts.get("waiting", 0),
-            "waiting_for_server_events": counts.get("unreachable", 0),  # its server is down: sent when it is back
+            "waiting_for_server_events": counts.get(
+                "unreachable", 0
+            ),  # its server is down: sent when it is back
             "failed_events": counts.get("failed", 0),
             "skipped_events": counts.get("skipped", 0),
             "held_events": counts.get("held", 0),  # by the brake: apply or discard them
             "done_events": counts.get("done", 0),
-            # The same lines as the per-minute chart over the last hour and the sync log's "changes".
-            "changes_last_hour": sum(p["ok"] + p["failed"] + p["other"] for p in self.store.timeline(60)),
+            # The same lines as the per-minute chart over the last hour and the sync log's
+            # "changes".
+            "changes_last_hour": sum(
+                p["ok"] + p["failed"] + p["other"] for p in self.store.timeline(60)
+            ),
             "worker_running": self.syncer.alive(),
         }
 
@@ -8179,7 +9106,8 @@ class Web:
                     "webhook_url_path": f"/webhook/{s.name}",
                     "last_webhook_at": format_time(last[s.name]) if s.name in last else None,
                     **self._webhook_setup_json(s.name),
-                    # The recent check keeps finding changes no webhook brought (Syncer.silent_plugin).
+                    # The recent check keeps finding changes no webhook brought
+                    # (Syncer.silent_plugin).
                     "plugin_silent": self.syncer.silent_plugin(s.name),
                 }
             )
@@ -8219,19 +9147,23 @@ class Web:
                 "successful": by.get("ok", 0),
                 "failed": by.get("failed", 0),
                 "by_result": by,
-                "last_sync_at": format_time(stats["last_sync_at"]) if stats["last_sync_at"] else None,
+                "last_sync_at": format_time(stats["last_sync_at"])
+                if stats["last_sync_at"]
+                else None,
             },
             "warnings": security_warnings(self.config),
             "problems": problems,
             "migration": self.store.migration(),
             "dry_run": self.config.sync.dry_run,
-            "read_only": not self.config.auth_username,  # the dashboard cannot sign in: it hides its buttons
+            # the dashboard cannot sign in: it hides its buttons
+            "read_only": not self.config.auth_username,
             "reconcile": None if self.reconciler is None else self.reconciler.progress,
             "recent_check": self.recent_check_status(),
         }
 
     def recent_check_status(self) -> dict:
-        """The recent check: how often, when each server was last checked, what it found and costs."""
+        """The recent check: how often, when each server was last checked, what it found and
+        costs."""
         every = self.config.reconcile.recent_check_seconds
         rc = self.recent_check
         if rc is None or not every:
@@ -8272,11 +9204,16 @@ class Web:
             return {"error": f"unknown server {name!r}"}, 404
         base = self.config.public_url or _json_body().get("public_url")
         if not base or not str(base).startswith(("http://", "https://")):
-            return {"error": "the address Jellyfin reaches this service at is unknown: set server.public_url"}, 400
+            return {
+                "error": "the address Jellyfin reaches this service at is unknown: "
+                "set server.public_url"
+            }, 400
         result, message = PluginSetup(self.config, self.syncer.clients).run(name, str(base))
         if result == "error":
             return {"result": result, "message": message}, 502
-        self.store.mark_webhook_setup(name)  # "unchanged" too: the person now waits for a first webhook
+        self.store.mark_webhook_setup(
+            name
+        )  # "unchanged" too: the person now waits for a first webhook
         return {"result": result, "message": message, **self._webhook_setup_json(name)}
 
     # "why isn't this synced?"
@@ -8296,7 +9233,8 @@ class Web:
         return {
             "query": text,
             "candidates": [
-                {"id": f"{i.server}:{i.item_id}", "name": self.syncer.library.display_name(i)} for i in found
+                {"id": f"{i.server}:{i.item_id}", "name": self.syncer.library.display_name(i)}
+                for i in found
             ],
             **self.inspection(chosen, person),
         }
@@ -8306,7 +9244,11 @@ class Web:
         servers, group, accounts = [], {}, {}
         for s in self.config.servers:
             match, how = library.explain_match(item, s.name)
-            entry: dict[str, Any] = {"server": s.name, "found": match is not None, "matched_by": how}
+            entry: dict[str, Any] = {
+                "server": s.name,
+                "found": match is not None,
+                "matched_by": how,
+            }
             if match is not None:
                 group[s.name] = match.item_id
                 entry["item_id"] = match.item_id
@@ -8317,9 +9259,15 @@ class Web:
         fields = [f.name for f in shown]
         states = [e["state"] for e in servers if "state" in e]
         different = [f for f in fields if len({json.dumps(st.get(f)) for st in states}) > 1]
-        jobs = self.store.jobs_by_status(("pending", "waiting", "unreachable", "failed", "skipped"), 200, 0)
+        jobs = self.store.jobs_by_status(
+            ("pending", "waiting", "unreachable", "failed", "skipped"), 200, 0
+        )
         return {
-            "item": {"id": f"{item.server}:{item.item_id}", "name": library.display_name(item), "type": item.type},
+            "item": {
+                "id": f"{item.server}:{item.item_id}",
+                "name": library.display_name(item),
+                "type": item.type,
+            },
             "person": person,
             "servers": servers,
             # On one server alone: there is nothing to compare it with, nor to sync it to.
@@ -8327,10 +9275,14 @@ class Web:
             "different": different,
             "fields": [f.public() for f in shown],  # the rows the inspector shows, in order
             "open_changes": [self.job_json(j) for j in jobs if j.source_item_id in group.values()],
-            "recent": [self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]],
+            "recent": [
+                self._log_json(r) for r in self.store.sync_log(10, 0, item_name=item.name)[0]
+            ],
         }
 
-    def _person_state(self, server: str, person: str, item_id: str, accounts: dict, kind: str) -> dict:
+    def _person_state(
+        self, server: str, person: str, item_id: str, accounts: dict, kind: str
+    ) -> dict:
         try:
             user_id = self.syncer.library.user_id(server, person)
             if user_id is None:
@@ -8365,7 +9317,9 @@ class Web:
                 "only_on": holders[0],
             }, 409
         if len(group) < 2:
-            return {"error": "the item and the person are on fewer than two servers: nothing to compare"}, 409
+            return {
+                "error": "the item and the person are on fewer than two servers: nothing to compare"
+            }, 409
         try:
             report = self.reconciler.sync_item(person, group, accounts)
         except (JellyfinError, SyncError) as e:
@@ -8410,7 +9364,8 @@ class Web:
         ok = job_id <= INT64_MAX and self.store.retry_job(job_id)
         if ok:
             self.syncer.wake_target(self.store.job_target(job_id))
-            self.syncer.wake_planner()  # a webhook that could not be planned goes back to the planner
+            # a webhook that could not be planned goes back to the planner
+            self.syncer.wake_planner()
         message = "queued for retry" if ok else NO_SUCH_JOB
         return {"success": ok, "message": message}, (200 if ok else 404)
 
@@ -8428,7 +9383,14 @@ class Web:
         (a favourite click also reports the rating: two jobs, one thing the person did)."""
         rows: dict[tuple, dict] = {}
         for job in self.store.jobs_by_status(statuses, PROBLEM_ROWS, 0, since):
-            key = (job.status, job.target, job.user_key, job.source, job.source_item_id, job.cause or job.id)
+            key = (
+                job.status,
+                job.target,
+                job.user_key,
+                job.source,
+                job.source_item_id,
+                job.cause or job.id,
+            )
             if key in rows:
                 rows[key]["ids"].append(job.id)
                 rows[key]["fields"].append(job.field)
@@ -8454,7 +9416,11 @@ class Web:
         return (
             None
             if r is None
-            else {"progress": r.progress, "last_report": r.last_report(), "last_dry_run": r.last_dry_run}
+            else {
+                "progress": r.progress,
+                "last_report": r.last_report(),
+                "last_dry_run": r.last_dry_run,
+            }
         )
 
     def api_reconcile(self) -> Answer:
@@ -8494,7 +9460,12 @@ class Web:
         # for ("Amélie") must be the text the person typed.
         filters = {**self._log_filters(bottle.request.query.decode()), **fixed}
         rows, total = self.store.sync_log(limit, offset, **filters)
-        return {"entries": [self._log_json(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+        return {
+            "entries": [self._log_json(r) for r in rows],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
 
     # the safety net
     def _safety(self) -> SafetyNet:
@@ -8504,7 +9475,8 @@ class Web:
 
     def api_journal(self) -> Answer:
         """The journal: the sync log's writes, with their values before and after, searchable
-        as /api/sync-log is (username, item_name, server, source, target, field, since, until, cause)."""
+        as /api/sync-log is (username, item_name, server, source, target, field, since, until,
+        cause)."""
         return self.log_page_json(result="ok")
 
     def api_undo(self) -> Answer:
@@ -8543,10 +9515,14 @@ class Web:
     def alerts_json(self) -> dict:
         alerts = self._safety().alerts
         return {
-            "destinations": [{"to": url_shown(u), "format": alert_format(u)[0]} for u in self.config.alerts.urls],
+            "destinations": [
+                {"to": url_shown(u), "format": alert_format(u)[0]} for u in self.config.alerts.urls
+            ],
             "healthchecks": url_shown(self.config.alerts.healthchecks_url),
             # The conditions now (also without destinations, when nobody is told of them).
-            "active": [{"condition": k, "message": v} for k, v in sorted(alerts.conditions().items())],
+            "active": [
+                {"condition": k, "message": v} for k, v in sorted(alerts.conditions().items())
+            ],
             "recent": list(alerts.recent),
         }
 
@@ -8562,7 +9538,11 @@ class Web:
 
     def api_fields(self) -> Answer:
         """The synced fields (the registry): name, label, what they belong to, switched on?"""
-        return {"fields": [{**f.public(), "enabled": self.config.syncs(f.name)} for f in REGISTRY.values()]}
+        return {
+            "fields": [
+                {**f.public(), "enabled": self.config.syncs(f.name)} for f in REGISTRY.values()
+            ]
+        }
 
     def api_dashboard(self) -> Answer:
         """Everything the dashboard shows, in one answer (one request per refresh, not seven):
@@ -8585,11 +9565,17 @@ class Web:
     @staticmethod
     def _log_filters(q: Any) -> dict:
         """Our filters, and the older program's names for them (source_server, event_type, …)."""
-        filters = {k: q.get(k) for k in ("source", "target", "server", "username", "result", "field", "item_name")}
+        filters = {
+            k: q.get(k)
+            for k in ("source", "target", "server", "username", "result", "field", "item_name")
+        }
         older_log_filters(q, filters)  # Older program
         if q.get("success") in ("true", "false", "1", "0"):
             filters["success"] = q.get("success") in ("true", "1")
-        for key in ("since", "until"):  # a time range: ISO dates ("2026-11-30T18:00", Z or an offset)
+        for key in (
+            "since",
+            "until",
+        ):  # a time range: ISO dates ("2026-11-30T18:00", Z or an offset)
             if q.get(key):
                 filters[key] = _query_time(q.get(key), key)
         filters["cause"] = q.get("cause")
@@ -8617,7 +9603,9 @@ class Web:
         people: dict[str, dict] = {}
         for row in self.store.all_users():
             person = self.config.person(row.server, row.name)
-            entry = people.setdefault(person, {"person": person, "name": row.name, "username": row.name, "servers": {}})
+            entry = people.setdefault(
+                person, {"person": person, "name": row.name, "username": row.name, "servers": {}}
+            )
             slot = entry["servers"].setdefault(row.server, [])
             slot.append({"name": row.name, "id": row.user_id, "admin": bool(row.is_admin)})
         users = []
@@ -8636,7 +9624,9 @@ class Web:
     def _require_api_token(self) -> None:
         """Generated passwords are shown only to a caller holding server.api_token."""
         if not self.config.api_token:
-            raise bottle.HTTPError(403, "set server.api_token in the config to read generated passwords")
+            raise bottle.HTTPError(
+                403, "set server.api_token in the config to read generated passwords"
+            )
         if not _secret_matches(_bearer(bottle.request.environ), self.config.api_token):
             raise bottle.HTTPError(401, "send 'Authorization: Bearer <server.api_token>'")
 
@@ -8667,7 +9657,9 @@ class Web:
         return {"name": "jellyfin-db-sync", "version": __version__, "status": "/api/status"}
 
 
-MAX_QUERY_CHARS = 1000  # a query parameter's value: a title or a name, never more (SQLite's LIKE has a limit)
+MAX_QUERY_CHARS = (
+    1000  # a query parameter's value: a title or a name, never more (SQLite's LIKE has a limit)
+)
 
 
 def request_problem(environ: dict) -> str | None:
@@ -8684,7 +9676,9 @@ def request_problem(environ: dict) -> str | None:
                 value.encode("latin-1").decode("utf-8")
             except UnicodeError:
                 return f"header {key[5:].replace('_', '-').title()}: not UTF-8"
-    for name, value in urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
+    for name, value in urllib.parse.parse_qsl(
+        environ.get("QUERY_STRING", ""), keep_blank_values=True
+    ):
         if len(value) > MAX_QUERY_CHARS:
             return f"{_shorten(name)}: at most {MAX_QUERY_CHARS} characters"
     return None
@@ -8698,7 +9692,10 @@ def checked_call(app: Any, environ: dict, start_response: Any) -> Any:
     problem = request_problem(environ)
     if problem:
         body = json.dumps({"error": "400 Bad Request", "detail": problem}).encode()
-        secured("400 Bad Request", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        secured(
+            "400 Bad Request",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
         return [body]
     return app(_quiet_errors(environ), secured)
 
@@ -8732,7 +9729,12 @@ class JsonBottle(bottle.Bottle):
     def default_error_handler(self, res: bottle.HTTPError) -> str:
         bottle.response.content_type = "application/json"
         if res.status_code >= 500 and res.traceback:
-            log.error("%s %s: unexpected error\n%s", bottle.request.method, bottle.request.path, res.traceback)
+            log.error(
+                "%s %s: unexpected error\n%s",
+                bottle.request.method,
+                bottle.request.path,
+                res.traceback,
+            )
             return json.dumps({"error": res.status_line, "detail": "see the service's log"})
         detail = res.body if isinstance(res.body, str) else None
         return json.dumps({"error": res.status_line, "detail": detail})
@@ -8786,7 +9788,9 @@ def _request_json() -> Any:
     try:
         return bottle.request.json
     except RecursionError:
-        raise bottle.HTTPError(400, "body: nested too deeply (expected a JSON object of plain values)") from None
+        raise bottle.HTTPError(
+            400, "body: nested too deeply (expected a JSON object of plain values)"
+        ) from None
 
 
 def _json_body() -> dict:
@@ -8889,7 +9893,11 @@ class Metrics:
 
     def sample(self, series: str, labels: dict, value: float) -> None:
         lab = ",".join(f'{k}="{_prom_escape(str(v))}"' for k, v in labels.items())
-        self.out.append(f"jellyfin_db_sync_{series}{{{lab}}} {value}" if lab else f"jellyfin_db_sync_{series} {value}")
+        self.out.append(
+            f"jellyfin_db_sync_{series}{{{lab}}} {value}"
+            if lab
+            else f"jellyfin_db_sync_{series} {value}"
+        )
 
     def metric(self, name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
         self.out.append(f"# HELP jellyfin_db_sync_{name} {help_}")
@@ -8898,18 +9906,32 @@ class Metrics:
             self.sample(name, labels, value)
 
     def _counters(self) -> None:
-        self.metric("build_info", "gauge", "The running version (always 1)", [({"version": __version__}, 1)])
+        self.metric(
+            "build_info", "gauge", "The running version (always 1)", [({"version": __version__}, 1)]
+        )
         counters = [(k.split("|"), v) for k, v in self.syncer.counters.snapshot().items()]
         hooks = [({"server": k[1], "type": k[2]}, v) for k, v in counters if k[0] == "webhooks"]
         results = [({"target": k[1], "result": k[2]}, v) for k, v in counters if k[0] == "sync"]
-        self.metric("webhooks_received_total", "counter", "Webhooks received since start, by server and type", hooks)
-        self.metric("sync_results_total", "counter", "Applied jobs since start, by target and result", results)
+        self.metric(
+            "webhooks_received_total",
+            "counter",
+            "Webhooks received since start, by server and type",
+            hooks,
+        )
+        self.metric(
+            "sync_results_total",
+            "counter",
+            "Applied jobs since start, by target and result",
+            results,
+        )
 
     def _queue(self) -> None:
         jobs = [({"state": k}, v) for k, v in sorted(self.store.job_counts().items())]
         self.metric("jobs", "gauge", "Jobs in the queue by state", jobs)
         unplanned = self.store.count_unplanned()
-        self.metric("inbox_unplanned", "gauge", "Webhooks stored but not yet planned", [({}, unplanned)])
+        self.metric(
+            "inbox_unplanned", "gauge", "Webhooks stored but not yet planned", [({}, unplanned)]
+        )
         self.metric(
             "inbox_oldest_unplanned_age_seconds",
             "gauge",
@@ -8917,10 +9939,18 @@ class Metrics:
             [({}, round(self.store.oldest_unplanned_age(), 3))],
         )
         age = self.store.oldest_live_job_age()
-        self.metric("oldest_job_age_seconds", "gauge", "Age of the oldest pending job", [({}, round(age or 0.0, 3))])
+        self.metric(
+            "oldest_job_age_seconds",
+            "gauge",
+            "Age of the oldest pending job",
+            [({}, round(age or 0.0, 3))],
+        )
         restarts = [({"thread": t.name}, t.restarts) for t in self.ready.threads()]
         self.metric(
-            "thread_restarts_total", "counter", "Times a thread of the service died and was restarted", restarts
+            "thread_restarts_total",
+            "counter",
+            "Times a thread of the service died and was restarted",
+            restarts,
         )
 
     def _servers(self) -> None:
@@ -9016,7 +10046,13 @@ class Setup:
         """What the page needs: where the file goes, and the settings variables already make
         (shown read-only: a variable wins over the file)."""
         fixed = {s.env: s.key for s in SETTINGS if s.env and os.environ.get(s.env, "").strip()}
-        fixed.update({k: "servers" for k in os.environ if k.startswith("JDS_SERVER_") and os.environ[k].strip()})
+        fixed.update(
+            {
+                k: "servers"
+                for k in os.environ
+                if k.startswith("JDS_SERVER_") and os.environ[k].strip()
+            }
+        )
         answer = {
             "config_path": str(Path(self.path).absolute()),
             "problem": self.problem,
@@ -9026,7 +10062,9 @@ class Setup:
         }
         if self.settings:  # what is set now: never a key, token or password, only whether it is set
             c = self.settings
-            answer["servers"] = [{"name": x.name, "url": x.url, "passwordless": x.passwordless} for x in c.servers]
+            answer["servers"] = [
+                {"name": x.name, "url": x.url, "passwordless": x.passwordless} for x in c.servers
+            ]
             answer["set"] = {
                 "webhook_token": bool(c.webhook_token),
                 "auth": bool(c.auth_username),
@@ -9049,13 +10087,18 @@ class Setup:
         address = bottle.request.environ.get("REMOTE_ADDR", "?")
         wait = self.failures.locked_out(address)
         if wait:
-            raise _json_response(429, {"error": f"too many wrong setup codes: try again in {wait} s"})
+            raise _json_response(
+                429, {"error": f"too many wrong setup codes: try again in {wait} s"}
+            )
         if not _secret_matches(bottle.request.headers.get("X-Setup-Code", "").strip(), self.code):
             self.failures.failed(address, "setup code")
-            raise _json_response(403, {"error": "wrong or missing setup code: it is printed in the service's log"})
+            raise _json_response(
+                403, {"error": "wrong or missing setup code: it is printed in the service's log"}
+            )
 
     def test_server(self) -> Answer:
-        """The Test button: can this URL and API key be used? Name, version and users, or why not."""
+        """The Test button: can this URL and API key be used? Name, version and users, or why
+        not."""
         body = self._body()
         known = self.settings.server(str(body.get("name") or "")) if self.settings else None
         try:
@@ -9074,19 +10117,30 @@ class Setup:
             users = client.users()
         except (ConfigError, JellyfinError) as e:
             return {"ok": False, "error": f"{e}{refused_hint(e)}"}
-        return {"ok": True, "name": info.get("ServerName"), "version": info.get("Version"), "users": len(users)}
+        return {
+            "ok": True,
+            "name": info.get("ServerName"),
+            "version": info.get("Version"),
+            "users": len(users),
+        }
 
     def save(self) -> Answer:
         body = self._body()
         with self._save_lock:  # two saves at once would write the file twice and start twice
             if self.started and not self.settings:
-                return {"ok": False, "error": "already saved: syncing has started; reload the page"}, 409
+                return {
+                    "ok": False,
+                    "error": "already saved: syncing has started; reload the page",
+                }, 409
             # Settings the page does not show (api_token, auth, database.path, every section
             # of a file that was refused for one value) are kept: the page's values go over them.
             existing = self._existing()
             page = self._config_data(body, self.path)
             if not page["servers"]:
-                return {"ok": False, "error": "servers: at least one server, with its URL and API key"}, 400
+                return {
+                    "ok": False,
+                    "error": "servers: at least one server, with its URL and API key",
+                }, 400
             if self.settings:
                 page["servers"] = self._keys_kept(page["servers"], existing)
             data = self._kept(existing, page)
@@ -9108,9 +10162,14 @@ class Setup:
             )
             try:
                 self.on_saved(config)
-            except StoreError as e:  # the database folder cannot be written, say: said, with the fix
+            except (
+                StoreError
+            ) as e:  # the database folder cannot be written, say: said, with the fix
                 log.error("setup: %s", e)
-                return {"ok": False, "error": f"saved to {self.path}, but syncing cannot start: {e}"}, 500
+                return {
+                    "ok": False,
+                    "error": f"saved to {self.path}, but syncing cannot start: {e}",
+                }, 500
             self.started = True
         done = "applied, without a restart" if self.settings else "syncing has started"
         return {"ok": True, "message": f"saved to {self.path}; {done}"}
@@ -9126,7 +10185,9 @@ class Setup:
         out = []
         for server in servers:
             if not server.get("api_key"):
-                known = self.settings.server(str(server.get("name") or "")) if self.settings else None
+                known = (
+                    self.settings.server(str(server.get("name") or "")) if self.settings else None
+                )
                 key = in_file.get(str(server.get("name"))) or (known.api_key if known else None)
                 server = {**server, "api_key": key} if key else server
             out.append(server)
@@ -9172,11 +10233,17 @@ class Setup:
             token = body["webhook_token"]
             server["webhook_token"] = token.strip() if isinstance(token, str) else token
         if body.get("auth_username") or body.get("auth_password"):
-            server["auth"] = {"username": body.get("auth_username", ""), "password": body.get("auth_password", "")}
+            server["auth"] = {
+                "username": body.get("auth_username", ""),
+                "password": body.get("auth_password", ""),
+            }
         if body.get("api_token"):  # for scripts and Prometheus (Authorization: Bearer …)
             token = body["api_token"]
             server["api_token"] = token.strip() if isinstance(token, str) else token
-        data: dict[str, Any] = {"servers": servers, "database": {"path": _default_database_path(path)}}
+        data: dict[str, Any] = {
+            "servers": servers,
+            "database": {"path": _default_database_path(path)},
+        }
         if server:
             data["server"] = server
         return data
@@ -9204,8 +10271,9 @@ def _healthz() -> str:
 def yaml_dump(data: dict) -> str:
     import yaml
 
-    return "# Written by jellyfin-db-sync's setup page; every key is explained in config.example.yaml.\n" + (
-        yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return (
+        "# Written by jellyfin-db-sync's setup page; every key is explained in "
+        "config.example.yaml.\n" + (yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     )
 
 
@@ -9237,7 +10305,8 @@ def _write_private(path: str, text: str) -> None:
 
 
 def keep_beside(path: str) -> str | None:
-    """Copy the file at ``path`` beside itself with the time in its name (``config.yaml.20261204-104800.bak``,
+    """Copy the file at ``path`` beside itself with the time in its name
+    (``config.yaml.20261204-104800.bak``,
     its owner's only) before it is replaced; None if there is none."""
     source = Path(path)
     if not source.is_file():
@@ -9279,27 +10348,32 @@ def security_warnings(config: Config) -> list[str]:
         out.append("No server.webhook_token set: anyone on the network can post webhooks.")
     elif open_hooks:
         out.append(
-            f"No webhook token for {', '.join(open_hooks)} (servers[].webhook_token or server.webhook_token): "
-            "anyone on the network can post webhooks as that server."
+            f"No webhook token for {', '.join(open_hooks)} (servers[].webhook_token or "
+            "server.webhook_token): anyone on the network can post webhooks as that server."
         )
     if not config.auth_username:
         out.append(
-            "No server.auth set: this dashboard is read-only (anyone on the network can look, nobody can "
-            f"change anything here). Set server.auth (username and password) to sign in — see {SECURITY_README}."
+            "No server.auth set: this dashboard is read-only (anyone on the network can look, "
+            "nobody can change anything here). Set server.auth (username and password) to sign "
+            "in — see "
+            f"{SECURITY_README}."
         )
     return out
 
 
 LOGIN_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><title>Sign in · jellyfin-db-sync</title>
 <link rel="stylesheet" href="/static/style.css"></head>
 <body><main class="login"><h1>jellyfin-db-sync</h1>{message}
 <form method="post" action="/login">
 <label>User name <input name="username" autocomplete="username" required autofocus></label>
-<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<label>Password
+<input name="password" type="password" autocomplete="current-password" required></label>
 <button type="submit">Sign in</button></form>
-<p class="muted">The user name and password are <code>server.auth</code> in the config.</p></main></body></html>
+<p class="muted">The user name and password are <code>server.auth</code> in the config.</p>
+</main></body></html>
 """
 
 
@@ -9319,9 +10393,12 @@ def _secret_matches(given: str, expected: str) -> bool:
 
 
 def _token_ok(environ: dict, token: str) -> bool:
-    """The plugin can only send fixed custom headers, or a secret in the URL (docs/jellyfin.md §1)."""
+    """The plugin can only send fixed custom headers, or a secret in the URL (docs/jellyfin.md
+    §1)."""
     query = urllib.parse.parse_qs(environ.get("QUERY_STRING") or "")
-    given = environ.get("HTTP_X_WEBHOOK_TOKEN") or _bearer(environ) or (query.get("token") or [""])[-1]
+    given = (
+        environ.get("HTTP_X_WEBHOOK_TOKEN") or _bearer(environ) or (query.get("token") or [""])[-1]
+    )
     return _secret_matches(given, token)
 
 
@@ -9375,7 +10452,10 @@ def host_allowed(host: str, config: Config) -> bool:
     if name == (urllib.parse.urlsplit(config.public_url).hostname or ""):
         return True
     return any(
-        allowed == "*" or name == allowed or allowed.startswith(".") and (name.endswith(allowed) or name == allowed[1:])
+        allowed == "*"
+        or name == allowed
+        or allowed.startswith(".")
+        and (name.endswith(allowed) or name == allowed[1:])
         for allowed in config.allowed_hosts
     )
 
@@ -9471,7 +10551,9 @@ def keep_to_one_cpu(setting: str) -> int | None:
     else:
         cpu = int(setting)
         if cpu not in allowed:
-            log.warning("server.cpu: CPU %d is not available here (%s); running on any", cpu, allowed)
+            log.warning(
+                "server.cpu: CPU %d is not available here (%s); running on any", cpu, allowed
+            )
             return None
     os.sched_setaffinity(0, {cpu})
     return cpu
@@ -9492,7 +10574,9 @@ class PerAddressListener(socket.socket):
     def on(cls, host: str, port: int) -> list[PerAddressListener]:
         """One listener per address ``host`` names (as Waitress' own ``listen`` would bind):
         "localhost" is ::1 and 127.0.0.1."""
-        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         return [cls(family, address) for family, _, _, _, address in dict.fromkeys(found)]
 
     def __init__(self, family: int, address: tuple):
@@ -9514,7 +10598,8 @@ class PerAddressListener(socket.socket):
             conn.close()
             if self._said.due(who, 60.0):
                 log.warning(
-                    "connections from %s refused: it holds %d open already (at most a minute apart, this line)",
+                    "connections from %s refused: it holds %d open already (at most a minute "
+                    "apart, this line)",
                     who,
                     self.limit,
                 )
@@ -9551,7 +10636,11 @@ def connection_limit() -> int:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = CONNECTION_LIMIT + 64 if hard == resource.RLIM_INFINITY else min(hard, CONNECTION_LIMIT + 64)
+        wanted = (
+            CONNECTION_LIMIT + 64
+            if hard == resource.RLIM_INFINITY
+            else min(hard, CONNECTION_LIMIT + 64)
+        )
         if wanted > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
@@ -9577,7 +10666,8 @@ def make_waitress(app: Any, host: str, port: int) -> Any:
         return waitress.create_server(
             app,
             sockets=listeners,
-            threads=WEBHOOK_THREADS,  # one per concurrent sender before requests queue; handlers parse and queue
+            # one per concurrent sender before requests queue; handlers parse and queue
+            threads=WEBHOOK_THREADS,
             ident="jellyfin-db-sync",
             max_request_body_size=MAX_BODY_BYTES + 1024,
             clear_untrusted_proxy_headers=True,
@@ -9595,12 +10685,15 @@ def make_waitress(app: Any, host: str, port: int) -> Any:
         if e.errno == errno.EADDRINUSE:
             # 8080 is a popular port on a NAS: say which setting moves us, not a traceback.
             raise ListenError(
-                f"cannot listen on {address}: the port is already in use by another program (or another "
-                "copy of jellyfin-db-sync); choose a free port with server.port in the config file or "
+                f"cannot listen on {address}: the port is already in use by another program (or "
+                "another "
+                "copy of jellyfin-db-sync); choose a free port with server.port in the config file "
+                "or "
                 "JDS_PORT, and the same port in the plugin's webhook URL"
             ) from None
         raise ListenError(
-            f"cannot listen on {address}: {e.strerror or e}; check server.host / JDS_HOST and server.port / JDS_PORT"
+            f"cannot listen on {address}: {e.strerror or e}; check server.host / JDS_HOST and "
+            "server.port / JDS_PORT"
         ) from None
 
 
@@ -9648,7 +10741,11 @@ class Service:
         self.supervisor.start()
 
     def threads(self) -> list[SupervisedThread]:
-        optional = [t for t in (self.reconciler.thread, self.recent_check.thread, self.alert_thread) if t is not None]
+        optional = [
+            t
+            for t in (self.reconciler.thread, self.recent_check.thread, self.alert_thread)
+            if t is not None
+        ]
         return [*self.syncer.threads, *optional]
 
     def _supervise(self) -> None:
@@ -9690,7 +10787,8 @@ def reconcile_cli(config: Config, dry_run: bool) -> int:
     def show(p: dict) -> None:
         print(
             f"\r{p.get('phase', '')}: {p.get('users_done', 0)}/{p.get('users_total', 0)} users, "
-            f"{p.get('items_compared', 0)} items compared, {p.get('changes_queued', 0)} changes queued   ",
+            f"{p.get('items_compared', 0)} items compared, {p.get('changes_queued', 0)} changes "
+            "queued   ",
             end="",
             file=sys.stderr,
             flush=True,
@@ -9756,7 +10854,10 @@ def _export_cli(service: Service, args: argparse.Namespace) -> int:
     with private_file(args.export) as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
     for person, servers in sorted(data["people"].items()):
-        print(f"{person}: " + ", ".join(f"{len(items)} items on {srv}" for srv, items in sorted(servers.items())))
+        print(
+            f"{person}: "
+            + ", ".join(f"{len(items)} items on {srv}" for srv, items in sorted(servers.items()))
+        )
     print(f"written to {args.export}")
     return 0
 
@@ -9770,7 +10871,9 @@ def _import_cli(service: Service, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise SyncError(f"{args.import_file}: not JSON ({e})") from None
         except RecursionError:
-            raise SyncError(f"{args.import_file}: nested too deeply to be an export of ours") from None
+            raise SyncError(
+                f"{args.import_file}: nested too deeply to be an export of ours"
+            ) from None
     transfer = Transfer(service.config, service.store, service.library, service.syncer.planner)
     report = transfer.plan_import(data, args.to, args.user, args.dry_run)
     verb = "would change" if args.dry_run else "changing"
@@ -9778,7 +10881,8 @@ def _import_cli(service: Service, args: argparse.Namespace) -> int:
         counts = ", ".join(f"{n} {fld}" for fld, n in sorted(entry["changes"].items())) or "nothing"
         print(
             terminal_safe(
-                f"{person}: {entry['matched']} items found on {args.to}, {entry['not_found']} not; {verb}: {counts}"
+                f"{person}: {entry['matched']} items found on {args.to}, {entry['not_found']} not; "
+                f"{verb}: {counts}"
             )
         )
         for line in entry["sample"]:
@@ -9789,7 +10893,8 @@ def _import_cli(service: Service, args: argparse.Namespace) -> int:
         _drain(service)
         held = service.store.count_held()
         print(
-            f"{report['changes']} changes written ({report['cause']})" + (f"; {held} held by the brake" if held else "")
+            f"{report['changes']} changes written ({report['cause']})"
+            + (f"; {held} held by the brake" if held else "")
         )
     return 0
 
@@ -9842,17 +10947,24 @@ def _undo_cli(service: Service, args: argparse.Namespace) -> int:
 
 def env_help() -> str:
     """--help's list of environment variables, from the table of settings."""
-    lines = ["environment variables (each also as VAR_FILE: read from a file, e.g. a Docker secret):"]
+    lines = [
+        "environment variables (each also as VAR_FILE: read from a file, e.g. a Docker secret):"
+    ]
     for field, (key, _) in SERVER_ENV_FIELDS.items():
         lines.append(f"  JDS_SERVER_<N>_{field:<16} servers[N-1].{key}")
     lines += [f"  {s.env:<31} {s.key}: {s.help}" for s in SETTINGS if s.env]
-    lines.append("  CONFIG_PATH                     the config file (default /config/config.yaml, ./config.yaml)")
+    lines.append(
+        "  CONFIG_PATH                     the config file (default /config/config.yaml, "
+        "./config.yaml)"
+    )
     return "\n".join(lines)
 
 
 def setting_value(config: Config, setting: Setting) -> Any:
     section, _, name = setting.key.partition(".")
-    return getattr(config, setting.attr) if setting.attr else getattr(getattr(config, section), name)
+    return (
+        getattr(config, setting.attr) if setting.attr else getattr(getattr(config, section), name)
+    )
 
 
 def check_config(config: Config) -> int:
@@ -9860,7 +10972,8 @@ def check_config(config: Config) -> int:
     for warning in config.warnings:
         print(f"✗ {warning}")
     print(
-        f"configuration from {config.source}: " + ("valid" if not config.warnings else "usable, with the errors above")
+        f"configuration from {config.source}: "
+        + ("valid" if not config.warnings else "usable, with the errors above")
     )
     shown = masked(config)
     for srv in shown["servers"]:
@@ -9890,9 +11003,14 @@ def check_config(config: Config) -> int:
     elif not Path(path).exists():
         print(f"✓ database: {path} is created at start")
     elif kind == "older":  # Older program
-        print(f"✓ database: {path} is the older jellyfin-db-sync's; moved over at start (copied beside itself first)")
+        print(
+            f"✓ database: {path} is the older jellyfin-db-sync's; moved over at start (copied "
+            "beside itself first)"
+        )
     elif version < SCHEMA_VERSION:
-        print(f"✓ database: {path} (schema {version}) is upgraded to schema {SCHEMA_VERSION} at start")
+        print(
+            f"✓ database: {path} (schema {version}) is upgraded to schema {SCHEMA_VERSION} at start"
+        )
     else:
         print(f"✓ database: {path} can be used")
     failures = 1 if problem else 0
@@ -9901,10 +11019,15 @@ def check_config(config: Config) -> int:
         try:
             info = client.info()
             users = client.users()  # needs a valid API key
-            print(f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted ({len(users)} users)")
+            print(
+                f"✓ {s.name}: Jellyfin {info.get('Version')} at {s.url}, API key accepted "
+                f"({len(users)} users)"
+            )
         except JellyfinError as e:
             failures += 1
-            print(f"✗ {e}{refused_hint(e)}")  # a JellyfinError already starts with the server's name
+            print(
+                f"✗ {e}{refused_hint(e)}"
+            )  # a JellyfinError already starts with the server's name
     return 1 if failures or config.warnings else 0
 
 
@@ -9915,45 +11038,69 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         epilog=env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="config file (default: $CONFIG_PATH, /config/config.yaml, ./config.yaml)")
+    parser.add_argument(
+        "--config", help="config file (default: $CONFIG_PATH, /config/config.yaml, ./config.yaml)"
+    )
     parser.add_argument("--version", action="version", version=f"jellyfin-db-sync {__version__}")
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration, print it with secrets masked, test each server, and exit: "
-        "0 all is well, 1 something is marked ✗ (a warning, the database, a server), 2 no usable config",
-    )
-    parser.add_argument("--backup", metavar="FILE", help="copy the database to FILE (safe while the service runs)")
-    parser.add_argument(
-        "--reconcile", action="store_true", help="compare every server now, queue and apply the differences, and exit"
+        help="validate the configuration, print it with secrets masked, test each server, "
+        "and exit: "
+        "0 all is well, 1 something is marked ✗ (a warning, the database, a server), 2 no usable "
+        "config",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="with --reconcile, --undo or --import: report, change nothing"
+        "--backup", metavar="FILE", help="copy the database to FILE (safe while the service runs)"
+    )
+    parser.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="compare every server now, queue and apply the differences, and exit",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --reconcile, --undo or --import: report, change nothing",
     )
     safety = parser.add_argument_group("safety net (README: Undo, Export and import)")
-    safety.add_argument("--undo", action="store_true", help="undo what we wrote in a scope (below); preview first")
+    safety.add_argument(
+        "--undo", action="store_true", help="undo what we wrote in a scope (below); preview first"
+    )
     safety.add_argument("--entry", type=int, metavar="N", help="--undo: one journal entry (its id)")
-    safety.add_argument("--cause", metavar="CAUSE", help="--undo: what one event or pass caused (event:12, pass:3)")
+    safety.add_argument(
+        "--cause", metavar="CAUSE", help="--undo: what one event or pass caused (event:12, pass:3)"
+    )
     safety.add_argument("--server", metavar="NAME", help="--undo: what was written on this server")
     safety.add_argument("--source", metavar="NAME", help="--undo: what came from this server")
-    safety.add_argument("--since", metavar="TIME", help="--undo: from this time (2026-11-30T18:00, UTC)")
+    safety.add_argument(
+        "--since", metavar="TIME", help="--undo: from this time (2026-11-30T18:00, UTC)"
+    )
     safety.add_argument("--until", metavar="TIME", help="--undo: up to this time")
-    safety.add_argument("--user", metavar="NAME", help="--undo, --export, --import: only this person")
-    safety.add_argument("--export", metavar="FILE", help="write every person's watch history to FILE (JSON)")
-    safety.add_argument("--import", dest="import_file", metavar="FILE", help="write FILE's watch history to --to")
+    safety.add_argument(
+        "--user", metavar="NAME", help="--undo, --export, --import: only this person"
+    )
+    safety.add_argument(
+        "--export", metavar="FILE", help="write every person's watch history to FILE (JSON)"
+    )
+    safety.add_argument(
+        "--import", dest="import_file", metavar="FILE", help="write FILE's watch history to --to"
+    )
     safety.add_argument("--to", metavar="SERVER", help="--import: the server to write to")
     parser.add_argument(
         "--setup-webhooks",
         nargs="?",
         const="",
         metavar="URL",
-        help="add or update our destination in each server's Webhook plugin, posting to URL/webhook/<name> "
+        help="add or update our destination in each server's Webhook plugin, posting to "
+        "URL/webhook/<name> "
         "(default: server.public_url), and exit",
     )
     parser.add_argument(
         "--healthcheck",
         action="store_true",
-        help="exit 0 if the running service answers /healthz on its port (from the config or JDS_PORT), else 1",
+        help="exit 0 if the running service answers /healthz on its port (from the config or "
+        "JDS_PORT), else 1",
     )
     return parser.parse_args(argv)
 
@@ -9980,7 +11127,9 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
         os.umask(umask)
     config_file = Path(path).absolute()
     databases = {Path(_default_database_path(path)).absolute()}
-    with suppress(ConfigError):  # no usable config yet: setup mode writes one, with the default path
+    with suppress(
+        ConfigError
+    ):  # no usable config yet: setup mode writes one, with the default path
         databases = {Path(load_config(path).database_path).absolute()}
     ours = {config_file, *(Path(f"{db}{end}") for db in databases for end in ("", "-wal", "-shm"))}
     for db in databases:  # Older program: its file, kept beside ours when we moved it over
@@ -10006,7 +11155,8 @@ def drop_privileges(path: str, env: dict[str, str]) -> str | None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
-    return f"running as {uid}:{gid} (PUID/PGID); given to it: {', '.join(changed) or 'nothing (all was its already)'}"
+    given_to = ", ".join(changed) or "nothing (all was its already)"
+    return f"running as {uid}:{gid} (PUID/PGID); given to it: {given_to}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10033,7 +11183,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not os.path.exists(path) and not _servers_in_env(os.environ):
         if one_off:  # a check never writes anything
-            print(f"jellyfin-db-sync: no configuration at {path} (and no JDS_SERVER_* variables)", file=sys.stderr)
+            print(
+                f"jellyfin-db-sync: no configuration at {path} (and no JDS_SERVER_* variables)",
+                file=sys.stderr,
+            )
             return 2
         return setup_mode(path, f"no configuration at {path}")
     try:
@@ -10103,7 +11256,8 @@ def setup_mode(path: str, problem: str) -> int:
         return 2
     log.warning("%s", problem)
     log.warning(
-        "setup mode: open http://%s:%s/ in a browser to set up jellyfin-db-sync; the setup code is %s",
+        "setup mode: open http://%s:%s/ in a browser to set up jellyfin-db-sync; the setup code is "
+        "%s",
         _reachable_host(host),
         server.effective_port,
         setup.code,
@@ -10206,7 +11360,8 @@ def serve(config: Config, path: str) -> int:
     open_hooks = config.open_webhooks()
     if open_hooks:
         log.warning(
-            "no webhook token for %s: anyone who can reach port %d can post webhooks as that server",
+            "no webhook token for %s: anyone who can reach port %d can post webhooks as that "
+            "server",
             ", ".join(open_hooks),
             config.port,
         )
@@ -10215,7 +11370,8 @@ def serve(config: Config, path: str) -> int:
 
     if config.sync.dry_run:
         log.warning(
-            "dry run (sync.dry_run / JDS_DRY_RUN): changes are decided and logged, nothing is written to Jellyfin"
+            "dry run (sync.dry_run / JDS_DRY_RUN): changes are decided and logged, nothing is "
+            "written to Jellyfin"
         )
     _stop_on_signals()
     service.start_workers()
