@@ -1157,12 +1157,18 @@ class Cluster:
         return next(f for f in self.fakes if f.name == name)
 
     def settle(self, timeout: float = 15.0) -> None:
-        """Wait until every echo is delivered and the queue is empty, twice in a row."""
+        """Wait until every echo is delivered and the queue is empty, with nothing asked of or
+        sent by the fakes while we looked: a write finishing between the two looks (echoes
+        first, then the queue) starts an echo that the first look has already passed."""
+
+        def activity():
+            return [(len(f.requests), f.writes_refused, len(f.echo_threads), f.webhooks_sent) for f in self.fakes]
 
         def calm():
-            return all(f.quiet() for f in self.fakes) and self.svc.idle()
+            before = activity()
+            return all(f.quiet() for f in self.fakes) and self.svc.idle() and activity() == before
 
-        eventually(lambda: calm() and (time.sleep(0.15) or calm()), timeout, what="the sync to settle")
+        eventually(calm, timeout, what="the sync to settle")
 
     def close(self):
         if self.svc:
@@ -1313,13 +1319,11 @@ def test_echoes_die_out_one_write_per_target(cluster):
     c["home"].user_marks("alice", "Heat", True)
     c["home"].user_favourites("alice", "Heat", True)
     c.settle()
-    time.sleep(0.5)
-    c.settle()
     after = {f.name: f.writes() - before[f.name] for f in c.fakes}
     # home's own changes were made by the "user", not by us: we write nothing back to it.
     assert after == {"home": 0, "parents": 2, "public": 2}, after
     sent = sum(f.webhooks_sent for f in c.fakes)
-    time.sleep(0.5)
+    c.settle()  # a ping-pong never settles; once settled, nothing is left in flight to echo
     assert sum(f.webhooks_sent for f in c.fakes) == sent, "no ping-pong: the echoes stopped"
 
 
@@ -1331,8 +1335,9 @@ def test_an_older_event_arriving_late_never_wins(cluster):
     parents.mark_played(parents.user("alice"), parents.item("Dune"))  # so "unplayed" is a change there
     c.settle()
     assert home.ud(uid, iid)["Played"]
-    time.sleep(1.0)
-    t0 = time.time()  # both events below are newer than that change; they arrive in reverse order
+    # Both events below are newer than that change (dated ahead of our clock, as a server's clock
+    # may be, within CLOCK_SKEW_ALLOWANCE: no waiting for ours); they arrive in reverse order.
+    t0 = time.time() + 1.0
     newer = home.payload(
         "UserDataSaved",
         uid,
@@ -2248,14 +2253,30 @@ def test_an_alert_url_that_cannot_be_requested_is_refused_without_showing_its_to
     )
 
 
+def counting_alert_checks(c: Cluster, monkeypatch) -> list[int]:
+    """[how many times the service has looked at the alert conditions since], counted as its
+    alert loop calls check(): proof that rounds went by, where a sleep would only hope so."""
+    alerts, checks = c.svc.service.safety.alerts, [0]
+    check = alerts.check
+
+    def counted():
+        check()
+        checks[0] += 1
+
+    monkeypatch.setattr(alerts, "check", counted)
+    return checks
+
+
 def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(cluster, receiver, monkeypatch):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
     alerts = {"urls": [f"{receiver.url}/hook"], "healthchecks_url": f"{receiver.url}/ping", "unreachable_minutes": 0}
     c = cluster(extra={"alerts": alerts})
     c["parents"].status_override = 503  # down
+    checks = counting_alert_checks(c, monkeypatch)
     c.svc.service.syncer.check_server("parents")
     eventually(lambda: receiver.bodies("/hook"), what="an alert")
-    time.sleep(1.0)  # ten more checks: still one alert
+    done = checks[0]
+    eventually(lambda: checks[0] >= done + 10, what="ten more alert checks")  # still one alert
     sent = receiver.bodies("/hook")
     assert len(sent) == 1 and sent[0]["condition"] == "unreachable:parents" and sent[0]["level"] == "problem", sent
     assert "parents has been unreachable" in sent[0]["message"]
@@ -2263,7 +2284,8 @@ def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(clus
     c.svc.service.syncer.check_server("parents")
     eventually(lambda: len(receiver.bodies("/hook")) == 2, what="the all-clear")
     assert receiver.bodies("/hook")[1]["level"] == "resolved"
-    time.sleep(0.5)
+    done = checks[0]
+    eventually(lambda: checks[0] >= done + 5, what="five more alert checks")
     assert len(receiver.bodies("/hook")) == 2
     reconcile(c)
     assert [g["path"] for g in receiver.got if g["path"].startswith("/ping")] == ["/ping/start", "/ping"]
@@ -3154,8 +3176,8 @@ def test_readyz_is_cheap_and_bounded_while_the_database_is_locked(cluster, monke
     blocker = jds.sqlite3.connect(str(c.tmp / "sync.db"), isolation_level=None, timeout=1)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        time.sleep(jds.READY_CACHE_SECONDS)  # past the last cached answer
-        assert c.svc.call("GET", "/readyz")[0] == 503  # one bounded check (0.5 s at most)…
+        # Past the last cached answer: one bounded check (0.5 s at most)…
+        eventually(lambda: c.svc.call("GET", "/readyz")[0] == 503, jds.READY_CACHE_SECONDS + 3, what="the check")
         with ThreadPoolExecutor(8) as pool:  # …that the others are answered from
             answers = list(pool.map(lambda _: c.svc.call("GET", "/readyz"), range(8)))  # 10 s client timeout
         assert all(status == 503 for status, _ in answers), answers
@@ -3648,7 +3670,7 @@ def test_online_backup_and_retention(cluster):
 
 
 def test_probes_and_status_never_show_an_api_key(cluster, monkeypatch):
-    monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 0.5)
+    monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 0.0)  # each /readyz checks afresh
     c = cluster()
     svc = c.svc
     c["home"].user_marks("alice", "Arrival", True)
@@ -3680,7 +3702,6 @@ def test_probes_and_status_never_show_an_api_key(cluster, monkeypatch):
     # a 503 would make a load balancer drop the other servers' webhooks, which are never resent.
     c["parents"].status_override = 503
     c.svc.service.syncer.check_server("parents")
-    time.sleep(jds.READY_CACHE_SECONDS)
     assert svc.call("GET", "/readyz") == (200, {"status": "ready"})
     st = svc.call("GET", "/api/status")[1]
     assert st["status"] == "degraded" and not next(s for s in st["servers"] if s["name"] == "parents")["reachable"]
