@@ -717,110 +717,172 @@ class FakeJellyfin:
         h.wfile.write(data)
 
     def _route(self, method: str, path: str, q: dict, body):
+        """The first entry of ROUTES whose method (None: any) and pattern match the path, and whose
+        handler answers (None: not this one after all, on to the next); else 404."""
         seg = [s for s in path.split("/") if s]
-        new = not self.legacy
-        if seg == ["Users"] and method == "GET":
-            return 200, list(self.users.values())
-        if seg == ["Users", "New"] and method == "POST":
-            return self._create_user(body)
-        if seg == ["Users"] and method == "POST":  # 10.9+ update (rename) with ?userId=
-            if self.legacy or not q.get("userid"):
-                return (500 if self.legacy else 400), None
-            return self._rename_user(q["userid"], body["Name"])
-        if len(seg) == 2 and seg[0] == "Users" and method == "GET":
-            return 200, self.users[seg[1]]
-        if len(seg) == 2 and seg[0] == "Users" and method == "DELETE":
-            uid = seg[1]
-            if uid not in self.users:
-                return (500 if self.legacy else 404), None
-            self.delete_user(uid)
-            return 204, None
-        if seg == ["Users", "Configuration"] and method == "POST":
-            # UserController.UpdateUserConfiguration (10.9+, v10.11.8): ``userId ?? User.GetUserId()``;
-            # an API key has no user, so without userId GetUserById(Guid.Empty) fails (400).
-            if self.legacy:
-                return 404, None  # no such route on 10.8
-            if not q.get("userid"):
-                return 400, None
-            return self._update_configuration(q["userid"], body)
-        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Configuration" and method == "POST":
-            # 10.8: the only route, and RequestHelpers.AssertCanUpdateUser @v10.8.13 dereferences
-            # auth.User, null for an API key: 500 (jellyfin#8287, fixed in 10.9). 10.9+: still
-            # routed (UpdateUserConfigurationLegacy → UpdateUserConfiguration).
-            if self.legacy:
-                return 500, None
-            return self._update_configuration(seg[1], body)
-        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Policy" and method == "POST":
-            self.users[seg[1]]["Policy"] = body
-            return 204, None
-        if seg == ["Items"] and method == "GET" and q.get("includeitemtypes") == "Playlist":
-            return 200, self._playlists_of(q.get("userid"), q)
-        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and q.get("includeitemtypes") == "Playlist":
-            return 200, self._playlists_of(seg[1], q)
-        if len(seg) == 2 and seg[0] == "Items" and method == "GET" and seg[1] in self.playlists and new:
-            uid, p = q.get("userid"), self.playlists[seg[1]]
-            if uid and not self._sees(uid, p):
-                return 404, None  # not visible to that user
-            return 200, self._playlist_dto(uid, p, set((q.get("fields") or "").split(",")), single=True)
-        if seg and seg[0] == "Playlists":
-            return self._playlist_route(method, seg, q, body)
-        if len(seg) == 3 and seg[0] == "Plugins" and seg[2] == "Configuration":
-            # PluginsController: 404 for a plugin that is not installed; the POST replaces the
-            # whole configuration with what it is sent.
-            if seg[1].replace("-", "").lower() != "71552a5a5c5c4350a2aeebe451a30173" or not self.plugin_installed:
-                return 404, None
-            if method == "GET":
-                return 200, copy.deepcopy(self.plugin_config)
-            self.plugin_config = copy.deepcopy(body)
-            self.plugin_saves += 1
-            return 204, None
-        if seg == ["Artists"] and method == "GET":
-            # ArtistsController.GetArtists (v10.11.8, and 10.8 alike): the artists "by name", with
-            # the user's data and filters (isFavorite, filters=Likes) for ?userId=.
-            return 200, self._items({**q, "includeitemtypes": "MusicArtist"}, q.get("userid"), artists=True)
-        if seg == ["Items"] and method == "GET":
-            return 200, self._items(q, q.get("userid"))
-        if len(seg) == 3 and seg[0] == "Users" and seg[2] == "Items" and method == "GET":
-            return 200, self._items(q, seg[1])
-        # 10.9+ routes with ?userId= (400 without it, as an API key has no user)
-        if new and len(seg) == 2 and seg[0] in ("UserPlayedItems", "UserFavoriteItems"):
-            if not q.get("userid"):
-                return 400, None
-            uid, iid = q["userid"], seg[1]
-            return self._toggle(seg[0], method, uid, iid, q)
-        if new and len(seg) == 3 and seg[0] == "UserItems":
-            if not q.get("userid"):
-                return 400, None
-            uid, iid = q["userid"], seg[1]
-            self._row(iid), self.users[uid]  # noqa: B018 — KeyError → 404
-            if seg[2] == "UserData" and method == "GET":
-                return 200, self._dto(self.ud(uid, iid), iid)
-            if seg[2] == "UserData" and method == "POST":
-                changes = {}
-                for k in ("PlaybackPositionTicks", "PlayCount", "IsFavorite", "Played", "LastPlayedDate"):
-                    if body.get(k) is not None:
-                        changes[k] = body[k]
-                if body.get("Likes") is not None:
-                    changes["Rating"] = 10.0 if body["Likes"] else 1.0
-                if body.get("Rating") is not None:
-                    changes["Rating"] = float(body["Rating"])
-                return 200, self.save(uid, iid, "UpdateUserData", **changes)
-            if seg[2] == "Rating":
-                return self._toggle("Rating", method, uid, iid, q)
-        # legacy /Users/{u}/… routes: the only ones on 10.8, still routed on 10.9 → 12.0
-        if len(seg) >= 4 and seg[0] == "Users":
-            uid = seg[1]
-            self.users[uid]  # noqa: B018
-            if seg[2] in ("PlayedItems", "FavoriteItems") and len(seg) == 4:
-                return self._toggle("User" + seg[2], method, uid, seg[3], q)
-            if seg[2] == "Items" and len(seg) == 4 and method == "GET":
-                item = dict(self._row(seg[3]))
-                item.pop("_saved")
-                item["UserData"] = self._dto(self.ud(uid, seg[3]), seg[3])
-                return 200, item
-            if seg[2] == "Items" and len(seg) == 5 and seg[4] == "Rating":
-                return self._toggle("Rating", method, uid, seg[3], q)
+        joined = "/".join(seg)
+        for verb, pattern, handler in self.ROUTES:
+            if (verb is None or verb == method) and pattern.fullmatch(joined):
+                answer = handler(self, method, seg, q, body)
+                if answer is not None:
+                    return answer
         return 404, None
+
+    def _on_users_list(self, method, seg, q, body):
+        return 200, list(self.users.values())
+
+    def _on_users_new(self, method, seg, q, body):
+        return self._create_user(body)
+
+    def _on_users_update(self, method, seg, q, body):
+        if self.legacy or not q.get("userid"):
+            return (500 if self.legacy else 400), None
+        return self._rename_user(q["userid"], body["Name"])
+
+    def _on_user_get(self, method, seg, q, body):
+        return 200, self.users[seg[1]]
+
+    def _on_user_delete(self, method, seg, q, body):
+        uid = seg[1]
+        if uid not in self.users:
+            return (500 if self.legacy else 404), None
+        self.delete_user(uid)
+        return 204, None
+
+    def _on_user_configuration(self, method, seg, q, body):
+        if self.legacy:
+            return 404, None  # no such route on 10.8
+        if not q.get("userid"):
+            return 400, None
+        return self._update_configuration(q["userid"], body)
+
+    def _on_user_configuration_legacy(self, method, seg, q, body):
+        if self.legacy:
+            return 500, None
+        return self._update_configuration(seg[1], body)
+
+    def _on_user_policy(self, method, seg, q, body):
+        self.users[seg[1]]["Policy"] = body
+        return 204, None
+
+    def _on_playlists_listed(self, method, seg, q, body):
+        if q.get("includeitemtypes") != "Playlist":
+            return None
+        return 200, self._playlists_of(seg[1] if len(seg) == 3 else q.get("userid"), q)
+
+    def _on_playlist_item(self, method, seg, q, body):
+        if seg[1] not in self.playlists or self.legacy:
+            return None
+        uid, p = q.get("userid"), self.playlists[seg[1]]
+        if uid and not self._sees(uid, p):
+            return 404, None  # not visible to that user
+        return 200, self._playlist_dto(uid, p, set((q.get("fields") or "").split(",")), single=True)
+
+    def _on_playlists(self, method, seg, q, body):
+        return self._playlist_route(method, seg, q, body)
+
+    def _on_plugin_configuration(self, method, seg, q, body):
+        if seg[1].replace("-", "").lower() != "71552a5a5c5c4350a2aeebe451a30173" or not self.plugin_installed:
+            return 404, None
+        if method == "GET":
+            return 200, copy.deepcopy(self.plugin_config)
+        self.plugin_config = copy.deepcopy(body)
+        self.plugin_saves += 1
+        return 204, None
+
+    def _on_artists(self, method, seg, q, body):
+        return 200, self._items({**q, "includeitemtypes": "MusicArtist"}, q.get("userid"), artists=True)
+
+    def _on_items_listed(self, method, seg, q, body):
+        return 200, self._items(q, seg[1] if len(seg) == 3 else q.get("userid"))
+
+    def _on_user_toggle(self, method, seg, q, body):  # UserPlayedItems, UserFavoriteItems
+        if self.legacy:
+            return None
+        if not q.get("userid"):
+            return 400, None
+        return self._toggle(seg[0], method, q["userid"], seg[1], q)
+
+    def _on_user_item(self, method, seg, q, body):
+        if self.legacy:
+            return None
+        if not q.get("userid"):
+            return 400, None
+        uid, iid = q["userid"], seg[1]
+        self._row(iid), self.users[uid]  # noqa: B018 — KeyError → 404
+        if seg[2] == "UserData" and method == "GET":
+            return 200, self._dto(self.ud(uid, iid), iid)
+        if seg[2] == "UserData" and method == "POST":
+            changes = {}
+            for k in ("PlaybackPositionTicks", "PlayCount", "IsFavorite", "Played", "LastPlayedDate"):
+                if body.get(k) is not None:
+                    changes[k] = body[k]
+            if body.get("Likes") is not None:
+                changes["Rating"] = 10.0 if body["Likes"] else 1.0
+            if body.get("Rating") is not None:
+                changes["Rating"] = float(body["Rating"])
+            return 200, self.save(uid, iid, "UpdateUserData", **changes)
+        if seg[2] == "Rating":
+            return self._toggle("Rating", method, uid, iid, q)
+        return None
+
+    def _on_legacy_user_toggle(self, method, seg, q, body):  # PlayedItems, FavoriteItems
+        self.users[seg[1]]  # noqa: B018
+        return self._toggle("User" + seg[2], method, seg[1], seg[3], q)
+
+    def _on_legacy_user_item(self, method, seg, q, body):
+        uid = seg[1]
+        self.users[uid]  # noqa: B018
+        item = dict(self._row(seg[3]))
+        item.pop("_saved")
+        item["UserData"] = self._dto(self.ud(uid, seg[3]), seg[3])
+        return 200, item
+
+    def _on_legacy_user_rating(self, method, seg, q, body):
+        self.users[seg[1]]  # noqa: B018
+        return self._toggle("Rating", method, seg[1], seg[3], q)
+
+    def _on_legacy_user_other(self, method, seg, q, body):
+        self.users[seg[1]]  # noqa: B018 — an unknown user fails first (500 on 10.8), as it did
+        return None
+
+    ONE = r"[^/]+"  # one segment of the path
+    # (method or None for any, the path's segments joined by "/", handler), tried in order.
+    ROUTES = (
+        ("GET", re.compile(r"Users"), _on_users_list),
+        ("POST", re.compile(r"Users/New"), _on_users_new),
+        ("POST", re.compile(r"Users"), _on_users_update),  # 10.9+ update (rename) with ?userId=
+        ("GET", re.compile(rf"Users/{ONE}"), _on_user_get),
+        ("DELETE", re.compile(rf"Users/{ONE}"), _on_user_delete),
+        # UserController.UpdateUserConfiguration (10.9+, v10.11.8): ``userId ?? User.GetUserId()``;
+        # an API key has no user, so without userId GetUserById(Guid.Empty) fails (400).
+        ("POST", re.compile(r"Users/Configuration"), _on_user_configuration),
+        # 10.8: the only route, and RequestHelpers.AssertCanUpdateUser @v10.8.13 dereferences
+        # auth.User, null for an API key: 500 (jellyfin#8287, fixed in 10.9). 10.9+: still
+        # routed (UpdateUserConfigurationLegacy → UpdateUserConfiguration).
+        ("POST", re.compile(rf"Users/{ONE}/Configuration"), _on_user_configuration_legacy),
+        ("POST", re.compile(rf"Users/{ONE}/Policy"), _on_user_policy),
+        ("GET", re.compile(r"Items"), _on_playlists_listed),  # ?includeItemTypes=Playlist only
+        (None, re.compile(rf"Users/{ONE}/Items"), _on_playlists_listed),  # the same, any method
+        ("GET", re.compile(rf"Items/{ONE}"), _on_playlist_item),  # 10.9+, a playlist's id only
+        (None, re.compile(r"Playlists(/.*)?"), _on_playlists),
+        # PluginsController: 404 for a plugin that is not installed; the POST replaces the
+        # whole configuration with what it is sent.
+        (None, re.compile(rf"Plugins/{ONE}/Configuration"), _on_plugin_configuration),
+        # ArtistsController.GetArtists (v10.11.8, and 10.8 alike): the artists "by name", with
+        # the user's data and filters (isFavorite, filters=Likes) for ?userId=.
+        ("GET", re.compile(r"Artists"), _on_artists),
+        ("GET", re.compile(r"Items"), _on_items_listed),
+        ("GET", re.compile(rf"Users/{ONE}/Items"), _on_items_listed),
+        # 10.9+ routes with ?userId= (400 without it, as an API key has no user)
+        (None, re.compile(rf"(UserPlayedItems|UserFavoriteItems)/{ONE}"), _on_user_toggle),
+        (None, re.compile(rf"UserItems/{ONE}/{ONE}"), _on_user_item),
+        # legacy /Users/{u}/… routes: the only ones on 10.8, still routed on 10.9 → 12.0
+        (None, re.compile(rf"Users/{ONE}/(PlayedItems|FavoriteItems)/{ONE}"), _on_legacy_user_toggle),
+        ("GET", re.compile(rf"Users/{ONE}/Items/{ONE}"), _on_legacy_user_item),
+        (None, re.compile(rf"Users/{ONE}/Items/{ONE}/Rating"), _on_legacy_user_rating),
+        (None, re.compile(rf"Users/{ONE}/{ONE}/.+"), _on_legacy_user_other),
+    )
 
     def _toggle(self, kind: str, method: str, uid: str, iid: str, q: dict):
         self._row(iid), self.users[uid]  # noqa: B018
