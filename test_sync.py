@@ -41,7 +41,8 @@ import pytest
 import jellyfin_db_sync as jds
 
 HERE = Path(__file__).resolve().parent
-# The Webhook plugin's request bodies, byte-exact (fixtures/webhooks/README.md says how they were made).
+# The Webhook plugin's request bodies, byte-exact (fixtures/webhooks/README.md says how they were
+# made).
 FIXTURES = HERE / "fixtures" / "webhooks"
 
 
@@ -137,7 +138,13 @@ class FakeJellyfin:
         self.plugin_installed = True
         self.plugin_config: dict = {
             "ServerUrl": "",
-            "GenericOptions": [{"WebhookName": "home-assistant", "WebhookUri": "http://ha.local/hook", "Headers": []}],
+            "GenericOptions": [
+                {
+                    "WebhookName": "home-assistant",
+                    "WebhookUri": "http://ha.local/hook",
+                    "Headers": [],
+                }
+            ],
             "DiscordOptions": [],
         }
         self.plugin_saves = 0
@@ -175,7 +182,9 @@ class FakeJellyfin:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"fake-{self.name}").start()
+        threading.Thread(
+            target=self.httpd.serve_forever, daemon=True, name=f"fake-{self.name}"
+        ).start()
 
     def go_away(self) -> None:
         """The machine is off: connections are refused (not answered with an error status)."""
@@ -280,7 +289,8 @@ class FakeJellyfin:
         return iid
 
     def add_library(self, count: int) -> None:
-        """``count`` films, "Film 0" … , scanned yesterday (so not "new" to an incremental refresh)."""
+        """``count`` films, "Film 0" … , scanned yesterday (so not "new" to an incremental
+        refresh)."""
         for i in range(count):
             self.add_item(
                 f"Film {i}",
@@ -295,7 +305,12 @@ class FakeJellyfin:
 
     # playlists (no webhook fires for them, as in Jellyfin)
     def add_playlist(
-        self, user: str, name: str, items: list[str], public: bool = False, shared_with: tuple[str, ...] = ()
+        self,
+        user: str,
+        name: str,
+        items: list[str],
+        public: bool = False,
+        shared_with: tuple[str, ...] = (),
     ) -> str:
         pid = hexid()
         self.playlists[pid] = {
@@ -326,7 +341,13 @@ class FakeJellyfin:
             return self.items[iid]
         p = self.playlists[iid]
         path = p.get("_path") or f"/config/data/playlists/{p['Name']}"
-        return {"Name": p["Name"], "Id": iid, "Type": "Playlist", "Path": path, "_saved": p.get("_saved", 0.0)}
+        return {
+            "Name": p["Name"],
+            "Id": iid,
+            "Type": "Playlist",
+            "Path": path,
+            "_saved": p.get("_saved", 0.0),
+        }
 
     def playlist(self, user: str, name: str) -> list[str] | None:
         """Item names of the user's playlist called ``name``, in order (None: no such playlist)."""
@@ -360,7 +381,10 @@ class FakeJellyfin:
     def _playlists_of(self, uid: str | None, q: dict) -> dict:
         seen = [p for p in self.playlists.values() if uid is None or self._sees(uid, p)]
         fields = set((q.get("fields") or "").split(","))
-        return {"Items": [self._playlist_dto(uid, p, fields) for p in seen], "TotalRecordCount": len(seen)}
+        return {
+            "Items": [self._playlist_dto(uid, p, fields) for p in seen],
+            "TotalRecordCount": len(seen),
+        }
 
     def _playlist_route(self, method: str, seg: list[str], q: dict, body):
         if seg == ["Playlists"] and method == "POST":
@@ -388,7 +412,11 @@ class FakeJellyfin:
         if len(seg) == 3 and seg[2] == "Items" and method == "GET":
             out = []
             for entry, iid in p["entries"]:
-                d = {k: v for k, v in self.items[iid].items() if not k.startswith("_") and v is not None}
+                d = {
+                    k: v
+                    for k, v in self.items[iid].items()
+                    if not k.startswith("_") and v is not None
+                }
                 out.append({**d, "PlaylistItemId": entry})
             return 200, {"Items": out, "TotalRecordCount": len(out)}
         if len(seg) == 3 and seg[2] == "Items" and method == "POST":
@@ -466,7 +494,9 @@ class FakeJellyfin:
             return self.data.setdefault(key, dict(BLANK_USER_DATA))
 
     def writes(self) -> int:
-        return sum(1 for m, p in self.requests if m in ("POST", "DELETE") and WRITE_ROUTES.search(p))
+        return sum(
+            1 for m, p in self.requests if m in ("POST", "DELETE") and WRITE_ROUTES.search(p)
+        )
 
     # the server's own behaviour (docs/jellyfin.md §2, semantics)
     def _dto(self, ud: dict, item_id: str) -> dict:
@@ -502,11 +532,25 @@ class FakeJellyfin:
             last = date_played or iso()
         else:
             last = date_played or ud["LastPlayedDate"] or iso()
-        return self.save(uid, iid, reason, Played=True, PlaybackPositionTicks=0, PlayCount=count, LastPlayedDate=last)
+        return self.save(
+            uid,
+            iid,
+            reason,
+            Played=True,
+            PlaybackPositionTicks=0,
+            PlayCount=count,
+            LastPlayedDate=last,
+        )
 
     def mark_unplayed(self, uid, iid):
         return self.save(
-            uid, iid, "TogglePlayed", Played=False, PlaybackPositionTicks=0, PlayCount=0, LastPlayedDate=None
+            uid,
+            iid,
+            "TogglePlayed",
+            Played=False,
+            PlaybackPositionTicks=0,
+            PlayCount=0,
+            LastPlayedDate=None,
         )
 
     # what a person does in a Jellyfin client
@@ -526,11 +570,30 @@ class FakeJellyfin:
         uid, iid = self.user(user), self.item(item)
         ud = self.ud(uid, iid)
         # PlaybackStart: PlayCount+1, LastPlayedDate=now, Played forced false for a resumable video.
-        self.fire("PlaybackStart", uid, iid, dict(ud), PlaybackPositionTicks=positions[0] if positions else 0)
-        self.save(uid, iid, "PlaybackStart", PlayCount=ud["PlayCount"] + 1, LastPlayedDate=iso(), Played=False)
+        self.fire(
+            "PlaybackStart",
+            uid,
+            iid,
+            dict(ud),
+            PlaybackPositionTicks=positions[0] if positions else 0,
+        )
+        self.save(
+            uid,
+            iid,
+            "PlaybackStart",
+            PlayCount=ud["PlayCount"] + 1,
+            LastPlayedDate=iso(),
+            Played=False,
+        )
         for pos in positions:
             self.fire(
-                "PlaybackProgress", uid, iid, dict(ud), PlaybackPositionTicks=pos, IsPaused=False, IsAutomated=False
+                "PlaybackProgress",
+                uid,
+                iid,
+                dict(ud),
+                PlaybackPositionTicks=pos,
+                IsPaused=False,
+                IsAutomated=False,
             )
             self.save(uid, iid, "PlaybackProgress", PlaybackPositionTicks=pos)
         last = positions[-1] if positions else 0
@@ -539,7 +602,12 @@ class FakeJellyfin:
         else:
             self.save(uid, iid, "PlaybackFinished", PlaybackPositionTicks=last)
         self.fire(
-            "PlaybackStop", uid, iid, dict(self.ud(uid, iid)), PlaybackPositionTicks=last, PlayedToCompletion=completed
+            "PlaybackStop",
+            uid,
+            iid,
+            dict(self.ud(uid, iid)),
+            PlaybackPositionTicks=last,
+            PlayedToCompletion=completed,
         )
 
     # webhooks, as the plugin builds them ("Send All Properties")
@@ -586,11 +654,17 @@ class FakeJellyfin:
         for k, v in (item["ProviderIds"] or {}).items():
             base[f"Provider_{k.lower()}"] = v
         if item["Type"] == "Episode":
-            base.update(SeriesName="Show", SeasonNumber=item["ParentIndexNumber"], EpisodeNumber=item["IndexNumber"])
+            base.update(
+                SeriesName="Show",
+                SeasonNumber=item["ParentIndexNumber"],
+                EpisodeNumber=item["IndexNumber"],
+            )
             if not self.legacy:
                 base["SeriesId"] = item["SeriesId"]
         if item["Type"] == "Season":  # its show and number (reference/webhook-plugin.md §1, Season)
-            base.update(SeriesName=self.items[item["SeriesId"]]["Name"], SeasonNumber=item["IndexNumber"])
+            base.update(
+                SeriesName=self.items[item["SeriesId"]]["Name"], SeasonNumber=item["IndexNumber"]
+            )
             if not self.legacy:
                 base["SeriesId"] = item["SeriesId"]
         if ntype == "UserDataSaved":
@@ -626,7 +700,11 @@ class FakeJellyfin:
         if self.webhook_url:
             self._send_later(body)
         for d in self.plugin_config.get("GenericOptions") or []:
-            takes = d.get("EnableWebhook") and d.get("SendAllProperties") and d.get(PLUGIN_ITEM_BOXES[kind])
+            takes = (
+                d.get("EnableWebhook")
+                and d.get("SendAllProperties")
+                and d.get(PLUGIN_ITEM_BOXES[kind])
+            )
             if takes and ntype in (d.get("NotificationTypes") or []):
                 headers = {h["Key"]: h["Value"] for h in d.get("Headers") or []}
                 self._send_later(body, d["WebhookUri"], headers)
@@ -640,7 +718,12 @@ class FakeJellyfin:
         parts = urllib.parse.urlsplit(url or self.webhook_url)
         try:
             conn = HTTPConnection(parts.hostname, parts.port, timeout=10)
-            conn.request("POST", parts.path, body, {"Content-Type": "text/plain; charset=utf-8", **(headers or {})})
+            conn.request(
+                "POST",
+                parts.path,
+                body,
+                {"Content-Type": "text/plain; charset=utf-8", **(headers or {})},
+            )
             conn.getresponse().read()
             conn.close()
             self.webhooks_sent += 1
@@ -661,11 +744,16 @@ class FakeJellyfin:
         if query.get("ApiKey") == self.api_key:
             return True
         legacy_ok = not self.version.startswith("12.")  # 12.0 disables legacy auth by default
-        return legacy_ok and (h.headers.get("X-Emby-Token") == self.api_key or query.get("api_key") == self.api_key)
+        return legacy_ok and (
+            h.headers.get("X-Emby-Token") == self.api_key or query.get("api_key") == self.api_key
+        )
 
     def _dispatch(self, h: BaseHTTPRequestHandler) -> None:
         parts = urllib.parse.urlsplit(h.path)
-        query = {k.lower() if k.lower() != "apikey" else "ApiKey": v for k, v in urllib.parse.parse_qsl(parts.query)}
+        query = {
+            k.lower() if k.lower() != "apikey" else "ApiKey": v
+            for k, v in urllib.parse.parse_qsl(parts.query)
+        }
         length = int(h.headers.get("Content-Length") or 0)
         body = json.loads(h.rfile.read(length)) if length else None
         path = parts.path
@@ -684,7 +772,9 @@ class FakeJellyfin:
             )
         if self.status_override:
             return self._reply(h, self.status_override, None)
-        if h.command != "GET" and (self.writes_fail or any(i in path for i in self.writes_fail_items)):
+        if h.command != "GET" and (
+            self.writes_fail or any(i in path for i in self.writes_fail_items)
+        ):
             self.writes_refused += 1
             return self._reply(h, 503, None)
         if not self._authorised(h, query):
@@ -782,7 +872,10 @@ class FakeJellyfin:
         return self._playlist_route(method, seg, q, body)
 
     def _on_plugin_configuration(self, method, seg, q, body):
-        if seg[1].replace("-", "").lower() != "71552a5a5c5c4350a2aeebe451a30173" or not self.plugin_installed:
+        if (
+            seg[1].replace("-", "").lower() != "71552a5a5c5c4350a2aeebe451a30173"
+            or not self.plugin_installed
+        ):
             return 404, None
         if method == "GET":
             return 200, copy.deepcopy(self.plugin_config)
@@ -791,7 +884,9 @@ class FakeJellyfin:
         return 204, None
 
     def _on_artists(self, method, seg, q, body):
-        return 200, self._items({**q, "includeitemtypes": "MusicArtist"}, q.get("userid"), artists=True)
+        return 200, self._items(
+            {**q, "includeitemtypes": "MusicArtist"}, q.get("userid"), artists=True
+        )
 
     def _on_items_listed(self, method, seg, q, body):
         return 200, self._items(q, seg[1] if len(seg) == 3 else q.get("userid"))
@@ -814,7 +909,13 @@ class FakeJellyfin:
             return 200, self._dto(self.ud(uid, iid), iid)
         if seg[2] == "UserData" and method == "POST":
             changes = {}
-            for k in ("PlaybackPositionTicks", "PlayCount", "IsFavorite", "Played", "LastPlayedDate"):
+            for k in (
+                "PlaybackPositionTicks",
+                "PlayCount",
+                "IsFavorite",
+                "Played",
+                "LastPlayedDate",
+            ):
                 if body.get(k) is not None:
                     changes[k] = body[k]
             if body.get("Likes") is not None:
@@ -878,7 +979,11 @@ class FakeJellyfin:
         (None, re.compile(rf"(UserPlayedItems|UserFavoriteItems)/{ONE}"), _on_user_toggle),
         (None, re.compile(rf"UserItems/{ONE}/{ONE}"), _on_user_item),
         # legacy /Users/{u}/… routes: the only ones on 10.8, still routed on 10.9 → 12.0
-        (None, re.compile(rf"Users/{ONE}/(PlayedItems|FavoriteItems)/{ONE}"), _on_legacy_user_toggle),
+        (
+            None,
+            re.compile(rf"Users/{ONE}/(PlayedItems|FavoriteItems)/{ONE}"),
+            _on_legacy_user_toggle,
+        ),
         ("GET", re.compile(rf"Users/{ONE}/Items/{ONE}"), _on_legacy_user_item),
         (None, re.compile(rf"Users/{ONE}/Items/{ONE}/Rating"), _on_legacy_user_rating),
         (None, re.compile(rf"Users/{ONE}/{ONE}/.+"), _on_legacy_user_other),
@@ -901,7 +1006,9 @@ class FakeJellyfin:
             return 200, self.save(uid, iid, "UpdateUserRating", IsFavorite=method == "POST")
         if kind == "Rating":
             likes = q.get("likes")
-            rating = None if method == "DELETE" or likes is None else (10.0 if likes == "true" else 1.0)
+            rating = (
+                None if method == "DELETE" or likes is None else (10.0 if likes == "true" else 1.0)
+            )
             return 200, self.save(uid, iid, "UpdateUserRating", Rating=rating)
         return 404, None
 
@@ -932,7 +1039,11 @@ class FakeJellyfin:
     def _items_now(self, q: dict, uid: str | None, artists: bool) -> dict:
         rows = list(self.items.values()) + [self._row(p) for p in self.playlists]
         if uid:  # a playlist is listed to those it is visible to (Playlist.IsVisible)
-            rows = [r for r in rows if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])]
+            rows = [
+                r
+                for r in rows
+                if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])
+            ]
         if uid and not artists:
             # An artist is an item "by name", outside every library: with a user, /Items looks only
             # in their libraries (LibraryManager.AddUserToQuery: TopParentIds = the user's views,
@@ -963,10 +1074,16 @@ class FakeJellyfin:
                 known = [i for i in data if i in self.items or i in self.playlists]
                 keep = [i for i in known if all(t(data[i]) for t in tests)]
                 position = self._positions()  # playlists after the library's items
-                rows = [self._row(i) for i in sorted(keep, key=lambda i: position.get(i, len(position)))]
+                rows = [
+                    self._row(i) for i in sorted(keep, key=lambda i: position.get(i, len(position)))
+                ]
                 if not artists:  # as above: a user's /Items lists no artist
                     rows = [r for r in rows if r["Type"] != "MusicArtist"]
-                rows = [r for r in rows if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])]
+                rows = [
+                    r
+                    for r in rows
+                    if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])
+                ]
             elif tests:
                 rows = [r for r in rows if all(t(ud(r)) for t in tests)]
         if q.get("ids"):
@@ -980,10 +1097,12 @@ class FakeJellyfin:
             rows = [r for r in rows if r["_saved"] >= since]
         if uid and q.get("sortby") == "DatePlayed":
             self.date_played_reads += 1
-            # ItemSortBy.DatePlayed orders by the user's LastPlayedDate (OrderMapper.MapOrderByField,
-            # v10.11.8; SqliteItemRepository before 10.11). Never played: none, first in ascending
-            # order as SQL sorts NULL, so last in descending.
-            played = lambda r: parse_iso(ud(r)["LastPlayedDate"]) if ud(r)["LastPlayedDate"] else 0.0  # noqa: E731
+            # ItemSortBy.DatePlayed orders by the user's LastPlayedDate
+            # (OrderMapper.MapOrderByField, v10.11.8; SqliteItemRepository before 10.11). Never
+            # played: none, first in ascending order as SQL sorts NULL, so last in descending.
+            played = lambda r: (
+                parse_iso(ud(r)["LastPlayedDate"]) if ud(r)["LastPlayedDate"] else 0.0
+            )  # noqa: E731
             rows.sort(key=played, reverse=q.get("sortorder") == "Descending")
         fields = set((q.get("fields") or "").split(","))
         start, limit = int(q.get("startindex", 0)), int(q.get("limit", 10**9))
@@ -1013,7 +1132,10 @@ class LeanClient:
         self.replies = self.sock.makefile("rb")
 
     def post(self, path: str, body: bytes) -> int:
-        head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain; charset=utf-8\r\n" % path.encode()
+        head = (
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            % path.encode()
+        )
         self.sock.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         status = int(self.replies.readline().split()[1])
         length = 0
@@ -1042,7 +1164,9 @@ def free_port() -> int:
 TEST_API_TOKEN = "test-api-token-0123456789"
 
 
-def write_config(tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level: str = "INFO", **sync) -> Path:
+def write_config(
+    tmp: Path, fakes: list[FakeJellyfin], port: int = 0, log_level: str = "INFO", **sync
+) -> Path:
     import yaml
 
     cfg = {
@@ -1102,10 +1226,13 @@ class Running:
         # open then (closed, its number may already be a later test's socket or database file).
         server.task_dispatcher.shutdown()
 
-        def close_all():  # runs inside Waitress' loop thread: the one safe place (docs/design.md, "Serving")
+        # runs inside Waitress' loop thread: the one safe place (docs/design.md, "Serving")
+        def close_all():
             trigger.del_channel()  # out of the loop's map, but open: pull_trigger has yet to write
             for ch in list(server._map.values()):
-                if ch is server:  # the listening socket: Waitress' server.close() closes the trigger too
+                if (
+                    ch is server
+                ):  # the listening socket: Waitress' server.close() closes the trigger too
                     wasyncore.dispatcher.close(server)
                 else:
                     ch.close()
@@ -1118,14 +1245,22 @@ class Running:
         trigger.close()
         self.service.stop()
 
-    def call(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | dict | None = None,
+        headers: dict | None = None,
+    ):
         conn = HTTPConnection("127.0.0.1", self.port, timeout=10)
         headers = {**self.credentials(method, path, headers or {}), **(headers or {})}
         if isinstance(body, dict):
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode()
-        conn.request(method, path, body, {"Content-Type": "text/plain; charset=utf-8", **(headers or {})})
+        conn.request(
+            method, path, body, {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
+        )
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
@@ -1148,7 +1283,9 @@ class Running:
         """A change posted without a sign-in of its own carries the config's API token, as a
         script would (without one it is refused: issue 22.1). With server.auth the sign-in
         tests say how they sign in, unless ``script_token`` is set: then every call sends it."""
-        if {h.lower() for h in headers} & {"authorization", "cookie"} or path.startswith("/webhook"):
+        if {h.lower() for h in headers} & {"authorization", "cookie"} or path.startswith(
+            "/webhook"
+        ):
             return {}
         token = self.script_token
         config = self.service.config if self.service else None  # a process's (Running.of) has none
@@ -1163,7 +1300,12 @@ class Running:
 
 LIBRARY = [
     # name, type, path, provider ids
-    ("Arrival", "Movie", "/media/movies/Arrival (2016)/Arrival.mkv", {"Tmdb": "329865", "Imdb": "tt2543164"}),
+    (
+        "Arrival",
+        "Movie",
+        "/media/movies/Arrival (2016)/Arrival.mkv",
+        {"Tmdb": "329865", "Imdb": "tt2543164"},
+    ),
     ("Dune", "Movie", "/media/movies/Dune (2021)/Dune.mkv", {"Tmdb": "438631"}),
     ("Heat", "Movie", "/media/movies/Heat (1995)/Heat.mkv", {"Imdb": "tt0113277"}),
 ]
@@ -1181,12 +1323,21 @@ class Cluster:
         **sync,
     ):
         self.tmp = tmp
-        self.fakes = [FakeJellyfin(n, v) for n, v in zip(("home", "parents", "public"), versions, strict=False)]
+        self.fakes = [
+            FakeJellyfin(n, v)
+            for n, v in zip(("home", "parents", "public"), versions, strict=False)
+        ]
         for f in self.fakes:
             for u in users:
                 f.add_user(u.capitalize() if f.name == "public" else u)  # names differ only in case
             for name, type_, path, prov in LIBRARY:
-                f.add_item(name, type_, path, provider_ids=prov, year=int(re.search(r"\((\d{4})\)", path)[1]))
+                f.add_item(
+                    name,
+                    type_,
+                    path,
+                    provider_ids=prov,
+                    year=int(re.search(r"\((\d{4})\)", path)[1]),
+                )
         self.config_path = write_config(tmp, self.fakes, **sync)
         if policies or extra:
             import yaml
@@ -1212,7 +1363,10 @@ class Cluster:
         self.svc = Running(self.config, self.config_path)
         for f in self.fakes:
             f.webhook_url = f"{self.svc.url}/webhook/{f.name}"
-        eventually(lambda: all(h["reachable"] for h in self.svc.service.syncer.health.values()), what="servers up")
+        eventually(
+            lambda: all(h["reachable"] for h in self.svc.service.syncer.health.values()),
+            what="servers up",
+        )
         return self.svc
 
     def __getitem__(self, name: str) -> FakeJellyfin:
@@ -1224,7 +1378,10 @@ class Cluster:
         first, then the queue) starts an echo that the first look has already passed."""
 
         def activity():
-            return [(len(f.requests), f.writes_refused, len(f.echo_threads), f.webhooks_sent) for f in self.fakes]
+            return [
+                (len(f.requests), f.writes_refused, len(f.echo_threads), f.webhooks_sent)
+                for f in self.fakes
+            ]
 
         def calm():
             before = activity()
@@ -1301,17 +1458,28 @@ def test_unwatched_favourite_and_likes_follow_each_way(cluster):
     assert home.ud("bob", "Heat")["IsFavorite"] and public.ud("bob", "Heat")["IsFavorite"]
     home.user_favourites("bob", "Heat", False)
     c.settle()
-    assert not parents.ud("bob", "Heat")["IsFavorite"] and not public.ud("bob", "Heat")["IsFavorite"]
+    assert (
+        not parents.ud("bob", "Heat")["IsFavorite"] and not public.ud("bob", "Heat")["IsFavorite"]
+    )
 
     public.user_rates("alice", "Arrival", True)
     c.settle()
-    assert home.ud("alice", "Arrival")["Rating"] == 10.0 and parents.ud("alice", "Arrival")["Rating"] == 10.0
+    assert (
+        home.ud("alice", "Arrival")["Rating"] == 10.0
+        and parents.ud("alice", "Arrival")["Rating"] == 10.0
+    )
     home.user_rates("alice", "Arrival", False)
     c.settle()
-    assert parents.ud("alice", "Arrival")["Rating"] == 1.0 and public.ud("alice", "Arrival")["Rating"] == 1.0
+    assert (
+        parents.ud("alice", "Arrival")["Rating"] == 1.0
+        and public.ud("alice", "Arrival")["Rating"] == 1.0
+    )
     parents.user_rates("alice", "Arrival", None)
     c.settle()
-    assert home.ud("alice", "Arrival")["Rating"] is None and public.ud("alice", "Arrival")["Rating"] is None
+    assert (
+        home.ud("alice", "Arrival")["Rating"] is None
+        and public.ud("alice", "Arrival")["Rating"] is None
+    )
 
 
 def test_resume_position_follows_and_a_burst_becomes_one_write(cluster):
@@ -1327,21 +1495,33 @@ def test_resume_position_follows_and_a_burst_becomes_one_write(cluster):
     assert not parents.ud("alice", "Heat")["Played"]
 
 
-def test_progress_reports_planned_together_keep_the_newest_whatever_their_order(tmp_path, fake_servers):
+def test_progress_reports_planned_together_keep_the_newest_whatever_their_order(
+    tmp_path, fake_servers
+):
     # The planner skips all but the newest report per item in a batch without planning them:
     # "newest" is the time the source observed, not the order they arrived in.
     fakes = fake_servers("home", "parents")
     home = fakes[0]
     uid, iid = home.add_user("alice"), home.add_item("Heat", "Movie", "/media/movies/Heat.mkv")
     fakes[1].add_user("alice")
-    service = jds.Service(jds.load_config(write_config(tmp_path, fakes, progress_debounce_seconds=60)))
+    service = jds.Service(
+        jds.load_config(write_config(tmp_path, fakes, progress_debounce_seconds=60))
+    )
     try:
         t0 = time.time()
         for ticks, age in ((3 * 10**9, 1.0), (9 * 10**9, 0.0), (5 * 10**9, 2.0), (7 * 10**9, 0.5)):
             body = home.payload(
-                "PlaybackProgress", uid, iid, home.ud(uid, iid), PlaybackPositionTicks=ticks, UtcTimestamp=iso(t0 - age)
+                "PlaybackProgress",
+                uid,
+                iid,
+                home.ud(uid, iid),
+                PlaybackPositionTicks=ticks,
+                UtcTimestamp=iso(t0 - age),
             )
-            assert service.syncer.accept_webhook("home", json.dumps(body).encode())["status"] == "queued"
+            assert (
+                service.syncer.accept_webhook("home", json.dumps(body).encode())["status"]
+                == "queued"
+            )
         assert service.syncer.plan_pending() == 4  # one batch: the planner thread is not running
         jobs = service.store._rows("SELECT target, value FROM jobs WHERE field = 'position'")
         assert [(j["target"], json.loads(j["value"])) for j in jobs] == [("parents", 9 * 10**9)]
@@ -1370,8 +1550,12 @@ def test_rewatching_does_not_unmark_played(cluster):
     # Starting it again: the server itself reports Played=false (PlaybackStart), then progress.
     home.user_plays("alice", "Arrival", [300 * 10**7, 600 * 10**7])
     c.settle()
-    assert not home.ud("alice", "Arrival")["Played"], "the fake reproduces Jellyfin's re-watch behaviour"
-    assert parents.ud("alice", "Arrival")["Played"], "a re-watch must not mark it unwatched elsewhere"
+    assert not home.ud("alice", "Arrival")["Played"], (
+        "the fake reproduces Jellyfin's re-watch behaviour"
+    )
+    assert parents.ud("alice", "Arrival")["Played"], (
+        "a re-watch must not mark it unwatched elsewhere"
+    )
     assert c["public"].ud("alice", "Arrival")["Played"]
 
 
@@ -1394,7 +1578,9 @@ def test_an_older_event_arriving_late_never_wins(cluster):
     home, parents = c["home"], c["parents"]
     svc = c.svc
     uid, iid = home.user("alice"), home.item("Dune")
-    parents.mark_played(parents.user("alice"), parents.item("Dune"))  # so "unplayed" is a change there
+    parents.mark_played(
+        parents.user("alice"), parents.item("Dune")
+    )  # so "unplayed" is a change there
     c.settle()
     assert home.ud(uid, iid)["Played"]
     # Both events below are newer than that change (dated ahead of our clock, as a server's clock
@@ -1419,14 +1605,18 @@ def test_an_older_event_arriving_late_never_wins(cluster):
     assert svc.call("POST", "/webhook/home", newer)[0] == 202
     assert svc.call("POST", "/webhook/home", older)[0] == 202
     c.settle()
-    assert not parents.ud("alice", "Dune")["Played"], "the older 'played' must not overwrite the newer 'unplayed'"
+    assert not parents.ud("alice", "Dune")["Played"], (
+        "the older 'played' must not overwrite the newer 'unplayed'"
+    )
 
 
 def test_forty_episodes_marked_played_at_once(cluster):
     c = cluster()
     series_ids = {}
     for f in c.fakes:
-        series_ids[f.name] = f.add_item("Show", "Series", "/media/tv/Show", provider_ids={"Tvdb": "81189"})
+        series_ids[f.name] = f.add_item(
+            "Show", "Series", "/media/tv/Show", provider_ids={"Tvdb": "81189"}
+        )
         for e in range(1, 41):
             f.add_item(
                 f"Episode {e}",
@@ -1456,13 +1646,26 @@ def test_matching_falls_back_to_provider_ids_then_series_and_episode(cluster):
     home, parents = c["home"], c["parents"]
     # Different folder layouts: paths do not match; the movie carries an IMDb ID.
     home.add_item("Alien", "Movie", "/data/films/Alien.mkv", provider_ids={"Imdb": "tt0078748"})
-    parents.add_item("Alien", "Movie", "/mnt/cinema/Alien (1979).mkv", provider_ids={"Imdb": "tt0078748"})
+    parents.add_item(
+        "Alien", "Movie", "/mnt/cinema/Alien (1979).mkv", provider_ids={"Imdb": "tt0078748"}
+    )
     # Episodes without IDs of their own; their series share a TVDb ID.
     hs = home.add_item("Lost", "Series", "/data/tv/Lost", provider_ids={"Tvdb": "73739"})
-    ps = parents.add_item("LOST (2004)", "Series", "/mnt/shows/LOST (2004)", provider_ids={"Tvdb": "73739"})
+    ps = parents.add_item(
+        "LOST (2004)", "Series", "/mnt/shows/LOST (2004)", provider_ids={"Tvdb": "73739"}
+    )
     home.add_item("Pilot", "Episode", "/data/tv/Lost/1x01.mkv", series_id=hs, season=1, episode=1)
-    parents.add_item("Pilot (1)", "Episode", "/mnt/shows/LOST (2004)/S01E01.mkv", series_id=ps, season=1, episode=1)
-    parents.add_item("Wrong", "Episode", "/mnt/shows/LOST (2004)/S01E02.mkv", series_id=ps, season=1, episode=2)
+    parents.add_item(
+        "Pilot (1)",
+        "Episode",
+        "/mnt/shows/LOST (2004)/S01E01.mkv",
+        series_id=ps,
+        season=1,
+        episode=1,
+    )
+    parents.add_item(
+        "Wrong", "Episode", "/mnt/shows/LOST (2004)/S01E02.mkv", series_id=ps, season=1, episode=2
+    )
     home.user_marks("alice", "Alien", True)
     home.user_marks("alice", "Pilot", True)
     c.settle()
@@ -1495,7 +1698,9 @@ def test_an_item_imported_late_waits_then_syncs(cluster):
     failed = eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="the skipped job")
     # Waited for as its policy said, then given up: skipped, with why (issue 21.5).
     assert any(
-        j["item_name"].startswith("Lost Film") and j["state"] == "skipped" and "gave up waiting" in j["last_error"]
+        j["item_name"].startswith("Lost Film")
+        and j["state"] == "skipped"
+        and "gave up waiting" in j["last_error"]
         for j in failed
     )
     parents.add_item("Nope", "Movie", "/media/new/Nope.mkv")  # the library scan finds it
@@ -1503,7 +1708,9 @@ def test_an_item_imported_late_waits_then_syncs(cluster):
 
 
 @pytest.mark.slow
-def test_a_waiting_change_lands_at_its_first_retry_after_the_item_appears_without_item_added(cluster):
+def test_a_waiting_change_lands_at_its_first_retry_after_the_item_appears_without_item_added(
+    cluster,
+):
     # ItemAdded is the plugin's least reliable event (often not even ticked): a waiting change
     # must not depend on it. Here the index would otherwise be refreshed only hourly.
     c = cluster(
@@ -1516,7 +1723,16 @@ def test_a_waiting_change_lands_at_its_first_retry_after_the_item_appears_withou
     home.user_marks("alice", "Nope", True)
     home.user_marks("bob", "Also new", True)
     eventually(
-        lambda: len([j for j in c.svc.call("GET", "/api/events/waiting")[1] if j["target_server"] == "parents"]) == 2,
+        lambda: (
+            len(
+                [
+                    j
+                    for j in c.svc.call("GET", "/api/events/waiting")[1]
+                    if j["target_server"] == "parents"
+                ]
+            )
+            == 2
+        ),
         what="two changes waiting on parents",
     )
     tries = lambda: {  # noqa: E731 - the not-found count of each change waiting on parents
@@ -1524,15 +1740,22 @@ def test_a_waiting_change_lands_at_its_first_retry_after_the_item_appears_withou
         for j in c.svc.call("GET", "/api/events/waiting")[1]
         if j["target_server"] == "parents"
     }
-    eventually(lambda: min(tries().values(), default=0) >= 2, what="a retry round that finds nothing yet")
+    eventually(
+        lambda: min(tries().values(), default=0) >= 2, what="a retry round that finds nothing yet"
+    )
     index_reads = lambda: sum(1 for _, path in parents.requests if path == "/Items")  # noqa: E731
     before_reads, before_tries = index_reads(), tries()
     for name in ("Nope", "Also new"):  # the library scan finds them; no ItemAdded is sent
         parents.add_item(name, "Movie", f"/media/new/{name}.mkv")
         public.add_item(name, "Movie", f"/media/new/{name}.mkv")
-    eventually(lambda: parents.ud("alice", "Nope")["Played"] and parents.ud("bob", "Also new")["Played"], 10)
+    eventually(
+        lambda: parents.ud("alice", "Nope")["Played"] and parents.ud("bob", "Also new")["Played"],
+        10,
+    )
     # At the first retry after the item appeared (one more at most, if a retry was under way).
-    after = dict(c.svc.store._rows("SELECT item_name, absent_count FROM jobs WHERE target='parents'"))
+    after = dict(
+        c.svc.store._rows("SELECT item_name, absent_count FROM jobs WHERE target='parents'")
+    )
     for name, count in before_tries.items():
         assert after[name] <= count + 1, (name, count, after[name])
     # One cheap index read per retry round on that server, shared by both waiting changes.
@@ -1558,7 +1781,9 @@ def test_versions_use_their_own_routes(cluster):
     skipped = c.svc.call("GET", "/api/events/failed")[1]
     assert any(j["target_server"] == "home" and "10.8" in j["last_error"] for j in skipped)
     status = c.svc.call("GET", "/api/status")[1]
-    assert any("10.8" in lim for s in status["servers"] if s["name"] == "home" for lim in s["limits"])
+    assert any(
+        "10.8" in lim for s in status["servers"] if s["name"] == "home" for lim in s["limits"]
+    )
 
 
 def test_a_server_that_is_down_gets_the_change_when_it_is_back(cluster):
@@ -1566,9 +1791,15 @@ def test_a_server_that_is_down_gets_the_change_when_it_is_back(cluster):
     parents = c["parents"]
     parents.status_override = 503
     c["home"].user_marks("alice", "Heat", True)
-    eventually(lambda: c["public"].ud("alice", "Heat")["Played"], what="the healthy server is not delayed")
+    eventually(
+        lambda: c["public"].ud("alice", "Heat")["Played"], what="the healthy server is not delayed"
+    )
     waiting = eventually(
-        lambda: [j for j in c.svc.call("GET", "/api/events/waiting")[1] if j["target_server"] == "parents"],
+        lambda: [
+            j
+            for j in c.svc.call("GET", "/api/events/waiting")[1]
+            if j["target_server"] == "parents"
+        ],
         what="the change waiting for parents",
     )
     assert "503" in waiting[0]["last_error"] and waiting[0]["state"] == "unreachable"
@@ -1614,11 +1845,17 @@ TOKEN = "api-token-for-tests"
 
 def test_a_new_user_is_created_everywhere_and_the_password_is_shown_once(cluster, caplog):
     caplog.set_level("DEBUG", logger="jellyfin_db_sync")
-    c = cluster(extra={"servers": {"parents": {"passwordless": True}}, "server": {"api_token": TOKEN}})
+    c = cluster(
+        extra={"servers": {"parents": {"passwordless": True}}, "server": {"api_token": TOKEN}}
+    )
     home, parents, public = c["home"], c["parents"], c["public"]
     home.admin_creates_user("carol", "her-own-password")
-    eventually(lambda: any(d["Name"] == "carol" for d in parents.users.values()), what="carol on parents")
-    eventually(lambda: any(d["Name"] == "carol" for d in public.users.values()), what="carol on public")
+    eventually(
+        lambda: any(d["Name"] == "carol" for d in parents.users.values()), what="carol on parents"
+    )
+    eventually(
+        lambda: any(d["Name"] == "carol" for d in public.users.values()), what="carol on public"
+    )
     c.settle()
     assert parents.passwords[parents.user("carol")] == "", "a passwordless server gets no password"
     generated = public.passwords[public.user("carol")]
@@ -1626,32 +1863,52 @@ def test_a_new_user_is_created_everywhere_and_the_password_is_shown_once(cluster
     assert sum(d["Name"].casefold() == "carol" for d in home.users.values()) == 1, "no echo loop"
 
     assert c.svc.call("GET", "/api/users/passwords")[0] == 401
-    assert c.svc.call("GET", "/api/users/passwords", headers={"Authorization": "Bearer wrong"})[0] == 401
-    status, shown = c.svc.call("GET", "/api/users/passwords", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert (
+        c.svc.call("GET", "/api/users/passwords", headers={"Authorization": "Bearer wrong"})[0]
+        == 401
+    )
+    status, shown = c.svc.call(
+        "GET", "/api/users/passwords", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200 and [(p["server"], p["username"], p["password"]) for p in shown] == [
         ("public", "carol", generated)
     ]
     matrix = c.svc.call("GET", "/api/users")[1]
     carol = next(u for u in matrix["users"] if u["person"] == "carol")
-    assert all(carol["servers"][n] for n in ("home", "parents", "public")) and matrix["passwords_pending"] == 1
-    others = [c.svc.call("GET", p)[1] for p in ("/api/status", "/api/users", "/api/sync-log", "/api/events/failed")]
+    assert (
+        all(carol["servers"][n] for n in ("home", "parents", "public"))
+        and matrix["passwords_pending"] == 1
+    )
+    others = [
+        c.svc.call("GET", p)[1]
+        for p in ("/api/status", "/api/users", "/api/sync-log", "/api/events/failed")
+    ]
     assert generated not in json.dumps(others) and generated not in caplog.text
     status, _ = c.svc.call(
-        "POST", f"/api/users/passwords/{shown[0]['id']}/ack", headers={"Authorization": f"Bearer {TOKEN}"}
+        "POST",
+        f"/api/users/passwords/{shown[0]['id']}/ack",
+        headers={"Authorization": f"Bearer {TOKEN}"},
     )
     assert status == 200
-    assert c.svc.call("GET", "/api/users/passwords", headers={"Authorization": f"Bearer {TOKEN}"})[1] == []
+    assert (
+        c.svc.call("GET", "/api/users/passwords", headers={"Authorization": f"Bearer {TOKEN}"})[1]
+        == []
+    )
     assert c.svc.store._rows("SELECT count(*) FROM passwords")[0][0] == 0
     # …and gone from the files on disk, the write-ahead log included.
     for suffix in ("", "-wal"):
         path = c.tmp / f"sync.db{suffix}"
-        assert not path.exists() or generated.encode() not in path.read_bytes(), f"password left in {path.name}"
+        assert not path.exists() or generated.encode() not in path.read_bytes(), (
+            f"password left in {path.name}"
+        )
 
 
 def test_disabled_mode_creates_accounts_without_password_and_disabled(cluster):
     c = cluster(extra={"users": {"new_user_password": "disabled"}})
     c["home"].admin_creates_user("dave")
-    eventually(lambda: any(d["Name"] == "dave" for d in c["public"].users.values()), what="dave on public")
+    eventually(
+        lambda: any(d["Name"] == "dave" for d in c["public"].users.values()), what="dave on public"
+    )
     dave = c["public"].users[c["public"].user("dave")]
     eventually(lambda: dave["Policy"].get("IsDisabled"), what="dave disabled")
     assert c["public"].passwords[dave["Id"]] == ""
@@ -1663,9 +1920,14 @@ def test_a_deleted_user_goes_everywhere_but_an_administrator_is_never_deleted(cl
     home, parents, public = c["home"], c["parents"], c["public"]
     public.users[public.user("bob")]["Policy"]["IsAdministrator"] = True
     home.delete_user(home.user("bob"))
-    eventually(lambda: not any(d["Name"] == "bob" for d in parents.users.values()), what="bob gone on parents")
+    eventually(
+        lambda: not any(d["Name"] == "bob" for d in parents.users.values()),
+        what="bob gone on parents",
+    )
     failed = eventually(
-        lambda: [j for j in c.svc.call("GET", "/api/events/failed")[1] if j["target_server"] == "public"],
+        lambda: [
+            j for j in c.svc.call("GET", "/api/events/failed")[1] if j["target_server"] == "public"
+        ],
         what="the refusal",
     )
     assert "administrator" in failed[0]["last_error"]
@@ -1685,9 +1947,13 @@ def test_a_rename_follows_where_the_version_allows(cluster):
     c = cluster(versions=("10.10.7", "12.0.0", "10.8.13"))
     home, parents, public = c["home"], c["parents"], c["public"]
     home.admin_renames_user("alice", "alice.m")
-    eventually(lambda: any(d["Name"] == "alice.m" for d in parents.users.values()), what="renamed on 12.0")
+    eventually(
+        lambda: any(d["Name"] == "alice.m" for d in parents.users.values()), what="renamed on 12.0"
+    )
     failed = eventually(
-        lambda: [j for j in c.svc.call("GET", "/api/events/failed")[1] if j["target_server"] == "public"],
+        lambda: [
+            j for j in c.svc.call("GET", "/api/events/failed")[1] if j["target_server"] == "public"
+        ],
         what="10.8 reported",
     )
     assert "10.8" in failed[0]["last_error"]
@@ -1728,7 +1994,9 @@ def test_case_variant_duplicates_are_reported_not_guessed(cluster):
     assert c["parents"].ud("alice", "Dune")["Played"]
     assert not any(d["Played"] for (u, _i), d in public.data.items())
     failed = c.svc.call("GET", "/api/events/failed")[1]
-    assert any(j["target_server"] == "public" and "several users" in j["last_error"] for j in failed)
+    assert any(
+        j["target_server"] == "public" and "several users" in j["last_error"] for j in failed
+    )
 
 
 # ── Reconciliation ───────────────────────────────────────────────────────────
@@ -1760,19 +2028,32 @@ def reconcile(c: Cluster, dry_run: bool = False) -> dict:
 
 
 def snapshot(c: Cluster) -> dict:
-    return {f.name: json.dumps({"|".join(k): v for k, v in f.data.items()}, sort_keys=True) for f in c.fakes}
+    return {
+        f.name: json.dumps({"|".join(k): v for k, v in f.data.items()}, sort_keys=True)
+        for f in c.fakes
+    }
 
 
 def test_first_reconciliation_is_a_union_and_unmarks_nothing(cluster):
     c = cluster(start=False)
     home, parents, public = c["home"], c["parents"], c["public"]
-    quietly(home, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
+    quietly(
+        home, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400)
+    )
     quietly(home, "alice", "Dune", IsFavorite=True)
     quietly(parents, "alice", "Heat", Played=True, PlayCount=3, LastPlayedDate=iso())
     quietly(parents, "alice", "Dune", PlaybackPositionTicks=30 * MIN, LastPlayedDate=iso())
-    quietly(public, "alice", "Dune", PlaybackPositionTicks=10 * MIN, LastPlayedDate=iso(time.time() - 3600))
+    quietly(
+        public,
+        "alice",
+        "Dune",
+        PlaybackPositionTicks=10 * MIN,
+        LastPlayedDate=iso(time.time() - 3600),
+    )
     quietly(public, "alice", "Heat", Rating=10.0)
-    quietly(public, "bob", "Heat", Rating=1.0)  # bob dislikes it there: liked nowhere, so nothing to union
+    quietly(
+        public, "bob", "Heat", Rating=1.0
+    )  # bob dislikes it there: liked nowhere, so nothing to union
     c.start()
     report = reconcile(c)
     assert report["changes"] > 0 and not report["errors"]
@@ -1792,15 +2073,32 @@ def test_first_reconciliation_is_a_union_and_unmarks_nothing(cluster):
 def test_a_one_sided_change_after_the_baseline_wins_and_unplayed_propagates(cluster):
     c = cluster()
     for f in c.fakes:
-        quietly(f, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 7200))
+        quietly(
+            f, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 7200)
+        )
         quietly(f, "bob", "Heat", Played=True, PlayCount=2, LastPlayedDate=iso(time.time() - 7200))
     assert reconcile(c)["changes"] == 0  # the baseline: everyone agrees
-    quietly(c["parents"], "alice", "Arrival", Played=False, PlayCount=0, LastPlayedDate=None)  # "mark unplayed"
+    quietly(
+        c["parents"], "alice", "Arrival", Played=False, PlayCount=0, LastPlayedDate=None
+    )  # "mark unplayed"
     # A re-watch in progress on home: Jellyfin reports Played=false, but the count stays.
-    quietly(c["home"], "bob", "Heat", Played=False, PlayCount=3, PlaybackPositionTicks=5 * MIN, LastPlayedDate=iso())
+    quietly(
+        c["home"],
+        "bob",
+        "Heat",
+        Played=False,
+        PlayCount=3,
+        PlaybackPositionTicks=5 * MIN,
+        LastPlayedDate=iso(),
+    )
     report = reconcile(c)
-    assert not c["home"].ud("alice", "Arrival")["Played"] and not c["public"].ud("alice", "Arrival")["Played"]
-    assert c["public"].ud("bob", "Heat")["Played"] and c["parents"].ud("bob", "Heat")["Played"], "re-watch ≠ unplayed"
+    assert (
+        not c["home"].ud("alice", "Arrival")["Played"]
+        and not c["public"].ud("alice", "Arrival")["Played"]
+    )
+    assert c["public"].ud("bob", "Heat")["Played"] and c["parents"].ud("bob", "Heat")["Played"], (
+        "re-watch ≠ unplayed"
+    )
     assert report["users"]["alice"]["home"]["count"] >= 1
 
 
@@ -1808,26 +2106,50 @@ def test_a_like_no_webhook_brought_wins_the_next_pass_where_the_item_is_known_el
     c = cluster()
     home, parents, public = c["home"], c["parents"], c["public"]
     home.user_marks("alice", "Heat", True)  # the item is known: played everywhere, by webhook
-    eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("Alice", "Heat")["Played"])
+    eventually(
+        lambda: parents.ud("alice", "Heat")["Played"] and public.ud("Alice", "Heat")["Played"]
+    )
     c.settle()
     quietly(home, "alice", "Heat", Likes=True, Rating=10.0, IsFavorite=True)  # its webhook was lost
     reconcile(c)
     for fake, name in ((home, "alice"), (parents, "alice"), (public, "Alice")):
         ud = fake.ud(name, "Heat")
-        liked = ud.get("Likes") is True or (ud.get("Rating") or 0) >= jds.LIKE_RATING  # the DTO's Likes
+        liked = (
+            ud.get("Likes") is True or (ud.get("Rating") or 0) >= jds.LIKE_RATING
+        )  # the DTO's Likes
         assert liked and ud["IsFavorite"] is True, (fake.name, ud)
 
 
 def test_conflicting_changes_are_resolved_by_time(cluster):
     c = cluster()
     for f in c.fakes:
-        quietly(f, "alice", "Heat", PlaybackPositionTicks=5 * MIN, LastPlayedDate=iso(time.time() - 7200))
+        quietly(
+            f,
+            "alice",
+            "Heat",
+            PlaybackPositionTicks=5 * MIN,
+            LastPlayedDate=iso(time.time() - 7200),
+        )
     assert reconcile(c)["changes"] == 0  # the baseline: 5 minutes in, everywhere
-    quietly(c["home"], "alice", "Heat", PlaybackPositionTicks=50 * MIN, LastPlayedDate=iso(time.time() - 3600))
-    quietly(c["parents"], "alice", "Heat", PlaybackPositionTicks=20 * MIN, LastPlayedDate=iso(time.time() - 60))
+    quietly(
+        c["home"],
+        "alice",
+        "Heat",
+        PlaybackPositionTicks=50 * MIN,
+        LastPlayedDate=iso(time.time() - 3600),
+    )
+    quietly(
+        c["parents"],
+        "alice",
+        "Heat",
+        PlaybackPositionTicks=20 * MIN,
+        LastPlayedDate=iso(time.time() - 60),
+    )
     reconcile(c)
     for f in c.fakes:
-        assert f.ud("alice", "Heat")["PlaybackPositionTicks"] == 20 * MIN, f.name  # newest, not furthest
+        assert f.ud("alice", "Heat")["PlaybackPositionTicks"] == 20 * MIN, (
+            f.name
+        )  # newest, not furthest
 
 
 def test_dry_run_reports_and_changes_nothing(cluster):
@@ -1885,7 +2207,9 @@ def test_a_catch_up_writes_from_the_state_it_read_over_a_few_parallel_connection
         ud = parents.ud("alice", f"Extra {i}")
         assert ud["Played"] and ud["PlayCount"] == 2 and ud["LastPlayedDate"] == when, (i, ud)
     calls = parents.requests[before:]
-    assert not [p for m, p in calls if m == "GET" and p.endswith("/UserData")], "no re-read before each write"
+    assert not [p for m, p in calls if m == "GET" and p.endswith("/UserData")], (
+        "no re-read before each write"
+    )
     writes = [p for m, p in calls if m == "POST" and WRITE_ROUTES.search(p)]
     assert len(writes) == 30, len(writes)
     assert 2 <= parents.max_in_flight <= 3, parents.max_in_flight
@@ -1895,16 +2219,21 @@ def test_playlists_are_mirrored_extended_and_trimmed_both_ways(cluster):
     c = cluster(versions=("10.11.8", "12.0.0", "10.10.7"))
     home, parents, public = c["home"], c["parents"], c["public"]
     home.add_playlist("alice", "Sunday", ["Arrival", "Dune"])
-    parents.add_playlist("alice", "sunday", ["Heat"])  # the same playlist (names compare without case)
+    parents.add_playlist(
+        "alice", "sunday", ["Heat"]
+    )  # the same playlist (names compare without case)
     public.add_playlist("bob", "Someone else's", ["Heat"], public=True)  # public, not alice's
     reconcile(c)
     for f in (home, parents, public):
         assert sorted(f.playlist("alice", "Sunday")) == ["Arrival", "Dune", "Heat"], f.name
     created = next(p for p in public.playlists.values() if p["owner"] == public.user("alice"))
     assert created["OpenAccess"] is False, "created private"
-    assert home.playlist("alice", "Someone else's") is None, "only a person's own playlists are copied"
+    assert home.playlist("alice", "Someone else's") is None, (
+        "only a person's own playlists are copied"
+    )
     written = {
-        (e["target"], e["old"], e["new"]) for e in journal(c, field="playlist", cause="pass:1", username="alice")
+        (e["target"], e["old"], e["new"])
+        for e in journal(c, field="playlist", cause="pass:1", username="alice")
     }
     assert written == {
         ("public", "none", "created with 3 items"),
@@ -1931,7 +2260,9 @@ def test_playlists_are_mirrored_extended_and_trimmed_both_ways(cluster):
 
 def owned_playlist(fake: FakeJellyfin, user: str, name: str) -> dict | None:
     uid = fake.user(user)
-    return next((p for p in fake.playlists.values() if p["owner"] == uid and p["Name"] == name), None)
+    return next(
+        (p for p in fake.playlists.values() if p["owner"] == uid and p["Name"] == name), None
+    )
 
 
 def test_a_private_playlist_of_a_non_admin_is_mirrored_private_to_the_same_person(cluster):
@@ -1949,7 +2280,10 @@ def test_a_private_playlist_of_a_non_admin_is_mirrored_private_to_the_same_perso
         assert copy_ is not None, f.name
         assert copy_["OpenAccess"] is False and copy_["shares"] == [], "created private"
         assert [f.items[i]["Name"] for _, i in copy_["entries"]] == ["Arrival", "Heat"], f.name
-        assert owned_playlist(f, "alice", "For Alice") is None and owned_playlist(f, "alice", "Bob's open list") is None
+        assert (
+            owned_playlist(f, "alice", "For Alice") is None
+            and owned_playlist(f, "alice", "Bob's open list") is None
+        )
         assert owned_playlist(f, "bob", "Bob's open list") is not None, "bob's own list is bob's"
     assert home.playlist("alice", "Road trip") == ["Arrival", "Heat"]
 
@@ -1961,14 +2295,17 @@ def test_an_administrators_playlists_are_told_apart_where_possible_and_reported_
         f.add_user("root", admin=True)
         f.add_user("chief", admin=True)
     home.add_playlist("root", "Root's own", ["Arrival"])
-    home.add_playlist("alice", "Alice's open list", ["Dune"], public=True)  # root sees it; alice owns it
+    home.add_playlist(
+        "alice", "Alice's open list", ["Dune"], public=True
+    )  # root sees it; alice owns it
     home.add_playlist("root", "Everyone's", ["Heat"], public=True)  # root and chief see it: whose?
     report = reconcile(c)
     assert owned_playlist(parents, "root", "Root's own") is not None
     assert owned_playlist(parents, "root", "Alice's open list") is None
     assert owned_playlist(parents, "alice", "Alice's open list") is not None
     assert (
-        owned_playlist(parents, "root", "Everyone's") is None and owned_playlist(parents, "chief", "Everyone's") is None
+        owned_playlist(parents, "root", "Everyone's") is None
+        and owned_playlist(parents, "chief", "Everyone's") is None
     )
     assert any("Everyone's" in e and "cannot tell" in e for e in report["errors"]), report["errors"]
 
@@ -1992,13 +2329,19 @@ def test_a_playlist_error_never_drops_the_persons_watch_state_catch_up(cluster):
     c.settle()
     for f in c.fakes:
         assert f.ud("alice", "Dune")["Played"] and f.ud("alice", "Heat")["IsFavorite"], f.name
-    assert owned_playlist(c["public"], "alice", "Broken") is not None, "the other servers still get it"
+    assert owned_playlist(c["public"], "alice", "Broken") is not None, (
+        "the other servers still get it"
+    )
     # Reading a server's playlists fails: that person's playlists wait, their watch state does not.
     parents._playlist_route = real
     real_route = home._route
 
     def no_playlists(method, path, q, body):  # home answers 500 to its playlist list
-        return (500, None) if q.get("includeitemtypes") == "Playlist" else real_route(method, path, q, body)
+        return (
+            (500, None)
+            if q.get("includeitemtypes") == "Playlist"
+            else real_route(method, path, q, body)
+        )
 
     home._route = no_playlists
     quietly(parents, "alice", "Arrival", Played=True, PlayCount=1, LastPlayedDate=iso())
@@ -2013,7 +2356,9 @@ def test_a_playlist_error_never_drops_the_persons_watch_state_catch_up(cluster):
 
 
 def journal(c: Cluster, **query) -> list[dict]:
-    status, body = c.svc.call("GET", "/api/journal?" + urllib.parse.urlencode({"limit": 500, **query}))
+    status, body = c.svc.call(
+        "GET", "/api/journal?" + urllib.parse.urlencode({"limit": 500, **query})
+    )
     assert status == 200, body
     return body["entries"]
 
@@ -2032,14 +2377,22 @@ def test_the_journal_keeps_every_write_with_its_values_before_and_after_and_why(
     assert e["source"] == "home" and e["target"] == "parents" and e["user_key"] == "alice"
     assert e["target_item_id"] == parents.item("Heat")
     # Marking played reset the position too: the journal says so, so an undo can put it back.
-    assert e["before"] == {"played": False, "position": 20 * MIN} and e["after"] == {"played": True, "position": 0}
+    assert e["before"] == {"played": False, "position": 20 * MIN} and e["after"] == {
+        "played": True,
+        "position": 0,
+    }
     assert e["cause"].startswith("event:")
     # A pass's writes say which pass.
     quietly(home, "bob", "Dune", IsFavorite=True)
     report = reconcile(c)
     passed = journal(c, cause=f"pass:{report['pass']}")
-    assert {(x["target"], x["field"]) for x in passed} == {("parents", "favorite"), ("public", "favorite")}
-    assert all(x["before"] == {"favorite": False} and x["after"] == {"favorite": True} for x in passed)
+    assert {(x["target"], x["field"]) for x in passed} == {
+        ("parents", "favorite"),
+        ("public", "favorite"),
+    }
+    assert all(
+        x["before"] == {"favorite": False} and x["after"] == {"favorite": True} for x in passed
+    )
     # Searchable: person, item, server, field, time range.
     assert len(journal(c, username="bob", item_name="dun", server="public")) == 1
     assert len(journal(c, since=started)) == 4
@@ -2048,14 +2401,18 @@ def test_the_journal_keeps_every_write_with_its_values_before_and_after_and_why(
 
 
 def undo(c: Cluster, dry_run: bool = True, **scope) -> tuple[int, dict]:
-    return c.svc.call("POST", "/api/undo", {**scope, "dry_run": dry_run}, {"Content-Type": "application/json"})
+    return c.svc.call(
+        "POST", "/api/undo", {**scope, "dry_run": dry_run}, {"Content-Type": "application/json"}
+    )
 
 
 def test_undo_one_change_previews_then_writes_the_value_back_there_only(cluster):
     c = cluster()
     home, parents, public = c["home"], c["parents"], c["public"]
     home.user_marks("alice", "Arrival", True)
-    eventually(lambda: parents.ud("alice", "Arrival")["Played"] and public.ud("alice", "Arrival")["Played"])
+    eventually(
+        lambda: parents.ud("alice", "Arrival")["Played"] and public.ud("alice", "Arrival")["Played"]
+    )
     c.settle()
     entry = journal(c, target="parents", field="played")[0]
     status, preview = undo(c, id=entry["id"])
@@ -2067,7 +2424,9 @@ def test_undo_one_change_previews_then_writes_the_value_back_there_only(cluster)
     assert status == 202 and done["undo"].startswith("undo:"), done
     eventually(lambda: not parents.ud("alice", "Arrival")["Played"], what="the undo on parents")
     c.settle()
-    assert public.ud("alice", "Arrival")["Played"] and home.ud("alice", "Arrival")["Played"], "only that change"
+    assert public.ud("alice", "Arrival")["Played"] and home.ud("alice", "Arrival")["Played"], (
+        "only that change"
+    )
     back = journal(c, cause=done["undo"])
     assert len(back) == 1 and back[0]["after"] == {"played": False}
     # Undoing it again finds it already as it was.
@@ -2081,11 +2440,17 @@ def test_undo_a_pass_and_a_time_window_never_clobbers_a_newer_change(cluster):
     quietly(home, "alice", "Dune", IsFavorite=True)
     quietly(home, "alice", "Heat", Rating=10.0)
     report = reconcile(c)
-    assert parents.ud("alice", "Heat")["Rating"] == 10.0 and public.ud("alice", "Dune")["IsFavorite"]
+    assert (
+        parents.ud("alice", "Heat")["Rating"] == 10.0 and public.ud("alice", "Dune")["IsFavorite"]
+    )
     quietly(public, "alice", "Heat", Rating=1.0)  # the person changed their mind there since
     status, preview = undo(c, cause=f"pass:{report['pass']}")
     assert preview["servers"]["parents"]["undo"] == 2, preview
-    assert preview["servers"]["public"] == {**preview["servers"]["public"], "undo": 1, "changed_since": 1}
+    assert preview["servers"]["public"] == {
+        **preview["servers"]["public"],
+        "undo": 1,
+        "changed_since": 1,
+    }
     assert "changed since" in preview["servers"]["public"]["refused"][0]
     # The writer checks once more: parents takes no writes when the undo is queued, and the
     # person dislikes Heat there before it does; that change is kept, Dune's undone.
@@ -2117,7 +2482,9 @@ def test_undo_a_pass_and_a_time_window_never_clobbers_a_newer_change(cluster):
     status, preview = undo(c, user="Bob", server="home", since=since)
     assert preview["changes"] == 2 and list(preview["servers"]) == ["home"], preview
     undo(c, dry_run=False, user="bob", server="home", since=since)
-    eventually(lambda: not home.ud("bob", "Heat")["IsFavorite"] and not home.ud("bob", "Arrival")["Played"])
+    eventually(
+        lambda: not home.ud("bob", "Heat")["IsFavorite"] and not home.ud("bob", "Arrival")["Played"]
+    )
     c.settle()
     assert public.ud("bob", "Arrival")["Played"], "only home's writes were in the scope"
 
@@ -2125,7 +2492,9 @@ def test_undo_a_pass_and_a_time_window_never_clobbers_a_newer_change(cluster):
 def films_played_everywhere(c: Cluster, user: str, names: list[str]) -> None:
     for f in c.fakes:
         for name in names:
-            quietly(f, user, name, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
+            quietly(
+                f, user, name, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400)
+            )
 
 
 def start_in_step(c: Cluster, films: int, played: int | None = None) -> list[str]:
@@ -2155,7 +2524,9 @@ def test_the_brake_holds_a_burst_of_unplayed_from_one_server_and_lets_played_thr
         home.user_marks("alice", a, False)
         home.user_marks("alice", b, True)
     eventually(
-        lambda: all(parents.ud("alice", n)["Played"] and public.ud("alice", n)["Played"] for n in new),
+        lambda: all(
+            parents.ud("alice", n)["Played"] and public.ud("alice", n)["Played"] for n in new
+        ),
         30,
         what="the 300 played on the others: adding state is never held",
     )
@@ -2165,17 +2536,29 @@ def test_the_brake_holds_a_burst_of_unplayed_from_one_server_and_lets_played_thr
     g = groups[0]
     assert g["source"] == "home" and g["user"] == "alice" and g["targets"] == ["parents", "public"]
     assert g["changes"] >= 250 and g["kinds"] == {"unplayed": g["changes"]}, g
-    assert g["summary"] == f"held: {g['changes']:,} changes from home for alice: {g['changes']:,} unplayed"
+    assert (
+        g["summary"]
+        == f"held: {g['changes']:,} changes from home for alice: {g['changes']:,} unplayed"
+    )
     assert len(g["sample"]) == 8 and g["sample"][0].startswith("unplayed: Film")
-    for target in (parents, public):  # what went before the brake engaged: at most its limit and a few in flight
+    for target in (
+        parents,
+        public,
+    ):  # what went before the brake engaged: at most its limit and a few in flight
         assert sum(target.ud("alice", n)["Played"] for n in gone) >= 250
     # Discard: the held changes go nowhere; what slipped through before the brake engaged is put
     # back, and home gets back what the others held.
     status, out = c.svc.call(
-        "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
+        "POST",
+        "/api/held/discard",
+        {"source": "home", "user": "alice"},
+        {"Content-Type": "application/json"},
     )
-    assert status == 200 and out["discarded"] == g["changes"] and out["restored"] >= g["changes"], out
-    everywhere = lambda: all(f.ud("alice", n)["Played"] for f in c.fakes for n in gone)  # noqa: E731
+    assert status == 200 and out["discarded"] == g["changes"] and out["restored"] >= g["changes"], (
+        out
+    )
+    # noqa: E731
+    everywhere = lambda: all(f.ud("alice", n)["Played"] for f in c.fakes for n in gone)
     eventually(everywhere, 30, what="every server back to played")
     c.settle(30)
     assert held(c) == [] and everywhere()
@@ -2202,14 +2585,23 @@ def test_held_changes_go_when_applied_and_passes_obey_the_brake(cluster):
     assert g["summary"] == "held: 40 changes from parents for bob: 40 unfavourited"
     assert all(c["home"].ud("bob", n)["IsFavorite"] for n in names), "a pass obeys the brake"
     status, out = c.svc.call(
-        "POST", "/api/held/apply", {"source": "parents", "user": "bob"}, {"Content-Type": "application/json"}
+        "POST",
+        "/api/held/apply",
+        {"source": "parents", "user": "bob"},
+        {"Content-Type": "application/json"},
     )
     assert status == 200 and out["applied"] == 80
-    eventually(lambda: not any(c[s].ud("bob", n)["IsFavorite"] for s in ("home", "public") for n in names), 20)
+    eventually(
+        lambda: not any(c[s].ud("bob", n)["IsFavorite"] for s in ("home", "public") for n in names),
+        20,
+    )
     assert held(c) == []
     assert (
         c.svc.call(
-            "POST", "/api/held/apply", {"source": "nowhere", "user": "bob"}, {"Content-Type": "application/json"}
+            "POST",
+            "/api/held/apply",
+            {"source": "nowhere", "user": "bob"},
+            {"Content-Type": "application/json"},
         )[0]
         == 400
     )
@@ -2271,14 +2663,26 @@ def test_each_alert_format_posts_what_that_service_reads(cluster, receiver):
     status, out = c.svc.call("POST", "/api/alerts/test")
     assert status == 502 and [x["ok"] for x in out["results"]] == [True] * 5 + [False], out
     assert "pip install apprise" in out["results"][5]["error"] and "bottoken" not in json.dumps(out)
-    assert all("secret" not in x["to"] and "AbCdEf" not in x["to"] for x in out["results"]), "no secrets shown"
+    assert all("secret" not in x["to"] and "AbCdEf" not in x["to"] for x in out["results"]), (
+        "no secrets shown"
+    )
     plain = receiver.bodies("/plain")[0]
-    assert plain["service"] == "jellyfin-db-sync" and plain["title"] == "test alert" and plain["level"] == "test"
+    assert (
+        plain["service"] == "jellyfin-db-sync"
+        and plain["title"] == "test alert"
+        and plain["level"] == "test"
+    )
     assert plain["condition"] == "test" and plain["message"] and parse_iso(plain["at"])
-    ntfy = receiver.bodies("/")[0]  # ntfy's JSON publishing: the server's root, the topic in the body
+    ntfy = receiver.bodies("/")[
+        0
+    ]  # ntfy's JSON publishing: the server's root, the topic in the body
     assert ntfy["topic"] == "jds-alerts" and ntfy["title"] == "test alert" and ntfy["message"]
     gotify = next(g for g in receiver.got if g["path"] == "/message")
-    assert gotify["query"] == "token=AbCdEf123" and set(gotify["body"]) == {"title", "message", "priority"}
+    assert gotify["query"] == "token=AbCdEf123" and set(gotify["body"]) == {
+        "title",
+        "message",
+        "priority",
+    }
     assert receiver.bodies("/api/webhooks/1/secret")[0]["content"].startswith("**test alert**\n")
     assert receiver.bodies("/services/T0/B0/secret")[0]["text"].startswith("*test alert*\n")
     # The formats are also told from the address alone.
@@ -2289,10 +2693,19 @@ def test_each_alert_format_posts_what_that_service_reads(cluster, receiver):
     assert jds.alert_format("tgram://bot/chat")[0] == "apprise"
     status, shown = c.svc.call("GET", "/api/alerts")
     assert "AbCdEf" not in json.dumps(shown) and "secret" not in json.dumps(shown)
-    assert [d["format"] for d in shown["destinations"]] == ["json", "ntfy", "gotify", "discord", "slack", "apprise"]
+    assert [d["format"] for d in shown["destinations"]] == [
+        "json",
+        "ntfy",
+        "gotify",
+        "discord",
+        "slack",
+        "apprise",
+    ]
 
 
-def test_an_alert_url_that_cannot_be_requested_is_refused_without_showing_its_token(tmp_path, fake_servers):
+def test_an_alert_url_that_cannot_be_requested_is_refused_without_showing_its_token(
+    tmp_path, fake_servers
+):
     import yaml
 
     cfg = write_config(tmp_path, fake_servers("home", "parents"))
@@ -2308,7 +2721,8 @@ def test_an_alert_url_that_cannot_be_requested_is_refused_without_showing_its_to
     assert res.returncode != 0 and "SECRET" not in res.stdout + res.stderr
     assert (
         jds.without_url(
-            "URL can't contain control characters. '/my topic?auth=tk_SECRET0123456789' (found at least ' ')",
+            "URL can't contain control characters. '/my topic?auth=tk_SECRET0123456789' (found at "
+            "least ' ')",
             "https://ntfy.example.com/my topic?auth=tk_SECRET0123456789",
         ).count("SECRET")
         == 0
@@ -2329,9 +2743,15 @@ def counting_alert_checks(c: Cluster, monkeypatch) -> list[int]:
     return checks
 
 
-def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(cluster, receiver, monkeypatch):
+def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(
+    cluster, receiver, monkeypatch
+):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
-    alerts = {"urls": [f"{receiver.url}/hook"], "healthchecks_url": f"{receiver.url}/ping", "unreachable_minutes": 0}
+    alerts = {
+        "urls": [f"{receiver.url}/hook"],
+        "healthchecks_url": f"{receiver.url}/ping",
+        "unreachable_minutes": 0,
+    }
     c = cluster(extra={"alerts": alerts})
     c["parents"].status_override = 503  # down
     checks = counting_alert_checks(c, monkeypatch)
@@ -2340,7 +2760,11 @@ def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(clus
     done = checks[0]
     eventually(lambda: checks[0] >= done + 10, what="ten more alert checks")  # still one alert
     sent = receiver.bodies("/hook")
-    assert len(sent) == 1 and sent[0]["condition"] == "unreachable:parents" and sent[0]["level"] == "problem", sent
+    assert (
+        len(sent) == 1
+        and sent[0]["condition"] == "unreachable:parents"
+        and sent[0]["level"] == "problem"
+    ), sent
     assert "parents has been unreachable" in sent[0]["message"]
     c["parents"].status_override = None
     c.svc.service.syncer.check_server("parents")
@@ -2350,7 +2774,10 @@ def test_one_alert_per_condition_until_it_clears_and_pings_around_each_pass(clus
     eventually(lambda: checks[0] >= done + 5, what="five more alert checks")
     assert len(receiver.bodies("/hook")) == 2
     reconcile(c)
-    assert [g["path"] for g in receiver.got if g["path"].startswith("/ping")] == ["/ping/start", "/ping"]
+    assert [g["path"] for g in receiver.got if g["path"].startswith("/ping")] == [
+        "/ping/start",
+        "/ping",
+    ]
     assert "changes queued" in receiver.bodies("/ping")[0]
 
 
@@ -2362,20 +2789,33 @@ def test_a_server_restored_to_everything_unplayed_spreads_nothing(cluster, recei
     for n in names:  # the restore: no webhooks, everything unplayed
         quietly(c["home"], "alice", n, Played=False, PlayCount=0, LastPlayedDate=None)
     reconcile(c)
-    assert all(c[s].ud("alice", n)["Played"] for s in ("parents", "public") for n in names), "nothing spreads"
+    assert all(c[s].ud("alice", n)["Played"] for s in ("parents", "public") for n in names), (
+        "nothing spreads"
+    )
     status, dash = c.svc.call("GET", "/api/dashboard")
     assert dash["held"][0]["summary"] == "held: 150 changes from home for alice: 150 unplayed"
     assert dash["status"]["queue"]["held_events"] == 300  # 150 items, for each of two servers
     alert = eventually(lambda: receiver.bodies("/hook"), what="an alert")[0]
-    assert alert["condition"] == "held:home:alice" and "150 changes from home for alice" in alert["message"]
+    assert (
+        alert["condition"] == "held:home:alice"
+        and "150 changes from home for alice" in alert["message"]
+    )
     status, out = c.svc.call(
-        "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
+        "POST",
+        "/api/held/discard",
+        {"source": "home", "user": "alice"},
+        {"Content-Type": "application/json"},
     )
     assert out == {"discarded": 150, "restored": 150, "undone": 0, "errors": []}
-    eventually(lambda: all(c["home"].ud("alice", n)["Played"] for n in names), 30, what="home repaired")
+    eventually(
+        lambda: all(c["home"].ud("alice", n)["Played"] for n in names), 30, what="home repaired"
+    )
     c.settle()
     assert c.svc.call("GET", "/api/dashboard")[1]["held"] == []
-    eventually(lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"], what="the all-clear")
+    eventually(
+        lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"],
+        what="the all-clear",
+    )
     assert reconcile(c)["changes"] == 0
 
 
@@ -2391,10 +2831,14 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     hs = home.add_item("Lost", "Series", "/data/tv/Lost", provider_ids={"Tvdb": "73739"})
     home.add_item("Pilot", "Episode", "/data/tv/Lost/1x01.mkv", series_id=hs, season=1, episode=1)
     ps = public.add_item("LOST (2004)", "Series", "/mnt/shows/LOST", provider_ids={"Tvdb": "73739"})
-    public.add_item("Pilot (1)", "Episode", "/mnt/shows/LOST/S01E01.mkv", series_id=ps, season=1, episode=1)
+    public.add_item(
+        "Pilot (1)", "Episode", "/mnt/shows/LOST/S01E01.mkv", series_id=ps, season=1, episode=1
+    )
     when = iso(time.time() - 3 * 86400)
     quietly(home, "alice", "Arrival", Played=True, PlayCount=3, LastPlayedDate=when)
-    quietly(home, "alice", "Dune", PlaybackPositionTicks=30 * MIN, IsFavorite=True, LastPlayedDate=when)
+    quietly(
+        home, "alice", "Dune", PlaybackPositionTicks=30 * MIN, IsFavorite=True, LastPlayedDate=when
+    )
     quietly(home, "alice", "Heat", Rating=1.0)  # disliked
     quietly(home, "alice", "Pilot", Played=True, PlayCount=1, LastPlayedDate=when, Rating=10.0)
     out = c.tmp / "history.json"
@@ -2406,7 +2850,10 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     data = json.loads(out.read_text())
     assert data["format"] == jds.EXPORT_FORMAT and data["version"] == 1
     items = {e["name"]: e for e in data["people"]["alice"]["home"]}
-    assert set(items) == {"Arrival", "Dune", "Heat", "Pilot"} and data["people"]["alice"]["public"] == []
+    assert (
+        set(items) == {"Arrival", "Dune", "Heat", "Pilot"}
+        and data["people"]["alice"]["public"] == []
+    )
     arrival = items["Arrival"]
     assert arrival["year"] == 2016 and arrival["ids"] == {"imdb": "tt2543164", "tmdb": "329865"}
     assert arrival["path"] == "/media/movies/arrival (2016)/arrival.mkv"
@@ -2415,7 +2862,16 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     assert (items["Pilot"]["season"], items["Pilot"]["episode"]) == (1, 1)
     assert items["Heat"]["likes"] is False and items["Dune"]["position"] == 30 * MIN
     before = snapshot(c)
-    args = ["--config", str(c.config_path), "--import", str(out), "--to", "public", "--user", "alice"]
+    args = [
+        "--config",
+        str(c.config_path),
+        "--import",
+        str(out),
+        "--to",
+        "public",
+        "--user",
+        "alice",
+    ]
     code, said = said_by(*args, "--dry-run")
     assert code == 0 and "alice: 4 items found on public, 0 not; would change:" in said, said
     assert snapshot(c) == before, "a dry run changes nothing"
@@ -2425,12 +2881,18 @@ def test_export_then_import_onto_an_empty_server_reproduces_every_field(cluster)
     for mine, theirs in pairs:
         a, b = home.ud("alice", mine), public.ud("alice", theirs)
         assert jds.read_fields(a) == jds.read_fields(b), (mine, a, b)
-        assert (a["PlayCount"], a["LastPlayedDate"]) == (b["PlayCount"], b["LastPlayedDate"]), (mine, a, b)
+        assert (a["PlayCount"], a["LastPlayedDate"]) == (b["PlayCount"], b["LastPlayedDate"]), (
+            mine,
+            a,
+            b,
+        )
     assert public.ud("bob", "Arrival") == home.ud("bob", "Arrival"), "only --user's history"
     store = jds.Store(c.config.database_path)
     entries, _ = store.sync_log(50, 0, cause="import:1")
     store.close()
-    assert len(entries) >= 5 and all(e.before is not None for e in entries), "in the journal, undoable"
+    assert len(entries) >= 5 and all(e.before is not None for e in entries), (
+        "in the journal, undoable"
+    )
     # A file that is not an export is refused, naming what it expects.
     bad = c.tmp / "bad.json"
     bad.write_text('{"people": {}}')
@@ -2447,7 +2909,13 @@ def test_an_import_that_would_unmark_many_items_is_held_by_the_brake(cluster):
         quietly(public, "bob", n, Played=True, PlayCount=1, LastPlayedDate=iso(time.time() - 86400))
     # A file written by hand, in the README's format: unplayed, but favourites.
     entries = [
-        {"name": n, "type": "Movie", "path": f"/media/movies/film {i}/film.mkv", "played": False, "favorite": True}
+        {
+            "name": n,
+            "type": "Movie",
+            "path": f"/media/movies/film {i}/film.mkv",
+            "played": False,
+            "favorite": True,
+        }
         for i, n in enumerate(names)
     ]
     data = {"format": jds.EXPORT_FORMAT, "version": 1, "people": {"bob": {"old-box": entries}}}
@@ -2456,40 +2924,61 @@ def test_an_import_that_would_unmark_many_items_is_held_by_the_brake(cluster):
     code, said = said_by("--config", str(c.config_path), "--import", str(path), "--to", "public")
     assert code == 0 and "10 items found on public" in said and "10 held by the brake" in said, said
     assert all(public.ud("bob", n)["IsFavorite"] for n in names), "adding state is never held"
-    assert all(public.ud("bob", n)["Played"] for n in names), "the unplayed wait for a person's decision"
+    assert all(public.ud("bob", n)["Played"] for n in names), (
+        "the unplayed wait for a person's decision"
+    )
 
 
 def test_an_import_file_of_garbage_is_refused_and_names_are_printed_harmless(cluster):
     c = cluster(start=False)
     deep = c.tmp / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
-    code, said = said_by("--config", str(c.config_path), "--import", str(deep), "--to", "public", "--dry-run")
+    code, said = said_by(
+        "--config", str(c.config_path), "--import", str(deep), "--to", "public", "--dry-run"
+    )
     assert code == 1 and "nested too deeply" in said and "Traceback" not in said, said
     # A name that would turn the terminal red, and one that would start a line of its own.
     entries = [{"name": "Heat", "type": "Movie", "played": True}]
     people = {"al\x1b[31mice": {"old-box": entries}, "bob\nfake: line": {"old-box": entries}}
     path = c.tmp / "names.json"
     path.write_text(json.dumps({"format": jds.EXPORT_FORMAT, "version": 1, "people": people}))
-    code, said = said_by("--config", str(c.config_path), "--import", str(path), "--to", "public", "--dry-run")
-    assert code == 0 and "\x1b" not in said and "al\\x1b[31mice" in said and "bob\\nfake: line" in said, said
+    code, said = said_by(
+        "--config", str(c.config_path), "--import", str(path), "--to", "public", "--dry-run"
+    )
+    assert (
+        code == 0 and "\x1b" not in said and "al\\x1b[31mice" in said and "bob\\nfake: line" in said
+    ), said
     assert not any(line.startswith("fake: line") for line in said.splitlines()), said
 
 
 def test_undo_from_the_command_line_previews_then_applies(cluster):
     c = cluster()
     c["home"].user_favourites("alice", "Heat", True)
-    eventually(lambda: c["parents"].ud("alice", "Heat")["IsFavorite"] and c["public"].ud("alice", "Heat")["IsFavorite"])
+    eventually(
+        lambda: (
+            c["parents"].ud("alice", "Heat")["IsFavorite"]
+            and c["public"].ud("alice", "Heat")["IsFavorite"]
+        )
+    )
     c.settle()
     cause = journal(c, target="parents")[0]["cause"]
     c.svc.stop()
     c.svc = None
     args = ["--config", str(c.config_path), "--undo", "--cause", cause]
     code, said = said_by(*args, "--dry-run")
-    assert code == 0 and "2 to undo" in said and "parents: 1 to undo" in said and "not favourite" in said, said
+    assert (
+        code == 0
+        and "2 to undo" in said
+        and "parents: 1 to undo" in said
+        and "not favourite" in said
+    ), said
     assert c["parents"].ud("alice", "Heat")["IsFavorite"]
     code, said = said_by(*args)
     assert code == 0 and "undone (undo:1)" in said, said
-    assert not c["parents"].ud("alice", "Heat")["IsFavorite"] and not c["public"].ud("alice", "Heat")["IsFavorite"]
+    assert (
+        not c["parents"].ud("alice", "Heat")["IsFavorite"]
+        and not c["public"].ud("alice", "Heat")["IsFavorite"]
+    )
     assert c["home"].ud("alice", "Heat")["IsFavorite"]
     code, said = said_by("--config", str(c.config_path), "--undo")
     assert code == 1 and "say what to undo" in said, said
@@ -2518,12 +3007,17 @@ def test_webhook_accepts_every_fixture_and_rejects_garbage(cluster):
     ]:
         status, body = svc.call("POST", "/webhook/home", bad)
         assert status == code and "error" in body, (bad, status, body)
-    assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == rows, "invalid input must write nothing"
+    assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == rows, (
+        "invalid input must write nothing"
+    )
     status, body = svc.call("POST", "/webhook/nosuchserver", fixture("UserDataSaved-played.json"))
     assert status == 404 and "unknown server" in body["error"]
     status, body = svc.call("POST", "/webhook/home", b"x" * (jds.MAX_BODY_BYTES + 10))
     assert status == 413
-    assert svc.call("GET", "/webhook/test") == (200, {"status": "ok", "message": "Webhook receiver is running"})
+    assert svc.call("GET", "/webhook/test") == (
+        200,
+        {"status": "ok", "message": "Webhook receiver is running"},
+    )
     status, body = svc.call("POST", "/webhook/home", fixture("AuthenticationSuccess.json"))
     assert status == 200 and body["status"] == "ignored"
     # The URL: a name is matched exactly (UTF-8 decoded), anything else is a JSON 4xx.
@@ -2535,7 +3029,9 @@ def test_webhook_accepts_every_fixture_and_rejects_garbage(cluster):
     assert status == 404 and "error" in body
     # A chunked body (no Content-Length) is read whole.
     conn = HTTPConnection("127.0.0.1", svc.port, timeout=10)
-    conn.request("POST", "/webhook/home", iter([played[:100], played[100:]]))  # http.client chunks it
+    conn.request(
+        "POST", "/webhook/home", iter([played[:100], played[100:]])
+    )  # http.client chunks it
     resp = conn.getresponse()
     assert resp.status == 202 and json.loads(resp.read())["status"] == "queued"
     conn.close()
@@ -2555,7 +3051,14 @@ def test_dates_and_ids_are_read_strictly():
     # Jellyfin's own format (7 fractional digits, Z), offsets, and a naive time taken as UTC.
     assert jds.parse_time("2026-11-24T07:28:59.1234567Z") == pytest.approx(1795505339.123456)
     assert jds.parse_time("2026-11-24T09:28:59.5+02:00") == jds.parse_time("2026-11-24 07:28:59.5")
-    for bad in ("2026-02-30T00:00:00Z", "yesterday", "", None, 1795505339, "2026-11-24T07:28:59Z\n"):
+    for bad in (
+        "2026-02-30T00:00:00Z",
+        "yesterday",
+        "",
+        None,
+        1795505339,
+        "2026-11-24T07:28:59Z\n",
+    ):
         assert jds.parse_time(bad) is None, bad
     body = fixture("UserDataSaved-played.json")
     assert jds.parse_webhook(json.dumps(body).encode())["ItemId"] == body["ItemId"]
@@ -2572,7 +3075,12 @@ def test_the_servers_no_date_and_numbers_it_cannot_hold_are_met_at_the_door(clus
     home = c["home"]
     body = home.played_payload(home.user("alice"), home.item("Heat"))
     # DateTime.MinValue with an offset (docs/jellyfin.md §1, dates): no date — taken, and synced.
-    assert c.svc.call("POST", "/webhook/home", dict(body, LastPlayedDate="0001-01-01T00:00:00+01:00"))[0] == 202
+    assert (
+        c.svc.call("POST", "/webhook/home", dict(body, LastPlayedDate="0001-01-01T00:00:00+01:00"))[
+            0
+        ]
+        == 202
+    )
     eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="the played mark")
     c.settle()
     assert c.svc.call("GET", "/api/events/failed")[1] == []
@@ -2601,7 +3109,9 @@ def test_template_bodies_with_dashed_ids_and_true_false_work(cluster):
     body["UserId"] = str(uuid.UUID(uid)).upper()
     body["Played"] = "True"
     body["Favorite"] = "False"
-    status, _ = c.svc.call("POST", "/webhook/home", json.dumps(body), {"Content-Type": "application/json"})
+    status, _ = c.svc.call(
+        "POST", "/webhook/home", json.dumps(body), {"Content-Type": "application/json"}
+    )
     assert status == 202
     eventually(lambda: parents.ud("bob", "Dune")["Played"], what="a template-style body to sync")
 
@@ -2616,57 +3126,103 @@ def test_the_webhook_plugin_is_set_up_for_the_user(cluster):
     public.plugin_installed = False
     svc = c.svc
     status, answer = svc.call(
-        "POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
+        "POST",
+        "/api/servers/home/setup-webhook",
+        {"public_url": svc.url},
+        {"Content-Type": "application/json"},
     )
     assert status == 200 and answer["result"] == "added", answer
-    ours = next(d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync")
-    assert ours["WebhookUri"] == f"{svc.url}/webhook/home" and ours["SendAllProperties"] and ours["EnableWebhook"]
-    assert {"UserDataSaved", "PlaybackStop", "ItemAdded", "UserCreated"} <= set(ours["NotificationTypes"])
+    ours = next(
+        d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync"
+    )
+    assert (
+        ours["WebhookUri"] == f"{svc.url}/webhook/home"
+        and ours["SendAllProperties"]
+        and ours["EnableWebhook"]
+    )
+    assert {"UserDataSaved", "PlaybackStop", "ItemAdded", "UserCreated"} <= set(
+        ours["NotificationTypes"]
+    )
     assert (
         ours["EnableMovies"]
         and ours["EnableEpisodes"]
         and ours["Headers"] == [{"Key": "X-Webhook-Token", "Value": token}]
     )
-    assert {"WebhookName": "home-assistant", "WebhookUri": "http://ha.local/hook", "Headers": []} in home.plugin_config[
-        "GenericOptions"
-    ], "another destination is left as it was"
+    assert {
+        "WebhookName": "home-assistant",
+        "WebhookUri": "http://ha.local/hook",
+        "Headers": [],
+    } in home.plugin_config["GenericOptions"], "another destination is left as it was"
     # Idempotent: a second time changes nothing and writes nothing.
     saves = home.plugin_saves
     assert (
         svc.call(
-            "POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
+            "POST",
+            "/api/servers/home/setup-webhook",
+            {"public_url": svc.url},
+            {"Content-Type": "application/json"},
         )[1]["result"]
         == "unchanged"
     )
     assert home.plugin_saves == saves and len(home.plugin_config["GenericOptions"]) == 2
     # Not installed: said, with what to do.
     status, answer = svc.call(
-        "POST", "/api/servers/public/setup-webhook", {"public_url": svc.url}, {"Content-Type": "application/json"}
+        "POST",
+        "/api/servers/public/setup-webhook",
+        {"public_url": svc.url},
+        {"Content-Type": "application/json"},
     )
     assert status == 502 and "not installed" in answer["message"] and "Catalog" in answer["message"]
     # The command line does every server (public still lacks the plugin: exit 1, the others ✓);
     # a destination of ours from before (an old address, switched off) is updated in place.
-    old = {"WebhookName": "jellyfin-db-sync", "WebhookUri": "http://old:8080/webhook/parents", "EnableWebhook": False}
+    old = {
+        "WebhookName": "jellyfin-db-sync",
+        "WebhookUri": "http://old:8080/webhook/parents",
+        "EnableWebhook": False,
+    }
     parents.plugin_config["GenericOptions"].append(old)
     res = run_cli("--config", str(c.config_path), "--setup-webhooks", svc.url)
-    assert res.returncode == 1 and "✓ parents: Webhook plugin destination updated" in res.stdout, res.stdout
+    assert res.returncode == 1 and "✓ parents: Webhook plugin destination updated" in res.stdout, (
+        res.stdout
+    )
     assert "✗ public" in res.stdout and "✓ home: the Webhook plugin already posts" in res.stdout
-    mine = [d for d in parents.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync"]
-    assert len(mine) == 1 and mine[0]["WebhookUri"] == f"{svc.url}/webhook/parents" and mine[0]["EnableWebhook"]
+    mine = [
+        d for d in parents.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync"
+    ]
+    assert (
+        len(mine) == 1
+        and mine[0]["WebhookUri"] == f"{svc.url}/webhook/parents"
+        and mine[0]["EnableWebhook"]
+    )
     # And now the plugin's own webhooks arrive and sync, with nothing set up by hand.
     home.user_marks("alice", "Heat", True)
-    eventually(lambda: parents.ud("alice", "Heat")["Played"], what="a sync through the set-up webhook")
-    assert next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "home")["last_webhook_at"]
+    eventually(
+        lambda: parents.ud("alice", "Heat")["Played"], what="a sync through the set-up webhook"
+    )
+    assert next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "home")[
+        "last_webhook_at"
+    ]
 
 
 def test_refused_webhooks_are_counted_per_server_with_a_hint(cluster):
     svc = cluster().svc
-    svc.call("POST", "/webhook/home", b'{"NotificationType": "UserDataSaved", "Name": {{Name}}, "Played": True}')
+    svc.call(
+        "POST",
+        "/webhook/home",
+        b'{"NotificationType": "UserDataSaved", "Name": {{Name}}, "Played": True}',
+    )
     home = next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "home")
     refused = home["rejected_webhooks"]
-    assert refused["count"] == 1 and "JSON" in refused["last_reason"] and "Send All Properties" in refused["hint"]
     assert (
-        next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "parents")["rejected_webhooks"]["count"] == 0
+        refused["count"] == 1
+        and "JSON" in refused["last_reason"]
+        and "Send All Properties" in refused["hint"]
+    )
+    assert (
+        next(s for s in svc.call("GET", "/api/servers")[1] if s["name"] == "parents")[
+            "rejected_webhooks"
+        ]["count"]
+        == 0
     )
 
 
@@ -2695,7 +3251,9 @@ def test_webhook_token_in_header_bearer_or_query(tmp_path, fake_servers):
             assert svc.call("POST", path, body, headers)[0] == 202, (headers, path)
         assert rows() == 3
         status = svc.call("GET", "/api/status")[1]
-        assert not any("webhook_token" in w for w in status["warnings"]) and "s3cret-token" not in json.dumps(status)
+        assert not any(
+            "webhook_token" in w for w in status["warnings"]
+        ) and "s3cret-token" not in json.dumps(status)
     finally:
         svc.stop()
     # A server with a token of its own: only that one opens its URL; the shared one still opens
@@ -2709,7 +3267,10 @@ def test_webhook_token_in_header_bearer_or_query(tmp_path, fake_servers):
             ("home-only-token", "/webhook/parents", 401),
             ("s3cret-token", "/webhook/parents", 202),
         ]:
-            assert svc.call("POST", path, body, {"X-Webhook-Token": token})[0] == expected, (token, path)
+            assert svc.call("POST", path, body, {"X-Webhook-Token": token})[0] == expected, (
+                token,
+                path,
+            )
         assert "home-only-token" not in json.dumps(svc.call("GET", "/api/status")[1])
         assert "home-only-token" not in json.dumps(jds.masked(svc.service.config))
     finally:
@@ -2724,31 +3285,55 @@ def test_webhook_token_in_header_bearer_or_query(tmp_path, fake_servers):
 def test_prometheus_scrapes_metrics_with_the_api_token_as_the_readme_and_chart_say(cluster):
     import yaml
 
-    c = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}, "api_token": TOKEN}})
+    c = cluster(
+        extra={
+            "server": {
+                "auth": {"username": "admin", "password": "correct horse"},
+                "api_token": TOKEN,
+            }
+        }
+    )
     readme = (HERE / "README.md").read_text()
     block = re.search(r"```yaml\n(scrape_configs:.*?)```", readme, re.S).group(1)
     job = yaml.safe_load(block)["scrape_configs"][0]
     assert job["authorization"]["type"] == "Bearer" and "api_token" in block
-    assert c.svc.call("GET", "/metrics")[0] == 401, "a plain scrape is refused once a sign-in is set"
-    status, text = c.svc.call("GET", "/metrics", headers={"Authorization": f"{job['authorization']['type']} {TOKEN}"})
+    assert c.svc.call("GET", "/metrics")[0] == 401, (
+        "a plain scrape is refused once a sign-in is set"
+    )
+    status, text = c.svc.call(
+        "GET", "/metrics", headers={"Authorization": f"{job['authorization']['type']} {TOKEN}"}
+    )
     assert status == 200 and f'jellyfin_db_sync_build_info{{version="{jds.__version__}"}} 1' in text
     monitor = (CHART / "templates" / "servicemonitor.yaml").read_text()
-    assert "type: Bearer" in monitor and "key: api-token" in monitor and ".Values.secrets.apiToken" in monitor
+    assert (
+        "type: Bearer" in monitor
+        and "key: api-token" in monitor
+        and ".Values.secrets.apiToken" in monitor
+    )
     assert "/metrics" in (HERE / "deploy" / "docker-compose.yaml").read_text()
 
 
 def test_dashboard_and_api_need_sign_in_and_refuse_cross_site_writes(cluster):
     import base64
 
-    c = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}, "api_token": TOKEN}})
+    c = cluster(
+        extra={
+            "server": {
+                "auth": {"username": "admin", "password": "correct horse"},
+                "api_token": TOKEN,
+            }
+        }
+    )
     svc = c.svc
     basic = {"Authorization": "Basic " + base64.b64encode(b"admin:correct horse").decode()}
     assert svc.call("GET", "/api/status")[0] == 401
     assert svc.call("GET", "/metrics")[0] == 401
     assert (
-        svc.call("GET", "/api/status", headers={"Authorization": "Basic " + base64.b64encode(b"admin:nope").decode()})[
-            0
-        ]
+        svc.call(
+            "GET",
+            "/api/status",
+            headers={"Authorization": "Basic " + base64.b64encode(b"admin:nope").decode()},
+        )[0]
         == 401
     )
     assert svc.call("GET", "/api/status", headers=basic)[0] == 200
@@ -2764,26 +3349,43 @@ def test_dashboard_and_api_need_sign_in_and_refuse_cross_site_writes(cluster):
     resp = conn.getresponse()
     resp.read()
     cookie = resp.getheader("Set-Cookie")
-    assert resp.status == 303 and "HttpOnly" in cookie and "SameSite=Strict" in cookie.replace("strict", "Strict")
+    assert (
+        resp.status == 303
+        and "HttpOnly" in cookie
+        and "SameSite=Strict" in cookie.replace("strict", "Strict")
+    )
     session = {"Cookie": cookie.split(";")[0]}
     assert svc.call("GET", "/api/status", headers=session)[0] == 200
     host = {"Host": f"127.0.0.1:{svc.port}"}
-    evil = svc.call("POST", "/api/events/1/retry", headers={**session, **host, "Origin": "http://evil.example"})
+    evil = svc.call(
+        "POST", "/api/events/1/retry", headers={**session, **host, "Origin": "http://evil.example"}
+    )
     assert evil[0] == 403 and "cross-site" in evil[1]["error"]
-    evil = svc.call("POST", "/api/events/1/retry", headers={**session, "Sec-Fetch-Site": "cross-site"})
+    evil = svc.call(
+        "POST", "/api/events/1/retry", headers={**session, "Sec-Fetch-Site": "cross-site"}
+    )
     assert evil[0] == 403
     same = svc.call(
         "POST",
         "/api/events/1/retry",
-        headers={**session, **host, "Origin": f"http://127.0.0.1:{svc.port}", "Sec-Fetch-Site": "same-origin"},
+        headers={
+            **session,
+            **host,
+            "Origin": f"http://127.0.0.1:{svc.port}",
+            "Sec-Fetch-Site": "same-origin",
+        },
     )
     assert same[0] == 404, "a same-site write passes the guard (and finds no such job)"
     assert svc.call("POST", "/api/events/1/retry")[0] == 401, "a write needs sign-in too"
-    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202, "webhooks stay open"
+    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202, (
+        "webhooks stay open"
+    )
     assert svc.call("POST", "/logout", headers=session)[0] == 200
     assert svc.call("GET", "/api/status", headers=session)[0] == 401
     status = svc.call("GET", "/api/status", headers=basic)[1]
-    assert "correct horse" not in json.dumps(status) and not any("server.auth" in w for w in status["warnings"])
+    assert "correct horse" not in json.dumps(status) and not any(
+        "server.auth" in w for w in status["warnings"]
+    )
 
 
 FORM = "application/x-www-form-urlencoded"
@@ -2794,7 +3396,9 @@ def test_a_restart_signs_nobody_out_and_a_sign_out_lasts(cluster):
 
     def sign_in() -> dict:
         conn = HTTPConnection("127.0.0.1", c.svc.port, timeout=5)
-        conn.request("POST", "/login", "username=admin&password=correct+horse", {"Content-Type": FORM})
+        conn.request(
+            "POST", "/login", "username=admin&password=correct+horse", {"Content-Type": FORM}
+        )
         resp = conn.getresponse()
         resp.read()
         conn.close()
@@ -2810,7 +3414,9 @@ def test_a_restart_signs_nobody_out_and_a_sign_out_lasts(cluster):
     assert c.svc.call("POST", "/logout", headers=session)[0] == 200
     c.svc.stop()
     c.start()
-    assert c.svc.call("GET", "/api/status", headers=session)[0] == 401, "signed out stays signed out"
+    assert c.svc.call("GET", "/api/status", headers=session)[0] == 401, (
+        "signed out stays signed out"
+    )
 
 
 def test_guessing_tokens_and_cross_site_tricks_are_refused(cluster, receiver):
@@ -2827,7 +3433,9 @@ def test_guessing_tokens_and_cross_site_tricks_are_refused(cluster, receiver):
     assert svc.call("POST", retry, headers={**token, "Origin": "null"})[0] == 403
     # Our public address, but over plain http: refused; over https: a same-site write.
     assert svc.call("POST", retry, headers={**token, "Origin": "http://sync.example.com"})[0] == 403
-    assert svc.call("POST", retry, headers={**token, "Origin": "https://sync.example.com"})[0] == 404
+    assert (
+        svc.call("POST", retry, headers={**token, "Origin": "https://sync.example.com"})[0] == 404
+    )
     # "Send test" once, then a pause: not a way to flood someone's phone.
     assert svc.call("POST", "/api/alerts/test", headers=token)[0] == 200
     status, said = svc.call("POST", "/api/alerts/test", headers=token)
@@ -2837,7 +3445,9 @@ def test_guessing_tokens_and_cross_site_tricks_are_refused(cluster, receiver):
     assert [svc.call("POST", retry, headers=wrong)[0] for _ in range(10)] == [403] * 10
     assert svc.call("POST", retry, headers=wrong)[0] == 429
     assert svc.call("POST", retry, headers=token)[0] == 429, "a guess during the wait tells nothing"
-    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202, "webhooks go on"
+    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"))[0] == 202, (
+        "webhooks go on"
+    )
 
 
 def test_what_a_hostile_run_found_gets_400_and_one_log_line(cluster, caplog):
@@ -2847,11 +3457,18 @@ def test_what_a_hostile_run_found_gets_400_and_one_log_line(cluster, caplog):
     form = {"Content-Type": FORM}
     # An Origin no URL parser reads: not our page.
     for origin in ("http://[::1", "http://[x]", "http://a:port/"):
-        assert svc.call("POST", "/login", "username=a&password=b", {**form, "Origin": origin})[0] == 403, origin
+        assert (
+            svc.call("POST", "/login", "username=a&password=b", {**form, "Origin": origin})[0]
+            == 403
+        ), origin
     # A header that is not UTF-8 (raw bytes through a socket: http.client would refuse them).
     for header in (b"Authorization: Bearer \xe9", b"Origin: \xe9", b"Sec-Fetch-Site: \xe9"):
         with socket.create_connection(("127.0.0.1", int(svc.port))) as s:
-            s.sendall(b"POST /api/reconcile HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n" + header + b"\r\n\r\n")
+            s.sendall(
+                b"POST /api/reconcile HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                + header
+                + b"\r\n\r\n"
+            )
             assert s.recv(100).startswith(b"HTTP/1.1 400"), header
     # A search of 50,000 characters (SQLite's LIKE refuses such a pattern).
     for path in ("/api/sync-log?item_name=", "/api/inspect?q=", "/api/dashboard?username="):
@@ -2897,7 +3514,9 @@ def malformed_bodies(n: int = 600) -> list[bytes]:
         b'{"NotificationType": 1}',
         b'{"NotificationType": ""}',
         b"[" * 5000 + b"]" * 5000,
-        json.dumps({"NotificationType": "UserDataSaved", "nest": json.loads("[" * 50 + "]" * 50)}).encode(),
+        json.dumps(
+            {"NotificationType": "UserDataSaved", "nest": json.loads("[" * 50 + "]" * 50)}
+        ).encode(),
     ]
     typed_keys = [
         "ItemId",
@@ -2917,24 +3536,42 @@ def malformed_bodies(n: int = 600) -> list[bytes]:
         body = copy.deepcopy(base)
         if kind == 0:  # a key the sync needs, with the wrong type or a garbage value
             key = rnd.choice(typed_keys)
-            body[key] = rnd.choice([v for v in junk_values if v not in ("", None)] + ["maybe", "zz" * 16])
-            if key in ("NotificationUsername",) and isinstance(body[key], str) and len(body[key]) < 1000:
+            body[key] = rnd.choice(
+                [v for v in junk_values if v not in ("", None)] + ["maybe", "zz" * 16]
+            )
+            if (
+                key in ("NotificationUsername",)
+                and isinstance(body[key], str)
+                and len(body[key]) < 1000
+            ):
                 body[key] = 12345
         elif kind == 1:  # a needed key missing
-            for key in rnd.sample(["ItemId", "UserId", "NotificationUsername", "NotificationType"], rnd.randint(1, 3)):
+            for key in rnd.sample(
+                ["ItemId", "UserId", "NotificationUsername", "NotificationType"], rnd.randint(1, 3)
+            ):
                 body.pop(key, None)
-            if "NotificationType" in body and all(k in body for k in ("ItemId", "UserId", "NotificationUsername")):
+            if "NotificationType" in body and all(
+                k in body for k in ("ItemId", "UserId", "NotificationUsername")
+            ):
                 body.pop("ItemId")
         elif kind == 2:  # truncated or corrupted JSON text
             text = json.dumps(body)
             cut = rnd.randrange(1, len(text) - 1)
-            bodies.append(text[:cut].encode() if rnd.random() < 0.5 else (text[:cut] + "\x07}" + text[cut:]).encode())
+            bodies.append(
+                text[:cut].encode()
+                if rnd.random() < 0.5
+                else (text[:cut] + "\x07}" + text[cut:]).encode()
+            )
             continue
         elif kind == 3:  # a huge string somewhere
             body[rnd.choice(["Name", "Overview", "ItemId"])] = "é" * rnd.choice([40_000, 70_000])
             body["ItemId"] = body["ItemId"] if len(body["ItemId"]) < 100 else body["ItemId"]
         else:  # not an object at all, or a deeply nested one
-            bodies.append(json.dumps(rnd.choice([[body], "s", 1.5, None, json.loads("[" * 30 + "]" * 30)])).encode())
+            bodies.append(
+                json.dumps(
+                    rnd.choice([[body], "s", 1.5, None, json.loads("[" * 30 + "]" * 30)])
+                ).encode()
+            )
             continue
         if harmless(body, base):
             continue  # still a valid event (Favorite true, Rating 3.5…): not garbage
@@ -2961,7 +3598,14 @@ def test_password_guessing_is_limited_per_address_and_never_holds_up_webhooks(cl
     import base64
 
     monkeypatch.setattr(jds, "SIGN_IN_WINDOW", 3.0)  # instead of 10 minutes
-    c = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}, "api_token": TOKEN}})
+    c = cluster(
+        extra={
+            "server": {
+                "auth": {"username": "admin", "password": "correct horse"},
+                "api_token": TOKEN,
+            }
+        }
+    )
     svc = c.svc
     form = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -3071,7 +3715,9 @@ def test_poison_webhooks_are_refused_and_syncing_goes_on(cluster):
     for field, body in poison_bodies():
         status, answer = svc.call("POST", "/webhook/home", body)
         assert status == 400 and answer["error"].startswith(field), (field, status, answer)
-    assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == before, "a refused body is never stored"
+    assert svc.store._rows("SELECT count(*) FROM inbox")[0][0] == before, (
+        "a refused body is never stored"
+    )
     # As a user would: mark something played right after; it reaches the others at once.
     c["home"].user_marks("alice", "Heat", True)
     eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="a sync after the poison")
@@ -3092,11 +3738,18 @@ def test_a_row_that_cannot_be_planned_fails_alone_and_can_be_retried_or_discarde
         svc.store.add_event("home", "UserDataSaved", "{not json")
         svc.store.add_event("home", "UserDataSaved", json.dumps(good))
     svc.service.syncer.wake_planner()
-    eventually(lambda: c["parents"].ud("alice", "Dune")["Played"], what="the good row behind two bad ones")
-    failed = eventually(
-        lambda: len(svc.call("GET", "/api/events/failed")[1]) == 2 and svc.call("GET", "/api/events/failed")[1]
+    eventually(
+        lambda: c["parents"].ud("alice", "Dune")["Played"], what="the good row behind two bad ones"
     )
-    assert {f["field"] for f in failed} == {"event"} and {f["source_server"] for f in failed} == {"home"}
+    failed = eventually(
+        lambda: (
+            len(svc.call("GET", "/api/events/failed")[1]) == 2
+            and svc.call("GET", "/api/events/failed")[1]
+        )
+    )
+    assert {f["field"] for f in failed} == {"event"} and {f["source_server"] for f in failed} == {
+        "home"
+    }
     assert any("JSON" in f["last_error"] or "Expecting" in f["last_error"] for f in failed)
     assert any("dict" in f["last_error"] for f in failed)
     assert svc.store.count_unplanned() == 0
@@ -3106,7 +3759,11 @@ def test_a_row_that_cannot_be_planned_fails_alone_and_can_be_retried_or_discarde
     # discard drops it.
     first = min(f["id"] for f in failed)
     assert svc.call("POST", f"/api/events/{first}/retry")[0] == 200
-    eventually(lambda: len(svc.call("GET", "/api/events/failed")[1]) == 2 and svc.store.count_unplanned() == 0)
+    eventually(
+        lambda: (
+            len(svc.call("GET", "/api/events/failed")[1]) == 2 and svc.store.count_unplanned() == 0
+        )
+    )
     for f in svc.call("GET", "/api/events/failed")[1]:
         assert svc.call("POST", f"/api/events/{f['id']}/discard")[0] == 200
     assert svc.call("GET", "/api/events/failed")[1] == []
@@ -3115,7 +3772,9 @@ def test_a_row_that_cannot_be_planned_fails_alone_and_can_be_retried_or_discarde
 
 
 @pytest.mark.slow
-def test_a_stuck_planner_or_a_dead_thread_shows_in_readyz_and_metrics_and_is_restarted(cluster, monkeypatch, caplog):
+def test_a_stuck_planner_or_a_dead_thread_shows_in_readyz_and_metrics_and_is_restarted(
+    cluster, monkeypatch, caplog
+):
     monkeypatch.setattr(jds, "READY_CACHE_SECONDS", 0.0)
     monkeypatch.setattr(jds, "STUCK_SECONDS", 0.5)
     c = cluster()
@@ -3128,23 +3787,43 @@ def test_a_stuck_planner_or_a_dead_thread_shows_in_readyz_and_metrics_and_is_res
     monkeypatch.setattr(syncer, "plan_pending", dies)
     syncer.wake_planner()
     assert (
-        svc.call("POST", "/webhook/home", c["home"].played_payload(c["home"].user("bob"), c["home"].item("Heat")))[0]
+        svc.call(
+            "POST",
+            "/webhook/home",
+            c["home"].played_payload(c["home"].user("bob"), c["home"].item("Heat")),
+        )[0]
         == 202
     )
-    status, ready = eventually(lambda: (r := svc.call("GET", "/readyz"))[0] == 503 and r, 5, what="readyz 503")
+    status, ready = eventually(
+        lambda: (r := svc.call("GET", "/readyz"))[0] == 503 and r, 5, what="readyz 503"
+    )
     text = json.dumps(ready)
     assert "planner" in text or "stuck" in text, ready
-    eventually(lambda: "stuck" in json.dumps(svc.call("GET", "/readyz")[1]), 5, what="the stuck reason")
+    eventually(
+        lambda: "stuck" in json.dumps(svc.call("GET", "/readyz")[1]), 5, what="the stuck reason"
+    )
     assert any(p.startswith("stuck") for p in svc.call("GET", "/api/status")[1]["problems"])
     metrics = svc.call("GET", "/metrics")[1]
-    age = float(re.search(r"^jellyfin_db_sync_inbox_oldest_unplanned_age_seconds (\S+)$", metrics, re.M).group(1))
+    age = float(
+        re.search(
+            r"^jellyfin_db_sync_inbox_oldest_unplanned_age_seconds (\S+)$", metrics, re.M
+        ).group(1)
+    )
     assert age > 0.5
     # The supervisor looks every SUPERVISE_SECONDS: on a busy machine "stuck" can show first.
     restarts = r'thread_restarts_total\{thread="planner"\} [1-9]'
-    eventually(lambda: re.search(restarts, svc.call("GET", "/metrics")[1]), 5, what="the planner restarted")
+    eventually(
+        lambda: re.search(restarts, svc.call("GET", "/metrics")[1]), 5, what="the planner restarted"
+    )
     assert "thread planner had stopped: restarted" in caplog.text
-    monkeypatch.setattr(syncer, "plan_pending", real)  # the bug is fixed; the next restart plans again
-    eventually(lambda: c["parents"].ud("bob", "Heat")["Played"], 70, what="the change once the planner is back")
+    monkeypatch.setattr(
+        syncer, "plan_pending", real
+    )  # the bug is fixed; the next restart plans again
+    eventually(
+        lambda: c["parents"].ud("bob", "Heat")["Played"],
+        70,
+        what="the change once the planner is back",
+    )
     eventually(lambda: svc.call("GET", "/readyz")[0] == 200, 5, what="ready again")
 
 
@@ -3164,12 +3843,18 @@ def test_a_planner_that_keeps_failing_is_not_ready_at_once_and_says_why(cluster,
     assert len(problems) == 1 and problems[0].startswith("webhooks cannot be planned:"), problems
     assert "no such index: jobs_removal" in problems[0]
     monkeypatch.setattr(syncer, "plan_pending", real)
-    eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], 30, what="the change once planning works")
+    eventually(
+        lambda: c["parents"].ud("alice", "Heat")["Played"],
+        30,
+        what="the change once planning works",
+    )
     eventually(lambda: svc.call("GET", "/readyz")[0] == 200, 5, what="ready again")
     assert svc.call("GET", "/api/status")[1]["problems"] == []
 
 
-def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(tmp_path, fake_servers):
+def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(
+    tmp_path, fake_servers
+):
     """A full disk, as the service meets it: a file-size limit on its process (as a nearly full
     volume would), so the database cannot grow; then room again, without a restart."""
     import resource
@@ -3190,15 +3875,23 @@ def test_readyz_fails_while_webhooks_cannot_be_stored_and_recovers_by_itself(tmp
     body = home.played_payload(home.user("alice"), home.item("Heat"))
     answers = []
     for i in range(4000):
-        body["Provider_Note"] = f"{i:05}" + "x" * 8000  # distinct webhooks, each needing room of its own
+        body["Provider_Note"] = (
+            f"{i:05}" + "x" * 8000
+        )  # distinct webhooks, each needing room of its own
         answers.append(svc.call("POST", "/webhook/home", body)[0])
         if answers[-1] == 503:
             break
     assert answers[-1] == 503 and set(answers[:-1]) == {202}, answers[-3:]
-    status, ready = eventually(lambda: (r := svc.call("GET", "/readyz"))[0] == 503 and r, 10, what="not ready")
+    status, ready = eventually(
+        lambda: (r := svc.call("GET", "/readyz"))[0] == 503 and r, 10, what="not ready"
+    )
     assert "webhooks cannot be stored" in json.dumps(ready), ready
-    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    eventually(lambda: svc.call("GET", "/readyz")[0] == 200, 10, what="ready again without a webhook")
+    resource.prlimit(
+        proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    )
+    eventually(
+        lambda: svc.call("GET", "/readyz")[0] == 200, 10, what="ready again without a webhook"
+    )
     assert svc.call("POST", "/webhook/home", body)[0] == 202
     shut_down(proc, [])
 
@@ -3209,7 +3902,9 @@ def test_one_host_holding_over_a_thousand_connections_cannot_keep_webhooks_out(c
     held = []
     per_client = svc.server.socket.limit  # half the connections the service takes: 1,024
     try:
-        for i in range(per_client + 50):  # from 127.0.0.2: another host, as far as the service can tell
+        for i in range(
+            per_client + 50
+        ):  # from 127.0.0.2: another host, as far as the service can tell
             s = socket.socket()
             s.bind(("127.0.0.2", 0))
             s.connect(("127.0.0.1", int(svc.port)))
@@ -3221,9 +3916,13 @@ def test_one_host_holding_over_a_thousand_connections_cannot_keep_webhooks_out(c
             for s in held[1::2]:
                 with contextlib.suppress(OSError):
                     s.send(b"O")
-            body = home.played_payload(home.user("alice"), home.item("Heat"), UtcTimestamp=iso(time.time() + round_))
+            body = home.played_payload(
+                home.user("alice"), home.item("Heat"), UtcTimestamp=iso(time.time() + round_)
+            )
             assert svc.call("POST", "/webhook/home", body)[0] == 202  # within the call's 10 s
-        eventually(lambda: "connections from 127.0.0.2 refused" in caplog.text, what="the refusal said")
+        eventually(
+            lambda: "connections from 127.0.0.2 refused" in caplog.text, what="the refusal said"
+        )
         assert caplog.text.count("connections from 127.0.0.2 refused") == 1, "once a minute at most"
         eventually(lambda: c["parents"].ud("alice", "Heat")["Played"], what="the webhook's change")
     finally:
@@ -3239,16 +3938,26 @@ def test_readyz_is_cheap_and_bounded_while_the_database_is_locked(cluster, monke
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         # Past the last cached answer: one bounded check (0.5 s at most)…
-        eventually(lambda: c.svc.call("GET", "/readyz")[0] == 503, jds.READY_CACHE_SECONDS + 3, what="the check")
+        eventually(
+            lambda: c.svc.call("GET", "/readyz")[0] == 503,
+            jds.READY_CACHE_SECONDS + 3,
+            what="the check",
+        )
         with ThreadPoolExecutor(8) as pool:  # …that the others are answered from
-            answers = list(pool.map(lambda _: c.svc.call("GET", "/readyz"), range(8)))  # 10 s client timeout
+            answers = list(
+                pool.map(lambda _: c.svc.call("GET", "/readyz"), range(8))
+            )  # 10 s client timeout
         assert all(status == 503 for status, _ in answers), answers
         assert any("database" in json.dumps(body) for _, body in answers)
         assert c.svc.call("GET", "/healthz")[0] == 200
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    eventually(lambda: c.svc.call("GET", "/readyz")[0] == 200, jds.READY_CACHE_SECONDS + 3, what="ready again")
+    eventually(
+        lambda: c.svc.call("GET", "/readyz")[0] == 200,
+        jds.READY_CACHE_SECONDS + 3,
+        what="ready again",
+    )
 
 
 @pytest.mark.slow
@@ -3282,9 +3991,16 @@ def test_dns_rebinding_names_are_refused_without_sign_in(cluster):
     ):
         assert svc.call("GET", "/api/status", headers={"Host": host})[0] == 200, host
     # Webhooks are not refused for their Host: the token guards them (a page can post to an IP).
-    assert svc.call("POST", "/webhook/home", fixture("UserDataSaved-played.json"), {"Host": "evil.example"})[0] == 202
+    assert (
+        svc.call(
+            "POST", "/webhook/home", fixture("UserDataSaved-played.json"), {"Host": "evil.example"}
+        )[0]
+        == 202
+    )
     signed = cluster(extra={"server": {"auth": {"username": "admin", "password": "correct horse"}}})
-    assert signed.svc.call("GET", "/api/status", headers={"Host": "evil.example"})[0] == 401  # signing in guards it
+    assert (
+        signed.svc.call("GET", "/api/status", headers={"Host": "evil.example"})[0] == 401
+    )  # signing in guards it
 
 
 def test_behind_a_reverse_proxy_the_dashboard_works_and_the_cookie_is_secure(cluster):
@@ -3307,9 +4023,13 @@ def test_behind_a_reverse_proxy_the_dashboard_works_and_the_cookie_is_secure(clu
         conn.close()
         return resp.status, resp.getheader("Set-Cookie") or ""
 
-    status, cookie = sign_in({"Origin": "https://sync.example.com"})  # Host stays the proxy's upstream
+    status, cookie = sign_in(
+        {"Origin": "https://sync.example.com"}
+    )  # Host stays the proxy's upstream
     assert status == 303 and "Secure" in cookie and "HttpOnly" in cookie
-    assert sign_in({"Sec-Fetch-Site": "same-origin", "Origin": "https://other-name.example"})[0] == 303
+    assert (
+        sign_in({"Sec-Fetch-Site": "same-origin", "Origin": "https://other-name.example"})[0] == 303
+    )
     assert sign_in({"Referer": "https://sync.example.com/login"})[0] == 303
     assert sign_in({"Referer": "https://evil.example/page"})[0] == 403
     assert sign_in({"Sec-Fetch-Site": "cross-site", "Origin": "https://sync.example.com"})[0] == 403
@@ -3337,14 +4057,22 @@ def test_security_headers_on_pages_api_errors_and_webhooks(cluster):
         conn.close()
         assert "frame-ancestors 'none'" in resp.getheader("Content-Security-Policy", ""), path
         assert "script-src 'self'" in resp.getheader("Content-Security-Policy", ""), path
-        assert resp.getheader("X-Frame-Options") == "DENY" and resp.getheader("X-Content-Type-Options") == "nosniff"
+        assert (
+            resp.getheader("X-Frame-Options") == "DENY"
+            and resp.getheader("X-Content-Type-Options") == "nosniff"
+        )
 
 
 def test_out_of_range_numbers_in_urls_are_4xx_not_500(cluster):
     c = cluster(extra={"server": {"api_token": TOKEN}})
     svc, huge = c.svc, "99999999999999999999999"
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    for path in ("/api/sync-log", "/api/events/failed", "/api/events/pending", "/api/events/waiting"):
+    for path in (
+        "/api/sync-log",
+        "/api/events/failed",
+        "/api/events/pending",
+        "/api/events/waiting",
+    ):
         assert svc.call("GET", f"{path}?offset={huge}", headers=bearer)[0] == 400, path
     assert svc.call("POST", f"/api/events/{huge}/retry", headers=bearer)[0] == 404
     assert svc.call("POST", f"/api/events/{huge}/discard", headers=bearer)[0] == 404
@@ -3360,7 +4088,9 @@ def test_names_from_outside_cannot_forge_log_lines(cluster, caplog):
     logging.getLogger("jellyfin_db_sync").addHandler(handler)
     try:
         home = c["home"]
-        forged = home.played_payload(home.user("alice"), home.item("Dune"), Name="Dune\nERROR forged line\x1b[31m")
+        forged = home.played_payload(
+            home.user("alice"), home.item("Dune"), Name="Dune\nERROR forged line\x1b[31m"
+        )
         assert c.svc.call("POST", "/webhook/home", forged)[0] == 202
         eventually(lambda: "✓ played" in out.getvalue(), what="the sync's log line")
     finally:
@@ -3419,7 +4149,11 @@ def test_damaged_newer_and_older_databases_are_handled(tmp_path, fake_servers):
     db = tmp_path / "sync.db"
     db.write_bytes(b"this is not a database" * 100)
     res = run_cli("--config", str(cfg))
-    assert res.returncode == 1 and "not a usable SQLite database" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 1
+        and "not a usable SQLite database" in res.stderr
+        and "Traceback" not in res.stderr
+    )
     db.unlink()
     store = jds.Store(str(db))
     store.set_meta("schema_version", "99")
@@ -3456,14 +4190,16 @@ CREATE INDEX idx_sync_log_success ON sync_log(success);
 CREATE TABLE pending_events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_type TEXT NOT NULL,
     source_server TEXT NOT NULL, target_server TEXT NOT NULL, username TEXT NOT NULL,
     user_id TEXT NOT NULL, item_id TEXT NOT NULL, item_name TEXT NOT NULL, item_path TEXT,
-    provider_imdb TEXT, provider_tmdb TEXT, provider_tvdb TEXT, event_data TEXT NOT NULL DEFAULT '{}',
+    provider_imdb TEXT, provider_tmdb TEXT, provider_tvdb TEXT, event_data TEXT NOT NULL DEFAULT
+    '{}',
     status TEXT NOT NULL DEFAULT 'pending', retry_count INTEGER NOT NULL DEFAULT 0,
     max_retries INTEGER NOT NULL DEFAULT 5, last_error TEXT,
     item_not_found_count INTEGER NOT NULL DEFAULT 0, item_not_found_max INTEGER NOT NULL DEFAULT 0,
     created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
     next_retry_at TIMESTAMP);
 CREATE INDEX idx_pending_events_status ON pending_events(status, next_retry_at);
-CREATE INDEX idx_pending_events_dedup ON pending_events(event_type, target_server, username, item_id, status);
+CREATE INDEX idx_pending_events_dedup ON pending_events(event_type, target_server, username,
+item_id, status);
 CREATE INDEX idx_pending_events_updated ON pending_events(status, updated_at);
 CREATE TABLE item_path_cache (id INTEGER PRIMARY KEY AUTOINCREMENT, server_name TEXT NOT NULL,
     item_path TEXT NOT NULL, item_id TEXT NOT NULL, item_name TEXT,
@@ -3490,12 +4226,14 @@ def older_database(path: Path, home: FakeJellyfin, owed: list[tuple] = OLDER_OWE
     uid = home.user("alice")
     for kind, target, item, data, status in owed:
         conn.execute(
-            "INSERT INTO pending_events (event_type, source_server, target_server, username, user_id, item_id,"
+            "INSERT INTO pending_events (event_type, source_server, target_server, username, "
+            "user_id, item_id,"
             " item_name, event_data, status) VALUES (?, 'home', ?, 'alice', ?, ?, ?, ?, ?)",
             (kind, target, uid, str(uuid.UUID(home.item(item))), item, json.dumps(data), status),
         )
     conn.execute(
-        "INSERT INTO sync_log (event_type, source_server, target_server, username, item_name, synced_value, success,"
+        "INSERT INTO sync_log (event_type, source_server, target_server, username, item_name, "
+        "synced_value, success,"
         " message) VALUES ('watched', 'home', 'parents', 'alice', 'Alien', 'True', 1, 'synced')"
     )
     conn.commit()
@@ -3511,14 +4249,21 @@ def test_the_older_programs_database_is_carried_over_once(cluster, caplog):
     parents, public = c["parents"], c["public"]
     eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="an owed played change")
     eventually(lambda: public.ud("Alice", "Dune")["IsFavorite"], what="an owed favourite")
-    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == 42 * 10**7, what="an owed position")
+    eventually(
+        lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == 42 * 10**7,
+        what="an owed position",
+    )
     assert not public.ud("Alice", "Heat")["Played"], "a finished change is not owed"
     backups = list(c.tmp.glob("sync.db.older-*.bak"))
     assert len(backups) == 1
     old = jds.sqlite3.connect(str(backups[0]))
-    assert old.execute("SELECT count(*) FROM pending_events").fetchone()[0] == 5, "the backup is the file as it was"
+    assert old.execute("SELECT count(*) FROM pending_events").fetchone()[0] == 5, (
+        "the backup is the file as it was"
+    )
     old.close()
-    assert "older jellyfin-db-sync" in caplog.text and "carried over 3 owed change(s)" in caplog.text
+    assert (
+        "older jellyfin-db-sync" in caplog.text and "carried over 3 owed change(s)" in caplog.text
+    )
     assert "audio_stream 1" in caplog.text
     log_entries = c.svc.call("GET", "/api/sync-log?result=ok&limit=500")[1]["entries"]
     assert any(e["item_name"] == "Alien" for e in log_entries), "the history came along"
@@ -3539,18 +4284,27 @@ def schema_of(path: Path) -> dict:
     conn = jds.sqlite3.connect(str(path))
     out = {}
     for type_, name, table in conn.execute(
-        "SELECT type, name, tbl_name FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite%'"
+        "SELECT type, name, tbl_name FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE "
+        "'sqlite%'"
     ):
         if type_ == "table":
-            rowid = conn.execute("SELECT wr FROM pragma_table_list WHERE name=?", (name,)).fetchone()[0]
-            out[name] = (type_, rowid, [tuple(r) for r in conn.execute(f"PRAGMA table_info({name})")])
+            rowid = conn.execute(
+                "SELECT wr FROM pragma_table_list WHERE name=?", (name,)
+            ).fetchone()[0]
+            out[name] = (
+                type_,
+                rowid,
+                [tuple(r) for r in conn.execute(f"PRAGMA table_info({name})")],
+            )
         else:
             out[name] = (type_, table, [r[2] for r in conn.execute(f"PRAGMA index_info({name})")])
     conn.close()
     return out
 
 
-@pytest.mark.parametrize("start", ["v1", "v2", "v3", "v4-older", "older program", "older program, nothing owed"])
+@pytest.mark.parametrize(
+    "start", ["v1", "v2", "v3", "v4-older", "older program", "older program, nothing owed"]
+)
 def test_every_starting_file_ends_with_a_new_files_schema(tmp_path, fake_servers, start):
     fresh = tmp_path / "fresh.db"
     jds.Store(str(fresh)).close()
@@ -3587,13 +4341,25 @@ def test_another_applications_database_is_looked_at_and_left_alone(tmp_path, fak
     conn.close()
     before = db.read_bytes()
     res = run_cli("--check-config", "--config", str(cfg))
-    assert res.returncode == 1 and "✗ database:" in res.stdout and "another application's tables" in res.stdout
+    assert (
+        res.returncode == 1
+        and "✗ database:" in res.stdout
+        and "another application's tables" in res.stdout
+    )
     res = run_cli("--config", str(cfg))
-    assert res.returncode == 1 and "another application's tables" in res.stderr and "Traceback" not in res.stderr
-    assert db.read_bytes() == before, "not a byte of its file changed (no tables of ours, no WAL mode)"
+    assert (
+        res.returncode == 1
+        and "another application's tables" in res.stderr
+        and "Traceback" not in res.stderr
+    )
+    assert db.read_bytes() == before, (
+        "not a byte of its file changed (no tables of ours, no WAL mode)"
+    )
 
 
-def test_switching_from_the_older_program_then_played_and_unplayed_changes_travel(tmp_path, fake_servers):
+def test_switching_from_the_older_program_then_played_and_unplayed_changes_travel(
+    tmp_path, fake_servers
+):
     """The user's path: the older program ran on its own example config and still owes changes
     (one of them a removal); our program starts on the same config and file; then a played and
     an unplayed change by webhook reach the other server, and nothing is stuck."""
@@ -3622,11 +4388,15 @@ def test_switching_from_the_older_program_then_played_and_unplayed_changes_trave
         f.webhook_url = f"http://127.0.0.1:{port}/webhook/{f.name}"
     # What the older program owed arrives, the removal included.
     eventually(lambda: parents.ud("alice", "Arrival")["Played"], 30, what="the owed played change")
-    eventually(lambda: not parents.ud("alice", "Heat")["Played"], 45, what="the owed unplayed change")
+    eventually(
+        lambda: not parents.ud("alice", "Heat")["Played"], 45, what="the owed unplayed change"
+    )
     home.user_marks("alice", "Dune", True)
     eventually(lambda: parents.ud("alice", "Dune")["Played"], 30, what="a played change by webhook")
     home.user_marks("alice", "Dune", False)
-    eventually(lambda: not parents.ud("alice", "Dune")["Played"], 45, what="an unplayed change by webhook")
+    eventually(
+        lambda: not parents.ud("alice", "Dune")["Played"], 45, what="an unplayed change by webhook"
+    )
     assert svc.call("GET", "/readyz")[0] == 200
     status = svc.call("GET", "/api/status")[1]
     assert status["problems"] == [] and status["migration"]["owed"] == 2
@@ -3635,7 +4405,9 @@ def test_switching_from_the_older_program_then_played_and_unplayed_changes_trave
     assert "no such index" not in text and "ERROR" not in text and "Traceback" not in text, text
     assert schema_of(tmp_path / "older.db") == schema_of(jds.Store(str(tmp_path / "fresh.db")).path)
     check = run_cli("--check-config", "--config", str(config))
-    assert check.returncode == 0 and f"✓ database: {tmp_path / 'older.db'} can be used" in check.stdout
+    assert (
+        check.returncode == 0 and f"✓ database: {tmp_path / 'older.db'} can be used" in check.stdout
+    )
 
 
 def key_paths(value: object, path: str = "") -> set[str]:
@@ -3662,7 +4434,9 @@ def test_the_older_programs_api_answers_with_every_key_it_had(cluster):
     home.add_item("Nope", "Movie", "/media/new/Nope.mkv")
     home.user_marks("bob", "Nope", True)  # waiting for its item
     public.writes_fail = True
-    home.user_favourites("alice", "Dune", True)  # public refuses writes: failed at once (max_retries 0)…
+    home.user_favourites(
+        "alice", "Dune", True
+    )  # public refuses writes: failed at once (max_retries 0)…
     eventually(lambda: c.svc.call("GET", "/api/events/failed")[1], what="a failed change")
     eventually(lambda: c.svc.call("GET", "/api/events/waiting")[1], what="a waiting change")
     public.writes_fail = False
@@ -3680,14 +4454,24 @@ def test_the_older_programs_api_answers_with_every_key_it_had(cluster):
     parents.delay = 0
     # Its words in its keys.
     failed = next(f for f in c.svc.call("GET", "/api/events/failed")[1] if f["field"] == "favorite")
-    assert failed["event_type"] == "favorite" and failed["status"] == "failed" and failed["state"] == "failed"
-    waiting = next(w for w in c.svc.call("GET", "/api/events/waiting")[1] if w["item_name"].startswith("Nope"))
+    assert (
+        failed["event_type"] == "favorite"
+        and failed["status"] == "failed"
+        and failed["state"] == "failed"
+    )
+    waiting = next(
+        w for w in c.svc.call("GET", "/api/events/waiting")[1] if w["item_name"].startswith("Nope")
+    )
     assert waiting["status"] == "waiting_for_item" and waiting["item_path"].endswith("nope.mkv")
     assert waiting["item_not_found_max"] == -1
     # Its sync-log filters work, and mean what they meant.
     log_ = lambda q: c.svc.call("GET", "/api/sync-log?" + q)[1]  # noqa: E731
-    assert log_("source_server=nosuch")["entries"] == [] and log_("source_server=nosuch")["total"] == 0
-    arrival = log_("source_server=home&target_server=parents&event_type=watched&item_name=arriv")["entries"]
+    assert (
+        log_("source_server=nosuch")["entries"] == [] and log_("source_server=nosuch")["total"] == 0
+    )
+    arrival = log_("source_server=home&target_server=parents&event_type=watched&item_name=arriv")[
+        "entries"
+    ]
     assert arrival and all(e["event_type"] == "watched" and e["success"] is True for e in arrival)
     assert log_("since_minutes=0.0001")["total"] <= log_("since_minutes=60")["total"]
     assert all(e["item_id"] == home.item("Arrival") for e in arrival)
@@ -3696,7 +4480,9 @@ def test_the_older_programs_api_answers_with_every_key_it_had(cluster):
     for server in c.svc.call("GET", "/api/servers")[1]:
         assert not any("subtitle track" in limit for limit in server["limits"]), server
     version = jds.ServerVersion("10.11.8", 10, 11)
-    assert any("subtitle track" in line for line in version.limits(jds.SyncConfig(audio_stream=True)))
+    assert any(
+        "subtitle track" in line for line in version.limits(jds.SyncConfig(audio_stream=True))
+    )
     assert version.limits(jds.SyncConfig()) == []
     # Its other URLs.
     assert c.svc.call("GET", "/webhook/queue")[1].keys() >= {"pending_events", "worker_running"}
@@ -3713,7 +4499,9 @@ def test_online_backup_and_retention(cluster):
     for name in ("sync.db", "sync.db-wal", "backup.db"):
         assert (c.tmp / name).stat().st_mode & 0o777 == 0o600, name
     again = run_cli("--config", str(c.config_path), "--backup", str(c.tmp / "backup.db"))
-    assert again.returncode == 1 and "exists already" in again.stderr, "a backup never overwrites a file"
+    assert again.returncode == 1 and "exists already" in again.stderr, (
+        "a backup never overwrites a file"
+    )
     copy_ = jds.sqlite3.connect(str(c.tmp / "backup.db"))
     assert copy_.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert copy_.execute("SELECT count(*) FROM sync_log WHERE result='ok'").fetchone()[0] >= 2
@@ -3725,7 +4513,10 @@ def test_online_backup_and_retention(cluster):
     store._conn().execute("UPDATE jobs SET status='failed' WHERE id = (SELECT min(id) FROM jobs)")
     assert store.prune_history(time.time() - 30 * 86400) > 0
     assert store._rows("SELECT count(*) FROM sync_log")[0][0] == 0
-    assert store._rows("SELECT status FROM jobs")[0][0] == "failed" and len(store._rows("SELECT id FROM jobs")) == 1
+    assert (
+        store._rows("SELECT status FROM jobs")[0][0] == "failed"
+        and len(store._rows("SELECT id FROM jobs")) == 1
+    )
 
 
 # ── Probes, status and secrets ───────────────────────────────────────────────
@@ -3754,7 +4545,11 @@ def test_probes_and_status_never_show_an_api_key(cluster, monkeypatch):
         assert status == 200, path
         texts.append(json.dumps(body))
     st = svc.call("GET", "/api/status")[1]
-    assert st["version"] == jds.__version__ and {s["name"] for s in st["servers"]} == {"home", "parents", "public"}
+    assert st["version"] == jds.__version__ and {s["name"] for s in st["servers"]} == {
+        "home",
+        "parents",
+        "public",
+    }
     assert st["sync_stats"]["successful"] >= 2
     log_entries = svc.call("GET", "/api/sync-log?target=parents")[1]["entries"]
     assert any(e["result"] == "ok" and e["new"] == "played" for e in log_entries)
@@ -3766,7 +4561,10 @@ def test_probes_and_status_never_show_an_api_key(cluster, monkeypatch):
     c.svc.service.syncer.check_server("parents")
     assert svc.call("GET", "/readyz") == (200, {"status": "ready"})
     st = svc.call("GET", "/api/status")[1]
-    assert st["status"] == "degraded" and not next(s for s in st["servers"] if s["name"] == "parents")["reachable"]
+    assert (
+        st["status"] == "degraded"
+        and not next(s for s in st["servers"] if s["name"] == "parents")["reachable"]
+    )
 
 
 def test_logs_name_changes_and_never_an_api_key(cluster, caplog):
@@ -3881,7 +4679,11 @@ def test_the_older_programs_configs_start_and_check_clean(tmp_path, fake_servers
     cfg = jds.load_config(path, {})
     assert cfg.warnings == () and cfg.sync.progress_debounce_seconds == 30
     # Its README's shorter example is a subset of the same keys.
-    short = "\n".join(line for line in path.read_text().splitlines() if "stream" not in line and "dry_run" not in line)
+    short = "\n".join(
+        line
+        for line in path.read_text().splitlines()
+        if "stream" not in line and "dry_run" not in line
+    )
     path.write_text(short)
     assert run_cli("--check-config", "--config", str(path)).returncode == 0
     port = jds.load_config(path, {}).port
@@ -3894,7 +4696,9 @@ def test_configs_the_older_program_accepted_are_accepted_with_the_same_meaning(t
     import yaml
 
     data = {
-        "servers": [{"name": "only", "url": "http://127.0.0.1:1", "api_key": "k", "passwordless": "true"}],
+        "servers": [
+            {"name": "only", "url": "http://127.0.0.1:1", "api_key": "k", "passwordless": "true"}
+        ],
         "server": {"port": "8080", "host": "0.0.0.0"},
         "sync": {"dry_run": "false", "max_retries": "7", "progress_debounce_seconds": "12.5"},
         "database": {"path": str(tmp_path / "x.db"), "journal_mode": "MEMORY"},
@@ -3920,7 +4724,9 @@ def test_configs_the_older_program_accepted_are_accepted_with_the_same_meaning(t
 def filled_example(tmp_path: Path) -> Path:
     """config.example.yaml with its placeholder API keys filled in, as a user would."""
     path = tmp_path / "example.yaml"
-    path.write_text((HERE / "config.example.yaml").read_text().replace("your-api-key-here", "0123456789abcdef"))
+    path.write_text(
+        (HERE / "config.example.yaml").read_text().replace("your-api-key-here", "0123456789abcdef")
+    )
     return path
 
 
@@ -3936,7 +4742,9 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path):
     for section in jds.SECTIONS:
         assert f"{section}:" in text
     for setting in jds.SETTINGS:
-        assert f"{setting.key.rsplit('.', 1)[1]}:" in text, f"config.example.yaml does not document {setting.key}"
+        assert f"{setting.key.rsplit('.', 1)[1]}:" in text, (
+            f"config.example.yaml does not document {setting.key}"
+        )
 
 
 def test_every_setting_is_declared_once_in_the_table():
@@ -3974,11 +4782,15 @@ def start_setup_mode(path: Path, port: int) -> tuple[subprocess.Popen, str]:
     """The service started with no configuration at ``path``, and the one-time setup code from
     its log, as a person would read it there."""
     proc = start_process(path, port, env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"})
-    found = eventually(lambda: re.search(r"setup code is (\S+)", process_log(proc)), what="the setup code")
+    found = eventually(
+        lambda: re.search(r"setup code is (\S+)", process_log(proc)), what="the setup code"
+    )
     return proc, found.group(1)
 
 
-def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_one(tmp_path, fake_servers):
+def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_one(
+    tmp_path, fake_servers
+):
     home, parents = fakes = fake_servers(("home", "10.11.8"), ("parents", "10.10.7"))
     for f in fakes:
         f.add_user("alice")
@@ -4003,7 +4815,10 @@ def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_o
         conn.request("GET", route)
         resp = conn.getresponse()
         resp.read()
-        assert resp.status == 200 and resp.getheader("Content-Type").startswith(kind), (route, resp.getheaders())
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith(kind), (
+            route,
+            resp.getheaders(),
+        )
     conn.close()
     status, ready = call("GET", "/readyz")
     assert status == 503 and ready["reasons"] == ["not configured"]
@@ -4030,7 +4845,9 @@ def test_without_a_configuration_it_stays_up_in_setup_mode_and_saves_a_working_o
     assert proc.returncode == 0
 
 
-def test_saving_from_setup_mode_keeps_the_file_and_what_the_page_does_not_show_and_starts_once(tmp_path, fake_servers):
+def test_saving_from_setup_mode_keeps_the_file_and_what_the_page_does_not_show_and_starts_once(
+    tmp_path, fake_servers
+):
     import yaml
 
     home, parents = fakes = fake_servers("home", "parents")
@@ -4056,12 +4873,20 @@ def test_saving_from_setup_mode_keeps_the_file_and_what_the_page_does_not_show_a
     servers = [{"name": f.name, "url": f.url, "api_key": f.api_key} for f in fakes]
     body = {"servers": servers, "webhook_token": "a-webhook-token-0123456789"}
     with ThreadPoolExecutor(4) as pool:  # four saves at once, as a double-clicking person makes
-        answers = list(pool.map(lambda _: svc.call("POST", "/api/setup/save", body, headers), range(4)))
+        answers = list(
+            pool.map(lambda _: svc.call("POST", "/api/setup/save", body, headers), range(4))
+        )
     assert sorted(a[0] for a in answers) == [200, 409, 409, 409], answers
     saved = yaml.safe_load(path.read_text())
-    assert saved["server"]["api_token"] == "an-api-token-0123456789" and saved["server"]["auth"]["username"] == "admin"
+    assert (
+        saved["server"]["api_token"] == "an-api-token-0123456789"
+        and saved["server"]["auth"]["username"] == "admin"
+    )
     assert saved["database"]["path"] == str(tmp_path / "kept" / "history.db")
-    assert saved["server"]["webhook_token"] == "a-webhook-token-0123456789" and saved["servers"] == servers
+    assert (
+        saved["server"]["webhook_token"] == "a-webhook-token-0123456789"
+        and saved["servers"] == servers
+    )
     (kept,) = tmp_path.glob("config.yaml.*.bak")
     assert kept.read_text() == original and kept.stat().st_mode & 0o777 == 0o600
     auth = {"Authorization": "Bearer an-api-token-0123456789"}
@@ -4079,14 +4904,25 @@ def test_a_dry_run_says_so_at_start_and_in_each_pass_and_the_icon_is_served(tmp_
     for f in fakes:
         f.add_user("alice")
     port = free_port()
-    proc = start_process(write_config(tmp_path, fakes, port=port), port, env={"JDS_DRY_RUN": "true"})
+    proc = start_process(
+        write_config(tmp_path, fakes, port=port), port, env={"JDS_DRY_RUN": "true"}
+    )
     svc = Running.of(port, TEST_API_TOKEN)  # the service is the process; a script's token
-    assert svc.call("POST", "/api/reconcile", {}, {"Sec-Fetch-Site": "same-origin"})[0] in (200, 202)
-    eventually(lambda: "reconcile (dry run: sync.dry_run" in process_log(proc), 20, what="the pass's line")
+    assert svc.call("POST", "/api/reconcile", {}, {"Sec-Fetch-Site": "same-origin"})[0] in (
+        200,
+        202,
+    )
+    eventually(
+        lambda: "reconcile (dry run: sync.dry_run" in process_log(proc), 20, what="the pass's line"
+    )
     conn = HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/favicon.ico")
     resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("Content-Type") == "image/svg+xml" and b"<svg" in resp.read()
+    assert (
+        resp.status == 200
+        and resp.getheader("Content-Type") == "image/svg+xml"
+        and b"<svg" in resp.read()
+    )
     conn.close()
     shut_down(proc, [])
     assert "dry run (sync.dry_run / JDS_DRY_RUN)" in process_log(proc)
@@ -4100,7 +4936,9 @@ def test_guessing_the_setup_code_makes_the_address_wait(tmp_path):
     assert [svc.call("POST", "/api/setup/test", {}, guess)[0] for _ in range(10)] == [403] * 10
     assert svc.call("POST", "/api/setup/test", {}, guess)[0] == 429
     right = {**guess, "X-Setup-Code": code}
-    assert svc.call("POST", "/api/setup/test", {}, right)[0] == 429, "a guess during the wait tells nothing"
+    assert svc.call("POST", "/api/setup/test", {}, right)[0] == 429, (
+        "a guess during the wait tells nothing"
+    )
     shut_down(proc, [])
     assert code not in process_log(proc).split("the setup code is")[-1].split("\n", 1)[1]
 
@@ -4121,10 +4959,18 @@ def test_signed_in_the_setup_page_adds_a_server_later_and_it_syncs_without_a_res
     conn.request("POST", "/login", "username=admin&password=correct+horse", {"Content-Type": FORM})
     resp = conn.getresponse()
     resp.read()
-    session = {"Cookie": resp.getheader("Set-Cookie").split(";")[0], "Sec-Fetch-Site": "same-origin"}
+    session = {
+        "Cookie": resp.getheader("Set-Cookie").split(";")[0],
+        "Sec-Fetch-Site": "same-origin",
+    }
     info = svc.call("GET", "/api/setup", headers=session)[1]
-    assert info["mode"] == "settings" and [s["name"] for s in info["servers"]] == ["home", "parents"]
-    assert home.api_key not in json.dumps(info) and info["set"]["auth"] is True, "no key ever reaches the page"
+    assert info["mode"] == "settings" and [s["name"] for s in info["servers"]] == [
+        "home",
+        "parents",
+    ]
+    assert home.api_key not in json.dumps(info) and info["set"]["auth"] is True, (
+        "no key ever reaches the page"
+    )
     json_session = {**session, "Content-Type": "application/json"}
     # The Test button, with the key left empty: the key that server has now.
     tested = svc.call("POST", "/api/setup/test", {"name": "home", "url": home.url}, json_session)[1]
@@ -4137,11 +4983,19 @@ def test_signed_in_the_setup_page_adds_a_server_later_and_it_syncs_without_a_res
         ]
     }
     empty = svc.call("POST", "/api/setup/save", {}, json_session)  # a save with no servers at all
-    assert empty[0] == 400 and "at least one server" in empty[1]["error"] and not list(c.tmp.glob("*.bak"))
+    assert (
+        empty[0] == 400
+        and "at least one server" in empty[1]["error"]
+        and not list(c.tmp.glob("*.bak"))
+    )
     saved = svc.call("POST", "/api/setup/save", body, json_session)
     assert saved[0] == 200 and "without a restart" in saved[1]["message"], saved
     written = yaml.safe_load(c.config_path.read_text())
-    assert [s.get("api_key") for s in written["servers"]] == [home.api_key, parents.api_key, public.api_key]
+    assert [s.get("api_key") for s in written["servers"]] == [
+        home.api_key,
+        parents.api_key,
+        public.api_key,
+    ]
     assert written["server"]["auth"]["username"] == "admin", "what the page does not show is kept"
     assert len(list(c.config_path.parent.glob("config.yaml.*.bak"))) == 1
     assert svc.service.config.server("public") is not None, "the service in use has the new server"
@@ -4174,14 +5028,25 @@ def test_environment_variables_configure_everything_a_template_needs(tmp_path):
         ("lan", "http://10.0.0.2:8096", "k1", True),
         ("wan", "https://jf.example.com", "key-two-from-a-docker-secret", False),
     ]
-    assert (cfg.port, cfg.webhook_token, cfg.log_level, cfg.cpu) == (9090, "shared-token-0123456789", "DEBUG", "any")
+    assert (cfg.port, cfg.webhook_token, cfg.log_level, cfg.cpu) == (
+        9090,
+        "shared-token-0123456789",
+        "DEBUG",
+        "any",
+    )
     assert (cfg.webhook_token_for("lan"), cfg.webhook_token_for("wan")) == (
         "shared-token-0123456789",
         "wan-token-0123456789",
     )
     # Merged over a file: the variable wins, the rest of the file stays.
-    cfg = jds.load_config(filled_example(tmp_path), {"JDS_SERVER_2_URL": "http://other:8096", "JDS_PORT": "8181"})
-    assert cfg.servers[1].url == "http://other:8096" and cfg.servers[1].name == "lan" and cfg.port == 8181
+    cfg = jds.load_config(
+        filled_example(tmp_path), {"JDS_SERVER_2_URL": "http://other:8096", "JDS_PORT": "8181"}
+    )
+    assert (
+        cfg.servers[1].url == "http://other:8096"
+        and cfg.servers[1].name == "lan"
+        and cfg.port == 8181
+    )
     assert "environment" in cfg.source
     with pytest.raises(jds.ConfigError, match="JDS_PORT"):
         jds.load_config(filled_example(tmp_path), {"JDS_PORT": "eighty"})
@@ -4236,16 +5101,28 @@ def test_dashboard_api_metrics_timeline_and_discard(cluster):
     text = resp.read().decode()
     assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
     assert re.search(
-        r'^jellyfin_db_sync_webhooks_received_total\{server="home",type="UserDataSaved"\} [1-9]', text, re.M
+        r'^jellyfin_db_sync_webhooks_received_total\{server="home",type="UserDataSaved"\} [1-9]',
+        text,
+        re.M,
     )
-    assert re.search(r'^jellyfin_db_sync_sync_results_total\{target="public",result="ok"\} [1-9]', text, re.M)
+    assert re.search(
+        r'^jellyfin_db_sync_sync_results_total\{target="public",result="ok"\} [1-9]', text, re.M
+    )
     assert re.search(r'^jellyfin_db_sync_server_up\{server="parents"\} 1$', text, re.M)
-    assert "# TYPE jellyfin_db_sync_jobs gauge" in text and "jellyfin_db_sync_oldest_job_age_seconds" in text
-    # How long changes took to reach "public": a Prometheus histogram, cumulative up to +Inf = count.
+    assert (
+        "# TYPE jellyfin_db_sync_jobs gauge" in text
+        and "jellyfin_db_sync_oldest_job_age_seconds" in text
+    )
+    # How long changes took to reach "public": a Prometheus histogram, cumulative up to +Inf =
+    # count.
     bucket = r'^jellyfin_db_sync_sync_delay_seconds_bucket\{target="public",le="([^"]+)"\} (\d+)$'
     buckets = re.findall(bucket, text, re.M)
     counts = [int(n) for _le, n in buckets]
-    count = int(re.search(r'^jellyfin_db_sync_sync_delay_seconds_count\{target="public"\} (\d+)$', text, re.M)[1])
+    count = int(
+        re.search(
+            r'^jellyfin_db_sync_sync_delay_seconds_count\{target="public"\} (\d+)$', text, re.M
+        )[1]
+    )
     assert [le for le, _n in buckets] == [*map(str, jds.DELAY_BUCKETS), "+Inf"]
     assert counts == sorted(counts) and counts[-1] == count >= 1
     assert counts[-2] == count, "a change within the hour"
@@ -4286,20 +5163,33 @@ def need_chromium() -> None:
 def test_the_inspector_says_why_an_item_is_not_synced_and_syncs_it(cluster):
     c = cluster()
     home, parents, public = c["home"], c["parents"], c["public"]
-    public.add_item("Dune", "Movie", "/other/mount/Dune.mkv", provider_ids={"Tmdb": "438631"})  # a second copy
-    home.add_item("Nope", "Movie", "/media/new/Nope.mkv", provider_ids={"Imdb": "tt10954984"})  # home's alone
+    public.add_item(
+        "Dune", "Movie", "/other/mount/Dune.mkv", provider_ids={"Tmdb": "438631"}
+    )  # a second copy
+    home.add_item(
+        "Nope", "Movie", "/media/new/Nope.mkv", provider_ids={"Imdb": "tt10954984"}
+    )  # home's alone
     for f in c.fakes:
         c.svc.service.library.refresh_index(f.name, full=True)
-    quietly(home, "alice", "Dune", Played=True, PlayCount=2, LastPlayedDate=iso())  # no webhook: not synced
+    quietly(
+        home, "alice", "Dune", Played=True, PlayCount=2, LastPlayedDate=iso()
+    )  # no webhook: not synced
     status, found = c.svc.call("GET", "/api/inspect?q=dune&person=Alice")
     assert status == 200 and found["item"]["name"] == "Dune" and found["person"] == "alice"
     by = {e["server"]: e for e in found["servers"]}
-    assert by["home"]["matched_by"] == "this item" and by["parents"]["matched_by"] == "same file (path)"
+    assert (
+        by["home"]["matched_by"] == "this item"
+        and by["parents"]["matched_by"] == "same file (path)"
+    )
     assert by["home"]["state"]["played"] and not by["parents"]["state"]["played"]
     assert "played" in found["different"] and "play_count" in found["different"]
-    # Its rows and their words come with the answer, from the field registry (no second copy in app.js).
+    # Its rows and their words come with the answer, from the field registry (no second copy in
+    # app.js).
     shown = {f["name"]: (f["label"], f["show"]) for f in found["fields"]}
-    assert shown["favorite"] == ("favourite", "yes/no") and shown["position"] == ("position", "ticks")
+    assert shown["favorite"] == ("favourite", "yes/no") and shown["position"] == (
+        "position",
+        "ticks",
+    )
     assert shown["likes"] == ("rating", "like")  # three states: the page says liked or disliked
     assert shown["last_played"] == ("last played", "date") and "user_create" not in shown
     status, nope = c.svc.call("GET", "/api/inspect?q=nope&person=alice")
@@ -4318,7 +5208,8 @@ def test_the_inspector_says_why_an_item_is_not_synced_and_syncs_it(cluster):
     )
     assert status == 200 and done["queued"] >= 2, done
     eventually(
-        lambda: parents.ud("alice", "Dune")["Played"] and public.ud("Alice", "Dune")["Played"], what="the item synced"
+        lambda: parents.ud("alice", "Dune")["Played"] and public.ud("Alice", "Dune")["Played"],
+        what="the item synced",
     )
     c.settle()
     after = c.svc.call("GET", "/api/inspect?q=dune&person=alice")[1]
@@ -4346,16 +5237,29 @@ def test_the_dashboard_needs_one_request_per_refresh(cluster):
     }
     assert d["status"]["version"] == jds.__version__ and d["timeline"]["minutes"] == 60
     # The charts: per minute over the last hour, per hour over the last 24 hours, by result.
-    assert (d["timeline"]["bucket"], d["hourly"]["bucket"], d["hourly"]["minutes"]) == (60, 3600, 1440)
-    assert sum(p["ok"] for p in d["hourly"]["points"]) == sum(p["ok"] for p in d["timeline"]["points"]) >= 2
+    assert (d["timeline"]["bucket"], d["hourly"]["bucket"], d["hourly"]["minutes"]) == (
+        60,
+        3600,
+        1440,
+    )
+    assert (
+        sum(p["ok"] for p in d["hourly"]["points"])
+        == sum(p["ok"] for p in d["timeline"]["points"])
+        >= 2
+    )
     assert d["log"]["limit"] == 5 and all("ali" in e["username"] for e in d["log"]["entries"])
     assert any(e["item_name"].startswith("Heat") for e in d["log"]["entries"])
     app = (HERE / "static" / "app.js").read_text()
-    assert app.count("api(`/api/dashboard") == 1 and "/api/status" not in app.split("async function refresh")[1]
+    assert (
+        app.count("api(`/api/dashboard") == 1
+        and "/api/status" not in app.split("async function refresh")[1]
+    )
     assert "visibilityState" in app, "a hidden tab asks for nothing"
 
 
-SIGN_IN = {"auth": {"username": "admin", "password": "correct horse"}}  # the dashboard changes things
+SIGN_IN = {
+    "auth": {"username": "admin", "password": "correct horse"}
+}  # the dashboard changes things
 
 
 def signed_in(c: Cluster) -> None:
@@ -4383,7 +5287,9 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
     home, parents = c["home"], c["parents"]
     for f in c.fakes:  # an episode, to be named the way people know it
         show = f.add_item("Lost", "Series", "/media/tv/Lost", provider_ids={"Tvdb": "73739"})
-        f.add_item("Pilot", "Episode", "/media/tv/Lost/S01E01.mkv", series_id=show, season=1, episode=1)
+        f.add_item(
+            "Pilot", "Episode", "/media/tv/Lost/S01E01.mkv", series_id=show, season=1, episode=1
+        )
         c.svc.service.library.refresh_index(f.name)
     # The README's screenshots are refreshed only when asked (REFRESH_DOCS=1).
     shots = HERE / "docs" if os.environ.get("REFRESH_DOCS") else tmp_path
@@ -4392,7 +5298,9 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         sign_in(page, c.svc.url)
-        expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
+        expect(page.get_by_role("article", name="server home")).to_contain_text(
+            "reachable", timeout=10000
+        )
         expect(page.locator("#feed-empty")).to_contain_text("No changes synced yet")
         # A change on one server shows up in the feed without a reload.
         home.user_marks("alice", "Arrival", True)
@@ -4405,7 +5313,9 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         parents.writes_fail = True
         home.user_favourites("bob", "Dune", True)
         row = (
-            page.locator("#problems tbody tr", has_text="Dune").filter(has_text="parents").filter(has_text="favourite")
+            page.locator("#problems tbody tr", has_text="Dune")
+            .filter(has_text="parents")
+            .filter(has_text="favourite")
         )
         expect(row.first).to_contain_text("HTTP 503", timeout=10000)
         expect(row).to_have_count(1)
@@ -4426,7 +5336,9 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         expect(page.locator("#rec-report")).to_contain_text("favourite 'Heat' (from home)")
         assert not parents.ud("bob", "Heat")["IsFavorite"]
         page.get_by_role("button", name="Run now").click()
-        eventually(lambda: parents.ud("bob", "Heat")["IsFavorite"], 15, what="the reconciled favourite")
+        eventually(
+            lambda: parents.ud("bob", "Heat")["IsFavorite"], 15, what="the reconciled favourite"
+        )
         expect(page.locator("#rec-report")).to_contain_text("Last run", timeout=10000)
         expect(page.locator("#rec-report")).to_contain_text("Last dry run")
         # "Why isn't this synced?": a difference no webhook reported, shown and then fixed.
@@ -4438,13 +5350,18 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         expect(page.locator("#inspection")).to_contain_text("same file (path)")
         page.once("dialog", lambda dialog: dialog.accept())
         page.get_by_role("button", name="Sync this item now").click()
-        eventually(lambda: parents.ud("alice", "Dune")["IsFavorite"], 15, what="the inspector's sync")
+        eventually(
+            lambda: parents.ud("alice", "Dune")["IsFavorite"], 15, what="the inspector's sync"
+        )
         c.settle()
         page.get_by_role("button", name="Look").click()
         expect(page.locator("#inspection")).to_contain_text("same file (path)", timeout=10000)
         expect(page.locator("#inspection tr.differs")).to_have_count(0, timeout=10000)
         # The charts have axes, bars stacked by result, and a legend.
-        assert page.locator("#chart rect.ok").count() >= 1 and page.locator("#chart-day rect.ok").count() >= 1
+        assert (
+            page.locator("#chart rect.ok").count() >= 1
+            and page.locator("#chart-day rect.ok").count() >= 1
+        )
         expect(page.locator("#chart-day")).to_contain_text("24 h ago")
         expect(page.locator(".legend")).to_contain_text("written")
         page.wait_for_timeout(2500)  # one more refresh, for a settled picture
@@ -4453,7 +5370,9 @@ def test_browser_dashboard_shows_syncs_live_and_retries_a_failed_job(cluster, tm
         phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
         sign_in(phone, c.svc.url)
         expect(phone.locator("#feed tbody")).to_contain_text("Arrival", timeout=10000)
-        assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, "no sideways scrolling"
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1, (
+            "no sideways scrolling"
+        )
         assert phone.evaluate(SPLIT_WORDS) == [], "on a phone too, no word is broken across lines"
         card = phone.locator("#feed tbody tr").first
         assert card.evaluate("tr => getComputedStyle(tr).display") == "block", "one card per change"
@@ -4468,7 +5387,11 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
 
     c = cluster(
         start=False,
-        extra={"server": SIGN_IN, "safety": {"brake_items": 20}, "alerts": {"urls": [f"{receiver.url}/hook"]}},
+        extra={
+            "server": SIGN_IN,
+            "safety": {"brake_items": 20},
+            "alerts": {"urls": [f"{receiver.url}/hook"]},
+        },
     )
     for f in c.fakes:
         f.add_library(60)
@@ -4491,7 +5414,9 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
         page.on("dialog", lambda dialog: dialog.accept())
         sign_in(page, c.svc.url)
         held_card = page.locator("#held article")
-        expect(held_card).to_contain_text("held: 60 changes from parents for alice: 60 unplayed", timeout=10000)
+        expect(held_card).to_contain_text(
+            "held: 60 changes from parents for alice: 60 unplayed", timeout=10000
+        )
         expect(held_card).to_contain_text("unplayed: Film")
         page.wait_for_timeout(300)
         page.locator("#held-section").screenshot(path=str(shots / "held-changes.png"))
@@ -4500,7 +5425,9 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
         row.get_by_role("button", name="Undo all").click()
         preview = page.locator("#undo-preview")
         expect(preview).to_contain_text("2 value(s) to put back", timeout=10000)
-        expect(preview.locator("article", has_text="public")).to_contain_text("favourite → not favourite")
+        expect(preview.locator("article", has_text="public")).to_contain_text(
+            "favourite → not favourite"
+        )
         page.wait_for_timeout(300)
         preview.screenshot(path=str(shots / "undo-preview.png"))
         assert c["public"].ud("bob", "Heat")["IsFavorite"], "a preview changes nothing"
@@ -4511,12 +5438,21 @@ def test_browser_held_changes_undo_preview_and_a_test_alert(cluster, receiver, t
         # Discard the held changes: parents is put back, nothing spread.
         held_card.get_by_role("button", name="Discard").click()
         expect(page.locator("#held-section")).to_be_hidden(timeout=10000)
-        eventually(lambda: all(c["parents"].ud("alice", n)["Played"] for n in names), 20, what="parents put back")
+        eventually(
+            lambda: all(c["parents"].ud("alice", n)["Played"] for n in names),
+            20,
+            what="parents put back",
+        )
         assert all(c["home"].ud("alice", n)["Played"] for n in names)
         page.get_by_role("button", name="Send test").click()
-        eventually(lambda: [b for b in receiver.bodies("/hook") if b["condition"] == "test"], what="the test alert")
+        eventually(
+            lambda: [b for b in receiver.bodies("/hook") if b["condition"] == "test"],
+            what="the test alert",
+        )
         expect(page.locator("#alerts")).to_contain_text("test alert", timeout=10000)
-        assert "/hook" not in page.locator("#alerts").inner_text(), "an alert URL is shown without its path"
+        assert "/hook" not in page.locator("#alerts").inner_text(), (
+            "an alert URL is shown without its path"
+        )
         browser.close()
 
 
@@ -4541,10 +5477,14 @@ def test_browser_setup_page_tests_a_server_and_saves(tmp_path, fake_servers):
             row.get_by_label("URL", exact=True).fill(fake.url)
             row.get_by_label("API key").fill(fake.api_key)
         rows.nth(0).get_by_role("button", name="Test").click()
-        expect(rows.nth(0).get_by_role("status")).to_contain_text("✓ home: Jellyfin 10.11.8", timeout=10000)
+        expect(rows.nth(0).get_by_role("status")).to_contain_text(
+            "✓ home: Jellyfin 10.11.8", timeout=10000
+        )
         page.screenshot(path=str(shots / "setup.png"), full_page=True)
         page.get_by_role("button", name="Save and start syncing").click()
-        expect(page.get_by_role("status").last).to_contain_text("syncing has started", timeout=10000)
+        expect(page.get_by_role("status").last).to_contain_text(
+            "syncing has started", timeout=10000
+        )
         # The page then opens the dashboard, served by the service now running.
         expect(page).to_have_title("jellyfin-db-sync", timeout=10000)
         expect(page.get_by_role("article", name="server home")).to_be_visible(timeout=10000)
@@ -4568,7 +5508,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def known_env_var(name: str) -> bool:
-    return name in jds.ENV_SETTINGS or bool(jds._SERVER_ENV.match(name)) or name in ("TZ", "CONFIG_PATH")
+    return (
+        name in jds.ENV_SETTINGS
+        or bool(jds._SERVER_ENV.match(name))
+        or name in ("TZ", "CONFIG_PATH")
+    )
 
 
 def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_path, fake_servers):
@@ -4580,7 +5524,8 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
     assert env["PUID"] == "1000" and env["PGID"] == "1000" and "USER" not in ins
     assert ins["EXPOSE"] == "8080" and json.loads(ins["VOLUME"]) == ["/config", "/data"]
     assert json.loads(ins["ENTRYPOINT"])[0] == "python"  # exec form: Python is PID 1, gets SIGTERM
-    # Run as a module: Python keeps a script's parse tree for as long as it runs (the README says why).
+    # Run as a module: Python keeps a script's parse tree for as long as it runs (the README says
+    # why).
     assert json.loads(ins["ENTRYPOINT"])[1:] == ["-m", "jellyfin_db_sync"]
     assert "PYTHONPATH=/app" in ins["ENV"]
     assert ("RUN", "python -m compileall -q jellyfin_db_sync.py") in dockerfile_instructions()
@@ -4595,7 +5540,9 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
     port = free_port()
     cfg = write_config(tmp_path, fakes, port=port)
     proc = start_process(cfg, port)
-    bare = {k: v for k, v in os.environ.items() if not k.startswith("JDS_")} | {"PYTHONPATH": str(HERE)}
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("JDS_")} | {
+        "PYTHONPATH": str(HERE)
+    }
     try:
         by_variable = subprocess.run(
             cmd,
@@ -4603,11 +5550,15 @@ def test_dockerfile_runs_unprivileged_with_volumes_and_a_stdlib_healthcheck(tmp_
             timeout=10,
             check=False,
         )
-        by_file = subprocess.run(cmd, env={**bare, "CONFIG_PATH": str(cfg)}, timeout=10, check=False)
+        by_file = subprocess.run(
+            cmd, env={**bare, "CONFIG_PATH": str(cfg)}, timeout=10, check=False
+        )
         assert (by_variable.returncode, by_file.returncode) == (0, 0)
     finally:
         shut_down(proc, fakes)
-    down = subprocess.run(cmd, env={**bare, "CONFIG_PATH": str(cfg)}, timeout=10, check=False, capture_output=True)
+    down = subprocess.run(
+        cmd, env={**bare, "CONFIG_PATH": str(cfg)}, timeout=10, check=False, capture_output=True
+    )
     assert down.returncode == 1
 
 
@@ -4661,7 +5612,9 @@ def test_the_deploy_files_the_readme_and_the_dockerfile_name_one_image_one_port_
     image = "ghcr.io/jellyfin-db-sync/jellyfin-db-sync"
     port = str(jds.SETTING["server.port"].default)
     unraid = ET.parse(HERE / "deploy" / "unraid-jellyfin-db-sync.xml").getroot()
-    compose = yaml.safe_load((HERE / "deploy" / "docker-compose.yaml").read_text())["services"]["jellyfin-db-sync"]
+    compose = yaml.safe_load((HERE / "deploy" / "docker-compose.yaml").read_text())["services"][
+        "jellyfin-db-sync"
+    ]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     readme, dockerfile = (HERE / "README.md").read_text(), (HERE / "Dockerfile").read_text()
     images = {
@@ -4699,12 +5652,17 @@ def test_helm_chart_uses_only_values_it_declares_and_variables_the_program_reads
     assert chart["apiVersion"] == "v2" and chart["name"] == "jellyfin-db-sync"
     assert chart["appVersion"] == jds.__version__
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    # The older chart's values are all there (docs/older-program.md), so its users' values files fit.
+    # The older chart's values are all there (docs/older-program.md), so its users' values files
+    # fit.
     older = (
-        "replicaCount image.repository image.tag image.pullPolicy imagePullSecrets nameOverride fullnameOverride "
-        "serviceAccount podAnnotations podLabels podSecurityContext securityContext service.type service.port "
-        "ingress resources livenessProbe readinessProbe autoscaling nodeSelector tolerations affinity persistence "
-        "extraVolumes extraVolumeMounts extraEnv extraEnvFrom config serviceMonitor podDisruptionBudget "
+        "replicaCount image.repository image.tag image.pullPolicy imagePullSecrets nameOverride "
+        "fullnameOverride "
+        "serviceAccount podAnnotations podLabels podSecurityContext securityContext service.type "
+        "service.port "
+        "ingress resources livenessProbe readinessProbe autoscaling nodeSelector tolerations "
+        "affinity persistence "
+        "extraVolumes extraVolumeMounts extraEnv extraEnvFrom config serviceMonitor "
+        "podDisruptionBudget "
         "initContainers sidecarContainers"
     ).split()
     templates = {p.name: p.read_text() for p in (CHART / "templates").iterdir()}
@@ -4722,14 +5680,19 @@ def test_helm_chart_uses_only_values_it_declares_and_variables_the_program_reads
     for path in set(re.findall(r"\.Values\.([A-Za-z0-9_.]+)", text)):
         lookup(path)
     # Non-root, read-only root filesystem, one writer, probes on /healthz and /readyz.
-    assert values["securityContext"]["readOnlyRootFilesystem"] is True and values["podSecurityContext"]["runAsNonRoot"]
+    assert (
+        values["securityContext"]["readOnlyRootFilesystem"] is True
+        and values["podSecurityContext"]["runAsNonRoot"]
+    )
     deployment = templates["deployment.yaml"]
     assert "replicas: 1" in deployment and "type: Recreate" in deployment
     assert values["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert values["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "replicaCount" in templates["NOTES.txt"] and "ignored" in templates["NOTES.txt"]
     # Every environment variable it sets is one the program reads.
-    names = re.findall(r"- name: ((?:JDS_|CONFIG_)(?:[A-Z0-9_]|\{\{[^}]*\}\})+)\s*$", deployment, re.M)
+    names = re.findall(
+        r"- name: ((?:JDS_|CONFIG_)(?:[A-Z0-9_]|\{\{[^}]*\}\})+)\s*$", deployment, re.M
+    )
     assert "JDS_SERVER_{{ add $i 1 }}_API_KEY_FILE" in names and "JDS_WEBHOOK_TOKEN_FILE" in names
     for name in names:
         concrete = re.sub(r"\{\{[^}]*\}\}", "1", name)
@@ -4776,11 +5739,19 @@ def shut_down(proc: subprocess.Popen, fakes: list[FakeJellyfin]) -> None:
 
 
 def start_process(
-    config_path: Path, port: int, program: list[str] | None = None, env: dict | None = None, preexec_fn=None
+    config_path: Path,
+    port: int,
+    program: list[str] | None = None,
+    env: dict | None = None,
+    preexec_fn=None,
 ) -> subprocess.Popen:
     """The service as a separate process (``program``: the interpreter and script to run), once
     it answers /healthz."""
-    program = program or [sys.executable, "-m", "jellyfin_db_sync"]  # as the README and the image run it
+    program = program or [
+        sys.executable,
+        "-m",
+        "jellyfin_db_sync",
+    ]  # as the README and the image run it
     # Its log goes to a file, as Docker's does: a pipe nobody reads fills up, and a service
     # blocked writing its log answers nothing (a benchmark once mistook that for a hang).
     log_file = Path(tempfile.mkstemp(prefix="jds-log-", suffix=".txt")[1])
@@ -4795,7 +5766,9 @@ def start_process(
             preexec_fn=preexec_fn,  # noqa: PLW1509 - sets a limit, nothing that could deadlock
         )
     proc.log_path = log_file  # type: ignore[attr-defined]
-    STARTED.append(proc)  # stopped by the stop_started_processes fixture, whatever the test's outcome
+    STARTED.append(
+        proc
+    )  # stopped by the stop_started_processes fixture, whatever the test's outcome
 
     def up():
         try:
@@ -4824,14 +5797,23 @@ def test_a_renamed_copy_runs_as_one_file_and_shows_as_itself_in_ps(tmp_path, fak
     script.write_bytes((HERE / "jellyfin_db_sync.py").read_bytes())
     python = [sys.executable, "-X", "utf8", str(script)]
     out = subprocess.run([*python, "--version"], check=False, capture_output=True, text=True)
-    assert (out.returncode, out.stdout.strip()) == (0, f"jellyfin-db-sync {jds.__version__}"), out.stderr
+    assert (out.returncode, out.stdout.strip()) == (0, f"jellyfin-db-sync {jds.__version__}"), (
+        out.stderr
+    )
     fakes = fake_servers("home", "parents")
     port = free_port()
     cfg = write_config(tmp_path, fakes, port=port)
     proc = start_process(cfg, port, python)
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[1:] == [b"-X", b"utf8", str(script).encode(), b"--config", str(cfg).encode(), b""], cmdline
+        assert cmdline[1:] == [
+            b"-X",
+            b"utf8",
+            str(script).encode(),
+            b"--config",
+            str(cfg).encode(),
+            b"",
+        ], cmdline
     finally:
         shut_down(proc, fakes)
     assert proc.returncode == 0
@@ -4859,7 +5841,9 @@ def test_the_service_keeps_to_one_cpu_unless_told_otherwise(tmp_path, fake_serve
         proc = start_process(cfg, port)
         try:
             for task in Path(f"/proc/{proc.pid}/task").iterdir():
-                cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", (task / "status").read_text()).group(1)
+                cpus = re.search(
+                    r"Cpus_allowed_list:\s*(\S+)", (task / "status").read_text()
+                ).group(1)
                 assert set(expand_cpu_list(cpus)) == expected, (setting, task.name, cpus)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -4875,7 +5859,9 @@ def expand_cpu_list(text: str) -> list[int]:
     return out
 
 
-def test_a_clean_start_says_where_to_point_the_plugin_and_prints_no_traceback(tmp_path, fake_servers):
+def test_a_clean_start_says_where_to_point_the_plugin_and_prints_no_traceback(
+    tmp_path, fake_servers
+):
     fakes = fake_servers("home", "parents")
     port = free_port()
     proc = start_process(write_config(tmp_path, fakes, port=port), port)
@@ -4888,7 +5874,9 @@ def test_a_clean_start_says_where_to_point_the_plugin_and_prints_no_traceback(tm
         assert f"http://127.0.0.1:{port}/webhook/{f.name}" in start, start
 
 
-def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(tmp_path, fake_servers, monkeypatch, capsys):
+def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(
+    tmp_path, fake_servers, monkeypatch, capsys
+):
     import yaml
 
     # The tests run as root, whom no permission stops: the kernel's answer for another user is
@@ -4896,7 +5884,9 @@ def test_an_unwritable_data_folder_is_named_with_the_user_and_the_fix(tmp_path, 
     locked = tmp_path / "data"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(jds.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(
+        jds.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+    )
     monkeypatch.setattr(jds.os, "getuid", lambda: 1000)
     monkeypatch.setattr(jds.os, "getgid", lambda: 1000)
     cfg = write_config(tmp_path, fake_servers("home", "parents"))
@@ -4939,9 +5929,20 @@ def test_puid_and_pgid_give_what_is_ours_to_that_user_and_run_as_it(fake_servers
             f"j.Store({str(database)!r}).close();"
             "print(os.getuid(), os.getgid(), oct(os.umask(0)))"
         )
-        env = {**os.environ, "PUID": "65534", "PGID": "65533", "UMASK": "027", "PYTHONPATH": str(HERE)}
+        env = {
+            **os.environ,
+            "PUID": "65534",
+            "PGID": "65533",
+            "UMASK": "027",
+            "PYTHONPATH": str(HERE),
+        }
         out = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=20, check=False
+            [sys.executable, "-c", probe],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
         )
         assert out.returncode == 0, out.stderr
         said, ids = out.stdout.strip().splitlines()
@@ -4950,11 +5951,18 @@ def test_puid_and_pgid_give_what_is_ours_to_that_user_and_run_as_it(fake_servers
         for path in (config_dir, cfg, database.parent, database):
             assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65533), path
         for path in (share, share / "photos", share / "photos" / "a.jpg", share / "notes.txt"):
-            assert (path.stat().st_uid, path.stat().st_gid) == (0, 0), f"{path} is not ours: left alone"
+            assert (path.stat().st_uid, path.stat().st_gid) == (0, 0), (
+                f"{path} is not ours: left alone"
+            )
         # Without PUID nothing changes (started with --user, or not in Docker at all).
         env.pop("PUID")
         out = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=20, check=False
+            [sys.executable, "-c", probe],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
         )
         assert out.stdout.splitlines()[0] == "None"
     finally:
@@ -4966,11 +5974,16 @@ def test_check_config_writes_nothing_and_variables_cannot_hurt(tmp_path):
     res = run_cli("--check-config", "--config", str(missing))
     assert res.returncode == 2 and "no configuration" in res.stderr and not missing.parent.exists()
     # An empty variable is "not set": it never erases what the file says.
-    cfg = jds.load_config(filled_example(tmp_path), {"JDS_WEBHOOK_TOKEN": "", "JDS_PORT": " ", "JDS_SERVER_1_URL": ""})
+    cfg = jds.load_config(
+        filled_example(tmp_path), {"JDS_WEBHOOK_TOKEN": "", "JDS_PORT": " ", "JDS_SERVER_1_URL": ""}
+    )
     assert cfg.port == 8080 and cfg.servers[0].url.startswith("https://")
-    # A misspelt variable is a warning naming the right one; a missing server field names its variable.
+    # A misspelt variable is a warning naming the right one; a missing server field names its
+    # variable.
     cfg = jds.load_config(filled_example(tmp_path), {"JDS_WEBHOK_TOKEN": "x" * 20})
-    assert any("JDS_WEBHOK_TOKEN" in w and "did you mean JDS_WEBHOOK_TOKEN?" in w for w in cfg.warnings)
+    assert any(
+        "JDS_WEBHOK_TOKEN" in w and "did you mean JDS_WEBHOOK_TOKEN?" in w for w in cfg.warnings
+    )
     env = {"JDS_SERVER_1_NAME": "a", "JDS_SERVER_1_URL": "http://a:1", "JDS_SERVER_1_API_KEY": ""}
     with pytest.raises(jds.ConfigError, match="JDS_SERVER_1_API_KEY"):
         jds.load_config(tmp_path / "absent.yaml", env)
@@ -5060,17 +6073,26 @@ def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers
     parents.go_away()
     home.user_favourites("alice", "Dune", True)  # reports the rating too: two jobs, one action
     home.user_marks("bob", "Heat", True)
-    eventually(lambda: c["public"].ud("bob", "Heat")["Played"], what="the server that is up is not delayed")
+    eventually(
+        lambda: c["public"].ud("bob", "Heat")["Played"], what="the server that is up is not delayed"
+    )
     waiting = eventually(
         lambda: (
-            (rows := problem_rows(c)[0]) and all(r["state"] == "unreachable" for r in rows) and len(rows) == 2 and rows
+            (rows := problem_rows(c)[0])
+            and all(r["state"] == "unreachable" for r in rows)
+            and len(rows) == 2
+            and rows
         ),
         what="both changes waiting for parents",
     )
     assert {r["item_name"] for r in waiting} == {"Dune", "Heat"}, waiting
     assert all(r["retry_count"] == 0 and r["target_server"] == "parents" for r in waiting)
     status = server_status(c, "parents")
-    assert status["healthy"] is False and status["reachable"] is False and "cannot connect" in status["error"]
+    assert (
+        status["healthy"] is False
+        and status["reachable"] is False
+        and "cannot connect" in status["error"]
+    )
     # Away far longer than all the retries would last: several health checks go by.
     away_since = time.time()
     health = c.svc.service.syncer.health["parents"]
@@ -5079,7 +6101,9 @@ def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers
     # Said where a person looks: once in the log (not at every check), and as an alert condition
     # on /api/alerts even with no alert destination configured.
     said = [r.getMessage() for r in caplog.records if "what is owed to it waits" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("parents: GET ") and "cannot connect" in said[0], said
+    assert len(said) == 1 and said[0].startswith("parents: GET ") and "cannot connect" in said[0], (
+        said
+    )
     active = c.svc.call("GET", "/api/alerts")[1]["active"]
     assert [a["condition"] for a in active] == ["unreachable:parents"], active
     parents.come_back()  # no "Run now", no Retry: it arrives by itself
@@ -5090,10 +6114,15 @@ def test_changes_owed_to_a_server_that_was_away_go_by_themselves_when_it_answers
     c.settle()
     assert problem_rows(c) == ([], [])
     assert server_status(c, "parents")["healthy"] is True
-    assert "parents: answers again" in caplog.text and c.svc.call("GET", "/api/alerts")[1]["active"] == []
+    assert (
+        "parents: answers again" in caplog.text
+        and c.svc.call("GET", "/api/alerts")[1]["active"] == []
+    )
 
 
-def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_the_rest(cluster, monkeypatch):
+def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_the_rest(
+    cluster, monkeypatch
+):
     monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)  # each check also looks at what failed
     c = cluster(max_retries=1)
     home, parents = c["home"], c["parents"]
@@ -5102,22 +6131,35 @@ def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_t
     home.user_favourites("alice", "Dune", True)
     home.user_marks("bob", "Heat", True)
     failed = eventually(
-        lambda: (rows := [r for r in problem_rows(c)[1] if r["state"] == "failed"]) and len(rows) == 2 and rows,
+        lambda: (
+            (rows := [r for r in problem_rows(c)[1] if r["state"] == "failed"])
+            and len(rows) == 2
+            and rows
+        ),
         what="two failed changes",
     )
-    assert sorted(f for r in failed for f in r["fields"]) == ["favorite", "played"], failed  # one row per action
+    assert sorted(f for r in failed for f in r["fields"]) == ["favorite", "played"], (
+        failed
+    )  # one row per action
     parents.writes_fail_items = {heat}
     reconcile(c)  # the pass writes alice's favourite; bob's Heat fails again
     assert parents.ud("alice", "Dune")["IsFavorite"] and not parents.ud("bob", "Heat")["Played"]
 
     def rows_by_item():
         rows = problem_rows(c)[1]
-        return {r["item_name"]: {x["state"] for x in rows if x["item_name"] == r["item_name"]} for r in rows}
+        return {
+            r["item_name"]: {x["state"] for x in rows if x["item_name"] == r["item_name"]}
+            for r in rows
+        }
 
-    eventually(lambda: rows_by_item().get("Dune") == {"resolved"}, what="the favourite shown resolved")
+    eventually(
+        lambda: rows_by_item().get("Dune") == {"resolved"}, what="the favourite shown resolved"
+    )
     assert rows_by_item()["Heat"] == {"failed"}  # the webhook's change, and the pass's
     still_failed = sum(len(r["ids"]) for r in problem_rows(c)[1] if r["state"] == "failed")
-    assert c.svc.call("GET", "/api/queue")[1]["failed_events"] == still_failed  # resolved is not failed
+    assert (
+        c.svc.call("GET", "/api/queue")[1]["failed_events"] == still_failed
+    )  # resolved is not failed
     parents.writes_fail_items = set()
     status, body = c.svc.call("POST", "/api/events/retry-all")
     assert status == 200 and body["retried"] >= 1, body
@@ -5128,14 +6170,18 @@ def test_a_failed_change_a_pass_made_true_shows_resolved_and_retry_all_retries_t
     assert home.ud("alice", "Dune")["IsFavorite"], "the failed write never spread back as a removal"
 
 
-def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(cluster, receiver, monkeypatch, caplog):
+def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(
+    cluster, receiver, monkeypatch, caplog
+):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
     caplog.set_level("WARNING", logger="jellyfin_db_sync")
     wrong = hexid()
     alerts = {"urls": [f"{receiver.url}/hook"]}
     c = cluster(start=False, extra={"servers": {"parents": {"api_key": wrong}}, "alerts": alerts})
     c.start()  # the first health check has run: parents answers, but not to our key
-    assert caplog.text.count("parents: the API key was refused (HTTP 401)") == 1, "said in the log, once"
+    assert caplog.text.count("parents: the API key was refused (HTTP 401)") == 1, (
+        "said in the log, once"
+    )
     assert wrong not in caplog.text
     status = c.svc.call("GET", "/api/status")[1]
     parents = server_status(c, "parents")
@@ -5149,7 +6195,11 @@ def test_a_refused_api_key_is_unhealthy_everywhere_until_it_works(cluster, recei
     assert any(e.startswith("parents: the API key was refused") for e in report["errors"]), report
     c["home"].user_marks("alice", "Heat", True)  # owed to parents: waits, uses up no retries
     eventually(
-        lambda: [r for r in problem_rows(c)[0] if r["target_server"] == "parents" and r["state"] == "unreachable"],
+        lambda: [
+            r
+            for r in problem_rows(c)[0]
+            if r["target_server"] == "parents" and r["state"] == "unreachable"
+        ],
         what="the change waiting for parents",
     )
     c["parents"].api_key = wrong  # the key is fixed (in Jellyfin: the key was made there)
@@ -5166,7 +6216,11 @@ def test_browser_a_refused_key_and_an_outage_as_the_dashboard_shows_them(cluster
     from playwright.sync_api import expect, sync_playwright
 
     monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)
-    c = cluster(start=False, max_retries=0, extra={"servers": {"parents": {"api_key": hexid()}}, "server": SIGN_IN})
+    c = cluster(
+        start=False,
+        max_retries=0,
+        extra={"servers": {"parents": {"api_key": hexid()}}, "server": SIGN_IN},
+    )
     c.start()
     signed_in(c)
     home, parents, public = c["home"], c["parents"], c["public"]
@@ -5218,11 +6272,19 @@ def test_a_burst_of_unplayed_is_held_before_any_of_it_reaches_another_server(clu
     for n in names:  # home comes back from an old backup: 300 unplayed webhooks within seconds
         home.user_marks("alice", n, False)
     group = eventually(
-        lambda: next((g for g in held(c) if g["changes"] == 300), None), 60, what="all 300 unplayed held"
+        lambda: next((g for g in held(c) if g["changes"] == 300), None),
+        60,
+        what="all 300 unplayed held",
     )
-    assert group["source"] == "home" and group["user"] == "alice" and group["kinds"] == {"unplayed": 300}
+    assert (
+        group["source"] == "home"
+        and group["user"] == "alice"
+        and group["kinds"] == {"unplayed": 300}
+    )
     c.settle(30)
-    assert c.svc.call("GET", "/api/events/pending")[1] == [], "nothing of the burst is still on its way"
+    assert c.svc.call("GET", "/api/events/pending")[1] == [], (
+        "nothing of the burst is still on its way"
+    )
     for f in others:
         assert unplayed_writes(f) <= 10, (f.name, unplayed_writes(f))
         assert sum(not f.ud("alice", n)["Played"] for n in names) <= 10, f.name
@@ -5231,26 +6293,42 @@ def test_a_burst_of_unplayed_is_held_before_any_of_it_reaches_another_server(clu
     assert "home for alice held" in warnings[0] and "the dashboard counts them" in warnings[0]
     # Discard: home gets its played back, and nobody else lost anything.
     status, out = c.svc.call(
-        "POST", "/api/held/discard", {"source": "home", "user": "alice"}, {"Content-Type": "application/json"}
+        "POST",
+        "/api/held/discard",
+        {"source": "home", "user": "alice"},
+        {"Content-Type": "application/json"},
     )
     assert status == 200 and out["discarded"] == 300, out
-    eventually(lambda: all(f.ud("alice", n)["Played"] for f in c.fakes for n in names), 30, what="all played again")
+    eventually(
+        lambda: all(f.ud("alice", n)["Played"] for f in c.fakes for n in names),
+        30,
+        what="all played again",
+    )
     c.settle(30)
     assert held(c) == [] and all(unplayed_writes(f) <= 10 for f in others)
     assert reconcile(c)["changes"] == 0
 
 
 def test_a_lone_unplayed_arrives_after_the_settling_time(cluster):
-    c = cluster(start=False, extra={"safety": {"removal_delay_seconds": 2}})  # shortened, for the test
+    c = cluster(
+        start=False, extra={"safety": {"removal_delay_seconds": 2}}
+    )  # shortened, for the test
     films_played_everywhere(c, "alice", ["Heat"])
     c.start()
     c["home"].user_marks("alice", "Heat", False)
-    pending = eventually(lambda: c.svc.call("GET", "/api/events/pending")[1], what="the unplayed queued")
+    pending = eventually(
+        lambda: c.svc.call("GET", "/api/events/pending")[1], what="the unplayed queued"
+    )
     for job in pending:  # due once it has settled, not before
         assert job["field"] == "played" and job["value"] is False and job["source_server"] == "home"
-        assert parse_iso(job["next_retry_at"]) - parse_iso(job["created_at"]) == pytest.approx(2, abs=0.01)
+        assert parse_iso(job["next_retry_at"]) - parse_iso(job["created_at"]) == pytest.approx(
+            2, abs=0.01
+        )
     eventually(
-        lambda: not c["parents"].ud("alice", "Heat")["Played"] and not c["public"].ud("alice", "Heat")["Played"],
+        lambda: (
+            not c["parents"].ud("alice", "Heat")["Played"]
+            and not c["public"].ud("alice", "Heat")["Played"]
+        ),
         30,
         what="the unplayed on the others",
     )
@@ -5265,7 +6343,12 @@ def test_additions_are_not_delayed_and_a_newer_one_replaces_a_settling_removal(c
     home, parents, public = c["home"], c["parents"], c["public"]
     home.user_marks("alice", "Dune", True)
     home.user_favourites("alice", "Arrival", True)
-    eventually(lambda: all(f.ud("alice", "Dune")["Played"] and f.ud("alice", "Arrival")["IsFavorite"] for f in c.fakes))
+    eventually(
+        lambda: all(
+            f.ud("alice", "Dune")["Played"] and f.ud("alice", "Arrival")["IsFavorite"]
+            for f in c.fakes
+        )
+    )
 
     # Unplayed, then played again while the unplayed settles: the played replaces it, at once.
     def settling() -> list[dict]:
@@ -5286,7 +6369,13 @@ def test_undo_one_write_then_a_pass_changes_nothing_and_the_next_change_travels(
     c = cluster()
     home, parents, public = c["home"], c["parents"], c["public"]
     home.user_rates("alice", "Arrival", True)  # alice likes a film on home: it goes everywhere
-    eventually(lambda: parents.ud("alice", "Arrival")["Rating"] == 10.0 == public.ud("alice", "Arrival")["Rating"])
+    eventually(
+        lambda: (
+            parents.ud("alice", "Arrival")["Rating"]
+            == 10.0
+            == public.ud("alice", "Arrival")["Rating"]
+        )
+    )
     c.settle()
     entry = journal(c, target="parents", field="likes")[0]
     status, preview = undo(c, id=entry["id"])
@@ -5306,7 +6395,10 @@ def test_undo_one_write_then_a_pass_changes_nothing_and_the_next_change_travels(
     report = reconcile(c)
     assert report["changes"] == 0 and not report["errors"], report
     assert snapshot(c) == before
-    assert home.ud("alice", "Arrival")["Rating"] == 10.0 and parents.ud("alice", "Arrival")["Rating"] is None
+    assert (
+        home.ud("alice", "Arrival")["Rating"] == 10.0
+        and parents.ud("alice", "Arrival")["Rating"] is None
+    )
     # Her next change of that item on home travels as usual (the like only when she changes it).
     home.user_marks("alice", "Arrival", True)
     eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="played on parents")
@@ -5315,7 +6407,9 @@ def test_undo_one_write_then_a_pass_changes_nothing_and_the_next_change_travels(
     home.user_rates("alice", "Arrival", None)
     c.settle()
     home.user_rates("alice", "Arrival", True)
-    eventually(lambda: parents.ud("alice", "Arrival")["Rating"] == 10.0, what="the new like on parents")
+    eventually(
+        lambda: parents.ud("alice", "Arrival")["Rating"] == 10.0, what="the new like on parents"
+    )
     c.settle()
     assert reconcile(c)["changes"] == 0
     assert all(f.ud("alice", "Arrival")["Rating"] == 10.0 for f in c.fakes)
@@ -5326,16 +6420,26 @@ def test_undo_an_events_writes_then_a_pass_changes_nothing_and_a_new_play_travel
     home, parents, public = c["home"], c["parents"], c["public"]
     home.user_marks("alice", "Heat", True)
     home.user_favourites("bob", "Dune", True)  # someone else's change, outside the undo
-    eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"])
-    eventually(lambda: parents.ud("bob", "Dune")["IsFavorite"] and public.ud("bob", "Dune")["IsFavorite"])
+    eventually(
+        lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"]
+    )
+    eventually(
+        lambda: parents.ud("bob", "Dune")["IsFavorite"] and public.ud("bob", "Dune")["IsFavorite"]
+    )
     c.settle()
     cause = journal(c, target="parents", field="played", username="alice")[0]["cause"]
     status, preview = undo(c, cause=cause)
     assert preview["changes"] == 2, preview
     assert preview["afterwards"]["home"] == ["alice: Heat: played (as now)"], preview["afterwards"]
-    assert preview["afterwards"]["public"] == ["alice: Heat: unplayed (put back)"], preview["afterwards"]
+    assert preview["afterwards"]["public"] == ["alice: Heat: unplayed (put back)"], preview[
+        "afterwards"
+    ]
     undo(c, dry_run=False, cause=cause)
-    eventually(lambda: not parents.ud("alice", "Heat")["Played"] and not public.ud("alice", "Heat")["Played"])
+    eventually(
+        lambda: (
+            not parents.ud("alice", "Heat")["Played"] and not public.ud("alice", "Heat")["Played"]
+        )
+    )
     c.settle()
     before = snapshot(c)
     report = reconcile(c)
@@ -5344,7 +6448,9 @@ def test_undo_an_events_writes_then_a_pass_changes_nothing_and_a_new_play_travel
     assert home.ud("alice", "Heat")["Played"] and not parents.ud("alice", "Heat")["Played"]
     # She watches it again on home: that travels, and the next pass finds them in step.
     home.user_plays("alice", "Heat", [10 * MIN], completed=True)
-    eventually(lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"])
+    eventually(
+        lambda: parents.ud("alice", "Heat")["Played"] and public.ud("alice", "Heat")["Played"]
+    )
     c.settle()
     assert reconcile(c)["changes"] == 0
 
@@ -5352,7 +6458,9 @@ def test_undo_an_events_writes_then_a_pass_changes_nothing_and_a_new_play_travel
 # ── Issue 23.2-3: a taken port, refused webhooks in the log ─────────────────
 
 
-def test_a_taken_port_is_one_line_naming_the_address_and_the_setting_and_exit_2(tmp_path, fake_servers):
+def test_a_taken_port_is_one_line_naming_the_address_and_the_setting_and_exit_2(
+    tmp_path, fake_servers
+):
     with socket.socket() as blocker:  # 8080 taken on a NAS: here, any port some program listens on
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
@@ -5360,26 +6468,41 @@ def test_a_taken_port_is_one_line_naming_the_address_and_the_setting_and_exit_2(
         # The service, its port from the file…
         res = run_cli("--config", str(write_config(tmp_path, fake_servers("home"), port=port)))
         # …and setup mode (no configuration yet), its port from JDS_PORT.
-        setup = run_cli("--config", str(tmp_path / "none.yaml"), env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"})
+        setup = run_cli(
+            "--config",
+            str(tmp_path / "none.yaml"),
+            env={"JDS_PORT": str(port), "JDS_HOST": "127.0.0.1"},
+        )
     for r in (res, setup):
         assert r.returncode == 2, r.stderr
         said = [line for line in r.stderr.splitlines() if "cannot listen" in line]
-        assert len(said) == 1 and f"127.0.0.1:{port}" in said[0] and "already in use" in said[0], r.stderr
+        assert len(said) == 1 and f"127.0.0.1:{port}" in said[0] and "already in use" in said[0], (
+            r.stderr
+        )
         assert "server.port" in said[0] and "JDS_PORT" in said[0] and "Traceback" not in r.stderr
 
 
-def test_refused_webhooks_are_logged_once_a_minute_per_server_with_what_to_change(cluster, caplog, monkeypatch):
+def test_refused_webhooks_are_logged_once_a_minute_per_server_with_what_to_change(
+    cluster, caplog, monkeypatch
+):
     caplog.set_level("WARNING", logger="jellyfin_db_sync")
     token = "the-right-token-0123"
     svc = cluster(extra={"server": {"webhook_token": token}}).svc
     body = fixture("UserDataSaved-played.json")
 
     def refusals() -> list[str]:
-        return [r.getMessage() for r in caplog.records if "refused" in r.getMessage() and r.levelname == "WARNING"]
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if "refused" in r.getMessage() and r.levelname == "WARNING"
+        ]
 
     # The plugin on "parents" sends a stale token, twice in a row: one line, not one per webhook.
     for _ in range(2):
-        assert svc.call("POST", "/webhook/parents", body, {"X-Webhook-Token": "a-stale-token-456"})[0] == 401
+        assert (
+            svc.call("POST", "/webhook/parents", body, {"X-Webhook-Token": "a-stale-token-456"})[0]
+            == 401
+        )
     [line] = refusals()
     assert line.startswith("webhook from parents refused (401") and "X-Webhook-Token" in line
     assert "Set up webhooks" in line and "server.webhook_token" in line
@@ -5413,7 +6536,9 @@ def test_browser_a_refused_webhook_shows_on_its_servers_card_with_the_reason_as_
         page.goto(c.svc.url + "/")
         card = page.get_by_role("article", name="server parents")
         expect(card).to_contain_text("1 webhook(s) refused", timeout=10000)
-        expect(card).to_contain_text("is this the Jellyfin Webhook plugin? A value the sync cannot use")
+        expect(card).to_contain_text(
+            "is this the Jellyfin Webhook plugin? A value the sync cannot use"
+        )
         assert "?." not in card.inner_text()
 
 
@@ -5443,28 +6568,47 @@ SOON = ("Soon", "Movie", "/media/incoming/Soon (2026)/Soon.mkv")  # a policy wai
 
 
 def test_a_film_only_on_home_is_only_on_home_not_waiting_or_failed_until_it_arrives(cluster):
-    c = cluster(policies=[{"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 0.3}])
+    c = cluster(
+        policies=[
+            {"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 0.3}
+        ]
+    )
     home, parents, public = c["home"], c["parents"], c["public"]
     home.add_item(*NOPE, provider_ids={"Imdb": "tt10954984"})
     before = open_counts(c)
     home.user_plays("alice", "Nope", [600 * 10**7], completed=True)  # the plugin's webhooks
     # Parents and public do not have it: each change ends "not on that server" in the feed…
-    absent = lambda: c.svc.call("GET", "/api/sync-log?item_name=nope&result=absent")[1]["entries"]  # noqa: E731
-    eventually(lambda: {e["target"] for e in absent()} == {"parents", "public"}, what="'not on that server'")
+    # noqa: E731
+    absent = lambda: c.svc.call("GET", "/api/sync-log?item_name=nope&result=absent")[1]["entries"]
+    eventually(
+        lambda: {e["target"] for e in absent()} == {"parents", "public"},
+        what="'not on that server'",
+    )
     c.settle()
     assert all("is not on" in e["detail"] and "path_sync_policy" in e["detail"] for e in absent())
     # …and is neither waiting nor failed: not listed, not counted, nothing open in the queue.
     assert problems_about(c, "Nope") == []
-    assert c.svc.call("GET", "/api/events/failed")[1] == [] and c.svc.call("GET", "/api/events/waiting")[1] == []
+    assert (
+        c.svc.call("GET", "/api/events/failed")[1] == []
+        and c.svc.call("GET", "/api/events/waiting")[1] == []
+    )
     assert open_counts(c) == before
     metrics = c.svc.call("GET", "/metrics")[1]
-    assert re.search(r'^jellyfin_db_sync_sync_results_total\{target="parents",result="absent"\} [1-9]', metrics, re.M)
-    assert not re.search(r'^jellyfin_db_sync_jobs\{state="(skipped|failed|waiting)"\} [1-9]', metrics, re.M)
+    assert re.search(
+        r'^jellyfin_db_sync_sync_results_total\{target="parents",result="absent"\} [1-9]',
+        metrics,
+        re.M,
+    )
+    assert not re.search(
+        r'^jellyfin_db_sync_jobs\{state="(skipped|failed|waiting)"\} [1-9]', metrics, re.M
+    )
     # The inspector says it is only on home, and syncing it now explains why there is nothing to do.
     found = c.svc.call("GET", "/api/inspect?q=nope&person=alice")[1]
     assert found["only_on"] == "home" and found["open_changes"] == []
     json_ = {"Content-Type": "application/json"}
-    status, answer = c.svc.call("POST", "/api/inspect/sync", {"item": found["item"]["id"], "person": "alice"}, json_)
+    status, answer = c.svc.call(
+        "POST", "/api/inspect/sync", {"item": found["item"]["id"], "person": "alice"}, json_
+    )
     assert status == 409 and "only on home" in answer["error"] and answer["only_on"] == "home"
     assert open_counts(c) == before and problems_about(c, "Nope") == []
     # Where a path policy says to wait for items on a server, the change waits there instead.
@@ -5484,14 +6628,19 @@ def test_a_film_only_on_home_is_only_on_home_not_waiting_or_failed_until_it_arri
     parents.add_item(*SOON)
     eventually(lambda: parents.ud("alice", "Soon")["Played"], what="the waiting change to land")
     home.user_favourites("alice", "Nope", True)
-    eventually(lambda: parents.ud("alice", "Nope")["IsFavorite"], what="Nope's next change on parents")
+    eventually(
+        lambda: parents.ud("alice", "Nope")["IsFavorite"], what="Nope's next change on parents"
+    )
     assert c.svc.call("GET", "/api/inspect?q=nope&person=alice")[1]["only_on"] is None
     reconcile(c)
     assert parents.ud("alice", "Nope")["Played"] and parents.ud("alice", "Nope")["PlayCount"] >= 1
     # Public still lacks Nope: its favourite is "not on that server" there too, no failure.
     assert "Nope" not in [i["Name"] for i in public.items.values()]
     assert problems_about(c, "Nope") == []
-    assert open_counts(c) == {**before, "waiting": before["waiting"] + 1}  # Soon still waits for public
+    assert open_counts(c) == {
+        **before,
+        "waiting": before["waiting"] + 1,
+    }  # Soon still waits for public
 
 
 def test_changes_skipped_before_for_an_item_only_on_one_server_leave_the_failed_list(cluster):
@@ -5500,13 +6649,20 @@ def test_changes_skipped_before_for_an_item_only_on_one_server_leave_the_failed_
     c = cluster()
     c["home"].add_item(*NOPE)
     c["home"].user_marks("alice", "Nope", True)
-    eventually(lambda: len(c.svc.call("GET", "/api/sync-log?item_name=nope&result=absent")[1]["entries"]) == 2)
+    eventually(
+        lambda: (
+            len(c.svc.call("GET", "/api/sync-log?item_name=nope&result=absent")[1]["entries"]) == 2
+        )
+    )
     c.settle()
     c.svc.stop()
     conn = sqlite3.connect(c.config.database_path)
     with conn:  # the file as the previous version left it
         conn.execute("UPDATE jobs SET status='skipped' WHERE status='absent'")
-        conn.execute("UPDATE jobs SET absent_count=3 WHERE id=(SELECT max(id) FROM jobs WHERE status='skipped')")
+        conn.execute(
+            "UPDATE jobs SET absent_count=3 WHERE id=(SELECT max(id) FROM jobs WHERE "
+            "status='skipped')"
+        )
         conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
     conn.close()
     c.start()
@@ -5520,14 +6676,20 @@ def test_browser_a_film_only_on_home_is_said_so_and_not_offered_to_sync(cluster)
     need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    c = cluster(policies=[{"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 60}])
+    c = cluster(
+        policies=[
+            {"prefix": "/media/incoming", "absent_retry_count": -1, "retry_delay_seconds": 60}
+        ]
+    )
     c["home"].add_item(*NOPE)
     c["home"].add_item(*SOON)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(c.svc.url + "/")
-        expect(page.get_by_role("article", name="server home")).to_contain_text("reachable", timeout=10000)
+        expect(page.get_by_role("article", name="server home")).to_contain_text(
+            "reachable", timeout=10000
+        )
         c["home"].user_marks("alice", "Nope", True)
         expect(page.locator("#feed tbody tr", has_text="Nope").first).to_contain_text(
             "not on that server", timeout=10000
@@ -5570,7 +6732,9 @@ def counts(c: Cluster) -> dict:
 
 
 def test_after_five_actions_recent_syncs_the_last_hour_and_the_charts_count_the_same_five(cluster):
-    c = cluster(versions=("10.10.7", "10.11.8"), max_retries=0)  # home and parents: one write per action
+    c = cluster(
+        versions=("10.10.7", "10.11.8"), max_retries=0
+    )  # home and parents: one write per action
     home, parents = c["home"], c["parents"]
     home.user_marks("alice", "Arrival", True)
     home.user_favourites("alice", "Dune", True)  # reports the rating too: "already so" on parents
@@ -5587,7 +6751,9 @@ def test_after_five_actions_recent_syncs_the_last_hour_and_the_charts_count_the_
     points = d["timeline"]["points"]
     assert (sum(p["ok"] for p in points), sum(p["failed"] for p in points)) == (4, 1)
     everything = [e["result"] for e in d["log"]["entries"]]
-    assert "noop" in everything and len(everything) > 5, "the lines that changed nothing are not counted"
+    assert "noop" in everything and len(everything) > 5, (
+        "the lines that changed nothing are not counted"
+    )
     assert c.svc.call("GET", "/api/queue")[1]["changes_last_hour"] == 5
 
 
@@ -5606,27 +6772,53 @@ def test_the_feed_the_inspector_and_the_problems_say_the_apis_words(cluster):
         "already so",
         "not on that server",
     )
-    assert words["chart"] == {"ok": "written", "failed": "failed", "other": "skipped, not on that server or dry run"}
+    assert words["chart"] == {
+        "ok": "written",
+        "failed": "failed",
+        "other": "skipped, not on that server or dry run",
+    }
     feed = {e["id"]: e for e in d["log"]["entries"]}
     assert {e["result_word"] for e in feed.values()} >= {"written", "already so", "failed"}
     for e in feed.values():
-        assert (e["result_word"], e["field_word"]) == (words["result"][e["result"]], words["field"][e["field"]])
+        assert (e["result_word"], e["field_word"]) == (
+            words["result"][e["result"]],
+            words["field"][e["field"]],
+        )
     found = c.svc.call("GET", "/api/inspect?q=dune&person=alice")[1]
     assert found["recent"], found
     for e in found["recent"]:  # the same lines, in the same words as the feed
-        assert (e["result_word"], e["field_word"]) == (feed[e["id"]]["result_word"], feed[e["id"]]["field_word"])
-    assert [(j["state_word"], j["field_word"]) for j in found["open_changes"]] == [("failed", "watched")]
+        assert (e["result_word"], e["field_word"]) == (
+            feed[e["id"]]["result_word"],
+            feed[e["id"]]["field_word"],
+        )
+    assert [(j["state_word"], j["field_word"]) for j in found["open_changes"]] == [
+        ("failed", "watched")
+    ]
     assert all("path_key" not in s["matched_by"] for s in found["servers"])
     assert [(r["state_word"], r["fields"]) for r in d["failed"]] == [("failed", ["played"])]
     # The page keeps no second copy of these words: only the API's.
-    app, page = (HERE / "static" / "app.js").read_text(), (HERE / "static" / "index.html").read_text()
-    for text in ("written", "already so", "not on that server", "older", "dry run", "watched", "favourite"):
+    app, page = (
+        (HERE / "static" / "app.js").read_text(),
+        (HERE / "static" / "index.html").read_text(),
+    )
+    for text in (
+        "written",
+        "already so",
+        "not on that server",
+        "older",
+        "dry run",
+        "watched",
+        "favourite",
+    ):
         assert f'"{text}"' not in app and f">{text}<" not in page, text
 
 
 def setup_webhook(c: Cluster, server: str) -> tuple[int, dict]:
     return c.svc.call(
-        "POST", f"/api/servers/{server}/setup-webhook", {"public_url": c.svc.url}, {"Content-Type": "application/json"}
+        "POST",
+        f"/api/servers/{server}/setup-webhook",
+        {"public_url": c.svc.url},
+        {"Content-Type": "application/json"},
     )
 
 
@@ -5635,17 +6827,25 @@ def test_set_up_webhooks_says_when_then_waits_for_the_first_event_then_says_when
     home, parents, public = c["home"], c["parents"], c["public"]
     home.webhook_url = None  # home's plugin was never set up by hand
     public.plugin_installed = False
-    parents.user_marks("alice", "Arrival", True)  # webhooks from parents (home is written, sends none)
+    parents.user_marks(
+        "alice", "Arrival", True
+    )  # webhooks from parents (home is written, sends none)
     c.settle()
     before = server_status(c, "home")
-    assert (before["webhook_set_up_at"], before["last_webhook_at"], before["awaiting_first_webhook"]) == (
+    assert (
+        before["webhook_set_up_at"],
+        before["last_webhook_at"],
+        before["awaiting_first_webhook"],
+    ) == (
         None,
         None,
         False,
     )
     t0 = time.time()
     status, answer = setup_webhook(c, "home")
-    assert status == 200 and answer["result"] == "added" and answer["awaiting_first_webhook"], answer
+    assert status == 200 and answer["result"] == "added" and answer["awaiting_first_webhook"], (
+        answer
+    )
     home_now = server_status(c, "home")
     assert home_now["awaiting_first_webhook"] and home_now["first_webhook_at"] is None
     assert t0 - 1 <= parse_iso(home_now["webhook_set_up_at"]) <= time.time() + 1
@@ -5661,13 +6861,25 @@ def test_set_up_webhooks_says_when_then_waits_for_the_first_event_then_says_when
     assert server_status(c, "public")["webhook_set_up_at"] is None
     # home's first webhook, through the destination the service set up.
     home.user_marks("bob", "Heat", True)
-    first = eventually(lambda: server_status(c, "home")["first_webhook_at"], what="home's first webhook")
+    first = eventually(
+        lambda: server_status(c, "home")["first_webhook_at"], what="home's first webhook"
+    )
     c.settle()
     after = server_status(c, "home")
-    assert not after["awaiting_first_webhook"] and after["webhook_set_up_at"] == home_now["webhook_set_up_at"]
-    assert parse_iso(home_now["webhook_set_up_at"]) <= parse_iso(first) <= parse_iso(after["last_webhook_at"])
+    assert (
+        not after["awaiting_first_webhook"]
+        and after["webhook_set_up_at"] == home_now["webhook_set_up_at"]
+    )
+    assert (
+        parse_iso(home_now["webhook_set_up_at"])
+        <= parse_iso(first)
+        <= parse_iso(after["last_webhook_at"])
+    )
     home.user_marks("bob", "Dune", True)
-    eventually(lambda: server_status(c, "home")["last_webhook_at"] != after["last_webhook_at"], what="a later one")
+    eventually(
+        lambda: server_status(c, "home")["last_webhook_at"] != after["last_webhook_at"],
+        what="a later one",
+    )
     assert server_status(c, "home")["first_webhook_at"] == first, "the first stays the first"
 
 
@@ -5693,7 +6905,9 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
         expect(card).to_contain_text(re.compile(r"Set up at \S.*; waiting for the first event"))
         expect(card).not_to_contain_text("No webhook received yet")
         home.user_marks("alice", "Arrival", True)
-        expect(card).to_contain_text(re.compile(r"Set up at \S.*; first event at \S"), timeout=10000)
+        expect(card).to_contain_text(
+            re.compile(r"Set up at \S.*; first event at \S"), timeout=10000
+        )
         expect(card).to_contain_text("Last webhook")
         parents.user_marks("bob", "Heat", True)
         c.settle()
@@ -5708,7 +6922,9 @@ def test_browser_set_up_webhooks_on_the_card_and_one_count_in_the_apis_words(clu
         page.get_by_label("Title").fill("Arrival")
         page.get_by_label("Person").fill("alice")
         page.get_by_role("button", name="Look").click()
-        expect(page.locator("#inspection")).to_contain_text("alice watched home → parents: written", timeout=10000)
+        expect(page.locator("#inspection")).to_contain_text(
+            "alice watched home → parents: written", timeout=10000
+        )
         expect(page.locator("#inspection")).not_to_contain_text(": ok")
         assert dialogs == [], "no dialog to dismiss"
         browser.close()
@@ -5747,14 +6963,18 @@ def test_without_a_sign_in_configured_the_dashboard_is_read_only(cluster):
     # Looking stays open, and the dashboard knows to hide its buttons and says what to set.
     status = svc.call("GET", "/api/dashboard")[1]["status"]
     assert status["read_only"] is True
-    assert any("read-only" in w and "server.auth" in w for w in status["warnings"]), status["warnings"]
+    assert any("read-only" in w and "server.auth" in w for w in status["warnings"]), status[
+        "warnings"
+    ]
     for path in ("/api/journal", "/api/held", "/api/sync-log", "/api/alerts"):
         assert svc.call("GET", path)[0] == 200, path
     # Webhooks have their own token: they still sync.
     c.settle()
     home.webhook_url = f"{svc.url}/webhook/home"
     home.user_marks("alice", "Dune", True)
-    eventually(lambda: c["parents"].ud("alice", "Dune")["Played"], what="a webhook to sync while read-only")
+    eventually(
+        lambda: c["parents"].ud("alice", "Dune")["Played"], what="a webhook to sync while read-only"
+    )
     svc.stop()
 
     # With server.api_token (still no sign-in), scripts change things with it, nobody without.
@@ -5766,20 +6986,29 @@ def test_without_a_sign_in_configured_the_dashboard_is_read_only(cluster):
     wrong = {**as_json, "Authorization": "Bearer not-the-token-at-all"}
     assert svc.call("POST", "/api/reconcile", {}, wrong)[0] == 403
     bearer = {**as_json, "Authorization": f"Bearer {TOKEN}"}
-    status, answer = svc.call("POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, bearer)
+    status, answer = svc.call(
+        "POST", "/api/servers/home/setup-webhook", {"public_url": svc.url}, bearer
+    )
     assert status == 200, answer
-    assert svc.call("GET", "/api/dashboard")[1]["status"]["read_only"] is True, "a browser cannot send it"
+    assert svc.call("GET", "/api/dashboard")[1]["status"]["read_only"] is True, (
+        "a browser cannot send it"
+    )
     svc.stop()
 
     # With server.auth, the dashboard is not read-only and a signed-in session changes things.
-    c.config = jds.dataclasses.replace(c.config, auth_username="admin", auth_password="correct horse")
+    c.config = jds.dataclasses.replace(
+        c.config, auth_username="admin", auth_password="correct horse"
+    )
     svc = c.start()
     assert svc.call("POST", "/api/reconcile", {}, {**as_json, "Authorization": ""})[0] == 401
     import base64
 
     basic = {"Authorization": "Basic " + base64.b64encode(b"admin:correct horse").decode()}
     assert svc.call("GET", "/api/dashboard", None, basic)[1]["status"]["read_only"] is False
-    assert svc.call("POST", "/api/reconcile", {"dry_run": True}, {**as_json, **basic})[0] in (200, 202)
+    assert svc.call("POST", "/api/reconcile", {"dry_run": True}, {**as_json, **basic})[0] in (
+        200,
+        202,
+    )
 
 
 def test_the_start_up_log_says_once_that_the_dashboard_is_read_only(tmp_path, fake_servers):
@@ -5813,7 +7042,9 @@ def test_secrets_with_a_trailing_newline_are_trimmed_and_never_shown(tmp_path, f
     home, parents = fakes = fake_servers("home", "parents")
     for f in fakes:
         f.add_user("alice")
-        f.add_item("Dune", "Movie", "/media/movies/Dune (2021)/Dune.mkv", provider_ids={"Tmdb": "438631"})
+        f.add_item(
+            "Dune", "Movie", "/media/movies/Dune (2021)/Dune.mkv", provider_ids={"Tmdb": "438631"}
+        )
     port = free_port()
     path = write_config(tmp_path, fakes, port=port)
     data = yaml.safe_load(path.read_text())
@@ -5842,13 +7073,26 @@ def test_secrets_with_a_trailing_newline_are_trimmed_and_never_shown(tmp_path, f
 
     proc = start_process(path, port, env=env)
     eventually(lambda: call("GET", "/readyz")[0] == 200, what="ready: the key is usable")
-    status, answer = call("POST", "/api/servers/home/setup-webhook", {"public_url": f"http://127.0.0.1:{port}"})
+    status, answer = call(
+        "POST", "/api/servers/home/setup-webhook", {"public_url": f"http://127.0.0.1:{port}"}
+    )
     assert status == 200, answer
-    ours = next(d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync")
-    assert {"Key": "X-Webhook-Token", "Value": hook_token} in ours["Headers"], "the token without its newline"
+    ours = next(
+        d for d in home.plugin_config["GenericOptions"] if d["WebhookName"] == "jellyfin-db-sync"
+    )
+    assert {"Key": "X-Webhook-Token", "Value": hook_token} in ours["Headers"], (
+        "the token without its newline"
+    )
     home.user_marks("alice", "Dune", True)
     eventually(lambda: parents.ud("alice", "Dune")["Played"], what="a sync with the trimmed key")
-    for route in ("/api/status", "/api/dashboard", "/api/servers", "/api/sync-log", "/api/journal", "/metrics"):
+    for route in (
+        "/api/status",
+        "/api/dashboard",
+        "/api/servers",
+        "/api/sync-log",
+        "/api/journal",
+        "/metrics",
+    ):
         assert call("GET", route)[0] == 200, route
     shut_down(proc, [])
     log_text = process_log(proc)
@@ -5858,14 +7102,18 @@ def test_secrets_with_a_trailing_newline_are_trimmed_and_never_shown(tmp_path, f
     # A key broken inside (a line break in the middle) is a configuration error naming the
     # variable, never showing the key.
     broken = f"{home.api_key[:16]}\r\n{home.api_key[16:]}"
-    checked = run_cli("--check-config", "--config", str(path), env={**env, "JDS_SERVER_1_API_KEY": broken})
+    checked = run_cli(
+        "--check-config", "--config", str(path), env={**env, "JDS_SERVER_1_API_KEY": broken}
+    )
     said = checked.stdout + checked.stderr
     assert checked.returncode == 2 and "JDS_SERVER_1_API_KEY" in said, said
     assert secrets_shown([home.api_key[:16], home.api_key[16:]], said) == []
     # The same in the file names servers[0].api_key.
     data["servers"][0]["api_key"] = broken
     path.write_text(yaml.safe_dump(data))
-    checked = run_cli("--check-config", "--config", str(path), env={"JDS_API_TOKEN_FILE": str(token_file)})
+    checked = run_cli(
+        "--check-config", "--config", str(path), env={"JDS_API_TOKEN_FILE": str(token_file)}
+    )
     said = checked.stdout + checked.stderr
     assert checked.returncode == 2 and "servers[0].api_key" in said, said
     assert secrets_shown([home.api_key[:16], home.api_key[16:]], said) == []
@@ -5880,7 +7128,12 @@ def test_the_setup_page_trims_a_pasted_key_and_never_answers_500(tmp_path, fake_
 
     def call(route: str, body: dict):
         conn = HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("POST", route, json.dumps(body), {"Content-Type": "application/json", "X-Setup-Code": code})
+        conn.request(
+            "POST",
+            route,
+            json.dumps(body),
+            {"Content-Type": "application/json", "X-Setup-Code": code},
+        )
         resp = conn.getresponse()
         text = resp.read().decode()
         conn.close()
@@ -5917,7 +7170,10 @@ def test_numbers_dates_and_bodies_out_of_range_get_400_naming_the_field(cluster)
     deep = "[" * 50_000 + "]" * 50_000
     for path in ("/api/undo", "/api/held/apply", "/api/inspect/sync"):
         status, answer = svc.call("POST", path, deep, as_json)
-        assert status == 400 and "body" in answer["detail"] and "nested" in answer["detail"], (path, answer)
+        assert status == 400 and "body" in answer["detail"] and "nested" in answer["detail"], (
+            path,
+            answer,
+        )
     assert svc.call("GET", "/api/status")[0] == 200
     assert svc.call("GET", "/readyz")[0] == 200
 
@@ -5938,7 +7194,12 @@ def test_browser_read_only_dashboard_hides_its_buttons_and_says_what_to_set(clus
         expect(page.locator("#warnings")).to_contain_text("read-only", timeout=10000)
         expect(page.locator("#warnings")).to_contain_text("server.auth")
         expect(page.locator("#problems tbody")).to_contain_text("Dune", timeout=10000)
-        for selector in ("button.setup-webhook", "#problems .actions button", "#rec-run", "#undo-form button"):
+        for selector in (
+            "button.setup-webhook",
+            "#problems .actions button",
+            "#rec-run",
+            "#undo-form button",
+        ):
             assert page.locator(selector).count() > 0, selector
             expect(page.locator(selector).first).to_be_hidden()
         expect(page.get_by_role("button", name="Look")).to_be_visible()  # looking stays open
@@ -5960,12 +7221,17 @@ def recent_rounds(c: Cluster, n: int = 2) -> None:
         eventually(later, what="a round of the recent check")
 
 
-def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster, receiver, monkeypatch):
+def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(
+    cluster, receiver, monkeypatch
+):
     monkeypatch.setattr(jds, "ALERT_CHECK_SECONDS", 0.1)
     every = 0.2
     c = cluster(
         start=False,
-        extra={"reconcile": {"recent_check_seconds": every}, "alerts": {"urls": [f"{receiver.url}/hook"]}},
+        extra={
+            "reconcile": {"recent_check_seconds": every},
+            "alerts": {"urls": [f"{receiver.url}/hook"]},
+        },
     )
     for f in c.fakes:
         f.add_library(30)  # more than a page: bob, who never played anything, still costs one read
@@ -5977,7 +7243,9 @@ def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster
     home.user_plays("alice", "Arrival", [10**10, 5 * 10**10], completed=True)  # to the end
     home.user_plays("alice", "Dune", [10**10, runtime // 2])  # stopped half way
     for f in (parents, public):
-        eventually(lambda f=f: f.ud("alice", "Arrival")["Played"], what=f"Arrival played on {f.name}")
+        eventually(
+            lambda f=f: f.ud("alice", "Arrival")["Played"], what=f"Arrival played on {f.name}"
+        )
         eventually(
             lambda f=f: f.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 2,
             what=f"Dune's position on {f.name}",
@@ -5989,7 +7257,9 @@ def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster
     recent_rounds(c, 3)
     assert [f.writes() for f in c.fakes] == writes
     assert home.writes() == 0, "nothing is written back to where the change was made"
-    cost = c.svc.call("GET", "/api/status")[1]["recent_check"]["cost_per_minute_per_person_and_server"]
+    cost = c.svc.call("GET", "/api/status")[1]["recent_check"][
+        "cost_per_minute_per_person_and_server"
+    ]
     # One request per check; a check that ran while the plays were arriving may have read a
     # second page (its list moved under it), so the average is a little over one, never two.
     assert 60 / every <= cost["requests"] < 1.5 * 60 / every and 0 < cost["bytes"], cost
@@ -6001,10 +7271,18 @@ def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster
     eventually(lambda: parents.ud("alice", "Heat")["Played"], what="Heat played on parents")
     home.user_plays("bob", "Arrival", [10**10], completed=True)
     eventually(lambda: parents.ud("bob", "Arrival")["Played"], what="bob's Arrival on parents")
-    cards = {s["name"]: s for s in eventually(lambda: silent_cards(c), what="the silent-plugin warning")}
+    cards = {
+        s["name"]: s for s in eventually(lambda: silent_cards(c), what="the silent-plugin warning")
+    }
     said = cards["home"]["plugin_silent"]
     assert said.startswith("the Webhook plugin on home is not posting to us"), said
-    for words in ("installed", "/webhook/home", "Send All Properties", "Playback Stop", "User Data Saved"):
+    for words in (
+        "installed",
+        "/webhook/home",
+        "Send All Properties",
+        "Playback Stop",
+        "User Data Saved",
+    ):
         assert words in said, words
     assert cards["parents"]["plugin_silent"] is None and cards["public"]["plugin_silent"] is None
     alert = eventually(lambda: receiver.bodies("/hook"), what="an alert")[0]
@@ -6014,7 +7292,10 @@ def test_with_the_plugin_silent_plays_still_arrive_and_the_card_says_why(cluster
     home.webhook_url = f"{c.svc.url}/webhook/home"
     home.user_favourites("alice", "Heat", True)
     eventually(lambda: not silent_cards(c), what="the warning cleared")
-    eventually(lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"], what="the all-clear")
+    eventually(
+        lambda: [b for b in receiver.bodies("/hook") if b["level"] == "resolved"],
+        what="the all-clear",
+    )
     eventually(lambda: parents.ud("alice", "Heat")["IsFavorite"], what="the webhook's change")
 
 
@@ -6032,7 +7313,10 @@ def test_the_recent_check_is_off_at_zero_and_reads_nothing(cluster):
 
 
 def test_the_recent_check_reads_a_jellyfin_10_8_source_by_its_legacy_route(cluster):
-    c = cluster(versions=("10.8.13", "10.10.7", "10.11.8"), extra={"reconcile": {"recent_check_seconds": 0.2}})
+    c = cluster(
+        versions=("10.8.13", "10.10.7", "10.11.8"),
+        extra={"reconcile": {"recent_check_seconds": 0.2}},
+    )
     home, parents = c["home"], c["parents"]
     recent_rounds(c, 1)
     home.webhook_url = None  # a server without the plugin (it may lag a new Jellyfin)
@@ -6040,7 +7324,10 @@ def test_the_recent_check_reads_a_jellyfin_10_8_source_by_its_legacy_route(clust
     home.user_plays("alice", "Heat", [10**10], completed=True)
     home.user_plays("alice", "Dune", [runtime // 3])
     eventually(lambda: parents.ud("alice", "Heat")["Played"], what="Heat played on parents")
-    eventually(lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3, what="Dune's position")
+    eventually(
+        lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3,
+        what="Dune's position",
+    )
     assert ("GET", f"/Users/{home.user('alice')}/Items") in home.requests
 
 
@@ -6056,7 +7343,10 @@ def test_plays_made_while_the_service_restarted_arrive_by_the_check_after_it(clu
     assert not parents.ud("alice", "Arrival")["Played"]
     c.start()  # the same database: the watermark says where the last check stopped
     eventually(lambda: parents.ud("alice", "Arrival")["Played"], what="Arrival played on parents")
-    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 4, what="Heat's position")
+    eventually(
+        lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 4,
+        what="Heat's position",
+    )
     c.settle()
     assert home.writes() == 0
 
@@ -6070,18 +7360,33 @@ def test_a_film_finished_after_another_started_still_arrives_by_the_check(cluste
     home.webhook_url = None
     runtime = home.items[home.item("Dune")]["RunTimeTicks"]
     home.user_plays("alice", "Dune", [runtime // 3])
-    eventually(lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3, what="Dune half way")
+    eventually(
+        lambda: parents.ud("alice", "Dune")["PlaybackPositionTicks"] == runtime // 3,
+        what="Dune half way",
+    )
     home.user_plays("alice", "Heat", [runtime // 5])  # on another device
-    eventually(lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 5, what="Heat started")
-    # Dune's player reaches the end: saved with no new PlaybackStart (UserDataManager.UpdatePlayState).
-    home.save(home.user("alice"), home.item("Dune"), "PlaybackFinished", Played=True, PlaybackPositionTicks=0)
+    eventually(
+        lambda: parents.ud("alice", "Heat")["PlaybackPositionTicks"] == runtime // 5,
+        what="Heat started",
+    )
+    # Dune's player reaches the end: saved with no new PlaybackStart
+    # (UserDataManager.UpdatePlayState).
+    home.save(
+        home.user("alice"),
+        home.item("Dune"),
+        "PlaybackFinished",
+        Played=True,
+        PlaybackPositionTicks=0,
+    )
     eventually(lambda: parents.ud("alice", "Dune")["Played"], what="Dune played on parents")
 
 
 # ── Issue 25: intake while distinct changes are written ──────────────────────
 
 
-def test_a_burst_of_webhooks_goes_first_yet_its_changes_reach_both_servers_while_it_lasts(cluster, monkeypatch):
+def test_a_burst_of_webhooks_goes_first_yet_its_changes_reach_both_servers_while_it_lasts(
+    cluster, monkeypatch
+):
     """Senders keep a burst of webhooks going; the planner and the writers yield to it (intake
     first), but each only for a while at a time: changes sent during the burst reach both other
     servers while it still lasts, and none is lost. (Here any two webhooks within a second make
@@ -6102,7 +7407,10 @@ def test_a_burst_of_webhooks_goes_first_yet_its_changes_reach_both_servers_while
         while not stop.is_set():
             n += 1
             ud = dict(home.ud(bob, heat), PlaybackPositionTicks=(k * 10**6 + n) * 10**4)
-            client.post("/webhook/home", json.dumps(home.payload("PlaybackProgress", bob, heat, ud)).encode())
+            client.post(
+                "/webhook/home",
+                json.dumps(home.payload("PlaybackProgress", bob, heat, ud)).encode(),
+            )
         client.close()
 
     senders = [threading.Thread(target=sender, args=(k,), daemon=True) for k in range(4)]
@@ -6112,12 +7420,21 @@ def test_a_burst_of_webhooks_goes_first_yet_its_changes_reach_both_servers_while
         eventually(svc.store.intake_burst, what="the burst to start")
         alice = home.user("alice")
         for i in range(40):
-            assert svc.call("POST", "/webhook/home", home.played_payload(alice, home.item(f"Film {i}")))[0] == 202
+            assert (
+                svc.call(
+                    "POST", "/webhook/home", home.played_payload(alice, home.item(f"Film {i}"))
+                )[0]
+                == 202
+            )
         burst_on: list[bool] = []
 
         def arrived() -> bool:
             burst_on.append(svc.store.intake_burst())
-            return all(c[t].ud("alice", f"Film {i}")["Played"] for t in ("parents", "public") for i in range(40))
+            return all(
+                c[t].ud("alice", f"Film {i}")["Played"]
+                for t in ("parents", "public")
+                for i in range(40)
+            )
 
         eventually(arrived, 60, 0.05, "the 40 changes on both other servers")
         assert burst_on[-1], "the changes arrived while the burst still lasted"
@@ -6137,15 +7454,26 @@ def test_the_synced_fields_and_their_switches_come_from_one_registry(cluster):
     status, answer = c.svc.call("GET", "/api/fields")
     assert status == 200
     fields = {f["name"]: f for f in answer["fields"]}
-    assert [n for n, f in fields.items() if f["scope"] == "item"] == ["played", "position", "favorite", "likes"]
+    assert [n for n, f in fields.items() if f["scope"] == "item"] == [
+        "played",
+        "position",
+        "favorite",
+        "likes",
+    ]
     assert fields["favorite"]["enabled"] is False and fields["likes"]["enabled"] is True
-    assert fields["user_rename"] == {**fields["user_rename"], "scope": "account", "label": "account"}
+    assert fields["user_rename"] == {
+        **fields["user_rename"],
+        "scope": "account",
+        "label": "account",
+    }
     words = c.svc.call("GET", "/api/dashboard")[1]["words"]["field"]
     assert all(words[n] == f["label"] for n, f in fields.items())
     # On home, a heart, then a like: both webhooks (UpdateUserRating) report both fields.
     c["home"].user_favourites("alice", "Heat", True)
     c["home"].user_rates("alice", "Heat", True)
-    eventually(lambda: c["parents"].ud("alice", "Heat")["Rating"] == 10.0, what="the like on parents")
+    eventually(
+        lambda: c["parents"].ud("alice", "Heat")["Rating"] == 10.0, what="the like on parents"
+    )
     # The heart came first and was not queued at all: nothing of it can still be on its way.
     assert not c["parents"].ud("alice", "Heat")["IsFavorite"], "favourites are switched off"
 
@@ -6256,9 +7584,13 @@ def shows_and_music(c: Cluster) -> None:
     server's data folder (found by name and year); the music folder is shared (found by path)."""
     for n, f in enumerate(c.fakes):
         data = f"/var/lib/jellyfin-{f.name}"
-        show = f.add_item("Lost", "Series", f"/tv{n}/Lost", provider_ids={"Tvdb": "73739"}, year=2004)
+        show = f.add_item(
+            "Lost", "Series", f"/tv{n}/Lost", provider_ids={"Tvdb": "73739"}, year=2004
+        )
         f.add_item("Season 1", "Season", None, series_id=show, episode=1)
-        f.add_item("Pilot", "Episode", f"/tv{n}/Lost/S01E01.mkv", series_id=show, season=1, episode=1)
+        f.add_item(
+            "Pilot", "Episode", f"/tv{n}/Lost/S01E01.mkv", series_id=show, season=1, episode=1
+        )
         f.add_item("Miles Davis", "MusicArtist", f"{data}/metadata/artists/Miles Davis")
         f.add_item("Kind of Blue", "MusicAlbum", "/music/Miles Davis/Kind of Blue", year=1959)
         for number, song in ((1, "So What"), (2, "Freddie Freeloader")):
@@ -6267,7 +7599,10 @@ def shows_and_music(c: Cluster) -> None:
         f.add_item("Blue Train", "MusicAlbum", f"/music{n}/John Coltrane/Blue Train", year=1957)
         boxset_ids = {"Tmdb": "8091"} if n == 0 else {}  # only home's has found its TMDb id
         f.add_item(
-            "Alien Collection", "BoxSet", f"{data}/data/collections/Alien Collection [boxset]", provider_ids=boxset_ids
+            "Alien Collection",
+            "BoxSet",
+            f"{data}/data/collections/Alien Collection [boxset]",
+            provider_ids=boxset_ids,
         )
 
 
@@ -6284,7 +7619,9 @@ def journal_fields(c: Cluster, item: str) -> set[str]:
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
-def test_a_heart_on_a_show_made_while_the_service_was_down_reaches_the_other_server_at_the_next_pass(cluster, version):
+def test_a_heart_on_a_show_made_while_the_service_was_down_reaches_the_other_at_the_next_pass(
+    cluster, version
+):
     c = cluster(versions=pair(version), users=("alice",), start=False)
     home, parents = c["home"], c["parents"]
     shows_and_music(c)
@@ -6299,7 +7636,9 @@ def test_a_heart_on_a_show_made_while_the_service_was_down_reaches_the_other_ser
     report = reconcile(c)
     assert not report["errors"], report
     for f in c.fakes:
-        assert f.ud("alice", "Lost")["IsFavorite"] and f.ud("alice", "Season 1")["IsFavorite"], f.name
+        assert f.ud("alice", "Lost")["IsFavorite"] and f.ud("alice", "Season 1")["IsFavorite"], (
+            f.name
+        )
         assert f.ud("alice", "Lost")["Rating"] == 10.0, f.name
         assert f.ud("alice", "Pilot")["Played"], f.name
     # Only what a person sets on a folder travels: its heart and rating, never "played" (which
@@ -6310,11 +7649,15 @@ def test_a_heart_on_a_show_made_while_the_service_was_down_reaches_the_other_ser
     # The inspector finds the show and shows what travels for it, the same on both servers.
     status, found = c.svc.call("GET", "/api/inspect?q=lost&person=alice")
     assert status == 200 and found["item"]["type"] == "Series", found
-    assert [f["name"] for f in found["fields"]] == ["favorite", "likes"] and found["different"] == [], found
+    assert [f["name"] for f in found["fields"]] == ["favorite", "likes"] and found[
+        "different"
+    ] == [], found
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
-def test_hearts_on_albums_artists_and_collections_reach_the_other_server_at_the_next_pass(cluster, version):
+def test_hearts_on_albums_artists_and_collections_reach_the_other_server_at_the_next_pass(
+    cluster, version
+):
     c = cluster(versions=pair(version), users=("alice",), start=False)
     home, parents = c["home"], c["parents"]
     shows_and_music(c)
@@ -6329,11 +7672,15 @@ def test_hearts_on_albums_artists_and_collections_reach_the_other_server_at_the_
     report = reconcile(c)
     assert not report["errors"] and report["changes"] == 4, report
     for f in c.fakes:
-        assert f.ud("alice", "Miles Davis")["IsFavorite"] and f.ud("alice", "Blue Train")["IsFavorite"], f.name
+        assert (
+            f.ud("alice", "Miles Davis")["IsFavorite"] and f.ud("alice", "Blue Train")["IsFavorite"]
+        ), f.name
         assert f.ud("alice", "Alien Collection")["IsFavorite"], f.name
         assert f.ud("alice", "Kind of Blue")["Rating"] == 10.0, f.name
     # The inspector says how each was found.
-    status, found = c.svc.call("GET", "/api/inspect?" + urllib.parse.urlencode({"q": "Miles Davis"}))
+    status, found = c.svc.call(
+        "GET", "/api/inspect?" + urllib.parse.urlencode({"q": "Miles Davis"})
+    )
     assert status == 200 and found["item"]["type"] == "MusicArtist", found
     assert [s["matched_by"] for s in found["servers"]] == ["this item", "same name and year"], found
     # A heart taken away travels too, through the brake like any removal.
@@ -6363,12 +7710,17 @@ def test_export_then_import_carries_a_shows_heart(cluster):
         "favorite": True,
         "likes": None,
     }, "a show keeps its heart and rating, not the played state Jellyfin sums from its episodes"
-    assert items["Season 1"]["series"]["ids"] == {"tvdb": "73739"} and items["Season 1"]["season"] == 1
+    assert (
+        items["Season 1"]["series"]["ids"] == {"tvdb": "73739"} and items["Season 1"]["season"] == 1
+    )
     assert items["Miles Davis"]["type"] == "MusicArtist" and items["Miles Davis"]["favorite"]
     args = ["--config", str(c.config_path), "--import", str(out), "--to", "parents"]
     code, said = said_by(*args)
     assert code == 0 and "alice: 3 items found on parents, 0 not" in said, said
-    assert parents.ud("alice", "Lost")["IsFavorite"] and parents.ud("alice", "Season 1")["Rating"] == 10.0
+    assert (
+        parents.ud("alice", "Lost")["IsFavorite"]
+        and parents.ud("alice", "Season 1")["Rating"] == 10.0
+    )
     assert parents.ud("alice", "Miles Davis")["IsFavorite"]
     assert not parents.ud("alice", "Lost")["Played"] and not parents.ud("alice", "Pilot")["Played"]
 
@@ -6379,7 +7731,9 @@ def test_an_undone_heart_on_a_show_stays_undone_and_a_pass_does_not_spread_the_u
     shows_and_music(c)
     c.start()
     home.user_favourites("alice", "Lost", True)  # a show: the plugin sends this one
-    eventually(lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the show hearted on parents")
+    eventually(
+        lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the show hearted on parents"
+    )
     c.settle()
     entry = journal(c, target="parents", field="favorite", item_name="Lost")[0]
     status, done = undo(c, dry_run=False, id=entry["id"])
@@ -6399,7 +7753,9 @@ def test_an_undone_heart_on_a_show_stays_undone_and_a_pass_does_not_spread_the_u
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
-def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_next_pass(cluster, version):
+def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_next_pass(
+    cluster, version
+):
     c = cluster(versions=pair(version), users=("alice",), start=False)
     home, parents = c["home"], c["parents"]
     shows_and_music(c)
@@ -6409,7 +7765,10 @@ def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_nex
     home.user_favourites("alice", "Kind of Blue", True)  # an album: the plugin sends this one
     home.user_favourites("alice", "Miles Davis", True)  # an artist: the plugin sends nothing
     eventually(lambda: parents.ud("alice", "So What")["Played"], what="the song played on parents")
-    eventually(lambda: parents.ud("alice", "Kind of Blue")["IsFavorite"], what="the album hearted on parents")
+    eventually(
+        lambda: parents.ud("alice", "Kind of Blue")["IsFavorite"],
+        what="the album hearted on parents",
+    )
     c.settle()
     played, there = home.ud("alice", "So What"), parents.ud("alice", "So What")
     assert there["PlayCount"] == played["PlayCount"] == 1
@@ -6431,8 +7790,15 @@ def test_music_plays_and_album_and_artist_hearts_travel_by_webhook_or_by_the_nex
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
-def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other_server(cluster, version):
-    c = cluster(versions=pair(version), users=("alice", "bob"), start=False, extra={"sync": {"playlists": False}})
+def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other_server(
+    cluster, version
+):
+    c = cluster(
+        versions=pair(version),
+        users=("alice", "bob"),
+        start=False,
+        extra={"sync": {"playlists": False}},
+    )
     home, parents = c["home"], c["parents"]
     mine = home.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
     theirs = parents.add_playlist("alice", "Road trip", ["Arrival", "Heat"])
@@ -6451,7 +7817,10 @@ def test_a_heart_on_a_playlist_made_while_the_service_was_down_reaches_the_other
     assert parents.ud("alice", theirs)["IsFavorite"]
     assert journal_fields(c, "Road trip") == {"favorite"}
     # Which "Mix" is hers cannot be told by name, and the path is bob's: left alone, not guessed.
-    assert not parents.ud("alice", bobs)["IsFavorite"] and not parents.ud("alice", alices)["IsFavorite"]
+    assert (
+        not parents.ud("alice", bobs)["IsFavorite"]
+        and not parents.ud("alice", alices)["IsFavorite"]
+    )
 
 
 @pytest.mark.parametrize("version", EVERY_VERSION)
@@ -6461,7 +7830,9 @@ def test_a_heart_on_a_season_travels_by_its_webhook_to_that_season_of_the_show(c
     shows_and_music(c)
     c.start()
     home.user_favourites("alice", "Season 1", True)  # a season: the plugin sends this one
-    eventually(lambda: parents.ud("alice", "Season 1")["IsFavorite"], what="the season hearted on parents")
+    eventually(
+        lambda: parents.ud("alice", "Season 1")["IsFavorite"], what="the season hearted on parents"
+    )
     c.settle()
     assert journal_fields(c, "Lost — Season 1") == {"favorite"}
     assert not parents.ud("alice", "Lost")["IsFavorite"], "the season, not its show"
@@ -6487,10 +7858,19 @@ def test_the_set_up_webhooks_carry_hearts_on_shows_seasons_and_albums(cluster):
     home.user_favourites("alice", "Season 1", True)
     home.user_rates("alice", "Kind of Blue", True)
     parents.user_favourites("alice", "Blue Train", True)
-    eventually(lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the show hearted on parents")
-    eventually(lambda: parents.ud("alice", "Season 1")["IsFavorite"], what="the season hearted on parents")
-    eventually(lambda: parents.ud("alice", "Kind of Blue")["Rating"] == 10.0, what="the album liked on parents")
-    eventually(lambda: home.ud("alice", "Blue Train")["IsFavorite"], what="the album hearted on home")
+    eventually(
+        lambda: parents.ud("alice", "Lost")["IsFavorite"], what="the show hearted on parents"
+    )
+    eventually(
+        lambda: parents.ud("alice", "Season 1")["IsFavorite"], what="the season hearted on parents"
+    )
+    eventually(
+        lambda: parents.ud("alice", "Kind of Blue")["Rating"] == 10.0,
+        what="the album liked on parents",
+    )
+    eventually(
+        lambda: home.ud("alice", "Blue Train")["IsFavorite"], what="the album hearted on home"
+    )
     c.settle()
     assert {e["cause"].split(":")[0] for e in journal(c)} == {"event"}, "by webhook, no pass"
 
@@ -6531,11 +7911,15 @@ def test_a_title_with_accents_is_found_in_the_journal_and_the_sync_log(cluster):
         f.add_item("Amélie — le film", "Movie", "/media/movies/Amelie.mkv")
         c.svc.service.library.refresh_index(f.name, full=True)
     c["home"].user_marks("alice", "Amélie — le film", True)
-    eventually(lambda: c["parents"].ud("alice", "Amélie — le film")["Played"], what="played on parents")
+    eventually(
+        lambda: c["parents"].ud("alice", "Amélie — le film")["Played"], what="played on parents"
+    )
     query = urllib.parse.urlencode({"item_name": "Amélie", "target": "parents"})
     for path in (f"/api/journal?{query}", f"/api/sync-log?{query}"):
         status, page = c.svc.call("GET", path)
-        assert status == 200 and [e["item_name"] for e in page["entries"]] == ["Amélie — le film"], (path, page)
+        assert status == 200 and [e["item_name"] for e in page["entries"]] == [
+            "Amélie — le film"
+        ], (path, page)
 
 
 # ── Issue 26.2: preferences follow the person ───────────────────────────────
@@ -6566,7 +7950,9 @@ def settings_of(c: Cluster, user: str = "alice") -> dict[str, dict]:
 def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(cluster, versions):
     c = cluster(versions=versions)
     home, parents, public = c["home"], c["parents"], c["public"]
-    parents.user_sets("alice", DisplayMissingEpisodes=True, HidePlayedInLatest=False)  # theirs alone
+    parents.user_sets(
+        "alice", DisplayMissingEpisodes=True, HidePlayedInLatest=False
+    )  # theirs alone
     reconcile(c)  # first sight: everyone's defaults agree, nothing to write
     assert [f.configuration_writes for f in c.fakes] == [0, 0, 0]
     before = settings_of(c)
@@ -6576,19 +7962,34 @@ def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(clu
     for f in (parents, public):
         now = f.configuration("alice")
         assert now["SubtitleLanguagePreference"] == "fre", f.name
-        assert now == {**before[f.name], "SubtitleLanguagePreference": "fre"}, f"only that field on {f.name}"
+        assert now == {**before[f.name], "SubtitleLanguagePreference": "fre"}, (
+            f"only that field on {f.name}"
+        )
         assert [now[k] for k in NOT_OURS] == [before[f.name][k] for k in NOT_OURS]
-        assert f.configuration("bob")["SubtitleLanguagePreference"] == "", "another person's settings"
+        assert f.configuration("bob")["SubtitleLanguagePreference"] == "", (
+            "another person's settings"
+        )
     assert home.configuration_writes == 0, "nothing written back where it was made"
     entry = journal(c, target="parents", field="subtitle_language")[0]
-    assert (entry["item_name"], entry["old"], entry["new"]) == ("subtitle language", "none", "fre"), entry
-    assert entry["before"] == {"subtitle_language": ""} and entry["after"] == {"subtitle_language": "fre"}
+    assert (entry["item_name"], entry["old"], entry["new"]) == (
+        "subtitle language",
+        "none",
+        "fre",
+    ), entry
+    assert entry["before"] == {"subtitle_language": ""} and entry["after"] == {
+        "subtitle_language": "fre"
+    }
     feed = c.svc.call("GET", "/api/sync-log?target=parents&result=ok")[1]["entries"][0]
-    assert feed["field_word"] == "subtitle language" and (feed["old"], feed["new"]) == ("none", "fre")
+    assert feed["field_word"] == "subtitle language" and (feed["old"], feed["new"]) == (
+        "none",
+        "fre",
+    )
     # Undo that one entry: parents gets its old value back; the others keep French.
     status, preview = undo(c, id=entry["id"])
     assert status == 200 and preview["servers"]["parents"]["undo"] == 1, preview
-    assert preview["servers"]["parents"]["sample"] == ["alice: subtitle language: fre → none"], preview
+    assert preview["servers"]["parents"]["sample"] == ["alice: subtitle language: fre → none"], (
+        preview
+    )
     assert preview["afterwards"] == {
         "home": ["alice: subtitle language: fre (as now)"],
         "parents": ["alice: subtitle language: none (put back)"],
@@ -6596,9 +7997,13 @@ def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(clu
     }, preview
     status, done = undo(c, dry_run=False, id=entry["id"])
     assert status == 202, done
-    eventually(lambda: parents.configuration("alice")["SubtitleLanguagePreference"] == "", what="the undo")
+    eventually(
+        lambda: parents.configuration("alice")["SubtitleLanguagePreference"] == "", what="the undo"
+    )
     c.settle()
-    assert parents.configuration("alice") == before["parents"], "the undo, too, changes only that field"
+    assert parents.configuration("alice") == before["parents"], (
+        "the undo, too, changes only that field"
+    )
     reconcile(c)  # a later pass does not spread French back to parents, nor the undo to the others
     assert parents.configuration("alice")["SubtitleLanguagePreference"] == ""
     assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre"
@@ -6609,15 +8014,32 @@ def test_a_subtitle_language_set_on_home_follows_by_a_pass_and_an_undo_stays(clu
     assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["ger"] * 3
 
 
-def test_a_preference_changed_on_home_arrives_within_the_recent_check_and_then_costs_nothing(cluster):
-    c = cluster(versions=("10.10.7", "10.9.11", "12.0.0"), extra={"reconcile": {"recent_check_seconds": 0.2}})
+def test_a_preference_changed_on_home_arrives_within_the_recent_check_and_then_costs_nothing(
+    cluster,
+):
+    c = cluster(
+        versions=("10.10.7", "10.9.11", "12.0.0"),
+        extra={"reconcile": {"recent_check_seconds": 0.2}},
+    )
     home, parents, public = c["home"], c["parents"], c["public"]
     recent_rounds(c, 1)
     before = settings_of(c)
-    home.user_sets("alice", AudioLanguagePreference="jpn", SubtitleMode="Always", EnableNextEpisodeAutoPlay=False)
-    wanted = {"AudioLanguagePreference": "jpn", "SubtitleMode": "Always", "EnableNextEpisodeAutoPlay": False}
+    home.user_sets(
+        "alice",
+        AudioLanguagePreference="jpn",
+        SubtitleMode="Always",
+        EnableNextEpisodeAutoPlay=False,
+    )
+    wanted = {
+        "AudioLanguagePreference": "jpn",
+        "SubtitleMode": "Always",
+        "EnableNextEpisodeAutoPlay": False,
+    }
     for f in (parents, public):
-        eventually(lambda f=f: f.configuration("alice") == {**before[f.name], **wanted}, what=f"on {f.name}")
+        eventually(
+            lambda f=f: f.configuration("alice") == {**before[f.name], **wanted},
+            what=f"on {f.name}",
+        )
     c.settle()
     entries = journal(c, target="public")
     assert {(e["item_name"], e["old"], e["new"]) for e in entries} == {
@@ -6631,7 +8053,9 @@ def test_a_preference_changed_on_home_arrives_within_the_recent_check_and_then_c
     reads = [f.requests.count(("GET", "/Users")) for f in c.fakes]
     recent_rounds(c, 2)
     assert [f.configuration_writes for f in c.fakes] == writes
-    assert all(f.requests.count(("GET", "/Users")) - n <= 3 for f, n in zip(c.fakes, reads, strict=True))
+    assert all(
+        f.requests.count(("GET", "/Users")) - n <= 3 for f, n in zip(c.fakes, reads, strict=True)
+    )
 
 
 def test_a_jellyfin_10_8_server_is_read_but_never_written(cluster):
@@ -6644,7 +8068,9 @@ def test_a_jellyfin_10_8_server_is_read_but_never_written(cluster):
     report = reconcile(c)
     assert public.configuration("alice")["AudioLanguagePreference"] == "eng"
     assert "AudioLanguagePreference" not in parents.configuration("alice")
-    assert parents.configuration_writes == 0 and list(report["users"]["alice"]) == ["public"], report
+    assert parents.configuration_writes == 0 and list(report["users"]["alice"]) == ["public"], (
+        report
+    )
     card = next(s for s in c.svc.call("GET", "/api/status")[1]["servers"] if s["name"] == "parents")
     assert any("preferences cannot be written" in line for line in card["limits"]), card
     # A change made on the 10.8 server still goes to the others — the audio language too,
@@ -6667,7 +8093,11 @@ def test_first_sight_a_set_preference_wins_different_ones_are_left_alone_and_sai
     report = reconcile(c)
     # Subtitles: set on home only → everywhere. Audio: French and German → nobody's is chosen.
     assert [f.configuration("alice")["SubtitleLanguagePreference"] for f in c.fakes] == ["eng"] * 3
-    assert [f.configuration("alice").get("AudioLanguagePreference") for f in c.fakes] == ["fre", "ger", None]
+    assert [f.configuration("alice").get("AudioLanguagePreference") for f in c.fakes] == [
+        "fre",
+        "ger",
+        None,
+    ]
     assert any("audio language differs" in note for note in report["notes"]), report
     reconcile(c)
     assert public.configuration("alice").get("AudioLanguagePreference") is None, "still left alone"
@@ -6701,15 +8131,23 @@ def test_with_preferences_switched_off_nothing_is_written(cluster):
     }
 
 
-def test_a_preference_owed_to_a_server_that_is_away_goes_when_it_answers_and_dry_run_writes_nothing(cluster):
+def test_a_preference_owed_to_a_server_that_is_away_goes_when_it_answers_and_dry_run_writes_nothing(
+    cluster,
+):
     c = cluster(extra={"reconcile": {"recent_check_seconds": 0.2}})
     home, parents, public = c["home"], c["parents"], c["public"]
     recent_rounds(c, 1)
     parents.go_away()
     home.user_sets("alice", RememberSubtitleSelections=False)
-    eventually(lambda: not public.configuration("alice")["RememberSubtitleSelections"], what="on public")
+    eventually(
+        lambda: not public.configuration("alice")["RememberSubtitleSelections"], what="on public"
+    )
     parents.come_back()
-    eventually(lambda: not parents.configuration("alice")["RememberSubtitleSelections"], 30, what="on parents")
+    eventually(
+        lambda: not parents.configuration("alice")["RememberSubtitleSelections"],
+        30,
+        what="on parents",
+    )
     c.settle()
     # sync.dry_run: decided and logged once, written nowhere — not again at every round.
     c.svc.stop()
@@ -6721,7 +8159,11 @@ def test_a_preference_owed_to_a_server_that_is_away_goes_when_it_answers_and_dry
     eventually(lambda: len(dry()) == 2, what="the dry run's two decisions")
     recent_rounds(c, 3)
     assert len(dry()) == 2, dry()
-    assert parents.configuration("alice")["SubtitleMode"] == public.configuration("alice")["SubtitleMode"] == "Default"
+    assert (
+        parents.configuration("alice")["SubtitleMode"]
+        == public.configuration("alice")["SubtitleMode"]
+        == "Default"
+    )
 
 
 def journal_rows(c: Cluster, result: str) -> list[dict]:
@@ -6729,7 +8171,9 @@ def journal_rows(c: Cluster, result: str) -> list[dict]:
     return [e for e in entries if e["field"] in jds.PREFERENCES]
 
 
-def test_a_failed_preference_write_is_retried_by_the_next_pass_and_then_shown_resolved(cluster, monkeypatch):
+def test_a_failed_preference_write_is_retried_by_the_next_pass_and_then_shown_resolved(
+    cluster, monkeypatch
+):
     monkeypatch.setattr(jds, "HEALTH_CHECK_SECONDS", 0.3)  # each check also looks at what failed
     c = cluster(max_retries=0)
     home, parents = c["home"], c["parents"]
@@ -6737,13 +8181,19 @@ def test_a_failed_preference_write_is_retried_by_the_next_pass_and_then_shown_re
     parents.writes_fail_items = {"/Users/Configuration"}  # parents answers, but refuses this write
     home.user_sets("alice", SubtitleLanguagePreference="fre")
     reconcile(c)
-    failed = eventually(lambda: [r for r in problem_rows(c)[1] if r["state"] == "failed"], what="a failed write")
+    failed = eventually(
+        lambda: [r for r in problem_rows(c)[1] if r["state"] == "failed"], what="a failed write"
+    )
     assert failed[0]["fields"] == ["subtitle_language"], failed
-    assert c["public"].configuration("alice")["SubtitleLanguagePreference"] == "fre", "the others are not held up"
+    assert c["public"].configuration("alice")["SubtitleLanguagePreference"] == "fre", (
+        "the others are not held up"
+    )
     parents.writes_fail_items = set()
     reconcile(c)  # no change since, but the servers disagree: the value recorded last (home's) goes
     assert parents.configuration("alice")["SubtitleLanguagePreference"] == "fre"
-    eventually(lambda: {r["state"] for r in problem_rows(c)[1]} == {"resolved"}, what="shown resolved")
+    eventually(
+        lambda: {r["state"] for r in problem_rows(c)[1]} == {"resolved"}, what="shown resolved"
+    )
     assert home.configuration("alice")["SubtitleLanguagePreference"] == "fre", "never spread back"
 
 
@@ -6753,7 +8203,9 @@ def test_switching_preferences_off_or_clearing_a_language_is_no_removal_for_the_
     home, parents = c["home"], c["parents"]
     home.user_sets("alice", AudioLanguagePreference="fre")
     reconcile(c)  # reconcile() waits for an empty queue: a minute's settling would time it out
-    off = dict(PlayDefaultAudioTrack=False, RememberAudioSelections=False, EnableNextEpisodeAutoPlay=False)
+    off = dict(
+        PlayDefaultAudioTrack=False, RememberAudioSelections=False, EnableNextEpisodeAutoPlay=False
+    )
     home.user_sets("alice", AudioLanguagePreference=None, **off)
     reconcile(c)
     now = parents.configuration("alice")
@@ -6776,7 +8228,9 @@ def test_a_pass_over_more_items_than_a_page_syncs_each_once_and_then_finds_them_
     for i in range(0, 1200, 2):  # every other film played on home…
         quietly(home, "alice", f"Film {i}", Played=True, PlayCount=1, LastPlayedDate=iso(day + i))
     for i in range(900, 1200):  # …the last 300 on parents (half of them also on home)
-        quietly(parents, "alice", f"Film {i}", Played=True, PlayCount=1, LastPlayedDate=iso(day + i))
+        quietly(
+            parents, "alice", f"Film {i}", Played=True, PlayCount=1, LastPlayedDate=iso(day + i)
+        )
     for i in range(0, 1200, 7):  # and favourites on public only, played nowhere
         if i % 2 and i < 900:
             quietly(public, "alice", f"Film {i}", IsFavorite=True)
@@ -6842,7 +8296,9 @@ def test_a_pass_names_a_server_that_is_away_once(cluster):
     c = cluster()
     c["parents"].go_away()
     report = reconcile(c)
-    assert any(e.startswith("parents: GET /Users: cannot connect") for e in report["errors"]), report
+    assert any(e.startswith("parents: GET /Users: cannot connect") for e in report["errors"]), (
+        report
+    )
     assert not any("parents: parents" in e for e in report["errors"]), report["errors"]
     c["parents"].come_back()
 
