@@ -6466,6 +6466,9 @@ class Reconciler:
             )
             for target in {s.name for s in self.config.servers}:
                 self.syncer.wake_target(target)
+        # Said where people look, before the summary: a pass that read nothing is no success.
+        for error in report["errors"]:
+            log.warning("reconcile: %s", error)
         log.info(
             "reconcile%s: %d people, %d items compared, %d changes %s in %.1fs",
             " (dry run)"
@@ -6479,10 +6482,6 @@ class Reconciler:
             "found" if dry_run else "queued",
             report["seconds"],
         )
-        for error in report[
-            "errors"
-        ]:  # said where people look: a pass that read nothing is no success
-            log.warning("reconcile: %s", error)
         return report
 
     def _people(self, report: dict) -> dict[str, dict[str, str]]:
@@ -11240,6 +11239,25 @@ class ServiceSwitch:
             self.service.stop()
 
 
+def _listen_on(path: str) -> tuple[int, str]:
+    """(port, host) for a file that cannot be loaded as a whole: JDS_PORT/JDS_HOST, else its
+    server.port/server.host if those can be read, else the defaults — so one mistake elsewhere
+    in the file does not move the setup page away from the port the person chose."""
+    server: Any = {}
+    with suppress(Exception):  # unreadable, not YAML, no mapping: the defaults
+        import yaml
+
+        server = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("server") or {}
+    if not isinstance(server, dict):
+        server = {}
+    port = os.environ.get("JDS_PORT", "").strip() or server.get("port")
+    host = os.environ.get("JDS_HOST", "").strip() or server.get("host")
+    with suppress(TypeError, ValueError):
+        if 0 < int(port) < 65536:
+            return int(port), str(host or SETTING["server.host"].default)
+    return SETTING["server.port"].default, str(host or SETTING["server.host"].default)
+
+
 def setup_mode(path: str, problem: str) -> int:
     """No usable configuration: serve the setup page (see Setup) until one is saved, then the
     service itself, in the same process — never an exit that Docker would turn into a loop."""
@@ -11247,8 +11265,7 @@ def setup_mode(path: str, problem: str) -> int:
     switch = ServiceSwitch(path)
     setup = Setup(path, switch.run, problem)
     switch.app = setup
-    port = int(os.environ.get("JDS_PORT", "").strip() or SETTING["server.port"].default)
-    host = os.environ.get("JDS_HOST", "").strip() or SETTING["server.host"].default
+    port, host = _listen_on(path)
     try:
         server = make_waitress(switch, host, port)
     except ListenError as e:
@@ -11295,7 +11312,7 @@ def healthcheck(path: str) -> int:
     try:
         port = load_config(path).port
     except ConfigError:
-        port = int(os.environ.get("JDS_PORT") or SETTING["server.port"].default)
+        port = _listen_on(path)[0]
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=4)
         conn.request("GET", "/healthz")
