@@ -4248,9 +4248,7 @@ def _write_played(w: WriteRequest) -> dict:
     count = int(w.current.get("PlayCount") or 0)
     if w.sync.play_count:
         count = max(count, int(w.job.extra.play_count or 0))
-    newest = max(
-        [t for t in (last, parse_time(w.current.get("LastPlayedDate"))) if t], default=None
-    )
+    newest = _newest(last, parse_time(w.current.get("LastPlayedDate")))
     body = {
         "Played": True,
         "PlaybackPositionTicks": 0,
@@ -4505,13 +4503,12 @@ def observations_from_event(ev: dict) -> dict[str, Any]:
     return out
 
 
-def takes_state_away(fld: str, value: Any, finishing: bool = False) -> bool:
+def takes_state_away(fld: str, value: Any, moot: set[str]) -> bool:
     """What the brake counts: unplayed, unfavourited, rating cleared, or a resume position reset
-    (other than by ``finishing`` the item, which resets it too)."""
+    — unless ``moot`` (moot_fields of the same change) holds the field: finishing an item resets
+    its position too, and that is no removal."""
     entry = synced(fld)
-    if entry.takes_away is None or not entry.takes_away(value):
-        return False
-    return not (finishing and any(fld == reset for f in REGISTRY.values() for reset, _ in f.resets))
+    return entry.takes_away is not None and entry.takes_away(value) and fld not in moot
 
 
 def moot_fields(values: dict[str, Any]) -> set[str]:
@@ -4733,13 +4730,12 @@ class Planner:
                 news = self._news(tx, observations)
                 dropped += len(observations) - len(news)
                 # Finishing an item resets its position: that is no removal (news or not).
-                finished = {
-                    (o.server, o.item_id)
-                    for o in observations
-                    if o.value is True and REGISTRY[o.field].resets
-                }
+                reported: dict[tuple[str, str], dict[str, Any]] = {}
+                for o in observations:
+                    reported.setdefault((o.server, o.item_id), {})[o.field] = o.value
+                moot = {key: moot_fields(values) for key, values in reported.items()}
                 for ob in news:
-                    removal = self.removes(ob, finished)
+                    removal = self.removes(ob, moot[(ob.server, ob.item_id)])
                     if removal:
                         removing.add((ob.server, ob.user_key))
                     for target in ob.targets:
@@ -4751,13 +4747,13 @@ class Planner:
         return sorted(woken), dropped
 
     @staticmethod
-    def removes(ob: Observation, finished: set[tuple[str, str]]) -> bool:
+    def removes(ob: Observation, moot: set[str]) -> bool:
         """Does this change take state away: unplayed, unfavourited, rating cleared, or a resume
-        position reset (other than by finishing the item, in ``finished``)? Undo is a person's
+        position reset (other than by finishing the item: ``moot``)? Undo is a person's
         decision, previewed first: it is never braked."""
         if ob.cause.startswith(("undo:", "discard:")):
             return False
-        return takes_state_away(ob.field, ob.value, (ob.server, ob.item_id) in finished)
+        return takes_state_away(ob.field, ob.value, moot)
 
     def _brake(self, tx: PlanTx, source: str, user_key: str) -> None:
         limit = self.config.safety.brake_items
@@ -7642,8 +7638,7 @@ class Undo:
 
 def _removal_change(ch: UndoChange) -> bool:
     """An undo change whose write took state away (the brake's kind of change)."""
-    finishing = ch.field in moot_fields(ch.entry_after)
-    return takes_state_away(ch.field, ch.after, finishing)
+    return takes_state_away(ch.field, ch.after, moot_fields(ch.entry_after))
 
 
 @dataclass
