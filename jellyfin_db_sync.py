@@ -6754,8 +6754,8 @@ class Reconciler:
                 self._pending_forget += [
                     (v.server, person, v.item_id, field) for v in views if v.undone
                 ]
-            if decision[0] if decision else all(v.cur for v in views):
-                moot.update(other for other, _ in REGISTRY[field].resets)
+            after = decision[0] if decision else all(v.cur is True for v in views)
+            moot |= moot_fields({field: after})  # the value once this pass's jobs are applied
             if decision is None:
                 self._remember(person, views, field, None, dry_run)
                 continue
