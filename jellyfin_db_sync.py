@@ -10647,18 +10647,28 @@ class ListenError(Exception):
     """The address to listen on cannot be had (taken, not this machine's, a privileged port)."""
 
 
-def make_waitress(app: Any, host: str, port: int) -> Any:
+def make_waitress(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    listeners: list[PerAddressListener] | None = None,
+    socket_map: dict | None = None,
+) -> Any:
     """The Waitress server every mode of the service runs behind; ListenError names the address
-    and the settings that choose it when it cannot listen there."""
+    and the settings that choose it when it cannot listen there. ``listeners`` already bound
+    take the place of host and port; ``socket_map`` (Waitress' ``map`` argument) holds the
+    connections it serves, for whoever has to close them."""
     import waitress
 
     limit = connection_limit()
     try:
-        listeners = PerAddressListener.on(host, port)  # binds: where a taken port shows
+        listeners = listeners or PerAddressListener.on(host, port)  # binds: a taken port shows
         for listener in listeners:
             listener.limit = limit // 2
         return waitress.create_server(
             app,
+            map=socket_map,
             sockets=listeners,
             # one per concurrent sender before requests queue; handlers parse and queue
             threads=WEBHOOK_THREADS,

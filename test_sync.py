@@ -1193,6 +1193,28 @@ def write_config(
     return path
 
 
+class StoppableListener(jds.PerAddressListener):
+    """The service's listener, and a way for a test to stop Waitress from its own thread: accept()
+    runs in Waitress' loop thread, and a SystemExit raised there ends run() as Ctrl-C would, after
+    the requests under way have finished (Waitress' documented create_server and run only)."""
+
+    stopping = False
+
+    def accept(self):
+        if self.stopping:
+            raise SystemExit(0)
+        return super().accept()
+
+    def stop(self) -> None:
+        """Ends the loop: the connection made here wakes it, and it calls accept()."""
+        if self.stopping or self.fileno() == -1:  # stopped before, or closed
+            return
+        self.stopping = True
+        # Reset when the loop, woken by another connection first, has closed us already.
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.getsockname()[:2], timeout=5).close()
+
+
 class Running:
     """The real service, in-process, served by Waitress on a free port."""
 
@@ -1202,12 +1224,27 @@ class Running:
         service = jds.Service(config, str(path), self.switch.run) if path else jds.Service(config)
         self.switch.service, self.switch.app = service, service.app
         self.script_token = ""  # see credentials
-        self.server = service.server = jds.make_waitress(self.switch, "127.0.0.1", 0)
+        self.connections: dict = {}  # Waitress' map: the listener and every open connection
+        [self.listener] = StoppableListener.on("127.0.0.1", 0)
+        self.server = service.server = jds.make_waitress(
+            self.switch,
+            "127.0.0.1",
+            0,
+            listeners=[self.listener],
+            socket_map=self.connections,
+        )
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True, name="waitress")
+        self.thread = threading.Thread(target=self._serve, daemon=True, name="waitress")
         self.thread.start()
         self.service.start_workers()
+
+    def _serve(self) -> None:
+        self.server.run()  # until stop(): Waitress lets the requests under way finish
+        # All closed in this thread, the loop's, now that nothing else uses them.
+        self.server.close()  # the listener and Waitress' wake-up pipe
+        for connection in list(self.connections.values()):
+            connection.close()
 
     @property
     def service(self) -> jds.Service | None:
@@ -1219,30 +1256,8 @@ class Running:
         return self.service.store
 
     def stop(self) -> None:
-        from waitress import wasyncore
-
-        server, trigger = self.server, self.server.trigger
-        # Requests under way finish first: each ends by pulling the trigger, which must still be
-        # open then (closed, its number may already be a later test's socket or database file).
-        server.task_dispatcher.shutdown()
-
-        # runs inside Waitress' loop thread: the one safe place (docs/design.md, "Serving")
-        def close_all():
-            trigger.del_channel()  # out of the loop's map, but open: pull_trigger has yet to write
-            for ch in list(server._map.values()):
-                if (
-                    ch is server
-                ):  # the listening socket: Waitress' server.close() closes the trigger too
-                    wasyncore.dispatcher.close(server)
-                else:
-                    ch.close()
-
-        # The trigger is closed here, after the loop thread has ended, and not by close_all: the
-        # loop, woken by an earlier pull, can run close_all between pull_trigger's adding it and
-        # its os.write, which then hit the closed pipe ("Bad file descriptor" at teardown).
-        trigger.pull_trigger(close_all)
-        self.thread.join(5)
-        trigger.close()
+        self.listener.stop()
+        self.thread.join(10)
         self.service.stop()
 
     def call(
@@ -3900,7 +3915,7 @@ def test_one_host_holding_over_a_thousand_connections_cannot_keep_webhooks_out(c
     c = cluster()
     svc, home = c.svc, c["home"]
     held = []
-    per_client = svc.server.socket.limit  # half the connections the service takes: 1,024
+    per_client = svc.listener.limit  # half the connections the service takes: 1,024
     try:
         for i in range(
             per_client + 50
