@@ -1036,59 +1036,59 @@ class FakeJellyfin:
             self._position = {iid: n for n, iid in enumerate(self.items)}
         return self._position
 
+    @staticmethod
+    def _user_data_tests(q: dict) -> list:
+        """What a user's data must pass to be listed: isPlayed, isFavorite and filters=…, ANDed
+        (ItemsController.GetItems → InternalItemsQuery, v10.11.8)."""
+        tests = []
+        if q.get("isplayed"):
+            tests.append(lambda d: d["Played"] == (q["isplayed"] == "true"))
+        if q.get("isfavorite"):
+            tests.append(lambda d: d["IsFavorite"] == (q["isfavorite"] == "true"))
+        for f in (q.get("filters") or "").split(","):
+            if f == "IsPlayed":  # ItemFilter.IsPlayed, as isPlayed=true
+                tests.append(lambda d: d["Played"])
+            elif f == "IsResumable":
+                tests.append(lambda d: d["PlaybackPositionTicks"] > 0)
+            elif f == "Likes":
+                tests.append(lambda d: (d["Rating"] or 0) >= 6.5)
+            elif f == "Dislikes":  # ItemFilter.Dislikes: a rating below 6.5
+                tests.append(lambda d: d["Rating"] is not None and d["Rating"] < 6.5)
+        return tests
+
     def _items_now(self, q: dict, uid: str | None, artists: bool) -> dict:
-        rows = list(self.items.values()) + [self._row(p) for p in self.playlists]
-        if uid:  # a playlist is listed to those it is visible to (Playlist.IsVisible)
+        data: dict[str, dict] = self._user_data(uid) if uid else {}
+        ud = lambda r: data.get(r["Id"], BLANK_USER_DATA)  # noqa: E731
+        tests = self._user_data_tests(q) if uid else []  # what a row's user data must pass
+        if uid:
+            self.users[uid]  # noqa: B018
+        if q.get("ids"):  # these items, whatever the filters say
+            wanted = [i.replace("-", "").lower() for i in q["ids"].split(",")]
+            rows = [self._row(i) for i in wanted if i in self.items or i in self.playlists]
+        elif tests and not all(t(BLANK_USER_DATA) for t in tests):
+            # No item without user data can match (played, a favourite, a position, a rating):
+            # filter the user's data, not every item (the reconcile benchmark's 100,000 items made
+            # the fake its bottleneck), and answer in the library's order.
+            known = [i for i in data if i in self.items or i in self.playlists]
+            keep = [i for i in known if all(t(data[i]) for t in tests)]
+            position = self._positions()  # playlists after the library's items
+            keep.sort(key=lambda i: position.get(i, len(position)))
+            rows = [self._row(i) for i in keep]
+        else:
+            rows = list(self.items.values()) + [self._row(p) for p in self.playlists]
+            if tests:
+                rows = [r for r in rows if all(t(ud(r)) for t in tests)]
+        if uid and not q.get("ids"):  # a playlist is listed to those it may see (IsVisible)
             rows = [
                 r
                 for r in rows
                 if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])
             ]
-        if uid and not artists:
+        if uid and not artists and not q.get("ids"):
             # An artist is an item "by name", outside every library: with a user, /Items looks only
             # in their libraries (LibraryManager.AddUserToQuery: TopParentIds = the user's views,
             # v10.11.8), so it lists no artist; /Artists does. Without a user, or by ids, it does.
             rows = [r for r in rows if r["Type"] != "MusicArtist"]
-        if uid:  # a user's view: filters on their user data (several filters are ANDed)
-            self.users[uid]  # noqa: B018
-            data = self._user_data(uid)
-            ud = lambda r: data.get(r["Id"], BLANK_USER_DATA)  # noqa: E731
-            tests = []  # what a row's user data must pass
-            if q.get("isplayed"):
-                tests.append(lambda d: d["Played"] == (q["isplayed"] == "true"))
-            if q.get("isfavorite"):
-                tests.append(lambda d: d["IsFavorite"] == (q["isfavorite"] == "true"))
-            for f in (q.get("filters") or "").split(","):
-                if f == "IsPlayed":  # ItemFilter.IsPlayed, as isPlayed=true
-                    tests.append(lambda d: d["Played"])
-                elif f == "IsResumable":
-                    tests.append(lambda d: d["PlaybackPositionTicks"] > 0)
-                elif f == "Likes":
-                    tests.append(lambda d: (d["Rating"] or 0) >= 6.5)
-                elif f == "Dislikes":  # ItemFilter.Dislikes: a rating below 6.5
-                    tests.append(lambda d: d["Rating"] is not None and d["Rating"] < 6.5)
-            if tests and not all(t(BLANK_USER_DATA) for t in tests):
-                # No item without user data can match (played, a favourite, a position, a
-                # rating): filter the user's data, not every item (the reconcile benchmark's
-                # 100,000 items made the fake its bottleneck), and answer in the library's order.
-                known = [i for i in data if i in self.items or i in self.playlists]
-                keep = [i for i in known if all(t(data[i]) for t in tests)]
-                position = self._positions()  # playlists after the library's items
-                rows = [
-                    self._row(i) for i in sorted(keep, key=lambda i: position.get(i, len(position)))
-                ]
-                if not artists:  # as above: a user's /Items lists no artist
-                    rows = [r for r in rows if r["Type"] != "MusicArtist"]
-                rows = [
-                    r
-                    for r in rows
-                    if r["Type"] != "Playlist" or self._sees(uid, self.playlists[r["Id"]])
-                ]
-            elif tests:
-                rows = [r for r in rows if all(t(ud(r)) for t in tests)]
-        if q.get("ids"):
-            wanted = [i.replace("-", "").lower() for i in q["ids"].split(",")]
-            rows = [self._row(i) for i in wanted if i in self.items or i in self.playlists]
         if q.get("includeitemtypes"):
             types = set(q["includeitemtypes"].split(","))
             rows = [r for r in rows if r["Type"] in types]
