@@ -1018,16 +1018,16 @@ class FakeJellyfin:
         with self.lock:
             return self._items_now(q, uid, artists)
 
-    def _user_data(self, uid: str) -> dict[str, dict]:
-        """{item id: user data} of one user. Which items have data is indexed by user: entries
-        are only ever added to ``data`` (never removed), so its size says when to index again."""
+    def _with_data(self, uid: str) -> list[str]:
+        """The ids of the items one user has data on. Indexed by user: entries are only ever
+        added to ``data`` (never removed), so its size says when to index again."""
         size, index = self._keys_by_user
         if size != len(self.data):
             index = {}
             for u, i in list(self.data):
                 index.setdefault(u, []).append(i)
             self._keys_by_user = (len(self.data), index)
-        return {i: self.data[(uid, i)] for i in index.get(uid, ())}
+        return index.get(uid, [])
 
     def _positions(self) -> dict[str, int]:
         """{item id: its place in the library}; items are only ever added, so the count says
@@ -1057,8 +1057,8 @@ class FakeJellyfin:
         return tests
 
     def _items_now(self, q: dict, uid: str | None, artists: bool) -> dict:
-        data: dict[str, dict] = self._user_data(uid) if uid else {}
-        ud = lambda r: data.get(r["Id"], BLANK_USER_DATA)  # noqa: E731
+        data = self.data
+        ud = lambda r: data.get((uid, r["Id"]), BLANK_USER_DATA)  # noqa: E731
         tests = self._user_data_tests(q) if uid else []  # what a row's user data must pass
         if uid:
             self.users[uid]  # noqa: B018
@@ -1068,12 +1068,13 @@ class FakeJellyfin:
         elif tests and not all(t(BLANK_USER_DATA) for t in tests):
             # No item without user data can match (played, a favourite, a position, a rating):
             # filter the user's data, not every item (the reconcile benchmark's 100,000 items made
-            # the fake its bottleneck), and answer in the library's order.
-            known = [i for i in data if i in self.items or i in self.playlists]
-            keep = [i for i in known if all(t(data[i]) for t in tests)]
-            position = self._positions()  # playlists after the library's items
-            keep.sort(key=lambda i: position.get(i, len(position)))
-            rows = [self._row(i) for i in keep]
+            # the fake its bottleneck), and answer in the library's order, playlists after.
+            test = tests[0] if len(tests) == 1 else lambda d: all(t(d) for t in tests)
+            keep = [i for i in self._with_data(uid) if test(data[(uid, i)])]
+            position = self._positions()
+            in_library = sorted((i for i in keep if i in position), key=position.__getitem__)
+            rows = [self.items[i] for i in in_library]
+            rows += [self._row(i) for i in keep if i in self.playlists]
         else:
             rows = list(self.items.values()) + [self._row(p) for p in self.playlists]
             if tests:
