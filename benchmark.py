@@ -227,7 +227,7 @@ def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benc
         rc = service.recent_check
         # the first check of each server only records what it reads (and learns the version)
         rc.run()
-        rc.cost = {"checks": 0, "requests": 0, "bytes": 0}  # the steady state: every minute after
+        rc.cost = dict.fromkeys(rc.cost, 0)  # the steady state: every minute after
         home = fakes[0]
         for minute in range(5):
             home.mark_played(

@@ -4803,12 +4803,20 @@ class Planner:
         if self._is_echo(tx, observations):
             return []
         news = []
+        acted = any(o.value != REGISTRY[o.field].nothing for o in observations)
         for ob in observations:
             value_json = json.dumps(ob.value)
             known = tx.state(ob)
             # Finishing a play is news even where the item was played already (a re-watch): a
             # server an undo put back to unplayed is marked again, as the person's new action.
             entry = REGISTRY[ob.field]
+            if known is None and ob.value == entry.nothing and acted:
+                # A webhook reports every field of its kind: a heart's carries the rating too.
+                # Where another field of it is set, that is what the person did; this one, seen
+                # for the first time and holding nothing, is no change, and spreading it would
+                # clear what another server holds that we never saw (a like made there while we
+                # were away). A pass never spreads a first sight of nothing either (decide()).
+                continue
             finished = entry.rewatch_trap and ob.value is True and ob.extra.event == "PlaybackStop"
             if known is not None and (
                 (known[0] == value_json and not finished) or known[1] > ob.observed_at
