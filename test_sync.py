@@ -1157,6 +1157,23 @@ def memory_mb(pid: int, key: str = "VmRSS") -> float:
 
 
 def free_port() -> int:
+    """A port free on every address, below the range outgoing connections take their local
+    ports from: a port the kernel hands out (bind to 0) may meanwhile become the local end of a
+    connection to a fake server, and the service, binding it later, finds it in use."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
