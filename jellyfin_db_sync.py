@@ -1986,17 +1986,23 @@ class Store:
                 self._conns.append(conn)
         return conn
 
+    @staticmethod
+    @contextmanager
+    def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Connection]:
+        """``begin``, then COMMIT, or ROLLBACK on any exception."""
+        conn.execute(begin)
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._write_lock, self._transaction(conn, "BEGIN IMMEDIATE"):
+            yield conn
 
     def relax_durability(self) -> None:
         """This thread's commits: durable across a crash, not necessarily a power cut."""
@@ -2825,14 +2831,8 @@ class Store:
     @contextmanager
     def _temp_tx(self) -> Iterator[sqlite3.Connection]:
         """A transaction that writes only TEMP tables: no lock on the file, no _write_lock."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
+        with self._transaction(self._conn(), "BEGIN") as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def pass_seen_add(
         self, server: str, rows: list[tuple[str, bool, bool, bool, dict | None]]
