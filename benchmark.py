@@ -766,14 +766,16 @@ def distinct_intake_benchmark(
     finally:
         shut_down(proc, fakes)
     times.sort()
+    rate, median = accepted / took, times[len(times) // 2] * 1000
     print(
-        f"distinct changes, ingest:        {accepted / took:,.0f}/s  ({senders} senders, "
-        f"{accepted:,} of"
+        f"distinct changes, ingest:        {rate:,.0f}/s  ({senders} senders, {accepted:,} of"
         f" {changes:,} accepted in {took:.1f} s, each to be written to 2 targets; target ≥ 1,500/s)"
+        f"  {'ok' if rate >= 1500 else 'MISSED'}"
     )
     print(
-        f"  response:                      median {times[len(times) // 2] * 1000:.1f} ms,"
+        f"  response:                      median {median:.1f} ms,"
         f" p95 {times[int(len(times) * 0.95)] * 1000:.1f} ms (target median ≤ 5 ms)"
+        f"  {'ok' if median <= 5 else 'MISSED'}"
     )
     print(
         f"  written meanwhile:             {meanwhile:,} of {2 * changes:,} writes; all on both "
