@@ -100,8 +100,8 @@ INTAKE_BURST_SECONDS = 0.05
 # …for at most this long each time, so they never stop. A second, not less: at 0.2 s the planner
 # still planned most of a 2,000-webhook burst while it arrived (a batch of 200 every 0.2 s), and
 # 8 senders were answered at 1,224–1,764/s instead of 1,834–2,334/s; the changes were all
-# written no later. The cost is a flood that never ends: a minute of 1,400/s leaves 5–10 s of
-# planning for after it (none at 0.2), while answering it no faster.
+# written no later. The cost is a flood that never ends: 1,400/s, for 5 s or a minute, leaves
+# 5–10 s of writes to a 50 ms-a-call server for after it (none at 0.2), answered no faster.
 INTAKE_YIELD_SECONDS = 1.0
 MIN_TOKEN_CHARS = 16  # webhook and API tokens: shorter ones can be guessed
 SIGN_IN_FAILURES = 10  # failed dashboard sign-ins from one address within SIGN_IN_WINDOW…
