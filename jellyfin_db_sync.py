@@ -6471,8 +6471,16 @@ class Reconciler:
             raise
         finally:
             self.store.pass_seen_drop()
+            self._let_go()
             self.progress = {**self.progress, "running": False, "phase": "done"}
             self._run_lock.release()
+
+    def _let_go(self) -> None:
+        """What a pass held for its last person (a page of known state, the changes on their
+        way, the undone values) and for everyone (users' configurations, playlists): dropped
+        when it ends, so the service at rest holds none of it until the next pass."""
+        self._states, self._on_the_way, self._undone = {}, set(), {}
+        self._playlist_cache, self._configs = {}, {}
 
     def _finish(self, report: dict, started: float, people: int) -> dict:
         """The end of a pass: its report kept (not a dry run's), pinged, logged; writers woken."""
@@ -6715,6 +6723,7 @@ class Reconciler:
             self._reconcile_item(person, group, current, accounts, fields, report, dry_run=False)
             self._flush()
         finally:
+            self._let_go()
             self._run_lock.release()
         for target in group:
             self.syncer.wake_target(target)
