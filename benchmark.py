@@ -183,16 +183,7 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
         "Python keeps a"
         " script's parse tree while it runs)"
     )
-    probe = "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
-    bare = [
-        int(
-            subprocess.run(
-                [sys.executable, *flag, "-c", probe], capture_output=True, text=True, check=True
-            ).stdout
-        )
-        / 1024
-        for flag in ([], ["-S"])
-    ]
+    bare = [python_mb(*flag) for flag in ([], ["-S"])]
     print(
         f"  for scale, an empty Python:    {bare[0]:.1f} MB here, {bare[1]:.1f} MB without site "
         "hooks (python -S);"
@@ -200,6 +191,25 @@ def benchmark() -> None:  # pragma: no cover - a command, not a test
     )
     recent_check_cost(tmp)
     distinct_intake_benchmark()  # the real case: distinct changes, planned and written meanwhile
+
+
+def python_mb(*flags: str, code: str = "") -> float:  # pragma: no cover - benchmark command
+    """What a Python process holds (RSS, MB) once it has run ``code``, here, no thread started."""
+    probe = code + "; print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
+    run = [sys.executable, *flags, "-c", probe.lstrip("; ")]
+    return (
+        int(subprocess.run(run, capture_output=True, text=True, check=True, cwd=HERE).stdout) / 1024
+    )
+
+
+def print_floor() -> None:  # pragma: no cover - part of the benchmark command
+    """For scale beside the memory at rest: what Python holds with the module imported and no
+    thread started (its libraries, OpenSSL included, and the code) — no service holds less."""
+    floor = python_mb(code="import jellyfin_db_sync")
+    print(
+        f"  {'for scale: imported, no thread':<34}{floor:>9,.1f} MB   "
+        "(python -c 'import jellyfin_db_sync')"
+    )
 
 
 def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benchmark command
@@ -350,6 +360,10 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         print(
             f"  {what + ':':<22}{value:.1f} MB  (target ≤ {target} MB)  {verdict(value <= target)}"
         )
+    floor = python_mb(code="import jellyfin_db_sync")
+    print(
+        f"  {'for scale, imported:':<22}{floor:.1f} MB  (no thread started: the least it can hold)"
+    )
     print(
         f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per "
         "call)"
@@ -576,6 +590,7 @@ def reconcile_benchmark(
         for f, mb in zip(fakes, read, strict=True):
             line(f"MB read from {f.name}", mb, "MB", "in_step_mb_per_server" if in_step else None)
     line("service at rest, after the passes", rest_after, "MB", target=REST_TARGET_MB)
+    print_floor()
     print(
         f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; "
         "target 0)"
