@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import py_compile
 import re
 import subprocess
@@ -815,6 +816,9 @@ def main(argv: list[str]) -> None:
     # Python leaves it after a first start: with PYTHONDONTWRITEBYTECODE set and no up-to-date
     # .pyc, every start compiles it again, and what that leaves behind is 15 MB more at rest.
     py_compile.compile(str(HERE / "jellyfin_db_sync.py"), doraise=True)
+    # What memory figures depend on besides the code (the image: its Dockerfile's FROM and ENV).
+    arenas = os.environ.get("MALLOC_ARENA_MAX", "not set")
+    print(f"Python {platform.python_version()}, MALLOC_ARENA_MAX {arenas} (the image sets 2)")
 
     def rest(*flags: str) -> list[str] | None:
         for flag in flags:
