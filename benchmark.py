@@ -594,7 +594,7 @@ def reconcile_benchmark(
     print_floor()
     print(
         f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; "
-        "target 0)"
+        f"target 0)  {verdict(wrong == 0)}"
     )
 
 
