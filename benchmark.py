@@ -203,14 +203,10 @@ def python_mb(*flags: str, code: str = "") -> float:  # pragma: no cover - bench
     )
 
 
-def print_floor() -> None:  # pragma: no cover - part of the benchmark command
+def imported_mb() -> float:  # pragma: no cover - part of the benchmark command
     """For scale beside the memory at rest: what Python holds with the module imported and no
     thread started (its libraries, OpenSSL included, and the code) — no service holds less."""
-    floor = python_mb(code="import jellyfin_db_sync")
-    print(
-        f"  {'for scale: imported, no thread':<34}{floor:>9,.1f} MB   "
-        "(python -c 'import jellyfin_db_sync')"
-    )
+    return python_mb(code="import jellyfin_db_sync")
 
 
 def recent_check_cost(tmp: Path) -> None:  # pragma: no cover - part of the benchmark command
@@ -361,9 +357,9 @@ def load_test(seconds: float = 60.0, senders: int = 20) -> None:  # pragma: no c
         print(
             f"  {what + ':':<22}{value:.1f} MB  (target ≤ {target} MB)  {verdict(value <= target)}"
         )
-    floor = python_mb(code="import jellyfin_db_sync")
     print(
-        f"  {'for scale, imported:':<22}{floor:.1f} MB  (no thread started: the least it can hold)"
+        f"  {'for scale, imported:':<22}{imported_mb():.1f} MB  (no thread started: the least it "
+        "can hold)"
     )
     print(
         f"queue drained in:     {drain:.1f} s after the senders stopped (target server: 50 ms per "
@@ -591,7 +587,7 @@ def reconcile_benchmark(
         for f, mb in zip(fakes, read, strict=True):
             line(f"MB read from {f.name}", mb, "MB", "in_step_mb_per_server" if in_step else None)
     line("service at rest, after the passes", rest_after, "MB", target=REST_TARGET_MB)
-    print_floor()
+    line("for scale: imported, no thread", imported_mb(), "MB")
     print(
         f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; "
         f"target 0)  {verdict(wrong == 0)}"

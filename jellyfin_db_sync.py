@@ -6444,7 +6444,6 @@ class Reconciler:
             "changes_queued": 0,
             "dry_run": dry_run,
         }
-        self._playlist_cache = {}
         if not dry_run:
             self.ping("start")
         try:
