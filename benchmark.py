@@ -477,11 +477,10 @@ def reconcile_benchmark(
         )
         rest_before = at_rest()
         figures = []
-        rest_after = 0.0
         labels = ["first pass (catch-up)", "second pass (in step)"]
         labels += [f"pass in step {n}" for n in range(2, 2 + MORE_PASSES)]
-        for label in labels:
-            if label.startswith("pass in step") and not rest_after:
+        for n, label in enumerate(labels):
+            if n == 2:
                 rest_after = at_rest()  # after the catch-up and the first pass in step
             own_peak = reset_peak()
             before, cpu0 = sent(), cpu()
@@ -601,16 +600,20 @@ def reconcile_benchmark(
         for f, mb in zip(fakes, read, strict=True):
             line(f"MB read from {f.name}", mb, "MB", "in_step_mb_per_server" if in_step else None)
     line("service at rest, after the two", rest_after, "MB", "catch_up_mb")
-    times = [compare + apply for _, compare, apply, *_ in figures[2:]]
-    reqs = [sum(a[0] - b[0] for a, b in zip(f[6], f[4], strict=True)) for f in figures[2:]]
+    times, requests, changes, peaks = [], [], 0, []
+    for _, compare, apply, report, before, _, after, peak, *_ in figures[2:]:
+        times.append(compare + apply)
+        requests.append(sum(a[0] - b[0] for a, b in zip(after, before, strict=True)))
+        changes += report["changes"]
+        peaks.append(peak)
     print(
         f"{MORE_PASSES} more passes in step: {min(times):.1f}–{max(times):.1f} s, "
-        f"{min(reqs):,}–{max(reqs):,} requests, "
-        f"{sum(f[3]['changes'] for f in figures[2:])} changes"
+        f"{min(requests):,}–{max(requests):,} requests, {changes} changes"
     )
-    line("peak memory, the highest", max(f[7] for f in figures[2:]), "MB", "in_step_peak_mb")
+    line("time, the longest", max(times), "s", "in_step_s")
+    line("peak memory, the highest", max(peaks), "MB", "in_step_peak_mb")
     line("service at rest after them", rest_later, "MB", "catch_up_mb")
-    print(f"  grown since the two: {rest_later - rest_after:+.1f} MB (at rest, started: --load)")
+    print(f"  grown since the two: {rest_later - rest_after:+.1f} MB (when started: see --load)")
     line("for scale: imported, no thread", imported_mb(), "MB")
     print(
         f"  rows not as they should be after the passes: {wrong:,} (of {3 * users * items:,}; "
